@@ -1,0 +1,232 @@
+"""Llama-family decoder as pure functions over a parameter pytree.
+
+Every token carries an explicit position and a segment id; attention is allowed by
+`attention_mask` alone, so KV blocks computed apart can later be stitched into one prompt.
+Glossary (see WORKSPACE_NOTES.md): B batch, T query tokens, S key tokens, L layers, D model dim,
+F MLP dim, V vocab, N query heads, K kv heads, G = N // K, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcllm_jax.model.config import ModelConfig
+from rcllm_jax.model.rope import apply_rope, inv_freq
+
+Params = dict[str, Any]
+
+# Segment ids. SEG_SHARED keys are visible to every query (ordinary causal text, the instruction).
+# SEG_GLOBAL queries see every earlier key (glue, question). A positive id is a block whose
+# queries see only their own block and SEG_SHARED keys (a block encoded apart).
+SEG_SHARED = 0
+SEG_GLOBAL = -1
+
+_NEG_INF = -1e30  # finite, so a fully masked (padding) row gives no NaN
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys/values of S tokens, with the metadata that decides who may attend them."""
+
+    k: jax.Array  # [L, B, S, K, H], post-RoPE at `pos`
+    v: jax.Array  # [L, B, S, K, H]
+    pos: jax.Array  # [B, S] int32
+    seg: jax.Array  # [B, S] int32
+    valid: jax.Array  # [B, S] bool; False = padding, never attended
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[1]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+        dt = jnp.dtype(cfg.dtype)
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dt),
+            v=jnp.zeros(shape, dt),
+            pos=jnp.zeros((batch, length), jnp.int32),
+            seg=jnp.zeros((batch, length), jnp.int32),
+            valid=jnp.zeros((batch, length), bool),
+        )
+
+    def concat(self, other: "KVCache") -> "KVCache":
+        return jax.tree.map(lambda a, b, ax: jnp.concatenate([a, b], axis=ax), self, other,
+                            KVCache(k=2, v=2, pos=1, seg=1, valid=1))
+
+    def write(self, other: "KVCache", start) -> "KVCache":
+        """Copy `other` (same B, fewer tokens) into this buffer at token index `start`."""
+        def put(buf, new, axis):
+            idx = [0] * buf.ndim
+            idx[axis] = start
+            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), idx)
+        return KVCache(k=put(self.k, other.k, 2), v=put(self.v, other.v, 2),
+                       pos=put(self.pos, other.pos, 1), seg=put(self.seg, other.seg, 1),
+                       valid=put(self.valid, other.valid, 1))
+
+
+def attention_mask(q_pos, q_seg, k_pos, k_seg, k_valid, sliding_window: int | None = None):
+    """May query t attend key s? [B, T, S] bool. The one definition used by every mode.
+
+    Causal by global position (not by index), padding never attended, and the segment rule above.
+    """
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    qs, ks = q_seg[:, :, None], k_seg[:, None, :]
+    ok = (kp <= qp) & k_valid[:, None, :]
+    ok &= (qs == ks) | (ks == SEG_SHARED) | (qs == SEG_GLOBAL)
+    if sliding_window is not None:
+        ok &= (qp - kp) < sliding_window
+    return ok
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+# Queries are processed in chunks of this many tokens, so that the f32 scores of one chunk
+# ([K, G, 128, S]) stay near the caches; measured 2.7x faster than one dense [K, G, T, S] block at
+# T=2048 on the 2-core CPU (WORKSPACE_NOTES.md), bit-identical results.
+ATTN_Q_CHUNK = 128
+
+
+def _attend_dense(q, k, v, mask, cfg: ModelConfig):
+    """q [B, T, K, G, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, K, G, H]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
+def _attend(q, k, v, mask, cfg: ModelConfig):
+    """q [B, T, N, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, N*H]."""
+    b, t = q.shape[:2]
+    qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+    c = ATTN_Q_CHUNK
+    if t <= c:
+        out = _attend_dense(qg, k, v, mask, cfg)
+    else:
+        n = -(-t // c)
+        pad = n * c - t  # padded query rows see nothing and are dropped
+        qg = jnp.pad(qg, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+        mc = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+        qc = qg.reshape(b, n, c, *qg.shape[2:]).swapaxes(0, 1)
+        mc = mc.reshape(b, n, c, mc.shape[-1]).swapaxes(0, 1)
+        out = jax.lax.map(lambda x: _attend_dense(x[0], k, v, x[1], cfg), (qc, mc))
+        out = out.swapaxes(0, 1).reshape(b, n * c, *out.shape[3:])[:, :t]
+    return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+
+
+def _layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
+    """One decoder layer. Returns the new residual stream and this layer's fresh k, v."""
+    b, t, _ = x.shape
+    h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv)
+    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    keys = k if past_k is None else jnp.concatenate([past_k, k], axis=1)
+    vals = v if past_v is None else jnp.concatenate([past_v, v], axis=1)
+    x = x + _attend(q, keys, vals, mask, cfg) @ p["wo"]
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
+    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    return x, k, v
+
+
+def lm_head(params: Params, cfg: ModelConfig, x):
+    """Final norm + vocabulary projection, f32 logits. x [..., D] -> [..., V]."""
+    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
+def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=None, valid=None,
+            cache: KVCache | None = None, logit_index=None, all_logits: bool = False):
+    """Run T new tokens through the decoder, attending to `cache` (earlier tokens) and themselves.
+
+    tokens, positions, segments [B, T] int32; valid [B, T] bool (False = padding).
+    Returns (logits, kv): logits [B, T, V] if all_logits, else [B, V] at `logit_index` [B]
+    (default: the last valid token of each row); kv is a KVCache of the T new tokens only.
+    """
+    b, t = tokens.shape
+    positions = positions.astype(jnp.int32)
+    segments = jnp.zeros((b, t), jnp.int32) if segments is None else segments.astype(jnp.int32)
+    valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+    inv = inv_freq(cfg)
+    if cache is None:
+        k_pos, k_seg, k_valid = positions, segments, valid
+    else:
+        k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+        k_seg = jnp.concatenate([cache.seg, segments], axis=1)
+        k_valid = jnp.concatenate([cache.valid, valid], axis=1)
+    mask = attention_mask(positions, segments, k_pos, k_seg, k_valid, cfg.sliding_window)
+
+    x = params["embed"][tokens]  # [B, T, D]
+
+    def body(x, xs):
+        p, pk, pv = xs
+        x, k, v = _layer(cfg, inv, x, p, positions, pk, pv, mask)
+        return x, (k, v)
+
+    past = (None, None) if cache is None else (cache.k, cache.v)
+    x, (k, v) = jax.lax.scan(body, x, (params["layers"], *past))
+    if all_logits:
+        logits = lm_head(params, cfg, x)
+    else:
+        if logit_index is None:
+            logit_index = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+        logits = lm_head(params, cfg, x[jnp.arange(b), logit_index])
+    return logits, KVCache(k=k, v=v, pos=positions, seg=segments, valid=valid)
+
+
+def init_params(cfg: ModelConfig, key, scale: float = 0.02) -> Params:
+    """Random parameters (for tests and synthetic benchmarks)."""
+    d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"wq": (l, d, nh), "wk": (l, d, kh), "wv": (l, d, kh), "wo": (l, nh, d),
+              "w_gate": (l, d, f), "w_up": (l, d, f), "w_down": (l, f, d)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(l, nh), bk=(l, kh), bv=(l, kh))
+    keys = jax.random.split(key, len(shapes) + 2)
+    dt = jnp.dtype(cfg.dtype)
+    layers = {n: (scale * jax.random.normal(kk, s)).astype(dt) for kk, (n, s) in zip(keys, shapes.items())}
+    layers["attn_norm"] = jnp.ones((l, d), dt)
+    layers["mlp_norm"] = jnp.ones((l, d), dt)
+    params = {"embed": (scale * jax.random.normal(keys[-1], (cfg.vocab_size, d))).astype(dt),
+              "layers": layers, "final_norm": jnp.ones((d,), dt)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = (scale * jax.random.normal(keys[-2], (d, cfg.vocab_size))).astype(dt)
+    return params
+
+
+def params_from_numpy(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> Params:
+    """Assemble the stacked parameter pytree from per-layer numpy arrays named
+    `embed`, `final_norm`, `lm_head`, and `layers.{i}.{name}` (already in [in, out] layout)."""
+    dt = jnp.dtype(cfg.dtype)
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    if cfg.qkv_bias:
+        names += ["bq", "bk", "bv"]
+    layers = {}
+    for n in names:
+        missing = [i for i in range(cfg.num_layers) if f"layers.{i}.{n}" not in tensors]
+        if missing:
+            raise ValueError(f"checkpoint lacks tensor {n!r} for layers {missing[:5]}")
+        layers[n] = jnp.asarray(np.stack([tensors[f"layers.{i}.{n}"] for i in range(cfg.num_layers)]), dt)
+    params = {"embed": jnp.asarray(tensors["embed"], dt), "layers": layers,
+              "final_norm": jnp.asarray(tensors["final_norm"], dt)}
+    if not cfg.tie_embeddings:
+        if "lm_head" not in tensors:
+            raise ValueError("checkpoint has untied embeddings but no output (lm_head) tensor")
+        params["lm_head"] = jnp.asarray(tensors["lm_head"], dt)
+    return params

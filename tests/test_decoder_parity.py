@@ -1,0 +1,153 @@
+"""Our decoder vs Hugging Face transformers on tiny random checkpoints the tests write themselves."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints import ROPE_LLAMA3, hf_model, save_gguf, save_hf
+from conftest import rel_err, require
+from rcllm_jax.model import load_model
+from rcllm_jax.model.decoder import forward
+
+torch = require("torch")
+require("transformers")
+
+TOL = 1e-4  # max relative error in float32
+
+
+def hf_logits(model, tokens, positions=None):
+    with torch.no_grad():
+        kw = {} if positions is None else {"position_ids": torch.as_tensor(positions)}
+        return model(torch.as_tensor(tokens), **kw).logits.float().numpy()
+
+
+def ours(m, tokens, positions=None, **kw):
+    tokens = jnp.asarray(tokens)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    logits, kv = forward(m.params, tokens, jnp.asarray(positions), cfg=m.cfg, all_logits=True, **kw)
+    return np.asarray(logits), kv
+
+
+def random_tokens(vocab, b=2, t=24, seed=1):
+    return np.random.default_rng(seed).integers(0, vocab, size=(b, t))
+
+
+FAMILIES = {
+    "llama_llama3rope_gqa_untied": dict(arch="llama", rope=ROPE_LLAMA3, tie=False),
+    "qwen2_bias_tied": dict(arch="qwen2", tie=True, kv_heads=1),
+    "mistral_mha": dict(arch="mistral", kv_heads=4),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_dir_logits_match_transformers(tmp_path, family):
+    model = hf_model(**FAMILIES[family])
+    m = load_model(save_hf(model, tmp_path / family), with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size)
+    got, _ = ours(m, toks)
+    assert rel_err(got, hf_logits(model, toks)) <= TOL
+
+
+def test_sharded_hf_dir_loads_all_shards(tmp_path):
+    model = hf_model("llama", layers=3)
+    path = save_hf(model, tmp_path / "sharded", shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    m = load_model(path, with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(ours(m, toks)[0], hf_logits(model, toks)) <= TOL
+
+
+def test_non_contiguous_positions(tmp_path):
+    model = hf_model("llama", rope=ROPE_LLAMA3)
+    m = load_model(save_hf(model, tmp_path / "m"), with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size, t=20)
+    gaps = np.random.default_rng(3).integers(1, 40, size=(2, 20))
+    positions = np.cumsum(gaps, axis=1) + 5  # strictly increasing, far from 0..T-1
+    got, _ = ours(m, toks, positions)
+    assert rel_err(got, hf_logits(model, toks, positions)) <= TOL
+
+
+def test_continue_from_kv_input(tmp_path):
+    model = hf_model("qwen2")
+    m = load_model(save_hf(model, tmp_path / "m"), with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size, t=30)
+    ref = hf_logits(model, toks)
+    pos = np.broadcast_to(np.arange(30), (2, 30))
+    _, kv = ours(m, toks[:, :17], pos[:, :17])
+    got, _ = ours(m, toks[:, 17:], pos[:, 17:], cache=kv)
+    assert rel_err(got, ref[:, 17:]) <= TOL
+
+
+def test_padding_is_never_attended(tmp_path):
+    """Right-padded rows with garbage tokens give the same logits on their valid part."""
+    model = hf_model("llama")
+    m = load_model(save_hf(model, tmp_path / "m"), with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size, b=1, t=12)
+    padded = np.concatenate([toks, random_tokens(m.cfg.vocab_size, b=1, t=4, seed=9)], axis=1)
+    valid = np.arange(16)[None] < 12
+    got, _ = ours(m, padded, valid=jnp.asarray(valid))
+    assert rel_err(got[:, :12], hf_logits(model, toks)) <= TOL
+
+
+def test_mistral_sliding_window(tmp_path):
+    model = hf_model("mistral", sliding_window=8)
+    m = load_model(save_hf(model, tmp_path / "m"), with_tokenizer=False)
+    assert m.cfg.sliding_window == 8
+    toks = random_tokens(m.cfg.vocab_size, t=24)
+    assert rel_err(ours(m, toks)[0], hf_logits(model, toks)) <= TOL
+
+
+def test_segments_give_independent_blocks(tmp_path):
+    """A block in its own segment sees only SHARED keys and itself: its logits equal those of the
+    block run directly after the shared prefix at the same positions (transformers as reference)."""
+    from rcllm_jax.model.decoder import SEG_SHARED
+    model = hf_model("llama")
+    m = load_model(save_hf(model, tmp_path / "m"), with_tokenizer=False)
+    rng = np.random.default_rng(5)
+    prefix, a, b = (rng.integers(0, m.cfg.vocab_size, size=(1, n)) for n in (6, 5, 7))
+    toks = np.concatenate([prefix, a, b], axis=1)
+    segs = np.array([[SEG_SHARED] * 6 + [1] * 5 + [2] * 7])
+    got, _ = ours(m, toks, segments=jnp.asarray(segs))
+    # block b as if a were absent: positions 11..17 right after the prefix (a gap of 5)
+    alone = np.concatenate([prefix, b], axis=1)
+    ref = hf_logits(model, alone, np.concatenate([np.arange(6), np.arange(11, 18)])[None])
+    assert rel_err(got[:, 11:], ref[:, 6:]) <= TOL
+    assert rel_err(got[:, :11], hf_logits(model, toks[:, :11])) <= TOL
+
+
+GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_logits_match_transformers(tmp_path, qtype):
+    """Same GGUF file, two independent loaders and dequantizers (ours via gguf, transformers' own)."""
+    import transformers as tf
+    k_quant = qtype.endswith("_K")
+    model = hf_model("llama", hidden=256 if k_quant else 64, intermediate=512 if k_quant else 128, heads=4)
+    path = save_gguf(model, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    m = load_model(path, with_tokenizer=False)
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
+
+
+def test_gguf_qwen2_with_bias_matches_transformers(tmp_path):
+    import transformers as tf
+    model = hf_model("qwen2", tie=True)
+    path = save_gguf(model, tmp_path / "qwen.gguf", "Q8_0")
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    m = load_model(path, with_tokenizer=False)
+    assert m.cfg.qkv_bias and m.cfg.tie_embeddings
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
+
+
+def test_bfloat16_close_to_float32_reference(tmp_path):
+    model = hf_model("llama", rope=ROPE_LLAMA3)
+    m = load_model(save_hf(model, tmp_path / "m"), dtype="bfloat16", with_tokenizer=False)
+    assert m.params["embed"].dtype == jnp.bfloat16
+    toks = random_tokens(m.cfg.vocab_size)
+    got, ref = ours(m, toks)[0], hf_logits(model, toks)
+    assert rel_err(got, ref) <= 3e-2
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.9
