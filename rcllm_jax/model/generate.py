@@ -9,16 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcllm_jax.buckets import bucket
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import KVCache, Params, forward
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, (n - 1)).bit_length())
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "capacity"), donate_argnames=())
+@functools.partial(jax.jit, static_argnames=("cfg", "capacity"))
 def _prefill(params, tokens, n_valid, *, cfg: ModelConfig, capacity: int):
     # tokens [1, Tb] right-padded; returns first generated token and the filled buffer.
     tb = tokens.shape[1]

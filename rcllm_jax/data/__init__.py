@@ -1,0 +1,1 @@
+"""MovieLens readers, leave-one-out splits, candidate sampling, block-structured prompts."""

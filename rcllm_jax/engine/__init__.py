@@ -1,0 +1,1 @@
+"""Prefill modes and candidate ranking."""

@@ -1,0 +1,107 @@
+"""Rank candidates from the answer's first token (single-token labels) or by teacher forcing
+(multi-token labels), after a full prefill of the prompt.
+
+Scores are log-probabilities normalised over the candidates: log P(label_j | prompt, the answer is
+one of the labels). Multi-token labels: log P(t_1..t_m, ")" | prompt), all labels scored in one
+extra forward pass where each label's tokens form their own segment over the prompt KV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcllm_jax.buckets import bucket
+from rcllm_jax.data.prompt import Prompt
+from rcllm_jax.model.config import ModelConfig
+from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class RankResult:
+    scores: np.ndarray  # [K] log-probabilities over candidates, prompt order
+    order: np.ndarray  # [K] candidate indices, best first
+    ttft_s: float  # prompt tokens in -> candidate scores out (host to host)
+    prompt_tokens: int
+    computed_tokens: int  # tokens run through the model (incl. label scoring)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_kv"))
+def _full_prefill(params: Params, tokens, n_valid, *, cfg: ModelConfig, return_kv: bool):
+    # tokens [1, Tb] right-padded -> logits of the next token [V] (and the prompt KV)
+    tb = tokens.shape[1]
+    positions = jnp.arange(tb, dtype=jnp.int32)[None]
+    logits, kv = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid)
+    return (logits[0], kv) if return_kv else (logits[0], None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_labels"))
+def _label_logprobs(params: Params, first_logits, kv: KVCache, tokens, positions, segments, valid,
+                    targets, owner, first_ids, *, cfg: ModelConfig, num_labels: int):
+    """Teacher-forced log P(label_j, close) for every label j in one pass.
+
+    tokens/positions/segments/valid/targets/owner [M]: the label tokens fed after the prompt, each
+    label in its own segment; first_ids [K]: each label's first token (scored from first_logits).
+    """
+    kv = kv.replace(seg=jnp.full_like(kv.seg, SEG_SHARED))  # every label sees the whole prompt
+    logits, _ = forward(params, tokens[None], positions[None], cfg=cfg, segments=segments[None],
+                        valid=valid[None], cache=kv, all_logits=True)
+    lp = jax.nn.log_softmax(logits[0], axis=-1)  # [M, V]
+    tok_lp = jnp.where(valid, jnp.take_along_axis(lp, targets[:, None], axis=1)[:, 0], 0.0)
+    per_label = jax.ops.segment_sum(tok_lp, owner, num_segments=num_labels)
+    return per_label + jax.nn.log_softmax(first_logits)[first_ids]
+
+
+def _label_batch(prompt: Prompt, start: int):
+    """Flatten the labels' teacher-forcing inputs: label j = tokens t1..tm fed at start..start+m-1
+    in segment j+1, predicting t2..tm and the closing token."""
+    toks, pos, seg, tgt, own = [], [], [], [], []
+    for j, lt in enumerate(prompt.label_tokens):
+        for i, t in enumerate(lt):
+            toks.append(t)
+            pos.append(start + i)
+            seg.append(j + 1)
+            tgt.append(lt[i + 1] if i + 1 < len(lt) else prompt.close_token)
+            own.append(j)
+    m, mb = len(toks), bucket(len(toks))
+    pad = lambda xs, v: np.asarray(xs + [v] * (mb - m), np.int32)  # noqa: E731
+    valid = np.arange(mb) < m
+    return pad(toks, 0), pad(pos, start), pad(seg, 1), valid, pad(tgt, 0), pad(own, 0), m
+
+
+def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_logits, kv: KVCache | None):
+    """Log-probabilities over the candidates from the answer's first-token logits (and the prompt
+    KV for multi-token labels). Returns (scores [K] as jax array, label tokens computed)."""
+    first_ids = jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
+    if prompt.single_token_labels:
+        return jax.nn.log_softmax(first_logits[first_ids]), 0
+    if kv is None:
+        raise ValueError("multi-token labels need the prompt KV")
+    toks, pos, seg, valid, tgt, own, m = _label_batch(prompt, len(prompt))
+    seq_lp = _label_logprobs(params, first_logits, kv, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(seg),
+                             jnp.asarray(valid), jnp.asarray(tgt), jnp.asarray(own), first_ids,
+                             cfg=cfg, num_labels=len(prompt.labels))
+    return jax.nn.log_softmax(seq_lp), m
+
+
+def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt) -> RankResult:
+    """Full prefill of the whole prompt (the reference every cached mode is compared with)."""
+    n = len(prompt)
+    if n > cfg.max_position:
+        raise ValueError(f"prompt of {n} tokens exceeds the model's context of {cfg.max_position}")
+    tb = bucket(n, 64)
+    tokens = np.zeros((1, tb), np.int32)
+    tokens[0, :n] = prompt.tokens
+    t0 = time.perf_counter()
+    first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, cfg=cfg,
+                                     return_kv=not prompt.single_token_labels)
+    scores, extra = candidate_scores(params, cfg, prompt, first_logits, kv)
+    scores = np.asarray(scores)
+    ttft = time.perf_counter() - t0
+    return RankResult(scores=scores, order=np.argsort(-scores, kind="stable"), ttft_s=ttft,
+                      prompt_tokens=n, computed_tokens=n + extra)

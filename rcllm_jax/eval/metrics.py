@@ -1,0 +1,43 @@
+"""HR@K, NDCG@K, MRR from the rank of the held-out item, and the popularity / random baselines."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+CUTOFFS_HR = (1, 5, 10)
+CUTOFFS_NDCG = (5, 10)
+
+
+def target_rank(scores: Sequence[float], target_index: int, rng: np.random.Generator | None = None) -> int:
+    """0-based rank of candidate `target_index` when sorting by descending score.
+
+    Ties are broken uniformly at random with `rng` (no optimistic or pessimistic bias), or
+    pessimistically (target placed after every tie) when rng is None.
+    """
+    s = np.asarray(scores, np.float64)
+    t = s[target_index]
+    better = int(np.sum(s > t))
+    ties = int(np.sum(s == t)) - 1
+    return better + (int(rng.integers(0, ties + 1)) if rng is not None and ties else ties)
+
+
+def ranking_metrics(ranks: Iterable[int]) -> dict[str, float]:
+    """HR@1/5/10, NDCG@5/10, MRR averaged over requests (one relevant item per request)."""
+    r = np.asarray(list(ranks), np.float64)
+    if r.size == 0:
+        raise ValueError("no ranks to average")
+    out = {f"hr@{k}": float(np.mean(r < k)) for k in CUTOFFS_HR}
+    gain = 1.0 / np.log2(r + 2.0)
+    out.update({f"ndcg@{k}": float(np.mean(np.where(r < k, gain, 0.0))) for k in CUTOFFS_NDCG})
+    out["mrr"] = float(np.mean(1.0 / (r + 1.0)))
+    return out
+
+
+def popularity_scores(candidates: Sequence[int], popularity: Mapping[int, int]) -> np.ndarray:
+    return np.array([popularity.get(c, 0) for c in candidates], np.float64)
+
+
+def random_scores(k: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.random(k)

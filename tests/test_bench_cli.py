@@ -1,0 +1,44 @@
+"""launch/bench.py end to end: the table and the JSON schema the later modes extend."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_writes_table_and_json(tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full", "--num_users=3",
+                        "--num_candidates=5", "--history_len=4", "--dataset=ml-100k", f"--output_json={out}"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "HR@1" in r.stdout and "popularity" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["config"]["num_users"] == 3 and data["config"]["num_candidates"] == 5
+    rows = {row["mode"]: row for row in data["results"]}
+    assert set(rows) == {"full", "popularity", "random"}
+    full = rows["full"]
+    for key in ("ttft_p50_s", "ttft_p99_s", "prompt_tokens_p50", "hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"):
+        assert key in full
+    assert 0 < full["ttft_p50_s"] <= full["ttft_p99_s"]
+    assert all(0.0 <= rows[m][k] <= 1.0 for m in rows for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"))
+    assert full["hr@5"] == 1.0  # 5 candidates: the target is always in the top 5
+
+
+def test_unknown_mode_is_a_usage_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=warp", "--num_users=1",
+                        f"--output_json={tmp_path / 'x.json'}"], capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "unknown mode 'warp'" in r.stderr
+
+
+def test_unknown_toml_key_is_refused(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[workload]\nnum_userz = 3\n")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--config={cfg}"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "unknown key workload.num_userz" in r.stderr

@@ -1,0 +1,40 @@
+"""Metric functions on hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rcllm_jax.eval.metrics import popularity_scores, ranking_metrics, target_rank
+
+
+def test_target_rank_counts_strictly_better():
+    assert target_rank([0.1, 0.9, 0.5], 1) == 0
+    assert target_rank([0.1, 0.9, 0.5], 2) == 1
+    assert target_rank([0.1, 0.9, 0.5], 0) == 2
+
+
+def test_ties_pessimistic_without_rng_and_uniform_with_it():
+    scores = [1.0, 1.0, 1.0, 0.0]
+    assert target_rank(scores, 0) == 2
+    rng = np.random.default_rng(0)
+    draws = [target_rank(scores, 0, rng) for _ in range(3000)]
+    assert set(draws) == {0, 1, 2}
+    assert abs(np.mean(draws) - 1.0) < 0.06
+
+
+def test_ranking_metrics_by_hand():
+    m = ranking_metrics([0, 3, 7, 12])
+    assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["hr@10"] == 0.75
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 8 + 1 / 13) / 4)
+
+
+def test_empty_is_an_error():
+    with pytest.raises(ValueError):
+        ranking_metrics([])
+
+
+def test_popularity_scores():
+    assert popularity_scores([3, 9, 4], {3: 10, 4: 2}).tolist() == [10, 0, 2]

@@ -1,0 +1,90 @@
+"""Block-structured prompts: the model sees exactly the concatenation of the blocks' tokens, and
+that equals tokenizing the whole text (real tokenizer, real catalog)."""
+
+import numpy as np
+import pytest
+
+from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+from rcllm_jax.data.prompt import PromptBuilder, labels_for
+
+
+@pytest.fixture(scope="module")
+def split():
+    return LeaveOneOut(load_dataset("ml-100k"))
+
+
+@pytest.fixture(scope="module")
+def builder(smollm2, split):
+    return PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=20)
+
+
+def test_block_concatenation_equals_whole_text_tokenization(builder, split, smollm2):
+    """Every catalog item appears as a candidate once, across prompts of many users: the
+    concatenated block tokens equal the tokenizer's ids for the joined text."""
+    items = sorted(split.dataset.items)
+    for n, start in enumerate(range(0, len(items), 20)):
+        user = split.users[n]
+        p = builder.build(split.history(user), items[start:start + 20])
+        assert p.tokens.tolist() == smollm2.tokenizer.encode(p.text), (user, start)
+
+
+def test_block_kinds_and_layout(builder, split):
+    user = split.users[0]
+    p = builder.build(split.history(user), [1, 2, 3])
+    kinds = [b.kind for b in p.blocks]
+    assert kinds == ["instruction", "history", "glue", "item", "glue", "item", "glue", "item", "glue"]
+    assert [b.item_id for b in p.blocks if b.kind == "item"] == [1, 2, 3]
+    assert p.text.endswith("assistant\n(")
+    assert p.blocks[2].text.endswith("(A)") and p.blocks[4].text == "\n(B)"
+    spans = p.spans()
+    assert spans[0][0] == 0 and spans[-1][1] == len(p) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_item_blocks_are_request_independent(builder, split):
+    a = builder.build(split.history(split.users[0]), [50, 181, 1])
+    b = builder.build(split.history(split.users[1]), [1, 7, 50, 9])
+    ia = {blk.item_id: blk for blk in a.blocks if blk.kind == "item"}
+    ib = {blk.item_id: blk for blk in b.blocks if blk.kind == "item"}
+    assert ia[50] == ib[50] and ia[1] == ib[1]
+    assert "Toy Story" in ia[1].text and "(" not in ia[1].text.split("(")[0][-2:]
+
+
+def test_history_keeps_the_last_h_items(smollm2, split):
+    b3 = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=3)
+    user = split.users[0]
+    hist = split.history(user)
+    block = b3.history_block(hist)
+    expected = [b3.item_text(split.dataset.items[i]) for i in hist[-3:]]
+    assert block.text.splitlines() == expected
+    assert PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=0).history_block(hist).text == "(none)\n"
+
+
+def test_labels():
+    assert labels_for(3) == ("A", "B", "C")
+    assert labels_for(26)[-1] == "Z"
+    assert labels_for(27)[:3] == ("1", "2", "3") and labels_for(100)[-1] == "100"
+
+
+def test_letter_labels_are_single_tokens_numbers_are_not(builder, split):
+    user = split.users[0]
+    assert builder.build(split.history(user), range(1, 21)).single_token_labels
+    p = builder.build(split.history(user), range(1, 41))
+    assert not p.single_token_labels and len(p.label_tokens[11]) == 2  # "12" -> "1", "2"
+
+
+@pytest.mark.parametrize("cands,match", [([], "no candidates"), ([1, 2, 1], "duplicate candidates: \\[1\\]"),
+                                         ([1, 99999], "unknown item id 99999")])
+def test_bad_candidate_lists(builder, cands, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        builder.build([1, 2], cands)
+
+
+def test_too_long_prompt_is_refused(smollm2, split):
+    b = PromptBuilder(smollm2.tokenizer, split.dataset.items, max_prompt_tokens=200)
+    with pytest.raises(ValueError, match="exceeds the limit of 200"):
+        b.build(split.history(split.users[0]), range(1, 21))
+
+
+def test_prompt_tokens_are_int32_array(builder):
+    p = builder.build([1], [2, 3])
+    assert isinstance(p.tokens, np.ndarray) and p.tokens.dtype == np.int32 and len(p.tokens) == len(p)
