@@ -1,16 +1,20 @@
-"""Ranking benchmark: TTFT and accuracy per prefill mode on a MovieLens request stream.
+"""Ranking benchmark: TTFT, accuracy and fidelity per prefill mode on a MovieLens request stream.
 
-python launch/bench.py --modes=full --num_users=100 --num_candidates=20 --history_len=20 \
-    --dataset=ml-100k --output_json=bench_out/bench.json
-Prints a table (TTFT p50/p99, prompt tokens p50/max, HR/NDCG/MRR per mode and for the popularity
-and random baselines on the same candidate lists) and writes JSON:
-{"config": {...}, "results": [{"mode": ..., "ttft_p50_s": ..., ...}, ...]}.
-TTFT = prompt tokens in -> candidate scores out, compile excluded (every shape bucket the stream
-needs is compiled before timing).
+python launch/bench.py --modes=full,prefix,stitch,sink,deviation,rcllm --num_users=20 \
+    --requests_per_user=3 --num_candidates=20 --history_len=20 --output_json=bench_out/bench.json
+With --requests_per_user=1 each user makes one request (the leave-one-out test target); with more,
+histories grow between a user's requests (0-2 items, probability 0.5) and every request has fresh
+candidates, so prefix caching gets exactly the hits it would really get.
+Prints a table and writes JSON {"config": {...}, "results": [{"mode": ..., ...}, ...]}.
+TTFT = prompt tokens in -> candidate scores out. Compiles are excluded: a warm-up pass over the
+same stream compiles every shape first (stores reset afterwards); `compiles_during_timing` in the
+JSON must read 0. Block modes update the user's history cache when the history changes, before
+the request (as an event would); that time is `history_update_s_p50`, not TTFT.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,47 +27,76 @@ from absl import app, flags, logging  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
-_MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes to run.")
+_MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes: full, prefix, stitch, sink, deviation, rcllm.")
 _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Dataset.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
-_USERS = flags.DEFINE_integer("num_users", 100, "Users (one request each).")
+_USERS = flags.DEFINE_integer("num_users", 100, "Users in the stream.")
+_RPU = flags.DEFINE_integer("requests_per_user", 1, "Requests per user (histories grow between them).")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (held-out item + negatives).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", ["uniform", "popularity"], "Negative sampling.")
-_STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target.")
+_STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of user order, negatives and tie-breaking.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_CANON = flags.DEFINE_enum("canonical", "instruction", ["instruction", "candidate"],
+                           "Context item blocks are encoded after.")
+_SINK = flags.DEFINE_integer("sink", None, "Override: first tokens of each block recomputed (sink, rcllm).")
+_RATIO = flags.DEFINE_float("ratio", None, "Override: deviation recompute ratio (deviation, rcllm).")
+_CHECK = flags.DEFINE_integer("check_layer", None, "Override: deviation check layer.")
+_GLUE = flags.DEFINE_bool("cached_glue", False, "Block modes serve label/question glue from the block store.")
+_SWEEP = flags.DEFINE_list("sweep", [], "Extra rows: the rcllm policy at these deviation ratios (e.g. 0.05,0.1,0.3).")
+_PREFIX_PAGES = flags.DEFINE_integer("prefix_cache_pages", 4096, "Prefix-cache budget in 16-token pages.")
+_USER_PAGES = flags.DEFINE_integer("user_cache_pages", 2048, "User-store budget in 16-token pages.")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
 _TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
               "workload.num_candidates": "num_candidates", "workload.history_len": "history_len",
               "workload.negatives": "negatives", "workload.stage": "stage", "workload.seed": "seed",
-              "model.dtype": "dtype", "model.path": "model"}
+              "workload.requests_per_user": "requests_per_user", "model.dtype": "dtype", "model.path": "model"}
+
+_COMPILES = [0]
 
 
-def _percentile(xs, q):
+def _count_compiles(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+def _pct(xs, q):
     import numpy as np
-    return float(np.percentile(np.asarray(xs, float), q))
+    return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else None
 
 
-def _rankers():
-    from rcllm_jax.engine.ranking import rank_full
-    return {"full": rank_full}
+def _policies():
+    from rcllm_jax.engine.engine import BLOCK_MODES
+    over = {k: v for k, v in (("sink", _SINK.value), ("ratio", _RATIO.value), ("check_layer", _CHECK.value))
+            if v is not None}
+    out = {}
+    for name, pol in BLOCK_MODES.items():
+        mine = {k: v for k, v in over.items()
+                if (k == "sink" and name in ("sink", "rcllm")) or (k != "sink" and name in ("deviation", "rcllm"))}
+        out[name] = dataclasses.replace(pol, cached_glue=_GLUE.value, **mine)
+    for r in _SWEEP.value:
+        out[f"rcllm@{float(r):g}"] = dataclasses.replace(out["rcllm"], ratio=float(r),
+                                                         check_layer=out["rcllm"].check_layer or 1)
+    return out
 
 
-def run_mode(mode, model, prompts):
-    """Rank every prompt with `mode`; returns per-request results (compile excluded)."""
-    from rcllm_jax.buckets import bucket
-    rank = _rankers()[mode]
-    seen = set()
-    for p in prompts:  # compile each shape bucket once, untimed
-        key = (bucket(len(p), 64), p.single_token_labels)
-        if key not in seen:
-            seen.add(key)
-            rank(model.params, model.cfg, p)
-    logging.info("mode %s: %d shape buckets compiled", mode, len(seen))
-    return [rank(model.params, model.cfg, p) for p in prompts]
+def run_stream(engine, mode, requests, prompts, policies):
+    """One pass of the stream in `mode`; returns per-request (result, history_update_s)."""
+    out = []
+    for q, p in zip(requests, prompts):
+        upd = None
+        if mode in policies:
+            t0 = time.perf_counter()
+            engine.update_user(q.user_id, p)
+            upd = time.perf_counter() - t0
+            res = engine.rank_policy(p, policies[mode], q.user_id)
+        else:
+            res = engine.rank(p, mode, q.user_id)
+        out.append((res, upd))
+    return out
 
 
 def main(argv):
@@ -71,21 +104,31 @@ def main(argv):
     if _CONFIG.value:
         from rcllm_jax.config_files import apply_toml
         apply_toml(_CONFIG.value, _TOML_KEYS)
-    unknown = [m for m in _MODES.value if m not in _rankers()]
+    from rcllm_jax.engine.engine import MODES
+    unknown = [m for m in _MODES.value if m not in MODES]
     if unknown:
-        raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(_rankers())}")
+        raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
+    modes = list(_MODES.value) + [f"rcllm@{float(r):g}" for r in _SWEEP.value]
+    import jax
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.data.pipeline import eval_requests
+    from rcllm_jax.data.pipeline import eval_requests, stream_requests
     from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine, reset_dynamic
+    from rcllm_jax.eval.fidelity import fidelity
     from rcllm_jax.eval.metrics import popularity_scores, random_scores, ranking_metrics, target_rank
     from rcllm_jax.model import load_model
 
+    jax.monitoring.register_event_duration_secs_listener(_count_compiles)
     t0 = time.perf_counter()
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
     split = LeaveOneOut(ds)
-    requests = list(eval_requests(split, stage=_STAGE.value, num_candidates=_CANDS.value,
-                                  negatives=_NEG.value, seed=_SEED.value, num_users=_USERS.value))
+    if _RPU.value > 1:
+        requests = stream_requests(split, num_users=_USERS.value, requests_per_user=_RPU.value,
+                                   num_candidates=_CANDS.value, negatives=_NEG.value, seed=_SEED.value)
+    else:
+        requests = list(eval_requests(split, stage=_STAGE.value, num_candidates=_CANDS.value,
+                                      negatives=_NEG.value, seed=_SEED.value, num_users=_USERS.value))
     model = load_model(_MODEL.value, dtype=_DTYPE.value)
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value,
                             max_prompt_tokens=model.cfg.max_position)
@@ -93,16 +136,65 @@ def main(argv):
     lengths = [len(p) for p in prompts]
     logging.info("%d requests ready in %.1fs", len(requests), time.perf_counter() - t0)
 
+    engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
+                    canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value)
+    policies = _policies()
+    build = {}
+    if any(m in policies for m in modes):
+        t0 = time.perf_counter()
+        engine.build_store()
+        n_tok = sum(len(t) for t in engine.item_blocks.values())
+        build = {"item_blocks": len(engine.item_blocks), "item_tokens": n_tok,
+                 "build_s": time.perf_counter() - t0}
+        logging.info("item store: %d blocks, %d tokens in %.1fs", len(engine.item_blocks), n_tok, build["build_s"])
+
+    results = {}
+    for mode in modes:
+        run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
+        reset_dynamic(engine)
+        before = _COMPILES[0]
+        results[mode] = run_stream(engine, mode, requests, prompts, policies)
+        results[mode + "/compiles"] = _COMPILES[0] - before
+        reset_dynamic(engine)
+
+    from rcllm_jax.eval.floor import kv_bytes_per_token, matmul_peak_flops, memory_bandwidth, selective_flops
+    peak, bw = matmul_peak_flops(), memory_bandwidth()
+    kvb = kv_bytes_per_token(model.cfg, engine.pool.k.dtype.itemsize)
+
+    def floor_s(r):  # compute and KV reads overlapped perfectly: the larger of the two
+        return max(selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) / peak,
+                   r.cache_hit_tokens * kvb / bw)
+
     rows = []
-    for mode in _MODES.value:
-        results = run_mode(mode, model, prompts)
-        ttft = [r.ttft_s for r in results]
-        ranks = [target_rank(r.scores, q.target_index) for r, q in zip(results, requests)]
-        rows.append({"mode": mode, "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
-                     "prompt_tokens_p50": _percentile(lengths, 50), "prompt_tokens_max": int(max(lengths)),
-                     "computed_tokens_p50": _percentile([r.computed_tokens for r in results], 50),
-                     "first_slot_share": float(np.mean([r.order[0] == 0 for r in results])),
-                     **ranking_metrics(ranks)})
+    ref = [r.scores for r, _ in results["full"]] if "full" in results else None
+    full_metrics = None
+    for mode in modes:
+        res = [r for r, _ in results[mode]]
+        ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, requests)]
+        metrics = ranking_metrics(ranks)
+        if mode == "full":
+            full_metrics = metrics
+        recomputed = sum(r.recomputed_block_tokens for r in res)
+        cached_total = sum(r.cached_block_tokens for r in res)
+        row = {"mode": mode, "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
+               "ttft_p99_s": _pct([r.ttft_s for r in res], 99),
+               "prompt_tokens_p50": _pct(lengths, 50), "prompt_tokens_max": int(max(lengths)),
+               "computed_tokens_p50": _pct([r.computed_tokens for r in res], 50),
+               "cache_hit_tokens": float(np.mean([r.cache_hit_tokens for r in res])),
+               "recompute_fraction": float(recomputed / max(1, cached_total)) if mode in policies else None,
+               "history_update_s_p50": _pct([u for _, u in results[mode] if u is not None], 50),
+               "compiles_during_timing": results[mode + "/compiles"],
+               "floor_s_p50": _pct([floor_s(r) for r in res], 50),
+               "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
+               **metrics}
+        row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]
+        if ref is not None:
+            row.update(fidelity(ref, [r.scores for r in res]))
+            row.update({f"{k}_minus_full": metrics[k] - full_metrics[k] for k in ("hr@1", "hr@5", "hr@10")}
+                       if full_metrics else {})
+        if mode in policies:
+            row["policy"] = dataclasses.asdict(policies[mode])
+        rows.append(row)
     rng = np.random.default_rng(_SEED.value)
     baselines = {"popularity": [popularity_scores(q.candidates, split.popularity) for q in requests],
                  "random": [random_scores(len(q.candidates), rng) for q in requests]}
@@ -111,27 +203,31 @@ def main(argv):
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
                      "prompt_tokens_p50": None, "prompt_tokens_max": None, **ranking_metrics(ranks)})
 
-    config = {"dataset": ds.name, "num_users": len(requests), "num_candidates": _CANDS.value,
-              "history_len": _HIST.value, "negatives": _NEG.value, "stage": _STAGE.value,
-              "seed": _SEED.value, "model": model.source, "dtype": _DTYPE.value,
-              "cpu_cores": os.cpu_count(), "modes": list(_MODES.value),
-              "prompt_tokens": {"p10": _percentile(lengths, 10), "p50": _percentile(lengths, 50),
-                                "p90": _percentile(lengths, 90), "max": int(max(lengths)),
-                                "min": int(min(lengths))}}
+    config = {"dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
+              "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
+              "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": model.source,
+              "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
+              "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
+              "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
+              "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
+                                "max": int(max(lengths)), "min": int(min(lengths))}}
+
     def fmt(v, f):
         return format("-", ">" + f.split(".")[0].rstrip("df")) if v is None else format(v, f)
 
-    print(f"{ds.name}, {len(requests)} users, {_CANDS.value} candidates, history {_HIST.value}, "
-          f"{model.cfg.num_layers}-layer model {Path(model.source).name} ({_DTYPE.value}), {os.cpu_count()} cores")
-    print(f"{'mode':<11} {'ttft p50':>9} {'ttft p99':>9} {'tok p50':>8} {'tok max':>8} "
-          f"{'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@5':>7} {'NDCG@10':>7} {'MRR':>6}")
+    print(f"{ds.name}, {len(requests)} requests ({_USERS.value} users x {_RPU.value}), {_CANDS.value} candidates, "
+          f"history {_HIST.value}, {Path(model.source).name} ({_DTYPE.value}), {os.cpu_count()} cores")
+    print(f"{'mode':<13} {'ttft p50':>9} {'ttft p99':>9} {'tok p50':>8} {'computed':>8} {'top1agr':>7} "
+          f"{'KL':>7} {'tau':>6} {'recomp':>6} {'/floor':>6} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7} {'MRR':>6}")
     for r in rows:
-        print(f"{r['mode']:<11} {fmt(r['ttft_p50_s'], '9.3f')} {fmt(r['ttft_p99_s'], '9.3f')} "
-              f"{fmt(r['prompt_tokens_p50'], '8.0f')} {fmt(r['prompt_tokens_max'], '8d')} "
-              f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@5']:7.3f} "
-              f"{r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
+        print(f"{r['mode']:<13} {fmt(r['ttft_p50_s'], '9.3f')} {fmt(r['ttft_p99_s'], '9.3f')} "
+              f"{fmt(r['prompt_tokens_p50'], '8.0f')} {fmt(r.get('computed_tokens_p50'), '8.0f')} "
+              f"{fmt(r.get('top1_agreement'), '7.3f')} {fmt(r.get('kl_mean'), '7.4f')} "
+              f"{fmt(r.get('kendall_tau'), '6.3f')} {fmt(r.get('recompute_fraction'), '6.3f')} "
+              f"{fmt(r.get('ttft_over_floor'), '6.1f')} "
+              f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-    Path(_OUT.value).write_text(json.dumps({"config": config, "results": rows}, indent=2))
+    Path(_OUT.value).write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
     print(f"wrote {_OUT.value}")
 
 

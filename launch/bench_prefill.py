@@ -25,25 +25,6 @@ _HF = flags.DEFINE_bool("transformers", True, "Also time transformers (needs the
 _OUT = flags.DEFINE_string("output_json", "bench_out/prefill.json", "Where to write the JSON.")
 
 
-def prefill_flops(cfg, t: int) -> float:
-    """Matmul FLOPs of a causal prefill of t tokens with logits for the last token only."""
-    d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    linear = 2 * t * (d * (nh + 2 * kh) + nh * d + 3 * d * f)
-    attn = 2 * 2 * cfg.num_heads * cfg.head_dim * t * (t + 1) / 2  # QK^T and PV, causal half
-    return l * (linear + attn) + 2 * d * cfg.vocab_size
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-    return 2 * n ** 3 / best
-
-
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -54,6 +35,7 @@ def main(argv):
     del argv
     import jax.numpy as jnp
     import numpy as np
+    from rcllm_jax.eval.floor import matmul_peak_flops, prefill_flops
     from rcllm_jax.model import load_model
     from rcllm_jax.model.decoder import forward
 

@@ -38,3 +38,29 @@ def test_empty_is_an_error():
 
 def test_popularity_scores():
     assert popularity_scores([3, 9, 4], {3: 10, 4: 2}).tolist() == [10, 0, 2]
+
+
+def test_kl_by_hand():
+    from rcllm_jax.eval.fidelity import kl_divergence
+    p, q = np.log([0.5, 0.5]), np.log([0.9, 0.1])
+    assert kl_divergence(p, q) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert kl_divergence(p, p) == 0.0
+
+
+def test_kendall_tau_by_hand():
+    from rcllm_jax.eval.fidelity import kendall_tau
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # one discordant pair of 6: (6 - 2*1) / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    # tau-b with a tie in y: concordant 2, discordant 0, pairs 3, untied-y pairs 2
+    assert kendall_tau([1, 2, 3], [1, 1, 2]) == pytest.approx(2 / np.sqrt(3 * 2))
+
+
+def test_fidelity_means():
+    from rcllm_jax.eval.fidelity import fidelity
+    ref = [np.log([0.7, 0.2, 0.1]), np.log([0.1, 0.2, 0.7])]
+    got = [np.log([0.6, 0.3, 0.1]), np.log([0.5, 0.3, 0.2])]
+    f = fidelity(ref, got)
+    assert f["top1_agreement"] == 0.5
+    assert f["kendall_tau"] == pytest.approx((1.0 + -1.0) / 2)

@@ -1,5 +1,6 @@
 """The grain request stream: seeded, deterministic, resumable from iterator state."""
 
+import numpy as np
 import pytest
 
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
@@ -33,3 +34,25 @@ def test_iterator_state_resumes_exactly(split):
     assert list(resumed) == rest
     assert head + rest == list(ds)
     assert all(r.target == split.target(r.user_id, "valid") for r in rest)
+
+
+def test_stream_grows_histories_and_refreshes_candidates(split):
+    from rcllm_jax.data.pipeline import stream_requests
+    reqs = stream_requests(split, num_users=20, requests_per_user=4, seed=2)
+    assert len(reqs) == 80
+    by_user = {}
+    for r in reqs:
+        by_user.setdefault(r.user_id, []).append(r)
+    growths = []
+    for u, rs in by_user.items():
+        assert len(rs) == 4
+        seq = split.dataset.sequences[u]
+        assert rs[-1].target == split.target(u) and rs[-1].history == split.history(u)
+        for a, b in zip(rs, rs[1:]):
+            assert b.history[:len(a.history)] == a.history  # histories only grow
+            growths.append(len(b.history) - len(a.history))
+            assert a.candidates != b.candidates
+        for r in rs:
+            assert r.target == seq[len(r.history)] and r.target in r.candidates
+    assert set(growths) <= {0, 1, 2} and 0.3 < np.mean([g > 0 for g in growths]) < 0.7
+    assert reqs == stream_requests(split, num_users=20, requests_per_user=4, seed=2)

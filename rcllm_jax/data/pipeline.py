@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import numpy as np
 
 from rcllm_jax.data.movielens import LeaveOneOut, sample_candidates
 
@@ -36,3 +37,28 @@ def eval_requests(split: LeaveOneOut, *, stage: str = "test", num_candidates: in
     if num_users is not None:
         ds = ds[:num_users]
     return ds.map(make)
+
+
+def stream_requests(split: LeaveOneOut, *, num_users: int, requests_per_user: int, num_candidates: int = 20,
+                    negatives: str = "uniform", grow_prob: float = 0.5, seed: int = 0) -> list[RankRequest]:
+    """A serving-like stream: each user makes `requests_per_user` requests; between two of them
+    the user's history grows by 1 or 2 items with probability `grow_prob` (else 0); every request
+    has a fresh candidate list in shuffled order. The last request of a user predicts the test item,
+    earlier ones the item that followed the history of that moment. Users interleave round-robin.
+    """
+    rng = np.random.default_rng([seed, 7])
+    users = list(eval_requests(split, num_users=num_users, seed=seed, num_candidates=2))
+    per_user = []
+    for u in (r.user_id for r in users):
+        seq = split.dataset.sequences[u]
+        growth = [int(rng.integers(1, 3)) if rng.random() < grow_prob else 0 for _ in range(requests_per_user - 1)]
+        ends = [len(seq) - 1]
+        for g in reversed(growth):
+            ends.append(max(1, ends[-1] - g))
+        reqs = []
+        for j, h in enumerate(reversed(ends)):
+            target = seq[h]
+            cands = sample_candidates(split, u, target, num_candidates, negatives, seed=seed * 1000 + j)
+            reqs.append(RankRequest(u, seq[:h], cands, target))
+        per_user.append(reqs)
+    return [reqs[j] for j in range(requests_per_user) for reqs in per_user]

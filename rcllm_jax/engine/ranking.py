@@ -19,7 +19,7 @@ import numpy as np
 from rcllm_jax.buckets import bucket
 from rcllm_jax.data.prompt import Prompt
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward
+from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,13 @@ class RankResult:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_kv"))
-def _full_prefill(params: Params, tokens, n_valid, *, cfg: ModelConfig, return_kv: bool):
-    # tokens [1, Tb] right-padded -> logits of the next token [V] (and the prompt KV)
+def _full_prefill(params: Params, tokens, n_valid, logit_ids=None, *, cfg: ModelConfig, return_kv: bool):
+    # tokens [1, Tb] right-padded -> the next token's logits [V] (or at logit_ids) and the prompt KV
     tb = tokens.shape[1]
     positions = jnp.arange(tb, dtype=jnp.int32)[None]
-    logits, kv = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid)
-    return (logits[0], kv) if return_kv else (logits[0], None)
+    hidden, kv = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid, return_hidden=True)
+    logits = lm_head(params, cfg, hidden[0], logit_ids)
+    return (logits, kv) if return_kv else (logits, None)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_labels"))
@@ -74,12 +75,21 @@ def _label_batch(prompt: Prompt, start: int):
     return pad(toks, 0), pad(pos, start), pad(seg, 1), valid, pad(tgt, 0), pad(own, 0), m
 
 
+def answer_logit_ids(prompt: Prompt):
+    """Vocabulary ids whose first-token logits rank the candidates, or None (full vocabulary)
+    when labels take several tokens and their log-probabilities need the full normaliser."""
+    if prompt.single_token_labels:
+        return jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
+    return None
+
+
 def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_logits, kv: KVCache | None):
-    """Log-probabilities over the candidates from the answer's first-token logits (and the prompt
-    KV for multi-token labels). Returns (scores [K] as jax array, label tokens computed)."""
+    """Log-probabilities over the candidates from the answer's first-token logits, computed at
+    `answer_logit_ids(prompt)` (and the prompt KV for multi-token labels).
+    Returns (scores [K] as jax array, label tokens computed)."""
     first_ids = jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
     if prompt.single_token_labels:
-        return jax.nn.log_softmax(first_logits[first_ids]), 0
+        return jax.nn.log_softmax(first_logits), 0
     if kv is None:
         raise ValueError("multi-token labels need the prompt KV")
     toks, pos, seg, valid, tgt, own, m = _label_batch(prompt, len(prompt))
@@ -98,7 +108,7 @@ def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt) -> RankResult:
     tokens = np.zeros((1, tb), np.int32)
     tokens[0, :n] = prompt.tokens
     t0 = time.perf_counter()
-    first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, cfg=cfg,
+    first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, answer_logit_ids(prompt), cfg=cfg,
                                      return_kv=not prompt.single_token_labels)
     scores, extra = candidate_scores(params, cfg, prompt, first_logits, kv)
     scores = np.asarray(scores)

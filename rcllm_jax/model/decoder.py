@@ -98,12 +98,19 @@ ATTN_Q_CHUNK = 128
 
 
 def _attend_dense(q, k, v, mask, cfg: ModelConfig):
-    """q [B, T, K, G, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, K, G, H]."""
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    """q [B, T, K, G, H]; k, v [B, S, K, H]; mask [B, T, S] -> [B, T, K, G, H].
+
+    Head-major batched matmuls ([B, K, T*G, H] x [B, K, S, H]): 1.4-1.8x faster on the CPU than
+    contracting in the token-major layout (WORKSPACE_NOTES.md)."""
+    b, t, kh, g, h = q.shape
+    qq = q.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bksh->bkqs", qq, kk, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, t, g, -1) * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, :, None, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, t * g, -1)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, vv)
+    return out.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4)
 
 
 def _attend(q, k, v, mask, cfg: ModelConfig):
@@ -125,8 +132,8 @@ def _attend(q, k, v, mask, cfg: ModelConfig):
     return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
 
 
-def _layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
-    """One decoder layer. Returns the new residual stream and this layer's fresh k, v."""
+def qkv(cfg: ModelConfig, inv, x, p, positions):
+    """Pre-attention half of a layer: x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (RoPE applied)."""
     b, t, _ = x.shape
     h = rms_norm(x, p["attn_norm"], cfg.rms_eps)
     q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
@@ -134,30 +141,45 @@ def _layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv)
     k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    keys = k if past_k is None else jnp.concatenate([past_k, k], axis=1)
-    vals = v if past_v is None else jnp.concatenate([past_v, v], axis=1)
+    return q, k, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+
+
+def attn_mlp(cfg: ModelConfig, x, p, q, keys, vals, mask):
+    """Post-projection half of a layer: attention of q over keys/vals [B, S, K, H], then the MLP."""
     x = x + _attend(q, keys, vals, mask, cfg) @ p["wo"]
     h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-    return x, k, v
+    return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
 
 
-def lm_head(params: Params, cfg: ModelConfig, x):
-    """Final norm + vocabulary projection, f32 logits. x [..., D] -> [..., V]."""
+def _layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
+    """One decoder layer. Returns the new residual stream and this layer's fresh k, v."""
+    q, k, v = qkv(cfg, inv, x, p, positions)
+    keys = k if past_k is None else jnp.concatenate([past_k, k], axis=1)
+    vals = v if past_v is None else jnp.concatenate([past_v, v], axis=1)
+    return attn_mlp(cfg, x, p, q, keys, vals, mask), k, v
+
+
+def lm_head(params: Params, cfg: ModelConfig, x, vocab_ids=None):
+    """Final norm + vocabulary projection, f32 logits. x [..., D] -> [..., V], or only the
+    columns `vocab_ids` [M] -> [..., M] (reads M rows of the projection instead of V)."""
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    if cfg.tie_embeddings:
+        w = (params["embed"] if vocab_ids is None else params["embed"][vocab_ids]).T
+    else:
+        w = params["lm_head"] if vocab_ids is None else params["lm_head"][:, vocab_ids]
     return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "all_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "return_hidden"))
 def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=None, valid=None,
-            cache: KVCache | None = None, logit_index=None, all_logits: bool = False):
+            cache: KVCache | None = None, logit_index=None, all_logits: bool = False,
+            return_hidden: bool = False):
     """Run T new tokens through the decoder, attending to `cache` (earlier tokens) and themselves.
 
     tokens, positions, segments [B, T] int32; valid [B, T] bool (False = padding).
     Returns (logits, kv): logits [B, T, V] if all_logits, else [B, V] at `logit_index` [B]
     (default: the last valid token of each row); kv is a KVCache of the T new tokens only.
+    return_hidden: return the final residual stream at `logit_index` ([B, D]) instead of logits.
     """
     b, t = tokens.shape
     positions = positions.astype(jnp.int32)
@@ -186,7 +208,8 @@ def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=Non
     else:
         if logit_index is None:
             logit_index = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
-        logits = lm_head(params, cfg, x[jnp.arange(b), logit_index])
+        x = x[jnp.arange(b), logit_index]
+        logits = x if return_hidden else lm_head(params, cfg, x)
     return logits, KVCache(k=k, v=v, pos=positions, seg=segments, valid=valid)
 
 

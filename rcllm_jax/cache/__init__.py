@@ -1,0 +1,1 @@
+"""Block KV caches: the device KV pool, block identity, item / user / prefix stores."""

@@ -1,0 +1,81 @@
+"""A device pool of KV token slots. Every cached block lives in it: item blocks in a region
+written once, per-user prefixes and prefix-cache pages in 16-token pages handed out by a
+`PageAllocator`. A request gathers its tokens by slot index inside its jitted prefill."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcllm_jax.model.config import ModelConfig
+
+PAGE = 16  # tokens per page (vLLM's default block size)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
+def _write(pool_k, pool_v, k, v, start):
+    # pool [L, S, K, H]; k, v [L, n, K, H] written at slot `start` in place (donated)
+    return (jax.lax.dynamic_update_slice(pool_k, k.astype(pool_k.dtype), (0, start, 0, 0)),
+            jax.lax.dynamic_update_slice(pool_v, v.astype(pool_v.dtype), (0, start, 0, 0)))
+
+
+@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
+def _scatter(pool_k, pool_v, k, v, slots):
+    # k, v [L, n, K, H] written at arbitrary slots [n]
+    return pool_k.at[:, slots].set(k.astype(pool_k.dtype)), pool_v.at[:, slots].set(v.astype(pool_v.dtype))
+
+
+class KVPool:
+    """k, v: [L, S, K, H] device arrays; slot 0 is a scratch slot that never holds data."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype=None):
+        shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        self.k = jnp.zeros(shape, dt)
+        self.v = jnp.zeros(shape, dt)
+        self.bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, start: int, k, v):
+        """Write n consecutive tokens' KV ([L, n, K, H]) at slots start..start+n-1."""
+        if start < 1 or start + k.shape[1] > self.num_slots:
+            raise IndexError(f"slots [{start}, {start + k.shape[1]}) outside the pool of {self.num_slots}")
+        self.k, self.v = _write(self.k, self.v, k, v, start)
+
+    def scatter(self, slots: np.ndarray, k, v):
+        """Write tokens' KV ([L, n, K, H]) at the given slots."""
+        slots = np.asarray(slots, np.int32)
+        if slots.min() < 1 or slots.max() >= self.num_slots:
+            raise IndexError("slot outside the pool")
+        self.k, self.v = _scatter(self.k, self.v, k, v, jnp.asarray(slots))
+
+
+class PageAllocator:
+    """Hands out 16-token pages of the pool region [first_slot, first_slot + num_pages * PAGE)."""
+
+    def __init__(self, first_slot: int, num_pages: int):
+        self.first_slot = first_slot
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release(self, pages):
+        self._free.extend(pages)
+
+    def slots(self, pages, length: int) -> np.ndarray:
+        """Slot index of each of the first `length` tokens stored in `pages` (in order)."""
+        pages = np.asarray(pages, np.int64)
+        base = self.first_slot + pages[:, None] * PAGE + np.arange(PAGE)[None]
+        return base.reshape(-1)[:length].astype(np.int32)

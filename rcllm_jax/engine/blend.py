@@ -1,0 +1,153 @@
+"""Blended prefill: one jitted program for every prefill mode.
+
+A request is laid out as an exact prefix (KV gathered from the pool, never recomputed: the
+instruction + history block, or a prefix-cache hit) followed by a suffix of T tokens. Each suffix
+token is either cached (an item block's KV, gathered from the pool and re-rotated from its
+canonical to its real position) or fresh (glue, the question). A set R of suffix tokens is
+recomputed in every layer, their fresh K/V written over the cached ones before attention:
+
+  R = forced tokens (glue, question, and per policy the first k tokens of each block)
+      + with a `deviation` check layer c: the cached tokens whose K (or V) deviates most from a
+        fresh computation at layer c (CacheBlend); layers < c then run over the whole suffix.
+
+Queries in R attend with the exact causal mask by global position (`attention_mask`), so with R =
+the whole suffix the result is a full prefill. `all_fresh` runs the suffix as a plain prefill
+(full and prefix modes: nothing to gather or select).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rcllm_jax.model.config import ModelConfig
+from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
+                                     forward, lm_head, qkv)
+from rcllm_jax.model.rope import inv_freq, rerotate
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Host-side description of one request (numpy, bucketed shapes)."""
+
+    prefix_slots: np.ndarray  # [Pb] pool slots of the exact prefix (positions 0..P-1)
+    prefix_valid: np.ndarray  # [Pb] bool
+    tokens: np.ndarray  # [Tb] suffix token ids
+    real_pos: np.ndarray  # [Tb] positions in the prompt
+    canon_pos: np.ndarray  # [Tb] positions the cached KV was computed at (= real_pos if fresh)
+    slots: np.ndarray  # [Tb] pool slot of each cached token (0 for fresh)
+    cached: np.ndarray  # [Tb] bool: KV available in the pool
+    forced: np.ndarray  # [Tb] bool: always recomputed
+    valid: np.ndarray  # [Tb] bool
+    n_prefix: int
+    n_suffix: int
+
+    def arrays(self):
+        return (self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.canon_pos,
+                self.slots, self.cached, self.forced, self.valid)
+
+
+def _layer_params(layers, i):
+    """One layer's weights, read by (traced) index inside a scan: no copy of the whole stack."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
+                                             "all_fresh", "return_kv"))
+def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
+                    canon_pos, slots, cached, forced, valid, logit_ids=None, *, cfg: ModelConfig,
+                    n_select: int, check_layer: int | None = None, deviation_on: str = "k",
+                    all_fresh: bool = False, return_kv: bool = False):
+    """Returns (next-token logits [V] or [len(logit_ids)], selected suffix indices [n], selected
+    mask [n], kv or None).
+
+    pool_k/v [L, S, K, H]; the other arrays as in `Layout` (unbatched; B = 1 inside). `logit_ids`:
+    compute the answer's logits only for these vocabulary ids (ranking needs the labels only).
+    """
+    inv = inv_freq(cfg)
+    p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
+    pk = pool_k[:, prefix_slots][:, None]  # [L, 1, P, K, H]
+    pv = pool_v[:, prefix_slots][:, None]
+    p_pos = jnp.arange(p_len, dtype=jnp.int32)[None]
+    seg_p = jnp.full((1, p_len), SEG_SHARED, jnp.int32)
+    seg_t = jnp.full((1, t_len), SEG_SHARED, jnp.int32)
+    q_pos = real_pos[None]
+    last = jnp.maximum(jnp.sum(valid) - 1, 0)
+
+    if all_fresh:
+        prefix = KVCache(k=pk, v=pv, pos=p_pos, seg=seg_p, valid=prefix_valid[None])
+        hidden, kv = forward(params, tokens[None], q_pos, cfg=cfg, valid=valid[None], cache=prefix,
+                             return_hidden=True)
+        idx = jnp.arange(t_len, dtype=jnp.int32)
+        logits = lm_head(params, cfg, hidden[0], logit_ids)
+        return logits, idx, valid, (prefix.concat(kv) if return_kv else None)
+
+    k_pos = jnp.concatenate([p_pos, q_pos], axis=1)
+    k_valid = jnp.concatenate([prefix_valid, valid])[None]
+    mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid)  # [1, T, P+T]
+    # cached suffix KV, moved from canonical to real positions
+    ck = rerotate(pool_k[:, slots], canon_pos[None, :], real_pos[None, :], inv)[:, None]  # [L, 1, T, K, H]
+    cv = pool_v[:, slots][:, None]
+    x = params["embed"][tokens][None]  # [1, T, D]
+    layers = params["layers"]
+    neg = jnp.float32(-jnp.inf)
+    full_k = full_v = None
+
+    if check_layer is not None:
+        c = check_layer
+
+        def full_body(x, xs):
+            i, lk, lv = xs
+            x, k, v = _layer(cfg, inv, x, _layer_params(layers, i), q_pos, lk, lv, mask)
+            return x, (k, v)
+
+        x, (full_k, full_v) = jax.lax.scan(full_body, x, (jnp.arange(c), pk[:c], pv[:c]))
+        p_c = _layer_params(layers, c)
+        q, k, v = qkv(cfg, inv, x, p_c, q_pos)
+        fresh, old = (k, ck[c]) if deviation_on == "k" else (v, cv[c])
+        dev = jnp.sum(jnp.square((fresh - old).astype(jnp.float32)), axis=(0, 2, 3))  # [T]
+        score = jnp.where(forced, jnp.inf, jnp.where(cached & valid, dev, neg))
+        top, r = jax.lax.top_k(score, n_select)
+        order = jnp.argsort(r)
+        r, sel = r[order], top[order] > neg
+        keys = jnp.concatenate([pk[c], k], axis=1)
+        vals = jnp.concatenate([pv[c], v], axis=1)
+        x_r = attn_mlp(cfg, x[:, r], p_c, q[:, r], keys, vals, mask[:, r])
+        full_k = jnp.concatenate([full_k, k[None]], axis=0)  # layers 0..c are fresh for the whole suffix
+        full_v = jnp.concatenate([full_v, v[None]], axis=0)
+        start = c + 1
+    else:
+        score = jnp.where(forced & valid, jnp.inf, neg)
+        top, r = jax.lax.top_k(score, n_select)
+        order = jnp.argsort(r)
+        r, sel = r[order], top[order] > neg
+        x_r = x[:, r]
+        start = 0
+
+    pos_r, mask_r = q_pos[:, r], mask[:, r]
+    write = sel[None, :, None, None]
+
+    def body(x_r, xs):
+        i, lck, lcv, lpk, lpv = xs
+        p = _layer_params(layers, i)
+        q, k, v = qkv(cfg, inv, x_r, p, pos_r)
+        lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
+        lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
+        x_r = attn_mlp(cfg, x_r, p, q, jnp.concatenate([lpk, lck], 1), jnp.concatenate([lpv, lcv], 1), mask_r)
+        return x_r, ((lck, lcv) if return_kv else None)
+
+    sl = slice(start, cfg.num_layers)
+    x_r, out = jax.lax.scan(body, x_r, (jnp.arange(start, cfg.num_layers), ck[sl], cv[sl], pk[sl], pv[sl]))
+    logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
+    kv = None
+    if return_kv:
+        sk, sv = out
+        if full_k is not None:
+            sk, sv = jnp.concatenate([full_k, sk], 0), jnp.concatenate([full_v, sv], 0)
+        kv = KVCache(k=jnp.concatenate([pk, sk], 2), v=jnp.concatenate([pv, sv], 2), pos=k_pos,
+                     seg=jnp.concatenate([seg_p, seg_t], 1), valid=k_valid)
+    return logits, r, sel, kv

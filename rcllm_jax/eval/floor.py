@@ -1,0 +1,58 @@
+"""The floor of a prefill: FLOPs of the tokens that must be computed and bytes of KV that must be
+read, and this machine's measured matmul peak and memory bandwidth to turn them into seconds."""
+
+from __future__ import annotations
+
+import time
+
+from rcllm_jax.model.config import ModelConfig
+
+
+def linear_flops_per_token(cfg: ModelConfig) -> float:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return 2 * cfg.num_layers * (d * (nh + 2 * kh) + nh * d + 3 * d * f)
+
+
+def prefill_flops(cfg: ModelConfig, t: int) -> float:
+    """Matmul FLOPs of a causal prefill of t tokens, logits for the last token only."""
+    attn = 2 * 2 * cfg.num_heads * cfg.head_dim * t * (t + 1) / 2 * cfg.num_layers
+    return linear_flops_per_token(cfg) * t + attn + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def selective_flops(cfg: ModelConfig, computed_tokens: float, prompt_tokens: int) -> float:
+    """FLOPs when `computed_tokens` (layer-averaged) queries attend over about half the prompt."""
+    attn = 2 * 2 * cfg.num_heads * cfg.head_dim * computed_tokens * prompt_tokens / 2 * cfg.num_layers
+    return linear_flops_per_token(cfg) * computed_tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def kv_bytes_per_token(cfg: ModelConfig, itemsize: int = 4) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def _best(fn, reps):
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best observed f32 matmul rate of this machine (FLOP/s)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n ** 3 / _best(lambda: f(a).block_until_ready(), reps)
+
+
+def memory_bandwidth(mbytes: int = 512, reps: int = 5) -> float:
+    """Best observed read bandwidth of a large reduction (bytes/s)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((mbytes * (1 << 20) // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    return a.nbytes / _best(lambda: f(a).block_until_ready(), reps)

@@ -1,0 +1,201 @@
+"""Block KV caching: stitching, selective recompute, prefix caching, history extension.
+
+A tiny random Llama (real SmolLM2 tokenizer vocabulary, real ML-100k prompts) keeps these fast;
+references are the plain full prefill (`forward`) and hand-computed selections."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+from rcllm_jax.data.pipeline import eval_requests
+from rcllm_jax.data.prompt import PromptBuilder
+from rcllm_jax.engine.blend import blended_prefill
+from rcllm_jax.engine.engine import Engine, Policy
+from rcllm_jax.model import ModelConfig, forward, init_params
+from rcllm_jax.model.rope import inv_freq, rerotate
+
+CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=4,
+                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)
+
+
+@pytest.fixture(scope="module")
+def world(smollm2):
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    params = init_params(CFG, jax.random.key(0), scale=0.1)
+    builder = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=6)
+    reqs = list(eval_requests(split, num_users=3, num_candidates=8, seed=11))
+    prompts = [builder.build(r.history, r.candidates) for r in reqs]
+    eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
+                 user_pages=256, prefix_pages=64)
+    eng.build_store(batch=8)
+    return eng, reqs, prompts
+
+
+def full_logits(eng, prompt):
+    toks = jnp.asarray(prompt.tokens)[None]
+    logits, kv = forward(eng.params, toks, jnp.arange(toks.shape[1])[None], cfg=CFG)
+    return np.asarray(logits[0]), kv
+
+
+def run(eng, prompt, user, policy):
+    lay = eng._block_layout(prompt, user, policy)
+    import math
+    from rcllm_jax.buckets import bucket
+    want = int(lay.forced[lay.valid].sum()) + math.ceil(policy.ratio * int((lay.cached & ~lay.forced).sum()))
+    n_sel = min(len(lay.tokens), bucket(max(want, 1), 16))
+    logits, r, sel, _ = blended_prefill(eng.params, eng.pool.k, eng.pool.v, *map(jnp.asarray, lay.arrays()),
+                                        cfg=CFG, n_select=n_sel,
+                                        check_layer=policy.check_layer if policy.ratio else None,
+                                        deviation_on=policy.deviation_on)
+    return np.asarray(logits), np.asarray(r)[np.asarray(sel)], lay
+
+
+@pytest.mark.parametrize("policy", [Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1),
+                                    Policy(ratio=1.0, check_layer=2, deviation_on="v")])
+def test_recompute_everything_equals_full_prefill(world, policy):
+    eng, reqs, prompts = world
+    for req, p in zip(reqs, prompts):
+        eng.update_user(req.user_id, p)
+        got, _, _ = run(eng, p, req.user_id, policy)
+        assert rel_err(got, full_logits(eng, p)[0]) <= 1e-5
+
+
+def test_rerotated_block_equals_block_encoded_there():
+    """Context + block encoded at positions 0.. and at 37.., the first moved by +37 with `rerotate`,
+    agree at every layer (RoPE attention depends on relative positions only)."""
+    params = init_params(CFG, jax.random.key(1), scale=0.1)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 1000, size=(1, 12)))
+    _, kv0 = forward(params, toks, jnp.arange(12)[None], cfg=CFG)
+    _, kv1 = forward(params, toks, 37 + jnp.arange(12)[None], cfg=CFG)
+    moved = jax.vmap(lambda k: rerotate(k, kv0.pos, kv1.pos, inv_freq(CFG)))(kv0.k)
+    assert rel_err(moved, kv1.k) <= 1e-5
+    assert rel_err(kv0.v, kv1.v) <= 1e-5
+
+
+def test_prefix_mode_equals_full_prefill_on_miss_and_hit(world):
+    eng, _, prompts = world
+    for p in prompts:
+        ref = eng.rank(p, "full").scores
+        miss = eng.rank(p, "prefix")
+        hit = eng.rank(p, "prefix")
+        assert hit.cache_hit_tokens >= len(p) - 16 and hit.cache_hit_tokens % 16 == 0
+        np.testing.assert_allclose(miss.scores, ref, atol=1e-5)
+        np.testing.assert_allclose(hit.scores, ref, atol=1e-5)
+
+
+def _glue_and_item_offsets(prompt):
+    glue, items = [], []
+    off = 0
+    for b in prompt.blocks[2:]:
+        idx = list(range(off, off + len(b.tokens)))
+        (glue if b.kind == "glue" else items).append(idx)
+        off += len(b.tokens)
+    return [i for g in glue for i in g], items
+
+
+def test_stitch_recomputes_exactly_the_glue(world):
+    eng, reqs, prompts = world
+    glue, _ = _glue_and_item_offsets(prompts[0])
+    eng.update_user(reqs[0].user_id, prompts[0])
+    _, chosen, _ = run(eng, prompts[0], reqs[0].user_id, Policy())
+    assert chosen.tolist() == glue
+
+
+def test_sink_adds_the_first_k_tokens_of_each_item_block(world):
+    eng, reqs, prompts = world
+    glue, items = _glue_and_item_offsets(prompts[1])
+    eng.update_user(reqs[1].user_id, prompts[1])
+    _, chosen, _ = run(eng, prompts[1], reqs[1].user_id, Policy(sink=2))
+    assert sorted(chosen.tolist()) == sorted(glue + [i for blk in items for i in blk[:2]])
+
+
+def test_deviation_picks_the_tokens_whose_k_deviates_most(world):
+    """Reference: full-prefill K at the check layer vs the cached, re-rotated K, ranked in numpy."""
+    eng, reqs, prompts = world
+    p, user, c = prompts[2], reqs[2].user_id, 1
+    eng.update_user(user, p)
+    _, chosen, lay = run(eng, p, user, Policy(ratio=0.25, check_layer=c))
+    _, kv = full_logits(eng, p)
+    n = lay.n_suffix
+    fresh = np.asarray(kv.k[c, 0, lay.n_prefix:lay.n_prefix + n])
+    cached = np.asarray(rerotate(eng.pool.k[c][lay.slots[:n]][None], lay.canon_pos[None, :n],
+                                 lay.real_pos[None, :n], inv_freq(CFG))[0])
+    dev = ((fresh - cached) ** 2).sum(axis=(1, 2))
+    glue, _ = _glue_and_item_offsets(p)
+    assert set(glue) <= set(chosen.tolist())
+    picked = sorted(set(chosen.tolist()) - set(glue))
+    cand = np.where(lay.cached[:n])[0]
+    expect = cand[np.argsort(-dev[cand], kind="stable")][:len(picked)]
+    assert picked == sorted(expect.tolist())
+    assert len(picked) >= int(np.ceil(0.25 * len(cand)))
+
+
+def test_history_extension_equals_reencoding(world):
+    eng, reqs, prompts = world
+    b = PromptBuilder(eng.builder.tok, eng.builder.items, history_len=1000)  # growth without sliding
+    hist = reqs[0].history[-30:]
+    short, longer = b.build(hist[:-2], [1, 2]), b.build(hist, [1, 2])
+    assert longer.blocks[1].tokens[:len(short.blocks[1].tokens)] == short.blocks[1].tokens
+    eng.update_user(9001, short)
+    computed = eng.update_user(9001, longer)
+    assert computed == len(longer.blocks[1].tokens) - len(short.blocks[1].tokens)
+    assert eng.update_user(9002, longer) == len(longer.blocks[0].tokens) + len(longer.blocks[1].tokens)
+    ext, fresh = eng.users.slots(9001), eng.users.slots(9002)
+    assert rel_err(eng.pool.k[:, ext], eng.pool.k[:, fresh]) <= 1e-5
+    assert rel_err(eng.pool.v[:, ext], eng.pool.v[:, fresh]) <= 1e-5
+    assert eng.update_user(9001, longer) == 0  # hit
+
+
+def test_block_cache_of_another_model_or_text_is_not_used(world):
+    eng, _, _ = world
+    toks = next(iter(eng.item_blocks.values()))
+    entry = eng.blocks.lookup(toks)
+    assert entry is not None and entry.length == len(toks)
+    assert eng.blocks.lookup(toks[:-1]) is None
+    saved = eng.blocks.fingerprint
+    eng.blocks.fingerprint = "another-model"
+    try:
+        assert eng.blocks.lookup(toks) is None
+    finally:
+        eng.blocks.fingerprint = saved
+
+
+def test_cached_glue_recomputes_only_the_last_token_in_stitch(world):
+    eng, reqs, prompts = world
+    eng.update_user(reqs[0].user_id, prompts[0])
+    _, chosen, lay = run(eng, prompts[0], reqs[0].user_id, Policy(cached_glue=True))
+    assert chosen.tolist() == [lay.n_suffix - 1]
+    assert lay.cached[:lay.n_suffix - 1].all()
+
+
+def test_cached_glue_recompute_everything_equals_full(world):
+    eng, reqs, prompts = world
+    eng.update_user(reqs[1].user_id, prompts[1])
+    got, _, _ = run(eng, prompts[1], reqs[1].user_id, Policy(sink=10 ** 6, cached_glue=True))
+    assert rel_err(got, full_logits(eng, prompts[1])[0]) <= 1e-5
+
+
+def test_prefix_cache_lru_respects_its_budget(world):
+    from rcllm_jax.cache.pool import PageAllocator
+    from rcllm_jax.cache.stores import PrefixCache
+    eng, _, _ = world
+    pc = PrefixCache(eng.pool, PageAllocator(eng.prefix.alloc.first_slot, 64), "fp", budget_pages=4)
+    L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
+    a, b = np.arange(64), np.arange(1000, 1064)
+    kv = jnp.ones((L, 64, K, H))
+    pc.insert(a, kv, kv, 0)
+    assert pc.lookup(np.append(a, 5))[1] == 64
+    pc.insert(b, kv, kv, 0)  # 4 more pages: a's pages are evicted (LRU)
+    assert len(pc.pages) == 4 and pc.stats["evictions"] == 4
+    assert pc.lookup(np.append(a, 5))[1] == 0 and pc.lookup(np.append(b, 5))[1] == 64
+
+
+def test_mode_errors(world):
+    eng, _, prompts = world
+    with pytest.raises(ValueError, match="unknown mode 'warp'"):
+        eng.rank(prompts[0], "warp", 1)
+    with pytest.raises(ValueError, match="needs the user id"):
+        eng.rank(prompts[0], "sink")
