@@ -45,7 +45,8 @@ _SINK = flags.DEFINE_integer("sink", None, "Override: first tokens of each block
 _RATIO = flags.DEFINE_float("ratio", None, "Override: deviation recompute ratio (deviation, rcllm).")
 _CHECK = flags.DEFINE_integer("check_layer", None, "Override: deviation check layer.")
 _GLUE = flags.DEFINE_bool("cached_glue", False, "Block modes serve label/question glue from the block store.")
-_SWEEP = flags.DEFINE_list("sweep", [], "Extra rows: the rcllm policy at these deviation ratios (e.g. 0.05,0.1,0.3).")
+_SWEEP = flags.DEFINE_list("sweep", [], "Extra rows blend@r: sink (--sink, default 2) + deviation at ratio r "
+                           "(check layer --check_layer, default 1), glue as --cached_glue says.")
 _PREFIX_PAGES = flags.DEFINE_integer("prefix_cache_pages", 4096, "Prefix-cache budget in 16-token pages.")
 _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 2048, "User-store budget in 16-token pages.")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
@@ -69,17 +70,17 @@ def _pct(xs, q):
 
 
 def _policies():
-    from rcllm_jax.engine.engine import BLOCK_MODES
+    from rcllm_jax.engine.engine import BLOCK_MODES, Policy
     over = {k: v for k, v in (("sink", _SINK.value), ("ratio", _RATIO.value), ("check_layer", _CHECK.value))
             if v is not None}
     out = {}
     for name, pol in BLOCK_MODES.items():
         mine = {k: v for k, v in over.items()
                 if (k == "sink" and name in ("sink", "rcllm")) or (k != "sink" and name in ("deviation", "rcllm"))}
-        out[name] = dataclasses.replace(pol, cached_glue=_GLUE.value, **mine)
+        out[name] = dataclasses.replace(pol, cached_glue=_GLUE.value or pol.cached_glue, **mine)
     for r in _SWEEP.value:
-        out[f"rcllm@{float(r):g}"] = dataclasses.replace(out["rcllm"], ratio=float(r),
-                                                         check_layer=out["rcllm"].check_layer or 1)
+        out[f"blend@{float(r):g}"] = Policy(sink=out["sink"].sink, ratio=float(r),
+                                            check_layer=_CHECK.value or 1, cached_glue=_GLUE.value)
     return out
 
 
@@ -108,7 +109,7 @@ def main(argv):
     unknown = [m for m in _MODES.value if m not in MODES]
     if unknown:
         raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
-    modes = list(_MODES.value) + [f"rcllm@{float(r):g}" for r in _SWEEP.value]
+    modes = list(_MODES.value) + [f"blend@{float(r):g}" for r in _SWEEP.value]
     import jax
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
@@ -157,13 +158,19 @@ def main(argv):
         results[mode + "/compiles"] = _COMPILES[0] - before
         reset_dynamic(engine)
 
-    from rcllm_jax.eval.floor import kv_bytes_per_token, matmul_peak_flops, memory_bandwidth, selective_flops
+    from rcllm_jax.eval.floor import (kv_bytes_per_token, matmul_peak_flops, memory_bandwidth,
+                                      selective_flops, weight_bytes)
     peak, bw = matmul_peak_flops(), memory_bandwidth()
-    kvb = kv_bytes_per_token(model.cfg, engine.pool.k.dtype.itemsize)
+    itemsize = engine.pool.k.dtype.itemsize
+    kvb = kv_bytes_per_token(model.cfg, itemsize)
 
-    def floor_s(r):  # compute and KV reads overlapped perfectly: the larger of the two
+    def floor_s(r, prompt):
+        """Compute and memory traffic overlapped perfectly: the larger of FLOPs / peak and
+        (cached KV read + weights read) / bandwidth. Multi-token labels add a second pass."""
+        single = prompt.single_token_labels
+        wb = weight_bytes(model.cfg, itemsize, len(prompt.labels) if single else None) * (1 if single else 2)
         return max(selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) / peak,
-                   r.cache_hit_tokens * kvb / bw)
+                   (r.cache_hit_tokens * kvb + wb) / bw)
 
     rows = []
     ref = [r.scores for r, _ in results["full"]] if "full" in results else None
@@ -184,7 +191,7 @@ def main(argv):
                "recompute_fraction": float(recomputed / max(1, cached_total)) if mode in policies else None,
                "history_update_s_p50": _pct([u for _, u in results[mode] if u is not None], 50),
                "compiles_during_timing": results[mode + "/compiles"],
-               "floor_s_p50": _pct([floor_s(r) for r in res], 50),
+               "floor_s_p50": _pct([floor_s(r, p) for r, p in zip(res, prompts)], 50),
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
                **metrics}
         row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]

@@ -61,15 +61,18 @@ def test_history_keeps_the_last_h_items(smollm2, split):
 
 def test_labels():
     assert labels_for(3) == ("A", "B", "C")
-    assert labels_for(26)[-1] == "Z"
-    assert labels_for(27)[:3] == ("1", "2", "3") and labels_for(100)[-1] == "100"
+    assert labels_for(26)[-1] == "Z" and labels_for(27)[-1] == "a" and labels_for(52)[-1] == "z"
+    assert labels_for(53)[:3] == ("1", "2", "3") and labels_for(100)[-1] == "100"
 
 
-def test_letter_labels_are_single_tokens_numbers_are_not(builder, split):
+def test_letter_labels_are_single_tokens_numbers_are_not(builder, split, smollm2):
     user = split.users[0]
     assert builder.build(split.history(user), range(1, 21)).single_token_labels
-    p = builder.build(split.history(user), range(1, 41))
+    p52 = builder.build(split.history(user), range(1, 53))
+    assert p52.single_token_labels and p52.tokens.tolist() == smollm2.tokenizer.encode(p52.text)
+    p = builder.build(split.history(user), range(1, 61))
     assert not p.single_token_labels and len(p.label_tokens[11]) == 2  # "12" -> "1", "2"
+    assert p.tokens.tolist() == smollm2.tokenizer.encode(p.text)
 
 
 @pytest.mark.parametrize("cands,match", [([], "no candidates"), ([1, 2, 1], "duplicate candidates: \\[1\\]"),

@@ -41,10 +41,10 @@ def test_letter_labels_rank_by_first_token(smollm2, setup):
 
 
 def test_multi_token_labels_match_per_label_teacher_forcing(smollm2, setup):
-    """30 candidates -> labels 1..30; reference: one transformers pass per label over
+    """60 candidates -> labels 1..60; reference: one transformers pass per label over
     prompt + label tokens + ')' summing the token log-probs."""
     split, builder, hf = setup
-    req = next(iter(eval_requests(split, num_candidates=30, num_users=1, seed=6)))
+    req = next(iter(eval_requests(split, num_candidates=60, num_users=1, seed=6)))
     p = builder.build(req.history, req.candidates)
     assert not p.single_token_labels
     res = rank_full(smollm2.params, smollm2.cfg, p)

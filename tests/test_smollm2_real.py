@@ -88,3 +88,18 @@ def test_generate_launcher_answers_paris():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout
+
+
+def test_tokenizer_json_directory_matches_transformers(smollm2, hf, tmp_path):
+    """The same tokenizer saved as a HF directory (tokenizer.json + tokenizer_config.json with the
+    chat template): our loader and transformers' loader of those files agree."""
+    from rcllm_jax.model.tokenizer import Tokenizer
+    hf[1].save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").exists()
+    ours = Tokenizer.from_hf_dir(tmp_path)
+    theirs = tf.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    assert ours.apply_chat_template(chat(TEXTS[0])) == theirs.apply_chat_template(
+        chat(TEXTS[0]), tokenize=False, add_generation_prompt=True)
+    assert ours.eos_id == smollm2.tokenizer.eos_id

@@ -12,8 +12,9 @@ concatenation of the blocks' tokens, in every mode:
 Item text is request-independent (no label, no numbering), so one item block serves every prompt.
 Block boundaries sit where the tokenizer's pre-tokenizer splits anyway (before a space-prefixed
 word, after ")" or "\n"), so the concatenation equals tokenizing the whole text (tested on the
-real catalog). Labels: letters A..Z for up to 26 candidates (one token each: the first-token logits
-rank all candidates); numbers 1..K beyond that (several tokens: scored by teacher forcing).
+real catalog). Labels: letters A..Z, then a..z, for up to 52 candidates (one token each: the
+first-token logits rank all candidates); numbers 1..K beyond that (several tokens: scored by
+teacher forcing, one extra forward pass).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class Prompt:
 
 
 def labels_for(k: int) -> tuple[str, ...]:
-    """A..Z up to 26 candidates, else 1..k."""
-    return tuple(string.ascii_uppercase[:k]) if k <= 26 else tuple(str(i) for i in range(1, k + 1))
+    """A..Z then a..z up to 52 candidates, else 1..k."""
+    letters = string.ascii_uppercase + string.ascii_lowercase
+    return tuple(letters[:k]) if k <= len(letters) else tuple(str(i) for i in range(1, k + 1))
 
 
 class PromptBuilder:

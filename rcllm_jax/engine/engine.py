@@ -48,7 +48,11 @@ BLOCK_MODES = {
     "stitch": Policy(),
     "sink": Policy(sink=2),
     "deviation": Policy(ratio=0.15, check_layer=1),
-    "rcllm": Policy(sink=2, ratio=0.15, check_layer=1),
+    # Chosen by measurement (WORKSPACE_NOTES.md, issue 4): the lowest TTFT at top-1 agreement
+    # >= 0.99 vs full prefill on the default workload. On the zero-shot model that is pure
+    # stitching with cached glue (every policy keeps top-1 there: the model always answers "A");
+    # re-measure with `launch/bench.py --sweep=...` when the model changes.
+    "rcllm": Policy(cached_glue=True),
 }
 MODES = ("full", "prefix") + tuple(BLOCK_MODES)
 
@@ -72,10 +76,15 @@ class Engine:
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
         self.glue_blocks = self._glue_blocks(max_candidates)
-        block_tokens = sum(len(t) for t in self.item_blocks.values()) + sum(len(t) for t in self.glue_blocks)
-        first_page_slot = 1 + block_tokens
+        item_tokens = sum(len(t) for t in self.item_blocks.values())
+        glue_tokens = sum(len(t) for t in self.glue_blocks)
+        first_page_slot = 1 + item_tokens + glue_tokens
         self.pool = KVPool(cfg, first_page_slot + (user_pages + prefix_pages) * PAGE)
-        self.blocks = BlockStore(self.pool, self.fingerprint, self.canonical_context(), 1, block_tokens)
+        # items after the canonical context; glue always after the instruction alone (glue encoded
+        # after "...(A)" would follow a label, which measurably derails the answer)
+        self.blocks = BlockStore(self.pool, self.fingerprint, self.canonical_context(), 1, item_tokens)
+        self.glue_store = BlockStore(self.pool, self.fingerprint, builder.instruction.tokens,
+                                     1 + item_tokens, glue_tokens)
         self.users = UserStore(self.pool, PageAllocator(first_page_slot, user_pages))
         self.prefix = PrefixCache(self.pool, PageAllocator(first_page_slot + user_pages * PAGE, prefix_pages),
                                   self.fingerprint)
@@ -95,7 +104,7 @@ class Engine:
         each label's "\n(X)" / "Candidates:\n(A)" and the question block."""
         probe = self.builder.build([], list(self.builder.items)[:1])
         out = {probe.blocks[-1].tokens}
-        for k in (26, max_candidates):
+        for k in (52, max_candidates):  # every letter label, and number labels up to max_candidates
             if k > len(self.builder.items):
                 continue
             p = self.builder.build([], list(self.builder.items)[:k])
@@ -103,9 +112,9 @@ class Engine:
         return sorted(out)
 
     def build_store(self, batch: int = 32, progress=None):
-        """Encode every item block and glue block once (the block store)."""
-        self.blocks.build(self.params, self.cfg, list(self.item_blocks.values()) + self.glue_blocks,
-                         batch=batch, progress=progress)
+        """Encode every item block and glue block once (the block stores)."""
+        self.blocks.build(self.params, self.cfg, list(self.item_blocks.values()), batch=batch, progress=progress)
+        self.glue_store.build(self.params, self.cfg, self.glue_blocks, batch=batch, progress=progress)
 
     def update_user(self, user_id: int, prompt: Prompt) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
@@ -125,8 +134,10 @@ class Engine:
         rows = []  # (token, canon_pos, slot, cached, forced)
         pos = n_p
         for blk in prompt.blocks[2:]:
-            use_cache = blk.kind == "item" or (blk.kind == "glue" and policy.cached_glue)
-            entry = self.blocks.lookup(blk.tokens) if use_cache else None
+            if blk.kind == "item":
+                entry = self.blocks.lookup(blk.tokens)
+            else:
+                entry = self.glue_store.lookup(blk.tokens) if policy.cached_glue else None
             for i, t in enumerate(blk.tokens):
                 if entry is not None:
                     rows.append([t, entry.canon_start + i, entry.slot + i, True, i < policy.sink])

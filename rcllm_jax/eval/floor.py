@@ -56,3 +56,13 @@ def memory_bandwidth(mbytes: int = 512, reps: int = 5) -> float:
     a = jnp.ones((mbytes * (1 << 20) // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
     return a.nbytes / _best(lambda: f(a).block_until_ready(), reps)
+
+
+def weight_bytes(cfg: ModelConfig, itemsize: int = 4, vocab_rows: int | None = None) -> int:
+    """Bytes of weights one forward pass must read: every layer, and `vocab_rows` rows of the
+    output projection (all V when None). At a few query rows this, not FLOPs, is the floor."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * (nh + 2 * kh) + nh * d + 3 * d * f + 2 * d
+    rows = cfg.vocab_size if vocab_rows is None else vocab_rows
+    return itemsize * (cfg.num_layers * per_layer + rows * d)
