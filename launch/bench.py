@@ -115,7 +115,7 @@ def main(argv):
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests, stream_requests
     from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.engine.engine import Engine, reset_dynamic
+    from rcllm_jax.engine.engine import Engine
     from rcllm_jax.eval.fidelity import fidelity
     from rcllm_jax.eval.metrics import popularity_scores, random_scores, ranking_metrics, target_rank
     from rcllm_jax.model import load_model
@@ -152,11 +152,11 @@ def main(argv):
     results = {}
     for mode in modes:
         run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
-        reset_dynamic(engine)
+        engine.reset_caches()
         before = _COMPILES[0]
         results[mode] = run_stream(engine, mode, requests, prompts, policies)
         results[mode + "/compiles"] = _COMPILES[0] - before
-        reset_dynamic(engine)
+        engine.reset_caches()
 
     from rcllm_jax.eval.floor import (kv_bytes_per_token, matmul_peak_flops, memory_bandwidth,
                                       selective_flops, weight_bytes)

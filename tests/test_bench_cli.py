@@ -13,15 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_writes_table_and_json(tmp_path):
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full", "--num_users=3",
-                        "--num_candidates=5", "--history_len=4", "--dataset=ml-100k", f"--output_json={out}"],
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,prefix,stitch,rcllm",
+                        "--num_users=3", "--requests_per_user=2", "--num_candidates=5", "--history_len=4",
+                        "--dataset=ml-100k", f"--output_json={out}"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "HR@1" in r.stdout and "popularity" in r.stdout
     data = json.loads(out.read_text())
-    assert data["config"]["num_users"] == 3 and data["config"]["num_candidates"] == 5
+    assert data["config"]["num_requests"] == 6 and data["config"]["num_candidates"] == 5
     rows = {row["mode"]: row for row in data["results"]}
-    assert set(rows) == {"full", "popularity", "random"}
+    assert set(rows) == {"full", "prefix", "stitch", "rcllm", "popularity", "random"}
+    assert all(rows[m]["compiles_during_timing"] == 0 for m in ("full", "prefix", "stitch", "rcllm"))
+    assert rows["prefix"]["kl_mean"] < 1e-6 and rows["prefix"]["top1_agreement"] == 1.0  # exact reuse
+    assert rows["prefix"]["cache_hit_tokens"] > 0
+    assert rows["stitch"]["recompute_fraction"] == 0.0 and rows["stitch"]["cache_hit_tokens"] > 0
+    for m in ("stitch", "rcllm"):
+        assert rows[m]["ttft_over_floor"] > 0 and -1.0 <= rows[m]["kendall_tau"] <= 1.0
     full = rows["full"]
     for key in ("ttft_p50_s", "ttft_p99_s", "prompt_tokens_p50", "hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"):
         assert key in full

@@ -42,10 +42,7 @@ def full_logits(eng, prompt):
 
 def run(eng, prompt, user, policy):
     lay = eng._block_layout(prompt, user, policy)
-    import math
-    from rcllm_jax.buckets import bucket
-    want = int(lay.forced[lay.valid].sum()) + math.ceil(policy.ratio * int((lay.cached & ~lay.forced).sum()))
-    n_sel = min(len(lay.tokens), bucket(max(want, 1), 16))
+    n_sel = eng.selection_size(lay, policy)
     logits, r, sel, _ = blended_prefill(eng.params, eng.pool.k, eng.pool.v, *map(jnp.asarray, lay.arrays()),
                                         cfg=CFG, n_select=n_sel,
                                         check_layer=policy.check_layer if policy.ratio else None,

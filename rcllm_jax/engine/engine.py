@@ -85,8 +85,14 @@ class Engine:
         self.blocks = BlockStore(self.pool, self.fingerprint, self.canonical_context(), 1, item_tokens)
         self.glue_store = BlockStore(self.pool, self.fingerprint, builder.instruction.tokens,
                                      1 + item_tokens, glue_tokens)
-        self.users = UserStore(self.pool, PageAllocator(first_page_slot, user_pages))
-        self.prefix = PrefixCache(self.pool, PageAllocator(first_page_slot + user_pages * PAGE, prefix_pages),
+        self._pages = (first_page_slot, user_pages, prefix_pages)
+        self.reset_caches()
+
+    def reset_caches(self):
+        """Empty the user store and the prefix cache (the block stores stay): a fresh serving state."""
+        first, user_pages, prefix_pages = self._pages
+        self.users = UserStore(self.pool, PageAllocator(first, user_pages))
+        self.prefix = PrefixCache(self.pool, PageAllocator(first + user_pages * PAGE, prefix_pages),
                                   self.fingerprint)
 
     def canonical_context(self) -> tuple[int, ...]:
@@ -181,13 +187,20 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return self.rank_policy(prompt, BLOCK_MODES[mode], user_id)
 
+    @staticmethod
+    def selection_size(lay: Layout, policy: Policy) -> int:
+        """Rows of the recompute set: the forced tokens plus ratio x the other cached tokens,
+        rounded up to a shape bucket (the extra rows take the next-highest deviations, or are
+        masked out when there is no deviation check)."""
+        want = int(lay.forced[lay.valid].sum()) + math.ceil(policy.ratio * int((lay.cached & ~lay.forced).sum()))
+        return min(len(lay.tokens), bucket(max(want, 1), 16))
+
     def rank_policy(self, prompt: Prompt, policy: Policy, user_id: int) -> EngineResult:
         computed_prefix = self.update_user(user_id, prompt)
         t0 = time.perf_counter()
         lay = self._block_layout(prompt, user_id, policy)
         n_cached = int(lay.cached.sum())
-        want = int(lay.forced[lay.valid].sum()) + math.ceil(policy.ratio * int((lay.cached & ~lay.forced).sum()))
-        n_select = min(len(lay.tokens), bucket(max(want, 1), 16))
+        n_select = self.selection_size(lay, policy)
         logits, r, sel, kv = blended_prefill(
             self.params, self.pool.k, self.pool.v, *map(jnp.asarray, lay.arrays()), answer_logit_ids(prompt),
             cfg=self.cfg, n_select=n_select, check_layer=policy.check_layer if policy.ratio else None,
@@ -224,11 +237,3 @@ class Engine:
                             prompt_tokens=len(prompt), computed_tokens=len(prompt) - hit + extra,
                             cache_hit_tokens=hit)
 
-
-def reset_dynamic(engine: Engine):
-    """Forget the user store and the prefix cache (the item store stays): a fresh serving state."""
-    engine.users = UserStore(engine.pool, PageAllocator(engine.users.alloc.first_slot, engine.users.alloc.num_pages),
-                             engine.users.budget)
-    engine.prefix = PrefixCache(engine.pool, PageAllocator(engine.prefix.alloc.first_slot,
-                                                           engine.prefix.alloc.num_pages),
-                                engine.fingerprint, engine.prefix.budget)
