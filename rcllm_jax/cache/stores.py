@@ -1,4 +1,4 @@
-"""Item store, user store and the prefix cache, all backed by one `KVPool`."""
+"""Block stores (items, glue), the user store and the prefix cache, all backed by one `KVPool`."""
 
 from __future__ import annotations
 

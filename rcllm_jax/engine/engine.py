@@ -178,9 +178,8 @@ class Engine:
             return EngineResult(**dataclasses.asdict(r))
         if len(prompt) > self.cfg.max_position:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the model's context of {self.cfg.max_position}")
-        need_kv = not prompt.single_token_labels
         if mode == "prefix":
-            return self._rank_prefix(prompt, need_kv)
+            return self._rank_prefix(prompt)
         if mode not in BLOCK_MODES:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         if user_id is None:
@@ -213,12 +212,12 @@ class Engine:
         recomputed_block = int(lay.cached[chosen].sum())
         full_layers = (policy.check_layer + 1) if policy.ratio else 0
         computed = (full_layers * lay.n_suffix + (self.cfg.num_layers - full_layers) * len(chosen)) / self.cfg.num_layers
-        return EngineResult(scores=scores, order=np.argsort(-scores, kind="stable"), ttft_s=ttft,
+        return EngineResult(scores=scores, ttft_s=ttft,
                             prompt_tokens=len(prompt), computed_tokens=int(round(computed)) + extra + computed_prefix,
                             recomputed_block_tokens=recomputed_block, cached_block_tokens=n_cached,
                             cache_hit_tokens=lay.n_prefix + n_cached - recomputed_block, selected=chosen)
 
-    def _rank_prefix(self, prompt: Prompt, need_kv: bool) -> EngineResult:
+    def _rank_prefix(self, prompt: Prompt) -> EngineResult:
         t0 = time.perf_counter()
         toks = prompt.tokens
         pages, hit = self.prefix.lookup(toks)
@@ -227,13 +226,14 @@ class Engine:
         logits, _, _, kv = blended_prefill(
             self.params, self.pool.k, self.pool.v, *map(jnp.asarray, lay.arrays()), answer_logit_ids(prompt),
             cfg=self.cfg, n_select=len(lay.tokens), all_fresh=True, return_kv=True)
-        scores, extra = candidate_scores(self.params, self.cfg, prompt, logits, kv if need_kv else None)
+        scores, extra = candidate_scores(self.params, self.cfg, prompt, logits,
+                                         None if prompt.single_token_labels else kv)
         scores = np.asarray(scores)
         ttft = time.perf_counter() - t0
         # store the new full pages (vLLM writes them during prefill; here after the answer)
         pb = len(lay.prefix_slots)
         self.prefix.insert(toks, kv.k[:, 0, pb:pb + lay.n_suffix], kv.v[:, 0, pb:pb + lay.n_suffix], hit)
-        return EngineResult(scores=scores, order=np.argsort(-scores, kind="stable"), ttft_s=ttft,
+        return EngineResult(scores=scores, ttft_s=ttft,
                             prompt_tokens=len(prompt), computed_tokens=len(prompt) - hit + extra,
                             cache_hit_tokens=hit)
 

@@ -25,10 +25,14 @@ from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_hea
 @dataclasses.dataclass(frozen=True)
 class RankResult:
     scores: np.ndarray  # [K] log-probabilities over candidates, prompt order
-    order: np.ndarray  # [K] candidate indices, best first
     ttft_s: float  # prompt tokens in -> candidate scores out (host to host)
     prompt_tokens: int
     computed_tokens: int  # tokens run through the model (incl. label scoring)
+
+    @property
+    def order(self) -> np.ndarray:
+        """[K] candidate indices, best first (ties keep prompt order)."""
+        return np.argsort(-self.scores, kind="stable")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_kv"))
@@ -113,5 +117,5 @@ def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt) -> RankResult:
     scores, extra = candidate_scores(params, cfg, prompt, first_logits, kv)
     scores = np.asarray(scores)
     ttft = time.perf_counter() - t0
-    return RankResult(scores=scores, order=np.argsort(-scores, kind="stable"), ttft_s=ttft,
+    return RankResult(scores=scores, ttft_s=ttft,
                       prompt_tokens=n, computed_tokens=n + extra)
