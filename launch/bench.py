@@ -37,7 +37,9 @@ _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (th
 _NEG = flags.DEFINE_enum("negatives", "uniform", ["uniform", "popularity"], "Negative sampling.")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of user order, negatives and tie-breaking.")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
+_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct); "
+                             "a tuned model: <train output_dir>/merged.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory (<train output_dir>/adapter) for --model.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CANON = flags.DEFINE_enum("canonical", "instruction", ["instruction", "candidate"],
                            "Context item blocks are encoded after.")
@@ -130,7 +132,7 @@ def main(argv):
     else:
         requests = list(eval_requests(split, stage=_STAGE.value, num_candidates=_CANDS.value,
                                       negatives=_NEG.value, seed=_SEED.value, num_users=_USERS.value))
-    model = load_model(_MODEL.value, dtype=_DTYPE.value)
+    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value,
                             max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in requests]
@@ -213,7 +215,7 @@ def main(argv):
     config = {"dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
               "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": model.source,
-              "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
+              "model_fingerprint": engine.fingerprint, "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),

@@ -12,7 +12,9 @@ from absl import app, flags, logging  # noqa: E402
 
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "User message.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
+_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct); "
+                             "a tuned model: <train output_dir>/merged.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory (<train output_dir>/adapter) for --model.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SYSTEM = flags.DEFINE_string("system", None, "Optional system message.")
 _RAW = flags.DEFINE_bool("raw", False, "Feed the prompt as is, without the chat template.")
@@ -23,7 +25,7 @@ def main(argv):
     from rcllm_jax.model import load_model
     from rcllm_jax.model.generate import greedy_generate
 
-    m = load_model(_MODEL.value, dtype=_DTYPE.value)
+    m = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     tok = m.tokenizer
     if _RAW.value or not tok.chat_template:
         text = _PROMPT.value

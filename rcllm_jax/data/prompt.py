@@ -144,7 +144,7 @@ class PromptBuilder:
         text = "".join(self.item_text(self._item(i)) + "\n" for i in recent) or self.template.empty_history
         return self._block("history", text)
 
-    def build(self, history: Sequence[int], candidates: Sequence[int]) -> Prompt:
+    def build(self, history: Sequence[int], candidates: Sequence[int], check_length: bool = True) -> Prompt:
         """The prompt that asks which of `candidates` follows `history` (item ids)."""
         candidates = tuple(int(c) for c in candidates)
         if not candidates:
@@ -161,7 +161,7 @@ class PromptBuilder:
         blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
         prompt = Prompt(tuple(blocks), candidates, labels,
                         tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
-        if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
+        if check_length and self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the limit of "
                              f"{self.max_prompt_tokens} tokens (fewer candidates or a shorter history)")
         return prompt

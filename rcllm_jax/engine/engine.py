@@ -21,6 +21,7 @@ from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import BlockStore, PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder
 from rcllm_jax.engine.blend import Layout, blended_prefill
+from rcllm_jax.engine.plan import served_from_cache, stitch_plan
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
@@ -136,21 +137,26 @@ class Engine:
 
     def _block_layout(self, prompt: Prompt, user_id: int, policy: Policy):
         prefix_slots = self.users.slots(user_id)
-        n_p = len(prefix_slots)
+        entries = {}  # block index -> BlockEntry of the blocks served from a store
+
+        def canon_start(blk):
+            if not served_from_cache(blk, policy.cached_glue):
+                return None
+            entry = (self.blocks if blk.kind == "item" else self.glue_store).lookup(blk.tokens)
+            if entry is not None:
+                entries[blk.tokens] = entry
+            return None if entry is None else entry.canon_start
+
+        plan = stitch_plan(prompt, canon_start, sink=policy.sink)
+        if plan.n_prefix != len(prefix_slots):
+            raise RuntimeError("user store prefix does not match the prompt's instruction + history")
         rows = []  # (token, canon_pos, slot, cached, forced)
-        pos = n_p
-        for blk in prompt.blocks[2:]:
-            if blk.kind == "item":
-                entry = self.blocks.lookup(blk.tokens)
-            else:
-                entry = self.glue_store.lookup(blk.tokens) if policy.cached_glue else None
-            for i, t in enumerate(blk.tokens):
-                if entry is not None:
-                    rows.append([t, entry.canon_start + i, entry.slot + i, True, i < policy.sink])
-                else:
-                    rows.append([t, pos + i, 0, False, True])
-            pos += len(blk.tokens)
-        rows[-1][4] = True  # the last token's logits are the answer: always computed
+        toks = prompt.tokens
+        for t in range(plan.n_prefix, len(toks)):
+            cached = bool(plan.cached[t])
+            blk = prompt.blocks[plan.block[t]]
+            slot = entries[blk.tokens].slot + int(plan.canon_pos[t] - entries[blk.tokens].canon_start) if cached else 0
+            rows.append([int(toks[t]), int(plan.canon_pos[t]), slot, cached, bool(plan.forced[t])])
         return self._layout(prefix_slots, rows)
 
     def _layout(self, prefix_slots, rows) -> Layout:

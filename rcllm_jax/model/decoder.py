@@ -146,7 +146,17 @@ def qkv(cfg: ModelConfig, inv, x, p, positions):
 
 def attn_mlp(cfg: ModelConfig, x, p, q, keys, vals, mask):
     """Post-projection half of a layer: attention of q over keys/vals [B, S, K, H], then the MLP."""
-    x = x + _attend(q, keys, vals, mask, cfg) @ p["wo"]
+    return out_mlp(cfg, x, p, _attend(q, keys, vals, mask, cfg))
+
+
+def attend(cfg: ModelConfig, q, keys, vals, mask):
+    """Attention of q [B, T, N, H] over keys/vals [B, S, K, H] under mask [B, T, S] -> [B, T, N*H]."""
+    return _attend(q, keys, vals, mask, cfg)
+
+
+def out_mlp(cfg: ModelConfig, x, p, attn):
+    """Output projection of an attention result [B, T, N*H] into the residual stream, then the MLP."""
+    x = x + attn @ p["wo"]
     h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
     return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
 

@@ -25,8 +25,11 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(path: str | Path | None = None, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
-    """Load a GGUF file or a HF model directory; None means the default model (fetched on first use)."""
+def load_model(path: str | Path | None = None, dtype: str = "float32", with_tokenizer: bool = True,
+               adapter: str | Path | None = None) -> LoadedModel:
+    """Load a GGUF file or a HF model directory; None means the default model (fetched on first use).
+    adapter: a LoRA adapter directory (launch/train.py) merged into the weights; refused unless it
+    was trained on exactly these weights."""
     t0 = time.perf_counter()
     if path is None:
         from rcllm_jax.fetch import default_model_path
@@ -44,9 +47,15 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", with_toke
         tok = Tokenizer.from_gguf(reader) if with_tokenizer else None
     else:
         raise ValueError(f"{path}: expected a .gguf file or a HF model directory")
+    source = str(path)
+    if adapter is not None:
+        from rcllm_jax.cache.keys import model_fingerprint
+        from rcllm_jax.model.lora import apply_adapter
+        params = apply_adapter(params, cfg, adapter, model_fingerprint(params, cfg))
+        source = f"{path} + adapter {adapter}"
     dt = time.perf_counter() - t0
     logging.info("loaded %s (%s, %d layers, %s) in %.2fs", path, cfg.arch, cfg.num_layers, dtype, dt)
-    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=str(path), load_seconds=dt)
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=source, load_seconds=dt)
 
 
 # --- GGUF -----------------------------------------------------------------------------------------

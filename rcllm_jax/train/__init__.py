@@ -1,0 +1,1 @@
+"""Task fine-tuning and block-aware training (launch/train.py)."""
