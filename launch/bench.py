@@ -51,6 +51,12 @@ _SWEEP = flags.DEFINE_list("sweep", [], "Extra rows blend@r: sink (--sink, defau
                            "(check layer --check_layer, default 1), glue as --cached_glue says.")
 _PREFIX_PAGES = flags.DEFINE_integer("prefix_cache_pages", 4096, "Prefix-cache budget in 16-token pages.")
 _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 2048, "User-store budget in 16-token pages.")
+_IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
+                          "Kernels of the block modes: Pallas where they compile (auto), always (pallas; "
+                          "interpreted on CPU), or the XLA reference.")
+_WARM = flags.DEFINE_bool("warmup", True, "Run each mode's stream once before timing it (compiles every shape). "
+                          "--nowarmup halves an accuracy run; TTFT then includes compiles "
+                          "(compiles_during_timing says how many).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
 _TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
@@ -140,7 +146,8 @@ def main(argv):
     logging.info("%d requests ready in %.1fs", len(requests), time.perf_counter() - t0)
 
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
-                    canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value)
+                    canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value,
+                    attention_impl=_IMPL.value)
     policies = _policies()
     build = {}
     if any(m in policies for m in modes):
@@ -153,8 +160,9 @@ def main(argv):
 
     results = {}
     for mode in modes:
-        run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
-        engine.reset_caches()
+        if _WARM.value:
+            run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
+            engine.reset_caches()
         before = _COMPILES[0]
         results[mode] = run_stream(engine, mode, requests, prompts, policies)
         results[mode + "/compiles"] = _COMPILES[0] - before
@@ -215,7 +223,8 @@ def main(argv):
     config = {"dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
               "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": model.source,
-              "model_fingerprint": engine.fingerprint, "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
+              "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
+              "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),

@@ -34,7 +34,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _STEPS = flags.DEFINE_integer("steps", 300, "Optimizer steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Examples per optimizer step.")
 _MICRO = flags.DEFINE_integer("micro_batch", 2, "Examples per forward/backward (gradients accumulated).")
-_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
+_LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Warm-up steps.")
 _WD = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
 _LORA = flags.DEFINE_integer("lora_rank", 16, "LoRA rank; 0 = full fine-tuning of the trained layers.")

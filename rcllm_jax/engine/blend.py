@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax.model.config import ModelConfig
+from pallas_kernels import dispatch as kernels
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
-                                     forward, lm_head, qkv)
-from rcllm_jax.model.rope import inv_freq, rerotate
+                                     forward, lm_head, out_mlp, qkv)
+from rcllm_jax.model.rope import inv_freq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +58,18 @@ def _layer_params(layers, i):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
-                                             "all_fresh", "return_kv"))
+                                             "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
                     canon_pos, slots, cached, forced, valid, logit_ids=None, *, cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
-                    all_fresh: bool = False, return_kv: bool = False):
+                    all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
     """Returns (next-token logits [V] or [len(logit_ids)], selected suffix indices [n], selected
     mask [n], kv or None).
 
     pool_k/v [L, S, K, H]; the other arrays as in `Layout` (unbatched; B = 1 inside). `logit_ids`:
     compute the answer's logits only for these vocabulary ids (ranking needs the labels only).
+    impl: a resolved `pallas_kernels.dispatch` implementation for the gather + re-rotation of
+    cached KV and the recomputed tokens' attention ("xla", "pallas", "interpret").
     """
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
@@ -90,7 +93,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     k_valid = jnp.concatenate([prefix_valid, valid])[None]
     mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid)  # [1, T, P+T]
     # cached suffix KV, moved from canonical to real positions
-    ck = rerotate(pool_k[:, slots], canon_pos[None, :], real_pos[None, :], inv)[:, None]  # [L, 1, T, K, H]
+    ck = kernels.gather_rerotate(pool_k, slots, real_pos - canon_pos, inv, impl=impl)[:, None]  # [L, 1, T, K, H]
     cv = pool_v[:, slots][:, None]
     x = params["embed"][tokens][None]  # [1, T, D]
     layers = params["layers"]
@@ -137,7 +140,11 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
         lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
         lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
-        x_r = attn_mlp(cfg, x_r, p, q, jnp.concatenate([lpk, lck], 1), jnp.concatenate([lpv, lcv], 1), mask_r)
+        keys, vals = jnp.concatenate([lpk, lck], 1), jnp.concatenate([lpv, lcv], 1)
+        if impl == "xla":
+            x_r = attn_mlp(cfg, x_r, p, q, keys, vals, mask_r)
+        else:
+            x_r = out_mlp(cfg, x_r, p, kernels.selective_attention(q, keys, vals, pos_r, k_pos, k_valid, impl=impl))
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)

@@ -71,8 +71,10 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
-                 fingerprint: str | None = None, max_candidates: int = 100):
+                 fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla"):
+        from pallas_kernels.dispatch import resolve
         self.params, self.cfg, self.builder = params, cfg, builder
+        self.impl = resolve(attention_impl)  # kernels of the block modes: xla | pallas | interpret
         self.fingerprint = fingerprint or model_fingerprint(params, cfg)
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
@@ -209,7 +211,7 @@ class Engine:
         logits, r, sel, kv = blended_prefill(
             self.params, self.pool.k, self.pool.v, *map(jnp.asarray, lay.arrays()), answer_logit_ids(prompt),
             cfg=self.cfg, n_select=n_select, check_layer=policy.check_layer if policy.ratio else None,
-            deviation_on=policy.deviation_on, return_kv=not prompt.single_token_labels)
+            deviation_on=policy.deviation_on, return_kv=not prompt.single_token_labels, impl=self.impl)
         scores, extra = candidate_scores(self.params, self.cfg, prompt, logits, kv)
         scores = np.asarray(scores)
         ttft = time.perf_counter() - t0

@@ -1,0 +1,62 @@
+"""Gather of cached block KV from the pool into the stitched buffer, fused with the RoPE
+re-rotation from canonical to real positions.
+
+  pool   [L, P, K, H]  post-RoPE keys of every cached token (the KV pool, one side)
+  slots  [T]           pool row of each stitched token
+  delta  [T]           real position - canonical position of each token
+  -> out [L, T, K, H]  out[l, t] = rotate(pool[l, slots[t]], by delta[t])   (HF rotate_half layout)
+
+Rotation by delta composes with the rotation already in the key (RoPE is a rotation per frequency
+pair), so this equals `rope.rerotate(pool[:, slots], canon, real)`. `gather_rerotate_reference` is
+that XLA path; `gather_rerotate` the Pallas kernel: scalar-prefetched slots and deltas drive the
+block index of the pool (one row per grid step, so only the rows used are read, once), the
+rotation happens on the row in VMEM and the rotated row is written once. Values (V) need no
+rotation: gather them with the same slots and `jnp.take`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from rcllm_jax.model.rope import apply_rope
+
+
+def gather_rerotate_reference(pool, slots, delta, inv):
+    """XLA: gather then rotate (what `engine/blend.py` does)."""
+    g = pool[:, slots]  # [L, T, K, H]
+    return apply_rope(g, jnp.broadcast_to(delta[None], g.shape[:2]), inv)
+
+
+def _kernel(slots_ref, delta_ref, inv_ref, k_ref, o_ref):
+    # k_ref, o_ref [K, H] (one token of one layer); inv_ref [1, H/2]
+    t = pl.program_id(1)
+    d = delta_ref[t].astype(jnp.float32)
+    ang = d * inv_ref[...]  # [1, H/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], axis=1))
+    sin = jnp.sin(jnp.concatenate([ang, ang], axis=1))
+    x = k_ref[...].astype(jnp.float32)
+    half = x.shape[1] // 2
+    rot = jnp.concatenate([-x[:, half:], x[:, :half]], axis=1)
+    o_ref[...] = (x * cos + rot * sin).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def gather_rerotate(pool, slots, delta, inv, *, interpret: bool = False):
+    """Pallas kernel; same contract as `gather_rerotate_reference`."""
+    n_layers, _, kh, h = pool.shape
+    t = slots.shape[0]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(n_layers, t),
+        in_specs=[pl.BlockSpec((1, h // 2), lambda l, i, s, d: (0, 0)),
+                  pl.BlockSpec((None, None, kh, h), lambda l, i, s, d: (l, s[i], 0, 0))],
+        out_specs=pl.BlockSpec((None, None, kh, h), lambda l, i, s, d: (l, i, 0, 0)),
+    )
+    return pl.pallas_call(_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n_layers, t, kh, h), pool.dtype),
+                          interpret=interpret)(slots.astype(jnp.int32), delta.astype(jnp.int32),
+                                               jnp.asarray(inv, jnp.float32).reshape(1, h // 2), pool)
