@@ -31,10 +31,10 @@ _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Datase
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
 _OUT = flags.DEFINE_string("output_dir", "runs/tuned", "Where checkpoints, the exported model and the log go.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the frozen base weights.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Optimizer steps.")
+_STEPS = flags.DEFINE_integer("steps", 250, "Optimizer steps.")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Examples per optimizer step.")
 _MICRO = flags.DEFINE_integer("micro_batch", 2, "Examples per forward/backward (gradients accumulated).")
-_LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
+_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Warm-up steps.")
 _WD = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
 _LORA = flags.DEFINE_integer("lora_rank", 16, "LoRA rank; 0 = full fine-tuning of the trained layers.")
@@ -49,6 +49,9 @@ _BLOCK = flags.DEFINE_float("block_attention_prob", 0.0,
                             "Probability that an example uses the engine's stitched attention.")
 _GLUE = flags.DEFINE_enum("block_glue", "mixed", ["fresh", "cached", "mixed"],
                           "Block-aware examples: glue computed fresh, cached like items, or either.")
+_TW = flags.DEFINE_float("teacher_weight", 0.0, "Weight of a soft target over the candidates from training-split "
+                         "popularity (dense signal for short schedules); 0 = the label's cross-entropy only.")
+_TT = flags.DEFINE_float("teacher_temperature", 2.0, "Teacher: p ~ (1 + count)^(1/temperature).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data order, negatives and initialisation.")
 _CKPT = flags.DEFINE_integer("checkpoint_every", 50, "Steps between Orbax checkpoints.")
 _VAL = flags.DEFINE_integer("val_every", 100, "Steps between validation runs (0 = never).")
@@ -58,7 +61,8 @@ _TEST_USERS = flags.DEFINE_integer("test_users", 0, "After training, test HR/NDC
 _TOML_KEYS = {f"train.{k}": k for k in (
     "steps", "batch_size", "micro_batch", "lr", "warmup", "weight_decay", "lora_rank", "lora_alpha",
     "train_layers", "history_len", "num_candidates", "negatives", "max_len", "min_history",
-    "block_attention_prob", "block_glue", "seed", "checkpoint_every", "val_every", "val_users", "test_users")}
+    "block_attention_prob", "block_glue", "teacher_weight", "teacher_temperature", "seed", "checkpoint_every",
+    "val_every", "val_users", "test_users")}
 _TOML_KEYS.update({"model.path": "model", "model.dtype": "dtype", "data.dataset": "dataset"})
 
 
@@ -76,6 +80,7 @@ def main(argv):
                       lora_alpha=_ALPHA.value, train_layers=_LAYERS.value, history_len=_HIST.value,
                       num_candidates=_CANDS.value, negatives=_NEG.value, max_len=_MAXLEN.value,
                       min_history=_MINHIST.value, block_attention_prob=_BLOCK.value, block_glue=_GLUE.value,
+                      teacher_weight=_TW.value, teacher_temperature=_TT.value,
                       seed=_SEED.value, checkpoint_every=_CKPT.value, val_every=_VAL.value,
                       val_users=_VAL_USERS.value)
     out = Path(_OUT.value)

@@ -194,3 +194,30 @@ def test_export_loads_in_transformers(tmp_path):
         want = ref(torch.tensor(toks)).logits.numpy()
     got, _ = forward(params, jnp.asarray(toks), jnp.arange(40)[None], cfg=cfg, all_logits=True)
     assert rel_err(got, want) <= 1e-4
+
+
+def test_popularity_teacher_and_its_loss(world):
+    """The soft target follows training-split popularity; the loss mixes it with the label's CE."""
+    from rcllm_jax.train.data import popularity_teacher
+    tok, split, params = world
+    cands = sorted(split.popularity, key=split.popularity.get)[-3:] + [max(split.dataset.items) + 1]
+    t = popularity_teacher(cands, split.popularity, 2.0)
+    assert abs(t.sum() - 1) < 1e-6 and np.all(np.diff(t[:3]) >= 0) and t[3] == t.min()
+    counts = np.array([split.popularity.get(c, 0) for c in cands], float)
+    want = np.sqrt(1 + counts) / np.sqrt(1 + counts).sum()
+    assert np.allclose(t, want, rtol=1e-5)
+    # loss = (1 - w) * label CE + w * soft CE over the candidate labels, checked by hand
+    builder = PromptBuilder(tok, split.dataset.items, history_len=3)
+    u = split.users[0]
+    p = builder.build(split.history(u)[:3], cands[:3])
+    row = prompt_arrays(p, 1, 256, block=False, cached_glue=False, teacher=t[:3] / t[:3].sum())
+    spec = Spec(CFG, 2, None, 64, teacher_weight=0.3)
+    tr = trainable_init(params, spec, jax.random.key(0))
+    batch = _batch([row])
+    got = float(loss_fn(tr, params, batch, spec)[0])
+    logits = np.asarray(make_eval_step(dataclasses.replace(spec, teacher_weight=0.0))(tr, params, batch))[0]
+    full_logits, _ = forward(params, jnp.asarray(p.tokens)[None], jnp.arange(len(p))[None], cfg=CFG)
+    lse = float(jax.nn.logsumexp(full_logits[0]))
+    label_ce = lse - float(full_logits[0, row["label"]])
+    soft = -float(np.sum(row["teacher"] * np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))))
+    assert abs(got - (0.7 * label_ce + 0.3 * soft)) <= 1e-4 * abs(got)

@@ -2,7 +2,9 @@
 training sequence (never the validation or test items), as padded arrays, through grain.
 
 An example asks which of K candidates (the next item + K-1 sampled negatives, as in evaluation)
-follows a prefix of the user's training sequence; the loss is on the answer's label token. With
+follows a prefix of the user's training sequence; the loss is on the answer's label token, plus
+optionally a soft ranking target over all K labels from training-split popularity (a dense
+teacher signal: every example ranks all its candidates, not just names one). With
 probability `block_prob` an example carries the stitching plan of the engine (`engine/plan.py`):
 its item blocks (and, per `block_glue`, its glue) attend as the cached blocks the engine stitches.
 """
@@ -33,9 +35,18 @@ def fit_prompt(builder: PromptBuilder, history, candidates, max_len: int):
         history = history[1:]
 
 
-def prompt_arrays(prompt, target_index: int, max_len: int, *, block: bool, cached_glue: bool) -> dict:
+def popularity_teacher(candidates, popularity, temperature: float) -> np.ndarray:
+    """[K] soft ranking target from training-split popularity: p_j ~ (1 + count_j)^(1/temperature)."""
+    logits = np.log1p(np.asarray([popularity.get(int(c), 0) for c in candidates], np.float64)) / temperature
+    p = np.exp(logits - logits.max())
+    return (p / p.sum()).astype(np.float32)
+
+
+def prompt_arrays(prompt, target_index: int, max_len: int, *, block: bool, cached_glue: bool,
+                  teacher: np.ndarray | None = None) -> dict:
     """Padded arrays of one prompt. block: attention as the engine stitches it (cached items after
-    the instruction; glue cached too if cached_glue), else ordinary causal attention."""
+    the instruction; glue cached too if cached_glue), else ordinary causal attention. teacher:
+    a soft target over the candidates (default uniform; used only with a teacher weight)."""
     n = len(prompt)
     if n > max_len:
         raise ValueError(f"prompt of {n} tokens exceeds max_len={max_len}")
@@ -53,14 +64,17 @@ def prompt_arrays(prompt, target_index: int, max_len: int, *, block: bool, cache
     return {"tokens": tokens, "canon_pos": canon, "seg": seg, "forced": forced, "valid": real < n,
             "answer_index": np.int32(n - 1), "label": np.int32(prompt.label_tokens[target_index][0]),
             "cand_ids": np.asarray([lt[0] for lt in prompt.label_tokens], np.int32),
-            "target_index": np.int32(target_index), "block": np.bool_(block)}
+            "target_index": np.int32(target_index), "block": np.bool_(block),
+            "teacher": (np.full(len(prompt.candidates), 1 / len(prompt.candidates), np.float32)
+                        if teacher is None else np.asarray(teacher, np.float32))}
 
 
 class ExampleMaker:
     """(index, (user, t)) -> arrays; all randomness from (seed, index): a resumed stream repeats exactly."""
 
     def __init__(self, builder: PromptBuilder, split: LeaveOneOut, *, num_candidates: int, max_len: int,
-                 negatives: str = "uniform", block_prob: float = 0.0, block_glue: str = "mixed", seed: int = 0):
+                 negatives: str = "uniform", block_prob: float = 0.0, block_glue: str = "mixed", seed: int = 0,
+                 teacher_temperature: float = 2.0):
         if block_glue not in GLUE_CHOICES:
             raise ValueError(f"block_glue must be one of {GLUE_CHOICES}")
         if not 0.0 <= block_prob <= 1.0:
@@ -68,6 +82,7 @@ class ExampleMaker:
         self.builder, self.split = builder, split
         self.k, self.max_len, self.negatives = num_candidates, max_len, negatives
         self.block_prob, self.block_glue, self.seed = block_prob, block_glue, seed
+        self.teacher_temperature = teacher_temperature
 
     def __call__(self, index: int, pair) -> dict:
         user, t = int(pair[0]), int(pair[1])
@@ -79,7 +94,9 @@ class ExampleMaker:
         prompt = fit_prompt(self.builder, seq[:t], cands, self.max_len)
         block = bool(rng.random() < self.block_prob)
         glue = self.block_glue if self.block_glue != "mixed" else ("cached" if rng.random() < 0.5 else "fresh")
-        return prompt_arrays(prompt, cands.index(target), self.max_len, block=block, cached_glue=glue == "cached")
+        teacher = popularity_teacher(cands, self.split.popularity, self.teacher_temperature)
+        return prompt_arrays(prompt, cands.index(target), self.max_len, block=block, cached_glue=glue == "cached",
+                             teacher=teacher)
 
 
 def train_dataset(pairs, maker: ExampleMaker, batch_size: int, seed: int):

@@ -31,6 +31,7 @@ class Spec:
     first_layer: int  # layers >= first_layer are trained
     lora: LoraConfig | None  # None: full fine-tuning of the trained layers
     global_rows: int  # most forced (globally attending) tokens in one example
+    teacher_weight: float = 0.0  # weight of the soft popularity target over the candidate labels
 
 
 def _split(layers, f):
@@ -100,14 +101,19 @@ def _hidden(base, trainable, batch, spec: Spec):
 
 
 def loss_fn(trainable, base, batch, spec: Spec):
-    """Mean cross-entropy of the answer's label token over the full vocabulary."""
+    """(1 - w) x cross-entropy of the answer's label token over the full vocabulary
+    + w x cross-entropy of the soft teacher target over the candidates' label logits."""
     h = _hidden(base, trainable, batch, spec)
     logits = lm_head(base, spec.cfg, h)  # [B, V] f32
     lp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(lp, batch["label"][:, None], axis=1)[:, 0]
     cand = jnp.take_along_axis(logits, batch["cand_ids"], axis=1)
     correct = jnp.argmax(cand, axis=1) == batch["target_index"]
-    return jnp.mean(nll), {"nll": nll, "correct": correct}
+    loss = nll
+    if spec.teacher_weight:
+        soft = -jnp.sum(batch["teacher"] * jax.nn.log_softmax(cand, axis=-1), axis=-1)
+        loss = (1 - spec.teacher_weight) * nll + spec.teacher_weight * soft
+    return jnp.mean(loss), {"nll": nll, "correct": correct}
 
 
 def make_optimizer(lr: float, warmup: int, total: int, weight_decay: float, clip: float = 1.0):
@@ -123,15 +129,16 @@ def make_train_step(optimizer, spec: Spec):
     def step(state, base, batch):
         def micro(acc, mb):
             (loss, aux), g = grad(state["trainable"], base, mb, spec)
-            return jax.tree.map(jnp.add, acc, g), (loss, aux["correct"])
+            return jax.tree.map(jnp.add, acc, g), (loss, aux["nll"], aux["correct"])
 
         zero = jax.tree.map(jnp.zeros_like, state["trainable"])
-        g, (losses, correct) = jax.lax.scan(micro, zero, batch)
+        g, (losses, nll, correct) = jax.lax.scan(micro, zero, batch)
         g = jax.tree.map(lambda x: x / losses.shape[0], g)
         updates, opt_state = optimizer.update(g, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        return new, {"loss": jnp.mean(losses), "acc": jnp.mean(correct), "grad_norm": optax.global_norm(g)}
+        return new, {"loss": jnp.mean(losses), "nll": jnp.mean(nll), "acc": jnp.mean(correct),
+                     "grad_norm": optax.global_norm(g)}
 
     return jax.jit(step, donate_argnums=(0,))
 

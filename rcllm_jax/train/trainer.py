@@ -45,6 +45,8 @@ class TrainConfig:
     min_history: int = 3
     block_attention_prob: float = 0.0
     block_glue: str = "mixed"
+    teacher_weight: float = 0.0  # soft popularity target over the candidates (train/data.py)
+    teacher_temperature: float = 2.0
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -80,11 +82,12 @@ class Trainer:
         lora = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, first_layer=first) if cfg.lora_rank > 0 else None
         self.builder = PromptBuilder(tokenizer, split.dataset.items, history_len=cfg.history_len,
                                      max_prompt_tokens=cfg.max_len)
-        self.spec = Spec(model_cfg, first, lora, self._global_rows())
+        self.spec = Spec(model_cfg, first, lora, self._global_rows(), cfg.teacher_weight)
         self.pairs = training_pairs(split, cfg.min_history) if pairs is None else list(pairs)
         maker = ExampleMaker(self.builder, split, num_candidates=cfg.num_candidates, max_len=cfg.max_len,
                              negatives=cfg.negatives, block_prob=cfg.block_attention_prob,
-                             block_glue=cfg.block_glue, seed=cfg.seed)
+                             block_glue=cfg.block_glue, seed=cfg.seed,
+                             teacher_temperature=cfg.teacher_temperature)
         self.dataset = train_dataset(self.pairs, maker, cfg.batch_size, cfg.seed)
         self.optimizer, self.schedule = make_optimizer(cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
         self.train_step = make_train_step(self.optimizer, self.spec)
@@ -183,7 +186,7 @@ class Trainer:
             tok_acc += int(batch["valid"].sum())
             self.state, m = self.train_step(self.state, self.base, self._device_batch(batch))
             done += 1
-            rec = {"step": self.step, "loss": float(m["loss"]), "acc": float(m["acc"]),
+            rec = {"step": self.step, "loss": float(m["loss"]), "nll": float(m["nll"]), "acc": float(m["acc"]),
                    "grad_norm": float(m["grad_norm"]), "lr": float(self.schedule(self.step - 1)),
                    "block_frac": float(np.mean(batch["block"]))}
             now = time.perf_counter()
@@ -192,7 +195,7 @@ class Trainer:
             self.history.append(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", nll=f"{rec['nll']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.cfg.val_every and self.step % self.cfg.val_every == 0 and self.cfg.val_users:
