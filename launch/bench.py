@@ -54,6 +54,8 @@ _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 2048, "User-store budget 
 _IMPL = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
                           "Kernels of the block modes: Pallas where they compile (auto), always (pallas; "
                           "interpreted on CPU), or the XLA reference.")
+_COMPARE = flags.DEFINE_bool("compare_impl", False, "Also run every block mode through the other kernel "
+                             "implementation (rows 'mode@pallas' / 'mode@xla'): kernel vs XLA path in one run.")
 _WARM = flags.DEFINE_bool("warmup", True, "Run each mode's stream once before timing it (compiles every shape). "
                           "--nowarmup halves an accuracy run; TTFT then includes compiles "
                           "(compiles_during_timing says how many).")
@@ -149,6 +151,14 @@ def main(argv):
                     canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value,
                     attention_impl=_IMPL.value)
     policies = _policies()
+    impl_of = {m: engine.impl for m in modes}
+    if _COMPARE.value:
+        from pallas_kernels.dispatch import resolve
+        other = "xla" if engine.impl != "xla" else resolve("pallas")
+        for m in [m for m in modes if m in policies]:
+            name = f"{m}@{'xla' if other == 'xla' else 'pallas'}"
+            policies[name], impl_of[name] = policies[m], other
+            modes.append(name)
     build = {}
     if any(m in policies for m in modes):
         t0 = time.perf_counter()
@@ -159,7 +169,9 @@ def main(argv):
         logging.info("item store: %d blocks, %d tokens in %.1fs", len(engine.item_blocks), n_tok, build["build_s"])
 
     results = {}
+    default_impl = engine.impl
     for mode in modes:
+        engine.impl = impl_of[mode]
         if _WARM.value:
             run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
             engine.reset_caches()
@@ -167,6 +179,7 @@ def main(argv):
         results[mode] = run_stream(engine, mode, requests, prompts, policies)
         results[mode + "/compiles"] = _COMPILES[0] - before
         engine.reset_caches()
+    engine.impl = default_impl
 
     from rcllm_jax.eval.floor import (kv_bytes_per_token, matmul_peak_flops, memory_bandwidth,
                                       selective_flops, weight_bytes)
@@ -193,7 +206,8 @@ def main(argv):
             full_metrics = metrics
         recomputed = sum(r.recomputed_block_tokens for r in res)
         cached_total = sum(r.cached_block_tokens for r in res)
-        row = {"mode": mode, "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
+        row = {"mode": mode, "impl": impl_of[mode] if mode in policies else "xla",
+               "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
                "ttft_p99_s": _pct([r.ttft_s for r in res], 99),
                "prompt_tokens_p50": _pct(lengths, 50), "prompt_tokens_max": int(max(lengths)),
                "computed_tokens_p50": _pct([r.computed_tokens for r in res], 50),
