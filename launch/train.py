@@ -58,31 +58,23 @@ _VAL = flags.DEFINE_integer("val_every", 100, "Steps between validation runs (0 
 _VAL_USERS = flags.DEFINE_integer("val_users", 64, "Users in each validation run.")
 _TEST_USERS = flags.DEFINE_integer("test_users", 0, "After training, test HR/NDCG on this many users (0 = skip).")
 
-_TOML_KEYS = {f"train.{k}": k for k in (
-    "steps", "batch_size", "micro_batch", "lr", "warmup", "weight_decay", "lora_rank", "lora_alpha",
-    "train_layers", "history_len", "num_candidates", "negatives", "max_len", "min_history",
-    "block_attention_prob", "block_glue", "teacher_weight", "teacher_temperature", "seed", "checkpoint_every",
-    "val_every", "val_users", "test_users")}
-_TOML_KEYS.update({"model.path": "model", "model.dtype": "dtype", "data.dataset": "dataset"})
+_OTHER_TOML_KEYS = {"train.test_users": "test_users", "model.path": "model", "model.dtype": "dtype",
+                    "data.dataset": "dataset"}
 
 
 def main(argv):
     del argv
-    if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, _TOML_KEYS)
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.model import load_model
     from rcllm_jax.train.trainer import TrainConfig, Trainer
 
-    cfg = TrainConfig(steps=_STEPS.value, batch_size=_BATCH.value, micro_batch=_MICRO.value, lr=_LR.value,
-                      warmup=_WARMUP.value, weight_decay=_WD.value, lora_rank=_LORA.value,
-                      lora_alpha=_ALPHA.value, train_layers=_LAYERS.value, history_len=_HIST.value,
-                      num_candidates=_CANDS.value, negatives=_NEG.value, max_len=_MAXLEN.value,
-                      min_history=_MINHIST.value, block_attention_prob=_BLOCK.value, block_glue=_GLUE.value,
-                      teacher_weight=_TW.value, teacher_temperature=_TT.value,
-                      seed=_SEED.value, checkpoint_every=_CKPT.value, val_every=_VAL.value,
-                      val_users=_VAL_USERS.value)
+    # every TrainConfig field with a flag of the same name is settable from [train] in the TOML
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name in flags.FLAGS]
+    if _CONFIG.value:
+        from rcllm_jax.config_files import apply_toml
+        apply_toml(_CONFIG.value, {**{f"train.{k}": k for k in fields}, **_OTHER_TOML_KEYS})
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.model import load_model
+
+    cfg = TrainConfig(**{k: flags.FLAGS[k].value for k in fields})
     out = Path(_OUT.value)
     model = load_model(_MODEL.value, dtype=_DTYPE.value)
     split = LeaveOneOut(load_dataset(_DATASET.value, _DATA_DIR.value))
