@@ -139,7 +139,7 @@ class Engine:
 
     def _block_layout(self, prompt: Prompt, user_id: int, policy: Policy):
         prefix_slots = self.users.slots(user_id)
-        entries = {}  # block index -> BlockEntry of the blocks served from a store
+        entries = {}  # block tokens -> BlockEntry of the blocks served from a store
 
         def canon_start(blk):
             if not served_from_cache(blk, policy.cached_glue):

@@ -19,7 +19,7 @@ import optax
 from rcllm_jax.engine.plan import stitched_masks
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params, attend, lm_head, out_mlp, qkv
-from rcllm_jax.model.lora import LoraConfig, merge_layers
+from rcllm_jax.model.lora import LoraConfig, merge, merge_layers
 from rcllm_jax.model.rope import inv_freq, rerotate
 
 
@@ -32,10 +32,6 @@ class Spec:
     lora: LoraConfig | None  # None: full fine-tuning of the trained layers
     global_rows: int  # most forced (globally attending) tokens in one example
     teacher_weight: float = 0.0  # weight of the soft popularity target over the candidate labels
-
-
-def _split(layers, f):
-    return jax.tree.map(lambda a: a[:f], layers), jax.tree.map(lambda a: a[f:], layers)
 
 
 def trainable_init(base: Params, spec: Spec, key):
@@ -54,6 +50,8 @@ def upper_layers(base: Params, trainable, spec: Spec):
 
 def merged_params(base: Params, trainable, spec: Spec) -> Params:
     """The full pytree of the tuned model (what gets exported and served)."""
+    if spec.lora is not None:
+        return merge(base, trainable, spec.lora)  # the adapter path `apply_adapter` uses too
     f = spec.first_layer
     hi = upper_layers(base, trainable, spec)
     layers = {n: base["layers"][n].at[f:].set(hi[n]) for n in base["layers"]}
@@ -95,8 +93,8 @@ def stitched_hidden(params_lo, layers_hi, embed, batch, cfg: ModelConfig, global
 
 
 def _hidden(base, trainable, batch, spec: Spec):
-    lo, _ = _split(base["layers"], spec.first_layer)
-    return stitched_hidden(lo if spec.first_layer else None, upper_layers(base, trainable, spec),
+    lo = jax.tree.map(lambda a: a[:spec.first_layer], base["layers"]) if spec.first_layer else None
+    return stitched_hidden(lo, upper_layers(base, trainable, spec),
                            base["embed"], batch, spec.cfg, spec.global_rows)
 
 
