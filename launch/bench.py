@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
+
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
 _MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes: full, prefix, stitch, sink, deviation, rcllm.")
@@ -34,7 +36,7 @@ _USERS = flags.DEFINE_integer("num_users", 100, "Users in the stream.")
 _RPU = flags.DEFINE_integer("requests_per_user", 1, "Requests per user (histories grow between them).")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (held-out item + negatives).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
-_NEG = flags.DEFINE_enum("negatives", "uniform", ["uniform", "popularity"], "Negative sampling.")
+_NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of user order, negatives and tie-breaking.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct); "

@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
+
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "train_cpu.toml"), "TOML preset (flags override).")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
@@ -42,7 +44,7 @@ _ALPHA = flags.DEFINE_float("lora_alpha", 32.0, "LoRA alpha (scale = alpha / ran
 _LAYERS = flags.DEFINE_integer("train_layers", 8, "Top layers trained (0 = all); the rest stay frozen.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt.")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per prompt (<= 52).")
-_NEG = flags.DEFINE_enum("negatives", "uniform", ["uniform", "popularity"], "Negative sampling.")
+_NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _MAXLEN = flags.DEFINE_integer("max_len", 832, "Padded prompt length (longer histories are shortened).")
 _MINHIST = flags.DEFINE_integer("min_history", 3, "Shortest history a training example may have.")
 _BLOCK = flags.DEFINE_float("block_attention_prob", 0.0,

@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# Every test process simulates an 8-device CPU mesh (tests of --mesh=items:8); the default device
+# (device 0) runs everything else as before. Must be set before JAX starts.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -12,7 +12,6 @@ from conftest import rel_err
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
-from rcllm_jax.engine.blend import blended_prefill
 from rcllm_jax.engine.engine import Engine, Policy
 from rcllm_jax.model import ModelConfig, forward, init_params
 from rcllm_jax.model.rope import inv_freq, rerotate
@@ -42,11 +41,7 @@ def full_logits(eng, prompt):
 
 def run(eng, prompt, user, policy):
     lay = eng._block_layout(prompt, user, policy)
-    n_sel = eng.selection_size(lay, policy)
-    logits, r, sel, _ = blended_prefill(eng.params, eng.pool.k, eng.pool.v, *map(jnp.asarray, lay.arrays()),
-                                        cfg=CFG, n_select=n_sel,
-                                        check_layer=policy.check_layer if policy.ratio else None,
-                                        deviation_on=policy.deviation_on)
+    logits, r, sel, _ = eng.prefill(lay, policy, shard=0)
     return np.asarray(logits), np.asarray(r)[np.asarray(sel)], lay
 
 
@@ -118,7 +113,9 @@ def test_deviation_picks_the_tokens_whose_k_deviates_most(world):
     _, kv = full_logits(eng, p)
     n = lay.n_suffix
     fresh = np.asarray(kv.k[c, 0, lay.n_prefix:lay.n_prefix + n])
-    cached = np.asarray(rerotate(eng.pool.k[c][lay.slots[:n]][None], lay.canon_pos[None, :n],
+    item_k = np.asarray(eng.blocks.k[c])  # the item store, read back whole: [slots, K, H]
+    stored = np.where(lay.item_slots[:n, None, None] >= 0, item_k[np.maximum(lay.item_slots[:n], 0)], 0)
+    cached = np.asarray(rerotate(jnp.asarray(stored)[None], lay.canon_pos[None, :n],
                                  lay.real_pos[None, :n], inv_freq(CFG))[0])
     dev = ((fresh - cached) ** 2).sum(axis=(1, 2))
     glue, _ = _glue_and_item_offsets(p)

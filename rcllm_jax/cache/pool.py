@@ -31,12 +31,18 @@ def _scatter(pool_k, pool_v, k, v, slots):
 class KVPool:
     """k, v: [L, S, K, H] device arrays; slot 0 is a scratch slot that never holds data."""
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, dtype=None):
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype=None, sharding=None):
+        """sharding: where the pool lives (e.g. replicated on every device of a mesh); every write
+        is placed there first, so KV computed on one device reaches every replica."""
         shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
         dt = jnp.dtype(dtype or cfg.dtype)
-        self.k = jnp.zeros(shape, dt)
-        self.v = jnp.zeros(shape, dt)
+        self.sharding = sharding
+        self.k = self._place(jnp.zeros(shape, dt))
+        self.v = self._place(jnp.zeros(shape, dt))
         self.bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
+
+    def _place(self, a):
+        return a if self.sharding is None else jax.device_put(a, self.sharding)
 
     @property
     def num_slots(self) -> int:
@@ -46,14 +52,14 @@ class KVPool:
         """Write n consecutive tokens' KV ([L, n, K, H]) at slots start..start+n-1."""
         if start < 1 or start + k.shape[1] > self.num_slots:
             raise IndexError(f"slots [{start}, {start + k.shape[1]}) outside the pool of {self.num_slots}")
-        self.k, self.v = _write(self.k, self.v, k, v, start)
+        self.k, self.v = _write(self.k, self.v, self._place(k), self._place(v), start)
 
     def scatter(self, slots: np.ndarray, k, v):
         """Write tokens' KV ([L, n, K, H]) at the given slots."""
         slots = np.asarray(slots, np.int32)
         if slots.min() < 1 or slots.max() >= self.num_slots:
             raise IndexError("slot outside the pool")
-        self.k, self.v = _scatter(self.k, self.v, k, v, jnp.asarray(slots))
+        self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(slots)))
 
 
 class PageAllocator:

@@ -160,6 +160,18 @@ class UserStore:
         return len(new)
 
 
+    def restore_user(self, user_id: int, tokens: tuple[int, ...], k, v):
+        """Put a saved prefix ([L, n, K, H] KV of `tokens`) back, as most recently used."""
+        e = self.users.pop(user_id, None)
+        if e is not None:
+            self.alloc.release(e.pages)
+        e = UserEntry(tokens=(), pages=[])
+        self.users[user_id] = e
+        self._pages_for(e, len(tokens))
+        self.pool.scatter(self.alloc.slots(e.pages, len(tokens)), k, v)
+        e.tokens = tuple(tokens)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _extend(params, pool_k, pool_v, old_slots, n_old, new_tokens, n_new, *, cfg: ModelConfig):
     """KV of new_tokens at positions n_old.. given the KV of the first n_old tokens (pool slots)."""

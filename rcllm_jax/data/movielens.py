@@ -184,12 +184,20 @@ class LeaveOneOut:
         return self.dataset.sequences[user][:-2]
 
 
+NEGATIVES = ("uniform", "popularity", "retrieval")
+RETRIEVAL_POOL = 200
+
+
 def sample_candidates(split: LeaveOneOut, user: int, target: int, k: int, strategy: str = "uniform",
                       seed: int = 0) -> tuple[int, ...]:
-    """`target` + k-1 items the user never rated, sampled uniformly or by training popularity,
-    shuffled; deterministic in (seed, user)."""
-    if strategy not in ("uniform", "popularity"):
-        raise ValueError(f"negative sampling must be 'uniform' or 'popularity', got {strategy!r}")
+    """`target` + k-1 items the user never rated, shuffled; deterministic in (seed, user).
+
+    Negatives: `uniform`; `popularity` (by training interactions); `retrieval`: what a
+    content-based retrieval stage would return: uniformly from the RETRIEVAL_POOL unrated items
+    whose genres best match the user's genre profile (genre counts over the 20 items before the
+    target; ties by popularity), so a request's candidates come from one neighbourhood."""
+    if strategy not in NEGATIVES:
+        raise ValueError(f"negative sampling must be one of {', '.join(NEGATIVES)}, got {strategy!r}")
     rng = np.random.default_rng([seed, user])
     seen = set(split.dataset.sequences[user])
     pool = np.array(sorted(i for i in split.dataset.items if i not in seen and i != target))
@@ -197,6 +205,14 @@ def sample_candidates(split: LeaveOneOut, user: int, target: int, k: int, strate
         raise ValueError(f"user {user}: only {len(pool)} unrated items, cannot draw {k - 1} negatives")
     if strategy == "uniform":
         negs = rng.choice(pool, size=k - 1, replace=False)
+    elif strategy == "retrieval":
+        seq = split.dataset.sequences[user]
+        before = seq[:seq.index(target)][-20:] if target in seq else seq[-20:]
+        profile = collections.Counter(g for i in before for g in split.dataset.items[i].genres)
+        score = np.array([sum(profile[g] for g in split.dataset.items[int(i)].genres) for i in pool], np.float64)
+        pop = np.array([split.popularity.get(int(i), 0) for i in pool], np.float64)
+        top = pool[np.lexsort((-pop, -score))][:max(RETRIEVAL_POOL, k - 1)]
+        negs = rng.choice(top, size=k - 1, replace=False)
     else:
         w = np.array([split.popularity.get(int(i), 0) for i in pool], np.float64)
         if (w > 0).sum() < k - 1:

@@ -46,6 +46,8 @@ class Layout:
     valid: np.ndarray  # [Tb] bool
     n_prefix: int
     n_suffix: int
+    item_slots: np.ndarray | None = None  # [Tb] item-store slot of each cached item token (-1: none)
+    item_blocks: tuple = ()  # item-store entries of the item blocks served from cache
 
     def arrays(self):
         return (self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.canon_pos,
@@ -60,7 +62,8 @@ def _layer_params(layers, i):
 @functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
                                              "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
-                    canon_pos, slots, cached, forced, valid, logit_ids=None, *, cfg: ModelConfig,
+                    canon_pos, slots, cached, forced, valid, logit_ids=None, item_k=None, item_v=None,
+                    from_items=None, *, cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
                     all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
     """Returns (next-token logits [V] or [len(logit_ids)], selected suffix indices [n], selected
@@ -70,6 +73,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     compute the answer's logits only for these vocabulary ids (ranking needs the labels only).
     impl: a resolved `pallas_kernels.dispatch` implementation for the gather + re-rotation of
     cached KV and the recomputed tokens' attention ("xla", "pallas", "interpret").
+    item_k/v [L, T, K, H], from_items [T]: suffix tokens whose cached KV comes from the item store
+    (already re-rotated to real positions by `ItemStore.fetch`) instead of the pool.
     """
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
@@ -95,6 +100,10 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     # cached suffix KV, moved from canonical to real positions
     ck = kernels.gather_rerotate(pool_k, slots, real_pos - canon_pos, inv, impl=impl)[:, None]  # [L, 1, T, K, H]
     cv = pool_v[:, slots][:, None]
+    if item_k is not None:
+        m = from_items[None, None, :, None, None]
+        ck = jnp.where(m, item_k[:, None].astype(ck.dtype), ck)
+        cv = jnp.where(m, item_v[:, None].astype(cv.dtype), cv)
     x = params["embed"][tokens][None]  # [1, T, D]
     layers = params["layers"]
     neg = jnp.float32(-jnp.inf)

@@ -183,13 +183,14 @@ def lm_head(params: Params, cfg: ModelConfig, x, vocab_ids=None):
 @functools.partial(jax.jit, static_argnames=("cfg", "all_logits", "return_hidden"))
 def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=None, valid=None,
             cache: KVCache | None = None, logit_index=None, all_logits: bool = False,
-            return_hidden: bool = False):
+            return_hidden: bool | str = False):
     """Run T new tokens through the decoder, attending to `cache` (earlier tokens) and themselves.
 
     tokens, positions, segments [B, T] int32; valid [B, T] bool (False = padding).
     Returns (logits, kv): logits [B, T, V] if all_logits, else [B, V] at `logit_index` [B]
     (default: the last valid token of each row); kv is a KVCache of the T new tokens only.
-    return_hidden: return the final residual stream at `logit_index` ([B, D]) instead of logits.
+    return_hidden: return the final residual stream at `logit_index` ([B, D]) instead of logits;
+    "all": at every token ([B, T, D]).
     """
     b, t = tokens.shape
     positions = positions.astype(jnp.int32)
@@ -213,7 +214,9 @@ def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=Non
 
     past = (None, None) if cache is None else (cache.k, cache.v)
     x, (k, v) = jax.lax.scan(body, x, (params["layers"], *past))
-    if all_logits:
+    if return_hidden == "all":
+        logits = x
+    elif all_logits:
         logits = lm_head(params, cfg, x)
     else:
         if logit_index is None:

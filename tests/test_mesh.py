@@ -1,0 +1,261 @@
+"""Sharded item store on a simulated 8-device CPU mesh: mesh parsing, placement, remote fetches,
+rankings equal on items:8 and items:1, Orbax snapshots (round trip, other meshes, refusals).
+
+References: the single-device engine (items:1) and the plain full prefill; snapshots are compared
+bit for bit with the arrays they were saved from."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from rcllm_jax.cache import snapshot
+from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+from rcllm_jax.data.pipeline import stream_requests
+from rcllm_jax.data.prompt import PromptBuilder
+from rcllm_jax.dist.mesh import MeshError, MeshSpec, make_mesh, parse_mesh
+from rcllm_jax.dist.placement import hash_placement, similarity_placement
+from rcllm_jax.engine.engine import Engine
+from rcllm_jax.model import ModelConfig, init_params
+
+CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=3,
+                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)
+MODES = ("stitch", "sink", "deviation", "rcllm", "full")
+
+
+def test_parse_mesh():
+    assert parse_mesh("items:4") == MeshSpec(4, 1)
+    assert parse_mesh("items:4,model:2") == MeshSpec(4, 2)
+    assert parse_mesh(" model:2 , items:3 ") == MeshSpec(3, 2)
+    assert parse_mesh("") == MeshSpec(1, 1) and str(MeshSpec(8)) == "items:8"
+    for bad, msg in [("items", "bad mesh axis"), ("items:0", "positive integer"), ("items:x", "positive integer"),
+                     ("experts:2", "bad mesh axis"), ("items:2,items:4", "given twice")]:
+        with pytest.raises(MeshError, match=msg):
+            parse_mesh(bad)
+    with pytest.raises(MeshError, match="needs 16 devices; 8 available"):
+        make_mesh(MeshSpec(16))
+    mesh = make_mesh(MeshSpec(4, 2))
+    assert dict(mesh.shape) == {"items": 4, "model": 2}
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_placements_are_balanced(n):
+    rng = np.random.default_rng(n)
+    centers = rng.normal(size=(5, 32))  # 5 uneven clusters: balance must come from the capacity
+    member = rng.choice(5, size=1500, p=[0.5, 0.2, 0.15, 0.1, 0.05])
+    emb = centers[member] + 0.3 * rng.normal(size=(1500, 32))
+    lengths = rng.integers(4, 40, size=1500)
+    keys = [f"{rng.integers(1 << 62):016x}" for _ in range(1500)]
+    for shards in (similarity_placement(emb, lengths, n), hash_placement(keys, lengths, n)):
+        load = np.bincount(shards, weights=lengths, minlength=n)
+        assert load.max() <= 1.1 * load.mean(), load
+
+
+def test_similarity_placement_keeps_clusters_together():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 16))
+    member = np.repeat(np.arange(8), 100)
+    emb = centers[member] + 0.2 * rng.normal(size=(800, 16))
+    lengths = np.full(800, 10)
+    sim = similarity_placement(emb, lengths, 8)
+    hashed = hash_placement([f"{rng.integers(1 << 62):016x}" for _ in range(800)], lengths, 8)
+
+    def purity(shards):  # share of each cluster on its most common shard
+        return np.mean([np.bincount(shards[member == c], minlength=8).max() / 100 for c in range(8)])
+    assert purity(sim) >= 0.95 and purity(hashed) <= 0.35
+
+
+@pytest.fixture(scope="module")
+def world(smollm2):
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    builder = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=5)
+    reqs = stream_requests(split, num_users=3, requests_per_user=2, num_candidates=8, negatives="retrieval", seed=3)
+    items = sorted({i for r in reqs for i in r.candidates} | set(range(1, 41)))
+    params = init_params(CFG, jax.random.key(0), scale=0.1)
+    prompts = [builder.build(r.history, r.candidates) for r in reqs]
+
+    def engine(n, placement="similarity", p=params, build=True):
+        e = Engine(p, CFG, builder, item_ids=items, mesh=make_mesh(MeshSpec(n)), placement=placement,
+                   user_pages=64, prefix_pages=16, max_candidates=8)
+        if build:
+            e.build_store(batch=16)
+        return e
+    return engine, reqs, prompts, params
+
+
+def _scores(eng, reqs, prompts, shard=None):
+    out = {}
+    for r, p in zip(reqs, prompts):
+        for m in MODES:
+            out[(r.user_id, len(r.history), m)] = eng.rank(p, m, user_id=r.user_id, shard=shard)
+    return out
+
+
+def test_rankings_on_items8_equal_items1(world):
+    engine, reqs, prompts, _ = world
+    e1, e8 = engine(1), engine(8)
+    loads = e8.blocks.shard_loads()
+    assert loads.max() <= 1.1 * loads.mean() + max(e.length for e in e8.blocks.entries.values())
+    ref, got = _scores(e1, reqs, prompts), _scores(e8, reqs, prompts)
+    remote = 0
+    for req, p in zip(reqs, prompts):
+        blocks = [e8.blocks.lookup(e8.builder.item_block(c).tokens) for c in p.candidates]
+        for m in MODES:
+            key = (req.user_id, len(req.history), m)
+            g = got[key]
+            assert rel_err(g.scores, ref[key].scores) <= 1e-5, key
+            if m == "full":
+                continue
+            far = [b for b in blocks if b.shard != g.shard]
+            assert (g.local_item_blocks, g.remote_item_blocks) == (len(blocks) - len(far), len(far))
+            assert g.remote_item_bytes == e8.blocks.bytes_per_token * sum(b.length for b in far)
+            remote += g.remote_item_blocks
+    assert remote > 0  # the remote path was exercised
+    # any shard can serve any request: every one gives the same scores, whatever it must fetch
+    p, r = prompts[0], reqs[0]
+    want = e1.rank(p, "sink", user_id=r.user_id).scores
+    for s in range(8):
+        res = e8.rank(p, "sink", user_id=r.user_id, shard=s)
+        assert res.shard == s and rel_err(res.scores, want) <= 1e-5
+        owned = sum(1 for c in p.candidates if e8.blocks.lookup(e8.builder.item_block(c).tokens).shard == s)
+        assert res.local_item_blocks == owned
+        assert res.remote_item_bytes == e8.blocks.bytes_per_token * sum(
+            e8.blocks.lookup(e8.builder.item_block(c).tokens).length for c in p.candidates
+            if e8.blocks.lookup(e8.builder.item_block(c).tokens).shard != s)
+    # the affinity choice is the shard holding the most candidate bytes
+    best = e8.rank(p, "stitch", user_id=r.user_id)
+    assert best.local_item_bytes == max(e8.rank(p, "stitch", user_id=r.user_id, shard=s).local_item_bytes
+                                        for s in range(8))
+
+
+def _host(a):
+    return np.asarray(jax.device_get(a))
+
+
+def _user_kv(eng):
+    return {u: (e.tokens, _host(eng.pool.k[:, eng.users.slots(u)]), _host(eng.pool.v[:, eng.users.slots(u)]))
+            for u, e in eng.users.users.items()}
+
+
+def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
+    engine, reqs, prompts, _ = world
+    e8 = engine(8)
+    ref = _scores(e8, reqs[:3], prompts[:3])  # fills the user store too
+    step = snapshot.save(e8, tmp_path / "snap")
+    assert step == 1
+    # same mesh: bit-exact arrays, index, users, and the same answers
+    r8 = engine(8, build=False)
+    meta = snapshot.restore(r8, tmp_path / "snap")
+    assert meta["mesh_items"] == 8 and meta["placement"] == "similarity"
+    for name in ("k", "v", "valid"):
+        assert np.array_equal(_host(getattr(r8.blocks, name)), _host(getattr(e8.blocks, name)))
+        assert getattr(r8.blocks, name).sharding.is_equivalent_to(getattr(e8.blocks, name).sharding, 4 if name != "valid" else 1)
+    assert r8.blocks.entries == e8.blocks.entries and r8.blocks.shard_slots == e8.blocks.shard_slots
+    before, after = _user_kv(e8), _user_kv(r8)
+    assert list(before) == list(after)  # same users, same LRU order
+    for u in before:
+        assert before[u][0] == after[u][0]
+        assert np.array_equal(before[u][1], after[u][1]) and np.array_equal(before[u][2], after[u][2])
+    assert r8.glue_store.entries == e8.glue_store.entries
+    got = _scores(r8, reqs[:3], prompts[:3])
+    for key in ref:
+        assert np.array_equal(got[key].scores, ref[key].scores), key
+    assert r8.users.stats["misses"] == 0  # histories came back from the snapshot
+    # another mesh shape: blocks re-placed, answers unchanged
+    for n in (2, 1):
+        rn = engine(n, build=False)
+        snapshot.restore(rn, tmp_path / "snap")
+        loads = rn.blocks.shard_loads()
+        assert loads.sum() == e8.blocks.num_tokens and loads.max() <= 1.1 * loads.mean() + 40
+        got = _scores(rn, reqs[:3], prompts[:3])
+        for key in ref:
+            assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
+
+
+def test_snapshot_refusals_leave_everything_as_it_was(world, tmp_path):
+    engine, reqs, prompts, params = world
+    e = engine(2)
+    e.rank(prompts[0], "stitch", user_id=reqs[0].user_id)
+    snap = tmp_path / "snap"
+    snapshot.save(e, snap)
+    files = {p: p.read_bytes() for p in snap.rglob("*") if p.is_file()}
+
+    other = engine(2, p=jax.tree.map(lambda a: a * 1.01, params))
+    k_before = _host(other.blocks.k)
+    with pytest.raises(snapshot.SnapshotMismatchError, match="another model"):
+        snapshot.restore(other, snap)
+    with pytest.raises(snapshot.SnapshotMismatchError, match="refusing to save.*another model.*nothing was overwritten"):
+        snapshot.save(other, snap)
+    assert np.array_equal(_host(other.blocks.k), k_before)
+    assert {p: p.read_bytes() for p in snap.rglob("*") if p.is_file()} == files
+
+    with pytest.raises(snapshot.SnapshotError, match="no snapshot directory"):
+        snapshot.restore(other, tmp_path / "missing")
+    # damage: flip bytes in the largest array file of the item store
+    target = max((p for p in (snap / "1" / "items").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+    fresh = engine(2, build=False)
+    with pytest.raises(snapshot.SnapshotError, match="damaged"):
+        snapshot.restore(fresh, snap)
+    assert not fresh.blocks.entries and not fresh.users.users
+
+
+_KILL_SCRIPT = r"""
+import os, sys, threading, time
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import jax
+from test_mesh import CFG
+from rcllm_jax.cache import snapshot
+from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+from rcllm_jax.data.prompt import PromptBuilder
+from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+from rcllm_jax.engine.engine import Engine
+from rcllm_jax.fetch import default_model_path
+from rcllm_jax.model import init_params, load_model
+tok = load_model(default_model_path(), with_tokenizer=True).tokenizer
+split = LeaveOneOut(load_dataset("ml-100k"))
+b = PromptBuilder(tok, split.dataset.items, history_len=5)
+e = Engine(init_params(CFG, jax.random.key(0), scale=0.1), CFG, b, item_ids=range(1, 301),
+           mesh=make_mesh(MeshSpec(2)), max_candidates=8, user_pages=16, prefix_pages=16)
+e.build_store(batch=32)
+snap = {snap!r}
+if sys.argv[1] == "first":
+    snapshot.save(e, snap)
+    sys.exit(0)
+t = threading.Thread(target=snapshot.save, args=(e, snap), daemon=True)
+t.start()
+while not any("tmp" in p.name for p in __import__("pathlib").Path(snap).iterdir()):
+    time.sleep(0.0005)
+os._exit(9)  # killed mid-save
+"""
+
+
+def test_interrupted_save_leaves_the_previous_snapshot(world, tmp_path):
+    engine, *_ = world
+    snap = tmp_path / "snap"
+    script = tmp_path / "kill.py"
+    here = Path(__file__).resolve()
+    script.write_text(_KILL_SCRIPT.format(root=str(here.parents[1]), tests=str(here.parent), snap=str(snap)))
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2")
+    subprocess.run([sys.executable, str(script), "first"], check=True, env=env, timeout=600)
+    first = {p: p.read_bytes() for p in (snap / "1").rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, str(script), "kill"], env=env, timeout=600)
+    assert r.returncode == 9
+    assert any("tmp" in p.name for p in snap.iterdir())  # the second save really was cut off
+    assert snapshot.latest_meta(snap)[0] == 1
+    assert {p: p.read_bytes() for p in (snap / "1").rglob("*") if p.is_file()} == first
+    builder = world[0](1, build=False).builder
+    e = Engine(init_params(CFG, jax.random.key(0), scale=0.1), CFG, builder, item_ids=range(1, 301),
+               mesh=make_mesh(MeshSpec(2)), max_candidates=8, user_pages=16, prefix_pages=16)
+    meta = snapshot.restore(e, snap)
+    distinct = {builder.item_block(i).tokens for i in range(1, 301)}  # two titles repeat in ML-100k
+    assert len(meta["blocks"]) == len(distinct) and e.blocks.num_tokens == sum(map(len, distinct))
