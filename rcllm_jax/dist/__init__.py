@@ -1,0 +1,1 @@
+"""Device meshes, item placement and multi-host start-up."""
