@@ -1,0 +1,37 @@
+"""The mesh and multi-host flags every launcher shares (absl), defined once here.
+
+Import this module from a launcher before `app.run`; call `setup()` in `main` before anything
+touches JAX: it joins the multi-host job when asked, simulates CPU devices when a CPU-only machine
+has fewer devices than `--mesh` needs (and says so), and returns the mesh.
+"""
+
+from __future__ import annotations
+
+from absl import flags, logging
+
+from rcllm_jax.dist.placement import PLACEMENTS
+
+MESH = flags.DEFINE_string("mesh", "items:1", "Device mesh: items:N[,model:M] (item caches sharded over items).")
+PLACEMENT = flags.DEFINE_enum("placement", "similarity", list(PLACEMENTS),
+                              "Item block placement over the items axis: similarity (balanced k-means of the "
+                              "model's item embeddings) or hash (baseline).")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                                  "(with --num_processes and --process_id; omit for one process).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+
+
+def setup():
+    """Join the job, make sure the devices exist, return the `jax.sharding.Mesh` of --mesh."""
+    from rcllm_jax.dist.mesh import make_mesh, parse_mesh, simulate_cpu_devices
+    spec = parse_mesh(MESH.value)
+    per_process = -(-spec.size // max(1, NUM_PROCESSES.value))
+    note = simulate_cpu_devices(per_process)
+    if note:
+        logging.info(note)
+    if COORDINATOR.value:
+        from rcllm_jax.dist.multihost import initialize
+        initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    elif NUM_PROCESSES.value != 1:
+        raise flags.ValidationError("--num_processes > 1 needs --coordinator_address")
+    return make_mesh(spec)
