@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
+from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
@@ -61,6 +62,8 @@ _COMPARE = flags.DEFINE_bool("compare_impl", False, "Also run every block mode t
 _WARM = flags.DEFINE_bool("warmup", True, "Run each mode's stream once before timing it (compiles every shape). "
                           "--nowarmup halves an accuracy run; TTFT then includes compiles "
                           "(compiles_during_timing says how many).")
+_SNAP = flags.DEFINE_string("snapshot_dir", None, "Restore the item store from this snapshot "
+                            "(launch/build_cache.py) instead of building it; blocks it lacks are built.")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
 _TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
@@ -96,6 +99,24 @@ def _policies():
     return out
 
 
+def _placement_locality(engine, requests):
+    """Locality of this stream's candidates under each placement of the same stored blocks
+    (affinity routing: each request on the shard holding most of its candidate tokens)."""
+    from rcllm_jax.dist.placement import PLACEMENTS, locality
+    store = engine.blocks
+    if not store.entries:
+        return {}
+    key_of = {i: store.key(t) for i, t in engine.item_blocks.items() if store.key(t) in store.entries}
+    lengths = {i: store.entries[k].length for i, k in key_of.items()}
+    reqs = [[c for c in q.candidates if c in key_of] for q in requests]
+    out = {}
+    for name in PLACEMENTS:
+        table = store.placement_of(name)
+        out[name] = locality({i: table[k] for i, k in key_of.items()}, lengths, reqs, store.num_shards)
+        out[name]["remote_bytes_per_request"] = out[name].pop("remote_tokens_per_request") * store.bytes_per_token
+    return out
+
+
 def run_stream(engine, mode, requests, prompts, policies):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s)."""
     out = []
@@ -122,6 +143,7 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
     modes = list(_MODES.value) + [f"blend@{float(r):g}" for r in _SWEEP.value]
+    mesh = dist_cli.setup()
     import jax
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
@@ -151,7 +173,7 @@ def main(argv):
 
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
                     canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value,
-                    attention_impl=_IMPL.value)
+                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -164,6 +186,10 @@ def main(argv):
     build = {}
     if any(m in policies for m in modes):
         t0 = time.perf_counter()
+        if _SNAP.value:
+            from rcllm_jax.cache import snapshot
+            snapshot.restore(engine, _SNAP.value)
+            logging.info("restored the item store from %s", _SNAP.value)
         engine.build_store()
         n_tok = sum(len(t) for t in engine.item_blocks.values())
         build = {"item_blocks": len(engine.item_blocks), "item_tokens": n_tok,
@@ -227,6 +253,11 @@ def main(argv):
                        if full_metrics else {})
         if mode in policies:
             row["policy"] = dataclasses.asdict(policies[mode])
+            local_b, remote_b = sum(r.local_item_bytes for r in res), sum(r.remote_item_bytes for r in res)
+            row.update(remote_blocks_per_request=float(np.mean([r.remote_item_blocks for r in res])),
+                       remote_bytes_per_request=float(np.mean([r.remote_item_bytes for r in res])),
+                       local_fraction=float(local_b / max(1, local_b + remote_b)),
+                       shard_requests=np.bincount([r.shard for r in res], minlength=engine.num_shards).tolist())
         rows.append(row)
     rng = np.random.default_rng(_SEED.value)
     baselines = {"popularity": [popularity_scores(q.candidates, split.popularity) for q in requests],
@@ -243,6 +274,8 @@ def main(argv):
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
+              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
+              "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),
               "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
                                 "max": int(max(lengths)), "min": int(min(lengths))}}
 
@@ -260,6 +293,10 @@ def main(argv):
               f"{fmt(r.get('kendall_tau'), '6.3f')} {fmt(r.get('recompute_fraction'), '6.3f')} "
               f"{fmt(r.get('ttft_over_floor'), '6.1f')} "
               f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
+    for name, loc in config["placement_locality"].items():
+        print(f"placement {name:<10} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
+              f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
+              f"remote MB/request {loc['remote_bytes_per_request'] / 1e6:.2f}")
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     Path(_OUT.value).write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
     print(f"wrote {_OUT.value}")

@@ -259,3 +259,73 @@ def test_interrupted_save_leaves_the_previous_snapshot(world, tmp_path):
     meta = snapshot.restore(e, snap)
     distinct = {builder.item_block(i).tokens for i in range(1, 301)}  # two titles repeat in ML-100k
     assert len(meta["blocks"]) == len(distinct) and e.blocks.num_tokens == sum(map(len, distinct))
+
+
+@pytest.mark.slow
+def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
+    """Real model embeddings of the whole ML-100k catalog, items:8, a stream whose candidates come
+    from a (genre) retrieval stage: similarity placement keeps more of a request's candidates on
+    its shard than hash placement. With uniform negatives neither can (reported, not asserted)."""
+    from rcllm_jax.cache.item_store import ItemStore
+    from rcllm_jax.data.pipeline import eval_requests
+    from rcllm_jax.dist.placement import locality
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    builder = PromptBuilder(smollm2.tokenizer, split.dataset.items)
+    store = ItemStore(make_mesh(MeshSpec(8)), smollm2.cfg, "fp", builder.instruction.tokens)
+    blocks = {i: builder.item_block(i).tokens for i in split.dataset.items}
+    store.build(smollm2.params, list(blocks.values()))
+    loads = store.shard_loads()
+    assert loads.max() <= 1.1 * loads.mean()
+    lengths = {i: len(t) for i, t in blocks.items()}
+    out = {}
+    for neg in ("retrieval", "uniform"):
+        reqs = [r.candidates for r in eval_requests(split, num_users=200, num_candidates=20, negatives=neg, seed=1)]
+        for name in ("similarity", "hash"):
+            table = store.placement_of(name)
+            out[neg, name] = locality({i: table[store.key(t)] for i, t in blocks.items()}, lengths, reqs, 8)
+    print({k: round(v["local_fraction"], 3) for k, v in out.items()})
+    sim, hashed = out["retrieval", "similarity"], out["retrieval", "hash"]
+    assert sim["local_fraction"] >= 1.2 * hashed["local_fraction"]
+    assert sim["remote_blocks_per_request"] < hashed["remote_blocks_per_request"]
+
+
+@pytest.mark.slow
+def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
+    """launch/build_cache.py builds a snapshot on items:2; bench.py --mesh=items:4 restores it
+    (another mesh shape) and reports locality; a snapshot of another model is refused."""
+    import json
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    snap = tmp_path / "snap"
+    r = subprocess.run([sys.executable, str(root / "launch/build_cache.py"), "--mesh=items:2", f"--snapshot_dir={snap}",
+                        "--max_items=60", "--max_candidates=8"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "simulating 2 CPU devices" in r.stderr
+    summary = json.loads(r.stdout[:r.stdout.rindex("}") + 1])
+    assert summary["item_blocks"] == 60 and summary["max_over_mean_load"] <= 1.1 and len(summary["shard_tokens"]) == 2
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(root / "launch/bench.py"), "--mesh=items:4", f"--snapshot_dir={snap}",
+                        "--num_users=2", "--modes=stitch", "--num_candidates=8", "--negatives=retrieval",
+                        "--nowarmup", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    row = next(x for x in got["results"] if x["mode"] == "stitch")
+    assert got["config"]["mesh"] == "items:4" and sum(row["shard_requests"]) == 2
+    assert 0 < row["local_fraction"] <= 1 and row["remote_blocks_per_request"] <= 8
+    assert row["remote_bytes_per_request"] >= 0 and set(got["config"]["placement_locality"]) == {"similarity", "hash"}
+    assert "placement similarity" in r.stdout
+    # a snapshot directory of another model is refused, and left as it was
+    before = {p: p.stat().st_mtime_ns for p in snap.rglob("*")}
+    (tmp_path / "other").mkdir()
+    from rcllm_jax.model import ModelConfig as MC, init_params as ip
+    from rcllm_jax.model.export import save_hf_dir
+    tiny = MC(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)
+    from rcllm_jax.model import load_model
+    save_hf_dir(tmp_path / "other" / "m", ip(tiny, jax.random.key(3)), tiny, load_model(smollm2_path).tokenizer)
+    r = subprocess.run([sys.executable, str(root / "launch/build_cache.py"), "--mesh=items:2", f"--snapshot_dir={snap}",
+                        "--max_items=5", f"--model={tmp_path / 'other' / 'm'}"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode != 0 and "another model" in r.stderr and "nothing was changed" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in snap.rglob("*")} == before

@@ -196,6 +196,17 @@ class ItemStore:
                 return sk.data[0], sv.data[0]
         return None, None
 
+    def placement_of(self, name: str | None = None) -> dict[str, int]:
+        """Block key -> shard under placement `name` (default: the store's own), computed from the
+        stored blocks' embeddings and lengths (what-if comparisons of placements)."""
+        if name is None or name == self.placement:
+            return {k: e.shard for k, e in self.entries.items()}
+        keys = sorted(self.entries)
+        shards = placement_lib.place(name, keys=keys, lengths=[self.entries[k].length for k in keys],
+                                     embeddings=np.stack([self.embeddings[k] for k in keys]),
+                                     num_shards=self.num_shards)
+        return dict(zip(keys, (int(s) for s in shards)))
+
     def locality(self, slots, dest: int) -> tuple[int, int]:
         """(local, remote) tokens of global slots `slots` for a request served by shard `dest`."""
         owner = np.asarray(slots) // self.shard_slots

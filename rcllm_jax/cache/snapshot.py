@@ -180,11 +180,11 @@ def restore(engine, directory, step: int | None = None) -> dict:
             want = meta["digests"].get(f"{prefix}.{name}")
             if want is None or _digest(a) != want:
                 raise SnapshotError(f"snapshot {where} is damaged: {prefix}.{name} does not match its saved digest")
+    # glue is derived data: a snapshot built for another candidate limit keeps its items and users,
+    # and the engine encodes its own glue (`build_store`) instead of taking the saved one
     saved_glue = {k for k, *_ in meta["glue"]}
-    if saved_glue and (meta["glue_end"] > engine.glue_store.end_slot or
-                       saved_glue != {engine.glue_store.key(t) for t in engine.glue_blocks if t}):
-        raise SnapshotMismatchError(f"snapshot {where}: its glue blocks differ from this engine's (another "
-                                    "prompt template or candidate limit); rebuild it")
+    glue_fits = bool(saved_glue) and meta["glue_end"] <= engine.glue_store.end_slot and \
+        saved_glue == {engine.glue_store.key(t) for t in engine.glue_blocks if t}
 
     # --- everything checked: from here on the engine changes --------------------------------
     entries = {k: ItemEntry(k, int(s), int(o), int(n), int(c)) for k, s, o, n, c in meta["blocks"]}
@@ -205,11 +205,12 @@ def restore(engine, directory, step: int | None = None) -> dict:
         store.placement = meta["placement"]
         canon = entries[keys[0]].canon_start if keys else len(store.context)
         store.lay_out({k: int(s) for k, s in zip(keys, shards)}, host, canon_start=canon)
-    if meta["glue_end"] > 1:
-        engine.pool.write(1, users["glue_k"][:, 1:], users["glue_v"][:, 1:])
-    from rcllm_jax.cache.stores import BlockEntry
-    engine.glue_store.entries = {k: BlockEntry(k, int(s), int(n), int(c)) for k, s, n, c in meta["glue"]}
-    engine.glue_store.next_slot = int(meta["glue_end"])
+    if glue_fits:
+        if meta["glue_end"] > 1:
+            engine.pool.write(1, users["glue_k"][:, 1:], users["glue_v"][:, 1:])
+        from rcllm_jax.cache.stores import BlockEntry
+        engine.glue_store.entries = {k: BlockEntry(k, int(s), int(n), int(c)) for k, s, n, c in meta["glue"]}
+        engine.glue_store.next_slot = int(meta["glue_end"])
     engine.reset_caches()
     off = 0
     for uid, toks in meta["users"]:
