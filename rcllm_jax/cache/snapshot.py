@@ -93,6 +93,26 @@ def latest_meta(directory) -> tuple[int, dict] | None:
         raise SnapshotError(f"snapshot {path} step {step} is damaged (metadata unreadable: {e})") from e
 
 
+def _user_state(engine):
+    """([[user id, prefix tokens]] in LRU order, {"k", "v"}: their KV concatenated [L, u, K, H])."""
+    index, slots = [], []
+    for uid, e in engine.users.users.items():  # LRU order, oldest first
+        index.append([int(uid), [int(t) for t in e.tokens]])
+        slots.append(engine.users.slots(uid))
+    sl = np.concatenate(slots) if slots else np.zeros(1, np.int32)  # slot 0: scratch
+    return index, {"k": engine.pool.k[:, sl], "v": engine.pool.v[:, sl]}
+
+
+def _put_users(engine, index, users):
+    """Empty the engine's user store and prefix cache, then put the saved prefixes back."""
+    engine.reset_caches()
+    off = 0
+    for uid, toks in index:
+        n = len(toks)
+        engine.users.restore_user(int(uid), tuple(toks), users["k"][:, off:off + n], users["v"][:, off:off + n])
+        off += n
+
+
 def save(engine, directory, *, overwrite_other: bool = False) -> int:
     """Save the engine's cache state as a new step; returns the step. A directory holding another
     model's or tokenizer's snapshots is refused unless overwrite_other (nothing is replaced)."""
@@ -105,24 +125,18 @@ def save(engine, directory, *, overwrite_other: bool = False) -> int:
     store = engine.blocks
     keys = sorted(store.entries)
     emb = np.stack([store.embeddings[k] for k in keys]).astype(np.float32) if keys else np.zeros((1, 1), np.float32)
-    user_ids, user_tokens, user_slots = [], [], []
-    for uid, e in engine.users.users.items():  # LRU order, oldest first
-        user_ids.append(int(uid))
-        user_tokens.append([int(t) for t in e.tokens])
-        user_slots.append(engine.users.slots(uid))
-    slots = np.concatenate(user_slots) if user_slots else np.zeros(1, np.int32)  # slot 0: scratch
+    user_index, users = _user_state(engine)
     glue_end = engine.glue_store.next_slot
     items = {"k": store.k, "v": store.v, "valid": store.valid,
              "embeddings": jax.device_put(emb, engine.replicated)}
-    users = {"k": engine.pool.k[:, slots], "v": engine.pool.v[:, slots],
-             "glue_k": engine.pool.k[:, :glue_end], "glue_v": engine.pool.v[:, :glue_end]}
+    users |= {"glue_k": engine.pool.k[:, :glue_end], "glue_v": engine.pool.v[:, :glue_end]}
     meta = dict(identity(engine), placement=store.placement, mesh_items=store.num_shards,
                 embedding_dim=int(emb.shape[1]),
                 shard_slots=store.shard_slots, dtype=str(store.dtype),
                 blocks=[[k, e.shard, e.offset, e.length, e.canon_start] for k, e in ((k, store.entries[k]) for k in keys)],
                 glue=[[e.key, e.slot, e.length, e.canon_start] for e in engine.glue_store.entries.values()],
                 glue_end=int(glue_end),
-                users=[[u, t] for u, t in zip(user_ids, user_tokens)],
+                users=user_index,
                 digests={f"items.{n}": _digest(a) for n, a in items.items()} |
                         {f"users.{n}": _digest(a) for n, a in users.items()})
     mngr = _manager(directory, create=True)
@@ -211,12 +225,62 @@ def restore(engine, directory, step: int | None = None) -> dict:
         from rcllm_jax.cache.stores import BlockEntry
         engine.glue_store.entries = {k: BlockEntry(k, int(s), int(n), int(c)) for k, s, n, c in meta["glue"]}
         engine.glue_store.next_slot = int(meta["glue_end"])
-    engine.reset_caches()
-    off = 0
-    for uid, toks in meta["users"]:
-        n = len(toks)
-        engine.users.restore_user(int(uid), tuple(toks), users["k"][:, off:off + n], users["v"][:, off:off + n])
-        off += n
+    _put_users(engine, meta["users"], users)
     jax.block_until_ready((engine.pool.k, engine.pool.v, store.k, store.v))
     return meta
 
+
+
+# --- the user store alone (what a serving process saves on shutdown) ---------------------------
+
+def save_users(engine, directory, histories: dict | None = None) -> int:
+    """Save every cached user prefix (KV, tokens, LRU order) and the server's per-user item
+    histories as a new step of `directory` (refused if it holds another model's state)."""
+    import orbax.checkpoint as ocp
+    prev = latest_meta(directory)
+    problem = None if prev is None else identity_problem(prev[1], engine)
+    if problem:
+        raise SnapshotMismatchError(f"refusing to save users into {Path(directory).resolve()}: it holds state of "
+                                    f"{problem}; nothing was overwritten")
+    user_index, users = _user_state(engine)
+    meta = dict(identity(engine), users=user_index,
+                histories={str(u): [int(i) for i in h] for u, h in (histories or {}).items()},
+                digests={f"users.{n}": _digest(a) for n, a in users.items()})
+    mngr = ocp.CheckpointManager(Path(directory).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+                                 item_names=("users", "meta"))
+    step = (mngr.latest_step() or 0) + 1
+    mngr.save(step, args=ocp.args.Composite(users=ocp.args.StandardSave(users), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    return step
+
+
+def restore_users(engine, directory) -> dict[int, list[int]]:
+    """Put the latest saved user store back into `engine` (checked like `restore`); returns the
+    saved histories (user id -> item ids). A missing directory is an empty state, not an error."""
+    import orbax.checkpoint as ocp
+    path = Path(directory).resolve()
+    if not path.is_dir():
+        return {}
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False), item_names=("users", "meta"))
+    step = mngr.latest_step()
+    if step is None:
+        return {}
+    where = f"{path} step {step}"
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001
+        raise SnapshotError(f"user snapshot {where} is damaged (metadata unreadable: {e})") from e
+    _check_identity(meta, engine, where)
+    cfg, rep = engine.cfg, engine.replicated
+    u_len = max(1, sum(len(t) for _, t in meta["users"]))
+    target = {n: jax.ShapeDtypeStruct((cfg.num_layers, u_len, cfg.num_kv_heads, cfg.head_dim), engine.pool.k.dtype,
+                                      sharding=rep) for n in ("k", "v")}
+    try:
+        users = dict(mngr.restore(step, args=ocp.args.Composite(users=ocp.args.StandardRestore(target)))["users"])
+    except Exception as e:  # noqa: BLE001
+        raise SnapshotError(f"user snapshot {where} is damaged or incomplete ({type(e).__name__}: {e})") from e
+    for name, a in users.items():
+        if _digest(a) != meta["digests"].get(f"users.{name}"):
+            raise SnapshotError(f"user snapshot {where} is damaged: users.{name} does not match its saved digest")
+    _put_users(engine, meta["users"], users)
+    return {int(u): list(h) for u, h in meta["histories"].items()}

@@ -156,12 +156,12 @@ class Engine:
     def _glue_blocks(self, max_candidates: int) -> list[tuple[int, ...]]:
         """The request-independent glue of every prompt with up to max_candidates candidates:
         each label's "\n(X)" / "Candidates:\n(A)" and the question block."""
-        probe = self.builder.build([], list(self.builder.items)[:1])
+        probe = self.builder.build([], list(self.builder.items)[:1], check_length=False)
         out = {probe.blocks[-1].tokens}
         for k in (52, max_candidates):  # every letter label, and number labels up to max_candidates
             if k > len(self.builder.items):
                 continue
-            p = self.builder.build([], list(self.builder.items)[:k])
+            p = self.builder.build([], list(self.builder.items)[:k], check_length=False)  # glue only
             out.update(b.tokens for b in p.blocks if b.kind == "glue")
         return sorted(out)
 

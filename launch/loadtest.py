@@ -1,0 +1,120 @@
+"""Bounded load test of a running server (loopback only).
+
+python launch/loadtest.py --url=http://127.0.0.1:8000 --clients=8 --requests=200 --duration_s=120
+N client threads send POST /v1/recommend (real users, their histories, candidates as in the
+benchmark) until `--requests` are sent or `--duration_s` passes. Reports throughput, TTFT and
+latency p50/p99, status counts, and checks every request was answered exactly once (each carries
+a client tag; answers are matched by it). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_URL = flags.DEFINE_string("url", "http://127.0.0.1:8000", "Server address (loopback only).")
+_CLIENTS = flags.DEFINE_integer("clients", 8, "Concurrent clients.")
+_REQUESTS = flags.DEFINE_integer("requests", 200, "Requests in total (upper bound).")
+_DURATION = flags.DEFINE_float("duration_s", 120.0, "Stop sending after this long.")
+_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request.")
+_NEG = flags.DEFINE_string("negatives", "retrieval", "Negative sampling (uniform, popularity, retrieval).")
+_USERS = flags.DEFINE_integer("num_users", 100, "Distinct users (requests cycle over them).")
+_MAX_ITEM = flags.DEFINE_integer("max_item", 0, "Only candidates with id <= this (servers started with --max_items).")
+_OUT = flags.DEFINE_string("output_json", "bench_out/loadtest.json", "Where to write the report.")
+
+
+def _post(url, body, timeout=300.0):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, sample_candidates
+    host = urllib.parse.urlparse(_URL.value).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise app.UsageError(f"load tests run against loopback only, not {host!r}")
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    if _MAX_ITEM.value:
+        keep = {i: it for i, it in split.dataset.items.items() if i <= _MAX_ITEM.value}
+        seqs = {u: tuple(i for i in s if i in keep) for u, s in split.dataset.sequences.items()}
+        split = LeaveOneOut(type(split.dataset)(split.dataset.name, keep, {u: s for u, s in seqs.items() if len(s) >= 3}))
+    users = list(split.users)
+    bodies, n = [], 0
+    while len(bodies) < _REQUESTS.value and n < 100 * _REQUESTS.value:
+        u = users[n % min(len(users), _USERS.value)]
+        n += 1
+        try:
+            cands = sample_candidates(split, u, split.target(u), _CANDS.value, _NEG.value, seed=n)
+        except ValueError:  # a user who rated (nearly) the whole catalog: no negatives to draw
+            continue
+        bodies.append({"user_id": int(u), "candidates": [int(c) for c in cands]})
+    answers = collections.defaultdict(list)  # tag -> responses (must be exactly one each)
+    lock, nxt = threading.Lock(), iter(range(len(bodies)))
+    t_end = time.perf_counter() + _DURATION.value
+    sent = []
+
+    def client():
+        while time.perf_counter() < t_end:
+            with lock:
+                n = next(nxt, None)
+            if n is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                status, body = _post(_URL.value + "/v1/recommend", bodies[n])
+            except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
+                status, body = -1, {"error": str(e)}
+            with lock:
+                sent.append(n)
+                answers[n].append((status, body, time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(_CLIENTS.value)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [a for n in sorted(set(sent)) for a in answers[n] if a[0] == 200]
+    statuses = collections.Counter(a[0] for n in set(sent) for a in answers[n])
+    lost = [n for n in sent if not answers[n]]
+    twice = [n for n in set(sent) if len(answers[n]) > 1]
+    ttft = [a[1]["timings"]["ttft_s"] for a in ok]
+    lat = [a[2] for a in ok]
+    ids = [a[1]["request_id"] for a in ok]
+    report = {"clients": _CLIENTS.value, "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
+              "errors": len(sent) - len(ok), "lost": len(lost), "answered_twice": len(twice),
+              "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
+              "throughput_rps": len(ok) / wall if wall else 0.0,
+              "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+              "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
+              "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
+              "latency_p99_s": float(np.percentile(lat, 99)) if lat else None,
+              "shards": dict(collections.Counter(a[1]["shard"] for a in ok))}
+    print(json.dumps(report, indent=2))
+    Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+    Path(_OUT.value).write_text(json.dumps(report, indent=2))
+    if lost or twice:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

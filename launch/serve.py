@@ -1,0 +1,128 @@
+"""Serve ranked recommendations over HTTP.
+
+python launch/serve.py --mesh=items:4
+With no other flag: fetches the default model (SmolLM2-135M-Instruct) and MovieLens-100k, restores
+the item-cache snapshot for this model (or builds and saves it once), restores the saved user
+store, and serves on 127.0.0.1:8000 (README: API and curl examples). On a CPU-only machine with
+fewer devices than --mesh asks for, it simulates them and says so in its log. SIGTERM or Ctrl-C:
+stops accepting, answers every queued request, saves the user store (a restart restores it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.serve.scheduler import SCHEDULERS  # noqa: E402
+
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
+_PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free port; the log says which).")
+_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
+_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --model.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Catalog and user histories.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
+_SNAP = flags.DEFINE_string("snapshot_dir", None, "Item-cache snapshot (default: <cache>/snapshots/<model "
+                            "fingerprint>-<dataset>); built and saved there when absent.")
+_USERS_DIR = flags.DEFINE_string("users_dir", None, "User-store snapshot (default: <snapshot_dir>-users).")
+_MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink, deviation, full, prefix.")
+_SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
+_QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting at most (beyond: 503 + Retry-After).")
+_WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
+_HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
+_MAX_CANDS = flags.DEFINE_integer("max_candidates", 52, "Most candidates per request (52: single-token labels).")
+_USER_PAGES = flags.DEFINE_integer("user_cache_pages", 512, "User-store budget in 16-token pages (replicated "
+                                   "on every device).")
+_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalog items (0 = all; smoke tests).")
+_TIMEOUT = flags.DEFINE_float("request_timeout_s", 60.0, "Answer 504 after this long.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
+_WARM = flags.DEFINE_bool("warmup", True, "Compile a typical request's shapes on every shard before serving.")
+
+
+def main(argv):
+    del argv
+    mesh = dist_cli.setup()
+    import jax
+
+    from rcllm_jax.cache import snapshot
+    from rcllm_jax.data.movielens import load_dataset
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import MODES, Engine
+    from rcllm_jax.fetch import cache_dir
+    from rcllm_jax.model import load_model
+    from rcllm_jax.serve.http import make_server
+    from rcllm_jax.serve.scheduler import Scheduler
+    from rcllm_jax.serve.service import RecommenderService
+
+    if _MODE.value not in MODES:
+        raise app.UsageError(f"unknown --mode {_MODE.value!r}; modes: {', '.join(MODES)}")
+    if jax.process_count() > 1:
+        raise app.UsageError("serve.py runs as one process (multi-host serving is not implemented; "
+                             "launch/build_cache.py and bench.py take the multi-host flags)")
+    t0 = time.perf_counter()
+    ds = load_dataset(_DATASET.value, _DATA_DIR.value)
+    item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
+    items = {i: ds.items[i] for i in item_ids}
+    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
+    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position)
+    engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
+                    prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
+                    mesh=mesh, placement=dist_cli.PLACEMENT.value)
+    snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
+    users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
+    if snapshot.latest_meta(snap) is not None:
+        snapshot.restore(engine, snap)
+        logging.info("restored item caches from %s", snap)
+    engine.build_store()  # encodes only what the snapshot lacked (everything on the first start)
+    if snapshot.latest_meta(snap) is None or len(engine.blocks.entries) > len(snapshot.latest_meta(snap)[1]["blocks"]):
+        snapshot.save(engine, snap)
+        logging.info("saved item caches to %s", snap)
+    if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
+        t1 = time.perf_counter()
+        user = next(iter(ds.sequences))
+        for k in (20, 10, 5, 1):  # a typical request that fits the model's context
+            try:
+                probe = builder.build(ds.sequences[user], item_ids[:min(k, _MAX_CANDS.value, len(item_ids))])
+                break
+            except ValueError:
+                probe = builder.build([], item_ids[:1])
+        for s in range(engine.num_shards):
+            engine.rank(probe, _MODE.value, user_id=-1, shard=s)
+        engine.reset_caches()
+        logging.info("warmed up %d shards in %.1fs", engine.num_shards, time.perf_counter() - t1)
+    histories = {u: list(s) for u, s in ds.sequences.items()}
+    saved = snapshot.restore_users(engine, users_dir)
+    histories.update(saved)
+    logging.info("restored %d cached user prefixes and %d histories from %s", len(engine.users.users), len(saved),
+                 users_dir)
+    service = RecommenderService(engine, items, histories, mode=_MODE.value,
+                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, _QUEUE.value, _WINDOW.value),
+                                 max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value)
+    service.start()
+    server = make_server(service, _HOST.value, _PORT.value, _MAX_BODY.value)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    host, port = server.server_address[:2]
+    print(f"serving on http://{host}:{port} ({len(items)} items, {_MODE.value} mode, {mesh.shape['items']} "
+          f"items-shards, {_SCHED.value} scheduler; ready in {time.perf_counter() - t0:.1f}s)", flush=True)
+    stop.wait()
+    logging.info("stopping: draining %d queued requests", len(service.scheduler))
+    server.shutdown()  # no new connections
+    service.stop()  # every queued request answered
+    server.server_close()  # in-flight handlers finish writing
+    step = snapshot.save_users(engine, users_dir, service.histories)
+    print(f"saved {len(engine.users.users)} user prefixes to {users_dir} (step {step}); bye", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Serving: the affinity scheduler, the engine loop and the HTTP front end (launch/serve.py)."""

@@ -1,0 +1,209 @@
+"""The scheduler and the service's engine loop against a deterministic mock engine whose answers
+can be worked out by hand (no model, no HTTP)."""
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
+from rcllm_jax.serve.service import ApiError, RecommenderService
+
+
+def _task(need):
+    return Task("rank", None, need=np.asarray(need, np.int64))
+
+
+def test_affinity_sends_each_request_to_its_blocks_under_a_cap():
+    s = Scheduler(3, "affinity", window=8, slack=0.0)
+    # bytes held per shard: r0 all on 0, r1 mostly 1, r2 mostly 0, r3 all on 2, r4 split 0/2 (0 wins)
+    tasks = [s.submit(_task(n)) for n in ([9, 0, 0], [1, 8, 0], [6, 0, 3], [0, 0, 5], [4, 0, 3])]
+    got = s.assign(tasks)
+    # cap = ceil(5 / 3) = 2 per shard. Order by best share: r0 (1.0), r3 (1.0), r1 (0.89), r2 (0.67),
+    # r4 (0.57): r0 -> 0, r3 -> 2, r1 -> 1, r2 -> 0 (shard 0 now full), r4: 0 full -> 2 (3/7 > 0/7)
+    assert [t.shard for t in tasks] == [0, 1, 0, 2, 2]
+    assert {k: [t.seq for t in v] for k, v in got.items()} == {0: [0, 2], 1: [1], 2: [3, 4]}
+
+
+def test_affinity_cap_counts_requests_in_flight():
+    s = Scheduler(2, "affinity", window=8, slack=0.0)
+    s.in_flight[:] = [3, 0]
+    tasks = [s.submit(_task([5, 5])), s.submit(_task([5, 5]))]  # indifferent to where blocks are
+    s.assign(tasks)
+    # cap = ceil(2 / 2) = 1 per shard this window; the first goes to the less loaded shard 1
+    assert [t.shard for t in tasks] == [1, 0]
+
+
+def test_round_robin_and_least_loaded():
+    rr = Scheduler(3, "round_robin")
+    tasks = [rr.submit(_task([9, 0, 0])) for _ in range(5)]
+    rr.assign(tasks[:2])
+    rr.assign(tasks[2:])
+    assert [t.shard for t in tasks] == [0, 1, 2, 0, 1]
+    ll = Scheduler(3, "least_loaded")
+    ll.in_flight[:] = [2, 0, 1]
+    tasks = [ll.submit(_task([9, 0, 0])) for _ in range(4)]
+    ll.assign(tasks)
+    assert [t.shard for t in tasks] == [1, 1, 2, 0]
+
+
+def test_bounded_queue_and_windows():
+    s = Scheduler(2, max_queue=3, window=2)
+    for _ in range(3):
+        s.submit(_task([1, 0]))
+    with pytest.raises(QueueFull, match="queue full"):
+        s.submit(_task([1, 0]))
+    assert [t.seq for t in s.next_window(0)] == [0, 1] and [t.seq for t in s.next_window(0)] == [2]
+    assert s.next_window(0.01) == []
+    s.close()
+    with pytest.raises(QueueFull, match="shutting down"):
+        s.submit(_task([1, 0]))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        Scheduler(2, "random")
+
+
+# --- the service loop with a mock engine ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    title: str
+    year: int = 2000
+    genres: tuple = ()
+
+
+@dataclasses.dataclass
+class Entry:
+    shard: int
+    length: int
+
+
+@dataclasses.dataclass
+class Result:
+    scores: np.ndarray
+    ttft_s: float
+    shard: int
+    prompt_tokens: int
+    computed_tokens: int
+    local_item_blocks: int
+    remote_item_blocks: int
+    remote_item_bytes: int
+
+
+class MockEngine:
+    """Item i lives on shard i % 2 with i tokens; the score of a candidate is -(its item id) plus
+    the user's history length: rankings are ascending ids, and the history is visible in scores."""
+
+    num_shards = 2
+
+    def __init__(self, fail_user=None, delay=0.0):
+        self.calls, self.fail_user, self.delay = [], fail_user, delay
+        self.users = type("U", (), {"users": {}, "stats": {"hits": 0, "extensions": 0, "misses": 0, "evictions": 0}})()
+        eng = self
+
+        class Builder:
+            def item_block(self, i):
+                return type("B", (), {"tokens": (i,)})()
+
+            def build(self, history, cands):
+                if len(cands) > 5:
+                    raise ValueError("prompt of 9999 tokens exceeds the model's context of 4096")
+                return ("prompt", tuple(history), tuple(cands))
+
+        class Blocks:
+            entries = {}
+            bytes_per_token = 10
+
+            def lookup(self, tokens):
+                return Entry(tokens[0] % 2, tokens[0])
+        self.builder, self.blocks = Builder(), Blocks()
+        del eng
+
+    def rank(self, prompt, mode, user_id, shard):
+        time.sleep(self.delay)
+        if user_id == self.fail_user:
+            raise RuntimeError("device lost")
+        _, hist, cands = prompt
+        self.calls.append((user_id, shard))
+        local = sum(1 for c in cands if c % 2 == shard)
+        return Result(np.array([-c + len(hist) for c in cands], np.float32), 0.01, shard, 10, 1, local,
+                      len(cands) - local, sum(c for c in cands if c % 2 != shard) * 10)
+
+    def update_user(self, user, prompt):
+        return len(prompt[1])
+
+
+ITEMS = {i: Item(f"movie {i}") for i in range(1, 30)}
+
+
+def _service(**kw):
+    eng = MockEngine(**{k: kw.pop(k) for k in ("fail_user", "delay") if k in kw})
+    svc = RecommenderService(eng, ITEMS, {7: [1, 2, 3]}, scheduler=Scheduler(2, "affinity", **kw), max_candidates=5)
+    svc.start()
+    return svc, eng
+
+
+def test_service_answers_by_hand_and_routes_by_affinity():
+    svc, eng = _service()
+    try:
+        out = svc.recommend({"user_id": 7, "candidates": [4, 2, 8, 3], "top_k": 3})
+        # scores -c + 3; best first: 2, 3, 4. Items 4, 2, 8 (14 tokens) live on shard 0, 3 on shard 1
+        assert [r["item_id"] for r in out["ranking"]] == [2, 3, 4]
+        assert [r["score"] for r in out["ranking"]] == [1.0, 0.0, -1.0]
+        assert out["shard"] == 0 and out["cache"]["remote_item_blocks"] == 1
+        ev = svc.add_events("7", {"items": [5, 6]})
+        assert ev["history_length"] == 5 and ev["computed_tokens"] == 5
+        assert svc.recommend({"user_id": 7, "candidates": [1]})["ranking"][0]["score"] == 4.0  # history grew
+        assert svc.recommend({"user_id": 9, "history": [1], "candidates": [1]})["ranking"][0]["score"] == 0.0
+        for body, status, msg in [
+                ({"user_id": 7, "candidates": []}, 400, "empty"),
+                ({"user_id": 7, "candidates": [1, 1]}, 400, "duplicate"),
+                ({"user_id": 7, "candidates": [1, 999]}, 404, "unknown item"),
+                ({"user_id": 7, "candidates": [1, 2, 3, 4, 5, 6]}, 400, "at most 5"),
+                ({"user_id": "x", "candidates": [1]}, 400, "user_id must be an integer"),
+                ({"candidates": [1]}, 400, "required"),
+                ({"user_id": 7, "candidates": [1], "colour": 1}, 400, "unknown field"),
+                ([1, 2], 400, "JSON object")]:
+            with pytest.raises(ApiError, match=msg) as e:
+                svc.recommend(body)
+            assert e.value.status == status
+        with pytest.raises(ApiError, match="unknown item id"):
+            svc.item("12345")
+        assert svc.item("3")["shard"] == 1
+    finally:
+        svc.stop()
+
+
+def test_engine_failure_is_a_500_with_request_id_and_the_loop_survives():
+    svc, eng = _service(fail_user=13)
+    try:
+        with pytest.raises(ApiError, match="engine failure on request [0-9a-f]{12}: RuntimeError: device lost") as e:
+            svc.recommend({"user_id": 13, "candidates": [1, 2]})
+        assert e.value.status == 500
+        assert svc.recommend({"user_id": 7, "candidates": [1, 2]})["ranking"][0]["item_id"] == 1
+        assert svc.health()["status"] == "ok"
+    finally:
+        svc.stop()
+
+
+def test_full_queue_answers_503_and_stop_drains_everything():
+    svc, eng = _service(delay=0.05, max_queue=2, window=1)
+    results, errors = [], []
+
+    def call(u):
+        try:
+            results.append(svc.recommend({"user_id": u, "candidates": [1, 2]}))
+        except ApiError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=call, args=(u,)) for u in range(20, 32)]
+    for t in threads:
+        t.start()
+    time.sleep(0.02)
+    svc.stop()  # drains what was queued
+    for t in threads:
+        t.join()
+    assert len(results) + len(errors) == 12 and results
+    assert errors and all(e.status == 503 and e.headers == {"Retry-After": "1"} for e in errors)
+    assert len(eng.calls) == len(results)  # every accepted request answered once, none twice
+    assert len({r["request_id"] for r in results}) == len(results)
