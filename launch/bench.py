@@ -172,7 +172,8 @@ def main(argv):
     logging.info("%d requests ready in %.1fs", len(requests), time.perf_counter() - t0)
 
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
-                    canonical=_CANON.value, user_pages=_USER_PAGES.value, prefix_pages=_PREFIX_PAGES.value,
+                    canonical=_CANON.value, user_pages=_USER_PAGES.value,
+                    prefix_pages=_PREFIX_PAGES.value if "prefix" in modes else 1,  # pool is per device
                     attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}

@@ -7,7 +7,6 @@ bit for bit with the arrays they were saved from."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax

@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import dispatch as kernels
-from rcllm_jax.buckets import bucket
 from rcllm_jax.cache.keys import block_key
+from rcllm_jax.cache.stores import padded_batch
 from rcllm_jax.dist import placement as placement_lib
 from rcllm_jax.dist.mesh import partition_specs
 from rcllm_jax.model.config import ModelConfig
@@ -135,12 +135,7 @@ class ItemStore:
         order = sorted(todo, key=lambda k: (len(todo[k]), k))
         for s in range(0, len(order), batch):
             chunk = order[s:s + batch]
-            n = bucket(max(len(todo[k]) for k in chunk), 8)
-            toks = np.zeros((batch, n), np.int32)
-            valid = np.zeros((batch, n), bool)
-            for row, k in enumerate(chunk):
-                toks[row, :len(todo[k])] = todo[k]
-                valid[row, :len(todo[k])] = True
+            toks, valid = padded_batch([todo[k] for k in chunk], batch)
             kk, vv, emb = _encode_blocks(params, ctx, jnp.asarray(toks), jnp.asarray(valid), cfg=self.cfg)
             kk, vv, emb = (np.asarray(jax.device_get(a)) for a in (kk, vv, emb))
             for row, k in enumerate(chunk):

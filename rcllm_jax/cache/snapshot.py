@@ -77,9 +77,16 @@ def _check_identity(meta: dict, engine, where) -> None:
         raise SnapshotMismatchError(f"snapshot {where} was built for {problem}; rebuild it with launch/build_cache.py")
 
 
+def _read_meta(mngr, step: int, where: str) -> dict:
+    import orbax.checkpoint as ocp
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged snapshot
+        raise SnapshotError(f"snapshot {where} is damaged (metadata unreadable: {e})") from e
+
+
 def latest_meta(directory) -> tuple[int, dict] | None:
     """(step, meta) of the newest complete snapshot in `directory`, or None."""
-    import orbax.checkpoint as ocp
     path = Path(directory).resolve()
     if not path.is_dir():
         return None
@@ -87,10 +94,7 @@ def latest_meta(directory) -> tuple[int, dict] | None:
     step = mngr.latest_step()
     if step is None:
         return None
-    try:
-        return step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # noqa: BLE001 - any read failure means a damaged snapshot
-        raise SnapshotError(f"snapshot {path} step {step} is damaged (metadata unreadable: {e})") from e
+    return step, _read_meta(mngr, step, f"{path} step {step}")
 
 
 def _user_state(engine):
@@ -156,10 +160,7 @@ def restore(engine, directory, step: int | None = None) -> dict:
     if step is None or step not in mngr.all_steps():
         raise SnapshotError(f"no complete snapshot in {path}" + ("" if step is None else f" at step {step}"))
     where = f"{path} step {step}"
-    try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # noqa: BLE001
-        raise SnapshotError(f"snapshot {where} is damaged (metadata unreadable: {e})") from e
+    meta = _read_meta(mngr, step, where)
     _check_identity(meta, engine, where)
     store = engine.blocks
     n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
@@ -265,11 +266,8 @@ def restore_users(engine, directory) -> dict[int, list[int]]:
     step = mngr.latest_step()
     if step is None:
         return {}
-    where = f"{path} step {step}"
-    try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # noqa: BLE001
-        raise SnapshotError(f"user snapshot {where} is damaged (metadata unreadable: {e})") from e
+    where = f"user snapshot {path} step {step}"
+    meta = _read_meta(mngr, step, where)
     _check_identity(meta, engine, where)
     cfg, rep = engine.cfg, engine.replicated
     u_len = max(1, sum(len(t) for _, t in meta["users"]))

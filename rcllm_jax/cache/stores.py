@@ -41,6 +41,17 @@ def _encode_prefix(params, tokens, valid, *, cfg: ModelConfig):
     return forward(params, tokens, pos, cfg=cfg, valid=valid)[1]
 
 
+def padded_batch(blocks, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as one [batch, n] array (n: their longest length's bucket) and its valid mask."""
+    n = bucket(max(len(t) for t in blocks), 8)
+    toks = np.zeros((batch, n), np.int32)
+    valid = np.zeros((batch, n), bool)
+    for row, t in enumerate(blocks):
+        toks[row, :len(t)] = t
+        valid[row, :len(t)] = True
+    return toks, valid
+
+
 class BlockStore:
     """KV of reusable blocks (item blocks, and label / question glue), each encoded once after a
     canonical context, in the pool's block region. Content-addressed: key = hash(model
@@ -70,12 +81,8 @@ class BlockStore:
         order = sorted(todo, key=lambda k: len(todo[k]))
         for s in range(0, len(order), batch):
             chunk = order[s:s + batch]
-            n = bucket(max(len(todo[k]) for k in chunk), 8)
-            toks = np.zeros((batch, n), np.int32)
-            valid = np.zeros((batch, n), bool)
-            for row, k in enumerate(chunk):
-                toks[row, :len(todo[k])] = todo[k]
-                valid[row, :len(todo[k])] = True
+            toks, valid = padded_batch([todo[k] for k in chunk], batch)
+            n = toks.shape[1]
             pos = np.broadcast_to(c + np.arange(n, dtype=np.int32), (batch, n))
             kk, vv = _encode_after(params, ctx, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(valid), cfg=cfg)
             for row, k in enumerate(chunk):
