@@ -44,7 +44,29 @@ _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 512, "User-store budget i
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalog items (0 = all; smoke tests).")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 60.0, "Answer 504 after this long.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
-_WARM = flags.DEFINE_bool("warmup", True, "Compile a typical request's shapes on every shard before serving.")
+_WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
+_WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
+
+
+def _warmup_prompts(builder, ds, item_ids, n: int):
+    """Up to n prompts of typical size (20 candidates, real histories) whose history prefixes fall
+    in different shape buckets: the compiles real traffic would otherwise pay for."""
+    from rcllm_jax.buckets import bucket
+    out, seen = [], set()
+    for user, seq in ds.sequences.items():
+        if len(out) >= n:
+            break
+        for k in (20, 10, 5, 1):
+            try:
+                p = builder.build(seq, item_ids[:min(k, _MAX_CANDS.value, len(item_ids))])
+            except ValueError:
+                continue
+            key = bucket(len(p.blocks[0].tokens) + len(p.blocks[1].tokens), 16)
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+            break
+    return out or [builder.build([], item_ids[:1])]
 
 
 def main(argv):
@@ -87,17 +109,13 @@ def main(argv):
         logging.info("saved item caches to %s", snap)
     if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
         t1 = time.perf_counter()
-        user = next(iter(ds.sequences))
-        for k in (20, 10, 5, 1):  # a typical request that fits the model's context
-            try:
-                probe = builder.build(ds.sequences[user], item_ids[:min(k, _MAX_CANDS.value, len(item_ids))])
-                break
-            except ValueError:
-                probe = builder.build([], item_ids[:1])
+        probes = _warmup_prompts(builder, ds, item_ids, _WARM_N.value)
         for s in range(engine.num_shards):
-            engine.rank(probe, _MODE.value, user_id=-1, shard=s)
+            for j, probe in enumerate(probes):
+                engine.rank(probe, _MODE.value, user_id=-1 - j, shard=s)
         engine.reset_caches()
-        logging.info("warmed up %d shards in %.1fs", engine.num_shards, time.perf_counter() - t1)
+        logging.info("warmed up %d shards x %d prompt shapes in %.1fs", engine.num_shards, len(probes),
+                     time.perf_counter() - t1)
     histories = {u: list(s) for u, s in ds.sequences.items()}
     saved = snapshot.restore_users(engine, users_dir)
     histories.update(saved)

@@ -99,7 +99,8 @@ def test_server_end_to_end(tiny, tmp_path):
         want = np.argsort(-ref, kind="stable")[:5]
         assert [r["item_id"] for r in out["ranking"]] == [cands[i] for i in want]
         assert rel_err([r["score"] for r in out["ranking"]], ref[want]) <= 1e-5
-        assert out["shard"] in (0, 1) and set(out["timings"]) == {"queue_s", "ttft_s", "total_s"}
+        assert out["shard"] in (0, 1) and set(out["timings"]) == {"queue_s", "ttft_s", "prefill_s", "total_s"}
+        assert out["timings"]["prefill_s"] <= out["timings"]["ttft_s"] <= out["timings"]["total_s"]
         assert out["cache"]["local_item_blocks"] + out["cache"]["remote_item_blocks"] == len(cands)
 
         bad = [({"raw": b"{not json"}, 400, "malformed JSON"),
