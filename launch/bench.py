@@ -64,6 +64,9 @@ _WARM = flags.DEFINE_bool("warmup", True, "Run each mode's stream once before ti
                           "(compiles_during_timing says how many).")
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Restore the item store from this snapshot "
                             "(launch/build_cache.py) instead of building it; blocks it lacks are built.")
+_PEERS = flags.DEFINE_list("peers", ["transformers"], "External peers in the same run: transformers (rows "
+                           "hf_full, hf_prefix: same weights and prompts on CPU torch); --peers= for none.")
+_PLOTS = flags.DEFINE_string("plots_dir", None, "Where the PNG plots go (default: <output_json without .json>_plots).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
 _TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
@@ -117,12 +120,65 @@ def _placement_locality(engine, requests):
     return out
 
 
-def run_stream(engine, mode, requests, prompts, policies):
+def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
+    """PNGs: TTFT CDF per mode, fidelity vs recompute budget, TTFT vs prompt length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(str(out_dir / name))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in modes:
+        t = np.sort([r.ttft_s for r, _ in results[m]])
+        ax.step(t, np.arange(1, len(t) + 1) / len(t), where="post", label=m)
+    ax.set(xscale="log", xlabel="TTFT (s, log)", ylabel="fraction of requests", title="TTFT CDF per mode")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "ttft_cdf.png")
+
+    pts = [r for r in rows if r.get("recompute_fraction") is not None and r.get("top1_agreement") is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        x = [r["recompute_fraction"] for r in pts]
+        ax.scatter(x, [r["top1_agreement"] for r in pts], color="C0", label="top-1 agreement")
+        for r in pts:
+            ax.annotate(r["mode"], (r["recompute_fraction"], r["top1_agreement"]), fontsize=7)
+        ax.set(xlabel="share of cached block tokens recomputed", ylabel="top-1 agreement with full prefill",
+               ylim=(-0.05, 1.05), title="Fidelity vs recompute budget")
+        ax2 = ax.twinx()
+        ax2.scatter(x, [max(r["kl_mean"], 1e-6) for r in pts], color="C3", marker="x", label="KL")
+        ax2.set(yscale="log", ylabel="KL(full || mode)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+        save(fig, "fidelity_vs_recompute.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in modes:
+        ax.scatter(lengths, [r.ttft_s for r, _ in results[m]], s=8, label=m)
+    ax.set(yscale="log", xlabel="prompt tokens", ylabel="TTFT (s, log)", title="TTFT vs prompt length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "ttft_vs_prompt_length.png")
+    return written
+
+
+def run_stream(engine, mode, requests, prompts, policies, peer=None):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s)."""
     out = []
     for q, p in zip(requests, prompts):
         upd = None
-        if mode in policies:
+        if mode.startswith("hf_"):
+            res = peer.rank(p, mode, q.user_id)
+        elif mode in policies:
             t0 = time.perf_counter()
             engine.update_user(q.user_id, p)
             upd = time.perf_counter() - t0
@@ -197,17 +253,34 @@ def main(argv):
                  "build_s": time.perf_counter() - t0}
         logging.info("item store: %d blocks, %d tokens in %.1fs", len(engine.item_blocks), n_tok, build["build_s"])
 
+    peer, peer_note = None, "not requested (--peers=)"
+    if "transformers" in _PEERS.value:
+        from rcllm_jax.eval.peers import PEER_MODES, load_peer
+        if not all(p.single_token_labels for p in prompts):
+            peer_note = "skipped: the transformers rows score single-token labels only (<= 52 candidates)"
+        else:
+            peer, why = load_peer(model.source)
+            peer_note = f"loaded in {peer.load_s:.1f}s" if peer is not None else f"skipped: {why}"
+            if peer is not None:
+                modes += list(PEER_MODES)
+                impl_of.update({m: "torch" for m in PEER_MODES})
+        print(f"transformers peer: {peer_note}")
+
     results = {}
     default_impl = engine.impl
     for mode in modes:
         engine.impl = impl_of[mode]
         if _WARM.value:
-            run_stream(engine, mode, requests, prompts, policies)  # warm-up: compiles every shape
+            run_stream(engine, mode, requests, prompts, policies, peer)  # warm-up: compiles every shape
             engine.reset_caches()
+            if peer is not None:
+                peer.reset()
         before = _COMPILES[0]
-        results[mode] = run_stream(engine, mode, requests, prompts, policies)
+        results[mode] = run_stream(engine, mode, requests, prompts, policies, peer)
         results[mode + "/compiles"] = _COMPILES[0] - before
         engine.reset_caches()
+        if peer is not None:
+            peer.reset()
     engine.impl = default_impl
 
     from rcllm_jax.eval.floor import (kv_bytes_per_token, matmul_peak_flops, memory_bandwidth,
@@ -235,7 +308,7 @@ def main(argv):
             full_metrics = metrics
         recomputed = sum(r.recomputed_block_tokens for r in res)
         cached_total = sum(r.cached_block_tokens for r in res)
-        row = {"mode": mode, "impl": impl_of[mode] if mode in policies else "xla",
+        row = {"mode": mode, "impl": impl_of[mode] if mode in policies or mode.startswith("hf_") else "xla",
                "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
                "ttft_p99_s": _pct([r.ttft_s for r in res], 99),
                "prompt_tokens_p50": _pct(lengths, 50), "prompt_tokens_max": int(max(lengths)),
@@ -248,6 +321,13 @@ def main(argv):
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
                **metrics}
         row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]
+        # the floor's parts: FLOPs that must be computed, bytes that must be read (cached KV +
+        # weights), and the achieved fraction of the measured peak / bandwidth at the median
+        flops = [selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) for r in res]
+        kv_read = [r.cache_hit_tokens * kvb for r in res]
+        row.update(flops_p50=_pct(flops, 50), kv_bytes_read_p50=_pct(kv_read, 50),
+                   achieved_flops_fraction=_pct([f / r.ttft_s / peak for f, r in zip(flops, res)], 50),
+                   achieved_kv_bandwidth_fraction=_pct([b / r.ttft_s / bw for b, r in zip(kv_read, res)], 50))
         if ref is not None:
             row.update(fidelity(ref, [r.scores for r in res]))
             row.update({f"{k}_minus_full": metrics[k] - full_metrics[k] for k in ("hr@1", "hr@5", "hr@10")}
@@ -268,7 +348,7 @@ def main(argv):
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
                      "prompt_tokens_p50": None, "prompt_tokens_max": None, **ranking_metrics(ranks)})
 
-    config = {"dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
+    config = {"argv": sys.argv[1:], "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
               "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": model.source,
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
@@ -277,6 +357,7 @@ def main(argv):
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
               "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),
+              "peers": {"transformers": peer_note},
               "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
                                 "max": int(max(lengths)), "min": int(min(lengths))}}
 
@@ -299,8 +380,10 @@ def main(argv):
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
               f"remote MB/request {loc['remote_bytes_per_request'] / 1e6:.2f}")
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
+    plots_dir = Path(_PLOTS.value or str(Path(_OUT.value).with_suffix("")) + "_plots")
+    config["plots"] = _plots(plots_dir, modes, results, rows, lengths)
     Path(_OUT.value).write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
-    print(f"wrote {_OUT.value}")
+    print(f"wrote {_OUT.value} and {len(config['plots'])} plots in {plots_dir}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ _USERS = flags.DEFINE_integer("num_users", 200, "Users (one test request each)."
 _MODES = flags.DEFINE_string("modes", "full,stitch,sink,deviation,rcllm", "Modes.")
 _SWEEP = flags.DEFINE_string("sweep", "0.05,0.1,0.2,0.3,0.5", "Recompute ratios (blend@r rows).")
 _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement a policy must keep.")
-_EXTRA = flags.DEFINE_list("bench_args", ["--nowarmup"], "Extra flags passed to bench.py.")
+_EXTRA = flags.DEFINE_list("bench_args", ["--nowarmup", "--peers="], "Extra flags passed to bench.py.")
 
 
 def needed_budget(rows, top1: float):

@@ -100,11 +100,12 @@ def main(argv):
                     mesh=mesh, placement=dist_cli.PLACEMENT.value)
     snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
-    if snapshot.latest_meta(snap) is not None:
+    saved = snapshot.latest_meta(snap)
+    if saved is not None:
         snapshot.restore(engine, snap)
         logging.info("restored item caches from %s", snap)
     engine.build_store()  # encodes only what the snapshot lacked (everything on the first start)
-    if snapshot.latest_meta(snap) is None or len(engine.blocks.entries) > len(snapshot.latest_meta(snap)[1]["blocks"]):
+    if saved is None or len(engine.blocks.entries) > len(saved[1]["blocks"]):
         snapshot.save(engine, snap)
         logging.info("saved item caches to %s", snap)
     if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
@@ -117,10 +118,10 @@ def main(argv):
         logging.info("warmed up %d shards x %d prompt shapes in %.1fs", engine.num_shards, len(probes),
                      time.perf_counter() - t1)
     histories = {u: list(s) for u, s in ds.sequences.items()}
-    saved = snapshot.restore_users(engine, users_dir)
-    histories.update(saved)
-    logging.info("restored %d cached user prefixes and %d histories from %s", len(engine.users.users), len(saved),
-                 users_dir)
+    saved_histories = snapshot.restore_users(engine, users_dir)
+    histories.update(saved_histories)
+    logging.info("restored %d cached user prefixes and %d histories from %s", len(engine.users.users),
+                 len(saved_histories), users_dir)
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, _QUEUE.value, _WINDOW.value),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value)

@@ -22,7 +22,16 @@ def test_bench_writes_table_and_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["config"]["num_requests"] == 6 and data["config"]["num_candidates"] == 5
     rows = {row["mode"]: row for row in data["results"]}
-    assert set(rows) == {"full", "prefix", "stitch", "rcllm", "popularity", "random"}
+    assert set(rows) == {"full", "prefix", "stitch", "rcllm", "hf_full", "hf_prefix", "popularity", "random"}
+    # the transformers peer: same weights and prompts, so its answers equal our full prefill
+    assert "transformers peer: loaded" in r.stdout and data["config"]["peers"]["transformers"].startswith("loaded")
+    for m in ("hf_full", "hf_prefix"):
+        assert rows[m]["impl"] == "torch" and rows[m]["top1_agreement"] == 1.0 and rows[m]["kl_mean"] < 1e-4
+    assert rows["hf_prefix"]["cache_hit_tokens"] > 0 and rows["hf_full"]["cache_hit_tokens"] == 0
+    assert rows["hf_prefix"]["computed_tokens_p50"] < rows["hf_full"]["computed_tokens_p50"]
+    plots = data["config"]["plots"]
+    assert {Path(p).name for p in plots} == {"ttft_cdf.png", "fidelity_vs_recompute.png", "ttft_vs_prompt_length.png"}
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000 for p in plots)
     assert all(rows[m]["compiles_during_timing"] == 0 for m in ("full", "prefix", "stitch", "rcllm"))
     assert rows["prefix"]["kl_mean"] < 1e-6 and rows["prefix"]["top1_agreement"] == 1.0  # exact reuse
     assert rows["prefix"]["cache_hit_tokens"] > 0
@@ -42,7 +51,7 @@ def test_compare_impl_rows(tmp_path):
     interpreter, so the smallest workload)."""
     out = tmp_path / "c.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,rcllm", "--num_users=1",
-                        "--num_candidates=2", "--history_len=1", "--nowarmup", "--compare_impl",
+                        "--num_candidates=2", "--history_len=1", "--nowarmup", "--compare_impl", "--peers=",
                         f"--output_json={out}"], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -305,7 +305,7 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(root / "launch/bench.py"), "--mesh=items:4", f"--snapshot_dir={snap}",
                         "--num_users=2", "--modes=stitch", "--num_candidates=8", "--negatives=retrieval",
-                        "--nowarmup", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}"],
+                        "--nowarmup", "--peers=", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())

@@ -217,9 +217,7 @@ class Engine:
         pb, tb = bucket(n_p, 16), bucket(n_t, 16)
         ps = np.zeros(pb, np.int32)
         ps[:n_p] = prefix_slots
-        cols = [np.array([r[j] for r in rows]) for j in range(6)] if rows and len(rows[0]) == 6 else \
-            [np.array([r[j] for r in rows]) for j in range(5)] + [np.full(n_t, -1)]
-        tok, canon, slot, cached, forced, item_slot = cols
+        tok, canon, slot, cached, forced, item_slot = (np.array([r[j] for r in rows]) for j in range(6))
 
         def pad(a, dtype, fill=0):
             out = np.full(tb, fill, dtype)
@@ -334,7 +332,7 @@ class Engine:
         t0 = time.perf_counter()
         toks = prompt.tokens
         pages, hit = self.prefix.lookup(toks)
-        rows = [(int(t), hit + i, 0, False, True) for i, t in enumerate(toks[hit:])]
+        rows = [(int(t), hit + i, 0, False, True, -1) for i, t in enumerate(toks[hit:])]
         lay = self._layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32), rows)
         params = self._params_on(dev)
         pk, pv = self._on((self.pool.k, self.pool.v), dev)

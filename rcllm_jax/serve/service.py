@@ -234,7 +234,7 @@ class RecommenderService:
             traceback.print_exc()
             t.future.set_exception(e)
 
-    def _prompt(self, user: int, history, cands):
+    def _prompt(self, history, cands):
         try:
             return self.engine.builder.build(history, cands)
         except ValueError as e:
@@ -244,7 +244,7 @@ class RecommenderService:
         p = t.payload
         if p["history"] is not None:
             self.histories[p["user"]] = list(p["history"])
-        prompt = self._prompt(p["user"], self.histories.get(p["user"], []), p["candidates"])
+        prompt = self._prompt(self.histories.get(p["user"], []), p["candidates"])
         t0 = time.perf_counter()
         res = self.engine.rank(prompt, self.mode, user_id=p["user"], shard=t.shard)
         wall = time.perf_counter() - t0  # incl. computing the user's history prefix when not cached
@@ -258,7 +258,7 @@ class RecommenderService:
     def _event(self, t: Task) -> dict:
         p = t.payload
         hist = self.histories.setdefault(p["user"], [])
-        probe = self._prompt(p["user"], hist + p["items"], [p["items"][-1]])
+        probe = self._prompt(hist + p["items"], [p["items"][-1]])
         computed = self.engine.update_user(p["user"], probe)
         hist.extend(p["items"])
         self.metrics.inc("events_total")

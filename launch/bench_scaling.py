@@ -1,0 +1,180 @@
+"""Scaling of the sharded item store: TTFT and remote bytes vs device count and catalog size, for
+similarity vs hash placement and affinity vs round-robin scheduling, in one run.
+
+python launch/bench_scaling.py --device_counts=1,2,4,8 --catalog_scales=1,10,100 \
+    --output_json=bench_out/scaling.json
+Catalogs: the real ML-100k items (scale 1) and synthetic ones of scale x k (each real item plus
+k - 1 variants: the same genres and year, the title numbered), all with the users' real histories;
+candidates from `--negatives` (default retrieval) over the whole catalog. Model: a small random
+config (`--layers`, `--hidden`; the real tokenizer), so a x100 catalog encodes in minutes on a CPU.
+The whole catalog is encoded once per scale; each (devices, placement) pair re-places the same
+blocks; each scheduler then serves the same requests (warm pass, then a timed pass).
+Runs in one process: CPU devices are simulated up to the largest device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402
+
+_DEVICES = flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Items-shard counts to measure.")
+_SCALES = flags.DEFINE_list("catalog_scales", ["1", "10", "100"], "Catalog sizes as multiples of ML-100k's.")
+_REQUESTS = flags.DEFINE_integer("num_requests", 40, "Requests per configuration (distinct users).")
+_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request.")
+_HIST = flags.DEFINE_integer("history_len", 20, "History items per prompt.")
+_NEG = flags.DEFINE_enum("negatives", "retrieval", list(NEGATIVES), "Negative sampling.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Layers of the small model.")
+_HIDDEN = flags.DEFINE_integer("hidden", 64, "Hidden size of the small model (head dim 32; KV 512 B/token "
+                               "at the defaults: a x100 catalog is ~1.7 GB).")
+_MODE = flags.DEFINE_string("mode", "rcllm", "Block mode served.")
+_OUT = flags.DEFINE_string("output_json", "bench_out/scaling.json", "Where to write the JSON.")
+
+
+def _catalog(ds, scale: int):
+    from rcllm_jax.data.movielens import Dataset
+    if scale == 1:
+        return ds
+    items = dict(ds.items)
+    stride = 10 ** len(str(max(ds.items)))
+    for j in range(1, scale):
+        for i, it in ds.items.items():
+            items[i + j * stride] = dataclasses.replace(it, item_id=i + j * stride, title=f"{it.title} #{j + 1}")
+    return Dataset(f"{ds.name}x{scale}", items, ds.sequences)
+
+
+def main(argv):
+    del argv
+    from rcllm_jax.dist.mesh import simulate_cpu_devices
+    counts = sorted(int(x) for x in _DEVICES.value)
+    note = simulate_cpu_devices(max(counts))
+    if note:
+        logging.info(note)
+    import jax
+    import numpy as np
+
+    from rcllm_jax.cache.item_store import ItemStore
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.pipeline import eval_requests
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+    from rcllm_jax.dist.placement import PLACEMENTS, place
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.model import ModelConfig, init_params, load_model
+
+    tok = load_model(with_tokenizer=True).tokenizer
+    h = _HIDDEN.value
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, hidden_size=h, intermediate_size=2 * h,
+                      num_layers=_LAYERS.value, num_heads=h // 32, num_kv_heads=max(1, h // 64), head_dim=32,
+                      rope_theta=10000.0, max_position=4096)
+    params = init_params(cfg, jax.random.key(0), scale=0.1)
+    base = load_dataset("ml-100k")
+    rows = []
+    for scale in (int(x) for x in _SCALES.value):
+        t0 = time.perf_counter()
+        ds = _catalog(base, scale)
+        split = LeaveOneOut(ds)
+        builder = PromptBuilder(tok, ds.items, history_len=_HIST.value)
+        reqs = list(eval_requests(split, num_candidates=_CANDS.value, negatives=_NEG.value, seed=0,
+                                  num_users=_REQUESTS.value))
+        prompts = [builder.build(r.history, r.candidates) for r in reqs]
+        one = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
+                     max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(1), devices=jax.devices()[:1]))
+        one.build_store(batch=256)
+        host = one.blocks.host_blocks()
+        keys = sorted(host)
+        lengths = [host[k][0].shape[1] for k in keys]
+        emb = np.stack([one.blocks.embeddings[k] for k in keys])
+        one.blocks.k = one.blocks.v = one.blocks.valid = None  # the host copy is all that is needed now
+        build_s = time.perf_counter() - t0
+        logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items), len(keys), build_s)
+        for n in counts:
+            for placement in PLACEMENTS:
+                t1 = time.perf_counter()
+                shards = place(placement, keys=keys, lengths=lengths, embeddings=emb, num_shards=n)
+                place_s = time.perf_counter() - t1
+                eng = Engine(params, cfg, builder, item_ids=[], user_pages=256, prefix_pages=1,
+                             max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
+                             fingerprint=one.fingerprint)
+                eng.item_blocks = one.item_blocks
+                store = ItemStore(eng.mesh, cfg, one.fingerprint, one.blocks.context, placement=placement)
+                store.embeddings = one.blocks.embeddings
+                store.lay_out(dict(zip(keys, (int(s) for s in shards))), host, canon_start=len(one.blocks.context))
+                eng.blocks = store
+                eng.glue_store.build(eng.params, cfg, eng.glue_blocks)
+                loads = store.shard_loads()
+                for sched in ("affinity", "round_robin"):
+                    shard_of = (lambda i: None) if sched == "affinity" else (lambda i: i % n)
+                    for timed in (False, True):  # warm pass (compiles), then the timed one
+                        eng.reset_caches()
+                        res = []
+                        for i, (r, p) in enumerate(zip(reqs, prompts)):
+                            eng.update_user(r.user_id, p)
+                            res.append(eng.rank(p, _MODE.value, user_id=r.user_id, shard=shard_of(i)))
+                    local = sum(x.local_item_bytes for x in res)
+                    remote = sum(x.remote_item_bytes for x in res)
+                    rows.append({"catalog_scale": scale, "catalog_items": len(ds.items), "devices": n,
+                                 "placement": placement, "scheduler": sched,
+                                 "ttft_p50_s": float(np.median([x.ttft_s for x in res])),
+                                 "ttft_p99_s": float(np.percentile([x.ttft_s for x in res], 99)),
+                                 "local_fraction": local / max(1, local + remote),
+                                 "remote_blocks_per_request": float(np.mean([x.remote_item_blocks for x in res])),
+                                 "remote_bytes_per_request": float(np.mean([x.remote_item_bytes for x in res])),
+                                 "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
+                                 "placement_s": place_s, "catalog_build_s": build_s})
+                    r_ = rows[-1]
+                    print(f"x{scale:<4} {len(ds.items):>7} items  {n} dev  {placement:<10} {sched:<11} "
+                          f"ttft p50 {r_['ttft_p50_s'] * 1e3:7.1f} ms  local {r_['local_fraction']:.3f}  "
+                          f"remote {r_['remote_blocks_per_request']:5.2f} blocks {r_['remote_bytes_per_request'] / 1e3:8.1f} KB"
+                          f"  load max/mean {r_['max_over_mean_load']:.3f}", flush=True)
+    config = {"model": f"random small config: {_LAYERS.value} layers, hidden {h}, {cfg.num_kv_heads} kv heads",
+              "kv_bytes_per_token": one.blocks.bytes_per_token, "num_requests": _REQUESTS.value,
+              "num_candidates": _CANDS.value, "history_len": _HIST.value, "negatives": _NEG.value,
+              "mode": _MODE.value, "cpu_cores": os.cpu_count(), "simulated_devices": len(jax.devices())}
+    out = Path(_OUT.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config["plots"] = _plots(Path(str(out.with_suffix("")) + "_plots"), rows)
+    out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
+    print(f"wrote {out} and {len(config['plots'])} plots")
+
+
+def _plots(out_dir: Path, rows) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scales = sorted({r["catalog_scale"] for r in rows})
+    written = []
+    for metric, label, name in (("remote_bytes_per_request", "remote KB per request", "remote_bytes_vs_devices.png"),
+                                ("ttft_p50_s", "TTFT p50 (ms)", "ttft_vs_devices.png")):
+        fig, axes = plt.subplots(1, len(scales), figsize=(4.2 * len(scales), 3.8), squeeze=False)
+        for ax, scale in zip(axes[0], scales):
+            for placement in ("similarity", "hash"):
+                for sched, style in (("affinity", "-"), ("round_robin", "--")):
+                    pts = sorted((r["devices"], r[metric]) for r in rows if r["catalog_scale"] == scale
+                                 and r["placement"] == placement and r["scheduler"] == sched)
+                    factor = 1e-3 if metric.endswith("bytes_per_request") else 1e3
+                    ax.plot([p[0] for p in pts], [p[1] * factor for p in pts], style, marker="o",
+                            label=f"{placement} / {sched}")
+            ax.set(title=f"catalog x{scale}", xlabel="items-shards (devices)", ylabel=label, xscale="log", )
+            ax.set_xticks(sorted({r["devices"] for r in rows}), labels=[str(d) for d in sorted({r["devices"] for r in rows})])
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(str(out_dir / name))
+    return written
+
+
+if __name__ == "__main__":
+    app.run(main)

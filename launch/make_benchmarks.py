@@ -1,0 +1,149 @@
+"""Regenerate BENCHMARKS.md: run the benchmark suite (unless --norun) and write the report.
+
+python launch/make_benchmarks.py [--tuned_model=runs/block/merged] [--norun]
+Runs, each in its own process, writing JSON and plots under --out_dir:
+  bench.py on the serving workload (every mode, a recompute sweep, the transformers peer) for the
+    zero-shot model and, when given, the tuned block-aware model;
+  bench.py --mesh=items:4 --placement=similarity|hash on retrieval candidates (locality, TTFT);
+  bench_scaling.py (devices x catalog size x placement x scheduler).
+Then formats every figure from those JSON files into BENCHMARKS.md (nothing is typed in by hand:
+the targets are checked against the measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+ROOT = Path(__file__).resolve().parents[1]
+_OUT_DIR = flags.DEFINE_string("out_dir", "bench_out/report", "Where the JSON files and plots go.")
+_TUNED = flags.DEFINE_string("tuned_model", None, "The tuned, block-aware model (launch/train.py <dir>/merged).")
+_RUN = flags.DEFINE_bool("run", True, "Run the benchmarks (--norun: only rewrite BENCHMARKS.md from the JSON).")
+_USERS = flags.DEFINE_integer("num_users", 30, "Users in the serving workload (2 requests each).")
+_SCALES = flags.DEFINE_list("catalog_scales", ["1", "10", "100"], "Catalog scales of bench_scaling.py.")
+_REPORT = flags.DEFINE_string("report", str(ROOT / "BENCHMARKS.md"), "The report file.")
+
+WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
+            "--modes=full,prefix,stitch,sink,deviation,rcllm", "--sweep=0.1,0.3,0.5"]
+
+
+def _runs(out: Path):
+    runs = {"zero-shot": [f"--num_users={_USERS.value}", *WORKLOAD, f"--output_json={out / 'zeroshot.json'}"]}
+    if _TUNED.value:
+        runs["tuned block-aware"] = [f"--num_users={_USERS.value}", *WORKLOAD, f"--model={_TUNED.value}",
+                                     f"--output_json={out / 'tuned.json'}"]
+    for p in ("similarity", "hash"):
+        runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--negatives=retrieval", "--mesh=items:4",
+                             f"--placement={p}", "--user_cache_pages=512", "--peers=",
+                             f"--output_json={out / f'mesh_{p}.json'}"]
+    return runs
+
+
+def _fmt(v, f=".3f"):
+    return "-" if v is None else format(v, f)
+
+
+def _bench_section(name, path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+    lines = [f"### {name}: {Path(c['model']).name}", "",
+             f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
+             f"{c['dataset']}, {c['num_requests']} requests ({c['num_users']} users x {c['requests_per_user']}), "
+             f"{c['num_candidates']} {c['negatives']} candidates, history {c['history_len']}, prompt p50 "
+             f"{c['prompt_tokens']['p50']:.0f} tokens, {c['dtype']}, {c['cpu_cores']} CPU cores, {c['devices']} device(s); "
+             f"measured f32 matmul peak {c['matmul_peak_flops'] / 1e9:.0f} GFLOP/s, read bandwidth "
+             f"{c['memory_bandwidth_bytes_s'] / 1e9:.0f} GB/s; transformers peer: {c.get('peers', {}).get('transformers')}.",
+             "", "| mode | TTFT p50 | TTFT p99 | computed tok p50 | recomputed | top-1 agr. | KL | HR@10 | NDCG@10 | "
+             "GFLOP p50 | KV MB read p50 | TTFT / floor | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        if r.get("ttft_p50_s") is None:
+            lines.append(f"| {m} | | | | | | | {r['hr@10']:.3f} | {r['ndcg@10']:.3f} | | | | |")
+            continue
+        lines.append(f"| {m} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {_fmt(r.get('computed_tokens_p50'), '.0f')} | "
+                     f"{_fmt(r.get('recompute_fraction'))} | {_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} | "
+                     f"{r['hr@10']:.3f} | {r['ndcg@10']:.3f} | {_fmt(r.get('flops_p50', 0) / 1e9, '.2f')} | "
+                     f"{_fmt(r.get('kv_bytes_read_p50', 0) / 1e6, '.1f')} | {_fmt(r.get('ttft_over_floor'), '.1f')} | "
+                     f"{_fmt(100 * r['achieved_flops_fraction'] if r.get('achieved_flops_fraction') is not None else None, '.1f')} |")
+    lines.append("")
+    if "rcllm" in rows:
+        rc = rows["rcllm"]["ttft_p50_s"]
+        checks = []
+        for peer, want in (("prefix", 10), ("full", 20), ("hf_full", 20)):
+            if peer in rows and rows[peer].get("ttft_p50_s"):
+                x = rows[peer]["ttft_p50_s"] / rc
+                checks.append(f"rcllm vs {peer}: **{x:.1f}x** lower TTFT p50 (target >= {want}x: "
+                              f"{'met' if x >= want else 'not met'})")
+        agr = rows["rcllm"].get("top1_agreement")
+        checks.append(f"rcllm top-1 agreement {agr:.3f} (target >= 0.99: {'met' if agr >= 0.99 else 'not met'})")
+        fl = rows["rcllm"].get("ttft_over_floor")
+        checks.append(f"rcllm TTFT / floor {fl:.1f} (target <= 2: {'met' if fl <= 2 else 'not met'})")
+        lines += [f"- {x}" for x in checks] + [""]
+    for p in c.get("plots", []):
+        rel = os.path.relpath(p, Path(_REPORT.value).parent)
+        lines.append(f"![{Path(p).stem}]({rel})")
+    return lines + [""]
+
+
+def _report(out: Path) -> str:
+    lines = ["# BENCHMARKS", "", "Regenerate everything: `python launch/make_benchmarks.py "
+             "[--tuned_model=runs/block/merged]` (`--norun` rewrites this file from the JSON in "
+             f"`{_OUT_DIR.value}`). Every figure below is read from those files.", "",
+             "## TTFT and fidelity per mode", ""]
+    for name, f in (("zero-shot", "zeroshot.json"), ("tuned block-aware", "tuned.json")):
+        if (out / f).exists():
+            lines += _bench_section(name, out / f)
+        else:
+            lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
+    lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
+              "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
+              "|---|---|---|---|---|"]
+    for p in ("similarity", "hash"):
+        f = out / f"mesh_{p}.json"
+        if f.exists():
+            r = next(x for x in json.loads(f.read_text())["results"] if x["mode"] == "rcllm")
+            lines.append(f"| {p} | {r['ttft_p50_s']:.3f} s | {r['local_fraction']:.3f} | "
+                         f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e6:.2f} |")
+    lines.append("")
+    f = out / "scaling.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        lines += ["## Scaling: devices x catalog size", "", f"Model: {d['config']['model']}; {d['config']['num_requests']} "
+                  f"requests, {d['config']['num_candidates']} {d['config']['negatives']} candidates, "
+                  f"{d['config']['cpu_cores']} CPU cores simulating the devices.", "",
+                  "| catalog | items | devices | placement | scheduler | TTFT p50 | local fraction | remote blocks / req | remote KB / req | load max/mean |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["results"]:
+            lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['devices']} | {r['placement']} | "
+                         f"{r['scheduler']} | {r['ttft_p50_s'] * 1e3:.1f} ms | {r['local_fraction']:.3f} | "
+                         f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e3:.1f} | "
+                         f"{r['max_over_mean_load']:.3f} |")
+        lines.append("")
+        for p in d["config"].get("plots", []):
+            lines.append(f"![{Path(p).stem}]({os.path.relpath(p, Path(_REPORT.value).parent)})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    out = Path(_OUT_DIR.value)
+    out.mkdir(parents=True, exist_ok=True)
+    if _RUN.value:
+        for name, args in _runs(out).items():
+            print(f"== {name}: bench.py {' '.join(args)}", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), *args], check=True)
+        args = [f"--catalog_scales={','.join(_SCALES.value)}", f"--output_json={out / 'scaling.json'}"]
+        print(f"== scaling: bench_scaling.py {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/bench_scaling.py"), *args], check=True)
+    Path(_REPORT.value).write_text(_report(out))
+    print(f"wrote {_REPORT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
