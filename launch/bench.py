@@ -66,6 +66,11 @@ _SNAP = flags.DEFINE_string("snapshot_dir", None, "Restore the item store from t
                             "(launch/build_cache.py) instead of building it; blocks it lacks are built.")
 _PEERS = flags.DEFINE_list("peers", ["transformers"], "External peers in the same run: transformers (rows "
                            "hf_full, hf_prefix: same weights and prompts on CPU torch); --peers= for none.")
+_SCHED = flags.DEFINE_enum("scheduler", "affinity", ["affinity", "round_robin"], "Which items-shard serves a "
+                           "block-mode request on a mesh: the one holding most of its item bytes, or request i -> i mod N.")
+_RATE = flags.DEFINE_float("arrival_rate", 0.0, "Open-loop arrivals (requests/s, Poisson, seeded): rows add "
+                           "response_p50/p99_s = queueing + history update + TTFT of one engine serving the stream "
+                           "in arrival order (simulated from the measured service times). 0: back to back.")
 _PLOTS = flags.DEFINE_string("plots_dir", None, "Where the PNG plots go (default: <output_json without .json>_plots).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
@@ -171,10 +176,25 @@ def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
     return written
 
 
+def _open_loop(service_s, seed: int) -> dict:
+    """Response times of one engine serving the stream in order when requests arrive as a Poisson
+    process of --arrival_rate (queueing simulated from measured service times)."""
+    import numpy as np
+    if _RATE.value <= 0:
+        return {}
+    arrive = np.cumsum(np.random.default_rng([seed, 11]).exponential(1.0 / _RATE.value, len(service_s)))
+    end, resp = 0.0, []
+    for a, s in zip(arrive, service_s):
+        end = max(a, end) + s
+        resp.append(end - a)
+    return {"arrival_rate": _RATE.value, "response_p50_s": _pct(resp, 50), "response_p99_s": _pct(resp, 99),
+            "utilization": float(sum(service_s) / max(end, 1e-9))}
+
+
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s)."""
     out = []
-    for q, p in zip(requests, prompts):
+    for i, (q, p) in enumerate(zip(requests, prompts)):
         upd = None
         if mode.startswith("hf_"):
             res = peer.rank(p, mode, q.user_id)
@@ -182,7 +202,8 @@ def run_stream(engine, mode, requests, prompts, policies, peer=None):
             t0 = time.perf_counter()
             engine.update_user(q.user_id, p)
             upd = time.perf_counter() - t0
-            res = engine.rank_policy(p, policies[mode], q.user_id)
+            shard = None if _SCHED.value == "affinity" else i % engine.num_shards
+            res = engine.rank_policy(p, policies[mode], q.user_id, shard=shard)
         else:
             res = engine.rank(p, mode, q.user_id)
         out.append((res, upd))
@@ -319,6 +340,7 @@ def main(argv):
                "compiles_during_timing": results[mode + "/compiles"],
                "floor_s_p50": _pct([floor_s(r, p) for r, p in zip(res, prompts)], 50),
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
+               **_open_loop([r.ttft_s + (u or 0.0) for r, u in results[mode]], _SEED.value),
                **metrics}
         row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]
         # the floor's parts: FLOPs that must be computed, bytes that must be read (cached KV +
@@ -355,7 +377,8 @@ def main(argv):
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
-              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
+              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value, "scheduler": _SCHED.value,
+              "arrival_rate": _RATE.value,
               "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),
               "peers": {"transformers": peer_note},
               "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),

@@ -21,7 +21,8 @@ from pathlib import Path
 from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
-_OUT_DIR = flags.DEFINE_string("out_dir", "bench_out/report", "Where the JSON files and plots go.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where the JSON files and plots go (committed "
+                               "with BENCHMARKS.md, which links the plots).")
 _TUNED = flags.DEFINE_string("tuned_model", None, "The tuned, block-aware model (launch/train.py <dir>/merged).")
 _RUN = flags.DEFINE_bool("run", True, "Run the benchmarks (--norun: only rewrite BENCHMARKS.md from the JSON).")
 _USERS = flags.DEFINE_integer("num_users", 30, "Users in the serving workload (2 requests each).")
@@ -84,10 +85,15 @@ def _bench_section(name, path: Path) -> list[str]:
         fl = rows["rcllm"].get("ttft_over_floor")
         checks.append(f"rcllm TTFT / floor {fl:.1f} (target <= 2: {'met' if fl <= 2 else 'not met'})")
         lines += [f"- {x}" for x in checks] + [""]
-    for p in c.get("plots", []):
-        rel = os.path.relpath(p, Path(_REPORT.value).parent)
-        lines.append(f"![{Path(p).stem}]({rel})")
+    lines += _plot_links(path, c.get("plots", []))
     return lines + [""]
+
+
+def _plot_links(json_path: Path, plots) -> list[str]:
+    """Markdown images for the plots written beside `json_path` (wherever that directory now is)."""
+    here = json_path.parent
+    return [f"![{Path(p).stem}]({os.path.relpath(here / Path(p).parent.name / Path(p).name, Path(_REPORT.value).parent)})"
+            for p in plots]
 
 
 def _report(out: Path) -> str:
@@ -124,9 +130,7 @@ def _report(out: Path) -> str:
                          f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e3:.1f} | "
                          f"{r['max_over_mean_load']:.3f} |")
         lines.append("")
-        for p in d["config"].get("plots", []):
-            lines.append(f"![{Path(p).stem}]({os.path.relpath(p, Path(_REPORT.value).parent)})")
-        lines.append("")
+        lines += _plot_links(f, d["config"].get("plots", [])) + [""]
     return "\n".join(lines)
 
 

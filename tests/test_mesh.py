@@ -305,12 +305,14 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(root / "launch/bench.py"), "--mesh=items:4", f"--snapshot_dir={snap}",
                         "--num_users=2", "--modes=stitch", "--num_candidates=8", "--negatives=retrieval",
-                        "--nowarmup", "--peers=", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}"],
+                        "--nowarmup", "--peers=", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}",
+                        "--scheduler=round_robin", "--arrival_rate=50"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     row = next(x for x in got["results"] if x["mode"] == "stitch")
-    assert got["config"]["mesh"] == "items:4" and sum(row["shard_requests"]) == 2
+    assert got["config"]["mesh"] == "items:4" and row["shard_requests"] == [1, 1, 0, 0]  # round robin
+    assert row["response_p50_s"] >= row["ttft_p50_s"] and 0 < row["utilization"] <= 1
     assert 0 < row["local_fraction"] <= 1 and row["remote_blocks_per_request"] <= 8
     assert row["remote_bytes_per_request"] >= 0 and set(got["config"]["placement_locality"]) == {"similarity", "hash"}
     assert "placement similarity" in r.stdout
