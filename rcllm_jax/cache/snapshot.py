@@ -37,13 +37,28 @@ class SnapshotMismatchError(SnapshotError):
     """A snapshot of another model, tokenizer, prompt context or format version."""
 
 
-def _manager(directory, create: bool):
+def _manager(directory, create: bool, items=("items", "users", "meta")):
     import orbax.checkpoint as ocp
     path = Path(directory).resolve()
     if not create and not path.is_dir():
         raise SnapshotError(f"no snapshot directory at {path}")
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create),
-                                 item_names=("items", "users", "meta"))
+                                 item_names=items)
+
+
+def _pool_target(engine, names, length: int) -> dict:
+    """Restore targets for pool-shaped arrays [L, length, K, H], replicated like the pool."""
+    cfg = engine.cfg
+    return {n: jax.ShapeDtypeStruct((cfg.num_layers, max(1, length), cfg.num_kv_heads, cfg.head_dim),
+                                    engine.pool.k.dtype, sharding=engine.replicated) for n in names}
+
+
+def _verify(meta: dict, prefix: str, tree: dict, where: str) -> None:
+    """Every restored array must match the sha256 saved with it."""
+    for name, a in tree.items():
+        want = meta["digests"].get(f"{prefix}.{name}")
+        if want is None or _digest(a) != want:
+            raise SnapshotError(f"{where} is damaged: {prefix}.{name} does not match its saved digest")
 
 
 def _digest(a) -> str:
@@ -168,10 +183,8 @@ def restore(engine, directory, step: int | None = None) -> dict:
     kv_shape = (cfg.num_layers, n_old * s_old, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(meta["dtype"])
     same_mesh = n_old == store.num_shards
-    if same_mesh:
+    if same_mesh or kv_shape[1] % store.num_shards == 0:  # (another mesh: the old layout split over it)
         ksh, vsh = store.sharding, store.valid_sharding
-    elif kv_shape[1] % store.num_shards == 0:
-        ksh, vsh = store.sharding, store.valid_sharding  # the old layout, split over the new mesh
     else:
         ksh = vsh = engine.replicated
     n_blocks = max(1, len(meta["blocks"]))
@@ -180,21 +193,15 @@ def restore(engine, directory, step: int | None = None) -> dict:
     items_t = {"k": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh), "v": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
                "valid": jax.ShapeDtypeStruct((kv_shape[1],), bool, sharding=vsh),
                "embeddings": jax.ShapeDtypeStruct((n_blocks, int(meta["embedding_dim"])), np.float32, sharding=rep)}
-    users_t = {n: jax.ShapeDtypeStruct((cfg.num_layers, u_len, cfg.num_kv_heads, cfg.head_dim), engine.pool.k.dtype,
-                                       sharding=rep) for n in ("k", "v")}
-    users_t |= {n: jax.ShapeDtypeStruct((cfg.num_layers, int(meta["glue_end"]), cfg.num_kv_heads, cfg.head_dim),
-                                        engine.pool.k.dtype, sharding=rep) for n in ("glue_k", "glue_v")}
+    users_t = _pool_target(engine, ("k", "v"), u_len) | _pool_target(engine, ("glue_k", "glue_v"), meta["glue_end"])
     try:
         got = mngr.restore(step, args=ocp.args.Composite(items=ocp.args.StandardRestore(items_t),
                                                          users=ocp.args.StandardRestore(users_t)))
         items, users = dict(got["items"]), dict(got["users"])
     except Exception as e:  # noqa: BLE001
         raise SnapshotError(f"snapshot {where} is damaged or incomplete ({type(e).__name__}: {e})") from e
-    for prefix, tree in (("items", items), ("users", users)):
-        for name, a in tree.items():
-            want = meta["digests"].get(f"{prefix}.{name}")
-            if want is None or _digest(a) != want:
-                raise SnapshotError(f"snapshot {where} is damaged: {prefix}.{name} does not match its saved digest")
+    _verify(meta, "items", items, f"snapshot {where}")
+    _verify(meta, "users", users, f"snapshot {where}")
     # glue is derived data: a snapshot built for another candidate limit keeps its items and users,
     # and the engine encodes its own glue (`build_store`) instead of taking the saved one
     saved_glue = {k for k, *_ in meta["glue"]}
@@ -247,8 +254,7 @@ def save_users(engine, directory, histories: dict | None = None) -> int:
     meta = dict(identity(engine), users=user_index,
                 histories={str(u): [int(i) for i in h] for u, h in (histories or {}).items()},
                 digests={f"users.{n}": _digest(a) for n, a in users.items()})
-    mngr = ocp.CheckpointManager(Path(directory).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-                                 item_names=("users", "meta"))
+    mngr = _manager(directory, create=True, items=("users", "meta"))
     step = (mngr.latest_step() or 0) + 1
     mngr.save(step, args=ocp.args.Composite(users=ocp.args.StandardSave(users), meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
@@ -262,23 +268,18 @@ def restore_users(engine, directory) -> dict[int, list[int]]:
     path = Path(directory).resolve()
     if not path.is_dir():
         return {}
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False), item_names=("users", "meta"))
+    mngr = _manager(path, create=False, items=("users", "meta"))
     step = mngr.latest_step()
     if step is None:
         return {}
     where = f"user snapshot {path} step {step}"
     meta = _read_meta(mngr, step, where)
     _check_identity(meta, engine, where)
-    cfg, rep = engine.cfg, engine.replicated
-    u_len = max(1, sum(len(t) for _, t in meta["users"]))
-    target = {n: jax.ShapeDtypeStruct((cfg.num_layers, u_len, cfg.num_kv_heads, cfg.head_dim), engine.pool.k.dtype,
-                                      sharding=rep) for n in ("k", "v")}
+    target = _pool_target(engine, ("k", "v"), sum(len(t) for _, t in meta["users"]))
     try:
         users = dict(mngr.restore(step, args=ocp.args.Composite(users=ocp.args.StandardRestore(target)))["users"])
     except Exception as e:  # noqa: BLE001
         raise SnapshotError(f"user snapshot {where} is damaged or incomplete ({type(e).__name__}: {e})") from e
-    for name, a in users.items():
-        if _digest(a) != meta["digests"].get(f"users.{name}"):
-            raise SnapshotError(f"user snapshot {where} is damaged: users.{name} does not match its saved digest")
+    _verify(meta, "users", users, where)
     _put_users(engine, meta["users"], users)
     return {int(u): list(h) for u, h in meta["histories"].items()}
