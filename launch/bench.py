@@ -93,7 +93,7 @@ def _pct(xs, q):
 
 
 def _policies():
-    from rcllm_jax.engine.engine import BLOCK_MODES, Policy
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy
     over = {k: v for k, v in (("sink", _SINK.value), ("ratio", _RATIO.value), ("check_layer", _CHECK.value))
             if v is not None}
     out = {}
@@ -110,19 +110,8 @@ def _policies():
 def _placement_locality(engine, requests):
     """Locality of this stream's candidates under each placement of the same stored blocks
     (affinity routing: each request on the shard holding most of its candidate tokens)."""
-    from rcllm_jax.dist.placement import PLACEMENTS, locality
-    store = engine.blocks
-    if not store.entries:
-        return {}
-    key_of = {i: store.key(t) for i, t in engine.item_blocks.items() if store.key(t) in store.entries}
-    lengths = {i: store.entries[k].length for i, k in key_of.items()}
-    reqs = [[c for c in q.candidates if c in key_of] for q in requests]
-    out = {}
-    for name in PLACEMENTS:
-        table = store.placement_of(name)
-        out[name] = locality({i: table[k] for i, k in key_of.items()}, lengths, reqs, store.num_shards)
-        out[name]["remote_bytes_per_request"] = out[name].pop("remote_tokens_per_request") * store.bytes_per_token
-    return out
+    from rcllm_jax.dist.placement import PLACEMENTS
+    return {name: engine.locality([q.candidates for q in requests], name) for name in PLACEMENTS}
 
 
 def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
@@ -192,9 +181,12 @@ def _open_loop(service_s, seed: int) -> dict:
 
 
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
-    """One pass of the stream in `mode`; returns per-request (result, history_update_s)."""
+    """One pass of the stream in `mode`; returns per-request (result, history_update_s). Block
+    modes are routed to a shard by the server's scheduler (`--scheduler`), one request at a time."""
+    from rcllm_jax.serve.scheduler import Scheduler
+    sched = Scheduler(engine.num_shards, _SCHED.value)
     out = []
-    for i, (q, p) in enumerate(zip(requests, prompts)):
+    for q, p in zip(requests, prompts):
         upd = None
         if mode.startswith("hf_"):
             res = peer.rank(p, mode, q.user_id)
@@ -202,8 +194,8 @@ def run_stream(engine, mode, requests, prompts, policies, peer=None):
             t0 = time.perf_counter()
             engine.update_user(q.user_id, p)
             upd = time.perf_counter() - t0
-            shard = None if _SCHED.value == "affinity" else i % engine.num_shards
-            res = engine.rank_policy(p, policies[mode], q.user_id, shard=shard)
+            shard = sched.route(engine.shard_bytes(q.candidates))
+            res = engine.rank(p, policies[mode], q.user_id, shard=shard)
         else:
             res = engine.rank(p, mode, q.user_id)
         out.append((res, upd))
@@ -255,7 +247,7 @@ def main(argv):
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
-        from pallas_kernels.dispatch import resolve
+        from rcllm_jax.kernels import resolve
         other = "xla" if engine.impl != "xla" else resolve("pallas")
         for m in [m for m in modes if m in policies]:
             name = f"{m}@{'xla' if other == 'xla' else 'pallas'}"
@@ -265,8 +257,7 @@ def main(argv):
     if any(m in policies for m in modes):
         t0 = time.perf_counter()
         if _SNAP.value:
-            from rcllm_jax.cache import snapshot
-            snapshot.restore(engine, _SNAP.value)
+            engine.restore(_SNAP.value)
             logging.info("restored the item store from %s", _SNAP.value)
         engine.build_store()
         n_tok = sum(len(t) for t in engine.item_blocks.values())
@@ -304,11 +295,10 @@ def main(argv):
             peer.reset()
     engine.impl = default_impl
 
-    from rcllm_jax.eval.floor import (kv_bytes_per_token, matmul_peak_flops, memory_bandwidth,
-                                      selective_flops, weight_bytes)
+    from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth, selective_flops, weight_bytes
     peak, bw = matmul_peak_flops(), memory_bandwidth()
-    itemsize = engine.pool.k.dtype.itemsize
-    kvb = kv_bytes_per_token(model.cfg, itemsize)
+    itemsize = jax.numpy.dtype(model.cfg.dtype).itemsize
+    kvb = engine.kv_bytes_per_token
 
     def floor_s(r, prompt):
         """Compute and memory traffic overlapped perfectly: the larger of FLOPs / peak and

@@ -62,13 +62,13 @@ def main(argv):
     import jax
     import numpy as np
 
-    from rcllm_jax.cache.item_store import ItemStore
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
-    from rcllm_jax.dist.placement import PLACEMENTS, place
+    from rcllm_jax.dist.placement import PLACEMENTS
     from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.serve.scheduler import Scheduler
     from rcllm_jax.model import ModelConfig, init_params, load_model
 
     tok = load_model(with_tokenizer=True).tokenizer
@@ -90,36 +90,27 @@ def main(argv):
         one = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
                      max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(1), devices=jax.devices()[:1]))
         one.build_store(batch=256)
-        host = one.blocks.host_blocks()
-        keys = sorted(host)
-        lengths = [host[k][0].shape[1] for k in keys]
-        emb = np.stack([one.blocks.embeddings[k] for k in keys])
-        one.blocks.k = one.blocks.v = one.blocks.valid = None  # the host copy is all that is needed now
         build_s = time.perf_counter() - t0
-        logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items), len(keys), build_s)
+        logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
+                     one.stats()["item_blocks"], build_s)
         for n in counts:
             for placement in PLACEMENTS:
-                t1 = time.perf_counter()
-                shards = place(placement, keys=keys, lengths=lengths, embeddings=emb, num_shards=n)
-                place_s = time.perf_counter() - t1
-                eng = Engine(params, cfg, builder, item_ids=[], user_pages=256, prefix_pages=1,
+                eng = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
                              max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
                              fingerprint=one.fingerprint)
-                eng.item_blocks = one.item_blocks
-                store = ItemStore(eng.mesh, cfg, one.fingerprint, one.blocks.context, placement=placement)
-                store.embeddings = one.blocks.embeddings
-                store.lay_out(dict(zip(keys, (int(s) for s in shards))), host, canon_start=len(one.blocks.context))
-                eng.blocks = store
-                eng.glue_store.build(eng.params, cfg, eng.glue_blocks)
-                loads = store.shard_loads()
+                t1 = time.perf_counter()
+                eng.copy_blocks_from(one)  # placed and laid out on this mesh, nothing re-encoded
+                place_s = time.perf_counter() - t1
+                loads = np.asarray(eng.stats()["shard_tokens"])
                 for sched in ("affinity", "round_robin"):
-                    shard_of = (lambda i: None) if sched == "affinity" else (lambda i: i % n)
                     for timed in (False, True):  # warm pass (compiles), then the timed one
                         eng.reset_caches()
+                        route = Scheduler(n, sched).route
                         res = []
-                        for i, (r, p) in enumerate(zip(reqs, prompts)):
+                        for r, p in zip(reqs, prompts):
                             eng.update_user(r.user_id, p)
-                            res.append(eng.rank(p, _MODE.value, user_id=r.user_id, shard=shard_of(i)))
+                            res.append(eng.rank(p, _MODE.value, user_id=r.user_id,
+                                                shard=route(eng.shard_bytes(r.candidates))))
                     local = sum(x.local_item_bytes for x in res)
                     remote = sum(x.remote_item_bytes for x in res)
                     rows.append({"catalog_scale": scale, "catalog_items": len(ds.items), "devices": n,
@@ -137,7 +128,7 @@ def main(argv):
                           f"remote {r_['remote_blocks_per_request']:5.2f} blocks {r_['remote_bytes_per_request'] / 1e3:8.1f} KB"
                           f"  load max/mean {r_['max_over_mean_load']:.3f}", flush=True)
     config = {"model": f"random small config: {_LAYERS.value} layers, hidden {h}, {cfg.num_kv_heads} kv heads",
-              "kv_bytes_per_token": one.blocks.bytes_per_token, "num_requests": _REQUESTS.value,
+              "kv_bytes_per_token": one.kv_bytes_per_token, "num_requests": _REQUESTS.value,
               "num_candidates": _CANDS.value, "history_len": _HIST.value, "negatives": _NEG.value,
               "mode": _MODE.value, "cpu_cores": os.cpu_count(), "simulated_devices": len(jax.devices())}
     out = Path(_OUT.value)

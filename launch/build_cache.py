@@ -39,6 +39,7 @@ def main(argv):
     del argv
     mesh = dist_cli.setup()
     import jax
+    import numpy as np
     from tqdm import tqdm
 
     from rcllm_jax.cache import snapshot
@@ -57,7 +58,7 @@ def main(argv):
                     placement=dist_cli.PLACEMENT.value)
     prev = snapshot.latest_meta(_SNAP.value)
     if prev is not None:
-        problem = snapshot.identity_problem(prev[1], engine)
+        problem = snapshot.identity_problem(prev[1], engine.identity())
         if problem:
             raise app.UsageError(f"{_SNAP.value} holds a snapshot of {problem}; choose another --snapshot_dir "
                                  "(nothing was changed)")
@@ -68,12 +69,13 @@ def main(argv):
         engine.build_store(batch=_BATCH.value, progress=bar.update)
     build_s = time.perf_counter() - t1
     t2 = time.perf_counter()
-    step = snapshot.save(engine, _SNAP.value)
+    step = engine.save(_SNAP.value)
     save_s = time.perf_counter() - t2
-    loads = engine.blocks.shard_loads()
+    st = engine.stats()
+    loads = np.asarray(st["shard_tokens"])
     summary = {"snapshot_dir": os.path.abspath(_SNAP.value), "step": step, "mesh": str(dist_cli.MESH.value),
-               "placement": engine.blocks.placement, "item_blocks": len(engine.blocks.entries),
-               "item_tokens": int(loads.sum()), "item_bytes": int(loads.sum()) * engine.blocks.bytes_per_token,
+               "placement": st["placement"], "item_blocks": st["item_blocks"],
+               "item_tokens": st["item_tokens"], "item_bytes": st["item_bytes"],
                "shard_tokens": loads.tolist(), "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
                "build_s": round(build_s, 2), "save_s": round(save_s, 2), "model_fingerprint": engine.fingerprint}
     if jax.process_index() == 0:

@@ -102,11 +102,12 @@ def main(argv):
     users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
     saved = snapshot.latest_meta(snap)
     if saved is not None:
-        snapshot.restore(engine, snap)
+        engine.restore(snap)
         logging.info("restored item caches from %s", snap)
     engine.build_store()  # encodes only what the snapshot lacked (everything on the first start)
-    if saved is None or len(engine.blocks.entries) > len(saved[1]["blocks"]):
-        snapshot.save(engine, snap)
+    st = engine.stats()
+    if saved is None or st["item_blocks"] + st["glue_blocks"] > len(saved[1]["blocks"]):
+        engine.save(snap)
         logging.info("saved item caches to %s", snap)
     if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
         t1 = time.perf_counter()
@@ -118,9 +119,9 @@ def main(argv):
         logging.info("warmed up %d shards x %d prompt shapes in %.1fs", engine.num_shards, len(probes),
                      time.perf_counter() - t1)
     histories = {u: list(s) for u, s in ds.sequences.items()}
-    saved_histories = snapshot.restore_users(engine, users_dir)
+    saved_histories = engine.restore_users(users_dir)
     histories.update(saved_histories)
-    logging.info("restored %d cached user prefixes and %d histories from %s", len(engine.users.users),
+    logging.info("restored %d cached user prefixes and %d histories from %s", engine.stats()["users_cached"],
                  len(saved_histories), users_dir)
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, _QUEUE.value, _WINDOW.value),
@@ -139,8 +140,8 @@ def main(argv):
     server.shutdown()  # no new connections
     service.stop()  # every queued request answered
     server.server_close()  # in-flight handlers finish writing
-    step = snapshot.save_users(engine, users_dir, service.histories)
-    print(f"saved {len(engine.users.users)} user prefixes to {users_dir} (step {step}); bye", flush=True)
+    step = engine.save_users(users_dir, service.histories)
+    print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step}); bye", flush=True)
 
 
 if __name__ == "__main__":

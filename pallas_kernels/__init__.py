@@ -1,4 +1,5 @@
 """Pallas kernels for the hot paths of block stitching, each with a pure-JAX reference in its
 module: `selective_attention` (few queries at arbitrary positions over stitched, ragged KV) and
-`gather_rerotate` (pool gather fused with RoPE re-rotation). `dispatch` picks kernel or reference
-per backend (`--attention_impl=auto|pallas|xla`)."""
+`gather_rerotate` (block-store gather fused with RoPE re-rotation). The kernels take everything
+they need as arguments and import nothing of `rcllm_jax`; `rcllm_jax.kernels` picks kernel or
+reference per backend (`--attention_impl=auto|pallas|xla`)."""

@@ -7,7 +7,10 @@ re-rotation from canonical to real positions.
   -> out [L, T, K, H]  out[l, t] = rotate(pool[l, slots[t]], by delta[t])   (HF rotate_half layout)
 
 Rotation by delta composes with the rotation already in the key (RoPE is a rotation per frequency
-pair), so this equals `rope.rerotate(pool[:, slots], canon, real)`. `gather_rerotate_reference` is
+pair), so this equals rotating the gathered keys from their canonical to their real positions.
+The rotation is computed in f32 (angles, cos/sin and the product) and rounded to the KV dtype
+once, in both implementations. `inv` [H/2]: the model's RoPE inverse frequencies (the caller's;
+this package depends on nothing of the engine's). `gather_rerotate_reference` is
 that XLA path; `gather_rerotate` the Pallas kernel: scalar-prefetched slots and deltas drive the
 block index of the pool (one row per grid step, so only the rows used are read, once), the
 rotation happens on the row in VMEM and the rotated row is written once. Values (V) need no
@@ -23,13 +26,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from rcllm_jax.model.rope import apply_rope
-
 
 def gather_rerotate_reference(pool, slots, delta, inv):
-    """XLA: gather then rotate (what `engine/blend.py` does)."""
-    g = pool[:, slots]  # [L, T, K, H]
-    return apply_rope(g, jnp.broadcast_to(delta[None], g.shape[:2]), inv)
+    """XLA: gather, then rotate by delta in f32, one rounding to the pool's dtype."""
+    g = pool[:, slots].astype(jnp.float32)  # [L, T, K, H]
+    ang = delta.astype(jnp.float32)[:, None] * jnp.asarray(inv, jnp.float32)[None]  # [T, H/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]  # [1, T, 1, H]
+    half = g.shape[-1] // 2
+    rot = jnp.concatenate([-g[..., half:], g[..., :half]], axis=-1)
+    return (g * jnp.cos(ang) + rot * jnp.sin(ang)).astype(pool.dtype)
 
 
 def _kernel(slots_ref, delta_ref, inv_ref, k_ref, o_ref):

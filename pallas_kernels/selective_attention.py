@@ -3,12 +3,16 @@ KV buffer (cached blocks re-rotated into place + fresh rows), GQA, online softma
 
   q      [B, T, N, H]   queries (the recomputed tokens), at positions q_pos [B, T]
   k, v   [B, S, K, H]   the stitched KV of each request, at positions k_pos [B, S]
-  kv_len [B]            rows of k/v that hold data; rows >= kv_len are padding, never read as data
+  kv_len [B]            optional: rows of k/v that hold data; rows >= kv_len are padding, never
+                        read as data (tiles past it are skipped); None = all S rows
   k_valid [B, S]        optional: rows below kv_len that are padding too (a bucketed prefix)
+  window                optional sliding window (Mistral): a key further back than window - 1
+                        positions is not attended
   -> out [B, T, N, H]   softmax(q k^T / sqrt(H), causal by global position) v
 
-A query attends key s iff s < kv_len, k_valid[s] and k_pos[s] <= q_pos (causal by position, not by index: the
-stitched buffer need not be sorted). A query that sees no key gets 0.
+A query attends key s iff s < kv_len, k_valid[s], k_pos[s] <= q_pos and (with a window)
+q_pos - k_pos[s] < window (causal by position, not by index: the stitched buffer need not be
+sorted). A query that sees no key gets 0.
 
 `selective_attention_reference` is the pure-JAX definition; `selective_attention` the Pallas
 kernel: grid (batch, kv head, query tile), the G = N / K query heads of one kv head folded into
@@ -28,15 +32,19 @@ from jax.experimental import pallas as pl
 _NEG = -1e30
 
 
-def selective_attention_reference(q, k, v, q_pos, k_pos, kv_len, k_valid=None):
+def selective_attention_reference(q, k, v, q_pos, k_pos, kv_len=None, k_valid=None, window: int | None = None):
     """Pure JAX: dense scores with the same mask (f32 softmax)."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
-    valid = jnp.arange(k.shape[1])[None, :] < kv_len[:, None]  # [B, S]
+    valid = jnp.ones((b, k.shape[1]), bool)  # [B, S]
+    if kv_len is not None:
+        valid &= jnp.arange(k.shape[1])[None, :] < kv_len[:, None]
     if k_valid is not None:
         valid &= k_valid
     mask = valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    if window is not None:
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
     kz = jnp.where(valid[:, :, None, None], k, 0).astype(jnp.float32)
     vz = jnp.where(valid[:, :, None, None], v, 0).astype(jnp.float32)
     qg = q.reshape(b, t, kh, g, h).astype(jnp.float32)
@@ -49,7 +57,8 @@ def selective_attention_reference(q, k, v, q_pos, k_pos, kv_len, k_valid=None):
     return o.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _kernel(len_ref, qpos_ref, kpos_ref, kval_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, scale: float):
+def _kernel(len_ref, qpos_ref, kpos_ref, kval_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, scale: float,
+            window: int | None):
     # len_ref [1, 1]; qpos_ref [bq, 1]; kpos_ref, kval_ref [1, S]; q_ref [bq, H]; k_ref, v_ref [S, H]
     kv_len = len_ref[0, 0]
     q = q_ref[...].astype(jnp.float32) * scale
@@ -65,6 +74,8 @@ def _kernel(len_ref, qpos_ref, kpos_ref, kval_ref, q_ref, k_ref, v_ref, o_ref, *
         valid = (start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < kv_len  # [1, bk]
         valid &= kval_ref[:, pl.ds(start, block_k)] != 0
         mask = valid & (kp <= qp)  # [bq, bk]
+        if window is not None:
+            mask &= (qp - kp) < window
         vs = jnp.where(valid.reshape(block_k, 1), vs, 0.0)
         ks = jnp.where(valid.reshape(block_k, 1), ks, 0.0)
         s = jnp.where(mask, jax.lax.dot_general(q, ks, (((1,), (1,)), ((), ()))), _NEG)
@@ -81,9 +92,9 @@ def _kernel(len_ref, qpos_ref, kpos_ref, kval_ref, q_ref, k_ref, v_ref, o_ref, *
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
-def selective_attention(q, k, v, q_pos, k_pos, kv_len, k_valid=None, *, block_q: int = 64, block_k: int = 128,
-                        interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("window", "block_q", "block_k", "interpret"))
+def selective_attention(q, k, v, q_pos, k_pos, kv_len=None, k_valid=None, *, window: int | None = None,
+                        block_q: int = 64, block_k: int = 128, interpret: bool = False):
     """Pallas kernel; same contract as `selective_attention_reference`. T and S are padded to
     tiles here (padding keys are beyond kv_len; padding queries are dropped)."""
     b, t, n, h = q.shape
@@ -102,11 +113,12 @@ def selective_attention(q, k, v, q_pos, k_pos, kv_len, k_valid=None, *, block_q:
     kt = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, s_p - s), (0, 0)))  # [B, K, S, H]
     vt = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, s_p - s), (0, 0)))
     kp = jnp.pad(k_pos.astype(jnp.int32), ((0, 0), (0, s_p - s)))[:, None, :]  # [B, 1, S]
+    kv_len = jnp.full((b,), s, jnp.int32) if kv_len is None else kv_len
     kl = jnp.minimum(kv_len.astype(jnp.int32), s).reshape(b, 1, 1)
     kval = jnp.ones((b, s), jnp.int32) if k_valid is None else k_valid.astype(jnp.int32)
     kval = jnp.pad(kval, ((0, 0), (0, s_p - s)))[:, None, :]  # [B, 1, S]
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=bk, scale=h ** -0.5),
+        functools.partial(_kernel, block_k=bk, scale=h ** -0.5, window=window),
         grid=(b, kh, rows_p // bq),
         in_specs=[
             pl.BlockSpec((None, 1, 1), lambda i, j, r: (i, 0, 0)),

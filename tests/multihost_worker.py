@@ -37,7 +37,7 @@ def main(process_id: int, port: int, out: str, snap: str):
         restored[str(i)] = [float(x) for x in res.scores]
     if process_id == 0:
         Path(out).write_text(json.dumps({"scores": scores, "restored": restored,
-                                         "shard_loads": eng.blocks.shard_loads().tolist()}))
+                                         "shard_loads": eng.store.shard_loads().tolist()}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from conftest import rel_err
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
-from rcllm_jax.engine.engine import Engine, Policy
+from rcllm_jax.engine.engine import Engine
+from rcllm_jax.engine.selective_recompute import Policy, selection_size
 from rcllm_jax.model import ModelConfig, forward, init_params
 from rcllm_jax.model.rope import inv_freq, rerotate
 
@@ -40,8 +41,8 @@ def full_logits(eng, prompt):
 
 
 def run(eng, prompt, user, policy):
-    lay = eng._block_layout(prompt, user, policy)
-    logits, r, sel, _ = eng.prefill(lay, policy, shard=0)
+    lay, _ = eng._stitch(prompt, user, policy, shard=0)
+    logits, r, sel, _ = eng._prefill(lay, policy, selection_size(lay.forced, lay.cached, lay.valid, policy))
     return np.asarray(logits), np.asarray(r)[np.asarray(sel)], lay
 
 
@@ -113,8 +114,8 @@ def test_deviation_picks_the_tokens_whose_k_deviates_most(world):
     _, kv = full_logits(eng, p)
     n = lay.n_suffix
     fresh = np.asarray(kv.k[c, 0, lay.n_prefix:lay.n_prefix + n])
-    item_k = np.asarray(eng.blocks.k[c])  # the item store, read back whole: [slots, K, H]
-    stored = np.where(lay.item_slots[:n, None, None] >= 0, item_k[np.maximum(lay.item_slots[:n], 0)], 0)
+    block_k = np.asarray(eng.store.k[c])  # the block store, read back whole: [slots, K, H]
+    stored = np.where(lay.block_slots[:n, None, None] >= 0, block_k[np.maximum(lay.block_slots[:n], 0)], 0)
     cached = np.asarray(rerotate(jnp.asarray(stored)[None], lay.canon_pos[None, :n],
                                  lay.real_pos[None, :n], inv_freq(CFG))[0])
     dev = ((fresh - cached) ** 2).sum(axis=(1, 2))
@@ -146,15 +147,15 @@ def test_history_extension_equals_reencoding(world):
 def test_block_cache_of_another_model_or_text_is_not_used(world):
     eng, _, _ = world
     toks = next(iter(eng.item_blocks.values()))
-    entry = eng.blocks.lookup(toks)
+    entry = eng.store.lookup("item", toks)
     assert entry is not None and entry.length == len(toks)
-    assert eng.blocks.lookup(toks[:-1]) is None
-    saved = eng.blocks.fingerprint
-    eng.blocks.fingerprint = "another-model"
+    assert eng.store.lookup("item", toks[:-1]) is None
+    saved = eng.store.fingerprint
+    eng.store.fingerprint = "another-model"
     try:
-        assert eng.blocks.lookup(toks) is None
+        assert eng.store.lookup("item", toks) is None
     finally:
-        eng.blocks.fingerprint = saved
+        eng.store.fingerprint = saved
 
 
 def test_cached_glue_recomputes_only_the_last_token_in_stitch(world):
@@ -193,3 +194,70 @@ def test_mode_errors(world):
         eng.rank(prompts[0], "warp", 1)
     with pytest.raises(ValueError, match="needs the user id"):
         eng.rank(prompts[0], "sink")
+
+
+def test_sliding_window_block_modes_equal_full_prefill(world):
+    """A Mistral-shaped model whose window (24) is far shorter than the prompt: the block modes
+    recomputing everything equal its full prefill (they apply the window like `forward`)."""
+    import dataclasses
+    eng0, reqs, prompts = world
+    cfg = dataclasses.replace(CFG, arch="mistral", sliding_window=24)
+    params = init_params(cfg, jax.random.key(2), scale=0.3)
+    eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
+                 user_pages=128, prefix_pages=8)
+    eng.build_store(batch=8)
+    for req, p in zip(reqs[:2], prompts[:2]):
+        assert len(p) > 4 * cfg.sliding_window
+        toks = jnp.asarray(p.tokens)[None]
+        ref = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None], cfg=cfg)[0][0])
+        unwindowed = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None],
+                                        cfg=dataclasses.replace(cfg, sliding_window=None))[0][0])
+        assert rel_err(unwindowed, ref) > 1e-3  # the window really matters for this prompt
+        eng.update_user(req.user_id, p)
+        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1)):
+            got, _, _ = run(eng, p, req.user_id, policy)
+            assert rel_err(got, ref) <= 1e-5, policy
+        assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+
+
+def test_new_history_length_inside_a_bucket_compiles_nothing(world):
+    """User-store writes are bucketed: once a bucket's programs exist, a history of another length
+    in the same bucket computes its prefix without compiling (counted by JAX's compile events)."""
+    eng, reqs, _ = world
+    b = PromptBuilder(eng.builder.tok, eng.builder.items, history_len=1000)
+    hist = list(reqs[0].history[-40:])
+    compiles = []
+
+    def count(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        from rcllm_jax.buckets import bucket
+        lengths = {}
+        for n in range(3, len(hist)):
+            pre = b.build(hist[:n], [1]).blocks
+            lengths.setdefault(bucket(len(pre[0].tokens) + len(pre[1].tokens), 16), []).append(n)
+        ns = next(v for v in lengths.values() if len(v) >= 2)[:2]  # two lengths in one bucket
+        eng.update_user(7001, b.build(hist[:ns[0]], [1]))  # warms the bucket's programs
+        before = len(compiles)
+        assert eng.update_user(7002, b.build(hist[:ns[1]], [1])) > 0
+        assert len(compiles) == before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+
+
+def test_cache_hit_tokens_leave_out_a_prefix_just_computed(world):
+    eng, reqs, prompts = world
+    p, user = prompts[0], 8801
+    miss = eng.rank(p, "stitch", user)  # the user's prefix is computed by this request
+    hit = eng.rank(p, "stitch", user)
+    n_prefix = len(p.blocks[0].tokens) + len(p.blocks[1].tokens)
+    assert hit.cache_hit_tokens - miss.cache_hit_tokens == n_prefix
+    assert miss.cache_hit_tokens == miss.cached_block_tokens - miss.recomputed_block_tokens
+    assert miss.computed_tokens - hit.computed_tokens == n_prefix
+
+
+def test_check_layer_without_ratio_is_refused():
+    with pytest.raises(ValueError, match="check layer needs a deviation ratio"):
+        Policy(check_layer=1)

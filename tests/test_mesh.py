@@ -99,12 +99,12 @@ def _scores(eng, reqs, prompts, shard=None):
 def test_rankings_on_items8_equal_items1(world):
     engine, reqs, prompts, _ = world
     e1, e8 = engine(1), engine(8)
-    loads = e8.blocks.shard_loads()
-    assert loads.max() <= 1.1 * loads.mean() + max(e.length for e in e8.blocks.entries.values())
+    loads = e8.store.shard_loads()
+    assert loads.max() <= 1.1 * loads.mean() + max(e.length for e in e8.store.entries.values())
     ref, got = _scores(e1, reqs, prompts), _scores(e8, reqs, prompts)
     remote = 0
     for i, p in enumerate(prompts):
-        blocks = [e8.blocks.lookup(e8.builder.item_block(c).tokens) for c in p.candidates]
+        blocks = [e8.store.lookup("item", e8.builder.item_block(c).tokens) for c in p.candidates]
         for m in MODES:
             key = (i, m)
             g = got[key]
@@ -113,7 +113,7 @@ def test_rankings_on_items8_equal_items1(world):
                 continue
             far = [b for b in blocks if b.shard != g.shard]
             assert (g.local_item_blocks, g.remote_item_blocks) == (len(blocks) - len(far), len(far))
-            assert g.remote_item_bytes == e8.blocks.bytes_per_token * sum(b.length for b in far)
+            assert g.remote_item_bytes == e8.kv_bytes_per_token * sum(b.length for b in far)
             remote += g.remote_item_blocks
     assert remote > 0  # the remote path was exercised
     # any shard can serve any request: every one gives the same scores, whatever it must fetch
@@ -122,11 +122,11 @@ def test_rankings_on_items8_equal_items1(world):
     for s in range(8):
         res = e8.rank(p, "sink", user_id=r.user_id, shard=s)
         assert res.shard == s and rel_err(res.scores, want) <= 1e-5
-        owned = sum(1 for c in p.candidates if e8.blocks.lookup(e8.builder.item_block(c).tokens).shard == s)
+        owned = sum(1 for c in p.candidates if e8.store.lookup("item", e8.builder.item_block(c).tokens).shard == s)
         assert res.local_item_blocks == owned
-        assert res.remote_item_bytes == e8.blocks.bytes_per_token * sum(
-            e8.blocks.lookup(e8.builder.item_block(c).tokens).length for c in p.candidates
-            if e8.blocks.lookup(e8.builder.item_block(c).tokens).shard != s)
+        assert res.remote_item_bytes == e8.kv_bytes_per_token * sum(
+            e8.store.lookup("item", e8.builder.item_block(c).tokens).length for c in p.candidates
+            if e8.store.lookup("item", e8.builder.item_block(c).tokens).shard != s)
     # the affinity choice is the shard holding the most candidate bytes
     best = e8.rank(p, "stitch", user_id=r.user_id)
     assert best.local_item_bytes == max(e8.rank(p, "stitch", user_id=r.user_id, shard=s).local_item_bytes
@@ -146,22 +146,23 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
     engine, reqs, prompts, _ = world
     e8 = engine(8)
     ref = _scores(e8, reqs[:3], prompts[:3])  # fills the user store too
-    step = snapshot.save(e8, tmp_path / "snap")
+    step = e8.save(tmp_path / "snap")
     assert step == 1
     # same mesh: bit-exact arrays, index, users, and the same answers
     r8 = engine(8, build=False)
-    meta = snapshot.restore(r8, tmp_path / "snap")
+    meta = r8.restore(tmp_path / "snap")
     assert meta["mesh_items"] == 8 and meta["placement"] == "similarity"
-    for name in ("k", "v", "valid"):
-        assert np.array_equal(_host(getattr(r8.blocks, name)), _host(getattr(e8.blocks, name)))
-        assert getattr(r8.blocks, name).sharding.is_equivalent_to(getattr(e8.blocks, name).sharding, 4 if name != "valid" else 1)
-    assert r8.blocks.entries == e8.blocks.entries and r8.blocks.shard_slots == e8.blocks.shard_slots
+    for name in ("k", "v"):
+        assert np.array_equal(_host(getattr(r8.store, name)), _host(getattr(e8.store, name)))
+        assert getattr(r8.store, name).sharding.is_equivalent_to(getattr(e8.store, name).sharding, 4)
+    assert r8.store.entries == e8.store.entries and r8.store.shard_slots == e8.store.shard_slots
     before, after = _user_kv(e8), _user_kv(r8)
     assert list(before) == list(after)  # same users, same LRU order
     for u in before:
         assert before[u][0] == after[u][0]
         assert np.array_equal(before[u][1], after[u][1]) and np.array_equal(before[u][2], after[u][2])
-    assert r8.glue_store.entries == e8.glue_store.entries
+    glue = {k: e for k, e in e8.store.entries.items() if e.kind == "glue"}
+    assert glue and all(e.shard == -1 for e in glue.values())  # replicated on every shard
     got = _scores(r8, reqs[:3], prompts[:3])
     for key in ref:
         assert np.array_equal(got[key].scores, ref[key].scores), key
@@ -169,11 +170,22 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
     # another mesh shape: blocks re-placed, answers unchanged
     for n in (2, 1):
         rn = engine(n, build=False)
-        snapshot.restore(rn, tmp_path / "snap")
-        loads = rn.blocks.shard_loads()
-        assert loads.sum() == e8.blocks.num_tokens and loads.max() <= 1.1 * loads.mean() + 40
+        rn.restore(tmp_path / "snap")
+        loads = rn.store.shard_loads()
+        assert loads.sum() == e8.store.num_tokens() and loads.max() <= 1.1 * loads.mean() + 40
         got = _scores(rn, reqs[:3], prompts[:3])
         for key in ref:
+            assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
+    # the restoring engine's placement wins, on the same mesh as on another one (laid out again)
+    for n in (8, 2):
+        rh = engine(n, placement="hash", build=False)
+        rh.restore(tmp_path / "snap")
+        items = {k: e for k, e in rh.store.entries.items() if e.kind == "item"}
+        keys = sorted(items)
+        assert rh.stats()["placement"] == "hash"
+        assert [items[k].shard for k in keys] == hash_placement(keys, [items[k].length for k in keys], n).tolist()
+        got = _scores(rh, reqs[:1], prompts[:1])
+        for key in got:
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
 
 
@@ -182,30 +194,30 @@ def test_snapshot_refusals_leave_everything_as_it_was(world, tmp_path):
     e = engine(2)
     e.rank(prompts[0], "stitch", user_id=reqs[0].user_id)
     snap = tmp_path / "snap"
-    snapshot.save(e, snap)
+    e.save(snap)
     files = {p: p.read_bytes() for p in snap.rglob("*") if p.is_file()}
 
     other = engine(2, p=jax.tree.map(lambda a: a * 1.01, params))
-    k_before = _host(other.blocks.k)
+    k_before = _host(other.store.k)
     with pytest.raises(snapshot.SnapshotMismatchError, match="another model"):
-        snapshot.restore(other, snap)
+        other.restore(snap)
     with pytest.raises(snapshot.SnapshotMismatchError, match="refusing to save.*another model.*nothing was overwritten"):
-        snapshot.save(other, snap)
-    assert np.array_equal(_host(other.blocks.k), k_before)
+        other.save(snap)
+    assert np.array_equal(_host(other.store.k), k_before)
     assert {p: p.read_bytes() for p in snap.rglob("*") if p.is_file()} == files
 
     with pytest.raises(snapshot.SnapshotError, match="no snapshot directory"):
-        snapshot.restore(other, tmp_path / "missing")
+        other.restore(tmp_path / "missing")
     # damage: flip bytes in the largest array file of the item store
-    target = max((p for p in (snap / "1" / "items").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    target = max((p for p in (snap / "1" / "blocks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 64):
         data[i] ^= 0xFF
     target.write_bytes(bytes(data))
     fresh = engine(2, build=False)
     with pytest.raises(snapshot.SnapshotError, match="damaged"):
-        snapshot.restore(fresh, snap)
-    assert not fresh.blocks.entries and not fresh.users.users
+        fresh.restore(snap)
+    assert not fresh.store.entries and not fresh.users.users
 
 
 _KILL_SCRIPT = r"""
@@ -228,9 +240,9 @@ e = Engine(init_params(CFG, jax.random.key(0), scale=0.1), CFG, b, item_ids=rang
 e.build_store(batch=32)
 snap = {snap!r}
 if sys.argv[1] == "first":
-    snapshot.save(e, snap)
+    e.save(snap)
     sys.exit(0)
-t = threading.Thread(target=snapshot.save, args=(e, snap), daemon=True)
+t = threading.Thread(target=e.save, args=(snap,), daemon=True)
 t.start()
 while not any("tmp" in p.name for p in __import__("pathlib").Path(snap).iterdir()):
     time.sleep(0.0005)
@@ -255,9 +267,9 @@ def test_interrupted_save_leaves_the_previous_snapshot(world, tmp_path):
     builder = world[0](1, build=False).builder
     e = Engine(init_params(CFG, jax.random.key(0), scale=0.1), CFG, builder, item_ids=range(1, 301),
                mesh=make_mesh(MeshSpec(2)), max_candidates=8, user_pages=16, prefix_pages=16)
-    meta = snapshot.restore(e, snap)
+    meta = e.restore(snap)
     distinct = {builder.item_block(i).tokens for i in range(1, 301)}  # two titles repeat in ML-100k
-    assert len(meta["blocks"]) == len(distinct) and e.blocks.num_tokens == sum(map(len, distinct))
+    assert sum(b[1] == "item" for b in meta["blocks"]) == len(distinct) and e.store.num_tokens() == sum(map(len, distinct))
 
 
 @pytest.mark.slow
@@ -265,14 +277,15 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
     """Real model embeddings of the whole ML-100k catalog, items:8, a stream whose candidates come
     from a (genre) retrieval stage: similarity placement keeps more of a request's candidates on
     its shard than hash placement. With uniform negatives neither can (reported, not asserted)."""
-    from rcllm_jax.cache.item_store import ItemStore
+    from rcllm_jax.cache.block_store import BlockStore
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.dist.placement import locality
     split = LeaveOneOut(load_dataset("ml-100k"))
     builder = PromptBuilder(smollm2.tokenizer, split.dataset.items)
-    store = ItemStore(make_mesh(MeshSpec(8)), smollm2.cfg, "fp", builder.instruction.tokens)
+    store = BlockStore(make_mesh(MeshSpec(8)), smollm2.cfg, "fp",
+                       {"item": builder.instruction.tokens, "glue": builder.instruction.tokens})
     blocks = {i: builder.item_block(i).tokens for i in split.dataset.items}
-    store.build(smollm2.params, list(blocks.values()))
+    store.build(smollm2.params, {"item": list(blocks.values())})
     loads = store.shard_loads()
     assert loads.max() <= 1.1 * loads.mean()
     lengths = {i: len(t) for i, t in blocks.items()}
@@ -281,7 +294,7 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
         reqs = [r.candidates for r in eval_requests(split, num_users=200, num_candidates=20, negatives=neg, seed=1)]
         for name in ("similarity", "hash"):
             table = store.placement_of(name)
-            out[neg, name] = locality({i: table[store.key(t)] for i, t in blocks.items()}, lengths, reqs, 8)
+            out[neg, name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
     print({k: round(v["local_fraction"], 3) for k, v in out.items()})
     sim, hashed = out["retrieval", "similarity"], out["retrieval", "hash"]
     assert sim["local_fraction"] >= 1.2 * hashed["local_fraction"]

@@ -27,26 +27,23 @@ def test_affinity_sends_each_request_to_its_blocks_under_a_cap():
     assert {k: [t.seq for t in v] for k, v in got.items()} == {0: [0, 2], 1: [1], 2: [3, 4]}
 
 
-def test_affinity_cap_counts_requests_in_flight():
-    s = Scheduler(2, "affinity", window=8, slack=0.0)
-    s.in_flight[:] = [3, 0]
-    tasks = [s.submit(_task([5, 5])), s.submit(_task([5, 5]))]  # indifferent to where blocks are
+def test_affinity_ties_go_to_the_shard_that_has_taken_fewer():
+    s = Scheduler(2, "affinity", window=8, slack=1.0)
+    tasks = [s.submit(_task(n)) for n in ([5, 5], [5, 5], [5, 5], [0, 0])]  # indifferent to placement
     s.assign(tasks)
-    # cap = ceil(2 / 2) = 1 per shard this window; the first goes to the less loaded shard 1
-    assert [t.shard for t in tasks] == [1, 0]
+    # cap = ceil(4 / 2 x 2) = 4: never binding. Equal shares: fewer taken wins, then the lower index
+    assert [t.shard for t in tasks] == [0, 1, 0, 1]
 
 
-def test_round_robin_and_least_loaded():
+def test_round_robin_and_route():
     rr = Scheduler(3, "round_robin")
     tasks = [rr.submit(_task([9, 0, 0])) for _ in range(5)]
     rr.assign(tasks[:2])
     rr.assign(tasks[2:])
     assert [t.shard for t in tasks] == [0, 1, 2, 0, 1]
-    ll = Scheduler(3, "least_loaded")
-    ll.in_flight[:] = [2, 0, 1]
-    tasks = [ll.submit(_task([9, 0, 0])) for _ in range(4)]
-    ll.assign(tasks)
-    assert [t.shard for t in tasks] == [1, 1, 2, 0]
+    assert [rr.route([9, 0, 0]) for _ in range(3)] == [2, 0, 1]  # the same stream goes on
+    aff = Scheduler(3, "affinity")
+    assert [aff.route(n) for n in ([0, 2, 9], [4, 4, 1], [0, 0, 0])] == [2, 0, 0]
 
 
 def test_bounded_queue_and_windows():
@@ -74,12 +71,6 @@ class Item:
 
 
 @dataclasses.dataclass
-class Entry:
-    shard: int
-    length: int
-
-
-@dataclasses.dataclass
 class Result:
     scores: np.ndarray
     ttft_s: float
@@ -92,33 +83,34 @@ class Result:
 
 
 class MockEngine:
-    """Item i lives on shard i % 2 with i tokens; the score of a candidate is -(its item id) plus
-    the user's history length: rankings are ascending ids, and the history is visible in scores."""
+    """The engine's public interface only. Item i lives on shard i % 2 with i tokens of 10 bytes;
+    the score of a candidate is -(its item id) plus the user's history length: rankings are
+    ascending ids, and the history is visible in scores."""
 
     num_shards = 2
 
     def __init__(self, fail_user=None, delay=0.0):
         self.calls, self.fail_user, self.delay = [], fail_user, delay
-        self.users = type("U", (), {"users": {}, "stats": {"hits": 0, "extensions": 0, "misses": 0, "evictions": 0}})()
-        eng = self
 
         class Builder:
-            def item_block(self, i):
-                return type("B", (), {"tokens": (i,)})()
-
             def build(self, history, cands):
                 if len(cands) > 5:
                     raise ValueError("prompt of 9999 tokens exceeds the model's context of 4096")
                 return ("prompt", tuple(history), tuple(cands))
+        self.builder = Builder()
 
-        class Blocks:
-            entries = {}
-            bytes_per_token = 10
+    def shard_bytes(self, item_ids):
+        need = np.zeros(2, np.int64)
+        for i in item_ids:
+            need[i % 2] += 10 * i
+        return need
 
-            def lookup(self, tokens):
-                return Entry(tokens[0] % 2, tokens[0])
-        self.builder, self.blocks = Builder(), Blocks()
-        del eng
+    def item_info(self, i):
+        return {"cached": True, "shard": i % 2, "block_tokens": i}
+
+    def stats(self):
+        return {"item_blocks": len(ITEMS), "users_cached": 0,
+                "user_store": {"hits": 0, "extensions": 0, "misses": 0, "evictions": 0}}
 
     def rank(self, prompt, mode, user_id, shard):
         time.sleep(self.delay)

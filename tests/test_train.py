@@ -2,7 +2,7 @@
 adapters and merged exports load where they should and are refused where they should not.
 
 Tiny random Llama over the real SmolLM2 tokenizer and real ML-100k prompts; references: the
-engine's block cache path (`Engine.rank_policy`), full prefill, transformers for the export."""
+engine's block cache path (`Engine.rank` with a `Policy`), full prefill, transformers for the export."""
 
 import dataclasses
 
@@ -16,7 +16,8 @@ from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
-from rcllm_jax.engine.engine import Engine, Policy
+from rcllm_jax.engine.engine import Engine
+from rcllm_jax.engine.selective_recompute import Policy
 from rcllm_jax.engine.plan import stitched_masks
 from rcllm_jax.model import ModelConfig, forward, init_params, load_model
 from rcllm_jax.model.lora import AdapterMismatchError, apply_adapter
@@ -58,7 +59,7 @@ def test_block_attention_is_the_engines_stitching(world, cached_glue):
     tr = trainable_init(params, spec, jax.random.key(1))
     for r in reqs:
         p = builder.build(r.history, r.candidates)
-        stitched = eng.rank_policy(p, Policy(cached_glue=cached_glue), r.user_id).scores
+        stitched = eng.rank(p, Policy(cached_glue=cached_glue), r.user_id).scores
         full = eng.rank(p, "full").scores
         rows = [prompt_arrays(p, r.target_index, 512, block=b, cached_glue=cached_glue) for b in (True, False)]
         got = np.asarray(jax.nn.log_softmax(ev(tr, params, _batch(rows)), axis=-1))
@@ -67,7 +68,7 @@ def test_block_attention_is_the_engines_stitching(world, cached_glue):
         assert np.abs(stitched - full).max() > 1e-2  # stitching really differs here
 
         # the engine's layout and the training arrays come from one plan
-        lay = eng._block_layout(p, r.user_id, Policy(cached_glue=cached_glue))
+        lay, _ = eng._stitch(p, r.user_id, Policy(cached_glue=cached_glue))
         a, n, s = rows[0], lay.n_prefix, lay.n_suffix
         assert np.array_equal(lay.canon_pos[:s] - lay.canon_pos[:s] * 0, a["canon_pos"][n:n + s])
         assert np.array_equal(lay.cached[:s], a["seg"][n:n + s] > 0)
@@ -167,8 +168,8 @@ def test_export_adapter_and_fingerprints(world, tmp_path):
     e_tuned = Engine(loaded.params, CFG, builder, item_ids=[1, 2], user_pages=8, prefix_pages=8)
     assert e_tuned.fingerprint == tuned_fp
     e_base.build_store()
-    assert e_base.blocks.lookup(builder.item_block(1).tokens) is not None
-    assert all(e_base.blocks.key(b.tokens) != e_tuned.blocks.key(b.tokens) for b in map(builder.item_block, (1, 2)))
+    assert e_base.store.lookup("item", builder.item_block(1).tokens) is not None
+    assert all(e_base.store.key("item", b.tokens) != e_tuned.store.key("item", b.tokens) for b in map(builder.item_block, (1, 2)))
     # an adapter is refused on other base weights
     other = init_params(CFG, jax.random.key(5), scale=0.1)
     with pytest.raises(AdapterMismatchError, match="other base weights"):

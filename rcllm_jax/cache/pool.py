@@ -1,6 +1,6 @@
-"""A device pool of KV token slots. Every cached block lives in it: item blocks in a region
-written once, per-user prefixes and prefix-cache pages in 16-token pages handed out by a
-`PageAllocator`. A request gathers its tokens by slot index inside its jitted prefill."""
+"""A device pool of KV token slots, replicated on every device: per-user prefixes (the user store)
+and prefix-cache pages, in 16-token pages handed out by a `PageAllocator`. A request gathers its
+prefix by slot index inside its jitted prefill. (Item and glue blocks live in the block store.)"""
 
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ class KVPool:
         self.sharding = sharding
         self.k = self._place(jnp.zeros(shape, dt))
         self.v = self._place(jnp.zeros(shape, dt))
-        self.bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
 
     def _place(self, a):
         return a if self.sharding is None else jax.device_put(a, self.sharding)
@@ -55,9 +54,10 @@ class KVPool:
         self.k, self.v = _write(self.k, self.v, self._place(k), self._place(v), start)
 
     def scatter(self, slots: np.ndarray, k, v):
-        """Write tokens' KV ([L, n, K, H]) at the given slots."""
+        """Write tokens' KV ([L, n, K, H]) at the given slots (slot 0, the scratch slot, takes
+        padding rows)."""
         slots = np.asarray(slots, np.int32)
-        if slots.min() < 1 or slots.max() >= self.num_slots:
+        if slots.min() < 0 or slots.max() >= self.num_slots:
             raise IndexError("slot outside the pool")
         self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(slots)))
 

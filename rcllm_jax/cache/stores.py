@@ -1,4 +1,6 @@
-"""Block stores (items, glue), the user store and the prefix cache, all backed by one `KVPool`."""
+"""The user store (per-user instruction + history prefixes) and the prefix cache (the vLLM-style
+baseline), both in pages of one replicated `KVPool`. Reusable blocks live in
+`rcllm_jax.cache.block_store`."""
 
 from __future__ import annotations
 
@@ -11,90 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax.buckets import bucket
-from rcllm_jax.cache.keys import block_key, chain_hash
+from rcllm_jax.cache.keys import chain_hash
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import KVCache, Params, forward
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockEntry:
-    key: str
-    slot: int  # first pool slot
-    length: int
-    canon_start: int  # position of the block's first token when it was encoded
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _encode_after(params, ctx: KVCache, tokens, positions, valid, *, cfg: ModelConfig):
-    """KV of a batch of blocks [B, n], each encoded after the same context (ctx has B = 1)."""
-    b = tokens.shape[0]
-    ctx_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]) if a.ndim == 5
-                         else jnp.broadcast_to(a, (b,) + a.shape[1:]), ctx)
-    _, kv = forward(params, tokens, positions, cfg=cfg, valid=valid, cache=ctx_b)
-    return kv.k, kv.v  # [L, B, n, K, H]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _encode_prefix(params, tokens, valid, *, cfg: ModelConfig):
-    pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    return forward(params, tokens, pos, cfg=cfg, valid=valid)[1]
-
-
-def padded_batch(blocks, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists as one [batch, n] array (n: their longest length's bucket) and its valid mask."""
-    n = bucket(max(len(t) for t in blocks), 8)
-    toks = np.zeros((batch, n), np.int32)
-    valid = np.zeros((batch, n), bool)
-    for row, t in enumerate(blocks):
-        toks[row, :len(t)] = t
-        valid[row, :len(t)] = True
-    return toks, valid
-
-
-class BlockStore:
-    """KV of reusable blocks (item blocks, and label / question glue), each encoded once after a
-    canonical context, in the pool's block region. Content-addressed: key = hash(model
-    fingerprint, context tokens, block tokens), so a block of another model or text never matches."""
-
-    def __init__(self, pool: KVPool, fingerprint: str, context: tuple[int, ...], first_slot: int, capacity: int):
-        self.pool, self.fingerprint, self.context = pool, fingerprint, tuple(context)
-        self.entries: dict[str, BlockEntry] = {}
-        self.next_slot, self.end_slot = first_slot, first_slot + capacity
-
-    def key(self, tokens) -> str:
-        return block_key(self.fingerprint, self.context, tuple(int(t) for t in tokens))
-
-    def build(self, params: Params, cfg: ModelConfig, blocks, batch: int = 32, progress=None):
-        """Encode every block (a sequence of token tuples) not stored yet, in batches of similar length."""
-        ctx_tokens = np.asarray([self.context], np.int32)
-        ctx = _encode_prefix(params, jnp.asarray(ctx_tokens), jnp.ones(ctx_tokens.shape, bool), cfg=cfg)
-        c = len(self.context)
-        todo = {}
-        for toks in blocks:
-            k = self.key(toks)
-            if k not in self.entries and toks:
-                todo[k] = tuple(toks)
-        need = sum(len(t) for t in todo.values())
-        if self.next_slot + need > self.end_slot:
-            raise MemoryError(f"block region full: {need} more tokens, {self.end_slot - self.next_slot} free")
-        order = sorted(todo, key=lambda k: len(todo[k]))
-        for s in range(0, len(order), batch):
-            chunk = order[s:s + batch]
-            toks, valid = padded_batch([todo[k] for k in chunk], batch)
-            n = toks.shape[1]
-            pos = np.broadcast_to(c + np.arange(n, dtype=np.int32), (batch, n))
-            kk, vv = _encode_after(params, ctx, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(valid), cfg=cfg)
-            for row, k in enumerate(chunk):
-                length = len(todo[k])
-                self.pool.write(self.next_slot, kk[:, row, :length], vv[:, row, :length])
-                self.entries[k] = BlockEntry(k, self.next_slot, length, c)
-                self.next_slot += length
-            if progress is not None:
-                progress(len(chunk))
-
-    def lookup(self, tokens) -> BlockEntry | None:
-        return self.entries.get(self.key(tokens))
 
 
 @dataclasses.dataclass
@@ -162,10 +84,33 @@ class UserStore:
         old_slots[:keep] = self.alloc.slots(e.pages, keep) if keep else []
         k, v = _extend(params, self.pool.k, self.pool.v, jnp.asarray(old_slots), keep,
                        jnp.asarray(np.pad(np.asarray(new, np.int32), (0, tb - len(new)))), len(new), cfg=cfg)
-        self.pool.scatter(self.alloc.slots(e.pages, len(tokens))[keep:], k[:, :len(new)], v[:, :len(new)])
+        # all tb rows are written (padding rows to the scratch slot 0): one program per bucket
+        slots = np.zeros(tb, np.int32)
+        slots[:len(new)] = self.alloc.slots(e.pages, len(tokens))[keep:]
+        self.pool.scatter(slots, k, v)
         e.tokens = tokens
         return len(new)
 
+    def export(self):
+        """([[user id, prefix tokens]] in LRU order (oldest first), k, v: their KV concatenated
+        [L, u, K, H]; u >= 1: an empty store exports the scratch slot)."""
+        index, slots = [], []
+        for uid, e in self.users.items():
+            index.append([uid if isinstance(uid, str) else int(uid), [int(t) for t in e.tokens]])
+            slots.append(self.slots(uid))
+        sl = np.concatenate(slots) if slots else np.zeros(1, np.int32)
+        return index, self.pool.k[:, sl], self.pool.v[:, sl]
+
+    def load(self, index, k, v):
+        """Replace the whole store by exported prefixes (`export`'s output)."""
+        for e in self.users.values():
+            self.alloc.release(e.pages)
+        self.users.clear()
+        off = 0
+        for uid, toks in index:
+            n = len(toks)
+            self.restore_user(uid, tuple(toks), k[:, off:off + n], v[:, off:off + n])
+            off += n
 
     def restore_user(self, user_id: int, tokens: tuple[int, ...], k, v):
         """Put a saved prefix ([L, n, K, H] KV of `tokens`) back, as most recently used."""

@@ -147,11 +147,7 @@ class PromptBuilder:
     def build(self, history: Sequence[int], candidates: Sequence[int], check_length: bool = True) -> Prompt:
         """The prompt that asks which of `candidates` follows `history` (item ids)."""
         candidates = tuple(int(c) for c in candidates)
-        if not candidates:
-            raise ValueError("no candidates")
-        if len(set(candidates)) != len(candidates):
-            dup = sorted({c for c in candidates if candidates.count(c) > 1})
-            raise ValueError(f"duplicate candidates: {dup}")
+        check_candidates(candidates)
         labels = labels_for(len(candidates))
         blocks = [self.instruction, self.history_block(history)]
         for j, (label, item) in enumerate(zip(labels, candidates)):
@@ -161,7 +157,22 @@ class PromptBuilder:
         blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
         prompt = Prompt(tuple(blocks), candidates, labels,
                         tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
-        if check_length and self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the limit of "
-                             f"{self.max_prompt_tokens} tokens (fewer candidates or a shorter history)")
+        if check_length and self.max_prompt_tokens is not None:
+            check_prompt_length(len(prompt), self.max_prompt_tokens)
         return prompt
+
+
+def check_candidates(candidates: Sequence) -> None:
+    """A candidate list must be non-empty and free of duplicates (ValueError naming them)."""
+    if not len(candidates):
+        raise ValueError("no candidates (the candidate list is empty)")
+    if len(set(candidates)) != len(candidates):
+        dup = sorted({c for c in candidates if list(candidates).count(c) > 1})
+        raise ValueError(f"duplicate candidates: {dup}")
+
+
+def check_prompt_length(n: int, limit: int, what: str = "the limit") -> None:
+    """A prompt of n tokens must fit `limit` (a configured bound, or the model's context)."""
+    if n > limit:
+        raise ValueError(f"prompt of {n} tokens exceeds {what} of {limit} tokens "
+                         "(fewer candidates or a shorter history)")

@@ -2,8 +2,7 @@
 
 Axes: `items` shards the item KV store (each items-shard is one device row that can serve a
 request on its own: weights, the user store and glue are replicated along it); `model` is the
-tensor-parallel axis of the table below. The block engine runs on model:1 today (see
-`Engine`); the parser, the table and snapshots already carry the axis.
+tensor-parallel axis: parsed and carried by the table, refused by the engine (model:1 only today).
 """
 
 from __future__ import annotations
@@ -84,19 +83,12 @@ def make_mesh(spec: MeshSpec, devices=None):
     return jax.sharding.Mesh(np.asarray(devices[:spec.size]).reshape(spec.items, spec.model), AXES)
 
 
-# The one table of named shardings. Shapes: weights as in `decoder.Params` (stacked layers lead);
-# item store and user store KV [L, slots, K, H]; activations [batch, tokens, ...].
+# The one table of named shardings. Shapes: the block store's KV [L, slots, K, H].
 def partition_specs():
     from jax.sharding import PartitionSpec as P
     return {
-        "weights": P(),  # replicated over items (every shard serves whole requests)
-        "weights.column": P(None, None, "model"),  # wq/wk/wv/w_gate/w_up [L, D, out]: out split
-        "weights.row": P(None, "model", None),  # wo/w_down [L, in, D]: in split
-        "item_store": P(None, "items", "model", None),  # slots along items, kv heads along model
-        "item_store.valid": P("items"),
-        "user_store": P(None, None, "model", None),  # replicated over items
-        "activations": P("items"),  # one request batch per items-shard
-        "replicated": P(),
+        "block_store": P(None, "items", "model", None),  # slots along items, kv heads along model
+        "replicated": P(),  # weights, the KV pool (user store, prefix cache): on every device
     }
 
 

@@ -93,15 +93,19 @@ def place(name: str, *, keys, lengths, embeddings, num_shards: int) -> np.ndarra
     raise ValueError(f"unknown placement {name!r}: {' | '.join(PLACEMENTS)}")
 
 
+def shard_tokens(shards, lengths, num_shards: int) -> np.ndarray:
+    """[N] tokens per shard of blocks at `shards` with `lengths` (a request's need per shard)."""
+    return np.bincount(np.asarray(shards, np.int64), weights=np.asarray(lengths, np.int64),
+                       minlength=num_shards).astype(np.int64)
+
+
 def locality(shard_of: dict, lengths: dict, requests, num_shards: int) -> dict:
     """How local a request stream is under a placement when each request runs on the shard holding
     most of its candidates' tokens (the engine's affinity rule). shard_of / lengths: item id ->
     shard / block tokens; requests: candidate id lists. Returns means per request."""
     frac, remote_blocks, remote_tokens = [], [], []
     for cands in requests:
-        load = np.zeros(num_shards, np.int64)
-        for c in cands:
-            load[shard_of[c]] += lengths[c]
+        load = shard_tokens([shard_of[c] for c in cands], [lengths[c] for c in cands], num_shards)
         dest = int(np.argmax(load))
         frac.append(load[dest] / max(load.sum(), 1))
         remote_blocks.append(sum(shard_of[c] != dest for c in cands))

@@ -1,69 +1,45 @@
-"""The block-caching engine: item store + user store + prefix cache over one KV pool, and the
-prefill modes that use them.
+"""The block-caching engine and its public interface.
 
-Modes: `full` (reference), `prefix` (vLLM-style prefix caching), and the block modes `stitch`,
-`sink`, `deviation`, `rcllm`, each a `Policy` for choosing which suffix tokens to recompute.
+An `Engine` owns the caches — the block store (item and glue blocks; items sharded over the mesh's
+`items` axis, glue replicated), the user store and the prefix cache (pages of one replicated KV
+pool) — and ranks prompts in any mode: `full` (reference), `prefix` (vLLM-style prefix caching)
+and the block modes `stitch`, `sink`, `deviation`, `rcllm`, each a selective-recompute `Policy`.
+
+The service, the snapshot code's callers and every launcher use only the public methods: `rank`,
+`update_user`, `shard_bytes`, `item_info`, `stats`, `build_store`, `reset_caches`, `save` /
+`restore`, `save_users` / `restore_users`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax
 import numpy as np
 
-from rcllm_jax.buckets import bucket
-from rcllm_jax.cache.item_store import ItemStore
+from rcllm_jax import kernels
+from rcllm_jax.cache import snapshot
+from rcllm_jax.cache.block_store import REPLICATED, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
-from rcllm_jax.cache.stores import BlockStore, PrefixCache, UserStore
+from rcllm_jax.cache.stores import PrefixCache, UserStore
+from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.data.prompt import Prompt, PromptBuilder
-from rcllm_jax.engine.blend import Layout, blended_prefill
-from rcllm_jax.engine.plan import served_from_cache, stitch_plan
+from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, served_from_cache, stitch_plan
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full
+from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, blended_prefill, selection_size
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """Which suffix tokens a block mode recomputes, beyond glue and the question (always)."""
-
-    sink: int = 0  # first tokens of every cached block (EPIC LegoLink-k)
-    ratio: float = 0.0  # fraction of cached block tokens chosen by deviation (CacheBlend)
-    check_layer: int | None = None  # layer at which deviation is measured (layers below run in full)
-    deviation_on: str = "k"  # "k" (LMCache) or "v" (original CacheBlend)
-    cached_glue: bool = False  # serve label/question glue from the block store too: only the
-    #                            prompt's last token is then always recomputed
-
-    def __post_init__(self):
-        if self.ratio and self.check_layer is None:
-            raise ValueError("a deviation ratio needs a check layer")
-        if self.deviation_on not in ("k", "v"):
-            raise ValueError("deviation_on must be 'k' or 'v'")
-
-
-BLOCK_MODES = {
-    "stitch": Policy(),
-    "sink": Policy(sink=2),
-    "deviation": Policy(ratio=0.15, check_layer=1),
-    # Chosen by measurement (WORKSPACE_NOTES.md, issue 4): the lowest TTFT at top-1 agreement
-    # >= 0.99 vs full prefill on the default workload. On the zero-shot model that is pure
-    # stitching with cached glue (every policy keeps top-1 there: the model always answers "A");
-    # re-measure with `launch/bench.py --sweep=...` when the model changes.
-    "rcllm": Policy(cached_glue=True),
-}
 MODES = ("full", "prefix") + tuple(BLOCK_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineResult(RankResult):
     recomputed_block_tokens: int = 0  # cached block tokens recomputed (sink + deviation picks)
-    cached_block_tokens: int = 0  # suffix tokens served from the item store
-    cache_hit_tokens: int = 0  # prompt tokens whose KV came from a cache (prefix + items)
+    cached_block_tokens: int = 0  # suffix tokens served from the block store
+    cache_hit_tokens: int = 0  # prompt tokens whose KV came from a cache and was not computed now
     selected: np.ndarray | None = None  # [n] suffix indices recomputed (block modes)
     shard: int = 0  # items-shard that served the request
     local_item_blocks: int = 0  # cached item blocks held by that shard
@@ -73,26 +49,25 @@ class EngineResult(RankResult):
 
 
 class Engine:
-    """Ranks prompts in any mode. Item blocks are encoded after `canonical_context` tokens.
+    """Ranks prompts in any mode. Item blocks are encoded after `canonical_context` tokens, glue
+    blocks after the instruction.
 
-    On a mesh (`rcllm_jax.dist.mesh`): item blocks live in the `ItemStore`, sharded along `items`
-    and placed by `placement`; weights, glue, the user store and the prefix cache are replicated on
-    every device. A request runs on one items-shard (`shard=`, else the one holding most of its
-    item-block bytes), which fetches its remote blocks through a collective. Without a mesh: one
-    device (items:1).
+    On a mesh (`rcllm_jax.dist.mesh`): item blocks are sharded along `items` and placed by
+    `placement`; weights, glue, the user store and the prefix cache are on every device. A request
+    runs on one items-shard (`shard=`, else the one holding most of its item-block bytes), which
+    fetches its remote blocks through a collective. Without a mesh: one device (items:1).
     """
 
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
                  mesh=None, placement: str = "similarity"):
-        from pallas_kernels.dispatch import resolve
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
         if self.mesh.shape["model"] != 1:
             raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
                              "tensor parallelism inside an items-shard is not implemented: use --mesh=items:N")
         self.cfg, self.builder = cfg, builder
-        self.impl = resolve(attention_impl)  # kernels of the block modes: xla | pallas | interpret
+        self.impl = kernels.resolve(attention_impl)  # kernels of the block modes, read on every request
         self.fingerprint = fingerprint or model_fingerprint(params, cfg)
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)
@@ -100,20 +75,23 @@ class Engine:
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
         self.glue_blocks = self._glue_blocks(max_candidates)
-        glue_tokens = sum(len(t) for t in self.glue_blocks)
-        first_page_slot = 1 + glue_tokens
-        self.pool = KVPool(cfg, first_page_slot + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
         # items after the canonical context; glue always after the instruction alone (glue encoded
         # after "...(A)" would follow a label, which measurably derails the answer)
-        self.blocks = ItemStore(self.mesh, cfg, self.fingerprint, self.canonical_context(), placement=placement,
-                                impl=self.impl)
-        self.glue_store = BlockStore(self.pool, self.fingerprint, builder.instruction.tokens, 1, glue_tokens)
-        self._pages = (first_page_slot, user_pages, prefix_pages)
+        self.store = BlockStore(self.mesh, cfg, self.fingerprint,
+                                {"item": self.canonical_context(), "glue": builder.instruction.tokens},
+                                placement=placement)
+        self.pool = KVPool(cfg, 1 + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
+        self._pages = (user_pages, prefix_pages)
         self.reset_caches()
 
     @property
     def num_shards(self) -> int:
         return self.mesh.shape["items"]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one cached token's KV in the block store."""
+        return self.store.bytes_per_token
 
     def device(self, shard: int):
         """The device that runs requests of an items-shard."""
@@ -136,11 +114,13 @@ class Engine:
         return self._replicas[dev]
 
     def reset_caches(self):
-        """Empty the user store and the prefix cache (the block stores stay): a fresh serving state."""
-        first, user_pages, prefix_pages = self._pages
-        self.users = UserStore(self.pool, PageAllocator(first, user_pages))
-        self.prefix = PrefixCache(self.pool, PageAllocator(first + user_pages * PAGE, prefix_pages),
-                                  self.fingerprint)
+        """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
+        self.users = UserStore(self.pool, PageAllocator(1, self._pages[0]))
+        self._reset_prefix()
+
+    def _reset_prefix(self):
+        user_pages, prefix_pages = self._pages
+        self.prefix = PrefixCache(self.pool, PageAllocator(1 + user_pages * PAGE, prefix_pages), self.fingerprint)
 
     def canonical_context(self) -> tuple[int, ...]:
         """Tokens an item block is encoded after: the instruction block, optionally followed by the
@@ -164,12 +144,14 @@ class Engine:
             out.update(b.tokens for b in p.blocks if b.kind == "glue")
         return sorted(out)
 
-    def build_store(self, batch: int = 32, progress=None):
-        """Encode every item block and glue block once (the block stores)."""
-        self.blocks.build(self.params, list(self.item_blocks.values()), batch=batch, progress=progress)
-        self.glue_store.build(self.params, self.cfg, self.glue_blocks, batch=batch, progress=progress)
+    # --- caches ----------------------------------------------------------------------------
 
-    def update_user(self, user_id: int, prompt: Prompt) -> int:
+    def build_store(self, batch: int = 32, progress=None):
+        """Encode every item block and glue block not stored yet (the block store)."""
+        self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
+                         batch=batch, progress=progress)
+
+    def update_user(self, user_id, prompt: Prompt) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
         number of tokens computed (0 on a hit)."""
         b0, b1 = prompt.blocks[0], prompt.blocks[1]
@@ -179,69 +161,90 @@ class Engine:
         jax.block_until_ready((self.pool.k, self.pool.v))  # an event handler finishes its writes
         return computed
 
-    # --- layouts ---------------------------------------------------------------------------
+    def _item_entries(self, item_ids):
+        out = []
+        for i in item_ids:
+            toks = self.item_blocks.get(int(i))
+            e = None if toks is None else self.store.lookup("item", toks)
+            if e is not None:
+                out.append(e)
+        return out
 
-    def _block_layout(self, prompt: Prompt, user_id: int, policy: Policy) -> Layout:
-        prefix_slots = self.users.slots(user_id)
-        entries = {}  # block tokens -> (kind, entry) of the blocks served from a store
+    def shard_bytes(self, item_ids) -> np.ndarray:
+        """[N] bytes of these items' cached blocks that each items-shard holds (what a request
+        with these candidates would read locally on each shard)."""
+        return self.store.shard_bytes(self._item_entries(item_ids))
 
-        def canon_start(blk):
-            if not served_from_cache(blk, policy.cached_glue):
-                return None
-            entry = (self.blocks if blk.kind == "item" else self.glue_store).lookup(blk.tokens)
-            if entry is not None:
-                entries[blk.tokens] = (blk.kind, entry)
-            return None if entry is None else entry.canon_start
+    def locality(self, candidate_lists, placement: str | None = None) -> dict:
+        """How local a request stream (candidate id lists) would be under `placement` of the stored
+        item blocks (default: the store's own), each request on the shard holding most of its
+        candidates' bytes: mean local fraction, remote blocks and remote bytes per request."""
+        from rcllm_jax.dist.placement import locality
+        key_of = {i: self.store.key("item", t) for i, t in self.item_blocks.items()}
+        key_of = {i: k for i, k in key_of.items() if k in self.store.entries}
+        if not key_of:
+            return {}
+        table = self.store.placement_of(placement)
+        out = locality({i: table[k] for i, k in key_of.items()}, {i: self.store.entries[k].length for i, k in key_of.items()},
+                       [[c for c in cands if c in key_of] for cands in candidate_lists], self.num_shards)
+        out["remote_bytes_per_request"] = out.pop("remote_tokens_per_request") * self.kv_bytes_per_token
+        return out
 
-        plan = stitch_plan(prompt, canon_start, sink=policy.sink)
-        if plan.n_prefix != len(prefix_slots):
-            raise RuntimeError("user store prefix does not match the prompt's instruction + history")
-        rows = []  # (token, canon_pos, pool slot, cached, forced, item-store slot)
-        toks = prompt.tokens
-        for t in range(plan.n_prefix, len(toks)):
-            cached = bool(plan.cached[t])
-            slot, item_slot = 0, -1
-            if cached:
-                kind, e = entries[prompt.blocks[plan.block[t]].tokens]
-                off = int(plan.canon_pos[t] - e.canon_start)
-                if kind == "item":
-                    item_slot = self.blocks.global_slot(e) + off
-                else:
-                    slot = e.slot + off
-            rows.append([int(toks[t]), int(plan.canon_pos[t]), slot, cached, bool(plan.forced[t]), item_slot])
-        items = tuple(e for kind, e in entries.values() if kind == "item")
-        return self._layout(prefix_slots, rows, items)
+    def item_info(self, item_id: int) -> dict:
+        """Whether the item's block is cached, on which shard (None: not cached or replicated), its tokens."""
+        toks = self.item_blocks.get(int(item_id)) or self.builder.item_block(int(item_id)).tokens
+        e = self.store.lookup("item", toks)
+        return {"cached": e is not None, "shard": None if e is None or e.shard == REPLICATED else e.shard,
+                "block_tokens": len(toks)}
 
-    def _layout(self, prefix_slots, rows, item_blocks=()) -> Layout:
-        n_p, n_t = len(prefix_slots), len(rows)
-        pb, tb = bucket(n_p, 16), bucket(n_t, 16)
-        ps = np.zeros(pb, np.int32)
-        ps[:n_p] = prefix_slots
-        tok, canon, slot, cached, forced, item_slot = (np.array([r[j] for r in rows]) for j in range(6))
+    def stats(self) -> dict:
+        """Counts of every cache (for /healthz, /metrics and the launchers' summaries)."""
+        loads = self.store.shard_loads()
+        return {"item_blocks": self.store.count("item"), "item_tokens": self.store.num_tokens("item"),
+                "item_bytes": self.store.num_tokens("item") * self.kv_bytes_per_token,
+                "glue_blocks": self.store.count("glue"), "shard_tokens": loads.tolist(),
+                "placement": self.store.placement, "users_cached": len(self.users.users),
+                "user_store": dict(self.users.stats), "prefix_cache": dict(self.prefix.stats)}
 
-        def pad(a, dtype, fill=0):
-            out = np.full(tb, fill, dtype)
-            out[:n_t] = a
-            return out
-        real = n_p + np.arange(tb, dtype=np.int32)
-        return Layout(prefix_slots=ps, prefix_valid=np.arange(pb) < n_p, tokens=pad(tok, np.int32),
-                      real_pos=real, canon_pos=pad(canon, np.int32, 0) + np.where(np.arange(tb) < n_t, 0, real),
-                      slots=pad(slot, np.int32), cached=pad(cached, bool), forced=pad(forced, bool),
-                      valid=np.arange(tb) < n_t, n_prefix=n_p, n_suffix=n_t,
-                      item_slots=pad(item_slot, np.int32, -1), item_blocks=tuple(item_blocks))
+    def identity(self) -> dict:
+        """What a snapshot must match to be restored into this engine."""
+        return snapshot.identity(self.fingerprint, self.builder.tok.content_hash(), self.store.contexts)
 
-    def affinity_shard(self, lay: Layout) -> int:
-        """The items-shard holding most of the request's cached item-block bytes (lowest on ties)."""
-        load = np.zeros(self.num_shards, np.int64)
-        for e in lay.item_blocks:
-            load[e.shard] += e.length
-        return int(np.argmax(load))
+    def save(self, directory) -> int:
+        """Save the block store and the user store as a new snapshot step (Orbax); returns the step."""
+        return snapshot.save(directory, self.identity(), self.store, self.users, self.replicated)
+
+    def restore(self, directory, step: int | None = None) -> dict:
+        """Load a snapshot (this or another items mesh; blocks laid out under this engine's
+        placement). Refused (nothing changed) for another model, tokenizer or context, or a
+        damaged snapshot. Returns its metadata."""
+        meta = snapshot.restore(directory, self.identity(), self.store, self.users, self.replicated, step=step)
+        self._reset_prefix()
+        return meta
+
+    def copy_blocks_from(self, other: "Engine"):
+        """Take another engine's encoded blocks (same model, tokenizer and contexts; any mesh),
+        laid out under this engine's placement on its mesh: nothing is encoded again."""
+        if other.identity() != self.identity():
+            raise ValueError("blocks of another model, tokenizer or context cannot be copied")
+        host = other.store.host_blocks()
+        self.store.load_blocks(host, {k: e.kind for k, e in other.store.entries.items()}, other.store.embeddings)
+
+    def save_users(self, directory, histories: dict | None = None) -> int:
+        """Save the user store and the per-user item histories (what a server saves on shutdown)."""
+        return snapshot.save_users(directory, self.identity(), self.users, histories)
+
+    def restore_users(self, directory) -> dict:
+        """Put the latest saved user store back; returns the saved histories (user id -> item ids)."""
+        return snapshot.restore_users(directory, self.identity(), self.users, self.replicated)
 
     # --- ranking ---------------------------------------------------------------------------
 
-    def rank(self, prompt: Prompt, mode: str, user_id: int | None = None, shard: int | None = None) -> EngineResult:
-        """Rank the prompt's candidates in `mode`. shard: the items-shard that serves it (block
-        modes default to the affinity choice, full and prefix to shard 0)."""
+    def rank(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> EngineResult:
+        """Rank the prompt's candidates in `mode` (a mode name or a `Policy`). shard: the
+        items-shard that serves it (block modes default to the affinity choice, full and prefix to
+        shard 0)."""
+        check_prompt_length(len(prompt), self.cfg.max_position, "the model's context")
         if mode == "full":
             s = shard or 0
             params = self._params_on(self.device(s))
@@ -251,38 +254,43 @@ class Engine:
                 np.zeros(len(prompt.candidates), np.float32), np.float64(0), np.int64(0)))
             return EngineResult(scores=scores, ttft_s=float(ttft), prompt_tokens=len(prompt),
                                 computed_tokens=int(computed), shard=s)
-        if len(prompt) > self.cfg.max_position:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the model's context of {self.cfg.max_position}")
         if mode == "prefix":
             return self._rank_prefix(prompt, shard or 0)
-        if mode not in BLOCK_MODES:
+        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+        if policy is None:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         if user_id is None:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
-        return self.rank_policy(prompt, BLOCK_MODES[mode], user_id, shard=shard)
+        return self._rank_policy(prompt, policy, user_id, shard=shard)
 
-    @staticmethod
-    def selection_size(lay: Layout, policy: Policy) -> int:
-        """Rows of the recompute set: the forced tokens plus ratio x the other cached tokens,
-        rounded up to a shape bucket (the extra rows take the next-highest deviations, or are
-        masked out when there is no deviation check)."""
-        want = int(lay.forced[lay.valid].sum()) + math.ceil(policy.ratio * int((lay.cached & ~lay.forced).sum()))
-        return min(len(lay.tokens), bucket(max(want, 1), 16))
+    def _stitch(self, prompt: Prompt, user_id, policy: Policy, shard: int | None = None):
+        """(the request's device layout, the cached item blocks it reads). Looks every cacheable
+        block up once; the plan is made from that lookup."""
+        entries = [None, None] + [self.store.lookup(b.kind, b.tokens) if served_from_cache(b, policy.cached_glue)
+                                  else None for b in prompt.blocks[2:]]
+        plan = stitch_plan(prompt, [None if e is None else self.store.canon_start(e) for e in entries],
+                           sink=policy.sink)
+        items = [e for e in entries if e is not None and e.shard != REPLICATED]
+        if shard is None:  # affinity: the shard holding most of the request's item bytes (lowest on ties)
+            shard = int(np.argmax(self.store.shard_bytes(items)))
+        self.device(shard)
+        lay = device_layout(prompt, plan, self.users.slots(user_id),
+                            [None if e is None else self.store.slot(e, shard) for e in entries], shard)
+        return lay, items
 
-    def prefill(self, lay: Layout, policy: Policy, shard: int, logit_ids=None, return_kv: bool = False):
-        """The blended prefill of a block layout on `shard`: its remote item blocks fetched through
-        the item store's collective, then one jitted program on that shard's device. Returns
-        blended_prefill's outputs, or None in a process that does not hold the shard's device."""
-        dev = self.device(shard)
-        ik, iv = self.blocks.fetch(lay.item_slots, lay.real_pos - lay.canon_pos, shard)
+    def _prefill(self, lay: Layout, policy: Policy, n_select: int, logit_ids=None, return_kv: bool = False):
+        """The blended prefill of a block layout on its shard: its cached rows fetched (remote ones
+        through the block store's collective), then one jitted program on that shard's device.
+        Returns blended_prefill's outputs, or None in a process that does not hold the device."""
+        dev = self.device(lay.shard)
+        ck, cv = self.store.fetch(lay.block_slots, lay.real_pos - lay.canon_pos, lay.shard, self.impl)
         params = self._params_on(dev)
         if params["embed"] is None:
             return None
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         return blended_prefill(
-            params, pk, pv, *lay.arrays(), logit_ids, ik, iv, lay.item_slots >= 0, cfg=self.cfg,
-            n_select=self.selection_size(lay, policy), check_layer=policy.check_layer if policy.ratio else None,
-            deviation_on=policy.deviation_on, return_kv=return_kv, impl=self.impl)
+            params, pk, pv, *lay.arrays(), logit_ids, ck, cv, cfg=self.cfg, n_select=n_select,
+            check_layer=policy.check_layer, deviation_on=policy.deviation_on, return_kv=return_kv, impl=self.impl)
 
     def _from_owner(self, shard: int, value, placeholder):
         """In a multi-process run only the process holding the shard's device computed `value`;
@@ -294,36 +302,35 @@ class Engine:
         return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value if owner else placeholder,
                                                                              is_source=owner))
 
-    def rank_policy(self, prompt: Prompt, policy: Policy, user_id: int, shard: int | None = None) -> EngineResult:
+    def _rank_policy(self, prompt: Prompt, policy: Policy, user_id, shard: int | None = None) -> EngineResult:
         computed_prefix = self.update_user(user_id, prompt)
         t0 = time.perf_counter()
-        lay = self._block_layout(prompt, user_id, policy)
-        shard = self.affinity_shard(lay) if shard is None else shard
-        n_select = self.selection_size(lay, policy)
-        out = self.prefill(lay, policy, shard, answer_logit_ids(prompt), return_kv=not prompt.single_token_labels)
+        lay, items = self._stitch(prompt, user_id, policy, shard)
+        n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
+        out = self._prefill(lay, policy, n_select, answer_logit_ids(prompt), return_kv=not prompt.single_token_labels)
         value = None
         if out is not None:
             logits, r, sel, kv = out
-            scores, extra = candidate_scores(self._params_on(self.device(shard)), self.cfg, prompt, logits, kv)
+            scores, extra = candidate_scores(self._params_on(self.device(lay.shard)), self.cfg, prompt, logits, kv)
             value = (np.asarray(scores), np.asarray(r), np.asarray(sel), np.int64(extra))
-        scores, r, sel, extra = self._from_owner(shard, value, (
+        scores, r, sel, extra = self._from_owner(lay.shard, value, (
             np.zeros(len(prompt.candidates), np.float32), np.zeros(n_select, np.int32), np.zeros(n_select, bool),
             np.int64(0)))
         ttft = time.perf_counter() - t0
         chosen = r[sel]
-        recomputed_block = int(lay.cached[chosen].sum())
+        cached = lay.cached
+        recomputed_block = int(cached[chosen].sum())
         full_layers = (policy.check_layer + 1) if policy.ratio else 0
         computed = (full_layers * lay.n_suffix + (self.cfg.num_layers - full_layers) * len(chosen)) / self.cfg.num_layers
-        local = [e for e in lay.item_blocks if e.shard == shard]
-        remote = [e for e in lay.item_blocks if e.shard != shard]
-        bpt = self.blocks.bytes_per_token
+        need = self.store.shard_bytes(items)
+        n_local = sum(1 for e in items if e.shard == lay.shard)
         return EngineResult(scores=scores, ttft_s=ttft,
                             prompt_tokens=len(prompt), computed_tokens=int(round(computed)) + int(extra) + computed_prefix,
-                            recomputed_block_tokens=recomputed_block, cached_block_tokens=int(lay.cached.sum()),
-                            cache_hit_tokens=lay.n_prefix + int(lay.cached.sum()) - recomputed_block, selected=chosen,
-                            shard=shard, local_item_blocks=len(local), remote_item_blocks=len(remote),
-                            local_item_bytes=sum(e.length for e in local) * bpt,
-                            remote_item_bytes=sum(e.length for e in remote) * bpt)
+                            recomputed_block_tokens=recomputed_block, cached_block_tokens=int(cached.sum()),
+                            cache_hit_tokens=lay.n_prefix - computed_prefix + int(cached.sum()) - recomputed_block,
+                            selected=chosen, shard=lay.shard, local_item_blocks=n_local,
+                            remote_item_blocks=len(items) - n_local, local_item_bytes=int(need[lay.shard]),
+                            remote_item_bytes=int(need.sum() - need[lay.shard]))
 
     def _rank_prefix(self, prompt: Prompt, shard: int = 0) -> EngineResult:
         if jax.process_count() > 1:
@@ -332,8 +339,8 @@ class Engine:
         t0 = time.perf_counter()
         toks = prompt.tokens
         pages, hit = self.prefix.lookup(toks)
-        rows = [(int(t), hit + i, 0, False, True, -1) for i, t in enumerate(toks[hit:])]
-        lay = self._layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32), rows)
+        lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32),
+                           np.asarray(toks[hit:]), hit, shard)
         params = self._params_on(dev)
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         logits, _, _, kv = blended_prefill(

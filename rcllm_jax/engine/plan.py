@@ -13,15 +13,21 @@ Per prompt token:
 What a token attends to (`stitched_masks`): a token that is not forced sees, at canonical
 positions, the instruction and the earlier tokens of its own block (how its cached KV was made);
 a forced token sees every earlier token at real positions, cached keys re-rotated there.
+
+`device_layout` turns a plan and the block-store entries it was made from into the `Layout` the
+jitted prefill takes: the exact prefix's pool slots, then per suffix token its id, real and
+canonical position, and its block-store slot (-1: computed fresh).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+
+from rcllm_jax.buckets import bucket
 
 from rcllm_jax.data.prompt import Block, Prompt
 from rcllm_jax.model.decoder import SEG_GLOBAL, SEG_SHARED, attention_mask
@@ -52,9 +58,10 @@ class StitchPlan:
         return (self.seg > 0) & (self.real_pos >= self.n_prefix)
 
 
-def stitch_plan(prompt: Prompt, canon_start: Callable[[Block], int | None], sink: int = 0) -> StitchPlan:
-    """canon_start(block) -> the position the block's first token was encoded at if its KV comes
-    from a cache, None if the block is computed fresh. Blocks 0 and 1 must be instruction, history."""
+def stitch_plan(prompt: Prompt, canon_starts: Sequence[int | None], sink: int = 0) -> StitchPlan:
+    """canon_starts[j]: the position block j's first token was encoded at if its KV comes from a
+    cache (a lookup made before), None if the block is computed fresh (entries 0 and 1 are
+    ignored: blocks 0 and 1 must be instruction and history, the user store's exact prefix)."""
     kinds = [b.kind for b in prompt.blocks[:2]]
     if kinds != ["instruction", "history"]:
         raise ValueError(f"a stitched prompt starts with instruction + history blocks, not {kinds}")
@@ -63,7 +70,7 @@ def stitch_plan(prompt: Prompt, canon_start: Callable[[Block], int | None], sink
     next_seg = HISTORY_SEG + 1
     for j, blk in enumerate(prompt.blocks):
         n = len(blk.tokens)
-        start = canon_start(blk) if j >= 2 else None
+        start = canon_starts[j] if j >= 2 else None
         if j == 0:
             s, c, f = SEG_SHARED, pos, False
         elif j == 1:
@@ -93,3 +100,70 @@ def stitched_masks(real_pos, canon_pos, seg, forced, valid, sliding_window: int 
     glob = attention_mask(real_pos, jnp.full_like(seg, SEG_GLOBAL), real_pos, seg, valid,
                           sliding_window) & forced[:, :, None]
     return block, glob
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Device-side description of one request (numpy, bucketed shapes)."""
+
+    prefix_slots: np.ndarray  # [Pb] pool slots of the exact prefix (positions 0..P-1)
+    prefix_valid: np.ndarray  # [Pb] bool
+    tokens: np.ndarray  # [Tb] suffix token ids
+    real_pos: np.ndarray  # [Tb] positions in the prompt
+    canon_pos: np.ndarray  # [Tb] positions the cached KV was computed at (= real_pos if fresh)
+    block_slots: np.ndarray  # [Tb] block-store slot of each cached token, as read by `shard` (-1: fresh)
+    forced: np.ndarray  # [Tb] bool: always recomputed
+    valid: np.ndarray  # [Tb] bool
+    n_prefix: int
+    n_suffix: int
+    shard: int = 0  # the items-shard the slots are addressed for
+
+    @property
+    def cached(self) -> np.ndarray:
+        """[Tb] bool: KV comes from the block store."""
+        return self.block_slots >= 0
+
+    def arrays(self):
+        """The arrays `blended_prefill` takes, in its order."""
+        return self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.cached, self.forced, self.valid
+
+
+def _layout(prefix_slots, tokens, canon, block_slots, forced, shard=0) -> Layout:
+    n_p, n_t = len(prefix_slots), len(tokens)
+    pb, tb = bucket(n_p, 16), bucket(n_t, 16)
+    ps = np.zeros(pb, np.int32)
+    ps[:n_p] = prefix_slots
+
+    def pad(a, dtype, fill=0):
+        out = np.full(tb, fill, dtype)
+        out[:n_t] = a
+        return out
+    real = n_p + np.arange(tb, dtype=np.int32)
+    valid = np.arange(tb) < n_t
+    return Layout(prefix_slots=ps, prefix_valid=np.arange(pb) < n_p, tokens=pad(tokens, np.int32),
+                  real_pos=real, canon_pos=np.where(valid, pad(canon, np.int32), real),
+                  block_slots=pad(block_slots, np.int32, -1), forced=pad(forced, bool), valid=valid,
+                  n_prefix=n_p, n_suffix=n_t, shard=shard)
+
+
+def device_layout(prompt: Prompt, plan: StitchPlan, prefix_slots, slots_of: Sequence[int | None],
+                  shard: int) -> Layout:
+    """The layout of a stitched request served on `shard`. slots_of[j]: block-store slot (as read
+    by `shard`) of block j's first token where the plan serves it from the store, else None."""
+    if len(prefix_slots) != plan.n_prefix:
+        raise RuntimeError("user store prefix does not match the prompt's instruction + history")
+    t = np.arange(plan.n_prefix, len(prompt.tokens))
+    starts = np.array([-1 if s is None else s for s in slots_of], np.int64)
+    at = np.minimum(np.searchsorted(plan.block, np.arange(len(prompt.blocks))), len(plan.block) - 1)
+    first = plan.canon_pos[at].astype(np.int64)  # canonical position of each block's first token
+    blk = plan.block[t]
+    cached = plan.cached[t]
+    slot = np.where(cached, starts[blk] + plan.canon_pos[t] - first[blk], -1)
+    return _layout(prefix_slots, np.asarray(prompt.tokens)[t], plan.canon_pos[t], slot, plan.forced[t], shard)
+
+
+def fresh_layout(prefix_slots, tokens, start: int, shard: int = 0) -> Layout:
+    """A plain prefill of `tokens` at positions start.. after an exact prefix (prefix mode)."""
+    n = len(tokens)
+    pos = start + np.arange(n)
+    return _layout(prefix_slots, tokens, pos, np.full(n, -1), np.ones(n, bool), shard)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax.buckets import bucket
-from rcllm_jax.data.prompt import Prompt
+from rcllm_jax.data.prompt import Prompt, check_prompt_length
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head
 
@@ -106,8 +106,7 @@ def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_log
 def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt) -> RankResult:
     """Full prefill of the whole prompt (the reference every cached mode is compared with)."""
     n = len(prompt)
-    if n > cfg.max_position:
-        raise ValueError(f"prompt of {n} tokens exceeds the model's context of {cfg.max_position}")
+    check_prompt_length(n, cfg.max_position, "the model's context")
     tb = bucket(n, 64)
     tokens = np.zeros((1, tb), np.int32)
     tokens[0, :n] = prompt.tokens

@@ -26,10 +26,6 @@ def selective_flops(cfg: ModelConfig, computed_tokens: float, prompt_tokens: int
     return linear_flops_per_token(cfg) * computed_tokens + attn + 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def kv_bytes_per_token(cfg: ModelConfig, itemsize: int = 4) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-
 def _best(fn, reps):
     fn()
     best = float("inf")

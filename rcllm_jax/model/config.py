@@ -119,3 +119,9 @@ class ModelConfig:
             sliding_window=int(window) if window else None,
             dtype=dtype,
         )
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype="float32") -> int:
+    """Bytes of one token's K and V over all layers, stored as `dtype`."""
+    import numpy as np
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize

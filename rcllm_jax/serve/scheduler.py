@@ -7,14 +7,16 @@ engine loop takes a scheduling window (everything queued, up to `window` request
                 its affinity to s = need[s] / sum(need). Requests are placed in order of their
                 best affinity (most shard-bound first, ties by arrival); each goes to the shard of
                 highest affinity that has taken fewer than cap = ceil(window size / shards x
-                (1 + slack)) requests of this window, ties to the less loaded shard (requests in
-                flight + taken) then the lower index; so no shard takes more than its share of a
-                window while others idle.
+                (1 + slack)) requests of this window, ties to the shard that has taken fewer,
+                then the lower index; so no shard takes more than its share of a window while
+                others idle.
   round_robin   Request i of the stream goes to shard i mod N (ignores where blocks live).
-  least_loaded  The shard with the fewest requests in flight and assigned in this window.
 
 Each shard's share of a window is one batch, run in arrival order; every request keeps its
-bucketed shapes, so compiles stay bounded by (shape buckets x shards).
+bucketed shapes, so compiles stay bounded by (shape buckets x shards). The serving loop runs a
+window's batches to completion before it takes the next window, so no request is in flight
+when a window is assigned. Launchers that route a request stream without a server use
+`route`, the same rule one request at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-SCHEDULERS = ("affinity", "round_robin", "least_loaded")
+SCHEDULERS = ("affinity", "round_robin")
 
 
 class QueueFull(RuntimeError):
@@ -56,7 +58,6 @@ class Scheduler:
         self.num_shards, self.policy, self.max_queue, self.window, self.slack = num_shards, policy, max_queue, window, slack
         self.queue: collections.deque[Task] = collections.deque()
         self.cv = threading.Condition()
-        self.in_flight = np.zeros(num_shards, np.int64)
         self._seq = itertools.count()
         self._rr = 0
         self.closed = False
@@ -93,16 +94,11 @@ class Scheduler:
     def assign(self, tasks: list[Task]) -> dict[int, list[Task]]:
         """Shard -> its batch (arrival order) for the rank tasks of one window."""
         n = self.num_shards
-        load = self.in_flight.astype(np.int64).copy()
         batches: dict[int, list[Task]] = {s: [] for s in range(n)}
         if self.policy == "round_robin":
             for t in tasks:
                 t.shard = self._rr % n
                 self._rr += 1
-        elif self.policy == "least_loaded":
-            for t in tasks:
-                t.shard = int(np.argmin(load))
-                load[t.shard] += 1
         else:
             cap = math.ceil(len(tasks) / n * (1 + self.slack))
             shares = [t.need / t.need.sum() if t.need is not None and t.need.sum() > 0 else np.full(n, 1.0 / n)
@@ -111,9 +107,15 @@ class Scheduler:
             taken = np.zeros(n, np.int64)
             for i in order:
                 open_ = [s for s in range(n) if taken[s] < cap] or list(range(n))
-                best = max(open_, key=lambda s: (shares[i][s], -(load[s] + taken[s]), -s))
+                best = max(open_, key=lambda s: (shares[i][s], -taken[s], -s))
                 tasks[i].shard = best
                 taken[best] += 1
         for t in sorted(tasks, key=lambda t: t.seq):
             batches[t.shard].append(t)
         return {s: b for s, b in batches.items() if b}
+
+    def route(self, need) -> int:
+        """The shard for one request (need: [N] its item bytes per shard), as a window of one."""
+        t = Task("rank", None, need=np.asarray(need, np.int64))
+        self.assign([t])
+        return t.shard

@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
+from rcllm_jax.data.prompt import check_candidates
 from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -105,11 +106,10 @@ class RecommenderService:
             raise ApiError(400, "user_id and candidates are required")
         user = _int(body["user_id"], "user_id")
         cands = self._item_ids(body["candidates"], "candidates")
-        if not cands:
-            raise ApiError(400, "candidates is empty")
-        dup = sorted({c for c in cands if cands.count(c) > 1})
-        if dup:
-            raise ApiError(400, f"duplicate candidates: {dup}")
+        try:
+            check_candidates(cands)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
         if len(cands) > self.max_candidates:
             raise ApiError(400, f"{len(cands)} candidates; this server ranks at most {self.max_candidates}")
         top_k = _int(body.get("top_k", len(cands)), "top_k")
@@ -149,23 +149,22 @@ class RecommenderService:
         if i not in self.items:
             raise ApiError(404, f"unknown item id {i}")
         it = self.items[i]
-        e = self.engine.blocks.lookup(self.engine.builder.item_block(i).tokens)
-        return {"item_id": i, "title": it.title, "year": it.year, "genres": list(it.genres),
-                "cached": e is not None, "shard": None if e is None else e.shard,
-                "block_tokens": len(self.engine.builder.item_block(i).tokens)}
+        return {"item_id": i, "title": it.title, "year": it.year, "genres": list(it.genres)} | self.engine.item_info(i)
 
     def health(self) -> dict:
         alive = self.thread.is_alive() and not self.stopped.is_set()
+        st = self.engine.stats()
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
-                "item_blocks": len(self.engine.blocks.entries), "users_cached": len(self.engine.users.users)}
+                "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 
     def metrics_text(self) -> str:
-        st = self.engine.users.stats
+        st = self.engine.stats()
+        us = st["user_store"]
         return self.metrics.render({"queue_depth": len(self.scheduler), "compiles": self.compiles[0],
-                                    "user_cache_hits": st["hits"], "user_cache_extensions": st["extensions"],
-                                    "user_cache_misses": st["misses"], "user_cache_evictions": st["evictions"],
-                                    "users_cached": len(self.engine.users.users)})
+                                    "user_cache_hits": us.get("hits", 0), "user_cache_extensions": us.get("extensions", 0),
+                                    "user_cache_misses": us.get("misses", 0), "user_cache_evictions": us.get("evictions", 0),
+                                    "users_cached": st["users_cached"]})
 
     # --- the engine loop -----------------------------------------------------------------------
 
@@ -173,7 +172,7 @@ class RecommenderService:
         task.payload["request_id"] = uuid.uuid4().hex[:12]
         task.enqueued = time.perf_counter()
         if task.kind == "rank":
-            task.need = self._need(task.payload["candidates"])
+            task.need = self.engine.shard_bytes(task.payload["candidates"])
         try:
             self.scheduler.submit(task)
         except QueueFull as e:
@@ -189,14 +188,6 @@ class RecommenderService:
             self.metrics.inc("engine_errors_total")
             raise ApiError(500, f"engine failure on request {task.payload['request_id']}: "
                                 f"{type(e).__name__}: {e}") from e
-
-    def _need(self, cands) -> np.ndarray:
-        need = np.zeros(self.engine.num_shards, np.int64)
-        for c in cands:
-            e = self.engine.blocks.lookup(self.engine.builder.item_block(c).tokens)
-            if e is not None:
-                need[e.shard] += e.length * self.engine.blocks.bytes_per_token
-        return need
 
     def _loop(self):
         while not (self.stopped.is_set() and not len(self.scheduler)):

@@ -57,7 +57,7 @@ def prompt_arrays(prompt, target_index: int, max_len: int, *, block: bool, cache
     forced = np.zeros(max_len, bool)
     if block:
         start = len(prompt.blocks[0].tokens)  # canonical context: the instruction
-        plan = stitch_plan(prompt, lambda b: start if served_from_cache(b, cached_glue) else None)
+        plan = stitch_plan(prompt, [start if served_from_cache(b, cached_glue) else None for b in prompt.blocks])
         seg[:n], canon[:n], forced[:n] = plan.seg, plan.canon_pos, plan.forced
     tokens = np.zeros(max_len, np.int32)
     tokens[:n] = prompt.tokens

@@ -1,57 +1,78 @@
-"""Blended prefill: one jitted program for every prefill mode.
+"""Selective recomputation: which tokens of a stitched prompt are recomputed (`Policy`, the
+selection size) and the blended prefill that recomputes them, one jitted program for every mode.
 
-A request is laid out as an exact prefix (KV gathered from the pool, never recomputed: the
-instruction + history block, or a prefix-cache hit) followed by a suffix of T tokens. Each suffix
-token is either cached (an item block's KV, gathered from the pool and re-rotated from its
-canonical to its real position) or fresh (glue, the question). A set R of suffix tokens is
-recomputed in every layer, their fresh K/V written over the cached ones before attention:
+A request is laid out (`engine/plan.py::Layout`) as an exact prefix (KV gathered from the pool,
+never recomputed: the instruction + history block, or a prefix-cache hit) followed by a suffix of
+T tokens. Each suffix token is either cached (a block's KV from the block store, already gathered
+and re-rotated from its canonical to its real position by `BlockStore.fetch`) or fresh (glue
+computed per request, the question). A set R of suffix tokens is recomputed in every layer, their
+fresh K/V written over the cached ones before attention:
 
-  R = forced tokens (glue, question, and per policy the first k tokens of each block)
-      + with a `deviation` check layer c: the cached tokens whose K (or V) deviates most from a
+  R = forced tokens (fresh blocks, the last token, and per policy the first k tokens of each
+      cached block)
+      + with a deviation check layer c: the cached tokens whose K (or V) deviates most from a
         fresh computation at layer c (CacheBlend); layers < c then run over the whole suffix.
 
-Queries in R attend with the exact causal mask by global position (`attention_mask`), so with R =
-the whole suffix the result is a full prefill. `all_fresh` runs the suffix as a plain prefill
-(full and prefix modes: nothing to gather or select).
+Queries in R attend with the exact causal mask by global position (`attention_mask`, with the
+model's sliding window), so with R = the whole suffix the result is a full prefill. `all_fresh`
+runs the suffix as a plain prefill (full and prefix modes: nothing to gather or select).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from rcllm_jax import kernels
+from rcllm_jax.buckets import bucket
 from rcllm_jax.model.config import ModelConfig
-from pallas_kernels import dispatch as kernels
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
                                      forward, lm_head, out_mlp, qkv)
 from rcllm_jax.model.rope import inv_freq
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """Host-side description of one request (numpy, bucketed shapes)."""
+class Policy:
+    """Which suffix tokens a block mode recomputes, beyond the fresh blocks and the last token."""
 
-    prefix_slots: np.ndarray  # [Pb] pool slots of the exact prefix (positions 0..P-1)
-    prefix_valid: np.ndarray  # [Pb] bool
-    tokens: np.ndarray  # [Tb] suffix token ids
-    real_pos: np.ndarray  # [Tb] positions in the prompt
-    canon_pos: np.ndarray  # [Tb] positions the cached KV was computed at (= real_pos if fresh)
-    slots: np.ndarray  # [Tb] pool slot of each cached token (0 for fresh)
-    cached: np.ndarray  # [Tb] bool: KV available in the pool
-    forced: np.ndarray  # [Tb] bool: always recomputed
-    valid: np.ndarray  # [Tb] bool
-    n_prefix: int
-    n_suffix: int
-    item_slots: np.ndarray | None = None  # [Tb] item-store slot of each cached item token (-1: none)
-    item_blocks: tuple = ()  # item-store entries of the item blocks served from cache
+    sink: int = 0  # first tokens of every cached block (EPIC LegoLink-k)
+    ratio: float = 0.0  # fraction of cached block tokens chosen by deviation (CacheBlend)
+    check_layer: int | None = None  # layer at which deviation is measured (layers below run in full)
+    deviation_on: str = "k"  # "k" (LMCache) or "v" (original CacheBlend)
+    cached_glue: bool = False  # serve label/question glue from the block store too: only the
+    #                            prompt's last token is then always recomputed
 
-    def arrays(self):
-        return (self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.canon_pos,
-                self.slots, self.cached, self.forced, self.valid)
+    def __post_init__(self):
+        if self.ratio and self.check_layer is None:
+            raise ValueError("a deviation ratio needs a check layer")
+        if self.check_layer is not None and not self.ratio:
+            raise ValueError("a check layer needs a deviation ratio > 0 (it is used for nothing else)")
+        if self.deviation_on not in ("k", "v"):
+            raise ValueError("deviation_on must be 'k' or 'v'")
+
+
+BLOCK_MODES = {
+    "stitch": Policy(),
+    "sink": Policy(sink=2),
+    "deviation": Policy(ratio=0.15, check_layer=1),
+    # Chosen by measurement (WORKSPACE_NOTES.md, issue 4): the lowest TTFT at top-1 agreement
+    # >= 0.99 vs full prefill on the default workload. On the zero-shot model that is pure
+    # stitching with cached glue (every policy keeps top-1 there: the model always answers "A");
+    # re-measure with `launch/bench.py --sweep=...` when the model changes.
+    "rcllm": Policy(cached_glue=True),
+}
+
+
+def selection_size(forced, cached, valid, policy: Policy) -> int:
+    """Rows of the recompute set: the forced tokens plus ratio x the other cached tokens, rounded up
+    to a shape bucket (the extra rows take the next-highest deviations, or are masked out when
+    there is no deviation check)."""
+    want = int((forced & valid).sum()) + math.ceil(policy.ratio * int((cached & ~forced).sum()))
+    return min(len(valid), bucket(max(want, 1), 16))
 
 
 def _layer_params(layers, i):
@@ -62,19 +83,17 @@ def _layer_params(layers, i):
 @functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
                                              "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
-                    canon_pos, slots, cached, forced, valid, logit_ids=None, item_k=None, item_v=None,
-                    from_items=None, *, cfg: ModelConfig,
+                    cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, *, cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
                     all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
     """Returns (next-token logits [V] or [len(logit_ids)], selected suffix indices [n], selected
     mask [n], kv or None).
 
-    pool_k/v [L, S, K, H]; the other arrays as in `Layout` (unbatched; B = 1 inside). `logit_ids`:
-    compute the answer's logits only for these vocabulary ids (ranking needs the labels only).
-    impl: a resolved `pallas_kernels.dispatch` implementation for the gather + re-rotation of
-    cached KV and the recomputed tokens' attention ("xla", "pallas", "interpret").
-    item_k/v [L, T, K, H], from_items [T]: suffix tokens whose cached KV comes from the item store
-    (already re-rotated to real positions by `ItemStore.fetch`) instead of the pool.
+    pool_k/v [L, S, K, H]; the other arrays as in `Layout.arrays()` (unbatched; B = 1 inside).
+    cached_k/v [L, T, K, H]: the suffix's cached KV at real positions (`BlockStore.fetch`; rows
+    that are not cached are ignored). `logit_ids`: compute the answer's logits only for these
+    vocabulary ids (ranking needs the labels only). impl: a resolved `rcllm_jax.kernels`
+    implementation of the recomputed tokens' attention ("xla", "pallas", "interpret").
     """
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
@@ -96,14 +115,10 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
 
     k_pos = jnp.concatenate([p_pos, q_pos], axis=1)
     k_valid = jnp.concatenate([prefix_valid, valid])[None]
-    mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid)  # [1, T, P+T]
-    # cached suffix KV, moved from canonical to real positions
-    ck = kernels.gather_rerotate(pool_k, slots, real_pos - canon_pos, inv, impl=impl)[:, None]  # [L, 1, T, K, H]
-    cv = pool_v[:, slots][:, None]
-    if item_k is not None:
-        m = from_items[None, None, :, None, None]
-        ck = jnp.where(m, item_k[:, None].astype(ck.dtype), ck)
-        cv = jnp.where(m, item_v[:, None].astype(cv.dtype), cv)
+    mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid,
+                          cfg.sliding_window)  # [1, T, P+T]
+    ck = cached_k[:, None].astype(pool_k.dtype)  # [L, 1, T, K, H]
+    cv = cached_v[:, None].astype(pool_v.dtype)
     x = params["embed"][tokens][None]  # [1, T, D]
     layers = params["layers"]
     neg = jnp.float32(-jnp.inf)
@@ -153,7 +168,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         if impl == "xla":
             x_r = attn_mlp(cfg, x_r, p, q, keys, vals, mask_r)
         else:
-            x_r = out_mlp(cfg, x_r, p, kernels.selective_attention(q, keys, vals, pos_r, k_pos, k_valid, impl=impl))
+            x_r = out_mlp(cfg, x_r, p, kernels.selective_attention(q, keys, vals, pos_r, k_pos, k_valid, impl=impl,
+                                                                   window=cfg.sliding_window))
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)
