@@ -127,7 +127,7 @@ def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
-        written.append(str(out_dir / name))
+        written.append(f"{out_dir.name}/{name}")  # relative to the JSON's folder
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in modes:
@@ -360,9 +360,12 @@ def main(argv):
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
                      "prompt_tokens_p50": None, "prompt_tokens_max": None, **ranking_metrics(ranks)})
 
-    config = {"argv": sys.argv[1:], "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
+    from rcllm_jax.fetch import portable_path
+    argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
+            for a in sys.argv[1:]]
+    config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
-              "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": model.source,
+              "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": portable_path(model.source),
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,

@@ -163,7 +163,7 @@ def _plots(out_dir: Path, rows) -> list[str]:
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
-        written.append(str(out_dir / name))
+        written.append(f"{out_dir.name}/{name}")  # relative to the JSON's folder
     return written
 
 

@@ -5,6 +5,7 @@ Runs, each in its own process, writing JSON and plots under --out_dir:
   bench.py on the serving workload (every mode, a recompute sweep, the transformers peer) for the
     zero-shot model and, when given, the tuned block-aware model;
   bench.py --mesh=items:4 --placement=similarity|hash on retrieval candidates (locality, TTFT);
+  bench.py over the grid --grid_history_lens x --grid_candidates (every mode; off by default);
   bench_scaling.py (devices x catalog size x placement x scheduler).
 Then formats every figure from those JSON files into BENCHMARKS.md (nothing is typed in by hand:
 the targets are checked against the measured numbers).
@@ -28,6 +29,11 @@ _RUN = flags.DEFINE_bool("run", True, "Run the benchmarks (--norun: only rewrite
 _USERS = flags.DEFINE_integer("num_users", 30, "Users in the serving workload (2 requests each).")
 _SCALES = flags.DEFINE_list("catalog_scales", ["1", "10", "100"], "Catalog scales of bench_scaling.py.")
 _REPORT = flags.DEFINE_string("report", str(ROOT / "BENCHMARKS.md"), "The report file.")
+_GRID_H = flags.DEFINE_list("grid_history_lens", [], "History lengths of the TTFT grid (e.g. 20,50; empty: no grid).")
+_GRID_C = flags.DEFINE_list("grid_candidates", ["20", "50", "100"], "Candidate counts of the TTFT grid.")
+_GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Users per grid point (2 requests each).")
+_TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficient recompute budget must keep.")
+GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
 
 WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
             "--modes=full,prefix,stitch,sink,deviation,rcllm", "--sweep=0.1,0.3,0.5"]
@@ -38,11 +44,46 @@ def _runs(out: Path):
     if _TUNED.value:
         runs["tuned block-aware"] = [f"--num_users={_USERS.value}", *WORKLOAD, f"--model={_TUNED.value}",
                                      f"--output_json={out / 'tuned.json'}"]
+    for h in _GRID_H.value:
+        for c in _GRID_C.value:
+            runs[f"grid h{h} c{c}"] = [f"--num_users={_GRID_USERS.value}", "--requests_per_user=2", f"--history_len={h}",
+                                       f"--num_candidates={c}", f"--modes={GRID_MODES}", "--cached_glue", "--peers=",
+                                       f"--output_json={out / f'grid_h{h}_c{c}.json'}"]
     for p in ("similarity", "hash"):
         runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--negatives=retrieval", "--mesh=items:4",
                              f"--placement={p}", "--user_cache_pages=512", "--peers=",
                              f"--output_json={out / f'mesh_{p}.json'}"]
     return runs
+
+
+def needed_budget(rows, top1: float):
+    """(mode, recompute fraction) of the cheapest block row keeping top-1 agreement >= top1."""
+    ok = [r for r in rows if r.get("recompute_fraction") is not None and (r.get("top1_agreement") or 0) >= top1]
+    if not ok:
+        return None, None
+    best = min(ok, key=lambda r: (r["recompute_fraction"], r["ttft_p50_s"]))
+    return best["mode"], best["recompute_fraction"]
+
+
+def _grid_section(out: Path) -> list[str]:
+    points = sorted(out.glob("grid_h*_c*.json"), key=lambda f: tuple(int(x[1:]) for x in f.stem.split("_")[1:]))
+    if not points:
+        return []
+    modes = GRID_MODES.split(",")
+    lines = ["## TTFT grid: history x candidates", "",
+             "| history | candidates | prompt p50 | " + " | ".join(f"{m} p50" for m in modes)
+             + " | rcllm vs prefix | rcllm vs full | rcllm top-1 | rcllm KL |",
+             "|" + "---|" * (len(modes) + 7)]
+    for f in points:
+        d = json.loads(f.read_text())
+        c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+        t = {m: rows[m]["ttft_p50_s"] for m in modes if m in rows}
+        rc = rows.get("rcllm", {})
+        lines.append(f"| {c['history_len']} | {c['num_candidates']} | {c['prompt_tokens']['p50']:.0f} | "
+                     + " | ".join(_fmt(t.get(m)) for m in modes)
+                     + f" | {t['prefix'] / t['rcllm']:.1f}x | {t['full'] / t['rcllm']:.1f}x | "
+                     f"{_fmt(rc.get('top1_agreement'))} | {_fmt(rc.get('kl_mean'), '.4f')} |")
+    return lines + [""]
 
 
 def _fmt(v, f=".3f"):
@@ -82,6 +123,9 @@ def _bench_section(name, path: Path) -> list[str]:
                               f"{'met' if x >= want else 'not met'})")
         agr = rows["rcllm"].get("top1_agreement")
         checks.append(f"rcllm top-1 agreement {agr:.3f} (target >= 0.99: {'met' if agr >= 0.99 else 'not met'})")
+        mode, frac = needed_budget(d["results"], _TOP1.value)
+        checks.append(f"cheapest block row keeping top-1 >= {_TOP1.value}: "
+                      + ("none" if mode is None else f"{mode} at recompute fraction {frac:.3f}"))
         fl = rows["rcllm"].get("ttft_over_floor")
         checks.append(f"rcllm TTFT / floor {fl:.1f} (target <= 2: {'met' if fl <= 2 else 'not met'})")
         lines += [f"- {x}" for x in checks] + [""]
@@ -106,6 +150,7 @@ def _report(out: Path) -> str:
             lines += _bench_section(name, out / f)
         else:
             lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
+    lines += _grid_section(out)
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]

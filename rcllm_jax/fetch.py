@@ -22,6 +22,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RCLLM_JAX_CACHE", Path.home() / ".cache" / "rcllm_jax"))
 
 
+def portable_path(path) -> str:
+    """A path as written into committed reports: under the asset cache as "<cache>/...", under the
+    working directory relative to it, anything else by its name only (no machine paths)."""
+    p = Path(path).expanduser().resolve()
+    for root, name in ((cache_dir().expanduser().resolve(), "<cache>"), (Path.cwd().resolve(), "")):
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            continue
+        return f"{name}/{rel}" if name else str(rel)
+    return p.name
+
+
 @dataclasses.dataclass(frozen=True)
 class WheelAsset:
     name: str  # folder under the cache dir

@@ -29,7 +29,7 @@ def test_bench_writes_table_and_json(tmp_path):
         assert rows[m]["impl"] == "torch" and rows[m]["top1_agreement"] == 1.0 and rows[m]["kl_mean"] < 1e-4
     assert rows["hf_prefix"]["cache_hit_tokens"] > 0 and rows["hf_full"]["cache_hit_tokens"] == 0
     assert rows["hf_prefix"]["computed_tokens_p50"] < rows["hf_full"]["computed_tokens_p50"]
-    plots = data["config"]["plots"]
+    plots = [out.parent / p for p in data["config"]["plots"]]  # relative to the JSON's folder
     assert {Path(p).name for p in plots} == {"ttft_cdf.png", "fidelity_vs_recompute.png", "ttft_vs_prompt_length.png"}
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000 for p in plots)
     assert all(rows[m]["compiles_during_timing"] == 0 for m in ("full", "prefix", "stitch", "rcllm"))

@@ -34,4 +34,4 @@ def test_scaling_grid(tmp_path, smollm2_path):
     for s in (1, 2):
         for p in ("similarity", "hash"):
             assert key[s, 2, p, "affinity"]["local_fraction"] >= key[s, 2, p, "round_robin"]["local_fraction"]
-    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in data["config"]["plots"])
+    assert all((out.parent / p).read_bytes()[:4] == b"\x89PNG" for p in data["config"]["plots"])
