@@ -35,7 +35,13 @@ _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Datase
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
 _USERS = flags.DEFINE_integer("num_users", 100, "Users in the stream.")
 _RPU = flags.DEFINE_integer("requests_per_user", 1, "Requests per user (histories grow between them).")
-_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (held-out item + negatives).")
+_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (held-out item + negatives, or the "
+                              "retriever's top-K).")
+_CAND_SRC = flags.DEFINE_enum("candidates", "sampled", ["sampled", "retrieved"],
+                              "sampled: the target + --negatives; retrieved: an item-kNN retriever's top-K from "
+                              "the whole catalog (the target may be missing: a miss), evaluated the LlamaRec way.")
+_ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
+                           "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
@@ -77,7 +83,8 @@ _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to writ
 _TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
               "workload.num_candidates": "num_candidates", "workload.history_len": "history_len",
               "workload.negatives": "negatives", "workload.stage": "stage", "workload.seed": "seed",
-              "workload.requests_per_user": "requests_per_user", "model.dtype": "dtype", "model.path": "model"}
+              "workload.requests_per_user": "requests_per_user", "workload.candidates": "candidates",
+              "model.dtype": "dtype", "model.path": "model"}
 
 _COMPILES = [0]
 
@@ -180,6 +187,13 @@ def _open_loop(service_s, seed: int) -> dict:
             "utilization": float(sum(service_s) / max(end, 1e-9))}
 
 
+def _retriever_scores(retriever, q):
+    """Scores that rank a request's candidates in the retriever's own order (best first)."""
+    order = retriever.retrieve(q.history, len(q.candidates))[0]
+    pos = {c: i for i, c in enumerate(order)}
+    return [-pos.get(c, len(order)) for c in q.candidates]
+
+
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s). Block
     modes are routed to a shard by the server's scheduler (`--scheduler`), one request at a time."""
@@ -227,12 +241,27 @@ def main(argv):
     t0 = time.perf_counter()
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
     split = LeaveOneOut(ds)
+    retriever, retriever_info = None, None
+    if _CAND_SRC.value == "retrieved":
+        from rcllm_jax.retrieval import fit_on_split
+        t1 = time.perf_counter()
+        retriever = fit_on_split(split)
+        retriever_info = {"kind": "item-knn (cosine co-occurrence, training split only)",
+                          "neighbours": int(retriever.neighbours.shape[1]), "recent": retriever.recent,
+                          "decay": retriever.decay,
+                          "fit_s": time.perf_counter() - t1}
+    pick = dict(num_candidates=_CANDS.value, negatives=_NEG.value, seed=_SEED.value, retriever=retriever,
+                order=_ORDER.value)
     if _RPU.value > 1:
-        requests = stream_requests(split, num_users=_USERS.value, requests_per_user=_RPU.value,
-                                   num_candidates=_CANDS.value, negatives=_NEG.value, seed=_SEED.value)
+        requests = stream_requests(split, num_users=_USERS.value, requests_per_user=_RPU.value, **pick)
     else:
-        requests = list(eval_requests(split, stage=_STAGE.value, num_candidates=_CANDS.value,
-                                      negatives=_NEG.value, seed=_SEED.value, num_users=_USERS.value))
+        requests = list(eval_requests(split, stage=_STAGE.value, num_users=_USERS.value, **pick))
+    if retriever is not None:
+        t1 = time.perf_counter()
+        for q in requests:
+            retriever.retrieve(q.history, _CANDS.value)
+        retriever_info.update({f"recall@{_CANDS.value}": float(np.mean([q.target_index is not None for q in requests])),
+                               "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value,
                             max_prompt_tokens=model.cfg.max_position)
@@ -311,10 +340,20 @@ def main(argv):
     rows = []
     ref = [r.scores for r, _ in results["full"]] if "full" in results else None
     full_metrics = None
+    retrieved = np.array([q.target_index is not None for q in requests])
+
+    def all_metrics(ranks):
+        """Over every request (a target not among the candidates is a miss), and with retrieved
+        candidates also over the requests whose target was retrieved (suffix _retrieved)."""
+        out = ranking_metrics(ranks)
+        if retriever is not None and retrieved.any():
+            out |= {f"{k}_retrieved": v for k, v in ranking_metrics(np.asarray(ranks)[retrieved]).items()}
+        return out
+
     for mode in modes:
         res = [r for r, _ in results[mode]]
         ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, requests)]
-        metrics = ranking_metrics(ranks)
+        metrics = all_metrics(ranks)
         if mode == "full":
             full_metrics = metrics
         recomputed = sum(r.recomputed_block_tokens for r in res)
@@ -355,17 +394,21 @@ def main(argv):
     rng = np.random.default_rng(_SEED.value)
     baselines = {"popularity": [popularity_scores(q.candidates, split.popularity) for q in requests],
                  "random": [random_scores(len(q.candidates), rng) for q in requests]}
+    if retriever is not None:  # the retriever's own order of the same candidates
+        baselines = {"retriever": [_retriever_scores(retriever, q) for q in requests]} | baselines
     for name, scores in baselines.items():
         ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, requests)]
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
-                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **ranking_metrics(ranks)})
+                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **all_metrics(ranks)})
 
     from rcllm_jax.fetch import portable_path
     argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
             for a in sys.argv[1:]]
     config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
-              "negatives": _NEG.value, "stage": _STAGE.value, "seed": _SEED.value, "model": portable_path(model.source),
+              "negatives": _NEG.value if retriever is None else "retrieved", "candidates": _CAND_SRC.value,
+              "candidate_order": _ORDER.value if retriever is not None else None, "retriever": retriever_info,
+              "stage": _STAGE.value, "seed": _SEED.value, "model": portable_path(model.source),
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
@@ -391,6 +434,16 @@ def main(argv):
               f"{fmt(r.get('kendall_tau'), '6.3f')} {fmt(r.get('recompute_fraction'), '6.3f')} "
               f"{fmt(r.get('ttft_over_floor'), '6.1f')} "
               f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
+    if retriever_info is not None:
+        print(f"retriever: recall@{_CANDS.value} {retriever_info[f'recall@{_CANDS.value}']:.3f} "
+              f"({int(retrieved.sum())} of {len(requests)} targets retrieved), "
+              f"{retriever_info['retrieve_ms_mean']:.2f} ms per request; metrics above count a target not "
+              "retrieved as a miss")
+        print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}")
+        for r in rows:
+            if "hr@1_retrieved" in r:
+                print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
+                      f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}")
     for name, loc in config["placement_locality"].items():
         print(f"placement {name:<10} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "

@@ -70,6 +70,11 @@ def main(argv):
     build_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     step = engine.save(_SNAP.value)
+    if jax.process_index() == 0:  # the retrieval stage is persisted with the item cache
+        from rcllm_jax.retrieval import load_or_fit
+        _, how = load_or_fit(os.path.join(_SNAP.value, "retriever.npz"),
+                             [ds.sequences[u] for u in sorted(ds.sequences)], items)
+        logging.info("retriever: %s", how)
     save_s = time.perf_counter() - t2
     st = engine.stats()
     loads = np.asarray(st["shard_tokens"])

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +40,8 @@ _QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting at most (beyon
 _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 52, "Most candidates per request (52: single-token labels).")
+_NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes for a request that "
+                                  "sends none (its num_candidates field overrides).")
 _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 512, "User-store budget in 16-token pages (replicated "
                                    "on every device).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalog items (0 = all; smoke tests).")
@@ -118,6 +121,10 @@ def main(argv):
         engine.reset_caches()
         logging.info("warmed up %d shards x %d prompt shapes in %.1fs", engine.num_shards, len(probes),
                      time.perf_counter() - t1)
+    from rcllm_jax.retrieval import load_or_fit
+    retriever, how = load_or_fit(Path(snap) / "retriever.npz", [ds.sequences[u] for u in sorted(ds.sequences)],
+                                 item_ids)
+    logging.info("retriever (item-kNN over the served histories): %s", how)
     histories = {u: list(s) for u, s in ds.sequences.items()}
     saved_histories = engine.restore_users(users_dir)
     histories.update(saved_histories)
@@ -125,7 +132,8 @@ def main(argv):
                  len(saved_histories), users_dir)
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, _QUEUE.value, _WINDOW.value),
-                                 max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value)
+                                 max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
+                                 retriever=retriever, num_candidates=_NUM_CANDS.value)
     service.start()
     server = make_server(service, _HOST.value, _PORT.value, _MAX_BODY.value)
     stop = threading.Event()

@@ -154,7 +154,7 @@ def test_service_answers_by_hand_and_routes_by_affinity():
                 ({"user_id": 7, "candidates": [1, 999]}, 404, "unknown item"),
                 ({"user_id": 7, "candidates": [1, 2, 3, 4, 5, 6]}, 400, "at most 5"),
                 ({"user_id": "x", "candidates": [1]}, 400, "user_id must be an integer"),
-                ({"candidates": [1]}, 400, "required"),
+                ({"candidates": [1]}, 400, "user_id is required"),
                 ({"user_id": 7, "candidates": [1], "colour": 1}, 400, "unknown field"),
                 ([1, 2], 400, "JSON object")]:
             with pytest.raises(ApiError, match=msg) as e:
@@ -199,3 +199,37 @@ def test_full_queue_answers_503_and_stop_drains_everything():
     assert errors and all(e.status == 503 and e.headers == {"Retry-After": "1"} for e in errors)
     assert len(eng.calls) == len(results)  # every accepted request answered once, none twice
     assert len({r["request_id"] for r in results}) == len(results)
+
+
+def test_request_without_candidates_is_retrieved_then_reranked():
+    """No candidates: the retriever proposes them from the user's history (a hand-made table),
+    the engine ranks them; an unknown user with no history gets the popularity fallback."""
+    from rcllm_jax.retrieval import ItemKNN
+    seqs = [[1, 2, 3], [1, 2], [2, 3], [4], [3, 5]]
+    retriever = ItemKNN.fit(seqs, list(ITEMS), neighbours=5, decay=0.5)
+    eng = MockEngine()
+    svc = RecommenderService(eng, ITEMS, {7: [3, 1]}, scheduler=Scheduler(2, "affinity"), max_candidates=5,
+                             retriever=retriever, num_candidates=3)
+    svc.start()
+    try:
+        out = svc.recommend({"user_id": 7})
+        # retrieved for [3, 1]: 2, 5, then by popularity 4; the mock ranks ascending ids
+        assert out["retrieved"] is True
+        assert [r["item_id"] for r in out["ranking"]] == [2, 4, 5]
+        cold = svc.recommend({"user_id": 4242, "num_candidates": 2})  # nobody knows this user
+        assert [r["item_id"] for r in cold["ranking"]] == [2, 3]  # the two most popular items
+        given = svc.recommend({"user_id": 7, "candidates": [9, 8]})
+        assert given["retrieved"] is False and [r["item_id"] for r in given["ranking"]] == [8, 9]
+        for body, msg in [({"user_id": 7, "num_candidates": 0}, "num_candidates must be in 1..5"),
+                          ({"user_id": 7, "num_candidates": 9}, "num_candidates must be in 1..5"),
+                          ({"user_id": 7, "candidates": [1], "num_candidates": 2}, "retrieved candidates only"),
+                          ({"candidates": [1]}, "user_id is required")]:
+            with pytest.raises(ApiError, match=msg) as e:
+                svc.recommend(body)
+            assert e.value.status == 400
+    finally:
+        svc.stop()
+    plain = RecommenderService(MockEngine(), ITEMS, {}, scheduler=Scheduler(2), max_candidates=5)
+    with pytest.raises(ApiError, match="no retriever") as e:
+        plain.recommend({"user_id": 1})
+    assert e.value.status == 400

@@ -102,6 +102,15 @@ def test_server_end_to_end(tiny, tmp_path):
         assert out["shard"] in (0, 1) and set(out["timings"]) == {"queue_s", "ttft_s", "prefill_s", "total_s"}
         assert out["timings"]["prefill_s"] <= out["timings"]["ttft_s"] <= out["timings"]["total_s"]
         assert out["cache"]["local_item_blocks"] + out["cache"]["remote_item_blocks"] == len(cands)
+        # no candidates: retrieved from the served histories (an item-kNN saved with the snapshot), reranked
+        code, out = _call(url + "/v1/recommend", {"user_id": 1, "num_candidates": 6})
+        assert code == 200 and out["retrieved"] is True and len(out["ranking"]) == 6, out
+        from rcllm_jax.retrieval import ItemKNN
+        r = ItemKNN.load(tmp_path / "snap" / "retriever.npz")
+        assert {x["item_id"] for x in out["ranking"]} == set(r.retrieve(ds.sequences[1], 6)[0])
+        assert not {x["item_id"] for x in out["ranking"]} & set(ds.sequences[1])
+        code, out = _call(url + "/v1/recommend", {"user_id": 987654, "num_candidates": 3})  # unknown, no history
+        assert code == 200 and len(out["ranking"]) == 3, out
 
         bad = [({"raw": b"{not json"}, 400, "malformed JSON"),
                ({"body": {"user_id": 1, "candidates": [1, 99999]}}, 404, "unknown item"),

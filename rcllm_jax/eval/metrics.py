@@ -10,12 +10,18 @@ CUTOFFS_HR = (1, 5, 10)
 CUTOFFS_NDCG = (5, 10)
 
 
-def target_rank(scores: Sequence[float], target_index: int, rng: np.random.Generator | None = None) -> int:
-    """0-based rank of candidate `target_index` when sorting by descending score.
+MISS = float("inf")  # the rank of a target that is not among the candidates (a retrieval miss)
+
+
+def target_rank(scores: Sequence[float], target_index: int | None, rng: np.random.Generator | None = None) -> float:
+    """0-based rank of candidate `target_index` when sorting by descending score; MISS when the
+    target is not a candidate (None): a miss at every cutoff, as LlamaRec counts it.
 
     Ties are broken uniformly at random with `rng` (no optimistic or pessimistic bias), or
     pessimistically (target placed after every tie) when rng is None.
     """
+    if target_index is None:
+        return MISS
     s = np.asarray(scores, np.float64)
     t = s[target_index]
     better = int(np.sum(s > t))

@@ -14,6 +14,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 
 from rcllm_jax.data.prompt import check_candidates
+from rcllm_jax.recommender import Recommender
 from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -66,8 +67,13 @@ def _int(v, what: str) -> int:
 
 class RecommenderService:
     def __init__(self, engine, items: dict, histories: dict[int, list[int]], *, mode: str = "rcllm",
-                 scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0):
+                 scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
+                 retriever=None, num_candidates: int = 20):
+        """retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
+        num_candidates: how many it proposes unless the request says."""
         self.engine, self.items, self.mode, self.scheduler = engine, items, mode, scheduler
+        self.recommender = Recommender(engine, retriever, mode)
+        self.num_candidates = min(num_candidates, max_candidates)
         self.histories = {int(u): list(h) for u, h in histories.items()}
         self.max_candidates, self.timeout = max_candidates, request_timeout_s
         self.metrics = Metrics()
@@ -99,23 +105,39 @@ class RecommenderService:
         t0 = time.perf_counter()
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        extra = set(body) - {"user_id", "history", "candidates", "top_k"}
+        extra = set(body) - {"user_id", "history", "candidates", "num_candidates", "top_k"}
         if extra:
             raise ApiError(400, f"unknown field(s): {sorted(extra)}")
-        if "user_id" not in body or "candidates" not in body:
-            raise ApiError(400, "user_id and candidates are required")
+        if "user_id" not in body:
+            raise ApiError(400, "user_id is required")
         user = _int(body["user_id"], "user_id")
-        cands = self._item_ids(body["candidates"], "candidates")
-        try:
-            check_candidates(cands)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        if len(cands) > self.max_candidates:
-            raise ApiError(400, f"{len(cands)} candidates; this server ranks at most {self.max_candidates}")
+        history = self._item_ids(body["history"], "history") if "history" in body else None
+        retrieved = "candidates" not in body
+        if retrieved:  # retrieve -> rerank, from the history known now
+            if "num_candidates" in body:
+                n = _int(body["num_candidates"], "num_candidates")
+                if not 1 <= n <= self.max_candidates:
+                    raise ApiError(400, f"num_candidates must be in 1..{self.max_candidates}, got {n}")
+            else:
+                n = self.num_candidates
+            try:
+                cands = list(self.recommender.candidates(
+                    history if history is not None else list(self.histories.get(user, [])), n))
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+        else:
+            if "num_candidates" in body:
+                raise ApiError(400, "num_candidates applies to retrieved candidates only; candidates were given")
+            cands = self._item_ids(body["candidates"], "candidates")
+            try:
+                check_candidates(cands)
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+            if len(cands) > self.max_candidates:
+                raise ApiError(400, f"{len(cands)} candidates; this server ranks at most {self.max_candidates}")
         top_k = _int(body.get("top_k", len(cands)), "top_k")
         if top_k < 1:
             raise ApiError(400, "top_k must be >= 1")
-        history = self._item_ids(body["history"], "history") if "history" in body else None
         task = Task("rank", {"user": user, "history": history, "candidates": cands})
         res = self._run(task)
         total = time.perf_counter() - t0
@@ -123,7 +145,7 @@ class RecommenderService:
         return {"user_id": user, "request_id": task.payload["request_id"],
                 "ranking": [{"item_id": cands[i], "score": float(res["scores"][i]),
                              "title": self.items[cands[i]].title} for i in order],
-                "shard": res["shard"], "mode": self.mode,
+                "shard": res["shard"], "mode": self.mode, "retrieved": retrieved,
                 "timings": {"queue_s": res["queue_s"], "ttft_s": res["ttft_s"], "prefill_s": res["prefill_s"],
                             "total_s": total},
                 "cache": {"prompt_tokens": res["prompt_tokens"], "computed_tokens": res["computed_tokens"],
@@ -235,9 +257,12 @@ class RecommenderService:
         p = t.payload
         if p["history"] is not None:
             self.histories[p["user"]] = list(p["history"])
-        prompt = self._prompt(self.histories.get(p["user"], []), p["candidates"])
         t0 = time.perf_counter()
-        res = self.engine.rank(prompt, self.mode, user_id=p["user"], shard=t.shard)
+        try:
+            res = self.recommender.recommend(p["user"], self.histories.get(p["user"], []), p["candidates"],
+                                             shard=t.shard).result
+        except ValueError as e:  # the prompt: too long for the model (413) or malformed (400)
+            raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
         wall = time.perf_counter() - t0  # incl. computing the user's history prefix when not cached
         self.metrics.inc("remote_item_blocks_total", res.remote_item_blocks)
         self.metrics.inc("local_item_blocks_total", res.local_item_blocks)

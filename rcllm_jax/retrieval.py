@@ -1,0 +1,198 @@
+"""The retrieval stage: a user's top-K candidates from the whole catalog, for the LLM to rerank.
+
+`ItemKNN` is item-to-item collaborative filtering: two items are similar when the same users
+interacted with both. Built from training sequences only:
+
+  C[i, j] = number of users whose training sequence holds both i and j (i != j)
+  sim(i, j) = C[i, j] / sqrt(n_i * n_j)          (cosine of the binary user vectors)
+
+Each item keeps its `neighbours` most similar items (a sparse table [items, M]). A user's score
+for item j is sum_a decay^a * sim(h_a, j) over the user's `recent` latest history items, h_0 the
+newest; items of the history are never returned; items no history item links to follow in order of training
+popularity, so a request always gets K candidates. A user with no history gets the K most popular
+items (the documented cold-start fallback). Retrieval is a gather and a scatter-add over
+recent x M entries: well under a millisecond for ML-100k.
+
+Defaults measured on ML-100k (leave-one-out test targets, all 943 users, history before the
+target, fit on the training part): recall@20 / @50 = 0.231 / 0.352 with 50 neighbours and decay
+0.5, vs 0.124 / 0.248 without recency decay (recent 20), and 0.080 / 0.141 for popularity.
+
+Persisted as one `.npz` (`save` / `load`) keyed by a digest of the training data it was built
+from, so a retriever of other data is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FORMAT = 1
+
+
+def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int]) -> str:
+    """Digest of the training sequences and the catalog a retriever is built from."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(sorted(int(i) for i in item_ids), np.int64).tobytes())
+    for s in sequences:
+        h.update(np.asarray(list(s), np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class RetrieverError(ValueError):
+    """A retriever file that is missing, damaged, or built from other data."""
+
+
+class ItemKNN:
+    def __init__(self, item_ids, neighbours: np.ndarray, sims: np.ndarray, popularity: np.ndarray, *,
+                 recent: int = 20, decay: float = 0.5, digest: str = ""):
+        """item_ids [n] (catalog order); neighbours [n, M] indices into item_ids (-1: none);
+        sims [n, M] their similarities; popularity [n] training interactions."""
+        self.item_ids = np.asarray(item_ids, np.int64)
+        self.neighbours, self.sims = np.asarray(neighbours, np.int32), np.asarray(sims, np.float32)
+        self.popularity = np.asarray(popularity, np.float64)
+        self.recent, self.decay, self.digest = int(recent), float(decay), digest
+        self.index = {int(i): j for j, i in enumerate(self.item_ids)}
+        # popularity order, most popular first (ties by item id): the fill and the cold-start list
+        self._by_popularity = np.lexsort((self.item_ids, -self.popularity))
+
+    @classmethod
+    def fit(cls, sequences: Iterable[Sequence[int]], item_ids: Sequence[int], *, neighbours: int = 50,
+            recent: int = 20, decay: float = 0.5) -> "ItemKNN":
+        """Build from training sequences (oldest first); items outside `item_ids` are ignored."""
+        import scipy.sparse as sp
+        seqs = [list(s) for s in sequences]
+        item_ids = sorted(int(i) for i in item_ids)
+        index = {i: j for j, i in enumerate(item_ids)}
+        rows, cols = [], []
+        for u, s in enumerate(seqs):
+            for j in {index[i] for i in s if i in index}:
+                rows.append(u)
+                cols.append(j)
+        n = len(item_ids)
+        x = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(seqs), n))
+        count = np.asarray(x.sum(axis=0)).ravel()  # n_i: users holding item i
+        co = (x.T @ x).tocsr()  # C [n, n]
+        co.setdiag(0)
+        co.eliminate_zeros()
+        m = max(1, min(neighbours, n - 1))
+        nb = np.full((n, m), -1, np.int32)
+        sim = np.zeros((n, m), np.float32)
+        norm = np.sqrt(np.maximum(count, 1.0))
+        for i in range(n):
+            lo, hi = co.indptr[i], co.indptr[i + 1]
+            js, cs = co.indices[lo:hi], co.data[lo:hi]
+            if not len(js):
+                continue
+            s = cs / (norm[i] * norm[js])
+            top = np.lexsort((js, -s))[:m]  # best first, ties by index: deterministic
+            nb[i, :len(top)], sim[i, :len(top)] = js[top], s[top]
+        return cls(item_ids, nb, sim, count, recent=recent, decay=decay, digest=data_digest(seqs, item_ids))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def scores(self, history: Sequence[int]) -> np.ndarray:
+        """[n] recency-weighted similarity of every catalog item to the user's `recent` latest items."""
+        out = np.zeros(self.num_items, np.float64)
+        newest_first = [int(h) for h in list(history)[-self.recent:]][::-1]
+        rows = [(a, self.index[h]) for a, h in enumerate(newest_first) if h in self.index]
+        if rows:
+            age, idx = (np.asarray(x) for x in zip(*rows))
+            nb = self.neighbours[idx]
+            w = self.sims[idx].astype(np.float64) * (self.decay ** age)[:, None]
+            ok = nb >= 0
+            np.add.at(out, nb[ok], w[ok])
+        return out
+
+    def retrieve(self, history: Sequence[int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
+        """(the top-k item ids, best first, never an item of `history`; their scores). Items with
+        no similarity follow by popularity (score 0)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        s = self.scores(history)
+        seen = np.zeros(self.num_items, bool)
+        for h in history:
+            j = self.index.get(int(h))
+            if j is not None:
+                seen[j] = True
+        if self.num_items - seen.sum() < k:
+            raise ValueError(f"only {self.num_items - int(seen.sum())} items outside the history; cannot retrieve {k}")
+        rank = np.empty(self.num_items, np.int64)
+        rank[self._by_popularity] = np.arange(self.num_items)  # tie-break: popularity, then id
+        order = np.lexsort((rank, -s))
+        order = order[~seen[order]][:k]
+        return tuple(int(i) for i in self.item_ids[order]), s[order]
+
+    def popularity_of(self, item_ids: Sequence[int]) -> np.ndarray:
+        return np.array([self.popularity[self.index[int(i)]] if int(i) in self.index else 0.0 for i in item_ids])
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def save(self, path) -> Path:
+        """Write the retriever as one .npz (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, format=np.int64(FORMAT), item_ids=self.item_ids, neighbours=self.neighbours,
+                     sims=self.sims, popularity=self.popularity, recent=np.int64(self.recent),
+                     decay=np.float64(self.decay),
+                     digest=np.asarray(self.digest))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path, expect_digest: str | None = None) -> "ItemKNN":
+        """Read a saved retriever; refused (RetrieverError) when damaged or, with expect_digest,
+        built from other training data."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["format"]) != FORMAT:
+                    raise RetrieverError(f"retriever {path} has format {int(z['format'])}, expected {FORMAT}")
+                r = cls(z["item_ids"], z["neighbours"], z["sims"], z["popularity"], recent=int(z["recent"]),
+                        decay=float(z["decay"]), digest=str(z["digest"]))
+        except RetrieverError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure: a damaged file
+            raise RetrieverError(f"retriever {path} is missing or damaged ({type(e).__name__}: {e})") from e
+        if r.neighbours.shape != r.sims.shape or r.neighbours.shape[0] != len(r.item_ids) or \
+                (r.neighbours >= len(r.item_ids)).any():
+            raise RetrieverError(f"retriever {path} is damaged (inconsistent arrays)")
+        if expect_digest is not None and r.digest != expect_digest:
+            raise RetrieverError(f"retriever {path} was built from other training data; rebuild it")
+        return r
+
+
+def load_or_fit(path, sequences, item_ids, **kw) -> tuple[ItemKNN, str]:
+    """The retriever saved at `path` if it was built from exactly these sequences and catalog,
+    else a new one fitted and saved there. Returns (retriever, what happened)."""
+    seqs = [tuple(s) for s in sequences]
+    digest = data_digest(seqs, item_ids)
+    path = Path(path)
+    if path.exists():
+        try:
+            return ItemKNN.load(path, expect_digest=digest), f"loaded {path}"
+        except RetrieverError as e:
+            why = str(e)
+    else:
+        why = f"no retriever at {path}"
+    r = ItemKNN.fit(seqs, item_ids, **kw)
+    r.save(path)
+    return r, f"{why}: fitted on {len(seqs)} sequences and saved"
+
+
+def fit_on_split(split, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
+    """An ItemKNN from a leave-one-out split's training part only (no validation or test item)."""
+    ids = sorted(split.dataset.items) if item_ids is None else item_ids
+    return ItemKNN.fit([split.train_sequence(u) for u in split.users], ids, **kw)
+
+
+def recall_at_k(retrieved: Sequence[Sequence[int]], targets: Sequence[int]) -> float:
+    """Share of requests whose target is among their retrieved items."""
+    return float(np.mean([t in set(r) for r, t in zip(retrieved, targets)])) if len(targets) else 0.0

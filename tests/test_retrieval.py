@@ -1,0 +1,96 @@
+"""The retrieval stage: item-kNN on a hand-made co-occurrence table (scores and top-K worked out
+by hand), the cold-start fallback, persistence and refusals, and retrieved requests in the
+evaluation pipeline (a target that is not retrieved is a miss)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rcllm_jax.eval.metrics import MISS, ranking_metrics, target_rank
+from rcllm_jax.retrieval import ItemKNN, RetrieverError, load_or_fit
+
+# users' training sequences over items 1..5 (item 6 is in the catalog but never seen)
+SEQS = [[1, 2, 3], [1, 2], [2, 3], [4], [3, 5]]
+ITEMS = [1, 2, 3, 4, 5, 6]
+# n_i: 1:2, 2:3, 3:3, 4:1, 5:1, 6:0; co-occurrence C(1,2)=2, C(1,3)=1, C(2,3)=2, C(3,5)=1
+SIM = {(1, 2): 2 / math.sqrt(2 * 3), (1, 3): 1 / math.sqrt(2 * 3), (2, 3): 2 / math.sqrt(3 * 3),
+       (3, 5): 1 / math.sqrt(3 * 1)}
+
+
+def sim(a, b):
+    return SIM.get((min(a, b), max(a, b)), 0.0)
+
+
+def test_scores_and_top_k_by_hand():
+    r = ItemKNN.fit(SEQS, ITEMS, neighbours=5, decay=0.5)
+    # history [3, 1]: item 1 is the newest (weight 1), item 3 one older (weight 0.5)
+    want = {j: sim(1, j) + 0.5 * sim(3, j) for j in ITEMS}
+    got = r.scores([3, 1])
+    assert np.allclose(got, [want[j] if j not in (1, 3) else want[j] for j in ITEMS])
+    # top-3 without the history: 2 (1.150), 5 (0.289), then unscored items by popularity: 4 (1) before 6 (0)
+    ids, scores = r.retrieve([3, 1], 3)
+    assert ids == (2, 5, 4)
+    assert np.allclose(scores, [want[2], want[5], 0.0])
+    # the newest item weighs most: [1, 3] puts 5 (3's neighbour) closer to 2
+    assert np.allclose(r.scores([1, 3])[ITEMS.index(5)], sim(3, 5))
+
+
+def test_neighbour_table_is_truncated_and_recent_window_applies():
+    r = ItemKNN.fit(SEQS, ITEMS, neighbours=1, decay=0.5)
+    # item 3 keeps only its best neighbour, 2 (0.667 > 5: 0.577 > 1: 0.408)
+    assert r.retrieve([3], 2)[0] == (2, 1)  # then popularity: 1 (2 users)
+    r_recent = ItemKNN.fit(SEQS, ITEMS, neighbours=5, recent=1)
+    assert r_recent.retrieve([5, 1], 2)[0] == (2, 3)  # only item 1 counts: 2 (0.816), 3 (0.408)
+
+
+def test_cold_start_is_popularity_and_errors():
+    r = ItemKNN.fit(SEQS, ITEMS)
+    assert r.retrieve([], 4)[0] == (2, 3, 1, 4)  # by training users: 2 and 3 (3 each, lower id first), 1, 4
+    assert r.retrieve([999], 2)[0] == (2, 3)  # unknown history items are ignored
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        r.retrieve([1], 0)
+    with pytest.raises(ValueError, match="cannot retrieve 6"):
+        r.retrieve([1], 6)
+
+
+def test_save_load_and_refusals(tmp_path):
+    r = ItemKNN.fit(SEQS, ITEMS)
+    path = r.save(tmp_path / "r.npz")
+    back = ItemKNN.load(path, expect_digest=r.digest)
+    (ids_a, s_a), (ids_b, s_b) = back.retrieve([3, 1], 4), r.retrieve([3, 1], 4)
+    assert ids_a == ids_b and np.allclose(s_a, s_b)
+    assert back.decay == r.decay and back.recent == r.recent
+    with pytest.raises(RetrieverError, match="other training data"):
+        ItemKNN.load(path, expect_digest="0" * 32)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RetrieverError, match="damaged"):
+        ItemKNN.load(bad)
+    # load_or_fit: reuses a matching file, refits (and overwrites) one of other data
+    again, how = load_or_fit(path, SEQS, ITEMS)
+    assert how.startswith("loaded") and again.digest == r.digest
+    other, how = load_or_fit(path, SEQS[:-1], ITEMS)
+    assert "other training data" in how and other.digest != r.digest
+    assert ItemKNN.load(path).digest == other.digest
+
+
+def test_retrieved_requests_and_misses():
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.pipeline import eval_requests
+    from rcllm_jax.retrieval import fit_on_split
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    r = fit_on_split(split)
+    reqs = list(eval_requests(split, num_users=60, num_candidates=20, retriever=r, seed=4))
+    for q in reqs:
+        assert len(q.candidates) == 20 and not set(q.candidates) & set(q.history)
+        assert set(q.candidates) == set(r.retrieve(q.history, 20)[0])  # shuffled prompt order
+        assert (q.target_index is None) == (q.target not in q.candidates)
+    hits = [q for q in reqs if q.target_index is not None]
+    assert 0 < len(hits) < len(reqs)
+    ordered = list(eval_requests(split, num_users=5, num_candidates=20, retriever=r, seed=4, order="retriever"))
+    assert all(q.candidates == r.retrieve(q.history, 20)[0] for q in ordered)
+    # a miss counts as a miss at every cutoff
+    assert target_rank([0.3, 0.1], None) == MISS
+    m = ranking_metrics([0, MISS])
+    assert m["hr@1"] == 0.5 and m["ndcg@10"] == 0.5 and m["mrr"] == 0.5
