@@ -234,7 +234,8 @@ def main(argv):
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.eval.fidelity import fidelity
-    from rcllm_jax.eval.metrics import popularity_scores, random_scores, ranking_metrics, target_rank
+    from rcllm_jax.eval.metrics import (bootstrap_ci, per_request_metrics, popularity_scores, random_scores,
+                                       target_rank)
     from rcllm_jax.model import load_model
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
@@ -344,10 +345,16 @@ def main(argv):
 
     def all_metrics(ranks):
         """Over every request (a target not among the candidates is a miss), and with retrieved
-        candidates also over the requests whose target was retrieved (suffix _retrieved)."""
-        out = ranking_metrics(ranks)
+        candidates also over the requests whose target was retrieved (suffix _retrieved); 95%
+        bootstrap intervals of HR@10 and NDCG@10 (suffix _ci)."""
+        def with_ci(rk, suffix=""):
+            per = per_request_metrics(rk)
+            out = {f"{k}{suffix}": float(v.mean()) for k, v in per.items()}
+            out |= {f"{k}{suffix}_ci": bootstrap_ci(per[k], seed=_SEED.value) for k in ("hr@10", "ndcg@10")}
+            return out
+        out = with_ci(ranks)
         if retriever is not None and retrieved.any():
-            out |= {f"{k}_retrieved": v for k, v in ranking_metrics(np.asarray(ranks)[retrieved]).items()}
+            out |= with_ci(np.asarray(ranks)[retrieved], "_retrieved")
         return out
 
     for mode in modes:
@@ -439,11 +446,12 @@ def main(argv):
               f"({int(retrieved.sum())} of {len(requests)} targets retrieved), "
               f"{retriever_info['retrieve_ms_mean']:.2f} ms per request; metrics above count a target not "
               "retrieved as a miss")
-        print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}")
+        print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}  NDCG@10 95% CI")
         for r in rows:
             if "hr@1_retrieved" in r:
+                lo, hi = r["ndcg@10_retrieved_ci"]
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
-                      f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}")
+                      f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]")
     for name, loc in config["placement_locality"].items():
         print(f"placement {name:<10} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "

@@ -64,3 +64,14 @@ def test_fidelity_means():
     f = fidelity(ref, got)
     assert f["top1_agreement"] == 0.5
     assert f["kendall_tau"] == pytest.approx((1.0 + -1.0) / 2)
+
+
+def test_bootstrap_interval_by_hand():
+    from rcllm_jax.eval.metrics import bootstrap_ci, per_request_metrics
+    assert bootstrap_ci([0.5] * 7) == (0.5, 0.5)  # no spread, no interval
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50, n=2000, seed=1)
+    # binomial mean 0.5, sd sqrt(0.25 / 100) = 0.05: the 95% interval is about 0.5 +- 0.098
+    assert 0.39 < lo < 0.42 and 0.58 < hi < 0.61
+    per = per_request_metrics([0, 3, float("inf")])
+    assert per["hr@1"].tolist() == [1, 0, 0] and per["hr@5"].tolist() == [1, 1, 0]
+    assert abs(per["ndcg@5"][1] - 1 / np.log2(5)) < 1e-12 and per["mrr"][2] == 0

@@ -29,16 +29,30 @@ def target_rank(scores: Sequence[float], target_index: int | None, rng: np.rando
     return better + (int(rng.integers(0, ties + 1)) if rng is not None and ties else ties)
 
 
-def ranking_metrics(ranks: Iterable[int]) -> dict[str, float]:
-    """HR@1/5/10, NDCG@5/10, MRR averaged over requests (one relevant item per request)."""
+def per_request_metrics(ranks: Iterable[float]) -> dict[str, np.ndarray]:
+    """HR@1/5/10, NDCG@5/10 and reciprocal rank of each request (one relevant item per request)."""
     r = np.asarray(list(ranks), np.float64)
     if r.size == 0:
         raise ValueError("no ranks to average")
-    out = {f"hr@{k}": float(np.mean(r < k)) for k in CUTOFFS_HR}
+    out = {f"hr@{k}": (r < k).astype(np.float64) for k in CUTOFFS_HR}
     gain = 1.0 / np.log2(r + 2.0)
-    out.update({f"ndcg@{k}": float(np.mean(np.where(r < k, gain, 0.0))) for k in CUTOFFS_NDCG})
-    out["mrr"] = float(np.mean(1.0 / (r + 1.0)))
+    out.update({f"ndcg@{k}": np.where(r < k, gain, 0.0) for k in CUTOFFS_NDCG})
+    out["mrr"] = 1.0 / (r + 1.0)
     return out
+
+
+def ranking_metrics(ranks: Iterable[float]) -> dict[str, float]:
+    """HR@1/5/10, NDCG@5/10, MRR averaged over requests."""
+    return {k: float(v.mean()) for k, v in per_request_metrics(ranks).items()}
+
+
+def bootstrap_ci(values, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-request values (seeded)."""
+    v = np.asarray(values, np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))
+    means = v[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def popularity_scores(candidates: Sequence[int], popularity: Mapping[int, int]) -> np.ndarray:
