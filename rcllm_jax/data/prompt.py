@@ -9,6 +9,12 @@ concatenation of the blocks' tokens, in every mode:
   item         " Toy Story (1995; Animation, Children's, Comedy)"              (one per catalog item)
   glue         "\n<question><chat footer>("                                    (per request)
 
+With the score-slot head (`PromptBuilder(head="slot")`) candidates carry no label: a list
+"Candidates:\n- <item>\n- <item>\n...", each item block followed by a one-token `slot` block
+("\n", ending its line; the "-" before the next item is glue) that every mode recomputes; the candidate's score is read from the slot's final hidden state by
+a trained head (`engine/slot_head.py`), all candidates in the same prefill. The slot attends to
+the history, the earlier candidates and its own item, so no label has to be bound to an item.
+
 Item text is request-independent (no label, no numbering), so one item block serves every prompt.
 Block boundaries sit where the tokenizer's pre-tokenizer splits anyway (before a space-prefixed
 word, after ")" or "\n"), so the concatenation equals tokenizing the whole text (tested on the
@@ -28,7 +34,8 @@ import numpy as np
 from rcllm_jax.data.movielens import Item
 from rcllm_jax.model.tokenizer import Tokenizer
 
-BLOCK_KINDS = ("instruction", "history", "item", "glue")
+BLOCK_KINDS = ("instruction", "history", "item", "glue", "slot")
+HEADS = ("label", "slot")
 _MARK = "\x00USER_CONTENT\x00"
 
 
@@ -40,6 +47,9 @@ class PromptTemplate:
     empty_history: str = "(none)\n"
     candidates_intro: str = "Candidates:"
     question: str = "Which candidate will I watch next? Answer with its label."
+    slot_question: str = "Which candidate will I watch next?"
+    slot: str = "\n"
+    bullet: str = "-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,13 @@ class Prompt:
     labels: tuple[str, ...]  # label shown before each candidate
     label_tokens: tuple[tuple[int, ...], ...]  # the answer's tokens for each label
     close_token: int  # token that ends a label, ")": needed to score multi-token labels
+    head: str = "label"  # "label": scored by the answer's label logits; "slot": by score slots
+
+    @property
+    def slot_positions(self) -> np.ndarray:
+        """[K] token position of each candidate's score slot (slot prompts), prompt order."""
+        ends = np.cumsum([len(b.tokens) for b in self.blocks])
+        return np.asarray([e - 1 for b, e in zip(self.blocks, ends) if b.kind == "slot"], np.int32)
 
     @property
     def tokens(self) -> np.ndarray:
@@ -94,9 +111,13 @@ class PromptBuilder:
     """Builds the typed blocks of a ranking prompt for a tokenizer and an item catalog."""
 
     def __init__(self, tokenizer: Tokenizer, items: Mapping[int, Item], *, history_len: int = 20,
-                 max_prompt_tokens: int | None = None, template: PromptTemplate = PromptTemplate()):
+                 max_prompt_tokens: int | None = None, template: PromptTemplate = PromptTemplate(),
+                 head: str = "label"):
         if history_len < 0:
             raise ValueError("history_len must be >= 0")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        self.head = head
         self.tok, self.items, self.history_len = tokenizer, items, history_len
         self.max_prompt_tokens, self.template = max_prompt_tokens, template
         if tokenizer.chat_template:
@@ -148,6 +169,8 @@ class PromptBuilder:
         """The prompt that asks which of `candidates` follows `history` (item ids)."""
         candidates = tuple(int(c) for c in candidates)
         check_candidates(candidates)
+        if self.head == "slot":
+            return self._build_slots(history, candidates, check_length)
         labels = labels_for(len(candidates))
         blocks = [self.instruction, self.history_block(history)]
         for j, (label, item) in enumerate(zip(labels, candidates)):
@@ -157,6 +180,21 @@ class PromptBuilder:
         blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
         prompt = Prompt(tuple(blocks), candidates, labels,
                         tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
+        if check_length and self.max_prompt_tokens is not None:
+            check_prompt_length(len(prompt), self.max_prompt_tokens)
+        return prompt
+
+    def _build_slots(self, history, candidates, check_length: bool) -> Prompt:
+        t = self.template
+        blocks = [self.instruction, self.history_block(history),
+                  self._block("glue", t.candidates_intro + "\n" + t.bullet)]
+        slot, bullet = self._block("slot", t.slot), self._block("glue", t.bullet)
+        if len(slot.tokens) != 1:
+            raise ValueError(f"the slot text {t.slot!r} must be one token for this tokenizer")
+        for j, item in enumerate(candidates):
+            blocks += [self.item_block(item), slot] + ([bullet] if j + 1 < len(candidates) else [])
+        blocks.append(self._block("glue", t.slot_question + self.chat_tail))
+        prompt = Prompt(tuple(blocks), candidates, (), (), self.close_token, head="slot")
         if check_length and self.max_prompt_tokens is not None:
             check_prompt_length(len(prompt), self.max_prompt_tokens)
         return prompt

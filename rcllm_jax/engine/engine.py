@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rcllm_jax import kernels
+from rcllm_jax.buckets import bucket
 from rcllm_jax.cache import snapshot
 from rcllm_jax.cache.block_store import REPLICATED, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
@@ -29,6 +30,7 @@ from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, served_from_cache, stitch_plan
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, blended_prefill, selection_size
+from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 
@@ -61,7 +63,9 @@ class Engine:
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
-                 mesh=None, placement: str = "similarity"):
+                 mesh=None, placement: str = "similarity", head=None):
+        """head: the trained `SlotHead` that scores slot prompts (`PromptBuilder(head="slot")`),
+        refused when it was trained on other weights."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
         if self.mesh.shape["model"] != 1:
             raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
@@ -69,6 +73,12 @@ class Engine:
         self.cfg, self.builder = cfg, builder
         self.impl = kernels.resolve(attention_impl)  # kernels of the block modes, read on every request
         self.fingerprint = fingerprint or model_fingerprint(params, cfg)
+        if head is not None and head.base_fingerprint != self.fingerprint:
+            raise HeadError(f"the ranking head was trained on other weights ({head.base_fingerprint[:12]}…) than "
+                            f"this model ({self.fingerprint[:12]}…)")
+        if builder.head == "slot" and head is None:
+            raise ValueError("slot prompts need a trained ranking head (head=SlotHead.load(...))")
+        self.head = head
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)
         self._replicas = {}  # device -> that device's copy of the weights
@@ -248,7 +258,7 @@ class Engine:
         if mode == "full":
             s = shard or 0
             params = self._params_on(self.device(s))
-            r = rank_full(params, self.cfg, prompt) if params["embed"] is not None else None
+            r = rank_full(params, self.cfg, prompt, self.head) if params["embed"] is not None else None
             fields = None if r is None else (r.scores, np.float64(r.ttft_s), np.int64(r.computed_tokens))
             scores, ttft, computed = self._from_owner(s, fields, (
                 np.zeros(len(prompt.candidates), np.float32), np.float64(0), np.int64(0)))
@@ -278,7 +288,24 @@ class Engine:
                             [None if e is None else self.store.slot(e, shard) for e in entries], shard)
         return lay, items
 
-    def _prefill(self, lay: Layout, policy: Policy, n_select: int, logit_ids=None, return_kv: bool = False):
+    def _slot_rows(self, prompt: Prompt, start: int):
+        """Suffix indices of the prompt's score slots (suffix from token `start`), bucketed with -1
+        padding; None for label prompts."""
+        if prompt.head != "slot":
+            return None
+        rows = prompt.slot_positions - start
+        out = np.full(bucket(len(rows), 16), -1, np.int32)
+        out[:len(rows)] = rows
+        return out
+
+    def _scores(self, params, prompt: Prompt, out, kv):
+        """(candidate scores [K], label tokens computed) from the prefill's output."""
+        if prompt.head == "slot":
+            return self.head.scores(np.asarray(out)[:len(prompt.candidates)]), 0
+        return candidate_scores(params, self.cfg, prompt, out, kv)
+
+    def _prefill(self, lay: Layout, policy: Policy, n_select: int, logit_ids=None, return_kv: bool = False,
+                 out_rows=None):
         """The blended prefill of a block layout on its shard: its cached rows fetched (remote ones
         through the block store's collective), then one jitted program on that shard's device.
         Returns blended_prefill's outputs, or None in a process that does not hold the device."""
@@ -289,7 +316,7 @@ class Engine:
             return None
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         return blended_prefill(
-            params, pk, pv, *lay.arrays(), logit_ids, ck, cv, cfg=self.cfg, n_select=n_select,
+            params, pk, pv, *lay.arrays(), logit_ids, ck, cv, out_rows, cfg=self.cfg, n_select=n_select,
             check_layer=policy.check_layer, deviation_on=policy.deviation_on, return_kv=return_kv, impl=self.impl)
 
     def _from_owner(self, shard: int, value, placeholder):
@@ -307,11 +334,13 @@ class Engine:
         t0 = time.perf_counter()
         lay, items = self._stitch(prompt, user_id, policy, shard)
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
-        out = self._prefill(lay, policy, n_select, answer_logit_ids(prompt), return_kv=not prompt.single_token_labels)
+        out = self._prefill(lay, policy, n_select, answer_logit_ids(prompt),
+                            return_kv=prompt.head == "label" and not prompt.single_token_labels,
+                            out_rows=self._slot_rows(prompt, lay.n_prefix))
         value = None
         if out is not None:
             logits, r, sel, kv = out
-            scores, extra = candidate_scores(self._params_on(self.device(lay.shard)), self.cfg, prompt, logits, kv)
+            scores, extra = self._scores(self._params_on(self.device(lay.shard)), prompt, logits, kv)
             value = (np.asarray(scores), np.asarray(r), np.asarray(sel), np.int64(extra))
         scores, r, sel, extra = self._from_owner(lay.shard, value, (
             np.zeros(len(prompt.candidates), np.float32), np.zeros(n_select, np.int32), np.zeros(n_select, bool),
@@ -339,15 +368,17 @@ class Engine:
         t0 = time.perf_counter()
         toks = prompt.tokens
         pages, hit = self.prefix.lookup(toks)
+        if prompt.head == "slot":  # every score slot must be computed: no hit beyond the first slot
+            keep = min(len(pages), int(prompt.slot_positions[0]) // PAGE)
+            pages, hit = pages[:keep], keep * PAGE
         lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32),
                            np.asarray(toks[hit:]), hit, shard)
         params = self._params_on(dev)
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         logits, _, _, kv = blended_prefill(
-            params, pk, pv, *lay.arrays(), answer_logit_ids(prompt),
+            params, pk, pv, *lay.arrays(), answer_logit_ids(prompt), out_rows=self._slot_rows(prompt, hit),
             cfg=self.cfg, n_select=len(lay.tokens), all_fresh=True, return_kv=True)
-        scores, extra = candidate_scores(params, self.cfg, prompt, logits,
-                                         None if prompt.single_token_labels else kv)
+        scores, extra = self._scores(params, prompt, logits, kv)
         scores = np.asarray(scores)
         ttft = time.perf_counter() - t0
         # store the new full pages (vLLM writes them during prefill; here after the answer)

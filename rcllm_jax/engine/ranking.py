@@ -1,5 +1,6 @@
-"""Rank candidates from the answer's first token (single-token labels) or by teacher forcing
-(multi-token labels), after a full prefill of the prompt.
+"""Rank candidates from the answer's first token (single-token labels), by teacher forcing
+(multi-token labels), or from score slots (slot prompts + a trained `SlotHead`), after a full
+prefill of the prompt.
 
 Scores are log-probabilities normalised over the candidates: log P(label_j | prompt, the answer is
 one of the labels). Multi-token labels: log P(t_1..t_m, ")" | prompt), all labels scored in one
@@ -19,7 +20,7 @@ import numpy as np
 from rcllm_jax.buckets import bucket
 from rcllm_jax.data.prompt import Prompt, check_prompt_length
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head
+from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +80,21 @@ def _label_batch(prompt: Prompt, start: int):
     return pad(toks, 0), pad(pos, start), pad(seg, 1), valid, pad(tgt, 0), pad(own, 0), m
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _full_slots(params: Params, tokens, n_valid, slot_pos, *, cfg: ModelConfig):
+    # tokens [1, Tb] right-padded -> final-normed hidden states at slot_pos [K] ([K, D])
+    tb = tokens.shape[1]
+    positions = jnp.arange(tb, dtype=jnp.int32)[None]
+    hidden, _ = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid, return_hidden="all")
+    return rms_norm(hidden[0, slot_pos], params["final_norm"], cfg.rms_eps)
+
+
 def answer_logit_ids(prompt: Prompt):
     """Vocabulary ids whose first-token logits rank the candidates, or None (full vocabulary)
-    when labels take several tokens and their log-probabilities need the full normaliser."""
+    when labels take several tokens and their log-probabilities need the full normaliser (or the
+    prompt is scored by slots)."""
+    if prompt.head == "slot":
+        return None
     if prompt.single_token_labels:
         return jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
     return None
@@ -103,14 +116,24 @@ def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_log
     return jax.nn.log_softmax(seq_lp), m
 
 
-def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt) -> RankResult:
-    """Full prefill of the whole prompt (the reference every cached mode is compared with)."""
+def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt, head=None) -> RankResult:
+    """Full prefill of the whole prompt (the reference every cached mode is compared with).
+    head: the `SlotHead` that scores a slot prompt."""
     n = len(prompt)
     check_prompt_length(n, cfg.max_position, "the model's context")
     tb = bucket(n, 64)
     tokens = np.zeros((1, tb), np.int32)
     tokens[0, :n] = prompt.tokens
     t0 = time.perf_counter()
+    if prompt.head == "slot":
+        if head is None:
+            raise ValueError("a slot prompt needs a trained ranking head (SlotHead)")
+        slots = prompt.slot_positions
+        sb = np.zeros(bucket(len(slots), 16), np.int32)
+        sb[:len(slots)] = slots
+        hidden = _full_slots(params, jnp.asarray(tokens), n, jnp.asarray(sb), cfg=cfg)
+        scores = head.scores(np.asarray(hidden)[:len(slots)])
+        return RankResult(scores=scores, ttft_s=time.perf_counter() - t0, prompt_tokens=n, computed_tokens=n)
     first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, answer_logit_ids(prompt), cfg=cfg,
                                      return_kv=not prompt.single_token_labels)
     scores, extra = candidate_scores(params, cfg, prompt, first_logits, kv)

@@ -31,7 +31,7 @@ from rcllm_jax import kernels
 from rcllm_jax.buckets import bucket
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
-                                     forward, lm_head, out_mlp, qkv)
+                                     forward, lm_head, out_mlp, qkv, rms_norm)
 from rcllm_jax.model.rope import inv_freq
 
 
@@ -83,7 +83,8 @@ def _layer_params(layers, i):
 @functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
                                              "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
-                    cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, *, cfg: ModelConfig,
+                    cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, out_rows=None, *,
+                    cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
                     all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
     """Returns (next-token logits [V] or [len(logit_ids)], selected suffix indices [n], selected
@@ -92,8 +93,10 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     pool_k/v [L, S, K, H]; the other arrays as in `Layout.arrays()` (unbatched; B = 1 inside).
     cached_k/v [L, T, K, H]: the suffix's cached KV at real positions (`BlockStore.fetch`; rows
     that are not cached are ignored). `logit_ids`: compute the answer's logits only for these
-    vocabulary ids (ranking needs the labels only). impl: a resolved `rcllm_jax.kernels`
-    implementation of the recomputed tokens' attention ("xla", "pallas", "interpret").
+    vocabulary ids (ranking needs the labels only). out_rows [C]: suffix indices of forced rows
+    (score slots) whose final-normed hidden states [C, D] are returned instead of the logits.
+    impl: a resolved `rcllm_jax.kernels` implementation of the recomputed tokens' attention
+    ("xla", "pallas", "interpret").
     """
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
@@ -108,9 +111,12 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     if all_fresh:
         prefix = KVCache(k=pk, v=pv, pos=p_pos, seg=seg_p, valid=prefix_valid[None])
         hidden, kv = forward(params, tokens[None], q_pos, cfg=cfg, valid=valid[None], cache=prefix,
-                             return_hidden=True)
+                             return_hidden=True if out_rows is None else "all")
         idx = jnp.arange(t_len, dtype=jnp.int32)
-        logits = lm_head(params, cfg, hidden[0], logit_ids)
+        if out_rows is None:
+            logits = lm_head(params, cfg, hidden[0], logit_ids)
+        else:
+            logits = rms_norm(hidden[0, jnp.maximum(out_rows, 0)], params["final_norm"], cfg.rms_eps)
         return logits, idx, valid, (prefix.concat(kv) if return_kv else None)
 
     k_pos = jnp.concatenate([p_pos, q_pos], axis=1)
@@ -174,7 +180,11 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
 
     sl = slice(start, cfg.num_layers)
     x_r, out = jax.lax.scan(body, x_r, (jnp.arange(start, cfg.num_layers), ck[sl], cv[sl], pk[sl], pv[sl]))
-    logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
+    if out_rows is None:
+        logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
+    else:
+        rows = jnp.argmax(r[None, :] == out_rows[:, None], axis=1)  # where each slot sits in the recompute set
+        logits = rms_norm(x_r[0, rows], params["final_norm"], cfg.rms_eps)
     kv = None
     if return_kv:
         sk, sv = out

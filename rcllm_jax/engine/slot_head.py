@@ -1,0 +1,87 @@
+"""The score-slot ranking head: a candidate's score from its slot's final hidden state.
+
+A slot prompt (`PromptBuilder(head="slot")`) ends each candidate's line with a slot token that
+every mode recomputes; the engine returns the final-normed hidden state h_j of each slot
+([K, D], all candidates from one prefill). The head is a linear listwise scorer
+
+  features_j = [h_j, log(1 + j)]            (j: the candidate's position in the prompt)
+  score_j    = features_j . theta + b,      scores = log_softmax over the K candidates
+
+The position feature lets the head use the order the candidates are listed in (the retriever's
+order when the prompt lists them so; `--candidate_order`). Its weights apply only to recomputed
+rows, so training it never invalidates a cached block, and its training examples are computed by
+the engine's own serving path (`train/slot_head.py`): one definition for training and serving.
+
+Saved as safetensors (`theta`, `bias`) with the base model's fingerprint in the metadata; loading
+it onto other weights is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def slot_features(hidden):
+    """[K, D] slot hidden states -> [K, D + 1] head features (hidden, log(1 + position))."""
+    pos = jnp.log1p(jnp.arange(hidden.shape[0], dtype=jnp.float32))[:, None]
+    return jnp.concatenate([hidden.astype(jnp.float32), pos], axis=-1)
+
+
+def head_scores(theta, bias, features, valid=None):
+    """Log-softmax scores [K] of features [K, F] (valid [K]: real candidates; padding gets -inf)."""
+    raw = features @ theta + bias
+    if valid is not None:
+        raw = jnp.where(valid, raw, -jnp.inf)
+    return jax.nn.log_softmax(raw)
+
+
+class HeadError(ValueError):
+    """A head file that is missing, damaged or made for other base weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotHead:
+    theta: np.ndarray  # [D + 1]
+    bias: float
+    base_fingerprint: str  # the weights whose slot hidden states it reads
+    card: dict = dataclasses.field(default_factory=dict)  # how it was made (command, data, metrics)
+
+    def scores(self, hidden) -> np.ndarray:
+        """[K] log-softmax scores of the K candidates from their slot hidden states [K, D]."""
+        f = slot_features(jnp.asarray(hidden))
+        return np.asarray(head_scores(jnp.asarray(self.theta, jnp.float32), jnp.float32(self.bias), f))
+
+    def save(self, directory) -> Path:
+        """<directory>/head.safetensors (+ README.md: the card), written atomically."""
+        from safetensors.numpy import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / "head.safetensors.tmp"
+        save_file({"theta": np.asarray(self.theta, np.float32), "bias": np.asarray([self.bias], np.float32)},
+                  str(tmp), metadata={"base_fingerprint": self.base_fingerprint, "card": json.dumps(self.card)})
+        tmp.replace(d / "head.safetensors")
+        return d / "head.safetensors"
+
+    @classmethod
+    def load(cls, path, expect_fingerprint: str | None = None) -> "SlotHead":
+        from safetensors import safe_open
+        p = Path(path)
+        if p.is_dir():
+            p = p / "head.safetensors"
+        try:
+            with safe_open(str(p), framework="numpy") as f:
+                meta = f.metadata() or {}
+                theta, bias = f.get_tensor("theta"), f.get_tensor("bias")
+            head = cls(theta, float(bias[0]), meta["base_fingerprint"], json.loads(meta.get("card", "{}")))
+        except Exception as e:  # noqa: BLE001 - any read failure: a missing or damaged file
+            raise HeadError(f"ranking head {p} is missing or damaged ({type(e).__name__}: {e})") from e
+        if expect_fingerprint is not None and head.base_fingerprint != expect_fingerprint:
+            raise HeadError(f"ranking head {p} was trained on other base weights "
+                            f"({head.base_fingerprint[:12]}…, this model {expect_fingerprint[:12]}…)")
+        return head
