@@ -78,5 +78,57 @@ def test_head_round_trip_and_refusals(world, tmp_path):
         SlotHead.load(path)
     with pytest.raises(HeadError, match="other weights"):
         Engine(jax.tree.map(lambda a: a * 1.01, eng.params), CFG, eng.builder, item_ids=[], head=head)
-    with pytest.raises(ValueError, match="need a trained ranking head"):
-        Engine(eng.params, CFG, eng.builder, item_ids=[])
+    bare = Engine(eng.params, CFG, eng.builder, item_ids=[])
+    with pytest.raises(ValueError, match="needs? a trained ranking head"):
+        bare.rank(prompts[0], "full")
+    # what a head reads: the slot states of the serving path, whose head formula gives the scores
+    states = eng.slot_states(prompts[0], "full")
+    assert states.shape == (len(prompts[0].candidates), CFG.hidden_size)
+    assert rel_err(head.scores(states), eng.rank(prompts[0], "full").scores) <= 1e-6
+
+
+def test_training_examples_use_only_data_before_each_target():
+    from rcllm_jax.data.pipeline import retrieved_candidates
+    from rcllm_jax.retrieval import ItemKNN
+    from rcllm_jax.train.slot_head import training_examples, validation_examples
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    split.users = split.users[:80]
+    ex, stats = training_examples(split, positions=(4, 3), num_candidates=20)
+    assert stats["position_3"]["target_retrieved"] + stats["position_4"]["target_retrieved"] == len(ex) > 0
+    seqs = split.dataset.sequences
+    retr = {p: ItemKNN.fit([seqs[u][:-p] for u in split.users], sorted(split.dataset.items)) for p in (3, 4)}
+    for e in ex[:20]:
+        p = len(seqs[e.user]) - len(e.history)
+        assert p in (3, 4) and e.history == tuple(seqs[e.user][:-p])
+        assert e.candidates[e.target_index] == seqs[e.user][-p] and not set(e.candidates) & set(e.history)
+        assert e.candidates == retrieved_candidates(retr[p], e.user, e.history, 20, order="retriever")
+    val, n = validation_examples(split, num_candidates=20)
+    assert n == 80 and all(e.candidates[e.target_index] == split.target(e.user, "valid") for e in val)
+
+
+def test_training_reads_the_serving_computation_and_resumes_exactly(world, tmp_path):
+    """The head is trained on `collect_states` = what the engine computes when it serves the
+    prompt: the trained head applied to those states gives the engine's rcllm scores. Collection
+    resumed from saved states equals one uninterrupted run; the loss falls."""
+    from rcllm_jax.train import slot_head as sh
+    eng, reqs, prompts, _ = world
+    examples = [sh.Example(r.user_id, tuple(r.history), tuple(r.candidates), i % len(r.candidates))
+                for i, r in enumerate(reqs)]
+    full = sh.collect_states(eng, eng.builder, examples, "rcllm")
+    path = tmp_path / "s.npz"
+    part = sh.collect_states(eng, eng.builder, examples[:2], "rcllm",
+                             checkpoint=lambda st: sh.save_states(path, st, "k1"), every=1)
+    assert sh.load_states(path, "other examples") is None
+    resumed = sh.collect_states(eng, eng.builder, examples, "rcllm", done=sh.load_states(path, "k1"))
+    assert np.array_equal(resumed, full) and np.array_equal(part, full[:2])
+    targets = np.asarray([e.target_index for e in examples])
+    theta, bias, curve = sh.fit_head(full, targets, l2=1e-3, steps=60, lr=0.05, val=(full, targets), log_every=30)
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.5  # 3 examples: the head fits them
+    assert curve[-1]["val_ndcg@10"] > curve[0]["val_ndcg@10"]
+    trained = SlotHead(theta, bias, eng.fingerprint)
+    saved, eng.head = eng.head, trained
+    try:
+        for e, p, st in zip(examples, prompts, full):
+            assert rel_err(trained.scores(st), eng.rank(p, "rcllm", user_id=e.user).scores) <= 1e-6
+    finally:
+        eng.head = saved

@@ -50,6 +50,19 @@ class EngineResult(RankResult):
     remote_item_bytes: int = 0
 
 
+class _States:
+    """A stand-in head whose scores are the slot states themselves (`Engine.slot_states`)."""
+
+    base_fingerprint = None
+
+    @staticmethod
+    def scores(hidden):
+        return np.asarray(hidden, np.float32)
+
+
+_STATES = _States()
+
+
 class Engine:
     """Ranks prompts in any mode. Item blocks are encoded after `canonical_context` tokens, glue
     blocks after the instruction.
@@ -76,8 +89,6 @@ class Engine:
         if head is not None and head.base_fingerprint != self.fingerprint:
             raise HeadError(f"the ranking head was trained on other weights ({head.base_fingerprint[:12]}…) than "
                             f"this model ({self.fingerprint[:12]}…)")
-        if builder.head == "slot" and head is None:
-            raise ValueError("slot prompts need a trained ranking head (head=SlotHead.load(...))")
         self.head = head
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)
@@ -273,6 +284,17 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return self._rank_policy(prompt, policy, user_id, shard=shard)
 
+    def slot_states(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> np.ndarray:
+        """[K, D] final-normed hidden states of a slot prompt's score slots, computed exactly as
+        `rank` computes them in `mode` (what a ranking head reads; its training examples)."""
+        if prompt.head != "slot":
+            raise ValueError("slot_states needs a slot prompt (PromptBuilder(head='slot'))")
+        head, self.head = self.head, _STATES
+        try:
+            return np.asarray(self.rank(prompt, mode, user_id=user_id, shard=shard).scores)
+        finally:
+            self.head = head
+
     def _stitch(self, prompt: Prompt, user_id, policy: Policy, shard: int | None = None):
         """(the request's device layout, the cached item blocks it reads). Looks every cacheable
         block up once; the plan is made from that lookup."""
@@ -301,6 +323,8 @@ class Engine:
     def _scores(self, params, prompt: Prompt, out, kv):
         """(candidate scores [K], label tokens computed) from the prefill's output."""
         if prompt.head == "slot":
+            if self.head is None:
+                raise ValueError("slot prompts need a trained ranking head (Engine(head=SlotHead.load(...)))")
             return self.head.scores(np.asarray(out)[:len(prompt.candidates)]), 0
         return candidate_scores(params, self.cfg, prompt, out, kv)
 
