@@ -42,6 +42,10 @@ _CAND_SRC = flags.DEFINE_enum("candidates", "sampled", ["sampled", "retrieved"],
                               "the whole catalog (the target may be missing: a miss), evaluated the LlamaRec way.")
 _ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
                            "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
+_HEAD = flags.DEFINE_enum("head", "label", ["label", "slot"], "How candidates are scored: the answer's label "
+                          "logits, or score slots read by a trained head (--ranking_head).")
+_HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
+                                 "rcllm_jax/assets/slot_head, trained for the default model).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
@@ -264,7 +268,9 @@ def main(argv):
         retriever_info.update({f"recall@{_CANDS.value}": float(np.mean([q.target_index is not None for q in requests])),
                                "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value,
+    from rcllm_jax.engine.slot_head import ranking_head
+    head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, head=_HEAD.value,
                             max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in requests]
     lengths = [len(p) for p in prompts]
@@ -273,7 +279,7 @@ def main(argv):
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
                     canonical=_CANON.value, user_pages=_USER_PAGES.value,
                     prefix_pages=_PREFIX_PAGES.value if "prefix" in modes else 1,  # pool is per device
-                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value)
+                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -298,7 +304,9 @@ def main(argv):
     peer, peer_note = None, "not requested (--peers=)"
     if "transformers" in _PEERS.value:
         from rcllm_jax.eval.peers import PEER_MODES, load_peer
-        if not all(p.single_token_labels for p in prompts):
+        if _HEAD.value == "slot":
+            peer_note = "skipped: the transformers rows score labels (slot prompts are scored by a head)"
+        elif not all(p.single_token_labels for p in prompts):
             peer_note = "skipped: the transformers rows score single-token labels only (<= 52 candidates)"
         else:
             peer, why = load_peer(model.source)
@@ -333,7 +341,7 @@ def main(argv):
     def floor_s(r, prompt):
         """Compute and memory traffic overlapped perfectly: the larger of FLOPs / peak and
         (cached KV read + weights read) / bandwidth. Multi-token labels add a second pass."""
-        single = prompt.single_token_labels
+        single = prompt.head == "slot" or prompt.single_token_labels
         wb = weight_bytes(model.cfg, itemsize, len(prompt.labels) if single else None) * (1 if single else 2)
         return max(selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) / peak,
                    (r.cache_hit_tokens * kvb + wb) / bw)

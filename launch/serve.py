@@ -38,6 +38,10 @@ _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink,
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
 _QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting at most (beyond: 503 + Retry-After).")
 _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
+_HEAD = flags.DEFINE_enum("head", "label", ["label", "slot"], "How candidates are scored: the answer's label "
+                          "logits, or score slots read by a trained head (--ranking_head).")
+_HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
+                                 "rcllm_jax/assets/slot_head, trained for the default model).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 52, "Most candidates per request (52: single-token labels).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes for a request that "
@@ -97,10 +101,13 @@ def main(argv):
     item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
     items = {i: ds.items[i] for i in item_ids}
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position)
+    from rcllm_jax.engine.slot_head import ranking_head
+    head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position,
+                            head=_HEAD.value)
     engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
                     prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
-                    mesh=mesh, placement=dist_cli.PLACEMENT.value)
+                    mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
     snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
     saved = snapshot.latest_meta(snap)

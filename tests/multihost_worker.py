@@ -16,7 +16,6 @@ def main(process_id: int, port: int, out: str, snap: str):
     initialize(f"127.0.0.1:{port}", 2, process_id)
     import jax
     from multihost_case import MODES, case, engine_for
-    from rcllm_jax.cache import snapshot
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
     assert jax.device_count() == 4 and jax.process_count() == 2
     builder, params, items, reqs, prompts = case()
@@ -28,9 +27,9 @@ def main(process_id: int, port: int, out: str, snap: str):
         for m in MODES:
             res = eng.rank(p, m, user_id=r.user_id)
             scores[f"{i}/{m}"] = [float(x) for x in res.scores]
-    snapshot.save(eng, snap)
+    eng.save(snap)
     again = engine_for(params, builder, items, mesh)
-    snapshot.restore(again, snap)
+    again.restore(snap)
     restored = {}
     for i, (r, p) in enumerate(zip(reqs, prompts)):
         res = again.rank(p, "stitch", user_id=r.user_id)

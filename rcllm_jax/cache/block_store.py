@@ -218,8 +218,13 @@ class BlockStore:
         self.put_arrays(hk, hv, entries, shard_slots)
 
     def put_arrays(self, hk, hv, entries, shard_slots: int):
-        self.k = jax.make_array_from_callback(hk.shape, self.sharding, lambda idx: hk[idx])
-        self.v = jax.make_array_from_callback(hv.shape, self.sharding, lambda idx: hv[idx])
+        """Install the KV arrays: host arrays are placed on the mesh; device arrays already laid
+        out with the store's sharding (a restore) are taken as they are."""
+        if isinstance(hk, jax.Array):
+            self.k, self.v = hk, hv
+        else:
+            self.k = jax.make_array_from_callback(hk.shape, self.sharding, lambda idx: hk[idx])
+            self.v = jax.make_array_from_callback(hv.shape, self.sharding, lambda idx: hv[idx])
         self.entries, self.shard_slots = dict(entries), shard_slots
 
     def load_blocks(self, host: dict, kinds: dict[str, str], embeddings: dict[str, np.ndarray]):

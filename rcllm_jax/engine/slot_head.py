@@ -41,6 +41,22 @@ def head_scores(theta, bias, features, valid=None):
     return jax.nn.log_softmax(raw)
 
 
+DEFAULT_HEAD = Path(__file__).resolve().parents[1] / "assets" / "slot_head"  # the shipped head (its card: README.md)
+HEADS = ("label", "slot")
+
+
+def ranking_head(kind: str, path: str | None = None):
+    """The launchers' --head / --ranking_head: None for label prompts; for slot prompts the head
+    at `path`, default the shipped one (checked against the model by the Engine)."""
+    if kind not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {kind!r}")
+    if kind == "label":
+        if path:
+            raise ValueError("--ranking_head applies to --head=slot only")
+        return None
+    return SlotHead.load(path or DEFAULT_HEAD)
+
+
 class HeadError(ValueError):
     """A head file that is missing, damaged or made for other base weights."""
 
