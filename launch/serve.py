@@ -38,8 +38,9 @@ _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink,
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
 _QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting at most (beyond: 503 + Retry-After).")
 _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
-_HEAD = flags.DEFINE_enum("head", "label", ["label", "slot"], "How candidates are scored: the answer's label "
-                          "logits, or score slots read by a trained head (--ranking_head).")
+_HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
+                          "trained head (--ranking_head; default: the head shipped for the default model), or the "
+                          "answer's label logits (any model, no head).")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
                                  "rcllm_jax/assets/slot_head, trained for the default model).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
@@ -103,11 +104,18 @@ def main(argv):
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     from rcllm_jax.engine.slot_head import ranking_head
     head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    from rcllm_jax.cache.keys import model_fingerprint
+    fingerprint = model_fingerprint(model.params, model.cfg)
+    if head is not None:
+        if head.base_fingerprint != fingerprint:
+            raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
+                                 "weights than --model: train one (launch/train_head.py --model=...) and pass "
+                                 "--ranking_head, or serve with --head=label")
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position,
                             head=_HEAD.value)
     engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
                     prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
-                    mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
+                    mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head, fingerprint=fingerprint)
     snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
     saved = snapshot.latest_meta(snap)

@@ -85,7 +85,7 @@ def _reference(tiny, history, cands, user):
 @pytest.mark.slow
 def test_server_end_to_end(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    args = ["--mesh=items:2", f"--model={tiny}", f"--max_items={N_ITEMS}", "--port=0", "--history_len=5",
+    args = ["--mesh=items:2", f"--model={tiny}", "--head=label", f"--max_items={N_ITEMS}", "--port=0", "--history_len=5",
             f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128"]
     srv = Server(args, env)
     try:
@@ -177,3 +177,14 @@ def test_server_end_to_end(tiny, tmp_path):
     finally:
         code, log = srv.stop()
     assert code == 0
+
+
+@pytest.mark.slow
+def test_default_head_refuses_other_weights(tiny, tmp_path):
+    """serve.py scores with the shipped slot head by default; on another model it stops at once
+    with a message that says what to do, before building anything."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch/serve.py"), f"--model={tiny}", "--port=0",
+                        f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "trained for other weights than --model" in r.stderr and "--head=label" in r.stderr
+    assert not (tmp_path / "snap").exists()

@@ -132,3 +132,20 @@ def test_training_reads_the_serving_computation_and_resumes_exactly(world, tmp_p
             assert rel_err(trained.scores(st), eng.rank(p, "rcllm", user_id=e.user).scores) <= 1e-6
     finally:
         eng.head = saved
+
+
+@pytest.mark.slow
+def test_shipped_head_serves_the_default_model(smollm2):
+    """The head in the package is the default model's: the engine accepts it, and its card says
+    how it was made; any other weights are refused."""
+    from rcllm_jax.engine.slot_head import DEFAULT_HEAD, ranking_head
+    head = ranking_head("slot")
+    assert (DEFAULT_HEAD / "README.md").exists() and head.theta.shape == (smollm2.cfg.hidden_size + 1,)
+    assert head.card["base_fingerprint"] == head.base_fingerprint and head.card["val_examples"] > 0
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    builder = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=5, head="slot")
+    eng = Engine(smollm2.params, smollm2.cfg, builder, item_ids=[1, 2, 3], head=head, user_pages=64, prefix_pages=1)
+    res = eng.rank(builder.build([50, 181], [1, 2, 3]), "full")
+    assert np.isfinite(res.scores).all()
+    with pytest.raises(ValueError, match="--ranking_head applies to --head=slot only"):
+        ranking_head("label", str(DEFAULT_HEAD))
