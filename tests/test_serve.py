@@ -103,12 +103,19 @@ def test_server_end_to_end(tiny, tmp_path):
         assert out["timings"]["prefill_s"] <= out["timings"]["ttft_s"] <= out["timings"]["total_s"]
         assert out["cache"]["local_item_blocks"] + out["cache"]["remote_item_blocks"] == len(cands)
         # no candidates: retrieved from the served histories (an item-kNN saved with the snapshot), reranked
-        code, out = _call(url + "/v1/recommend", {"user_id": 1, "num_candidates": 6})
+        served = set(range(1, N_ITEMS + 1))
+        user = next(u for u in sorted(ds.sequences) if len(served - set(ds.sequences[u])) >= 6)
+        code, out = _call(url + "/v1/recommend", {"user_id": user, "num_candidates": 6})
         assert code == 200 and out["retrieved"] is True and len(out["ranking"]) == 6, out
         from rcllm_jax.retrieval import ItemKNN
         r = ItemKNN.load(tmp_path / "snap" / "retriever.npz")
-        assert {x["item_id"] for x in out["ranking"]} == set(r.retrieve(ds.sequences[1], 6)[0])
-        assert not {x["item_id"] for x in out["ranking"]} & set(ds.sequences[1])
+        assert {x["item_id"] for x in out["ranking"]} == set(r.retrieve(ds.sequences[user], 6)[0])
+        assert not {x["item_id"] for x in out["ranking"]} & set(ds.sequences[user])
+        # a user who has seen every served item: a clear 400, not a 500
+        full = next((u for u in sorted(ds.sequences) if served <= set(ds.sequences[u])), None)
+        if full is not None:
+            code, out = _call(url + "/v1/recommend", {"user_id": full})
+            assert code == 400 and "cannot retrieve" in out["error"], out
         code, out = _call(url + "/v1/recommend", {"user_id": 987654, "num_candidates": 3})  # unknown, no history
         assert code == 200 and len(out["ranking"]) == 3, out
 
@@ -159,7 +166,7 @@ def test_server_end_to_end(tiny, tmp_path):
         assert _call(url + "/v1/users/5/events", {"items": [99999]})[0] == 404
         metrics = _call(url + "/metrics")[1]
         assert "rcllm_ttft_seconds_count" in metrics and "rcllm_queue_depth 0" in metrics
-        assert re.search(r"rcllm_requests_total (\d+)", metrics).group(1) == str(1 + 18 + 9)
+        assert re.search(r"rcllm_requests_total (\d+)", metrics).group(1) == str(1 + 2 + 18 + 9)  # + the two retrieved requests
     finally:
         code, log = srv.stop()
     assert code == 0 and "saved" in log and "user prefixes" in log, log[-3000:]
