@@ -91,3 +91,17 @@ def test_too_long_prompt_is_refused(smollm2, split):
 def test_prompt_tokens_are_int32_array(builder):
     p = builder.build([1], [2, 3])
     assert isinstance(p.tokens, np.ndarray) and p.tokens.dtype == np.int32 and len(p.tokens) == len(p)
+
+
+def test_slot_prompts_tokenize_like_their_text_over_the_catalog(split, smollm2):
+    """Slot prompts (no labels; a recomputed slot token ends each candidate's line): every catalog
+    item as a candidate once, digit-initial titles included ("\\n" + " 20,000" would merge into one
+    token without the bullet glue); one slot per candidate, at the end of its line."""
+    b = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=20, head="slot")
+    items = sorted(split.dataset.items)
+    for n, start in enumerate(range(0, len(items), 20)):
+        p = b.build(split.history(split.users[n]), items[start:start + 20])
+        assert p.tokens.tolist() == smollm2.tokenizer.encode(p.text), start
+        assert p.head == "slot" and len(p.slot_positions) == len(p.candidates) and p.labels == ()
+        assert all(p.tokens[i] == smollm2.tokenizer.encode("\n")[0] for i in p.slot_positions)
+    assert "Candidates:\n- " in p.text and p.text.count("\n- ") == len(p.candidates)
