@@ -104,18 +104,17 @@ def main(argv):
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     from rcllm_jax.engine.slot_head import ranking_head
     head = ranking_head(_HEAD.value, _HEAD_PATH.value)
-    from rcllm_jax.cache.keys import model_fingerprint
-    fingerprint = model_fingerprint(model.params, model.cfg)
-    if head is not None:
-        if head.base_fingerprint != fingerprint:
-            raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
-                                 "weights than --model: train one (launch/train_head.py --model=...) and pass "
-                                 "--ranking_head, or serve with --head=label")
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position,
                             head=_HEAD.value)
-    engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
-                    prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
-                    mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head, fingerprint=fingerprint)
+    from rcllm_jax.engine.slot_head import HeadError
+    try:
+        engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
+                        prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
+                        mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
+    except HeadError as e:
+        raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
+                             f"weights than --model ({e}): train one (launch/train_head.py --model=...) and pass "
+                             "--ranking_head, or serve with --head=label") from None
     snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
     saved = snapshot.latest_meta(snap)

@@ -182,18 +182,23 @@ class BlockStore:
                         self.embeddings[k] = emb[row]
                 if progress is not None:
                     progress(len(chunk))
-        self.lay_out(self._place(self.placement, host, kinds), host, kinds)
+        self._lay_out_host(host, kinds)
 
-    def _place(self, name: str, host: dict, kinds: dict) -> dict[str, int]:
-        """Key -> shard (REPLICATED for replicated kinds) under placement `name`."""
-        keys = sorted(k for k in host if kinds[k] not in REPLICATED_KINDS)
-        shard_of = {k: REPLICATED for k in host if kinds[k] in REPLICATED_KINDS}
+    def _place(self, name: str, lengths: dict[str, int], kinds: dict[str, str]) -> dict[str, int]:
+        """Key -> shard (REPLICATED for replicated kinds) under placement `name`, from the blocks'
+        lengths and the item embeddings."""
+        keys = sorted(k for k in lengths if kinds[k] not in REPLICATED_KINDS)
+        shard_of = {k: REPLICATED for k in lengths if kinds[k] in REPLICATED_KINDS}
         if keys:
-            shards = placement_lib.place(name, keys=keys, lengths=[host[k][0].shape[1] for k in keys],
+            shards = placement_lib.place(name, keys=keys, lengths=[lengths[k] for k in keys],
                                          embeddings=np.stack([self.embeddings[k] for k in keys]),
                                          num_shards=self.num_shards)
             shard_of |= {k: int(s) for k, s in zip(keys, shards)}
         return shard_of
+
+    def _lay_out_host(self, host: dict, kinds: dict[str, str]):
+        """Place the host blocks under the store's placement and lay them out."""
+        self.lay_out(self._place(self.placement, {k: h[0].shape[1] for k, h in host.items()}, kinds), host, kinds)
 
     def lay_out(self, shard_of: dict[str, int], host: dict, kinds: dict[str, str]):
         """Pack the blocks (key -> (k, v) host arrays) into their shards and put the arrays on the mesh."""
@@ -231,7 +236,7 @@ class BlockStore:
         """Replace the store's content by blocks given on the host (key -> (k, v) [L, n, K, H];
         key -> kind; item key -> embedding), laid out under the store's placement."""
         self.embeddings = dict(embeddings)
-        self.lay_out(self._place(self.placement, host, kinds), host, kinds)
+        self._lay_out_host(host, kinds)
 
     def placement_of(self, name: str | None = None) -> dict[str, int]:
         """Sharded block key -> shard under placement `name` (default: the store's own), computed
@@ -239,11 +244,7 @@ class BlockStore:
         sharded = {k: e for k, e in self.entries.items() if e.shard != REPLICATED}
         if name is None or name == self.placement:
             return {k: e.shard for k, e in sharded.items()}
-        keys = sorted(sharded)
-        shards = placement_lib.place(name, keys=keys, lengths=[sharded[k].length for k in keys],
-                                     embeddings=np.stack([self.embeddings[k] for k in keys]),
-                                     num_shards=self.num_shards)
-        return dict(zip(keys, (int(s) for s in shards)))
+        return self._place(name, {k: e.length for k, e in sharded.items()}, {k: e.kind for k, e in sharded.items()})
 
     # --- serving ---------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ concatenation of the blocks' tokens, in every mode:
 
 With the score-slot head (`PromptBuilder(head="slot")`) candidates carry no label: a list
 "Candidates:\n- <item>\n- <item>\n...", each item block followed by a one-token `slot` block
-("\n", ending its line; the "-" before the next item is glue) that every mode recomputes; the candidate's score is read from the slot's final hidden state by
-a trained head (`engine/slot_head.py`), all candidates in the same prefill. The slot attends to
+("\n", ending its line; the "-" before the next item is glue) that every mode recomputes; the
+candidate's score is read from the slot's final hidden state by a trained head (`engine/slot_head.py`), all candidates in the same prefill. The slot attends to
 the history, the earlier candidates and its own item, so no label has to be bound to an item.
 
 Item text is request-independent (no label, no numbering), so one item block serves every prompt.
@@ -180,6 +180,9 @@ class PromptBuilder:
         blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
         prompt = Prompt(tuple(blocks), candidates, labels,
                         tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
+        return self._checked(prompt, check_length)
+
+    def _checked(self, prompt: Prompt, check_length: bool) -> Prompt:
         if check_length and self.max_prompt_tokens is not None:
             check_prompt_length(len(prompt), self.max_prompt_tokens)
         return prompt
@@ -194,10 +197,7 @@ class PromptBuilder:
         for j, item in enumerate(candidates):
             blocks += [self.item_block(item), slot] + ([bullet] if j + 1 < len(candidates) else [])
         blocks.append(self._block("glue", t.slot_question + self.chat_tail))
-        prompt = Prompt(tuple(blocks), candidates, (), (), self.close_token, head="slot")
-        if check_length and self.max_prompt_tokens is not None:
-            check_prompt_length(len(prompt), self.max_prompt_tokens)
-        return prompt
+        return self._checked(Prompt(tuple(blocks), candidates, (), (), self.close_token, head="slot"), check_length)
 
 
 def check_candidates(candidates: Sequence) -> None:

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from rcllm_jax import kernels
-from rcllm_jax.buckets import bucket
 from rcllm_jax.cache import snapshot
 from rcllm_jax.cache.block_store import REPLICATED, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
@@ -28,7 +27,7 @@ from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, served_from_cache, stitch_plan
-from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full
+from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
@@ -310,16 +309,6 @@ class Engine:
                             [None if e is None else self.store.slot(e, shard) for e in entries], shard)
         return lay, items
 
-    def _slot_rows(self, prompt: Prompt, start: int):
-        """Suffix indices of the prompt's score slots (suffix from token `start`), bucketed with -1
-        padding; None for label prompts."""
-        if prompt.head != "slot":
-            return None
-        rows = prompt.slot_positions - start
-        out = np.full(bucket(len(rows), 16), -1, np.int32)
-        out[:len(rows)] = rows
-        return out
-
     def _scores(self, params, prompt: Prompt, out, kv):
         """(candidate scores [K], label tokens computed) from the prefill's output."""
         if prompt.head == "slot":
@@ -360,7 +349,7 @@ class Engine:
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
         out = self._prefill(lay, policy, n_select, answer_logit_ids(prompt),
                             return_kv=prompt.head == "label" and not prompt.single_token_labels,
-                            out_rows=self._slot_rows(prompt, lay.n_prefix))
+                            out_rows=slot_rows(prompt, lay.n_prefix))
         value = None
         if out is not None:
             logits, r, sel, kv = out
@@ -400,7 +389,7 @@ class Engine:
         params = self._params_on(dev)
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         logits, _, _, kv = blended_prefill(
-            params, pk, pv, *lay.arrays(), answer_logit_ids(prompt), out_rows=self._slot_rows(prompt, hit),
+            params, pk, pv, *lay.arrays(), answer_logit_ids(prompt), out_rows=slot_rows(prompt, hit),
             cfg=self.cfg, n_select=len(lay.tokens), all_fresh=True, return_kv=True)
         scores, extra = self._scores(params, prompt, logits, kv)
         scores = np.asarray(scores)

@@ -86,7 +86,18 @@ def _full_slots(params: Params, tokens, n_valid, slot_pos, *, cfg: ModelConfig):
     tb = tokens.shape[1]
     positions = jnp.arange(tb, dtype=jnp.int32)[None]
     hidden, _ = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid, return_hidden="all")
-    return rms_norm(hidden[0, slot_pos], params["final_norm"], cfg.rms_eps)
+    return rms_norm(hidden[0, jnp.maximum(slot_pos, 0)], params["final_norm"], cfg.rms_eps)
+
+
+def slot_rows(prompt: Prompt, start: int = 0) -> np.ndarray | None:
+    """Indices (from token `start` on) of a slot prompt's score slots, bucketed with -1 padding
+    (one program per bucket); None for label prompts."""
+    if prompt.head != "slot":
+        return None
+    rows = prompt.slot_positions - start
+    out = np.full(bucket(len(rows), 16), -1, np.int32)
+    out[:len(rows)] = rows
+    return out
 
 
 def answer_logit_ids(prompt: Prompt):
@@ -128,11 +139,8 @@ def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt, head=None) -> Ra
     if prompt.head == "slot":
         if head is None:
             raise ValueError("a slot prompt needs a trained ranking head (SlotHead)")
-        slots = prompt.slot_positions
-        sb = np.zeros(bucket(len(slots), 16), np.int32)
-        sb[:len(slots)] = slots
-        hidden = _full_slots(params, jnp.asarray(tokens), n, jnp.asarray(sb), cfg=cfg)
-        scores = head.scores(np.asarray(hidden)[:len(slots)])
+        hidden = _full_slots(params, jnp.asarray(tokens), n, jnp.asarray(slot_rows(prompt)), cfg=cfg)
+        scores = head.scores(np.asarray(hidden)[:len(prompt.candidates)])
         return RankResult(scores=scores, ttft_s=time.perf_counter() - t0, prompt_tokens=n, computed_tokens=n)
     first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, answer_logit_ids(prompt), cfg=cfg,
                                      return_kv=not prompt.single_token_labels)
