@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,10 +32,17 @@ _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Catalo
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Item-cache snapshot (default: <cache>/snapshots/<model "
                             "fingerprint>-<dataset>); built and saved there when absent.")
+_REBUILD = flags.DEFINE_bool("rebuild_on_damage", None, "When no step of the item-cache snapshot is intact, "
+                             "rebuild it (default: yes at the default location, no for --snapshot_dir).")
 _USERS_DIR = flags.DEFINE_string("users_dir", None, "User-store snapshot (default: <snapshot_dir>-users).")
 _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink, deviation, full, prefix.")
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
-_QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting at most (beyond: 503 + Retry-After).")
+_QUEUE = flags.DEFINE_integer("max_queue", 0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized "
+                              "from the service time measured in the warm-up and --latency_target_s.")
+_TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may add at most (sizes --max_queue=0).")
+_GRACE = flags.DEFINE_float("shutdown_grace_s", 5.0, "On SIGTERM, open connections get this long after the "
+                            "queue is answered and the user store saved; then they are closed.")
+_CONNS = flags.DEFINE_integer("max_connections", 1024, "Open connections at most (beyond: 503).")
 _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
 _HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
                           "trained head (--ranking_head; default: the head shipped for the default model), or the "
@@ -50,7 +56,8 @@ _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retrieve
 _USER_PAGES = flags.DEFINE_integer("user_cache_pages", 512, "User-store budget in 16-token pages (replicated "
                                    "on every device).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalog items (0 = all; smoke tests).")
-_TIMEOUT = flags.DEFINE_float("request_timeout_s", 60.0, "Answer 504 after this long.")
+_TIMEOUT = flags.DEFINE_float("request_timeout_s", 30.0, "A request not answered after this long gets 503 + "
+                               "Retry-After and is dropped, not computed.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
 _WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
 _WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
@@ -82,13 +89,9 @@ def main(argv):
     mesh = dist_cli.setup()
     import jax
 
-    from rcllm_jax.cache import snapshot
-    from rcllm_jax.data.movielens import load_dataset
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.engine.engine import MODES, Engine
-    from rcllm_jax.fetch import cache_dir
-    from rcllm_jax.model import load_model
-    from rcllm_jax.serve.http import make_server
+    from rcllm_jax.engine.engine import MODES
+    from rcllm_jax.recommender import open_served
+    from rcllm_jax.serve.http import HttpServer, make_app
     from rcllm_jax.serve.scheduler import Scheduler
     from rcllm_jax.serve.service import RecommenderService
 
@@ -98,72 +101,76 @@ def main(argv):
         raise app.UsageError("serve.py runs as one process (multi-host serving is not implemented; "
                              "launch/build_cache.py and bench.py take the multi-host flags)")
     t0 = time.perf_counter()
-    ds = load_dataset(_DATASET.value, _DATA_DIR.value)
-    item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
-    items = {i: ds.items[i] for i in item_ids}
-    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    from rcllm_jax.engine.slot_head import ranking_head
-    head = ranking_head(_HEAD.value, _HEAD_PATH.value)
-    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, max_prompt_tokens=model.cfg.max_position,
-                            head=_HEAD.value)
+    from rcllm_jax.cache.snapshot import SnapshotError, SnapshotMismatchError
     from rcllm_jax.engine.slot_head import HeadError
     try:
-        engine = Engine(model.params, model.cfg, builder, item_ids=item_ids, user_pages=_USER_PAGES.value,
-                        prefix_pages=256 if _MODE.value == "prefix" else 1, max_candidates=_MAX_CANDS.value,
-                        mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
+        served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
+                             data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
+                             history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_pages=_USER_PAGES.value,
+                             prefix_pages=256 if _MODE.value == "prefix" else 1, max_items=_MAX_ITEMS.value,
+                             mesh=mesh, placement=dist_cli.PLACEMENT.value, snapshot_dir=_SNAP.value,
+                             mode=_MODE.value, rebuild_on_damage=_REBUILD.value)
+    except SnapshotError as e:
+        raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None
     except HeadError as e:
         raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
                              f"weights than --model ({e}): train one (launch/train_head.py --model=...) and pass "
                              "--ranking_head, or serve with --head=label") from None
-    snap = _SNAP.value or str(cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
-    users_dir = _USERS_DIR.value or snap.rstrip("/") + "-users"
-    saved = snapshot.latest_meta(snap)
-    if saved is not None:
-        engine.restore(snap)
-        logging.info("restored item caches from %s", snap)
-    engine.build_store()  # encodes only what the snapshot lacked (everything on the first start)
-    st = engine.stats()
-    if saved is None or st["item_blocks"] + st["glue_blocks"] > len(saved[1]["blocks"]):
-        engine.save(snap)
-        logging.info("saved item caches to %s", snap)
+    for note in served.notes:
+        logging.info("%s", note)
+    engine, ds, item_ids, retriever = served.engine, served.dataset, served.item_ids, served.recommender.retriever
+    items = {i: ds.items[i] for i in item_ids}
+    users_dir = _USERS_DIR.value or served.users_dir
+    service_s = 0.25  # a request's engine time when nothing is measured (no warm-up)
     if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
         t1 = time.perf_counter()
-        probes = _warmup_prompts(builder, ds, item_ids, _WARM_N.value)
+        probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value)
         for s in range(engine.num_shards):
             for j, probe in enumerate(probes):
-                engine.rank(probe, _MODE.value, user_id=-1 - j, shard=s)
+                engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
+        timed = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
+        service_s = max(float(sorted(timed)[len(timed) // 2]), 1e-3)
         engine.reset_caches()
-        logging.info("warmed up %d shards x %d prompt shapes in %.1fs", engine.num_shards, len(probes),
-                     time.perf_counter() - t1)
-    from rcllm_jax.retrieval import load_or_fit
-    retriever, how = load_or_fit(Path(snap) / "retriever.npz", [ds.sequences[u] for u in sorted(ds.sequences)],
-                                 item_ids)
-    logging.info("retriever (item-kNN over the served histories): %s", how)
-    histories = {u: list(s) for u, s in ds.sequences.items()}
-    saved_histories = engine.restore_users(users_dir)
-    histories.update(saved_histories)
+        logging.info("warmed up %d shards x %d prompt shapes in %.1fs (service time p50 %.3fs)", engine.num_shards,
+                     len(probes), time.perf_counter() - t1, service_s)
+    max_queue = _QUEUE.value or max(8, int(_TARGET.value / service_s))
+    logging.info("queue bound %d requests (%s)", max_queue, "--max_queue" if _QUEUE.value else
+                 f"--latency_target_s={_TARGET.value:g} / service time {service_s:.3f}s")
+    histories = {str(u): list(s) for u, s in ds.sequences.items()}
+    rebuild = _REBUILD.value if _REBUILD.value is not None else _SNAP.value is None
+    try:
+        saved_histories = engine.restore_users(users_dir)
+    except SnapshotError as e:
+        if isinstance(e, SnapshotMismatchError) or not rebuild:
+            raise app.UsageError(f"{e} (--rebuild_on_damage starts with an empty user store)") from None
+        logging.warning("user store not restored, starting empty: %s", e)
+        saved_histories = {}
+    histories.update({str(u): h for u, h in saved_histories.items()})
     logging.info("restored %d cached user prefixes and %d histories from %s", engine.stats()["users_cached"],
                  len(saved_histories), users_dir)
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
-                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, _QUEUE.value, _WINDOW.value),
+                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, _WINDOW.value),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
                                  retriever=retriever, num_candidates=_NUM_CANDS.value)
     service.start()
-    server = make_server(service, _HOST.value, _PORT.value, _MAX_BODY.value)
+    server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,
+                        max_connections=_CONNS.value, grace_s=_GRACE.value)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    host, port = server.server_address[:2]
+    server.start()
+    host, port = server.address
     print(f"serving on http://{host}:{port} ({len(items)} items, {_MODE.value} mode, {mesh.shape['items']} "
           f"items-shards, {_SCHED.value} scheduler; ready in {time.perf_counter() - t0:.1f}s)", flush=True)
     stop.wait()
+    # Shutdown order: refuse new work, answer what is queued, save the user store (before anything a
+    # slow client could delay), then give open connections at most --shutdown_grace_s.
     logging.info("stopping: draining %d queued requests", len(service.scheduler))
-    server.shutdown()  # no new connections
-    service.stop()  # every queued request answered
-    server.server_close()  # in-flight handlers finish writing
+    service.stop()  # every queued request answered; later submissions get 503
     step = engine.save_users(users_dir, service.histories)
-    print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step}); bye", flush=True)
+    print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step})", flush=True)
+    server.close()
+    print("bye", flush=True)
 
 
 if __name__ == "__main__":

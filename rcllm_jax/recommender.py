@@ -44,3 +44,74 @@ class Recommender:
         order = np.argsort(-scores, kind="stable")
         return Recommendation(ranking=tuple(cands[i] for i in order), scores=scores[order], candidates=cands,
                               retrieved=retrieved, result=res)
+
+
+@dataclasses.dataclass
+class Served:
+    """What `open_served` sets up: the recommender and where its caches live."""
+    recommender: Recommender
+    dataset: object  # rcllm_jax.data.movielens.Dataset
+    item_ids: list[int]
+    snapshot_dir: str
+    users_dir: str
+    notes: list[str]  # what happened (restored / built / saved / fitted), one line each
+
+    @property
+    def engine(self):
+        return self.recommender.engine
+
+
+def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: str = "ml-100k", data_dir=None,
+                head: str = "slot", ranking_head=None, history_len: int = 20, max_candidates: int = 52,
+                user_pages: int = 512, prefix_pages: int = 1, max_items: int = 0, mesh=None,
+                placement: str = "similarity", snapshot_dir=None, mode: str = "rcllm",
+                rebuild_on_damage: bool | None = None) -> Served:
+    """The served recommender as `launch/serve.py` and `launch/recommend.py` run it: the model
+    (default SmolLM2-135M-Instruct) with its ranking head, the catalog's item caches restored from
+    the snapshot for this model (built and saved there when absent or incomplete), and the
+    item-kNN retriever over the catalog's histories (loaded from the snapshot directory, refitted
+    when the data changed). A snapshot with no intact step is rebuilt when `rebuild_on_damage`
+    (default: only at the default location, where nothing else could be lost), else raises
+    `SnapshotError`. Raises `slot_head.HeadError` when the head is for other weights."""
+    from pathlib import Path
+
+    from rcllm_jax.cache import snapshot
+    from rcllm_jax.data.movielens import load_dataset
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.engine.slot_head import ranking_head as load_head
+    from rcllm_jax.fetch import cache_dir
+    from rcllm_jax.model import load_model
+    from rcllm_jax.retrieval import load_or_fit
+
+    ds = load_dataset(dataset, data_dir)
+    item_ids = sorted(ds.items)[:max_items or None]
+    lm = load_model(model, dtype=dtype, adapter=adapter)
+    builder = PromptBuilder(lm.tokenizer, ds.items, history_len=history_len, max_prompt_tokens=lm.cfg.max_position,
+                            head=head)
+    engine = Engine(lm.params, lm.cfg, builder, item_ids=item_ids, user_pages=user_pages, prefix_pages=prefix_pages,
+                    max_candidates=max_candidates, mesh=mesh, placement=placement,
+                    head=load_head(head, ranking_head))
+    snap = str(snapshot_dir or cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
+    if rebuild_on_damage is None:
+        rebuild_on_damage = snapshot_dir is None
+    notes, saved_blocks = [], None
+    if snapshot.steps(snap):
+        try:
+            saved_blocks = len(engine.restore(snap)["blocks"])
+            notes.append(f"restored item caches from {snap}")
+        except snapshot.SnapshotMismatchError:
+            raise
+        except snapshot.SnapshotError as e:
+            if not rebuild_on_damage:
+                raise
+            notes.append(f"rebuilding the item caches: {e}")
+    engine.build_store()  # encodes only what the snapshot lacked (everything on the first start)
+    st = engine.stats()
+    if saved_blocks is None or st["item_blocks"] + st["glue_blocks"] > saved_blocks:
+        engine.save(snap)
+        notes.append(f"saved item caches ({st['item_blocks']} item blocks) to {snap}")
+    retriever, how = load_or_fit(Path(snap) / "retriever.npz", [ds.sequences[u] for u in sorted(ds.sequences)],
+                                 item_ids)
+    notes.append(f"retriever (item-kNN over the catalog's histories): {how}")
+    return Served(Recommender(engine, retriever, mode), ds, item_ids, snap, snap.rstrip("/") + "-users", notes)

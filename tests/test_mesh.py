@@ -189,6 +189,13 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
 
 
+def _damage(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_snapshot_refusals_leave_everything_as_it_was(world, tmp_path):
     engine, reqs, prompts, params = world
     e = engine(2)
@@ -209,15 +216,23 @@ def test_snapshot_refusals_leave_everything_as_it_was(world, tmp_path):
     with pytest.raises(snapshot.SnapshotError, match="no snapshot directory"):
         other.restore(tmp_path / "missing")
     # damage: flip bytes in the largest array file of the item store
-    target = max((p for p in (snap / "1" / "blocks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    for i in range(len(data) // 2, len(data) // 2 + 64):
-        data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
+    _damage(max((p for p in (snap / "1" / "blocks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
     fresh = engine(2, build=False)
     with pytest.raises(snapshot.SnapshotError, match="damaged"):
         fresh.restore(snap)
     assert not fresh.store.entries and not fresh.users.users
+
+    # the newest step damaged, an older one intact: the older one is restored (same answers), and a
+    # new save goes in beside the damaged step
+    snap2 = tmp_path / "snap2"
+    e.save(snap2)
+    e.save(snap2)
+    _damage(max((p for p in (snap2 / "2" / "blocks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
+    back = engine(2, build=False)
+    back.restore(snap2)
+    want = e.rank(prompts[1], "stitch", user_id=reqs[1].user_id).scores
+    assert rel_err(back.rank(prompts[1], "stitch", user_id=reqs[1].user_id).scores, want) <= 1e-6
+    assert back.save(snap2) == 3 and snapshot.steps(snap2)[-1] == 3
 
 
 _KILL_SCRIPT = r"""

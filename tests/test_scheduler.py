@@ -148,12 +148,18 @@ def test_service_answers_by_hand_and_routes_by_affinity():
         assert ev["history_length"] == 5 and ev["computed_tokens"] == 5
         assert svc.recommend({"user_id": 7, "candidates": [1]})["ranking"][0]["score"] == 4.0  # history grew
         assert svc.recommend({"user_id": 9, "history": [1], "candidates": [1]})["ranking"][0]["score"] == 0.0
+        # opaque ids: "7" is user 7 (its history of 5 items), "u-abc" a user of its own
+        assert svc.recommend({"user_id": "7", "candidates": [1]})["ranking"][0]["score"] == 4.0
+        assert svc.recommend({"user_id": "u-abc", "candidates": [1]})["ranking"][0]["score"] == -1.0
         for body, status, msg in [
                 ({"user_id": 7, "candidates": []}, 400, "empty"),
                 ({"user_id": 7, "candidates": [1, 1]}, 400, "duplicate"),
                 ({"user_id": 7, "candidates": [1, 999]}, 404, "unknown item"),
                 ({"user_id": 7, "candidates": [1, 2, 3, 4, 5, 6]}, 400, "at most 5"),
-                ({"user_id": "x", "candidates": [1]}, 400, "user_id must be an integer"),
+                ({"user_id": 1.5, "candidates": [1]}, 400, "user_id must be a string or an integer"),
+                ({"user_id": "a b", "candidates": [1]}, 400, "printable ASCII characters without spaces"),
+                ({"user_id": 10**200, "candidates": [1]}, 400, "at most 128 digits"),
+                ({"user_id": 7, "candidates": [2**70]}, 400, "out of range"),
                 ({"candidates": [1]}, 400, "user_id is required"),
                 ({"user_id": 7, "candidates": [1], "colour": 1}, 400, "unknown field"),
                 ([1, 2], 400, "JSON object")]:
@@ -168,7 +174,7 @@ def test_service_answers_by_hand_and_routes_by_affinity():
 
 
 def test_engine_failure_is_a_500_with_request_id_and_the_loop_survives():
-    svc, eng = _service(fail_user=13)
+    svc, eng = _service(fail_user="13")  # user ids reach the engine as strings
     try:
         with pytest.raises(ApiError, match="engine failure on request [0-9a-f]{12}: RuntimeError: device lost") as e:
             svc.recommend({"user_id": 13, "candidates": [1, 2]})
@@ -233,3 +239,37 @@ def test_request_without_candidates_is_retrieved_then_reranked():
     with pytest.raises(ApiError, match="no retriever") as e:
         plain.recommend({"user_id": 1})
     assert e.value.status == 400
+
+
+def test_timed_out_and_abandoned_requests_are_dropped_not_computed():
+    """A request still queued when its time is up gets 503 + Retry-After, one whose client left
+    gets 499; neither is computed. Metrics count them, typed and exact."""
+    eng = MockEngine(delay=0.5)
+    svc = RecommenderService(eng, ITEMS, {}, scheduler=Scheduler(2, "affinity", window=1), max_candidates=5,
+                             request_timeout_s=0.25)
+    svc.start()
+    out = {}
+
+    def call(u, gone=lambda: False):
+        try:
+            out[u] = svc.recommend({"user_id": u, "candidates": [1, 2]}, gone)
+        except ApiError as e:
+            out[u] = e
+    try:
+        first = threading.Thread(target=call, args=("busy",))
+        first.start()
+        time.sleep(0.05)  # "busy" is being computed (0.5 s); the next two wait behind it
+        rest = [threading.Thread(target=call, args=("late",)), threading.Thread(target=call, args=("gone", lambda: True))]
+        for t in rest:
+            t.start()
+        for t in [first] + rest:
+            t.join()
+        time.sleep(0.3)  # the loop has passed over the cancelled ones
+        assert out["late"].status == 503 and out["late"].headers == {"Retry-After": "1"} and "overloaded" in out["late"].message
+        assert out["gone"].status == 499
+        assert [c[0] for c in eng.calls] == ["busy"]  # only the one already running was computed
+        text = svc.metrics_text().decode()
+        assert "\nrcllm_dropped_total 2.0\n" in text and "# TYPE rcllm_dropped_total counter" in text
+        assert "# HELP rcllm_queue_depth" in text and "# TYPE rcllm_compiles_total counter" in text
+    finally:
+        svc.stop()

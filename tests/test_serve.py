@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,6 +35,15 @@ def _call(url, body=None, raw=None, method=None):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _raw_http(url, text: str, timeout: float = 30) -> str:
+    """Send raw bytes to the server; its answer's text (what a misbehaving client sees)."""
+    import socket
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(text.encode())
+        return s.recv(65536).decode(errors="replace")
+
+
 class Server:
     def __init__(self, args, env):
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "launch/serve.py"), *args], env=env,
@@ -57,15 +67,19 @@ class Server:
         return code, "".join(self.lines)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2):
+def _tiny_model(path, tokenizer, max_position: int = 512):
+    """A 2-layer random model with the real tokenizer, saved as an HF directory."""
     from rcllm_jax.model import ModelConfig, init_params
     from rcllm_jax.model.export import save_hf_dir
     cfg = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=512)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_hf_dir(path, init_params(cfg, jax.random.key(7), scale=0.1), cfg, smollm2.tokenizer)
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=max_position)
+    save_hf_dir(path, init_params(cfg, jax.random.key(7), scale=0.1), cfg, tokenizer)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2):
+    return _tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2.tokenizer)
 
 
 def _reference(tiny, history, cands, user):
@@ -128,9 +142,30 @@ def test_server_end_to_end(tiny, tmp_path):
                ({"body": {"user_id": 1, "candidates": list(range(1, 41))}}, 413, "exceeds"),
                ({"raw": json.dumps({"user_id": 1, "candidates": [1], "pad": "x" * 70000}).encode()}, 413, "exceeds the limit"),
                ({"body": {"user_id": 1.5, "candidates": [1]}}, 400, "integer")]
+        bad += [({"raw": b"{\"user_id\": " + b"7" * 5000 + b", \"candidates\": [1]}"}, 400, ""),  # int too long
+                ({"raw": b"[" * 30000 + b"]" * 30000}, 400, ""),  # nested deeper than the parser goes
+                ({"body": {"user_id": "u 1", "candidates": [1]}}, 400, "user_id"),
+                ({"body": {"user_id": 1, "candidates": [2**70]}}, 400, "")]
         for kw, status, msg in bad:
             code, body = _call(url + "/v1/recommend", kw.get("body"), kw.get("raw"))
             assert code == status and msg in body["error"], (kw, code, body)
+        for length in ("-1", "abc"):  # a Content-Length that is not a length: 400 at once, nothing read
+            assert _raw_http(url, f"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+                             ).startswith("HTTP/1.1 400")
+        # opaque string ids: "1" is MovieLens user 1; any other string is a new user
+        code, out = _call(url + "/v1/recommend", {"user_id": "1", "candidates": cands, "top_k": 5})
+        assert code == 200 and out["user_id"] == "1" and [r["item_id"] for r in out["ranking"]] == [cands[i] for i in want]
+        code, out = _call(url + "/v1/recommend", {"user_id": "u-abc", "history": [1, 50], "candidates": [7, 100]})
+        assert code == 200 and out["user_id"] == "u-abc", out
+        # many users at once: one answer per request, in order, a bad one answered on its own
+        code, out = _call(url + "/v1/recommend/batch", {"requests": [
+            {"user_id": 1, "candidates": cands, "top_k": 5}, {"user_id": 2, "candidates": [99999]},
+            {"user_id": "u-abc", "num_candidates": 3}]})
+        assert code == 200 and len(out["results"]) == 3, out
+        assert [r["item_id"] for r in out["results"][0]["ranking"]] == [cands[i] for i in want]
+        assert out["results"][1]["status"] == 404 and len(out["results"][2]["ranking"]) == 3
+        code, schema = _call(url + "/openapi.json")
+        assert code == 200 and {"/v1/recommend", "/v1/recommend/batch", "/v1/users/{user_id}/events"} <= set(schema["paths"])
         assert _call(url + "/v1/nothing", {"a": 1})[0] == 404
         assert _call(url + "/healthz")[1]["status"] == "ok"
         code, item = _call(url + "/v1/items/50")
@@ -165,10 +200,22 @@ def test_server_end_to_end(tiny, tmp_path):
         assert code == 200 and ev["history_length"] == len(ds.sequences[5]) + 2
         assert _call(url + "/v1/users/5/events", {"items": [99999]})[0] == 404
         metrics = _call(url + "/metrics")[1]
-        assert "rcllm_ttft_seconds_count" in metrics and "rcllm_queue_depth 0" in metrics
-        assert re.search(r"rcllm_requests_total (\d+)", metrics).group(1) == str(1 + 2 + 18 + 9)  # + the two retrieved requests
+        assert "rcllm_ttft_seconds_count" in metrics and "\nrcllm_queue_depth 0.0\n" in metrics
+        # + the two retrieved requests, two string-id requests and the two of the batch that were valid
+        assert re.search(r"\nrcllm_requests_total (\d+)\.0\n", metrics).group(1) == str(1 + 2 + 2 + 2 + 18 + 9)
+        assert "# TYPE rcllm_compiles_total counter" in metrics and "# HELP rcllm_requests_total" in metrics
+        assert re.search(r'\nrcllm_http_responses_total\{status="404"\} [1-9]', metrics)
+        assert "# TYPE rcllm_user_cache_misses_total counter" in metrics
+        # clients that never finish their request must not hold the shutdown (nor the user-store save)
+        import socket
+        host, port = url.split("//")[1].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        idle[0].sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        idle[1].sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        t_stop = time.perf_counter()
     finally:
         code, log = srv.stop()
+    assert time.perf_counter() - t_stop < 60, "shutdown waited on idle clients"
     assert code == 0 and "saved" in log and "user prefixes" in log, log[-3000:]
 
     # restart: items from the snapshot, users (KV and histories) from the user snapshot
@@ -195,3 +242,60 @@ def test_default_head_refuses_other_weights(tiny, tmp_path):
                         f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "trained for other weights than --model" in r.stderr and "--head=label" in r.stderr
     assert not (tmp_path / "snap").exists()
+
+
+@pytest.mark.slow
+def test_recommend_cli(tiny, tmp_path):
+    """launch/recommend.py (the README's main job): the retriever's candidates, reranked, printed
+    best first with titles; the ranking and scores equal an in-process engine's on the same prompt."""
+    from rcllm_jax.data.movielens import load_dataset
+    from rcllm_jax.retrieval import ItemKNN
+    ds = load_dataset("ml-100k")
+    user = next(u for u in sorted(ds.sequences) if len(set(range(1, N_ITEMS + 1)) - set(ds.sequences[u])) >= 6)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch/recommend.py"), f"--user_id={user}", f"--model={tiny}",
+                        "--head=label", f"--max_items={N_ITEMS}", "--history_len=5", "--num_candidates=6",
+                        "--top_k=3", f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [m.groups() for m in re.finditer(r"^\s+(\d) +(\d+) +(-?[\d.]+)  (.+)$", r.stdout, re.M)]
+    assert [int(x[0]) for x in rows] == [1, 2, 3], r.stdout
+    cands = list(ItemKNN.load(tmp_path / "snap" / "retriever.npz").retrieve(ds.sequences[user], 6)[0])
+    ref, _ = _reference(tiny, ds.sequences[user], cands, user)
+    want = np.argsort(-ref, kind="stable")[:3]
+    assert [int(x[1]) for x in rows] == [cands[i] for i in want]
+    np.testing.assert_allclose([float(x[2]) for x in rows], ref[want], atol=2e-3)
+    assert all(ds.items[int(x[1])].title in x[3] for x in rows)
+    assert re.search(r"TTFT rcllm [\d.]+ ms .* vs full [\d.]+ ms: [\d.]+x lower; top-3 overlap \d/3", r.stdout)
+
+
+@pytest.mark.slow
+def test_readme_curl_examples(smollm2, tmp_path):
+    """Every curl line of the README's serving section, run as written (only the port differs)
+    against a live server over the whole catalog: each answers 200 with what the README says."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Serving"):text.index("## Item caches on a mesh")]
+    block = re.search(r"```bash\n(curl .*?)```", section, re.S).group(1)
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.startswith("curl ")]
+    assert len(lines) >= 8, lines
+    tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer, 2048)  # room for 20 candidates with label prompts
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    srv = Server(["--mesh=items:2", f"--model={tiny}", "--head=label", "--port=0", "--history_len=5",
+                  f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--warmup_prompts=2"], env)
+    try:
+        port = srv.url.rsplit(":", 1)[1]
+        for line in lines:
+            cmd = line.replace("localhost:8000", f"localhost:{port}") + " -w '\\n%{http_code}'"
+            r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=300)
+            body, code = r.stdout.rsplit("\n", 1)
+            assert r.returncode == 0 and code == "200", (line, code, body[:500])
+            if "/metrics" in line:
+                assert "rcllm_requests_total" in body
+                continue
+            out = json.loads(body)
+            if "/v1/recommend/batch" in line:
+                assert [len(x["ranking"]) for x in out["results"]] == [20, 3], out
+            elif "/v1/recommend" in line:
+                assert out["ranking"] and all("title" in x for x in out["ranking"]), out
+    finally:
+        srv.stop()

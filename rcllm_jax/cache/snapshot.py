@@ -20,6 +20,7 @@ The functions take the stores and an identity dict (`identity`), never an engine
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import jax
@@ -88,7 +89,7 @@ def identity_problem(meta: dict, want: dict) -> str | None:
 def _check_identity(meta: dict, want: dict, where) -> None:
     problem = identity_problem(meta, want)
     if problem:
-        raise SnapshotMismatchError(f"snapshot {where} was built for {problem}; rebuild it with launch/build_cache.py")
+        raise SnapshotMismatchError(f"{where} was built for {problem}; rebuild it with launch/build_cache.py")
 
 
 def _read_meta(mngr, step: int, where: str) -> dict:
@@ -97,6 +98,12 @@ def _read_meta(mngr, step: int, where: str) -> dict:
         return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # noqa: BLE001 - any read failure means a damaged snapshot
         raise SnapshotError(f"{where} is damaged (metadata unreadable: {e})") from e
+
+
+def steps(directory) -> list[int]:
+    """The complete steps saved in `directory` (none when it does not exist)."""
+    path = Path(directory).resolve()
+    return sorted(_manager(path, create=False).all_steps()) if path.is_dir() else []
 
 
 def latest_meta(directory) -> tuple[int, dict] | None:
@@ -112,7 +119,16 @@ def latest_meta(directory) -> tuple[int, dict] | None:
 
 
 def _refuse_other(directory, want: dict, what: str) -> None:
-    prev = latest_meta(directory)
+    prev = None
+    path = Path(directory).resolve()
+    if path.is_dir():  # the newest step whose metadata reads (a damaged one does not stop a new save)
+        mngr = _manager(path, create=False)
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                prev = step, _read_meta(mngr, step, f"snapshot {path} step {step}")
+                break
+            except SnapshotError:
+                continue
     problem = None if prev is None else identity_problem(prev[1], want)
     if problem:
         raise SnapshotMismatchError(f"refusing to save {what} into {Path(directory).resolve()}: its snapshot (step "
@@ -144,38 +160,38 @@ def save(directory, ident: dict, store, users, replicated) -> int:
     return step
 
 
+def _newest_intact(mngr, path: Path, load, step: int | None, what: str):
+    """load(step) at `step`, or (step None) at the newest step that loads intact: a damaged newer
+    step is skipped with one log line (a step of another model is never skipped: that is refused).
+    Returns (step, what load returned)."""
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps or (step is not None and step not in mngr.all_steps()):
+        raise SnapshotError(f"no complete {what} in {path}" + ("" if step is None else f" at step {step}"))
+    damage = []
+    for s in steps:
+        try:
+            out = load(s)
+        except SnapshotMismatchError:
+            raise
+        except SnapshotError as e:
+            damage.append(str(e))
+            continue
+        if damage:
+            logging.warning("%s; restored the newest intact step %d instead", "; ".join(damage), s)
+        return s, out
+    raise SnapshotError("; ".join(damage) + ": no intact step left")
+
+
 def restore(directory, ident: dict, store, users, replicated, step: int | None = None) -> dict:
-    """Load a snapshot into a block store and a user store (same or another items mesh). Returns
-    its metadata."""
-    import orbax.checkpoint as ocp
+    """Load a snapshot into a block store and a user store (same or another items mesh): the given
+    step, or the newest intact one. Returns its metadata. Nothing changes unless a step loads and
+    checks out."""
     path = Path(directory).resolve()
     mngr = _manager(path, create=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise SnapshotError(f"no complete snapshot in {path}" + ("" if step is None else f" at step {step}"))
-    where = f"snapshot {path} step {step}"
-    meta = _read_meta(mngr, step, where)
-    _check_identity(meta, ident, where)
+    step, (meta, blocks, user_arrays) = _newest_intact(
+        mngr, path, lambda s: _load_checked(mngr, path, s, ident, store, users, replicated), step, "snapshot")
     n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
-    cfg = store.cfg
-    kv_shape = (cfg.num_layers, n_old * s_old, cfg.num_kv_heads, cfg.head_dim)
     same_layout = n_old == store.num_shards and meta["placement"] == store.placement
-    ksh = store.sharding if kv_shape[1] % store.num_shards == 0 else replicated
-    dt = jax.numpy.dtype(meta["dtype"])
-    blocks_t = {"k": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
-                "v": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
-                "embeddings": jax.ShapeDtypeStruct((max(1, len(meta["embedded"])), int(meta["embedding_dim"])),
-                                                   np.float32, sharding=replicated)}
-    users_t = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
-    try:
-        got = mngr.restore(step, args=ocp.args.Composite(blocks=ocp.args.StandardRestore(blocks_t),
-                                                         users=ocp.args.StandardRestore(users_t)))
-        blocks, user_arrays = dict(got["blocks"]), dict(got["users"])
-    except Exception as e:  # noqa: BLE001
-        raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
-    _verify(meta, "blocks", blocks, where)
-    _verify(meta, "users", user_arrays, where)
-
     # --- everything checked: from here on the stores change ---------------------------------
     entries = {k: BlockEntry(k, kind, int(s), int(o), int(n)) for k, kind, s, o, n in meta["blocks"]}
     emb = np.asarray(blocks["embeddings"])
@@ -194,6 +210,33 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     users.load(meta["users"], user_arrays["k"], user_arrays["v"])
     jax.block_until_ready((users.pool.k, users.pool.v, store.k, store.v))
     return meta
+
+
+def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replicated):
+    """(meta, block arrays, user arrays) of one step, identity and digests checked."""
+    import orbax.checkpoint as ocp
+    where = f"snapshot {path} step {step}"
+    meta = _read_meta(mngr, step, where)
+    _check_identity(meta, ident, where)
+    n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
+    cfg = store.cfg
+    kv_shape = (cfg.num_layers, n_old * s_old, cfg.num_kv_heads, cfg.head_dim)
+    ksh = store.sharding if kv_shape[1] % store.num_shards == 0 else replicated
+    dt = jax.numpy.dtype(meta["dtype"])
+    blocks_t = {"k": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
+                "v": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
+                "embeddings": jax.ShapeDtypeStruct((max(1, len(meta["embedded"])), int(meta["embedding_dim"])),
+                                                   np.float32, sharding=replicated)}
+    users_t = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
+    try:
+        got = mngr.restore(step, args=ocp.args.Composite(blocks=ocp.args.StandardRestore(blocks_t),
+                                                         users=ocp.args.StandardRestore(users_t)))
+        blocks, user_arrays = dict(got["blocks"]), dict(got["users"])
+    except Exception as e:  # noqa: BLE001
+        raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
+    _verify(meta, "blocks", blocks, where)
+    _verify(meta, "users", user_arrays, where)
+    return meta, blocks, user_arrays
 
 
 def _user_id(key: str):
@@ -228,17 +271,21 @@ def restore_users(directory, ident: dict, users, replicated) -> dict:
     if not path.is_dir():
         return {}
     mngr = _manager(path, create=False, items=("users", "meta"))
-    step = mngr.latest_step()
-    if step is None:
+    if mngr.latest_step() is None:
         return {}
-    where = f"user snapshot {path} step {step}"
-    meta = _read_meta(mngr, step, where)
-    _check_identity(meta, ident, where)
-    target = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
-    try:
-        arrays = dict(mngr.restore(step, args=ocp.args.Composite(users=ocp.args.StandardRestore(target)))["users"])
-    except Exception as e:  # noqa: BLE001
-        raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
-    _verify(meta, "users", arrays, where)
+
+    def load(step):
+        where = f"user snapshot {path} step {step}"
+        meta = _read_meta(mngr, step, where)
+        _check_identity(meta, ident, where)
+        target = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
+        try:
+            arrays = dict(mngr.restore(step, args=ocp.args.Composite(users=ocp.args.StandardRestore(target)))["users"])
+        except Exception as e:  # noqa: BLE001
+            raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
+        _verify(meta, "users", arrays, where)
+        return meta, arrays
+
+    _, (meta, arrays) = _newest_intact(mngr, path, load, None, "user snapshot")
     users.load(meta["users"], arrays["k"], arrays["v"])
     return {_user_id(u): list(h) for u, h in meta["histories"].items()}

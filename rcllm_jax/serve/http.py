@@ -1,97 +1,244 @@
-"""HTTP JSON front end (stdlib `ThreadingHTTPServer`: one thread per connection; the engine work
-itself is serialised by the service's engine loop).
+"""HTTP front end: FastAPI routes with pydantic request models (the OpenAPI schema at `/docs` and
+`/openapi.json`), served by uvicorn (`serve_http`). Handlers only validate and enqueue; the
+service's engine loop owns every cache.
 
-  POST /v1/recommend              {"user_id", "history"?, "candidates", "top_k"?}
+  POST /v1/recommend              {"user_id", "history"?, "candidates"?, "num_candidates"?, "top_k"?}
+  POST /v1/recommend/batch        {"requests": [recommend bodies]}: one answer per request, in order
   POST /v1/users/{id}/events      {"items": [item ids]}
   GET  /v1/items/{id}
   GET  /healthz
-  GET  /metrics                   Prometheus text
+  GET  /metrics                   Prometheus text (prometheus_client)
+
+User ids are opaque: a string (1..128 printable characters) or an integer; MovieLens ids are
+strings of digits, so 1 and "1" are the same user. Every client error is a 4xx with
+{"error": message, "status": code}.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import asyncio
+import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Annotated, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from rcllm_jax.serve.service import ApiError, RecommenderService
 
 MAX_BODY = 64 * 1024
+UserId = Union[StrictInt, Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]]
+ItemIds = list[StrictInt]
 
 
-def make_server(service: RecommenderService, host: str = "127.0.0.1", port: int = 8000,
-                max_body: int = MAX_BODY) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"  # one request per connection: a drain never waits on idle keep-alives
-        server_version = "rcllm-jax"
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: UserId
+    history: ItemIds | None = Field(None, description="Replaces the user's stored history.")
+    candidates: ItemIds | None = Field(None, description="Items to rank; absent: the retriever proposes them.")
+    num_candidates: StrictInt | None = Field(None, description="How many the retriever proposes.")
+    top_k: StrictInt | None = Field(None, description="Items in the answer (default: all candidates).")
 
-        def log_message(self, fmt, *args):  # access log off (metrics count requests)
-            pass
 
-        def _send(self, status: int, body, content_type="application/json", headers=None):
-            data = (json.dumps(body) if content_type == "application/json" else body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[RecommendRequest] = Field(..., min_length=1, max_length=64)
 
-        def _error(self, e: ApiError):
-            service.metrics.inc(f"http_{e.status}_total")
-            self._send(e.status, {"error": e.message, "status": e.status}, headers=e.headers)
 
-        def _body(self):
-            length = self.headers.get("Content-Length")
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: ItemIds
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    score: float
+    title: str
+
+
+class RecommendResponse(BaseModel):
+    user_id: UserId
+    request_id: str
+    ranking: list[RankedItem]
+    shard: int
+    mode: str
+    retrieved: bool
+    timings: dict[str, float]
+    cache: dict[str, int]
+
+
+def _message(err: dict) -> str:
+    where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"malformed JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    if kind == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if kind == "missing":
+        return f"{where} is required"
+    if kind.startswith("int"):
+        return f"{where} must be an integer, got {err.get('input')!r}"
+    return f"{where or 'body'}: {err.get('msg')}"
+
+
+def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout_s: float = 10.0) -> FastAPI:
+    app = FastAPI(title="rcllm-jax", summary="Ranked recommendations: retrieve, then rerank over cached KV blocks.")
+
+    def answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(body, status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return answer(e.status, {"error": e.message, "status": e.status}, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        errs = e.errors()
+        return answer(400, {"error": "; ".join(_message(x) for x in errs[:5]), "status": 400})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # no route (404/405), an unparsable body (400)
+        msg = (f"no route for {request.method} {request.url.path}" if e.status_code in (404, 405)
+               else f"malformed JSON: {e.detail}" if e.status_code == 400 else str(e.detail))
+        return answer(e.status_code, {"error": msg, "status": e.status_code}, getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):  # a handler bug: 500 with an id, the server keeps serving
+        rid = uuid.uuid4().hex[:12]
+        service.metrics.responses.labels("500").inc()  # outside the middleware that counts the others
+        return answer(500, {"error": f"internal error {rid}: {type(e).__name__}", "status": 500})
+
+    @app.middleware("http")
+    async def checked_body(request: Request, call_next):
+        """A POST body is read here, whole and in time: 411 without a Content-Length (chunked
+        bodies are refused), 400 for one that is not a length, 413 over the limit (before reading),
+        408 when it does not arrive within `body_timeout_s`. Bodies are JSON whatever the client's
+        Content-Type says (curl -d sends a form type)."""
+        if request.method == "POST":
+            length = request.headers.get("content-length")
             if length is None:
-                raise ApiError(411, "Content-Length required")
+                return answer(411, {"error": "Content-Length required", "status": 411})
+            if not length.isdigit() or len(length) > 18:
+                return answer(400, {"error": f"bad Content-Length {length[:40]!r}", "status": 400})
+            if int(length) > max_body:
+                return answer(413, {"error": f"body of {int(length)} bytes exceeds the limit of {max_body}",
+                                    "status": 413}, {"Connection": "close"})
             try:
-                n = int(length)
-            except ValueError:
-                raise ApiError(400, f"bad Content-Length {length!r}") from None
-            if n > max_body:
-                self.close_connection = True
-                raise ApiError(413, f"body of {n} bytes exceeds the limit of {max_body}")
-            raw = self.rfile.read(n)
-            try:
-                return json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"malformed JSON: {e}") from None
+                await asyncio.wait_for(request.body(), body_timeout_s)
+            except asyncio.TimeoutError:
+                return answer(408, {"error": f"request body not received within {body_timeout_s:g}s", "status": 408},
+                              {"Connection": "close"})
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
+                [(b"content-type", b"application/json")]
+        response = await call_next(request)
+        service.metrics.responses.labels(str(response.status_code)).inc()
+        return response
 
-        def _dispatch(self, method: str):
-            path = self.path.split("?", 1)[0]
-            try:
-                if method == "POST" and path == "/v1/recommend":
-                    return self._send(200, service.recommend(self._body()))
-                m = re.fullmatch(r"/v1/users/([^/]+)/events", path)
-                if method == "POST" and m:
-                    return self._send(200, service.add_events(m.group(1), self._body()))
-                m = re.fullmatch(r"/v1/items/([^/]+)", path)
-                if method == "GET" and m:
-                    return self._send(200, service.item(m.group(1)))
-                if method == "GET" and path == "/healthz":
-                    h = service.health()
-                    return self._send(200 if h["status"] == "ok" else 503, h)
-                if method == "GET" and path == "/metrics":
-                    return self._send(200, service.metrics_text(), "text/plain; version=0.0.4")
-                raise ApiError(404 if path not in ("/v1/recommend", "/healthz", "/metrics") else 405,
-                               f"no route for {method} {path}")
-            except ApiError as e:
-                self._error(e)
-            except Exception as e:  # noqa: BLE001 - never let a handler bug take the server down
-                rid = uuid.uuid4().hex[:12]
-                self._error(ApiError(500, f"internal error {rid}: {type(e).__name__}: {e}"))
+    async def run(request: Request, fn, *args):
+        """Run a blocking service call in a worker thread; the client going away cancels it
+        (a queued request is then dropped, not computed)."""
+        gone = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args, gone.is_set))
+        while not work.done():
+            await asyncio.wait({work}, timeout=0.2)
+            if not work.done() and await request.is_disconnected():
+                gone.set()
+        return work.result()
 
-        def do_GET(self):
-            self._dispatch("GET")
+    @app.post("/v1/recommend", response_model=RecommendResponse)
+    async def recommend(body: RecommendRequest, request: Request):
+        return await run(request, service.recommend, body.model_dump(exclude_none=True))
 
-        def do_POST(self):
-            self._dispatch("POST")
+    @app.post("/v1/recommend/batch")
+    async def recommend_batch(body: BatchRequest, request: Request):
+        """Rank for many users at once: the requests are queued together (the scheduler groups them
+        by shard); each answer is a recommendation or {"error", "status"}."""
+        return {"results": await run(request, service.recommend_many,
+                                     [r.model_dump(exclude_none=True) for r in body.requests])}
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = False  # server_close() waits for in-flight handlers (drain on SIGTERM)
-        allow_reuse_address = True
+    @app.post("/v1/users/{user_id}/events")
+    async def events(user_id: str, body: EventsRequest, request: Request):
+        return await run(request, service.add_events, user_id, body.model_dump())
 
-    return Server((host, port), Handler)
+    @app.get("/v1/items/{item_id}")
+    def item(item_id: str):
+        return service.item(item_id)
+
+    @app.get("/healthz")
+    def health():
+        h = service.health()
+        return JSONResponse(h, 200 if h["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(service.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _timed_h11(head_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on every request head: a connection that has not
+    sent a complete request line and headers within `head_timeout_s` of connecting (or of its
+    previous response) is closed. uvicorn alone times out only idle keep-alive connections."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        def _arm(self):
+            self._head_timer = self.loop.call_later(head_timeout_s, self._head_late)
+
+        def _head_late(self):
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._head_timer.cancel()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11
+
+
+class HttpServer:
+    """uvicorn in a background thread (the main thread keeps the signals): a real listen backlog,
+    keep-alive, deadlines on request heads (here) and bodies (`make_app`), a cap on connections
+    (beyond it: 503); `close` stops accepting and gives open connections at most
+    `grace_s` before closing them, whatever the clients do."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 2048,
+                 max_connections: int = 1024, keep_alive_s: float = 5.0, grace_s: float = 5.0,
+                 head_timeout_s: float = 10.0):
+        import socket
+
+        import uvicorn
+        self.sock = socket.create_server((host, port), backlog=backlog, reuse_port=False)
+        self.config = uvicorn.Config(app, http=_timed_h11(head_timeout_s), log_level="warning", access_log=False,
+                                     backlog=backlog,
+                                     limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
+                                     timeout_graceful_shutdown=grace_s, lifespan="off", server_header=False)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve([self.sock])), name="http",
+                                       daemon=True)
+        self.grace_s = grace_s
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def start(self):
+        self.thread.start()
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(self.grace_s + 5.0)

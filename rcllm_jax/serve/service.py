@@ -4,7 +4,6 @@ scheduler, and Prometheus metrics."""
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 import traceback
@@ -29,54 +28,88 @@ class ApiError(Exception):
 
 
 class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counters = collections.Counter()
-        self.ttft = np.zeros(len(TTFT_BUCKETS) + 1, np.int64)
-        self.ttft_sum = 0.0
+    """Prometheus metrics of one service (its own registry, rendered by `prometheus_client`):
+    counters for what only grows (requests, HTTP responses by status, item blocks and bytes,
+    compiles, user-store hits/misses/...), gauges for levels (queue depth, users cached), the TTFT
+    histogram. Values are exact integers where they count."""
 
-    def inc(self, name: str, by: float = 1):
-        with self.lock:
-            self.counters[name] += by
+    def __init__(self, service):
+        import prometheus_client as pc
+        self.registry = pc.CollectorRegistry()
+        c = lambda name, doc, **kw: pc.Counter(name, doc, namespace="rcllm", registry=self.registry, **kw)  # noqa: E731
+        self.requests = c("requests", "Ranking requests answered.")
+        self.events = c("events", "History events applied.")
+        self.rejected = c("rejected", "Requests refused with 503: the queue was full.")
+        self.dropped = c("dropped", "Requests dropped before computing: their client was gone or timed out.")
+        self.engine_errors = c("engine_errors", "Requests the engine failed on (answered 500).")
+        self.responses = c("http_responses", "HTTP responses by status code.", labelnames=("status",))
+        self.item_blocks = c("item_blocks", "Cached item blocks read by ranking requests, by where they were.",
+                             labelnames=("where",))
+        self.remote_bytes = c("remote_item_bytes", "Item KV bytes fetched from other shards.")
+        self.ttft = pc.Histogram("ttft_seconds", "Time from the engine taking a request to its scores "
+                                 "(history prefix included when it was not cached).", namespace="rcllm",
+                                 registry=self.registry, buckets=TTFT_BUCKETS)
+        self.registry.register(_EngineCollector(service))
 
-    def observe_ttft(self, s: float):
-        with self.lock:
-            self.ttft[np.searchsorted(TTFT_BUCKETS, s)] += 1
-            self.ttft_sum += s
+    def render(self) -> bytes:
+        import prometheus_client as pc
+        return pc.generate_latest(self.registry)
 
-    def render(self, gauges: dict) -> str:
-        with self.lock:
-            lines = ["# TYPE rcllm_ttft_seconds histogram"]
-            cum = np.cumsum(self.ttft)
-            for b, c in zip(TTFT_BUCKETS, cum):
-                lines.append(f'rcllm_ttft_seconds_bucket{{le="{b}"}} {int(c)}')
-            lines += [f'rcllm_ttft_seconds_bucket{{le="+Inf"}} {int(cum[-1])}',
-                      f"rcllm_ttft_seconds_sum {self.ttft_sum:.6f}", f"rcllm_ttft_seconds_count {int(cum[-1])}"]
-            for name, v in sorted(self.counters.items()):
-                lines += [f"# TYPE rcllm_{name} counter", f"rcllm_{name} {v:g}"]
-        for name, v in sorted(gauges.items()):
-            lines += [f"# TYPE rcllm_{name} gauge", f"rcllm_{name} {v:g}"]
-        return "\n".join(lines) + "\n"
+
+class _EngineCollector:
+    """Read at scrape time from the engine and the scheduler (no copy kept up to date)."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        s = self.service
+        st = s.engine.stats()
+        us = st["user_store"]
+        yield GaugeMetricFamily("rcllm_queue_depth", "Requests waiting for the engine.", value=len(s.scheduler))
+        yield GaugeMetricFamily("rcllm_users_cached", "Users whose history KV is cached.", value=st["users_cached"])
+        yield CounterMetricFamily("rcllm_compiles", "XLA compilations since the start (warm-up included).",
+                                  value=s.compiles[0])
+        for name in ("hits", "extensions", "misses", "evictions"):
+            yield CounterMetricFamily(f"rcllm_user_cache_{name}", f"User-store {name}.", value=us.get(name, 0))
+
+
+def _never() -> bool:
+    return False
+
+
+def _user(v) -> str:
+    """An opaque user id: a string of 1..128 printable non-space characters, or an integer (the
+    same user as its decimal string: MovieLens ids are digit strings)."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and not -10**127 < v < 10**127):
+        raise ApiError(400, f"user_id must be a string or an integer of at most 128 digits, got {str(type(v).__name__)}")
+    s = str(v)
+    if not 1 <= len(s) <= 128 or not all(33 <= ord(c) <= 126 for c in s):
+        raise ApiError(400, "user_id must be 1..128 printable ASCII characters without spaces")
+    return s
 
 
 def _int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"{what} must be an integer, got {v!r}")
+        raise ApiError(400, f"{what} must be an integer, got {repr(v)[:40]}")
+    if not -2**63 <= v < 2**63:
+        raise ApiError(400, f"{what} is out of range (a 64-bit integer)")
     return v
 
 
 class RecommenderService:
     def __init__(self, engine, items: dict, histories: dict[int, list[int]], *, mode: str = "rcllm",
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
-                 retriever=None, num_candidates: int = 20):
+                 retriever=None, num_candidates: int = 20, retry_after_s: int = 1):
         """retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says."""
         self.engine, self.items, self.mode, self.scheduler = engine, items, mode, scheduler
         self.recommender = Recommender(engine, retriever, mode)
         self.num_candidates = min(num_candidates, max_candidates)
-        self.histories = {int(u): list(h) for u, h in histories.items()}
-        self.max_candidates, self.timeout = max_candidates, request_timeout_s
-        self.metrics = Metrics()
+        self.histories = {str(u): list(h) for u, h in histories.items()}
+        self.max_candidates, self.timeout, self.retry_after_s = max_candidates, request_timeout_s, retry_after_s
+        self.metrics = Metrics(self)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self.compiles = [0]
@@ -101,8 +134,8 @@ class RecommenderService:
             raise ApiError(404, f"unknown item id(s) in {what}: {unknown[:10]}")
         return ids
 
-    def recommend(self, body) -> dict:
-        t0 = time.perf_counter()
+    def _rank_task(self, body) -> tuple[Task, dict]:
+        """Validate a recommend body into an engine task (ApiError: a 4xx naming the problem)."""
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         extra = set(body) - {"user_id", "history", "candidates", "num_candidates", "top_k"}
@@ -110,7 +143,7 @@ class RecommenderService:
             raise ApiError(400, f"unknown field(s): {sorted(extra)}")
         if "user_id" not in body:
             raise ApiError(400, "user_id is required")
-        user = _int(body["user_id"], "user_id")
+        user = _user(body["user_id"])
         history = self._item_ids(body["history"], "history") if "history" in body else None
         retrieved = "candidates" not in body
         if retrieved:  # retrieve -> rerank, from the history known now
@@ -139,29 +172,54 @@ class RecommenderService:
         if top_k < 1:
             raise ApiError(400, "top_k must be >= 1")
         task = Task("rank", {"user": user, "history": history, "candidates": cands})
-        res = self._run(task)
-        total = time.perf_counter() - t0
-        order = np.argsort(-res["scores"], kind="stable")[:top_k]
-        return {"user_id": user, "request_id": task.payload["request_id"],
+        return task, {"user_id": body["user_id"], "top_k": top_k, "retrieved": retrieved, "t0": time.perf_counter()}
+
+    def _ranking(self, task: Task, meta: dict, res: dict) -> dict:
+        cands = task.payload["candidates"]
+        order = np.argsort(-res["scores"], kind="stable")[:meta["top_k"]]
+        return {"user_id": meta["user_id"], "request_id": task.payload["request_id"],
                 "ranking": [{"item_id": cands[i], "score": float(res["scores"][i]),
                              "title": self.items[cands[i]].title} for i in order],
-                "shard": res["shard"], "mode": self.mode, "retrieved": retrieved,
+                "shard": res["shard"], "mode": self.mode, "retrieved": meta["retrieved"],
                 "timings": {"queue_s": res["queue_s"], "ttft_s": res["ttft_s"], "prefill_s": res["prefill_s"],
-                            "total_s": total},
+                            "total_s": time.perf_counter() - meta["t0"]},
                 "cache": {"prompt_tokens": res["prompt_tokens"], "computed_tokens": res["computed_tokens"],
                           "local_item_blocks": res["local"], "remote_item_blocks": res["remote"]}}
 
-    def add_events(self, user_id: str, body) -> dict:
-        try:
-            user = int(user_id)
-        except ValueError:
-            raise ApiError(400, f"user id must be an integer, got {user_id!r}") from None
+    def recommend(self, body, gone=_never) -> dict:
+        """One ranking. `gone()` turning true (the client left) drops the request if not yet computed."""
+        task, meta = self._rank_task(body)
+        self._submit(task)
+        return self._ranking(task, meta, self._wait(task, gone))
+
+    def recommend_many(self, bodies: list, gone=_never) -> list[dict]:
+        """Many rankings queued together (the scheduler groups them by shard); one answer per body
+        in order: a ranking, or {"error", "status"} for one that was refused."""
+        out, pending = [None] * len(bodies), []
+        for i, body in enumerate(bodies):
+            try:
+                task, meta = self._rank_task(body)
+                self._submit(task)
+                pending.append((i, task, meta))
+            except ApiError as e:
+                out[i] = {"error": e.message, "status": e.status}
+        for i, task, meta in pending:
+            try:
+                out[i] = self._ranking(task, meta, self._wait(task, gone))
+            except ApiError as e:
+                out[i] = {"error": e.message, "status": e.status}
+        return out
+
+    def add_events(self, user_id, body, gone=_never) -> dict:
+        user = _user(user_id)
         if not isinstance(body, dict) or set(body) != {"items"}:
             raise ApiError(400, 'body must be {"items": [item ids]}')
         new = self._item_ids(body["items"], "items")
         if not new:
             raise ApiError(400, "items is empty")
-        return self._run(Task("event", {"user": user, "items": new}))
+        task = Task("event", {"user": user, "items": new})
+        self._submit(task)
+        return self._wait(task, gone) | {"user_id": user_id}
 
     def item(self, item_id: str) -> dict:
         try:
@@ -180,17 +238,12 @@ class RecommenderService:
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
                 "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 
-    def metrics_text(self) -> str:
-        st = self.engine.stats()
-        us = st["user_store"]
-        return self.metrics.render({"queue_depth": len(self.scheduler), "compiles": self.compiles[0],
-                                    "user_cache_hits": us.get("hits", 0), "user_cache_extensions": us.get("extensions", 0),
-                                    "user_cache_misses": us.get("misses", 0), "user_cache_evictions": us.get("evictions", 0),
-                                    "users_cached": st["users_cached"]})
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
 
     # --- the engine loop -----------------------------------------------------------------------
 
-    def _run(self, task: Task) -> dict:
+    def _submit(self, task: Task):
         task.payload["request_id"] = uuid.uuid4().hex[:12]
         task.enqueued = time.perf_counter()
         if task.kind == "rank":
@@ -198,18 +251,32 @@ class RecommenderService:
         try:
             self.scheduler.submit(task)
         except QueueFull as e:
-            self.metrics.inc("rejected_total")
-            raise ApiError(503, str(e), {"Retry-After": "1"}) from None
-        try:
-            return task.future.result(timeout=self.timeout)
-        except FutureTimeout:
-            raise ApiError(504, f"request {task.payload['request_id']} not answered within {self.timeout:.0f}s") from None
-        except ApiError:
-            raise
-        except Exception as e:  # noqa: BLE001 - engine failure: 500 with the request id, keep serving
-            self.metrics.inc("engine_errors_total")
-            raise ApiError(500, f"engine failure on request {task.payload['request_id']}: "
-                                f"{type(e).__name__}: {e}") from e
+            self.metrics.rejected.inc()
+            raise ApiError(503, str(e), {"Retry-After": str(self.retry_after_s)}) from None
+
+    def _wait(self, task: Task, gone) -> dict:
+        """The task's result; a task whose client left or that timed out is cancelled (the engine
+        loop then drops it instead of computing it)."""
+        deadline = task.enqueued + self.timeout
+        while True:
+            try:
+                return task.future.result(timeout=0.1)
+            except FutureTimeout:
+                if gone():
+                    task.future.cancel()
+                    raise ApiError(499, f"request {task.payload['request_id']}: the client closed the connection") \
+                        from None
+                if time.perf_counter() > deadline:
+                    task.future.cancel()
+                    raise ApiError(503, f"request {task.payload['request_id']} not answered within "
+                                        f"{self.timeout:.0f}s: the server is overloaded",
+                                   {"Retry-After": str(self.retry_after_s)}) from None
+            except ApiError:
+                raise
+            except Exception as e:  # noqa: BLE001 - engine failure: 500 with the request id, keep serving
+                self.metrics.engine_errors.inc()
+                raise ApiError(500, f"engine failure on request {task.payload['request_id']}: "
+                                    f"{type(e).__name__}: {e}") from e
 
     def _loop(self):
         while not (self.stopped.is_set() and not len(self.scheduler)):
@@ -229,15 +296,16 @@ class RecommenderService:
                 i = j
 
     def _execute(self, t: Task):
-        if t.future.done():
+        if not t.future.set_running_or_notify_cancel():  # its client left or timed out: drop it
+            self.metrics.dropped.inc()
             return
         started = time.perf_counter()
         try:
             if t.kind == "rank":
                 out = self._rank(t)
                 out["queue_s"] = started - t.enqueued
-                self.metrics.observe_ttft(out["ttft_s"])
-                self.metrics.inc("requests_total")
+                self.metrics.ttft.observe(out["ttft_s"])
+                self.metrics.requests.inc()
             else:
                 out = self._event(t)
             t.future.set_result(out)
@@ -264,9 +332,9 @@ class RecommenderService:
         except ValueError as e:  # the prompt: too long for the model (413) or malformed (400)
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
         wall = time.perf_counter() - t0  # incl. computing the user's history prefix when not cached
-        self.metrics.inc("remote_item_blocks_total", res.remote_item_blocks)
-        self.metrics.inc("local_item_blocks_total", res.local_item_blocks)
-        self.metrics.inc("remote_item_bytes_total", res.remote_item_bytes)
+        self.metrics.item_blocks.labels("remote").inc(res.remote_item_blocks)
+        self.metrics.item_blocks.labels("local").inc(res.local_item_blocks)
+        self.metrics.remote_bytes.inc(res.remote_item_bytes)
         return {"scores": np.asarray(res.scores), "ttft_s": wall, "prefill_s": res.ttft_s, "shard": res.shard,
                 "prompt_tokens": res.prompt_tokens, "computed_tokens": res.computed_tokens,
                 "local": res.local_item_blocks, "remote": res.remote_item_blocks}
@@ -277,7 +345,7 @@ class RecommenderService:
         probe = self._prompt(hist + p["items"], [p["items"][-1]])
         computed = self.engine.update_user(p["user"], probe)
         hist.extend(p["items"])
-        self.metrics.inc("events_total")
+        self.metrics.events.inc()
         return {"user_id": p["user"], "history_length": len(hist), "computed_tokens": computed}
 
     def stop(self, timeout: float = 60.0):
