@@ -328,6 +328,7 @@ def main(argv):
         before = _COMPILES[0]
         results[mode] = run_stream(engine, mode, requests, prompts, policies, peer)
         results[mode + "/compiles"] = _COMPILES[0] - before
+        logging.info("mode %s: %d requests done", mode, len(requests))
         engine.reset_caches()
         if peer is not None:
             peer.reset()

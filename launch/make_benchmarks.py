@@ -34,13 +34,29 @@ _GRID_C = flags.DEFINE_list("grid_candidates", ["20", "50", "100"], "Candidate c
 _GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Users per grid point (2 requests each).")
 _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficient recompute budget must keep.")
 GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
+_SERVED_USERS = flags.DEFINE_integer("served_users", 300, "Test users of the served-model accuracy and fidelity run.")
+SERVED_MODES = "full,stitch,sink,deviation,rcllm"
+SERVED_SWEEP = "0.05,0.1,0.2"
 
 WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
             "--modes=full,prefix,stitch,sink,deviation,rcllm", "--sweep=0.1,0.3,0.5"]
 
 
+SERVED = ["--head=slot", "--candidates=retrieved", "--candidate_order=retriever", "--num_candidates=20", "--peers="]
+
+
+def _served_runs(out: Path) -> dict:
+    """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
+    over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
+    return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
+                             f"--modes={SERVED_MODES}", f"--sweep={SERVED_SWEEP}",
+                             f"--output_json={out / 'served_sweep.json'}"],
+            "served TTFT": ["--num_users=20", *SERVED[:3], "--num_candidates=50", "--peers=", "--history_len=50",
+                            "--modes=full,prefix,rcllm", f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
+
+
 def _runs(out: Path):
-    runs = {"zero-shot": [f"--num_users={_USERS.value}", *WORKLOAD, f"--output_json={out / 'zeroshot.json'}"]}
+    runs = _served_runs(out) | {"zero-shot": [f"--num_users={_USERS.value}", *WORKLOAD, f"--output_json={out / 'zeroshot.json'}"]}
     if _TUNED.value:
         runs["tuned block-aware"] = [f"--num_users={_USERS.value}", *WORKLOAD, f"--model={_TUNED.value}",
                                      f"--output_json={out / 'tuned.json'}"]
@@ -63,6 +79,88 @@ def needed_budget(rows, top1: float):
         return None, None
     best = min(ok, key=lambda r: (r["recompute_fraction"], r["ttft_p50_s"]))
     return best["mode"], best["recompute_fraction"]
+
+
+def _policy_text(p: dict) -> str:
+    parts = [f"sink {p['sink']}"] if p.get("sink") else []
+    if p.get("ratio"):
+        parts.append(f"deviation {p['ratio']:g} @ layer {p['check_layer']}")
+    parts.append("glue cached" if p.get("cached_glue") else "glue fresh")
+    return ", ".join(parts)
+
+
+def _default_rcllm_row(results):
+    """The row run with today's rcllm policy (a JSON may predate a change of the default)."""
+    import dataclasses
+
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
+    want = dataclasses.asdict(BLOCK_MODES["rcllm"])
+    return next((r for r in results if r.get("policy") == want), None)
+
+
+def _served_section(out: Path) -> list[str]:
+    """The served model on retrieved candidates: accuracy with intervals, fidelity vs budget,
+    TTFT at history 50 / 50 candidates, and the recommender issue's targets checked."""
+    f = out / "served_sweep.json"
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+    r0 = c.get("retriever") or {}
+    k = c["num_candidates"]
+    lines = ["## The served model: retrieve -> rerank (score-slot head)", "",
+             f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
+             f"{c['dataset']} test targets of {c['num_requests']} users, item-kNN top-{k} in the retriever's order, "
+             f"history {c['history_len']}, prompt p50 {c['prompt_tokens']['p50']:.0f} tokens; retriever recall@{k} "
+             f"{r0.get(f'recall@{k}', float('nan')):.3f}. Within the retrieved: the requests whose target was "
+             "retrieved; all: a target not retrieved is a miss. 95% bootstrap intervals. TTFT here includes "
+             "compiles (--nowarmup: an accuracy run); TTFT is measured below.", "",
+             "| row | policy | NDCG@10 within retrieved [95% CI] | HR@10 within | HR@10 all | NDCG@10 all | recomputed | "
+             "top-1 agr. vs full | KL |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        ci = r.get("ndcg@10_retrieved_ci") or [None, None]
+        pol = _policy_text(r["policy"]) if r.get("policy") else ""
+        lines.append(f"| {m} | {pol} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+                     f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
+                     f"{_fmt(r.get('recompute_fraction'))} | {_fmt(r.get('top1_agreement'))} | "
+                     f"{_fmt(r.get('kl_mean'), '.4f')} |")
+    lines.append("")
+    checks = []
+    rc, full, ret = _default_rcllm_row(d["results"]), rows.get("full"), rows.get("retriever")
+    if rc:
+        checks.append(f"the rcllm default now ({_policy_text(rc['policy'])}) is the row **{rc['mode']}** of this run")
+    if rc and ret:
+        lo = (ret.get("ndcg@10_retrieved_ci") or [0, 0])[1]
+        x, y = rc["ndcg@10_retrieved"], ret["ndcg@10_retrieved"]
+        checks.append(f"rcllm NDCG@10 within the retrieved {x:.3f} vs the retriever's order {y:.3f} (target: at "
+                      f"least as good: {'met' if x >= y else 'not met'}; aim: above its interval's top {lo:.3f}: "
+                      f"{'met' if x > lo else 'not met'})")
+    if rc and full:
+        dh, dn = 100 * (rc["hr@10"] - full["hr@10"]), 100 * (rc["ndcg@10"] - full["ndcg@10"])
+        checks.append(f"rcllm vs full prefill: HR@10 {dh:+.1f} pts, NDCG@10 {dn:+.1f} pts (target within 0.5 pts or "
+                      f"above: {'met' if min(dh, dn) >= -0.5 else 'not met'})")
+        for top1 in (0.95, 0.99):
+            mode, frac = needed_budget(d["results"], top1)
+            ok = mode is not None and frac <= 0.10
+            checks.append(f"cheapest block row with top-1 agreement >= {top1}: "
+                          + ("none" if mode is None else f"{mode} at {100 * frac:.1f}% of block tokens recomputed")
+                          + (f" (target <= 10%: {'met' if ok else 'not met'})" if top1 == 0.95 else ""))
+    t = out / "served_ttft_h50_c50.json"
+    if t.exists():
+        dt = json.loads(t.read_text())
+        tr = {r["mode"]: r for r in dt["results"]}
+        if "rcllm" in tr and "prefix" in tr:
+            x = tr["prefix"]["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
+            checks.append(f"TTFT p50 at history {dt['config']['history_len']} / {dt['config']['num_candidates']} "
+                          f"retrieved candidates ({dt['config']['prompt_tokens']['p50']:.0f}-token prompts, "
+                          f"{dt['config']['num_requests']} requests, compiles excluded): rcllm "
+                          f"{1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
+                          f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
+                          f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
+                          f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}")
+    lines += [f"- {x}" for x in checks] + [""]
+    lines += _plot_links(f, c.get("plots", []))
+    return lines + [""]
 
 
 def _grid_section(out: Path) -> list[str]:
@@ -144,7 +242,9 @@ def _report(out: Path) -> str:
     lines = ["# BENCHMARKS", "", "Regenerate everything: `python launch/make_benchmarks.py "
              "[--tuned_model=runs/block/merged]` (`--norun` rewrites this file from the JSON in "
              f"`{_OUT_DIR.value}`). Every figure below is read from those files.", "",
-             "## TTFT and fidelity per mode", ""]
+             ]
+    lines += _served_section(out)
+    lines += ["## TTFT and fidelity per mode (label prompts, sampled candidates)", ""]
     for name, f in (("zero-shot", "zeroshot.json"), ("tuned block-aware", "tuned.json")):
         if (out / f).exists():
             lines += _bench_section(name, out / f)

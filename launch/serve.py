@@ -53,8 +53,11 @@ _HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the 
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 52, "Most candidates per request (52: single-token labels).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes for a request that "
                                   "sends none (its num_candidates field overrides).")
-_USER_PAGES = flags.DEFINE_integer("user_cache_pages", 512, "User-store budget in 16-token pages (replicated "
-                                   "on every device).")
+_USER_MB = flags.DEFINE_float("user_cache_mb", 2048, "User-store budget per device in MB (it is replicated on "
+                              "every device): 2048 MB hold ~120 users' prefixes at history 20 for the default model "
+                              "(~375 tokens, 17 MB each in f32).")
+_USER_PAGES = flags.DEFINE_integer("user_cache_pages", 0, "User-store budget in 16-token pages (overrides "
+                                   "--user_cache_mb).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalog items (0 = all; smoke tests).")
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 30.0, "A request not answered after this long gets 503 + "
                                "Retry-After and is dropped, not computed.")
@@ -106,7 +109,7 @@ def main(argv):
     try:
         served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
                              data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
-                             history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_pages=_USER_PAGES.value,
+                             history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_mb=_USER_MB.value, user_pages=_USER_PAGES.value,
                              prefix_pages=256 if _MODE.value == "prefix" else 1, max_items=_MAX_ITEMS.value,
                              mesh=mesh, placement=dist_cli.PLACEMENT.value, snapshot_dir=_SNAP.value,
                              mode=_MODE.value, rebuild_on_damage=_REBUILD.value)

@@ -63,7 +63,7 @@ class Served:
 
 def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: str = "ml-100k", data_dir=None,
                 head: str = "slot", ranking_head=None, history_len: int = 20, max_candidates: int = 52,
-                user_pages: int = 512, prefix_pages: int = 1, max_items: int = 0, mesh=None,
+                user_mb: float = 2048, user_pages: int = 0, prefix_pages: int = 1, max_items: int = 0, mesh=None,
                 placement: str = "similarity", snapshot_dir=None, mode: str = "rcllm",
                 rebuild_on_damage: bool | None = None) -> Served:
     """The served recommender as `launch/serve.py` and `launch/recommend.py` run it: the model
@@ -89,6 +89,10 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     lm = load_model(model, dtype=dtype, adapter=adapter)
     builder = PromptBuilder(lm.tokenizer, ds.items, history_len=history_len, max_prompt_tokens=lm.cfg.max_position,
                             head=head)
+    from rcllm_jax.cache.pool import PAGE
+    from rcllm_jax.model.config import kv_bytes_per_token
+    if not user_pages:  # the user store's budget in MB (per device: it is replicated)
+        user_pages = max(16, int(user_mb * 2**20 / (PAGE * kv_bytes_per_token(lm.cfg, lm.cfg.dtype))))
     engine = Engine(lm.params, lm.cfg, builder, item_ids=item_ids, user_pages=user_pages, prefix_pages=prefix_pages,
                     max_candidates=max_candidates, mesh=mesh, placement=placement,
                     head=load_head(head, ranking_head))
