@@ -33,6 +33,9 @@ _NEG = flags.DEFINE_string("negatives", "retrieval", "Negative sampling (uniform
 _USERS = flags.DEFINE_integer("num_users", 100, "Distinct users (requests cycle over them).")
 _MAX_ITEM = flags.DEFINE_integer("max_item", 0, "Only candidates with id <= this (servers started with --max_items).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/loadtest.json", "Where to write the report.")
+_WARM = flags.DEFINE_bool("warm_users", False, "First send one untimed request per distinct user, one at a time, so "
+                          "the timed ones come from returning users (history prefixes cached, as after their "
+                          "events in production).")
 
 
 def _post(url, body, timeout=300.0):
@@ -66,6 +69,14 @@ def main(argv):
         except ValueError:  # a user who rated (nearly) the whole catalog: no negatives to draw
             continue
         bodies.append({"user_id": int(u), "candidates": [int(c) for c in cands]})
+    if _WARM.value:
+        t_warm = time.perf_counter()
+        for u in sorted({b["user_id"] for b in bodies}):
+            first = next(b for b in bodies if b["user_id"] == u)
+            status, body = _post(_URL.value + "/v1/recommend", first)
+            if status != 200:
+                raise app.UsageError(f"warm-up request for user {u} answered {status}: {body}")
+        print(f"warmed {len({b['user_id'] for b in bodies})} users in {time.perf_counter() - t_warm:.1f}s", flush=True)
     answers = collections.defaultdict(list)  # tag -> responses (must be exactly one each)
     lock, nxt = threading.Lock(), iter(range(len(bodies)))
     t_end = time.perf_counter() + _DURATION.value
@@ -100,7 +111,8 @@ def main(argv):
     ttft = [a[1]["timings"]["ttft_s"] for a in ok]
     lat = [a[2] for a in ok]
     ids = [a[1]["request_id"] for a in ok]
-    report = {"clients": _CLIENTS.value, "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
+    report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
+              "argv": sys.argv[1:], "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
               "errors": len(sent) - len(ok), "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
               "throughput_rps": len(ok) / wall if wall else 0.0,

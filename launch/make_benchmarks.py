@@ -163,6 +163,33 @@ def _served_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _load_section(out: Path) -> list[str]:
+    """The HTTP server under load (launch/loadtest.py JSON files load_c*.json)."""
+    files = sorted(out.glob("load_c*.json"), key=lambda f: int(f.stem[6:]))
+    if not files:
+        return []
+    lines = ["## The server under load (`launch/serve.py` + `launch/loadtest.py`)", "",
+             "| clients | users | sent | 200 | other statuses | requests/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | "
+             "requests/s x TTFT p50 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for f in files:
+        d = json.loads(f.read_text())
+        other = {k: v for k, v in d["status_counts"].items() if k != "200"}
+        util = d["throughput_rps"] * d["ttft_p50_s"] if d.get("ttft_p50_s") else None
+        lines.append(f"| {d['clients']} | {d.get('users', '-')} | {d['sent']} | {d['answered_200']} | {other or '-'} | "
+                     f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
+                     f"{_fmt(d.get('latency_p50_s'))} s | {_fmt(d.get('latency_p99_s'))} s | {_fmt(util, '.2f')} |")
+        if d.get("argv"):
+            notes.append(f"`python launch/loadtest.py {' '.join(d['argv'])}`")
+        if d["clients"] == 8 and util is not None:
+            notes.append(f"8 clients: {d['throughput_rps']:.2f} requests/s vs 1 / TTFT p50 = {1 / d['ttft_p50_s']:.2f} "
+                         f"(target: within 2x: {'met' if util >= 0.5 else 'not met'})")
+    server = out / "load_server.txt"
+    if server.exists():
+        notes.insert(0, f"Server: `{server.read_text().strip()}`")
+    return lines + [""] + [f"- {n}" for n in notes] + [""]
+
+
 def _grid_section(out: Path) -> list[str]:
     points = sorted(out.glob("grid_h*_c*.json"), key=lambda f: tuple(int(x[1:]) for x in f.stem.split("_")[1:]))
     if not points:
@@ -251,6 +278,7 @@ def _report(out: Path) -> str:
         else:
             lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
     lines += _grid_section(out)
+    lines += _load_section(out)
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]
