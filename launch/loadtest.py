@@ -33,6 +33,8 @@ _NEG = flags.DEFINE_string("negatives", "retrieval", "Negative sampling (uniform
 _USERS = flags.DEFINE_integer("num_users", 100, "Distinct users (requests cycle over them).")
 _MAX_ITEM = flags.DEFINE_integer("max_item", 0, "Only candidates with id <= this (servers started with --max_items).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/loadtest.json", "Where to write the report.")
+_RETRIES = flags.DEFINE_integer("retries_on_503", 0, "Resend a request answered 503 after its Retry-After (1 s), "
+                                "up to this many times (a client that backs off); latency counts from the first try.")
 _WARM = flags.DEFINE_bool("warm_users", False, "First send one untimed request per distinct user, one at a time, so "
                           "the timed ones come from returning users (history prefixes cached, as after their "
                           "events in production).")
@@ -80,7 +82,7 @@ def main(argv):
     answers = collections.defaultdict(list)  # tag -> responses (must be exactly one each)
     lock, nxt = threading.Lock(), iter(range(len(bodies)))
     t_end = time.perf_counter() + _DURATION.value
-    sent = []
+    sent, retried = [], [0]
 
     def client():
         while time.perf_counter() < t_end:
@@ -89,10 +91,16 @@ def main(argv):
             if n is None:
                 return
             t0 = time.perf_counter()
-            try:
-                status, body = _post(_URL.value + "/v1/recommend", bodies[n])
-            except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
-                status, body = -1, {"error": str(e)}
+            for attempt in range(_RETRIES.value + 1):
+                try:
+                    status, body = _post(_URL.value + "/v1/recommend", bodies[n])
+                except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
+                    status, body = -1, {"error": str(e)}
+                if status != 503 or attempt == _RETRIES.value:
+                    break
+                with lock:
+                    retried[0] += 1
+                time.sleep(1.0)  # the server's Retry-After
             with lock:
                 sent.append(n)
                 answers[n].append((status, body, time.perf_counter() - t0))
@@ -113,7 +121,7 @@ def main(argv):
     ids = [a[1]["request_id"] for a in ok]
     report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
               "argv": sys.argv[1:], "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
-              "errors": len(sent) - len(ok), "lost": len(lost), "answered_twice": len(twice),
+              "errors": len(sent) - len(ok), "retried_503": retried[0], "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
               "throughput_rps": len(ok) / wall if wall else 0.0,
               "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,

@@ -175,6 +175,8 @@ def _load_section(out: Path) -> list[str]:
     for f in files:
         d = json.loads(f.read_text())
         other = {k: v for k, v in d["status_counts"].items() if k != "200"}
+        if d.get("retried_503"):
+            other["503, resent after Retry-After"] = d["retried_503"]
         util = d["throughput_rps"] * d["ttft_p50_s"] if d.get("ttft_p50_s") else None
         lines.append(f"| {d['clients']} | {d.get('users', '-')} | {d['sent']} | {d['answered_200']} | {other or '-'} | "
                      f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
@@ -186,7 +188,10 @@ def _load_section(out: Path) -> list[str]:
                          f"(target: within 2x: {'met' if util >= 0.5 else 'not met'})")
     server = out / "load_server.txt"
     if server.exists():
-        notes.insert(0, f"Server: `{server.read_text().strip()}`")
+        notes.insert(0, f"Server: `{server.read_text().strip()}` (default model and slot head, rcllm; the simulated "
+                        "devices share the 2 CPU cores). TTFT: the engine's time per request as the server reports "
+                        "it; latency: the client's, from its first try. Users: ML-100k users whose history prefix "
+                        "is cached (returning users).")
     return lines + [""] + [f"- {n}" for n in notes] + [""]
 
 

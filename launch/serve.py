@@ -43,7 +43,8 @@ _TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may ad
 _GRACE = flags.DEFINE_float("shutdown_grace_s", 5.0, "On SIGTERM, open connections get this long after the "
                             "queue is answered and the user store saved; then they are closed.")
 _CONNS = flags.DEFINE_integer("max_connections", 1024, "Open connections at most (beyond: 503).")
-_WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
+_WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window (at most half the bound when the "
+                                "bound is sized from --latency_target_s).")
 _HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
                           "trained head (--ranking_head; default: the head shipped for the default model), or the "
                           "answer's label logits (any model, no head).")
@@ -136,8 +137,12 @@ def main(argv):
         engine.reset_caches()
         logging.info("warmed up %d shards x %d prompt shapes in %.1fs (service time p50 %.3fs)", engine.num_shards,
                      len(probes), time.perf_counter() - t1, service_s)
-    max_queue = _QUEUE.value or max(8, int(_TARGET.value / service_s))
-    logging.info("queue bound %d requests (%s)", max_queue, "--max_queue" if _QUEUE.value else
+    # The bound covers every request waiting for the engine: the queue plus the window the loop
+    # has taken from it; sized so that the last of them waits about --latency_target_s.
+    outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))
+    window = _WINDOW.value if _QUEUE.value else max(1, min(_WINDOW.value, outstanding // 2))
+    max_queue = outstanding - window
+    logging.info("queue bound %d + window %d requests (%s)", max_queue, window, "--max_queue" if _QUEUE.value else
                  f"--latency_target_s={_TARGET.value:g} / service time {service_s:.3f}s")
     histories = {str(u): list(s) for u, s in ds.sequences.items()}
     rebuild = _REBUILD.value if _REBUILD.value is not None else _SNAP.value is None
@@ -152,7 +157,7 @@ def main(argv):
     logging.info("restored %d cached user prefixes and %d histories from %s", engine.stats()["users_cached"],
                  len(saved_histories), users_dir)
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
-                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, _WINDOW.value),
+                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
                                  retriever=retriever, num_candidates=_NUM_CANDS.value)
     service.start()

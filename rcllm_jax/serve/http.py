@@ -228,9 +228,16 @@ class HttpServer:
                                      limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
                                      timeout_graceful_shutdown=grace_s, lifespan="off", server_header=False)
         self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve([self.sock])), name="http",
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve(max_connections)), name="http",
                                        daemon=True)
         self.grace_s = grace_s
+
+    async def _serve(self, workers: int):
+        # Handlers wait for the engine in worker threads: one per open request (asyncio's default
+        # pool has cpu + 4, which would queue requests out of sight of the scheduler's bound).
+        from concurrent.futures import ThreadPoolExecutor
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="http-wait"))
+        await self.server.serve([self.sock])
 
     @property
     def address(self) -> tuple[str, int]:
