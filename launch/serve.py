@@ -145,11 +145,10 @@ def main(argv):
     logging.info("queue bound %d + window %d requests (%s)", max_queue, window, "--max_queue" if _QUEUE.value else
                  f"--latency_target_s={_TARGET.value:g} / service time {service_s:.3f}s")
     histories = {str(u): list(s) for u, s in ds.sequences.items()}
-    rebuild = _REBUILD.value if _REBUILD.value is not None else _SNAP.value is None
     try:
         saved_histories = engine.restore_users(users_dir)
     except SnapshotError as e:
-        if isinstance(e, SnapshotMismatchError) or not rebuild:
+        if isinstance(e, SnapshotMismatchError) or not served.rebuild_on_damage:
             raise app.UsageError(f"{e} (--rebuild_on_damage starts with an empty user store)") from None
         logging.warning("user store not restored, starting empty: %s", e)
         saved_histories = {}

@@ -54,6 +54,7 @@ class Served:
     item_ids: list[int]
     snapshot_dir: str
     users_dir: str
+    rebuild_on_damage: bool  # resolved: what a caller does with its other damaged state too
     notes: list[str]  # what happened (restored / built / saved / fitted), one line each
 
     @property
@@ -118,4 +119,5 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     retriever, how = load_or_fit(Path(snap) / "retriever.npz", [ds.sequences[u] for u in sorted(ds.sequences)],
                                  item_ids)
     notes.append(f"retriever (item-kNN over the catalog's histories): {how}")
-    return Served(Recommender(engine, retriever, mode), ds, item_ids, snap, snap.rstrip("/") + "-users", notes)
+    return Served(Recommender(engine, retriever, mode), ds, item_ids, snap, snap.rstrip("/") + "-users",
+                  rebuild_on_damage, notes)

@@ -107,28 +107,22 @@ def steps(directory) -> list[int]:
 
 
 def latest_meta(directory) -> tuple[int, dict] | None:
-    """(step, meta) of the newest complete snapshot in `directory`, or None."""
+    """(step, meta) of the newest complete snapshot in `directory` whose metadata reads, or None
+    (a damaged newer step does not hide an older one, nor stop a new save beside it)."""
     path = Path(directory).resolve()
     if not path.is_dir():
         return None
     mngr = _manager(path, create=False)
-    step = mngr.latest_step()
-    if step is None:
-        return None
-    return step, _read_meta(mngr, step, f"snapshot {path} step {step}")
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return step, _read_meta(mngr, step, f"snapshot {path} step {step}")
+        except SnapshotError:
+            continue
+    return None
 
 
 def _refuse_other(directory, want: dict, what: str) -> None:
-    prev = None
-    path = Path(directory).resolve()
-    if path.is_dir():  # the newest step whose metadata reads (a damaged one does not stop a new save)
-        mngr = _manager(path, create=False)
-        for step in sorted(mngr.all_steps(), reverse=True):
-            try:
-                prev = step, _read_meta(mngr, step, f"snapshot {path} step {step}")
-                break
-            except SnapshotError:
-                continue
+    prev = latest_meta(directory)
     problem = None if prev is None else identity_problem(prev[1], want)
     if problem:
         raise SnapshotMismatchError(f"refusing to save {what} into {Path(directory).resolve()}: its snapshot (step "
@@ -188,7 +182,7 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     checks out."""
     path = Path(directory).resolve()
     mngr = _manager(path, create=False)
-    step, (meta, blocks, user_arrays) = _newest_intact(
+    _, (meta, blocks, user_arrays) = _newest_intact(
         mngr, path, lambda s: _load_checked(mngr, path, s, ident, store, users, replicated), step, "snapshot")
     n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
     same_layout = n_old == store.num_shards and meta["placement"] == store.placement
