@@ -118,7 +118,7 @@ def main(argv):
         raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None
     except HeadError as e:
         raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
-                             f"weights than --model ({e}): train one (launch/train_head.py --model=...) and pass "
+                             f"weights than --model ({e}): train one (launch/train.py --model=...) and pass "
                              "--ranking_head, or serve with --head=label") from None
     for note in served.notes:
         logging.info("%s", note)

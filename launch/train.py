@@ -1,19 +1,28 @@
-"""Fine-tune the ranking model on MovieLens, optionally block-aware (robust to stitched caches).
+"""Train the served ranker: the score-slot head and its query adapter (rcllm_jax/train/ranker.py).
 
-python launch/train.py --output_dir=runs/tuned                                    # CPU default
-python launch/train.py --output_dir=runs/block --block_attention_prob=0.5          # block-aware
-python launch/train.py --config=configs/train_gpu.toml --output_dir=runs/gpu       # longer, GPU
+python launch/train.py --output_dir=runs/ranker                                   # CPU default
+python launch/train.py --config=configs/train_gpu.toml --output_dir=runs/ranker_gpu  # longer, GPU
+python launch/train.py --output_dir=runs/head --steps=0                            # the head alone
 
-Checkpoints (Orbax) go to <output_dir>/checkpoints every --checkpoint_every steps; rerunning the
-same command resumes exactly where it stopped (weights, optimizer, data position). At the end:
-<output_dir>/merged (a HF model directory: `--model=<output_dir>/merged` on every launcher),
-<output_dir>/adapter (LoRA: `--model=<base> --adapter=<output_dir>/adapter`), and
-<output_dir>/train_log.json (per-step loss, tokens/s, validation HR/NDCG, final test metrics).
+Examples: targets held back at --positions from the end of each ML-100k sequence (training data
+strictly before each; an item-kNN retriever fitted on every sequence cut there proposes the
+candidates, listed in its order); validation: the leave-one-out validation targets. Only the
+examples whose target was retrieved train (the listwise loss needs it among the candidates).
+
+Stage 1 serves every example once in rcllm mode with the base model, keeps its prefix KV in
+<output_dir>/prefixes and its slot states in <output_dir>/states_*.npz, and fits the head for
+each --l2 (best validation NDCG@10 within the retrieved wins): <output_dir>/head. Stage 2 trains
+the head and a LoRA query adapter together on the same serving path for --steps steps
+(Orbax checkpoints in <output_dir>/checkpoints; rerunning the same command resumes exactly):
+<output_dir>/ranker. Both are `--ranking_head` directories for serve.py, bench.py and
+recommend.py; <output_dir>/train_log.json holds the learning curves (loss and validation NDCG@10
+vs wall time) and the baselines on the same validation examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -24,78 +33,184 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
-
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "train_cpu.toml"), "TOML preset (flags override).")
+_OUT = flags.DEFINE_string("output_dir", "runs/ranker", "Where prefixes, states, checkpoints, heads and the log go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
-_DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Dataset.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
-_OUT = flags.DEFINE_string("output_dir", "runs/tuned", "Where checkpoints, the exported model and the log go.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the frozen base weights.")
-_STEPS = flags.DEFINE_integer("steps", 250, "Optimizer steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Examples per optimizer step.")
-_MICRO = flags.DEFINE_integer("micro_batch", 2, "Examples per forward/backward (gradients accumulated).")
-_LR = flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
-_WARMUP = flags.DEFINE_integer("warmup", 20, "Warm-up steps.")
-_WD = flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
-_LORA = flags.DEFINE_integer("lora_rank", 16, "LoRA rank; 0 = full fine-tuning of the trained layers.")
-_ALPHA = flags.DEFINE_float("lora_alpha", 32.0, "LoRA alpha (scale = alpha / rank).")
-_LAYERS = flags.DEFINE_integer("train_layers", 8, "Top layers trained (0 = all); the rest stay frozen.")
+_POS = flags.DEFINE_list("positions", ["4", "3"], "Held-back positions from the end of each sequence "
+                         "(3 = the last training item; 2 and 1 are validation and test).")
+_CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per prompt.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt.")
-_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per prompt (<= 52).")
-_NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
-_MAXLEN = flags.DEFINE_integer("max_len", 832, "Padded prompt length (longer histories are shortened).")
-_MINHIST = flags.DEFINE_integer("min_history", 3, "Shortest history a training example may have.")
-_BLOCK = flags.DEFINE_float("block_attention_prob", 0.0,
-                            "Probability that an example uses the engine's stitched attention.")
-_GLUE = flags.DEFINE_enum("block_glue", "mixed", ["fresh", "cached", "mixed"],
-                          "Block-aware examples: glue computed fresh, cached like items, or either.")
-_TW = flags.DEFINE_float("teacher_weight", 0.0, "Weight of a soft target over the candidates from training-split "
-                         "popularity (dense signal for short schedules); 0 = the label's cross-entropy only.")
-_TT = flags.DEFINE_float("teacher_temperature", 2.0, "Teacher: p ~ (1 + count)^(1/temperature).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data order, negatives and initialisation.")
-_CKPT = flags.DEFINE_integer("checkpoint_every", 50, "Steps between Orbax checkpoints.")
-_VAL = flags.DEFINE_integer("val_every", 100, "Steps between validation runs (0 = never).")
-_VAL_USERS = flags.DEFINE_integer("val_users", 64, "Users in each validation run.")
-_TEST_USERS = flags.DEFINE_integer("test_users", 0, "After training, test HR/NDCG on this many users (0 = skip).")
+_ORDER = flags.DEFINE_enum("candidate_order", "retriever", ["retriever", "shuffled"],
+                           "Prompt order of the candidates (the head's position feature reads it).")
+_L2 = flags.DEFINE_list("l2", ["1e-3", "1e-2", "1e-1", "1"], "Stage 1: L2 strengths of the head (best validation wins).")
+_HEAD_STEPS = flags.DEFINE_integer("head_steps", 300, "Stage 1: full-batch Adam steps per L2 strength.")
+_STEPS = flags.DEFINE_integer("steps", 300, "Stage 2: optimizer steps of head + query adapter (0: the head only).")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "Stage 2: examples per step (gradients accumulated).")
+_LR = flags.DEFINE_float("lr", 1e-3, "Stage 2: peak learning rate (AdamW, warm-up, cosine decay to 10%).")
+_WARMUP = flags.DEFINE_integer("warmup", 20, "Stage 2: warm-up steps.")
+_RANK = flags.DEFINE_integer("lora_rank", 8, "Query adapter: LoRA rank.")
+_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "Query adapter: LoRA alpha (scale = alpha / rank).")
+_TARGETS = flags.DEFINE_list("lora_targets", ["wq", "wk", "wv", "wo"], "Query adapter: adapted projections.")
+_FIRST = flags.DEFINE_integer("first_layer", 0, "Query adapter: layers first_layer.. carry it (the gradient "
+                              "runs through those only).")
+_VAL_N = flags.DEFINE_integer("val_examples", 0, "Validation examples used (0 = every retrieved one).")
+_VAL_EVERY = flags.DEFINE_integer("val_every", 50, "Stage 2: steps between validation runs.")
+_CKPT = flags.DEFINE_integer("checkpoint_every", 25, "Stage 2: steps between Orbax checkpoints.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and the adapter's initialisation.")
+_MAX_USERS = flags.DEFINE_integer("max_users", 0, "Use only the first N users (0 = all; smoke tests).")
 
-_OTHER_TOML_KEYS = {"train.test_users": "test_users", "model.path": "model", "model.dtype": "dtype",
-                    "data.dataset": "dataset"}
+_TOML = {"train.positions": "positions", "train.num_candidates": "num_candidates", "train.history_len": "history_len",
+         "train.l2": "l2", "train.head_steps": "head_steps", "train.steps": "steps", "train.batch_size": "batch_size",
+         "train.lr": "lr", "train.warmup": "warmup", "train.lora_rank": "lora_rank", "train.lora_alpha": "lora_alpha",
+         "train.lora_targets": "lora_targets", "train.first_layer": "first_layer", "train.val_examples": "val_examples",
+         "train.val_every": "val_every", "train.checkpoint_every": "checkpoint_every"}
+
+
+def _key(fingerprint, examples) -> str:
+    h = hashlib.blake2b(fingerprint.encode(), digest_size=16)
+    h.update(f"{_HIST.value}|{_ORDER.value}".encode())
+    for e in examples:
+        h.update(repr((e.user, e.history, e.candidates)).encode())
+    return h.hexdigest()
 
 
 def main(argv):
     del argv
-    from rcllm_jax.train.trainer import TrainConfig, Trainer
-
-    # every TrainConfig field with a flag of the same name is settable from [train] in the TOML
-    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name in flags.FLAGS]
     if _CONFIG.value:
         from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, {**{f"train.{k}": k for k in fields}, **_OTHER_TOML_KEYS})
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.model import load_model
+        apply_toml(_CONFIG.value, _TOML)
+    import numpy as np
+    from tqdm import tqdm
 
-    cfg = TrainConfig(**{k: flags.FLAGS[k].value for k in fields})
-    out = Path(_OUT.value)
-    model = load_model(_MODEL.value, dtype=_DTYPE.value)
-    split = LeaveOneOut(load_dataset(_DATASET.value, _DATA_DIR.value))
-    trainer = Trainer(model.params, model.cfg, model.tokenizer, split, cfg, checkpoint_dir=out / "checkpoints")
-    logging.info("%d training pairs; trainable: %s; resuming at step %d", len(trainer.pairs),
-                 "LoRA r=%d" % cfg.lora_rank if cfg.lora_rank else "full", trainer.step)
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.engine.slot_head import SlotHead
+    from rcllm_jax.eval.metrics import per_request_metrics
+    from rcllm_jax.fetch import portable_path
+    from rcllm_jax.model import load_model
+    from rcllm_jax.train import ranker as rk
+    from rcllm_jax.train import slot_head as sh
+
     t0 = time.perf_counter()
-    start = trainer.step
-    history = trainer.run()
-    wall = time.perf_counter() - t0
-    log = {"config": dataclasses.asdict(cfg), "model": model.source, "resumed_from": start,
-           "wall_s_this_run": wall, "history": history}
-    if _TEST_USERS.value:
-        log["test"] = trainer.validate("test", _TEST_USERS.value)
-        print("test:", json.dumps(log["test"]))
-    log["export"] = trainer.export(out, extra={"base_model": model.source})
+    out = Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    if _MAX_USERS.value:
+        split.users = split.users[:_MAX_USERS.value]
+    positions = tuple(int(p) for p in _POS.value)
+    train, train_stats = sh.training_examples(split, positions=positions, num_candidates=_CANDS.value,
+                                              order=_ORDER.value)
+    val, val_requests = sh.validation_examples(split, num_candidates=_CANDS.value, order=_ORDER.value)
+    if _VAL_N.value:
+        val = val[:_VAL_N.value]
+    if not train or not val:
+        raise app.UsageError(f"{len(train)} training and {len(val)} validation examples have their target among "
+                             "the retrieved candidates: use more users (--max_users) or candidates")
+    logging.info("%d training examples (%s), %d validation examples (%d requests)", len(train), train_stats,
+                 len(val), val_requests)
+    model = load_model(_MODEL.value)
+    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=_HIST.value, head="slot",
+                            max_prompt_tokens=model.cfg.max_position)
+    items = sorted({i for e in train + val for i in e.candidates})
+    engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
+                    max_candidates=_CANDS.value)
+    engine.build_store()
+    logging.info("block store: %d item blocks in %.0fs", len(items), time.perf_counter() - t0)
+    cfg = rk.RankerConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value, warmup=_WARMUP.value,
+                          lora_rank=_RANK.value, lora_alpha=_ALPHA.value, targets=tuple(_TARGETS.value),
+                          first_layer=_FIRST.value, seed=_SEED.value, checkpoint_every=_CKPT.value,
+                          val_every=_VAL_EVERY.value)
+    prefixes = rk.PrefixBank(out / "prefixes")
+
+    # --- stage 1: the head on the base model's slot states --------------------------------------
+    t1 = time.perf_counter()
+    collected = {}
+    for name, examples in (("train", train), ("val", val)):
+        path, key = out / f"states_{name}.npz", _key(engine.fingerprint, examples)
+        states = sh.load_states(path, key) or []
+        with tqdm(total=len(examples), initial=len(states), desc=f"stage 1: {name} slot states") as bar:
+            for i in range(len(states), len(examples), 50):
+                states += rk.base_states(engine, builder, examples[i:i + 50], cfg, prefixes,
+                                         progress=lambda: bar.update(1))
+                sh.save_states(path, states, key)
+        collected[name] = (np.stack(states), np.asarray([e.target_index for e in examples]))
+    stage1_s = time.perf_counter() - t1
+    runs = []
+    for l2 in (float(x) for x in _L2.value):
+        theta, bias, curve = sh.fit_head(*collected["train"], l2=l2, steps=_HEAD_STEPS.value, val=collected["val"])
+        runs.append({"l2": l2, "theta": theta, "bias": bias, "curve": curve, "val_ndcg@10": curve[-1]["val_ndcg@10"]})
+        logging.info("stage 1, l2 %g: validation NDCG@10 %.4f", l2, runs[-1]["val_ndcg@10"])
+    best = max(runs, key=lambda r: r["val_ndcg@10"])
+    retr = float(per_request_metrics(collected["val"][1])["ndcg@10"].mean()) if _ORDER.value == "retriever" else None
+    k = _CANDS.value
+    rand = float(np.mean(1 / np.log2(np.arange(k) + 2) * (np.arange(k) < 10)))
+    card = {"base_fingerprint": engine.fingerprint, "base_model": portable_path(model.source),
+            "command": "python launch/train.py " + " ".join(sys.argv[1:]),
+            "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
+                    f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
+                    "with an item-kNN retriever fitted strictly before it; validation: leave-one-out validation "
+                    "targets, retriever fitted on the training split.",
+            "mode": "rcllm", "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
+            "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
+            "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
+    head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
+                    {**card, "stage": "head only (stage 1)", "l2": best["l2"],
+                     "val_ndcg@10_within_retrieved": best["val_ndcg@10"]})
+    _save(head, out / "head", "Score-slot ranking head (stage 1: the head alone, base model frozen)")
+
+    # --- stage 2: head + query adapter on the serving path --------------------------------------
+    log = {"card": card, "train_stats": train_stats, "stage1_s": stage1_s,
+           "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias")} for r in runs]}
+    if _STEPS.value:
+        cfg = dataclasses.replace(cfg, l2=best["l2"])
+        trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
+                                   data_key=_key(engine.fingerprint, train), prefixes=prefixes)
+        curve_path = out / "curve.jsonl"
+        if trainer.step == 0:
+            curve_path.write_text(json.dumps({"step": 0, "val_ndcg@10": best["val_ndcg@10"], "wall_s": 0.0}) + "\n")
+        start, t2 = trainer.step, time.perf_counter()
+        wall0 = _last_wall(curve_path)
+
+        def progress(row):
+            row["wall_s"] = wall0 + time.perf_counter() - t2
+            with open(curve_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            logging.info("step %d loss %.4f%s (%.1fs)", row["step"], row["loss"],
+                         f" val NDCG@10 {row['val_ndcg@10']:.4f}" if "val_ndcg@10" in row else "", row["s"])
+
+        trainer.run(val, progress=progress)
+        curve = [json.loads(x) for x in curve_path.read_text().splitlines()]
+        final = next((r["val_ndcg@10"] for r in reversed(curve) if "val_ndcg@10" in r), None)
+        if final is None or curve[-1]["step"] != trainer.step:
+            final = trainer.validate(val)
+        tuned = trainer.head({**card, "stage": "head + query adapter (stage 2)", "l2": cfg.l2, "steps": trainer.step,
+                              "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.targets),
+                                       "first_layer": cfg.first_layer},
+                              "val_ndcg@10_within_retrieved": final,
+                              "val_ndcg@10_within_retrieved_stage1": best["val_ndcg@10"]})
+        _save(tuned, out / "ranker", "Ranker: score-slot head + query adapter (LoRA on the rows computed per request)")
+        log.update(stage2={"config": dataclasses.asdict(cfg), "resumed_from": start, "curve": curve,
+                           "val_ndcg@10": final})
+    log["wall_s_this_run"] = time.perf_counter() - t0
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    print(f"trained {trainer.step} steps ({trainer.step - start} this run) in {wall:.0f}s; "
-          f"model in {log['export']['merged']}")
+    print(json.dumps({"val_retriever_ndcg@10": retr, "val_random_ndcg@10": rand, "stage1_val_ndcg@10": best["val_ndcg@10"],
+                      "stage2_val_ndcg@10": log.get("stage2", {}).get("val_ndcg@10")}, indent=1))
+    print(f"wrote {out} in {log['wall_s_this_run'] / 60:.1f} min")
+
+
+def _last_wall(path: Path) -> float:
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return float(rows[-1].get("wall_s", 0.0)) if rows else 0.0
+
+
+def _save(head, directory: Path, title: str):
+    head.save(directory)
+    lines = [f"# {title}", "", "Trained by `launch/train.py` (`rcllm_jax/train/ranker.py`); loaded with "
+             "`--ranking_head` (refused on other base weights).", ""]
+    lines += [f"- **{k}**: {v}" for k, v in head.card.items()]
+    (directory / "README.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -106,21 +106,24 @@ def test_training_examples_use_only_data_before_each_target():
     assert n == 80 and all(e.candidates[e.target_index] == split.target(e.user, "valid") for e in val)
 
 
-def test_training_reads_the_serving_computation_and_resumes_exactly(world, tmp_path):
-    """The head is trained on `collect_states` = what the engine computes when it serves the
-    prompt: the trained head applied to those states gives the engine's rcllm scores. Collection
-    resumed from saved states equals one uninterrupted run; the loss falls."""
+def test_training_reads_the_serving_computation(world, tmp_path):
+    """Stage 1 fits the head on `base_states` = what the engine computes when it serves the
+    prompt (padded training shapes, prefixes from the prefix bank): the trained head applied to
+    those states gives the engine's rcllm scores. Saved states come back only for the same
+    examples; the loss falls."""
+    from rcllm_jax.train import ranker as rk
     from rcllm_jax.train import slot_head as sh
     eng, reqs, prompts, _ = world
     examples = [sh.Example(r.user_id, tuple(r.history), tuple(r.candidates), i % len(r.candidates))
                 for i, r in enumerate(reqs)]
-    full = sh.collect_states(eng, eng.builder, examples, "rcllm")
+    cfg = rk.RankerConfig(pad_prefix=256, pad_suffix=256, pad_select=32)
+    full = np.stack(rk.base_states(eng, eng.builder, examples, cfg, rk.PrefixBank(tmp_path / "prefixes")))
+    again = np.stack(rk.base_states(eng, eng.builder, examples, cfg, rk.PrefixBank(tmp_path / "prefixes")))
+    assert np.array_equal(again, full)  # prefixes restored from the bank, not recomputed: the same states
     path = tmp_path / "s.npz"
-    part = sh.collect_states(eng, eng.builder, examples[:2], "rcllm",
-                             checkpoint=lambda st: sh.save_states(path, st, "k1"), every=1)
+    sh.save_states(path, list(full[:2]), "k1")
     assert sh.load_states(path, "other examples") is None
-    resumed = sh.collect_states(eng, eng.builder, examples, "rcllm", done=sh.load_states(path, "k1"))
-    assert np.array_equal(resumed, full) and np.array_equal(part, full[:2])
+    assert np.array_equal(np.stack(sh.load_states(path, "k1")), full[:2])
     targets = np.asarray([e.target_index for e in examples])
     theta, bias, curve = sh.fit_head(full, targets, l2=1e-3, steps=60, lr=0.05, val=(full, targets), log_every=30)
     assert curve[-1]["loss"] < curve[0]["loss"] - 0.5  # 3 examples: the head fits them
@@ -129,7 +132,8 @@ def test_training_reads_the_serving_computation_and_resumes_exactly(world, tmp_p
     saved, eng.head = eng.head, trained
     try:
         for e, p, st in zip(examples, prompts, full):
-            assert rel_err(trained.scores(st), eng.rank(p, "rcllm", user_id=e.user).scores) <= 1e-6
+            assert rel_err(trained.scores(st), eng.rank(p, "rcllm", user_id=e.user).scores) <= 1e-5
+            assert rel_err(st, eng.slot_states(p, "rcllm", user_id=e.user)) <= 1e-5
     finally:
         eng.head = saved
 

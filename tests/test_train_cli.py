@@ -1,4 +1,4 @@
-"""launch/train.py end to end on the real default model (two steps, tiny prompts), then the
+"""launch/train_label.py end to end on the real default model (two steps, tiny prompts), then the
 tuned model served by bench.py through --adapter and through the merged directory."""
 
 import json
@@ -21,7 +21,7 @@ def _run(args, **kw):
 @pytest.mark.slow
 def test_train_then_bench_with_adapter(tmp_path):
     out = tmp_path / "run"
-    args = ["launch/train.py", f"--output_dir={out}", "--steps=2", "--batch_size=2", "--micro_batch=1",
+    args = ["launch/train_label.py", f"--output_dir={out}", "--steps=2", "--batch_size=2", "--micro_batch=1",
             "--train_layers=1", "--lora_rank=4", "--history_len=2", "--num_candidates=4", "--max_len=192",
             "--checkpoint_every=1", "--val_every=2", "--val_users=2", "--test_users=2",
             "--block_attention_prob=0.5"]
@@ -46,3 +46,37 @@ def test_train_then_bench_with_adapter(tmp_path):
     # a wrong adapter directory is a clear error
     b = _run(["launch/bench.py", "--num_users=1", "--adapter", str(out / "merged")])
     assert b.returncode != 0 and "adapter_config.json" in b.stderr
+
+
+@pytest.mark.slow
+def test_train_ranker_then_resume_and_serve(tmp_path):
+    """launch/train.py on the real default model (a few users, 2 stage-2 steps): both stages
+    write a head, the ranker carries its query adapter, a rerun resumes at the end, and
+    bench.py serves the ranker through --ranking_head."""
+    out = tmp_path / "ranker"
+    args = ["launch/train.py", f"--output_dir={out}", "--max_users=20", "--steps=2", "--batch_size=2",
+            "--val_every=2", "--checkpoint_every=1", "--val_examples=3", "--head_steps=10", "--l2=1e-2",
+            "--lora_rank=2", "--lora_targets=wq,wv"]
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    curve = log["stage2"]["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2] and "val_ndcg@10" in curve[-1]
+    assert log["card"]["train_examples"] > 0 and log["stage1"][0]["l2"] == 0.01
+    from rcllm_jax.engine.slot_head import SlotHead
+    ranker, head = SlotHead.load(out / "ranker"), SlotHead.load(out / "head")
+    assert ranker.adapter_cfg.targets == ("wq", "wv") and head.adapter is None
+    assert ranker.base_fingerprint == head.base_fingerprint == log["card"]["base_fingerprint"]
+    r2 = _run(args)  # resumes at step 2: nothing more trained, the same ranker
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    log2 = json.loads((out / "train_log.json").read_text())
+    assert log2["stage2"]["resumed_from"] == 2 and log2["stage2"]["curve"] == curve
+    again = SlotHead.load(out / "ranker")
+    assert all((again.adapter[n]["b"] == ranker.adapter[n]["b"]).all() for n in ranker.adapter)
+    js = tmp_path / "b.json"
+    b = _run(["launch/bench.py", "--head=slot", f"--ranking_head={out / 'ranker'}", "--candidates=retrieved",
+              "--candidate_order=retriever", "--modes=full,rcllm", "--num_users=2", "--history_len=3", "--peers=",
+              "--nowarmup", f"--output_json={js}"])
+    assert b.returncode == 0, b.stderr[-3000:]
+    rows = {x["mode"]: x for x in json.loads(js.read_text())["results"]}
+    assert {"full", "rcllm", "retriever"} <= set(rows)

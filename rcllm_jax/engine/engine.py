@@ -16,6 +16,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax import kernels
@@ -26,14 +27,16 @@ from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, served_from_cache, stitch_plan
-from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, rank_full, slot_rows
-from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, blended_prefill, selection_size
+from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, query_rows, served_from_cache, stitch_plan
+from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
+from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 
-MODES = ("full", "prefix") + tuple(BLOCK_MODES)
+# prefix_warm: prefix caching whose instruction + history pages are computed at event time
+# (`warm_prefix`, like the user store of the block modes), the strongest prefix baseline
+MODES = ("full", "prefix", "prefix_warm") + tuple(BLOCK_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,18 @@ class _States:
 
 
 _STATES = _States()
+
+
+def _adapted(head, params, cfg: ModelConfig):
+    """The base weights with the head's query adapter folded in; a HeadError when its shapes do
+    not fit this model."""
+    for name, w in head.adapter.items():
+        base = params["layers"].get(name)
+        want = None if base is None else tuple(base[head.adapter_cfg.first_layer:].shape)
+        got = (w["a"].shape[0], w["a"].shape[1], w["b"].shape[2])
+        if want != got:
+            raise HeadError(f"the ranking head's query adapter does not fit this model ({name}: {got}, model {want})")
+    return head.query_params(params)
 
 
 class Engine:
@@ -91,7 +106,11 @@ class Engine:
         self.head = head
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)
-        self._replicas = {}  # device -> that device's copy of the weights
+        # the weights of the rows computed per request: the base, or the base + the head's query adapter
+        self.has_query_adapter = getattr(head, "adapter", None) is not None
+        self.query_params = (jax.device_put(_adapted(head, params, cfg), self.replicated) if self.has_query_adapter
+                             else self.params)
+        self._replicas = {}  # (device, query?) -> that device's copy of the weights
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
         self.glue_blocks = self._glue_blocks(max_candidates)
@@ -128,10 +147,11 @@ class Engine:
             return None
         return jax.tree.map(one, tree)
 
-    def _params_on(self, dev):
-        if dev not in self._replicas:
-            self._replicas[dev] = self._on(self.params, dev)
-        return self._replicas[dev]
+    def _params_on(self, dev, query: bool = False):
+        """`dev`'s copy of the base weights, or (query) of the weights that compute the query rows."""
+        if (dev, query) not in self._replicas:
+            self._replicas[dev, query] = self._on(self.query_params if query else self.params, dev)
+        return self._replicas[dev, query]
 
     def reset_caches(self):
         """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
@@ -180,6 +200,47 @@ class Engine:
         computed = self.users.ensure(self.params, self.cfg, user_id, b0.tokens + b1.tokens)
         jax.block_until_ready((self.pool.k, self.pool.v))  # an event handler finishes its writes
         return computed
+
+    def user_prefix(self, user_id) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+        """(tokens, k, v [L, n, K, H]) of a user's cached instruction + history prefix (to keep
+        it outside the store: training examples reuse their prefixes across epochs)."""
+        e = self.users.users.get(user_id)
+        if e is None:
+            raise KeyError(f"user {user_id!r} has no cached prefix")
+        sl = self.users.slots(user_id)
+        return e.tokens, np.asarray(self.pool.k[:, sl]), np.asarray(self.pool.v[:, sl])
+
+    def has_user(self, user_id) -> bool:
+        """Is the user's prefix in the user store (not evicted)?"""
+        return user_id in self.users.users
+
+    def put_user_prefix(self, user_id, tokens, k, v):
+        """Put a prefix taken with `user_prefix` back (most recently used)."""
+        self.users.restore_user(user_id, tuple(int(t) for t in tokens), jnp.asarray(k), jnp.asarray(v))
+
+    def warm_prefix(self, prompt: Prompt, shard: int = 0) -> int:
+        """Event-time warming of the prefix cache (the prefix_warm baseline, vLLM / SGLang with a
+        warmed radix tree): the full pages of the prompt's instruction + history that are not cached
+        yet are computed and inserted now, so a request computes only what follows. Returns the
+        number of tokens computed (0 on a hit)."""
+        b0, b1 = prompt.blocks[0], prompt.blocks[1]
+        if (b0.kind, b1.kind) != ("instruction", "history"):
+            raise ValueError("prompt does not start with instruction + history blocks")
+        toks = np.asarray(b0.tokens + b1.tokens, np.int32)
+        n_full = len(toks) // PAGE * PAGE
+        pages, hit = self.prefix.lookup(np.append(toks[:n_full], 0), count=False)  # the pages a request can hit
+        if hit >= n_full:
+            return 0
+        dev = self.device(shard)
+        lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32), toks[hit:n_full],
+                           hit, shard)
+        pk, pv = self._on((self.pool.k, self.pool.v), dev)
+        _, _, _, kv = blended_prefill(self._params_on(dev), pk, pv, *lay.arrays(), cfg=self.cfg, n_select=len(lay.tokens),
+                                      all_fresh=True, return_kv=True)
+        pb = len(lay.prefix_slots)
+        self.prefix.insert(toks[:n_full], kv.k[:, 0, pb:pb + lay.n_suffix], kv.v[:, 0, pb:pb + lay.n_suffix], hit)
+        jax.block_until_ready((self.pool.k, self.pool.v))
+        return n_full - hit
 
     def _item_entries(self, item_ids):
         out = []
@@ -268,13 +329,14 @@ class Engine:
         if mode == "full":
             s = shard or 0
             params = self._params_on(self.device(s))
-            r = rank_full(params, self.cfg, prompt, self.head) if params["embed"] is not None else None
+            qp = self._params_on(self.device(s), query=True) if self.has_query_adapter else None
+            r = rank_full(params, self.cfg, prompt, self.head, qp) if params["embed"] is not None else None
             fields = None if r is None else (r.scores, np.float64(r.ttft_s), np.int64(r.computed_tokens))
             scores, ttft, computed = self._from_owner(s, fields, (
                 np.zeros(len(prompt.candidates), np.float32), np.float64(0), np.int64(0)))
             return EngineResult(scores=scores, ttft_s=float(ttft), prompt_tokens=len(prompt),
                                 computed_tokens=int(computed), shard=s)
-        if mode == "prefix":
+        if mode in ("prefix", "prefix_warm"):  # the same computation; prefix_warm callers warm at event time
             return self._rank_prefix(prompt, shard or 0)
         policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
         if policy is None:
@@ -317,20 +379,29 @@ class Engine:
             return self.head.scores(np.asarray(out)[:len(prompt.candidates)]), 0
         return candidate_scores(params, self.cfg, prompt, out, kv)
 
-    def _prefill(self, lay: Layout, policy: Policy, n_select: int, logit_ids=None, return_kv: bool = False,
-                 out_rows=None):
-        """The blended prefill of a block layout on its shard: its cached rows fetched (remote ones
-        through the block store's collective), then one jitted program on that shard's device.
-        Returns blended_prefill's outputs, or None in a process that does not hold the device."""
+    def prefill_inputs(self, prompt: Prompt, mode="rcllm", user_id=None, shard: int | None = None):
+        """(PrefillInputs, Layout, cached item entries) of a block-mode request: the user's prefix
+        brought up to date, the stitched layout, its cached rows fetched onto the serving shard
+        (remote ones through the block store's collective). `inputs.run(weights)` is the blended
+        prefill `rank` runs (with the query weights); training differentiates through the same
+        call. inputs is None in a process that does not hold the shard's device."""
+        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+        if policy is None:
+            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+        if user_id is None:
+            raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
+        lay, items = self._stitch(prompt, user_id, policy, shard)
+        n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
         dev = self.device(lay.shard)
         ck, cv = self.store.fetch(lay.block_slots, lay.real_pos - lay.canon_pos, lay.shard, self.impl)
-        params = self._params_on(dev)
-        if params["embed"] is None:
-            return None
+        if self._params_on(dev)["embed"] is None:
+            return None, lay, items
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
-        return blended_prefill(
-            params, pk, pv, *lay.arrays(), logit_ids, ck, cv, out_rows, cfg=self.cfg, n_select=n_select,
-            check_layer=policy.check_layer, deviation_on=policy.deviation_on, return_kv=return_kv, impl=self.impl)
+        inputs = PrefillInputs(
+            (pk, pv, *lay.arrays(), answer_logit_ids(prompt), ck, cv, slot_rows(prompt, lay.n_prefix)),
+            n_select=n_select, cfg=self.cfg, check_layer=policy.check_layer, deviation_on=policy.deviation_on,
+            return_kv=prompt.head == "label" and not prompt.single_token_labels, impl=self.impl)
+        return inputs, lay, items
 
     def _from_owner(self, shard: int, value, placeholder):
         """In a multi-process run only the process holding the shard's device computed `value`;
@@ -345,14 +416,11 @@ class Engine:
     def _rank_policy(self, prompt: Prompt, policy: Policy, user_id, shard: int | None = None) -> EngineResult:
         computed_prefix = self.update_user(user_id, prompt)
         t0 = time.perf_counter()
-        lay, items = self._stitch(prompt, user_id, policy, shard)
-        n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
-        out = self._prefill(lay, policy, n_select, answer_logit_ids(prompt),
-                            return_kv=prompt.head == "label" and not prompt.single_token_labels,
-                            out_rows=slot_rows(prompt, lay.n_prefix))
+        inputs, lay, items = self.prefill_inputs(prompt, policy, user_id, shard)
+        n_select = inputs.n_select if inputs is not None else selection_size(lay.forced, lay.cached, lay.valid, policy)
         value = None
-        if out is not None:
-            logits, r, sel, kv = out
+        if inputs is not None:
+            logits, r, sel, kv = inputs.run(self._params_on(self.device(lay.shard), query=True))
             scores, extra = self._scores(self._params_on(self.device(lay.shard)), prompt, logits, kv)
             value = (np.asarray(scores), np.asarray(r), np.asarray(sel), np.int64(extra))
         scores, r, sel, extra = self._from_owner(lay.shard, value, (
@@ -382,7 +450,9 @@ class Engine:
         toks = prompt.tokens
         pages, hit = self.prefix.lookup(toks)
         if prompt.head == "slot":  # every score slot must be computed: no hit beyond the first slot
-            keep = min(len(pages), int(prompt.slot_positions[0]) // PAGE)
+            # (with a query adapter, none beyond the first query row: those rows are the adapter's)
+            first = int(np.argmax(query_rows(prompt))) if self.has_query_adapter else int(prompt.slot_positions[0])
+            keep = min(len(pages), first // PAGE)
             pages, hit = pages[:keep], keep * PAGE
         lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32),
                            np.asarray(toks[hit:]), hit, shard)
@@ -391,7 +461,17 @@ class Engine:
         logits, _, _, kv = blended_prefill(
             params, pk, pv, *lay.arrays(), answer_logit_ids(prompt), out_rows=slot_rows(prompt, hit),
             cfg=self.cfg, n_select=len(lay.tokens), all_fresh=True, return_kv=True)
+        requeried = 0
+        if prompt.head == "slot" and self.has_query_adapter:  # the query rows again, adapted, over that KV
+            pb = len(lay.prefix_slots)
+            query = np.zeros(len(lay.tokens), bool)
+            query[:lay.n_suffix] = query_rows(prompt)[hit:]
+            logits = query_pass(self._params_on(dev, query=True), self.cfg, pk, pv, lay.prefix_slots, lay.prefix_valid,
+                                lay.tokens, lay.real_pos, kv.k[:, 0, pb:], kv.v[:, 0, pb:], query, lay.valid,
+                                slot_rows(prompt, hit))
+            requeried = int(query.sum())
         scores, extra = self._scores(params, prompt, logits, kv)
+        extra += requeried
         scores = np.asarray(scores)
         ttft = time.perf_counter() - t0
         # store the new full pages (vLLM writes them during prefill; here after the answer)

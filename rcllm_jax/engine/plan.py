@@ -92,6 +92,17 @@ def stitch_plan(prompt: Prompt, canon_starts: Sequence[int | None], sink: int = 
                       forced=np.asarray(forced, bool), block=np.asarray(owner, np.int32), n_prefix=n_prefix)
 
 
+def query_rows(prompt: Prompt) -> np.ndarray:
+    """[n] bool: the rows every block mode computes per request (blocks after the history that are
+    not items: glue, score slots, question; and the last token), where a query adapter applies.
+    The same set as `stitch_plan(...).forced` with every item block cached and no sink."""
+    rows = np.zeros(len(prompt), bool)
+    for j, (a, b) in enumerate(prompt.spans()):
+        rows[a:b] = j >= 2 and prompt.blocks[j].kind != "item"
+    rows[-1] = True
+    return rows
+
+
 def stitched_masks(real_pos, canon_pos, seg, forced, valid, sliding_window: int | None = None):
     """[B, T, S] masks of one forward pass that reproduces stitching, all through `attention_mask`:
     (block_mask: queries that are not forced vs keys at canonical positions,

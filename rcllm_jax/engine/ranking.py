@@ -19,6 +19,8 @@ import numpy as np
 
 from rcllm_jax.buckets import bucket
 from rcllm_jax.data.prompt import Prompt, check_prompt_length
+from rcllm_jax.engine.plan import query_rows
+from rcllm_jax.engine.selective_recompute import blended_prefill
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head, rms_norm
 
@@ -127,9 +129,31 @@ def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_log
     return jax.nn.log_softmax(seq_lp), m
 
 
-def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt, head=None) -> RankResult:
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _full_kv(params: Params, tokens, n_valid, *, cfg: ModelConfig):
+    # tokens [1, Tb] right-padded -> the base model's KV of the whole prompt ([L, Tb, K, H] each)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    _, kv = forward(params, tokens, positions, cfg=cfg, valid=positions < n_valid, return_hidden=True)
+    return kv.k[:, 0], kv.v[:, 0]
+
+
+def query_pass(query_params: Params, cfg: ModelConfig, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
+               base_k, base_v, query, valid, out_rows):
+    """A query adapter's rows recomputed over the base model's KV: the suffix rows `query` [T] run
+    with `query_params` over the exact prefix (pool slots) and the base KV of the other suffix
+    rows (base_k/v [L, T, K, H]). Returns the final-normed hidden states at out_rows [C, D]."""
+    query = np.asarray(query) & np.asarray(valid)
+    hidden, *_ = blended_prefill(query_params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
+                                 np.asarray(valid) & ~query, query, valid, None, base_k, base_v, out_rows,
+                                 cfg=cfg, n_select=bucket(int(query.sum()), 16))
+    return hidden
+
+
+def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt, head=None, query_params: Params | None = None
+              ) -> RankResult:
     """Full prefill of the whole prompt (the reference every cached mode is compared with).
-    head: the `SlotHead` that scores a slot prompt."""
+    head: the `SlotHead` that scores a slot prompt. query_params: its query adapter's weights (the
+    base model reads the prompt, then they recompute the query rows over its KV)."""
     n = len(prompt)
     check_prompt_length(n, cfg.max_position, "the model's context")
     tb = bucket(n, 64)
@@ -139,9 +163,19 @@ def rank_full(params: Params, cfg: ModelConfig, prompt: Prompt, head=None) -> Ra
     if prompt.head == "slot":
         if head is None:
             raise ValueError("a slot prompt needs a trained ranking head (SlotHead)")
-        hidden = _full_slots(params, jnp.asarray(tokens), n, jnp.asarray(slot_rows(prompt)), cfg=cfg)
+        computed = n
+        if query_params is None:
+            hidden = _full_slots(params, jnp.asarray(tokens), n, jnp.asarray(slot_rows(prompt)), cfg=cfg)
+        else:
+            bk, bv = _full_kv(params, jnp.asarray(tokens), n, cfg=cfg)
+            pos = np.arange(tb, dtype=np.int32)
+            query = np.zeros(tb, bool)
+            query[:n] = query_rows(prompt)
+            hidden = query_pass(query_params, cfg, bk, bv, np.zeros(0, np.int32), np.zeros(0, bool), tokens[0], pos,
+                                bk, bv, query, pos < n, slot_rows(prompt))
+            computed += int(query.sum())
         scores = head.scores(np.asarray(hidden)[:len(prompt.candidates)])
-        return RankResult(scores=scores, ttft_s=time.perf_counter() - t0, prompt_tokens=n, computed_tokens=n)
+        return RankResult(scores=scores, ttft_s=time.perf_counter() - t0, prompt_tokens=n, computed_tokens=computed)
     first_logits, kv = _full_prefill(params, jnp.asarray(tokens), n, answer_logit_ids(prompt), cfg=cfg,
                                      return_kv=not prompt.single_token_labels)
     scores, extra = candidate_scores(params, cfg, prompt, first_logits, kv)

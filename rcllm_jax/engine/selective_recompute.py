@@ -78,6 +78,44 @@ def selection_size(forced, cached, valid, policy: Policy) -> int:
     return min(len(valid), bucket(max(want, 1), 16))
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillInputs:
+    """Everything `blended_prefill` takes for one request except the weights: the request's device
+    arrays (in its order) and its static arguments. `run(params)` is the one call that serving
+    (`Engine.rank`) and training (`train/ranker.py`, differentiating through it) both make."""
+
+    arrays: tuple  # pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos, cached, forced, valid,
+    #                logit_ids, cached_k, cached_v, out_rows
+    n_select: int
+    cfg: ModelConfig
+    check_layer: int | None = None
+    deviation_on: str = "k"
+    return_kv: bool = False
+    impl: str = "xla"
+
+    def run(self, params):
+        return blended_prefill(params, *self.arrays, cfg=self.cfg, n_select=self.n_select,
+                               check_layer=self.check_layer, deviation_on=self.deviation_on,
+                               return_kv=self.return_kv, impl=self.impl)
+
+    def padded(self, prefix: int, suffix: int, n_select: int) -> "PrefillInputs":
+        """The same request in larger shapes (prefix slots, suffix rows, recompute rows): padding is
+        never attended and never selected, so the outputs are unchanged; one compiled program
+        for requests of different lengths (training)."""
+        pk, pv, ps, pvd, tok, pos, cached, forced, valid, lid, ck, cv, rows = self.arrays
+        p0, t0 = ps.shape[0], tok.shape[0]
+        if prefix < p0 or suffix < t0 or n_select < self.n_select:
+            raise ValueError(f"cannot pad a request of {p0} prefix / {t0} suffix / {self.n_select} recomputed "
+                             f"rows to {prefix} / {suffix} / {n_select}")
+        padp = lambda a: jnp.pad(a, (0, prefix - p0))  # noqa: E731
+        padt = lambda a: jnp.pad(a, [(0, suffix - t0)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+        padkv = lambda a: jnp.pad(a, [(0, 0), (0, suffix - t0), (0, 0), (0, 0)])  # noqa: E731
+        pos = jnp.concatenate([jnp.asarray(pos), jnp.asarray(pos)[-1] + 1 + jnp.arange(suffix - t0, dtype=jnp.int32)])
+        arrays = (pk, pv, padp(ps), padp(pvd), padt(tok), pos, padt(cached), padt(forced), padt(valid), lid,
+                  padkv(ck), padkv(cv), rows)
+        return dataclasses.replace(self, arrays=arrays, n_select=n_select)
+
+
 def _layer_params(layers, i):
     """One layer's weights, read by (traced) index inside a scan: no copy of the whole stack."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
@@ -169,7 +207,10 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
 
     def body(x_r, xs):
         i, lck, lcv, lpk, lpv = xs
-        p = _layer_params(layers, i)
+        # from layer 0 the weights are scanned over as they are stacked (no copy; a differentiated
+        # call then accumulates one layer's cotangent per step, not the whole stack's); from a
+        # check layer on they are read by index (slicing the stack would copy it)
+        p = i if start == 0 else _layer_params(layers, i)
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
         lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
         lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
@@ -182,7 +223,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)
-    x_r, out = jax.lax.scan(body, x_r, (jnp.arange(start, cfg.num_layers), ck[sl], cv[sl], pk[sl], pv[sl]))
+    x_r, out = jax.lax.scan(body, x_r, (layers if start == 0 else jnp.arange(start, cfg.num_layers),
+                                        ck[sl], cv[sl], pk[sl], pv[sl]))
     if out_rows is None:
         logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
     else:

@@ -12,8 +12,16 @@ order when the prompt lists them so; `--candidate_order`). Its weights apply onl
 rows, so training it never invalidates a cached block, and its training examples are computed by
 the engine's own serving path (`train/slot_head.py`): one definition for training and serving.
 
-Saved as safetensors (`theta`, `bias`) with the base model's fingerprint in the metadata; loading
-it onto other weights is refused.
+A head may carry a **query adapter**: LoRA weights (`model/lora.py`) that apply only to the rows
+the engine computes per request (glue, score slots, question), never to the cached rows (item
+blocks, the user's history prefix), which stay the base model's. Its scores are defined as:
+the base model reads the whole prompt (a full prefill), then the adapted weights recompute the
+query rows over that KV (`engine/ranking.py::rank_full`); the block modes replace the base KV of
+the item blocks with their cached copies. Retraining it never invalidates an item cache.
+
+Saved as safetensors (`theta`, `bias`, `adapter.<projection>.a|b`) with the base model's
+fingerprint and the adapter's LoRA config in the metadata; loading it onto other weights is
+refused.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rcllm_jax.model.lora import LoraConfig, merge
 
 
 def slot_features(hidden):
@@ -67,6 +77,15 @@ class SlotHead:
     bias: float
     base_fingerprint: str  # the weights whose slot hidden states it reads
     card: dict = dataclasses.field(default_factory=dict)  # how it was made (command, data, metrics)
+    adapter: dict | None = None  # query adapter: {projection: {"a": [Lt, in, r], "b": [Lt, r, out]}}
+    adapter_cfg: LoraConfig | None = None
+
+    def query_params(self, params):
+        """The weights that compute the query rows: the base with the query adapter folded in
+        (the base itself without one)."""
+        if self.adapter is None:
+            return params
+        return merge(params, jax.tree.map(jnp.asarray, self.adapter), self.adapter_cfg)
 
     def scores(self, hidden) -> np.ndarray:
         """[K] log-softmax scores of the K candidates from their slot hidden states [K, D]."""
@@ -79,8 +98,15 @@ class SlotHead:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / "head.safetensors.tmp"
-        save_file({"theta": np.asarray(self.theta, np.float32), "bias": np.asarray([self.bias], np.float32)},
-                  str(tmp), metadata={"base_fingerprint": self.base_fingerprint, "card": json.dumps(self.card)})
+        tensors = {"theta": np.asarray(self.theta, np.float32), "bias": np.asarray([self.bias], np.float32)}
+        meta = {"base_fingerprint": self.base_fingerprint, "card": json.dumps(self.card)}
+        if self.adapter is not None:
+            tensors.update({f"adapter.{n}.{ab}": np.asarray(w[ab], np.float32)
+                            for n, w in self.adapter.items() for ab in ("a", "b")})
+            c = self.adapter_cfg
+            meta["adapter"] = json.dumps({"rank": c.rank, "alpha": c.alpha, "targets": list(c.targets),
+                                          "first_layer": c.first_layer})
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(d / "head.safetensors")
         return d / "head.safetensors"
 
@@ -94,7 +120,14 @@ class SlotHead:
             with safe_open(str(p), framework="numpy") as f:
                 meta = f.metadata() or {}
                 theta, bias = f.get_tensor("theta"), f.get_tensor("bias")
-            head = cls(theta, float(bias[0]), meta["base_fingerprint"], json.loads(meta.get("card", "{}")))
+                adapter = lcfg = None
+                if "adapter" in meta:
+                    a = json.loads(meta["adapter"])
+                    lcfg = LoraConfig(rank=int(a["rank"]), alpha=float(a["alpha"]), targets=tuple(a["targets"]),
+                                      first_layer=int(a["first_layer"]))
+                    adapter = {n: {ab: f.get_tensor(f"adapter.{n}.{ab}") for ab in ("a", "b")} for n in lcfg.targets}
+            head = cls(theta, float(bias[0]), meta["base_fingerprint"], json.loads(meta.get("card", "{}")),
+                       adapter, lcfg)
         except Exception as e:  # noqa: BLE001 - any read failure: a missing or damaged file
             raise HeadError(f"ranking head {p} is missing or damaged ({type(e).__name__}: {e})") from e
         if expect_fingerprint is not None and head.base_fingerprint != expect_fingerprint:

@@ -1,4 +1,5 @@
-"""Training the score-slot ranking head on the engine's own serving computation.
+"""The score-slot head's training data and its stage-1 fit (launch/train.py; stage 2, the head
+with a query adapter, is `train/ranker.py`).
 
 Examples (no leakage): for each held-back position p (target = the p-th item from the end of a
 user's sequence, history = everything before it), an item-kNN retriever fitted on every user's
@@ -8,7 +9,7 @@ leave-one-out validation targets with the training-split retriever, as `bench.py
 --candidates=retrieved` evaluates them.
 
 Each example's features are the slot states the engine computes when it serves the prompt
-(`Engine.slot_states` in the serving mode, rcllm by default: cached item blocks, recomputed
+(`train/ranker.py::base_states`, the rcllm path: cached item blocks, recomputed glue and
 slots), so training and serving share one definition. The base model stays frozen, so the states
 are computed once; the head (`engine/slot_head.py`) is fitted on them with a listwise softmax
 cross-entropy + L2 on the hidden-state weights (the position weight is not penalised), full batch,
@@ -76,23 +77,6 @@ def validation_examples(split, *, num_candidates: int = 20, order: str = "retrie
         if target in cands:
             out.append(Example(u, hist, cands, cands.index(target)))
     return out, len(split.users)
-
-
-def collect_states(engine, builder, examples, mode: str = "rcllm", done=None, checkpoint=None, every: int = 50,
-                   progress=None):
-    """[N, K, D] slot states of every example in `mode` (the serving path). done: states already
-    collected (a resumed run), continued from where they stop; checkpoint(states) is called every
-    `every` examples and at the end; progress() after each example."""
-    states = list(done) if done is not None else []
-    for e in examples[len(states):]:
-        states.append(engine.slot_states(builder.build(e.history, e.candidates), mode, user_id=e.user))
-        if progress is not None:
-            progress()
-        if checkpoint is not None and len(states) % every == 0:
-            checkpoint(states)
-    if checkpoint is not None:
-        checkpoint(states)
-    return np.stack(states)
 
 
 def _loss(params, feats, targets, l2):
