@@ -30,10 +30,14 @@ from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, 
 
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
-_MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes: full, prefix, stitch, sink, deviation, rcllm.")
+_MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes: full, prefix, prefix_warm (prefix caching with the "
+                           "user's instruction + history pages computed at event time), stitch, sink, deviation, rcllm.")
 _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Dataset.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
 _USERS = flags.DEFINE_integer("num_users", 100, "Users in the stream.")
+_REQS = flags.DEFINE_string("requests", None, "Replay a request log instead of MovieLens test requests: JSON lines "
+                            "{user_id, history, candidates[, target][, arrival_s]} (README); accuracy over the "
+                            "lines with a target, open-loop response times from arrival_s.")
 _RPU = flags.DEFINE_integer("requests_per_user", 1, "Requests per user (histories grow between them).")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (held-out item + negatives, or the "
                               "retriever's top-K).")
@@ -176,18 +180,21 @@ def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
     return written
 
 
-def _open_loop(service_s, seed: int) -> dict:
+def _open_loop(service_s, seed: int, arrivals=None) -> dict:
     """Response times of one engine serving the stream in order when requests arrive as a Poisson
-    process of --arrival_rate (queueing simulated from measured service times)."""
+    process of --arrival_rate, or at a replayed log's arrival times (queueing simulated from
+    measured service times)."""
     import numpy as np
-    if _RATE.value <= 0:
+    if arrivals is None and _RATE.value <= 0:
         return {}
-    arrive = np.cumsum(np.random.default_rng([seed, 11]).exponential(1.0 / _RATE.value, len(service_s)))
+    arrive = (np.asarray(arrivals, np.float64) if arrivals is not None else
+              np.cumsum(np.random.default_rng([seed, 11]).exponential(1.0 / _RATE.value, len(service_s))))
     end, resp = 0.0, []
     for a, s in zip(arrive, service_s):
         end = max(a, end) + s
         resp.append(end - a)
-    return {"arrival_rate": _RATE.value, "response_p50_s": _pct(resp, 50), "response_p99_s": _pct(resp, 99),
+    rate = _RATE.value if arrivals is None else len(arrive) / max(arrive[-1] - arrive[0], 1e-9)
+    return {"arrival_rate": rate, "response_p50_s": _pct(resp, 50), "response_p99_s": _pct(resp, 99),
             "utilization": float(sum(service_s) / max(end, 1e-9))}
 
 
@@ -208,6 +215,11 @@ def run_stream(engine, mode, requests, prompts, policies, peer=None):
         upd = None
         if mode.startswith("hf_"):
             res = peer.rank(p, mode, q.user_id)
+        elif mode == "prefix_warm":  # the user's prefix pages computed at event time, off the request path
+            t0 = time.perf_counter()
+            engine.warm_prefix(p)
+            upd = time.perf_counter() - t0
+            res = engine.rank(p, mode, q.user_id)
         elif mode in policies:
             t0 = time.perf_counter()
             engine.update_user(q.user_id, p)
@@ -257,7 +269,15 @@ def main(argv):
                           "fit_s": time.perf_counter() - t1}
     pick = dict(num_candidates=_CANDS.value, negatives=_NEG.value, seed=_SEED.value, retriever=retriever,
                 order=_ORDER.value)
-    if _RPU.value > 1:
+    if _REQS.value:
+        from rcllm_jax.data.pipeline import read_request_log
+        try:
+            requests = read_request_log(_REQS.value, ds.items)
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"--requests: {e}") from None
+        if retriever is not None:
+            raise app.UsageError("--requests brings its own candidates: drop --candidates=retrieved")
+    elif _RPU.value > 1:
         requests = stream_requests(split, num_users=_USERS.value, requests_per_user=_RPU.value, **pick)
     else:
         requests = list(eval_requests(split, stage=_STAGE.value, num_users=_USERS.value, **pick))
@@ -278,7 +298,7 @@ def main(argv):
 
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
                     canonical=_CANON.value, user_pages=_USER_PAGES.value,
-                    prefix_pages=_PREFIX_PAGES.value if "prefix" in modes else 1,  # pool is per device
+                    prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # pool is per device
                     attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
@@ -351,6 +371,8 @@ def main(argv):
     ref = [r.scores for r, _ in results["full"]] if "full" in results else None
     full_metrics = None
     retrieved = np.array([q.target_index is not None for q in requests])
+    # a replayed log scores only its lines with a target; generated requests all have one
+    scored = np.array([q.target is not None for q in requests])
 
     def all_metrics(ranks):
         """Over every request (a target not among the candidates is a miss), and with retrieved
@@ -361,7 +383,9 @@ def main(argv):
             out = {f"{k}{suffix}": float(v.mean()) for k, v in per.items()}
             out |= {f"{k}{suffix}_ci": bootstrap_ci(per[k], seed=_SEED.value) for k in ("hr@10", "ndcg@10")}
             return out
-        out = with_ci(ranks)
+        if not scored.any():
+            return {}
+        out = with_ci(np.asarray(ranks)[scored])
         if retriever is not None and retrieved.any():
             out |= with_ci(np.asarray(ranks)[retrieved], "_retrieved")
         return out
@@ -385,7 +409,8 @@ def main(argv):
                "compiles_during_timing": results[mode + "/compiles"],
                "floor_s_p50": _pct([floor_s(r, p) for r, p in zip(res, prompts)], 50),
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
-               **_open_loop([r.ttft_s + (u or 0.0) for r, u in results[mode]], _SEED.value),
+               **_open_loop([r.ttft_s + (u or 0.0) for r, u in results[mode]], _SEED.value,
+                            [q.arrival_s for q in requests] if requests[0].arrival_s is not None else None),
                **metrics}
         row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]
         # the floor's parts: FLOPs that must be computed, bytes that must be read (cached KV +

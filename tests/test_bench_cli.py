@@ -73,3 +73,34 @@ def test_unknown_toml_key_is_refused(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--config={cfg}"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode != 0 and "unknown key workload.num_userz" in r.stderr
+
+
+def test_replay_a_request_log_with_prefix_warm(tmp_path):
+    """--requests replays our own lines (opaque user ids, arrival times, one without a target);
+    prefix_warm computes each user's instruction + history pages at event time, so a request
+    computes less than plain prefix caching on a first visit and ranks exactly as full prefill."""
+    log = tmp_path / "reqs.jsonl"
+    lines = [{"user_id": "u-1", "history": [1, 50, 181], "candidates": [7, 100, 258, 9], "target": 100, "arrival_s": 0},
+             {"user_id": 42, "history": [12, 13], "candidates": [1, 2, 3], "arrival_s": 0.5},
+             {"user_id": "u-1", "history": [1, 50, 181, 100], "candidates": [7, 258, 9, 11], "target": 9,
+              "arrival_s": 2.0}]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--requests={log}",
+                        "--modes=full,prefix,prefix_warm,rcllm", "--history_len=4", "--peers=", "--nowarmup",
+                        f"--output_json={out}"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in data["results"]}
+    assert data["config"]["num_requests"] == 3
+    warm, cold = rows["prefix_warm"], rows["prefix"]
+    assert warm["top1_agreement"] == 1.0 and warm["kl_mean"] < 1e-6
+    assert warm["computed_tokens_p50"] < cold["computed_tokens_p50"] and warm["history_update_s_p50"] > 0
+    assert rows["full"]["hr@5"] == 1.0 and "response_p50_s" in rows["rcllm"]  # 2 lines with a target, <= 4 candidates
+    # a bad line is named, and nothing runs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "candidates": [1, 99999]}) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--requests={bad}", "--modes=full",
+                        "--peers=", f"--output_json={tmp_path / 'x.json'}"], capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and f"{bad}:2: unknown item 99999 in candidates" in r.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -56,3 +56,33 @@ def test_stream_grows_histories_and_refreshes_candidates(split):
             assert r.target == seq[len(r.history)] and r.target in r.candidates
     assert set(growths) <= {0, 1, 2} and 0.3 < np.mean([g > 0 for g in growths]) < 0.7
     assert reqs == stream_requests(split, num_users=20, requests_per_user=4, seed=2)
+
+
+def test_request_log_is_checked_line_by_line(split, tmp_path):
+    import json
+
+    from rcllm_jax.data.pipeline import read_request_log
+    items = split.dataset.items
+    good = [{"user_id": "a", "history": [1, 2], "candidates": [3, 4], "target": 4},
+            {"user_id": 7, "history": [], "candidates": [5]}]
+    p = tmp_path / "log.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in good) + "\n")
+    reqs = read_request_log(p, items)
+    assert [(r.user_id, r.history, r.candidates, r.target, r.target_index) for r in reqs] == [
+        ("a", (1, 2), (3, 4), 4, 1), (7, (), (5,), None, None)]
+    cases = {'{"user_id": 1, "history": [1]}': "missing ['candidates']",
+             "not json": "not JSON",
+             '[1, 2]': "a request is a JSON object",
+             '{"user_id": 1, "history": [1], "candidates": [2, 2]}': "duplicate candidates: [2]",
+             '{"user_id": 1, "history": [99999], "candidates": [2]}': "unknown item 99999 in history",
+             '{"user_id": 1, "history": [1], "candidates": ["2"]}': "candidates must be a list of integer item ids",
+             '{"user_id": 1, "history": [1], "candidates": [2], "score": 1}': "unknown fields ['score']",
+             '{"user_id": true, "history": [1], "candidates": [2]}': "user_id must be",
+             '{"user_id": 1, "history": [1], "candidates": [2], "target": 99999}': "target must be a known item"}
+    for line, msg in cases.items():
+        p.write_text(json.dumps(good[0]) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=f"log.jsonl:2: .*{__import__('re').escape(msg)}"):
+            read_request_log(p, items)
+    p.write_text(json.dumps({**good[0], "arrival_s": 1.0}) + "\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(ValueError, match="on every line or on none"):
+        read_request_log(p, items)

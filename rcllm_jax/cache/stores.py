@@ -153,9 +153,10 @@ class PrefixCache:
             out.append(h)
         return out
 
-    def lookup(self, tokens) -> tuple[list[int], int]:
+    def lookup(self, tokens, count: bool = True) -> tuple[list[int], int]:
         """Pages of the longest cached chain from the start, and the tokens they cover. The last
-        token is never served from cache (its logits must be computed)."""
+        token is never served from cache (its logits must be computed). count=False: a look that
+        is not a request (event-time warming), left out of the hit statistics."""
         pages = []
         for h in self._hashes(tokens[:len(tokens) - 1]):
             page = self.pages.get(h)
@@ -163,8 +164,9 @@ class PrefixCache:
                 break
             self.pages.move_to_end(h)
             pages.append(page)
-        self.stats["hit_tokens"] += len(pages) * PAGE
-        self.stats["lookup_tokens"] += len(tokens)
+        if count:
+            self.stats["hit_tokens"] += len(pages) * PAGE
+            self.stats["lookup_tokens"] += len(tokens)
         return pages, len(pages) * PAGE
 
     def insert(self, tokens, kv_k, kv_v, start: int):

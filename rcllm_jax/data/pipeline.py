@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import grain
 import numpy as np
@@ -12,10 +13,11 @@ from rcllm_jax.data.movielens import LeaveOneOut, sample_candidates
 
 @dataclasses.dataclass(frozen=True)
 class RankRequest:
-    user_id: int
+    user_id: int | str
     history: tuple[int, ...]  # item ids, oldest first (the prompt keeps the last H)
     candidates: tuple[int, ...]  # item ids, prompt order
     target: int | None = None  # held-out item, when known (evaluation)
+    arrival_s: float | None = None  # when it arrived (a replayed request log)
 
     @property
     def target_index(self) -> int | None:
@@ -87,3 +89,65 @@ def stream_requests(split: LeaveOneOut, *, num_users: int, requests_per_user: in
             reqs.append(RankRequest(u, seq[:h], cands, target))
         per_user.append(reqs)
     return [reqs[j] for j in range(requests_per_user) for reqs in per_user]
+
+
+REQUEST_LOG_FIELDS = {"user_id", "history", "candidates", "target", "arrival_s"}
+
+
+def read_request_log(path, items, max_candidates: int | None = None) -> list[RankRequest]:
+    """A request log to replay (`bench.py --requests`): JSON lines, one request each,
+    {"user_id": id, "history": [item ids, oldest first], "candidates": [item ids],
+    "target": item id (optional: what the user chose, for accuracy), "arrival_s": seconds
+    (optional: open-loop replay)}. Blank lines are skipped. Every line is checked before any is
+    run: a malformed line, an unknown item or a bad candidate list is a ValueError naming the
+    line."""
+    from rcllm_jax.data.prompt import check_candidates
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: a request is a JSON object, got {type(d).__name__}")
+            missing = {"user_id", "history", "candidates"} - set(d)
+            extra = set(d) - REQUEST_LOG_FIELDS
+            if missing or extra:
+                raise ValueError(f"{where}: " + (f"missing {sorted(missing)}" if missing else f"unknown fields {sorted(extra)}"))
+            uid = d["user_id"]
+            if isinstance(uid, bool) or not isinstance(uid, (int, str)) or uid == "":
+                raise ValueError(f"{where}: user_id must be a non-empty string or an integer")
+            lists = {}
+            for key in ("history", "candidates"):
+                v = d[key]
+                if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                    raise ValueError(f"{where}: {key} must be a list of integer item ids")
+                unknown = [i for i in v if i not in items]
+                if unknown:
+                    raise ValueError(f"{where}: unknown item {unknown[0]} in {key}")
+                lists[key] = tuple(v)
+            try:
+                check_candidates(lists["candidates"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if max_candidates is not None and len(lists["candidates"]) > max_candidates:
+                raise ValueError(f"{where}: {len(lists['candidates'])} candidates, at most {max_candidates}")
+            target, arrival = d.get("target"), d.get("arrival_s")
+            if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target not in items):
+                raise ValueError(f"{where}: target must be a known item id")
+            if arrival is not None and (not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or arrival < 0):
+                raise ValueError(f"{where}: arrival_s must be a number >= 0")
+            out.append(RankRequest(uid, lists["history"], lists["candidates"], target,
+                                   None if arrival is None else float(arrival)))
+    if not out:
+        raise ValueError(f"{path}: no requests")
+    arrivals = [r.arrival_s for r in out]
+    if any(a is None for a in arrivals) and any(a is not None for a in arrivals):
+        raise ValueError(f"{path}: arrival_s must be given on every line or on none")
+    if arrivals[0] is not None and any(b < a for a, b in zip(arrivals, arrivals[1:])):
+        raise ValueError(f"{path}: arrival_s must not decrease from line to line")
+    return out
