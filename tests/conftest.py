@@ -37,3 +37,10 @@ def smollm2_path():
 def smollm2(smollm2_path):
     from rcllm_jax.model import load_model
     return load_model(smollm2_path)
+
+
+def tiny_config():
+    """The small random Llama the slot-prompt tests run on (vocabulary of the real tokenizer)."""
+    from rcllm_jax.model import ModelConfig
+    return ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)

@@ -7,17 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import rel_err, tiny_config
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
 from rcllm_jax.engine.engine import Engine
 from rcllm_jax.engine.selective_recompute import Policy
 from rcllm_jax.engine.slot_head import HeadError, SlotHead
-from rcllm_jax.model import ModelConfig, forward, init_params
+from rcllm_jax.model import forward, init_params
 
-CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=3,
-                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)
+CFG = tiny_config()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.engine.plan import Layout, device_layout, fresh_layout, query_rows, served_from_cache, stitch_plan
+from rcllm_jax.engine.plan import device_layout, fresh_layout, query_rows, served_from_cache, stitch_plan
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError

@@ -24,7 +24,6 @@ optimizer state, step; the data order is a function of the seed and the step).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from rcllm_jax.engine.selective_recompute import PrefillInputs
 from rcllm_jax.engine.slot_head import SlotHead, head_scores, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
 from rcllm_jax.model.lora import PROJECTIONS, LoraConfig, init_lora, merge
+from rcllm_jax.train.checkpoints import CheckpointMismatchError, open_manager  # noqa: F401 (re-exported)
 from rcllm_jax.train.slot_head import Example
 from rcllm_jax.train.step import make_optimizer
 
@@ -161,10 +161,6 @@ def ndcg_within(scores_list, targets) -> float:
     return float(per_request_metrics(np.asarray(ranks))["ndcg@10"].mean())
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint directory written by another run (model, examples or settings)."""
-
-
 class RankerTrainer:
     """Stage 2: the head and the query adapter trained together on the engine's rcllm path."""
 
@@ -181,9 +177,8 @@ class RankerTrainer:
         self.optimizer, self.schedule = make_optimizer(cfg.lr, cfg.warmup, cfg.steps, cfg.weight_decay)
         self.state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
                       "opt_state": self.optimizer.init(trainable)}
-        self.identity = json.loads(json.dumps({"format": CHECKPOINT_FORMAT, "base_fingerprint": engine.fingerprint,
-                                               "config": dataclasses.asdict(cfg), "data": data_key,
-                                               "initial_head": _digest(head)}))  # as run.json reads back
+        self.identity = {"format": CHECKPOINT_FORMAT, "base_fingerprint": engine.fingerprint,
+                         "config": dataclasses.asdict(cfg), "data": data_key, "initial_head": _digest(head)}
         self._grad = {}
         self._fwd = {}
         self.manager = None if checkpoint_dir is None else self._manager(Path(checkpoint_dir))
@@ -193,23 +188,7 @@ class RankerTrainer:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def _manager(self, path: Path):
-        import orbax.checkpoint as ocp
-        path = path.resolve()
-        ident = path / "run.json"
-        if ident.exists():
-            old = json.loads(ident.read_text())
-            if old != self.identity:
-                what = [k for k in self.identity if old.get(k) != self.identity[k]]
-                raise CheckpointMismatchError(f"{path} holds checkpoints of another run (different {', '.join(what)}); "
-                                              "use a new --output_dir or the original settings")
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            tmp = ident.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.identity, indent=1))
-            tmp.rename(ident)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True,
-                                            enable_async_checkpointing=False)
-        return ocp.CheckpointManager(path / "ckpt", options=opts)
+        return open_manager(path, self.identity, self.cfg.keep_checkpoints)
 
     def _restore(self):
         import orbax.checkpoint as ocp

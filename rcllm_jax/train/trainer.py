@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import LoraConfig
 from rcllm_jax.train.data import ExampleMaker, fit_prompt, prompt_arrays, train_dataset, training_pairs
+from rcllm_jax.train.checkpoints import CheckpointMismatchError, open_manager  # noqa: F401 (re-exported)
 from rcllm_jax.train.step import Spec, make_eval_step, make_optimizer, make_train_step, merged_params, trainable_init
 
 CHECKPOINT_FORMAT = 1
@@ -58,10 +58,6 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch={self.micro_batch}")
         if self.num_candidates > 52:
             raise ValueError("training uses single-token labels: at most 52 candidates")
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint directory written by a different run (model, data or trained parameters)."""
 
 
 def _identity(cfg: TrainConfig, model_cfg: ModelConfig, fingerprint: str) -> dict:
@@ -114,27 +110,12 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def _manager(self, path: Path):
-        import orbax.checkpoint as ocp
-        path = path.resolve()
-        ident = path / "run.json"
-        if ident.exists():
-            old = json.loads(ident.read_text())
-            if old != self.identity:
-                diff = sorted(k for k in set(old.get("train", {})) | set(self.identity["train"])
-                              if old.get("train", {}).get(k) != self.identity["train"].get(k))
-                what = ("base model" if old.get("base_fingerprint") != self.identity["base_fingerprint"]
-                        else f"settings {diff}" if diff else "checkpoint format or model config")
-                raise CheckpointMismatchError(
-                    f"{path} holds checkpoints of another run (different {what}); use a new --checkpoint_dir "
-                    f"or the original settings")
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            tmp = ident.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.identity, indent=1))
-            tmp.rename(ident)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True,
-                                            enable_async_checkpointing=False)
-        return ocp.CheckpointManager(path / "ckpt", options=opts)
+        def describe(old):
+            diff = sorted(k for k in set(old.get("train", {})) | set(self.identity["train"])
+                          if old.get("train", {}).get(k) != self.identity["train"].get(k))
+            return ("base model" if old.get("base_fingerprint") != self.identity["base_fingerprint"]
+                    else f"settings {diff}" if diff else "checkpoint format or model config")
+        return open_manager(path, self.identity, self.cfg.keep_checkpoints, describe)
 
     def _restore(self):
         import orbax.checkpoint as ocp
