@@ -36,6 +36,8 @@ _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficien
 GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
 _SERVED_USERS = flags.DEFINE_integer("served_users", 300, "Test users of the served-model accuracy and fidelity run.")
 SERVED_MODES = "full,stitch,sink,deviation,rcllm"
+_TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
+_FID_USERS = flags.DEFINE_integer("fidelity_users", 40, "Test users of the ranker's fidelity run (full prefill).")
 SERVED_SWEEP = "0.05,0.1,0.2"
 
 WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
@@ -51,12 +53,80 @@ def _served_runs(out: Path) -> dict:
     return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
                              f"--modes={SERVED_MODES}", f"--sweep={SERVED_SWEEP}",
                              f"--output_json={out / 'served_sweep.json'}"],
-            "served TTFT": ["--num_users=20", *SERVED[:3], "--num_candidates=50", "--peers=", "--history_len=50",
-                            "--modes=full,prefix,rcllm", f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
+            "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
+                            "--history_len=50", "--modes=full,prefix,prefix_warm,rcllm",
+                            f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
+
+
+def _ranker_runs(out: Path) -> dict:
+    """The shipped ranker on the test targets: accuracy on --served_users (rcllm, with the
+    retriever / popularity / random rows) and fidelity to its own full prefill on --fidelity_users.
+    Its training curve is `launch/train.py`'s train_log.json, copied to ranker_train.json."""
+    return {"ranker accuracy": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
+                                "--modes=rcllm", f"--output_json={out / 'served_ranker.json'}"],
+            "ranker fidelity": [f"--num_users={_FID_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
+                                "--modes=full,rcllm", f"--output_json={out / 'served_ranker_fidelity.json'}"]}
+
+
+def _ranker_section(out: Path) -> list[str]:
+    """The served ranker: how it was trained (stage 1 vs stage 2 on validation, the learning
+    curve), and its test accuracy and fidelity."""
+    t, a, fd = out / "ranker_train.json", out / "served_ranker.json", out / "served_ranker_fidelity.json"
+    if not t.exists():
+        return []
+    log = json.loads(t.read_text())
+    card = log["card"]
+    best1 = max(log["stage1"], key=lambda r: r["val_ndcg@10"])
+    s2 = log.get("stage2") or {}
+    lines = ["## The served ranker: score-slot head + query adapter (training and test)", "",
+             f"Trained by `{card['command']}`: {card['train_examples']} training examples (targets held back at "
+             f"earlier positions, each with a retriever fitted before it), {card['val_examples']} validation examples "
+             f"(validation targets that the retriever put in its top-{card['num_candidates']}); stage 1 "
+             + (f"took {log['stage1_s'] / 60:.0f} min (every example served once)" if log["stage1_s"] > 60 else
+                "reused the states and prefixes of an earlier run with the same examples") +
+             (f", stage 2 {s2['curve'][-1]['wall_s'] / 60:.0f} min for {s2['curve'][-1]['step']} steps x "
+              f"{s2['config']['batch_size']} examples." if s2 else "."), "",
+             "| validation, NDCG@10 within the retrieved | value |", "|---|---|",
+             f"| retriever's own order | {_fmt(card.get('val_retriever_ndcg@10_within_retrieved'))} |",
+             f"| random order | {_fmt(card.get('val_random_ndcg@10_within_retrieved'))} |"]
+    lines += [f"| stage 1: head alone, L2 {r['l2']:g} | {_fmt(r['val_ndcg@10'])} |" for r in log["stage1"]]
+    for r in [r for r in s2.get("curve", []) if "val_ndcg@10" in r and r["step"] > 0]:
+        lines.append(f"| stage 2: head + query adapter, step {r['step']} ({r['wall_s'] / 60:.0f} min) | "
+                     f"{_fmt(r['val_ndcg@10'])} |")
+    lines.append("")
+    if s2:
+        final = s2["val_ndcg@10"]
+        lines.append(f"Stage 1's best L2 was {best1['l2']:g}. Validation NDCG@10 at the end of stage 2 {final:.3f} vs "
+                     f"stage 1 {best1['val_ndcg@10']:.3f} and the retriever's order "
+                     f"{_fmt(card.get('val_retriever_ndcg@10_within_retrieved'))}: the query adapter "
+                     f"{'added' if final > best1['val_ndcg@10'] else 'did not add'} to the head alone in this budget. "
+                     "The shipped head (`rcllm_jax/assets/slot_head/`, card in its README) is what serve.py, "
+                     "recommend.py and `bench.py --head=slot` use; a trained ranker is served with "
+                     "`--ranking_head=<output_dir>/ranker`. Learning curve (loss and validation NDCG@10 vs wall "
+                     f"time): [ranker_learning_curve.png]({out.as_posix()}/ranker_learning_curve.png)")
+        lines.append("")
+    for f, what in ((a, "test accuracy"), (fd, "fidelity to the ranker's own full prefill")):
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        c = d["config"]
+        k = c["num_candidates"]
+        recall = (c.get("retriever") or {}).get(f"recall@{k}", float("nan"))
+        lines += [f"**{what.capitalize()}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; "
+                  f"{c['num_requests']} test users, retriever recall@{k} {recall:.3f}):", "",
+                  "| row | NDCG@10 within retrieved [95% CI] | HR@10 within | HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in d["results"]:
+            ci = r.get("ndcg@10_retrieved_ci") or [None, None]
+            lines.append(f"| {r['mode']} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+                         f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
+                         f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
+        lines.append("")
+    return lines
 
 
 def _runs(out: Path):
-    runs = _served_runs(out) | {"zero-shot": [f"--num_users={_USERS.value}", *WORKLOAD, f"--output_json={out / 'zeroshot.json'}"]}
+    runs = _served_runs(out) | _ranker_runs(out) | {"zero-shot": [f"--num_users={_USERS.value}", *WORKLOAD, f"--output_json={out / 'zeroshot.json'}"]}
     if _TUNED.value:
         runs["tuned block-aware"] = [f"--num_users={_USERS.value}", *WORKLOAD, f"--model={_TUNED.value}",
                                      f"--output_json={out / 'tuned.json'}"]
@@ -108,7 +178,10 @@ def _served_section(out: Path) -> list[str]:
     c, rows = d["config"], {r["mode"]: r for r in d["results"]}
     r0 = c.get("retriever") or {}
     k = c["num_candidates"]
-    lines = ["## The served model: retrieve -> rerank (score-slot head)", "",
+    lines = ["## The served model: retrieve -> rerank (the shipped score-slot head)", "",
+             "The accuracy and fidelity sweep and the TTFT run are separate runs, possibly on different machines "
+             "(compare ratios within a run, not absolute times across runs); the rcllm policy was chosen on the sweep.",
+             "",
              f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
              f"{c['dataset']} test targets of {c['num_requests']} users, item-kNN top-{k} in the retriever's order, "
              f"history {c['history_len']}, prompt p50 {c['prompt_tokens']['p50']:.0f} tokens; retriever recall@{k} "
@@ -158,6 +231,15 @@ def _served_section(out: Path) -> list[str]:
                           f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
                           f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
                           f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}")
+            if "prefix_warm" in tr:
+                w = tr["prefix_warm"]
+                xw = w["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
+                checks.append(f"the same run, prefix_warm (the user's prefix pages computed at event time, "
+                              f"{w['computed_tokens_p50']:.0f} tokens computed per request vs rcllm's "
+                              f"{tr['rcllm']['computed_tokens_p50']:.0f}): {1e3 * w['ttft_p50_s']:.0f} ms, **{xw:.1f}x** "
+                              f"rcllm's TTFT (target >= 5x: {'met' if xw >= 5 else 'not met'}); event-time cost "
+                              f"p50 {_fmt(w.get('history_update_s_p50'), '.2f')} s (rcllm's user store: "
+                              f"{_fmt(tr['rcllm'].get('history_update_s_p50'), '.2f')} s)")
     lines += [f"- {x}" for x in checks] + [""]
     lines += _plot_links(f, c.get("plots", []))
     return lines + [""]
@@ -275,6 +357,7 @@ def _report(out: Path) -> str:
              "[--tuned_model=runs/block/merged]` (`--norun` rewrites this file from the JSON in "
              f"`{_OUT_DIR.value}`). Every figure below is read from those files.", "",
              ]
+    lines += _ranker_section(out)
     lines += _served_section(out)
     lines += ["## TTFT and fidelity per mode (label prompts, sampled candidates)", ""]
     for name, f in (("zero-shot", "zeroshot.json"), ("tuned block-aware", "tuned.json")):

@@ -195,9 +195,37 @@ def main(argv):
                            "val_ndcg@10": final})
     log["wall_s_this_run"] = time.perf_counter() - t0
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    if "stage2" in log:
+        _plot(log, out / "learning_curve.png")
     print(json.dumps({"val_retriever_ndcg@10": retr, "val_random_ndcg@10": rand, "stage1_val_ndcg@10": best["val_ndcg@10"],
                       "stage2_val_ndcg@10": log.get("stage2", {}).get("val_ndcg@10")}, indent=1))
     print(f"wrote {out} in {log['wall_s_this_run'] / 60:.1f} min")
+
+
+def _plot(log: dict, path: Path):
+    """Stage 2's learning curve: training loss and validation NDCG@10 vs wall time, with the
+    retriever's order and the stage-1 head on the same validation examples."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curve = log["stage2"]["curve"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tr = [r for r in curve if "loss" in r]
+    a.plot([r["wall_s"] / 60 for r in tr], [r["loss"] for r in tr], lw=0.8)
+    a.set(xlabel="wall time (min)", ylabel="training loss (listwise CE, per step)", title="stage 2: loss")
+    va = [r for r in curve if "val_ndcg@10" in r]
+    b.plot([r["wall_s"] / 60 for r in va], [r["val_ndcg@10"] for r in va], "o-", label="head + query adapter")
+    for name, key, style in (("retriever order", "val_retriever_ndcg@10_within_retrieved", "--"),
+                             ("random", "val_random_ndcg@10_within_retrieved", ":")):
+        if log["card"].get(key) is not None:
+            b.axhline(log["card"][key], ls=style, color="gray", label=name)
+    b.set(xlabel="wall time (min)", ylabel="validation NDCG@10 within the retrieved", title="stage 2: validation")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _last_wall(path: Path) -> float:
