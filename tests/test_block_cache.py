@@ -3,6 +3,8 @@
 A tiny random Llama (real SmolLM2 tokenizer vocabulary, real ML-100k prompts) keeps these fast;
 references are the plain full prefill (`forward`) and hand-computed selections."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +43,13 @@ def full_logits(eng, prompt):
 
 
 def run(eng, prompt, user, policy):
-    lay, _ = eng._stitch(prompt, user, policy, shard=0)
-    logits, r, sel, _ = eng._prefill(lay, policy, selection_size(lay.forced, lay.cached, lay.valid, policy))
+    """The engine's blended prefill of a block-mode request (`Engine.prefill_inputs`), with the
+    next token's logits over the whole vocabulary."""
+    inputs, lay, _ = eng.prefill_inputs(prompt, policy, user, shard=0)
+    assert inputs.n_select == selection_size(lay.forced, lay.cached, lay.valid, policy)
+    arrays = list(inputs.arrays)
+    arrays[9] = None  # logit_ids: every vocabulary entry
+    logits, r, sel, _ = dataclasses.replace(inputs, arrays=tuple(arrays)).run(eng.params)
     return np.asarray(logits), np.asarray(r)[np.asarray(sel)], lay
 
 
