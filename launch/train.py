@@ -45,7 +45,7 @@ _ORDER = flags.DEFINE_enum("candidate_order", "retriever", ["retriever", "shuffl
                            "Prompt order of the candidates (the head's position feature reads it).")
 _L2 = flags.DEFINE_list("l2", ["1e-3", "1e-2", "1e-1", "1"], "Stage 1: L2 strengths of the head (best validation wins).")
 _HEAD_STEPS = flags.DEFINE_integer("head_steps", 300, "Stage 1: full-batch Adam steps per L2 strength.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Stage 2: optimizer steps of head + query adapter (0: the head only).")
+_STEPS = flags.DEFINE_integer("steps", 120, "Stage 2: optimizer steps of head + query adapter (0: the head only).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Stage 2: examples per step (gradients accumulated).")
 _LR = flags.DEFINE_float("lr", 1e-3, "Stage 2: peak learning rate (AdamW, warm-up, cosine decay to 10%).")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Stage 2: warm-up steps.")
@@ -55,7 +55,7 @@ _TARGETS = flags.DEFINE_list("lora_targets", ["wq", "wk", "wv", "wo"], "Query ad
 _FIRST = flags.DEFINE_integer("first_layer", 0, "Query adapter: layers first_layer.. carry it (the gradient "
                               "runs through those only).")
 _VAL_N = flags.DEFINE_integer("val_examples", 0, "Validation examples used (0 = every retrieved one).")
-_VAL_EVERY = flags.DEFINE_integer("val_every", 50, "Stage 2: steps between validation runs.")
+_VAL_EVERY = flags.DEFINE_integer("val_every", 40, "Stage 2: steps between validation runs.")
 _CKPT = flags.DEFINE_integer("checkpoint_every", 25, "Stage 2: steps between Orbax checkpoints.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and the adapter's initialisation.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 0, "Use only the first N users (0 = all; smoke tests).")
