@@ -33,6 +33,7 @@ from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInp
 from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
+from rcllm_jax.model.lora import AdapterMismatchError, check_fits
 
 # prefix_warm: prefix caching whose instruction + history pages are computed at event time
 # (`warm_prefix`, like the user store of the block modes), the strongest prefix baseline
@@ -68,12 +69,10 @@ _STATES = _States()
 def _adapted(head, params, cfg: ModelConfig):
     """The base weights with the head's query adapter folded in; a HeadError when its shapes do
     not fit this model."""
-    for name, w in head.adapter.items():
-        base = params["layers"].get(name)
-        want = None if base is None else tuple(base[head.adapter_cfg.first_layer:].shape)
-        got = (w["a"].shape[0], w["a"].shape[1], w["b"].shape[2])
-        if want != got:
-            raise HeadError(f"the ranking head's query adapter does not fit this model ({name}: {got}, model {want})")
+    try:
+        check_fits(params, head.adapter, head.adapter_cfg)
+    except AdapterMismatchError as e:
+        raise HeadError(f"the ranking head's query adapter does not fit this model ({e})") from None
     return head.query_params(params)
 
 

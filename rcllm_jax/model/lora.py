@@ -119,9 +119,18 @@ def apply_adapter(params: Params, cfg: ModelConfig, path: str | Path, base_finge
         raise AdapterMismatchError(
             f"{path}: adapter was trained on other base weights (fingerprint {meta['base_fingerprint'][:12]}..., "
             f"loaded model {base_fingerprint[:12]}...); load the model it was trained on")
-    for name in lcfg.targets:
-        want = params["layers"][name][lcfg.first_layer:].shape
-        got = (lora[name]["a"].shape[0], lora[name]["a"].shape[1], lora[name]["b"].shape[2])
-        if tuple(want) != got:
-            raise AdapterMismatchError(f"{path}: adapter {name} has shape {got}, model needs {tuple(want)}")
+    try:
+        check_fits(params, lora, lcfg)
+    except AdapterMismatchError as e:
+        raise AdapterMismatchError(f"{path}: {e}") from None
     return merge(params, lora, lcfg)
+
+
+def check_fits(params: Params, lora: dict, lcfg: LoraConfig):
+    """AdapterMismatchError unless every adapted projection's [layers, in, out] is the model's."""
+    for name in lcfg.targets:
+        base = params["layers"].get(name)
+        want = None if base is None else tuple(base[lcfg.first_layer:].shape)
+        got = (lora[name]["a"].shape[0], lora[name]["a"].shape[1], lora[name]["b"].shape[2])
+        if want != got:
+            raise AdapterMismatchError(f"adapter {name} has shape {got}, model needs {want}")

@@ -135,6 +135,11 @@ def request(engine, builder, example: Example, cfg: RankerConfig, prefixes: Pref
     return inputs.arrays, static, np.arange(c) < len(example.candidates), uid
 
 
+def _static_key(static: dict) -> tuple:
+    """What decides a request's compiled program (the model config is the same for a whole run)."""
+    return tuple(sorted((k, v) for k, v in static.items() if k != "cfg"))
+
+
 def base_states(engine, builder, examples: list[Example], cfg: RankerConfig, prefixes: PrefixBank | None = None,
                 progress=None) -> list[np.ndarray]:
     """[K, D] slot states of each example under the base model on the rcllm path (=
@@ -143,7 +148,7 @@ def base_states(engine, builder, examples: list[Example], cfg: RankerConfig, pre
     fns, out = {}, []
     for e in examples:
         arrays, static, _, _ = request(engine, builder, e, cfg, prefixes)
-        key = tuple(sorted((k, v) for k, v in static.items() if k != "cfg"))
+        key = _static_key(static)
         if key not in fns:
             fns[key] = jax.jit(lambda b, a, st=static: PrefillInputs(a, **st).run(b)[0])
         out.append(np.asarray(fns[key](engine.params, arrays))[:len(e.candidates)])
@@ -213,7 +218,7 @@ class RankerTrainer:
         return int(self.state["step"])
 
     def _fn(self, cache, static, make):
-        key = tuple(sorted((k, v) for k, v in static.items() if k != "cfg"))
+        key = _static_key(static)
         if key not in cache:
             cache[key] = make(static)
         return cache[key]
@@ -242,7 +247,7 @@ class RankerTrainer:
         t0 = time.perf_counter()
         tr = self.state["trainable"]
         reqs = [request(self.engine, self.builder, self.train[i], self.cfg, self.prefixes) for i in self.order(self.step)]
-        statics = {tuple(sorted((k, v) for k, v in st.items() if k != "cfg")) for _, st, _, _ in reqs}
+        statics = {_static_key(st) for _, st, _, _ in reqs}
         if len(statics) > 1:
             raise RuntimeError(f"requests of one step need different programs ({statics}): raise pad_select")
         # the last request's pool: each prefix put back before it wrote (and donated) the pool again;
