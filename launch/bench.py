@@ -44,6 +44,10 @@ _CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates per request (hel
 _CAND_SRC = flags.DEFINE_enum("candidates", "sampled", ["sampled", "retrieved"],
                               "sampled: the target + --negatives; retrieved: an item-kNN retriever's top-K from "
                               "the whole catalog (the target may be missing: a miss), evaluated the LlamaRec way.")
+_ONLY_HITS = flags.DEFINE_bool("rank_retrieved_only", False, "With --candidates=retrieved: run the modes only on the "
+                                "requests whose target was retrieved. The others are misses whatever the model "
+                                "does, so the all-user metrics are unchanged; TTFT and fidelity then describe "
+                                "those requests only (for accuracy runs over many users).")
 _ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
                            "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
 _HEAD = flags.DEFINE_enum("head", "label", ["label", "slot"], "How candidates are scored: the answer's label "
@@ -205,6 +209,14 @@ def _retriever_scores(retriever, q):
     return [-pos.get(c, len(order)) for c in q.candidates]
 
 
+def _collaborative_scores(collab: dict, retriever, q):
+    """The stage-0 scorer a head was trained over (its card): position and collaborative features."""
+    import numpy as np
+    side = retriever.candidate_features(q.history, q.candidates)
+    return (collab["position_weight"] * np.log1p(np.arange(len(q.candidates)))
+            + side @ np.asarray(collab["side_weights"])).tolist()
+
+
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s). Block
     modes are routed to a shard by the server's scheduler (`--scheduler`), one request at a time."""
@@ -250,8 +262,8 @@ def main(argv):
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.eval.fidelity import fidelity
-    from rcllm_jax.eval.metrics import (bootstrap_ci, per_request_metrics, popularity_scores, random_scores,
-                                       target_rank)
+    from rcllm_jax.eval.metrics import (MISS, bootstrap_ci, per_request_metrics, popularity_scores,
+                                       random_scores, target_rank)
     from rcllm_jax.model import load_model
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
@@ -287,6 +299,14 @@ def main(argv):
             retriever.retrieve(q.history, _CANDS.value)
         retriever_info.update({f"recall@{_CANDS.value}": float(np.mean([q.target_index is not None for q in requests])),
                                "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
+    skipped = 0  # requests not run (--rank_retrieved_only): each a miss in the all-user metrics
+    if _ONLY_HITS.value:
+        if retriever is None:
+            raise app.UsageError("--rank_retrieved_only needs --candidates=retrieved")
+        kept = [q for q in requests if q.target_index is not None]
+        skipped, requests = len(requests) - len(kept), kept
+        if not requests:
+            raise app.UsageError("no request has its target among the retrieved candidates")
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     from rcllm_jax.engine.slot_head import ranking_head
     head = ranking_head(_HEAD.value, _HEAD_PATH.value)
@@ -353,6 +373,16 @@ def main(argv):
         if peer is not None:
             peer.reset()
     engine.impl = default_impl
+    side_source = None
+    if head is not None and head.side_weights is not None:  # the head adds the retriever's features
+        from rcllm_jax.recommender import check_side_features, final_scores
+        from rcllm_jax.retrieval import fit_on_split
+        side_source = retriever or fit_on_split(split)
+        check_side_features(head, side_source)
+        for mode in modes:
+            results[mode] = [(dataclasses.replace(r, scores=final_scores(head, side_source, q.history, q.candidates,
+                                                                         r.scores)), u)
+                             for (r, u), q in zip(results[mode], requests)]
 
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth, selective_flops, weight_bytes
     peak, bw = matmul_peak_flops(), memory_bandwidth()
@@ -385,15 +415,29 @@ def main(argv):
             return out
         if not scored.any():
             return {}
-        out = with_ci(np.asarray(ranks)[scored])
+        out = with_ci(np.r_[np.asarray(ranks, np.float64)[scored], np.full(skipped, MISS)])
         if retriever is not None and retrieved.any():
             out |= with_ci(np.asarray(ranks)[retrieved], "_retrieved")
         return out
 
+    def vs_retriever(ranks) -> dict:
+        """Paired 95% bootstrap interval of the mean NDCG@10 difference to the retriever's own
+        order over the requests whose target was retrieved (> 0: better than the retriever)."""
+        if retriever is None or not retrieved.any():
+            return {}
+        d = (per_request_metrics(np.asarray(ranks)[retrieved])["ndcg@10"]
+             - per_request_metrics(np.asarray(retriever_ranks)[retrieved])["ndcg@10"])
+        return {"ndcg@10_retrieved_minus_retriever": float(d.mean()),
+                "ndcg@10_retrieved_minus_retriever_ci": bootstrap_ci(d, seed=_SEED.value)}
+
+    retriever_ranks = None
+    if retriever is not None:
+        retriever_ranks = [target_rank(_retriever_scores(retriever, q), q.target_index) for q in requests]
+
     for mode in modes:
         res = [r for r, _ in results[mode]]
         ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, requests)]
-        metrics = all_metrics(ranks)
+        metrics = all_metrics(ranks) | vs_retriever(ranks)
         if mode == "full":
             full_metrics = metrics
         recomputed = sum(r.recomputed_block_tokens for r in res)
@@ -437,15 +481,20 @@ def main(argv):
                  "random": [random_scores(len(q.candidates), rng) for q in requests]}
     if retriever is not None:  # the retriever's own order of the same candidates
         baselines = {"retriever": [_retriever_scores(retriever, q) for q in requests]} | baselines
+    collab = (head.card.get("collaborative") if side_source is not None else None)
+    if collab:  # the head's collaborative part alone (no LLM): what the model adds over it
+        baselines = {"collaborative": [_collaborative_scores(collab, side_source, q) for q in requests]} | baselines
     for name, scores in baselines.items():
         ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, requests)]
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
-                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **all_metrics(ranks)})
+                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **all_metrics(ranks),
+                     **(vs_retriever(ranks) if name == "collaborative" else {})})
 
     from rcllm_jax.fetch import portable_path
     argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
             for a in sys.argv[1:]]
-    config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests),
+    config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests) + skipped,
+              "requests_run": len(requests), "rank_retrieved_only": _ONLY_HITS.value,
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
               "negatives": _NEG.value if retriever is None else "retrieved", "candidates": _CAND_SRC.value,
               "candidate_order": _ORDER.value if retriever is not None else None, "retriever": retriever_info,
@@ -477,15 +526,19 @@ def main(argv):
               f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
     if retriever_info is not None:
         print(f"retriever: recall@{_CANDS.value} {retriever_info[f'recall@{_CANDS.value}']:.3f} "
-              f"({int(retrieved.sum())} of {len(requests)} targets retrieved), "
+              f"({int(retrieved.sum())} of {len(requests) + skipped} targets retrieved), "
               f"{retriever_info['retrieve_ms_mean']:.2f} ms per request; metrics above count a target not "
               "retrieved as a miss")
-        print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}  NDCG@10 95% CI")
+        print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}  NDCG@10 95% CI   "
+              "minus retriever (paired 95% CI)")
         for r in rows:
             if "hr@1_retrieved" in r:
                 lo, hi = r["ndcg@10_retrieved_ci"]
+                d = r.get("ndcg@10_retrieved_minus_retriever")
+                vs = "" if d is None else "{:+.3f} [{:+.3f}, {:+.3f}]".format(
+                    d, *r["ndcg@10_retrieved_minus_retriever_ci"])
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
-                      f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]")
+                      f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]   {vs}")
     for name, loc in config["placement_locality"].items():
         print(f"placement {name:<10} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "

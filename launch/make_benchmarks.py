@@ -37,7 +37,9 @@ GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
 _SERVED_USERS = flags.DEFINE_integer("served_users", 300, "Test users of the served-model accuracy and fidelity run.")
 SERVED_MODES = "full,stitch,sink,deviation,rcllm"
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
-_FID_USERS = flags.DEFINE_integer("fidelity_users", 40, "Test users of the ranker's fidelity run (full prefill).")
+_RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
+                                     "runs (the model runs on those whose target was retrieved).")
+RANKER_HISTORY = (20, 50)
 SERVED_SWEEP = "0.05,0.1,0.2"
 
 WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
@@ -59,66 +61,78 @@ def _served_runs(out: Path) -> dict:
 
 
 def _ranker_runs(out: Path) -> dict:
-    """The shipped ranker on the test targets: accuracy on --served_users (rcllm, with the
-    retriever / popularity / random rows) and fidelity to its own full prefill on --fidelity_users.
-    Its training curve is `launch/train.py`'s train_log.json, copied to ranker_train.json."""
-    return {"ranker accuracy": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                                "--modes=rcllm", f"--output_json={out / 'served_ranker.json'}"],
-            "ranker fidelity": [f"--num_users={_FID_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                                "--modes=full,rcllm", f"--output_json={out / 'served_ranker_fidelity.json'}"]}
+    """The shipped ranker on the test targets at history 20 and 50: accuracy (rcllm and full, with
+    the retriever / collaborative / popularity / random rows) and rcllm's fidelity to full
+    prefill, over --ranker_users (the model runs only where the target was retrieved; the rest are
+    misses either way). Its training log is `launch/train.py`'s train_log.json, copied to
+    ranker_train.json."""
+    return {f"ranker h{h}": [f"--num_users={_RANKER_USERS.value}", *SERVED, f"--history_len={h}", "--nowarmup",
+                             "--rank_retrieved_only", "--modes=full,rcllm",
+                             f"--output_json={out / f'served_ranker_h{h}.json'}"] for h in RANKER_HISTORY}
 
 
 def _ranker_section(out: Path) -> list[str]:
-    """The served ranker: how it was trained (stage 1 vs stage 2 on validation, the learning
-    curve), and its test accuracy and fidelity."""
-    t, a, fd = out / "ranker_train.json", out / "served_ranker.json", out / "served_ranker_fidelity.json"
+    """The served ranker: how it was trained (stage 0 / 1 / 2 on validation), and its test
+    accuracy and fidelity at each history length."""
+    t = out / "ranker_train.json"
     if not t.exists():
         return []
     log = json.loads(t.read_text())
     card = log["card"]
     best1 = max(log["stage1"], key=lambda r: r["val_ndcg@10"])
-    s2 = log.get("stage2") or {}
-    lines = ["## The served ranker: score-slot head + query adapter (training and test)", "",
-             f"Trained by `{card['command']}`: {card['train_examples']} training examples (targets held back at "
-             f"earlier positions, each with a retriever fitted before it), {card['val_examples']} validation examples "
-             f"(validation targets that the retriever put in its top-{card['num_candidates']}); stage 1 "
+    s0, s2 = log.get("stage0") or {}, log.get("stage2") or {}
+    lines = ["## The served ranker: score-slot head over collaborative features (training and test)", "",
+             f"Trained by `{card['command']}`: "
+             + (f"stage 0 fitted the collaborative scorer (features {', '.join(card['collaborative']['features'])} "
+                f"and the position) on {s0['examples']} examples (targets held back at positions {s0['positions']}, "
+                "no model pass); " if s0 else "")
+             + f"stage 1 fitted the head{' over it' if s0 else ''} on the slot states of {card['train_examples']} "
+             f"examples (positions {card.get('positions', 'see the card')}), each with a retriever fitted before its "
+             f"target; {card['val_examples']} validation examples (validation targets the retriever put in its "
+             f"top-{card['num_candidates']}). Stage 1 "
              + (f"took {log['stage1_s'] / 60:.0f} min (every example served once)" if log["stage1_s"] > 60 else
                 "reused the states and prefixes of an earlier run with the same examples") +
              (f", stage 2 {s2['curve'][-1]['wall_s'] / 60:.0f} min for {s2['curve'][-1]['step']} steps x "
-              f"{s2['config']['batch_size']} examples." if s2 else "."), "",
+              f"{s2['config']['batch_size']} examples." if s2 else "; stage 2 (the query adapter) was not run."), "",
              "| validation, NDCG@10 within the retrieved | value |", "|---|---|",
              f"| retriever's own order | {_fmt(card.get('val_retriever_ndcg@10_within_retrieved'))} |",
              f"| random order | {_fmt(card.get('val_random_ndcg@10_within_retrieved'))} |"]
-    lines += [f"| stage 1: head alone, L2 {r['l2']:g} | {_fmt(r['val_ndcg@10'])} |" for r in log["stage1"]]
+    if s0:
+        lines.append(f"| stage 0: collaborative scorer alone (no LLM) | {_fmt(s0['val_ndcg@10'])} |")
+    what = "head over the collaborative scorer" if s0 else "head alone"
+    lines += [f"| stage 1: {what}, L2 {r['l2']:g} | {_fmt(r['val_ndcg@10'])} |" for r in log["stage1"]]
     for r in [r for r in s2.get("curve", []) if "val_ndcg@10" in r and r["step"] > 0]:
         lines.append(f"| stage 2: head + query adapter, step {r['step']} ({r['wall_s'] / 60:.0f} min) | "
                      f"{_fmt(r['val_ndcg@10'])} |")
     lines.append("")
+    lines.append(f"Stage 1's best L2 was {best1['l2']:g} (validation NDCG@10 {best1['val_ndcg@10']:.3f}). The shipped "
+                 "head (`rcllm_jax/assets/slot_head/`, card in its README) is what serve.py, recommend.py and "
+                 "`bench.py --head=slot` use.")
     if s2:
         final = s2["val_ndcg@10"]
-        lines.append(f"Stage 1's best L2 was {best1['l2']:g}. Validation NDCG@10 at the end of stage 2 {final:.3f} vs "
-                     f"stage 1 {best1['val_ndcg@10']:.3f} and the retriever's order "
-                     f"{_fmt(card.get('val_retriever_ndcg@10_within_retrieved'))}: the query adapter "
-                     f"{'added' if final > best1['val_ndcg@10'] else 'did not add'} to the head alone in this budget. "
-                     "The shipped head (`rcllm_jax/assets/slot_head/`, card in its README) is what serve.py, "
-                     "recommend.py and `bench.py --head=slot` use; a trained ranker is served with "
-                     "`--ranking_head=<output_dir>/ranker`. Learning curve (loss and validation NDCG@10 vs wall "
-                     f"time): [ranker_learning_curve.png]({out.as_posix()}/ranker_learning_curve.png)")
-        lines.append("")
-    for f, what in ((a, "test accuracy"), (fd, "fidelity to the ranker's own full prefill")):
+        lines[-1] += (f" Stage 2 ended at {final:.3f}: the query adapter "
+                      f"{'added' if final > best1['val_ndcg@10'] else 'did not add'} to stage 1 in this budget. "
+                      f"Learning curve: [ranker_learning_curve.png]({out.as_posix()}/ranker_learning_curve.png)")
+    lines.append("")
+    for h in RANKER_HISTORY:
+        f = out / f"served_ranker_h{h}.json"
         if not f.exists():
             continue
         d = json.loads(f.read_text())
         c = d["config"]
         k = c["num_candidates"]
         recall = (c.get("retriever") or {}).get(f"recall@{k}", float("nan"))
-        lines += [f"**{what.capitalize()}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; "
-                  f"{c['num_requests']} test users, retriever recall@{k} {recall:.3f}):", "",
-                  "| row | NDCG@10 within retrieved [95% CI] | HR@10 within | HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"**Test, history {h}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; "
+                  f"{c['num_requests']} test users, retriever recall@{k} {recall:.3f}, the model run on the "
+                  f"{c.get('requests_run', c['num_requests'])} whose target was retrieved):", "",
+                  "| row | NDCG@10 within retrieved [95% CI] | minus retriever [paired 95% CI] | HR@10 within | "
+                  "HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in d["results"]:
             ci = r.get("ndcg@10_retrieved_ci") or [None, None]
-            lines.append(f"| {r['mode']} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+            dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
+            vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
+            lines.append(f"| {r['mode']} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
                          f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
                          f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
         lines.append("")

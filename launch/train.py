@@ -2,13 +2,17 @@
 
 python launch/train.py --output_dir=runs/ranker                                   # CPU default
 python launch/train.py --config=configs/train_gpu.toml --output_dir=runs/ranker_gpu  # longer, GPU
-python launch/train.py --output_dir=runs/head --steps=0                            # the head alone
+python launch/train.py --output_dir=runs/ranker2 --steps=120                      # + stage 2 (adapter)
 
 Examples: targets held back at --positions from the end of each ML-100k sequence (training data
 strictly before each; an item-kNN retriever fitted on every sequence cut there proposes the
 candidates, listed in its order); validation: the leave-one-out validation targets. Only the
 examples whose target was retrieved train (the listwise loss needs it among the candidates).
 
+Stage 0 fits the collaborative scorer (the retriever's features of each candidate: kNN score,
+follow score, position; `train/slot_head.py::fit_collaborative`) on the targets at
+--collaborative_positions, which cost no model pass; it is the baseline without the LLM, and
+the head learns what to add to it (`--collaborative=false`: the head alone, as before).
 Stage 1 serves every example once in rcllm mode with the base model, keeps its prefix KV in
 <output_dir>/prefixes and its slot states in <output_dir>/states_*.npz, and fits the head for
 each --l2 (best validation NDCG@10 within the retrieved wins): <output_dir>/head. Stage 2 trains
@@ -43,9 +47,13 @@ _CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per pr
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt.")
 _ORDER = flags.DEFINE_enum("candidate_order", "retriever", ["retriever", "shuffled"],
                            "Prompt order of the candidates (the head's position feature reads it).")
-_L2 = flags.DEFINE_list("l2", ["1e-3", "1e-2", "1e-1", "1"], "Stage 1: L2 strengths of the head (best validation wins).")
+_COLLAB = flags.DEFINE_bool("collaborative", True, "Stage 0: the head adds to a collaborative scorer over the "
+                            "retriever's features (kNN and follow scores), fitted first.")
+_COLLAB_POS = flags.DEFINE_string("collaborative_positions", "3-20", "Stage 0: held-back positions (a range "
+                                  "'a-b' or a list) of the collaborative scorer's examples (no model pass needed).")
+_L2 = flags.DEFINE_list("l2", ["1e-2", "1e-1", "1", "10"], "Stage 1: L2 strengths of the head (best validation wins).")
 _HEAD_STEPS = flags.DEFINE_integer("head_steps", 300, "Stage 1: full-batch Adam steps per L2 strength.")
-_STEPS = flags.DEFINE_integer("steps", 120, "Stage 2: optimizer steps of head + query adapter (0: the head only).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Stage 2: optimizer steps of head + query adapter (0: none, the CPU default).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Stage 2: examples per step (gradients accumulated).")
 _LR = flags.DEFINE_float("lr", 1e-3, "Stage 2: peak learning rate (AdamW, warm-up, cosine decay to 10%).")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Stage 2: warm-up steps.")
@@ -60,7 +68,8 @@ _CKPT = flags.DEFINE_integer("checkpoint_every", 25, "Stage 2: steps between Orb
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and the adapter's initialisation.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 0, "Use only the first N users (0 = all; smoke tests).")
 
-_TOML = {"train.positions": "positions", "train.num_candidates": "num_candidates", "train.history_len": "history_len",
+_TOML = {"train.positions": "positions", "train.collaborative": "collaborative",
+         "train.collaborative_positions": "collaborative_positions", "train.num_candidates": "num_candidates", "train.history_len": "history_len",
          "train.l2": "l2", "train.head_steps": "head_steps", "train.steps": "steps", "train.batch_size": "batch_size",
          "train.lr": "lr", "train.warmup": "warmup", "train.lora_rank": "lora_rank", "train.lora_alpha": "lora_alpha",
          "train.lora_targets": "lora_targets", "train.first_layer": "first_layer", "train.val_examples": "val_examples",
@@ -73,6 +82,21 @@ def _key(fingerprint, examples) -> str:
     for e in examples:
         h.update(repr((e.user, e.history, e.candidates)).encode())
     return h.hexdigest()
+
+
+def _positions(spec: str) -> tuple[int, ...]:
+    """'3-20' or '3,4,5' -> positions, largest first."""
+    try:
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            out = range(lo, hi + 1)
+        else:
+            out = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise app.UsageError(f"--collaborative_positions: expected 'a-b' or a comma list, got {spec!r}") from None
+    if not out or min(out) < 3:
+        raise app.UsageError(f"--collaborative_positions must be >= 3 (2 and 1 are validation and test), got {spec!r}")
+    return tuple(sorted(out, reverse=True))
 
 
 def main(argv):
@@ -124,6 +148,23 @@ def main(argv):
                           val_every=_VAL_EVERY.value)
     prefixes = rk.PrefixBank(out / "prefixes")
 
+    val_side = np.stack([e.side for e in val])
+    val_targets = np.asarray([e.target_index for e in val])
+
+    # --- stage 0: the collaborative scorer (no model pass) -----------------------------------------
+    collab, collab_log = None, None
+    if _COLLAB.value:
+        c_train, c_stats = sh.training_examples(split, positions=_positions(_COLLAB_POS.value),
+                                                num_candidates=_CANDS.value, order=_ORDER.value)
+        collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
+                                               np.asarray([e.target_index for e in c_train]),
+                                               val=(val_side, val_targets))
+        collab_log = {"examples": len(c_train), "positions": _COLLAB_POS.value, "stats": c_stats,
+                      "position_weight": collab.position, "side_weights": collab.side.tolist(),
+                      "val_ndcg@10": c_curve[-1]["val_ndcg@10"], "curve": c_curve}
+        logging.info("stage 0: collaborative scorer on %d examples: validation NDCG@10 %.4f", len(c_train),
+                     collab_log["val_ndcg@10"])
+
     # --- stage 1: the head on the base model's slot states --------------------------------------
     t1 = time.perf_counter()
     collected = {}
@@ -135,12 +176,15 @@ def main(argv):
                 states += rk.base_states(engine, builder, examples[i:i + 50], cfg, prefixes,
                                          progress=lambda: bar.update(1))
                 sh.save_states(path, states, key)
-        collected[name] = (np.stack(states), np.asarray([e.target_index for e in examples]))
+        collected[name] = (np.stack(states), np.asarray([e.target_index for e in examples]),
+                           np.stack([e.side for e in examples]))
     stage1_s = time.perf_counter() - t1
     runs = []
     for l2 in (float(x) for x in _L2.value):
-        theta, bias, curve = sh.fit_head(*collected["train"], l2=l2, steps=_HEAD_STEPS.value, val=collected["val"])
-        runs.append({"l2": l2, "theta": theta, "bias": bias, "curve": curve, "val_ndcg@10": curve[-1]["val_ndcg@10"]})
+        theta, bias, side_w, curve = sh.fit_head(*collected["train"], base=collab, l2=l2, steps=_HEAD_STEPS.value,
+                                                 val=collected["val"])
+        runs.append({"l2": l2, "theta": theta, "bias": bias, "side_weights": side_w, "curve": curve,
+                     "val_ndcg@10": curve[-1]["val_ndcg@10"]})
         logging.info("stage 1, l2 %g: validation NDCG@10 %.4f", l2, runs[-1]["val_ndcg@10"])
     best = max(runs, key=lambda r: r["val_ndcg@10"])
     retr = float(per_request_metrics(collected["val"][1])["ndcg@10"].mean()) if _ORDER.value == "retriever" else None
@@ -153,16 +197,25 @@ def main(argv):
                     "with an item-kNN retriever fitted strictly before it; validation: leave-one-out validation "
                     "targets, retriever fitted on the training split.",
             "mode": "rcllm", "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
+            "positions": list(positions),
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
+    if collab is not None:
+        from rcllm_jax.retrieval import CANDIDATE_FEATURES
+        card.update(collaborative={"features": list(CANDIDATE_FEATURES), "position_weight": collab.position,
+                                   "side_weights": collab.side.tolist(), "examples": collab_log["examples"],
+                                   "positions": _COLLAB_POS.value})
+        card["val_collaborative_ndcg@10_within_retrieved"] = collab_log["val_ndcg@10"]
     head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
-                     "val_ndcg@10_within_retrieved": best["val_ndcg@10"]})
+                     "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},
+                    side_weights=best["side_weights"],
+                    side_features=() if collab is None else CANDIDATE_FEATURES)
     _save(head, out / "head", "Score-slot ranking head (stage 1: the head alone, base model frozen)")
 
     # --- stage 2: head + query adapter on the serving path --------------------------------------
-    log = {"card": card, "train_stats": train_stats, "stage1_s": stage1_s,
-           "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias")} for r in runs]}
+    log = {"card": card, "train_stats": train_stats, "stage0": collab_log, "stage1_s": stage1_s,
+           "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias", "side_weights")} for r in runs]}
     if _STEPS.value:
         cfg = dataclasses.replace(cfg, l2=best["l2"])
         trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
@@ -197,7 +250,9 @@ def main(argv):
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     if "stage2" in log:
         _plot(log, out / "learning_curve.png")
-    print(json.dumps({"val_retriever_ndcg@10": retr, "val_random_ndcg@10": rand, "stage1_val_ndcg@10": best["val_ndcg@10"],
+    print(json.dumps({"val_retriever_ndcg@10": retr, "val_random_ndcg@10": rand,
+                      "stage0_collaborative_val_ndcg@10": (collab_log or {}).get("val_ndcg@10"),
+                      "stage1_val_ndcg@10": best["val_ndcg@10"],
                       "stage2_val_ndcg@10": log.get("stage2", {}).get("val_ndcg@10")}, indent=1))
     print(f"wrote {out} in {log['wall_s_this_run'] / 60:.1f} min")
 

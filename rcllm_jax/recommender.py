@@ -3,8 +3,9 @@
 A request names a user and, optionally, its candidates. Without candidates the retriever
 (`rcllm_jax.retrieval.ItemKNN`) proposes the user's top `num_candidates` from the whole catalog,
 best first (a user with no history gets the most popular items); the engine then ranks them in
-one prefill (`Engine.rank`, any mode). The server (`serve/service.py`) and the library use this
-one path.
+one prefill (`Engine.rank`, any mode), and a head that weighs collaborative features adds the
+retriever's features of the candidates (`SlotHead.combine`). The server (`serve/service.py`)
+and the library use this one path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
     ranking: tuple[int, ...]  # item ids, best first (all candidates)
-    scores: np.ndarray  # [len(ranking)] the engine's scores, in ranking order
+    scores: np.ndarray  # [len(ranking)] the final scores (engine + collaborative features), in ranking order
     candidates: tuple[int, ...]  # what was ranked, in prompt order
     retrieved: bool  # candidates came from the retriever
     result: object  # the engine's EngineResult (timings, cache counts)
@@ -26,6 +27,9 @@ class Recommendation:
 class Recommender:
     def __init__(self, engine, retriever=None, mode: str = "rcllm"):
         self.engine, self.retriever, self.mode = engine, retriever, mode
+        self.head = getattr(engine, "head", None)  # label prompts: None
+        if self.head is not None and self.head.side_weights is not None:
+            check_side_features(self.head, retriever)
 
     def candidates(self, history, k: int) -> tuple[int, ...]:
         """The retriever's top-k for this history, best first (never an item of the history)."""
@@ -40,10 +44,28 @@ class Recommender:
         cands = self.candidates(history, num_candidates) if retrieved else tuple(int(c) for c in candidates)
         prompt = self.engine.builder.build(list(history), cands)
         res = self.engine.rank(prompt, self.mode, user_id=user_id, shard=shard)
-        scores = np.asarray(res.scores)
+        scores = final_scores(self.head, self.retriever, history, cands, res.scores)
         order = np.argsort(-scores, kind="stable")
         return Recommendation(ranking=tuple(cands[i] for i in order), scores=scores[order], candidates=cands,
                               retrieved=retrieved, result=res)
+
+
+def check_side_features(head, retriever):
+    """A head that weighs collaborative features needs a retriever that computes those features."""
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    if retriever is None:
+        raise ValueError(f"the ranking head weighs the retriever's features ({', '.join(head.side_features)}): "
+                         "load a retriever")
+    if tuple(head.side_features) != CANDIDATE_FEATURES:
+        raise ValueError(f"the ranking head weighs features {list(head.side_features)}; this retriever computes "
+                         f"{list(CANDIDATE_FEATURES)}: retrain the head")
+
+
+def final_scores(head, retriever, history, candidates, scores) -> np.ndarray:
+    """[K] the ranking's scores: the engine's, plus the head's collaborative term when it has one."""
+    if head is None or head.side_weights is None:
+        return np.asarray(scores)
+    return head.combine(scores, retriever.candidate_features(list(history), candidates))
 
 
 @dataclasses.dataclass

@@ -110,6 +110,15 @@ def test_training_scores_are_the_serving_scores(world):
         loss = rk.batch_loss(trainable, base.params, tuple(arrays[:2]), jax.tree.map(lambda a: a[None], arrays[2:]),
                              jnp.asarray(valid)[None], jnp.asarray([e.target_index]), 0.0, static=static, lcfg=LCFG)
         assert float(loss) == pytest.approx(-float(got[e.target_index]), rel=1e-5)
+        # a head over collaborative features: the trainer's offset gives SlotHead.combine of the served scores
+        side = np.random.default_rng(e.user).normal(size=(len(e.candidates), 3))
+        sided = dataclasses.replace(head, side_weights=np.asarray([0.4, -1.0, 0.8], np.float32),
+                                    side_features=("a", "b", "c"))
+        off = np.zeros(len(valid), np.float32)
+        off[:len(e.candidates)] = side @ sided.side_weights
+        got = np.asarray(rk.ranker_scores(trainable, base.params, arrays, valid, jnp.asarray(off), static=static,
+                                          lcfg=LCFG))
+        assert rel_err(got[:len(e.candidates)], sided.combine(served, side)) <= 1e-5
 
 
 def _trainer(world, tmp_path, **kw):

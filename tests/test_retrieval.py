@@ -54,6 +54,24 @@ def test_cold_start_is_popularity_and_errors():
         r.retrieve([1], 6)
 
 
+def test_follow_table_and_candidate_features_by_hand():
+    """Successors within 3 items: 1 -> 2 twice ([1,2,3], [1,2]), 1 -> 3 once, 2 -> 3 twice, 3 -> 5
+    once; F[i, j] = count / (successors of i + smoothing 5)."""
+    r = ItemKNN.fit(SEQS, ITEMS, neighbours=5, decay=0.5)
+    f = {1: {2: 2 / 8, 3: 1 / 8}, 2: {3: 2 / 7}, 3: {5: 1 / 6}}
+    want = {j: f[1].get(j, 0.0) + 0.5 * f[2].get(j, 0.0) for j in ITEMS}  # history [2, 1]: 1 newest
+    assert np.allclose(r.follow_scores([2, 1]), [want[j] for j in ITEMS])
+    # follow is directional: nothing follows 5, and 3 is followed by 5 only
+    assert not r.follow_scores([5]).any() and np.allclose(r.follow_scores([3]), [0, 0, 0, 0, 1 / 6, 0])
+    feats = r.candidate_features([2, 1], [3, 5, 6, 999])
+    knn = {j: sim(1, j) + 0.5 * sim(2, j) for j in ITEMS}
+    top_knn, top_f = max(knn[3], knn[5]), want[3]
+    assert np.allclose(feats[:, 0], [knn[3] / top_knn, knn[5] / top_knn, 0, 0])
+    assert np.allclose(feats[:, 1], np.log(np.array([knn[3], knn[5], 0, 0]) + 1e-3))
+    assert np.allclose(feats[:, 2], [1.0, 0, 0, 0], atol=1e-7) and top_f > 0
+    assert np.allclose(r.candidate_features([], [2, 3]), [[0, np.log(1e-3), 0]] * 2)  # cold start: no signal
+
+
 def test_save_load_and_refusals(tmp_path):
     r = ItemKNN.fit(SEQS, ITEMS)
     path = r.save(tmp_path / "r.npz")
@@ -61,6 +79,7 @@ def test_save_load_and_refusals(tmp_path):
     (ids_a, s_a), (ids_b, s_b) = back.retrieve([3, 1], 4), r.retrieve([3, 1], 4)
     assert ids_a == ids_b and np.allclose(s_a, s_b)
     assert back.decay == r.decay and back.recent == r.recent
+    assert np.array_equal(back.candidate_features([3, 1], [2, 5]), r.candidate_features([3, 1], [2, 5]))
     with pytest.raises(RetrieverError, match="other training data"):
         ItemKNN.load(path, expect_digest="0" * 32)
     bad = tmp_path / "bad.npz"

@@ -80,6 +80,27 @@ def test_head_round_trip_and_refusals(world, tmp_path):
     bare = Engine(eng.params, CFG, eng.builder, item_ids=[])
     with pytest.raises(ValueError, match="needs? a trained ranking head"):
         bare.rank(prompts[0], "full")
+    # a head over collaborative features: saved with their weights and names; final scores =
+    # log_softmax(engine scores + side @ weights), worked out here in numpy
+    from rcllm_jax.recommender import Recommender
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    sided = SlotHead(head.theta, head.bias, head.base_fingerprint, side_weights=np.asarray([1.0, -0.5, 2.0], np.float32),
+                     side_features=CANDIDATE_FEATURES)
+    back = SlotHead.load(sided.save(tmp_path / "sided"))
+    assert back.side_features == CANDIDATE_FEATURES and np.array_equal(back.side_weights, sided.side_weights)
+    s, side = np.log([0.5, 0.3, 0.2]), np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    z = s + np.array([1.0, -0.5, 2.0])
+    assert np.allclose(back.combine(s, side), z - np.log(np.exp(z).sum()))
+    assert np.array_equal(head.combine(s, side), s)  # no collaborative weights: unchanged
+    with pytest.raises(ValueError, match="3 collaborative features"):
+        back.combine(s, side[:, :2])
+    sided_eng = Engine(eng.params, CFG, eng.builder, item_ids=[], head=back)
+    with pytest.raises(ValueError, match="load a retriever"):
+        Recommender(sided_eng)
+    from dataclasses import replace
+    renamed = Engine(eng.params, CFG, eng.builder, item_ids=[], head=replace(back, side_features=("x", "y", "z")))
+    with pytest.raises(ValueError, match="retrain the head"):
+        Recommender(renamed, retriever=object())
     # what a head reads: the slot states of the serving path, whose head formula gives the scores
     states = eng.slot_states(prompts[0], "full")
     assert states.shape == (len(prompts[0].candidates), CFG.hidden_size)
@@ -124,9 +145,18 @@ def test_training_reads_the_serving_computation(world, tmp_path):
     assert sh.load_states(path, "other examples") is None
     assert np.array_equal(np.stack(sh.load_states(path, "k1")), full[:2])
     targets = np.asarray([e.target_index for e in examples])
-    theta, bias, curve = sh.fit_head(full, targets, l2=1e-3, steps=60, lr=0.05, val=(full, targets), log_every=30)
-    assert curve[-1]["loss"] < curve[0]["loss"] - 0.5  # 3 examples: the head fits them
+    theta, bias, side_w, curve = sh.fit_head(full, targets, l2=1e-3, steps=60, lr=0.05, val=(full, targets),
+                                             log_every=30)
+    assert side_w is None and curve[-1]["loss"] < curve[0]["loss"] - 0.5  # 3 examples: the head fits them
     assert curve[-1]["val_ndcg@10"] > curve[0]["val_ndcg@10"]
+    # over a collaborative scorer: the saved head (position weights summed, its side weights)
+    # combined with the features scores what the fit minimised (its final loss, l2 = 0)
+    side = np.random.default_rng(1).normal(size=full.shape[:2] + (3,)).astype(np.float32)
+    base = sh.Collaborative(0.7, np.asarray([0.5, -0.2, 1.5], np.float32))
+    th2, b2, sw2, c2 = sh.fit_head(full, targets, side, base=base, l2=0.0, steps=20, lr=0.05)
+    both = SlotHead(th2, b2, eng.fingerprint, side_weights=sw2, side_features=("a", "b", "c"))
+    nll = [-both.combine(both.scores(st), sd)[t] for st, sd, t in zip(full, side, targets)]
+    assert np.array_equal(sw2, base.side) and abs(np.mean(nll) - c2[-1]["loss"]) < 1e-5
     trained = SlotHead(theta, bias, eng.fingerprint)
     saved, eng.head = eng.head, trained
     try:

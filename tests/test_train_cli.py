@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +51,10 @@ def test_train_then_bench_with_adapter(tmp_path):
 
 @pytest.mark.slow
 def test_train_ranker_then_resume_and_serve(tmp_path):
-    """launch/train.py on the real default model (a few users, 2 stage-2 steps): both stages
-    write a head, the ranker carries its query adapter, a rerun resumes at the end, and
-    bench.py serves the ranker through --ranking_head."""
+    """launch/train.py on the real default model (a few users, 2 stage-2 steps): stage 0 fits the
+    collaborative scorer, both later stages write a head over it, the ranker carries its query
+    adapter, a rerun resumes at the end, and bench.py serves the ranker through --ranking_head
+    (with the collaborative scorer alone as a baseline row)."""
     out = tmp_path / "ranker"
     args = ["launch/train.py", f"--output_dir={out}", "--max_users=20", "--steps=2", "--batch_size=2",
             "--val_every=2", "--checkpoint_every=1", "--val_examples=3", "--head_steps=10", "--l2=1e-2",
@@ -67,6 +69,11 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     ranker, head = SlotHead.load(out / "ranker"), SlotHead.load(out / "head")
     assert ranker.adapter_cfg.targets == ("wq", "wv") and head.adapter is None
     assert ranker.base_fingerprint == head.base_fingerprint == log["card"]["base_fingerprint"]
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    assert log["stage0"]["examples"] > log["card"]["train_examples"]  # positions 3-20 vs 4, 3
+    assert ranker.side_features == head.side_features == CANDIDATE_FEATURES
+    assert np.array_equal(ranker.side_weights, head.side_weights)
+    assert np.allclose(head.side_weights, log["stage0"]["side_weights"])
     r2 = _run(args)  # resumes at step 2: nothing more trained, the same ranker
     assert r2.returncode == 0, r2.stderr[-2000:]
     log2 = json.loads((out / "train_log.json").read_text())
@@ -79,4 +86,4 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
               "--nowarmup", f"--output_json={js}"])
     assert b.returncode == 0, b.stderr[-3000:]
     rows = {x["mode"]: x for x in json.loads(js.read_text())["results"]}
-    assert {"full", "rcllm", "retriever"} <= set(rows)
+    assert {"full", "rcllm", "retriever", "collaborative"} <= set(rows)

@@ -8,7 +8,17 @@ every mode recomputes; the engine returns the final-normed hidden state h_j of e
   score_j    = features_j . theta + b,      scores = log_softmax over the K candidates
 
 The position feature lets the head use the order the candidates are listed in (the retriever's
-order when the prompt lists them so; `--candidate_order`). Its weights apply only to recomputed
+order when the prompt lists them so; `--candidate_order`).
+
+A head may also weigh **collaborative features** of each candidate (`side_features`, computed by
+the retriever: `retrieval.ItemKNN.candidate_features`, e.g. how strongly the item follows the
+user's latest items in training sequences). They do not depend on the model, so they are added
+after the engine's scores, the same in every mode:
+
+  final = log_softmax(scores + side @ side_weights)     (`SlotHead.combine`)
+
+which equals one linear listwise scorer over [h_j, log(1 + j), side_j] (the engine's scores are
+log-softmax of the first part). `Recommender` and `bench.py` apply it. Its weights apply only to recomputed
 rows, so training it never invalidates a cached block, and its training examples are computed by
 the engine's own serving path (`train/slot_head.py`): one definition for training and serving.
 
@@ -79,6 +89,21 @@ class SlotHead:
     card: dict = dataclasses.field(default_factory=dict)  # how it was made (command, data, metrics)
     adapter: dict | None = None  # query adapter: {projection: {"a": [Lt, in, r], "b": [Lt, r, out]}}
     adapter_cfg: LoraConfig | None = None
+    side_weights: np.ndarray | None = None  # [C] weights of the collaborative features (None: none)
+    side_features: tuple[str, ...] = ()  # their names (`retrieval.CANDIDATE_FEATURES` order)
+
+    def combine(self, scores, side) -> np.ndarray:
+        """[K] final log-softmax scores: the engine's head scores [K] plus the collaborative
+        features side [K, C] weighed by `side_weights` (the scores unchanged for a head without)."""
+        scores = np.asarray(scores, np.float64)
+        if self.side_weights is None:
+            return scores
+        side = np.asarray(side, np.float64)
+        if side.shape != (len(scores), len(self.side_weights)):
+            raise ValueError(f"the head weighs {len(self.side_weights)} collaborative features "
+                             f"({', '.join(self.side_features)}) of {len(scores)} candidates; got {side.shape}")
+        z = scores + side @ np.asarray(self.side_weights, np.float64)
+        return z - np.logaddexp.reduce(z)
 
     def query_params(self, params):
         """The weights that compute the query rows: the base with the query adapter folded in
@@ -100,6 +125,9 @@ class SlotHead:
         tmp = d / "head.safetensors.tmp"
         tensors = {"theta": np.asarray(self.theta, np.float32), "bias": np.asarray([self.bias], np.float32)}
         meta = {"base_fingerprint": self.base_fingerprint, "card": json.dumps(self.card)}
+        if self.side_weights is not None:
+            tensors["side_weights"] = np.asarray(self.side_weights, np.float32)
+            meta["side_features"] = json.dumps(list(self.side_features))
         if self.adapter is not None:
             tensors.update({f"adapter.{n}.{ab}": np.asarray(w[ab], np.float32)
                             for n, w in self.adapter.items() for ab in ("a", "b")})
@@ -126,8 +154,12 @@ class SlotHead:
                     lcfg = LoraConfig(rank=int(a["rank"]), alpha=float(a["alpha"]), targets=tuple(a["targets"]),
                                       first_layer=int(a["first_layer"]))
                     adapter = {n: {ab: f.get_tensor(f"adapter.{n}.{ab}") for ab in ("a", "b")} for n in lcfg.targets}
+                side = f.get_tensor("side_weights") if "side_features" in meta else None
+                names = tuple(json.loads(meta["side_features"])) if side is not None else ()
+            if side is not None and side.shape != (len(names),):
+                raise ValueError(f"{len(names)} collaborative feature names for {side.shape} weights")
             head = cls(theta, float(bias[0]), meta["base_fingerprint"], json.loads(meta.get("card", "{}")),
-                       adapter, lcfg)
+                       adapter, lcfg, side, names)
         except Exception as e:  # noqa: BLE001 - any read failure: a missing or damaged file
             raise HeadError(f"ranking head {p} is missing or damaged ({type(e).__name__}: {e})") from e
         if expect_fingerprint is not None and head.base_fingerprint != expect_fingerprint:

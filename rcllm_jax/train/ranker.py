@@ -74,23 +74,28 @@ class RankerConfig:
                           first_layer=self.first_layer)
 
 
-def _scores(query_params, theta, bias, arrays, valid, static: dict):
+def _scores(query_params, theta, bias, arrays, valid, offset, static: dict):
     hidden = PrefillInputs(arrays, **static).run(query_params)[0]
-    return head_scores(theta, bias, slot_features(hidden), valid)
+    s = head_scores(theta, bias, slot_features(hidden), valid)
+    return s if offset is None else jax.nn.log_softmax(s + offset)
 
 
-def ranker_scores(trainable, base, arrays, valid, *, static: dict, lcfg: LoraConfig):
-    """[C] log-softmax candidate scores of one request (valid [C]: real candidates). The serving
-    computation with the adapter and head as arguments: what training differentiates."""
-    return _scores(merge(base, trainable["lora"], lcfg), trainable["theta"], trainable["bias"], arrays, valid, static)
+def ranker_scores(trainable, base, arrays, valid, offset=None, *, static: dict, lcfg: LoraConfig):
+    """[C] log-softmax candidate scores of one request (valid [C]: real candidates; offset [C]:
+    the head's collaborative term, `SlotHead.combine`). The serving computation with the adapter
+    and head as arguments: what training differentiates."""
+    return _scores(merge(base, trainable["lora"], lcfg), trainable["theta"], trainable["bias"], arrays, valid,
+                   offset, static)
 
 
-def batch_loss(trainable, base, pool, arrays, valid, targets, l2, *, static: dict, lcfg: LoraConfig):
+def batch_loss(trainable, base, pool, arrays, valid, targets, l2, offset=None, *, static: dict, lcfg: LoraConfig):
     """Mean listwise cross-entropy of B requests (`arrays` without the pool, stacked [B, ...];
-    pool: the shared (pool_k, pool_v)) + l2 |theta|^2: `ranker_scores` of each, vmapped."""
+    pool: the shared (pool_k, pool_v); offset [B, C] or None) + l2 |theta|^2: `ranker_scores` of
+    each, vmapped."""
     qp = merge(base, trainable["lora"], lcfg)
-    one = lambda a, v, t: -_scores(qp, trainable["theta"], trainable["bias"], pool + a, v, static)[t]  # noqa: E731
-    nll = jax.vmap(one)(arrays, valid, targets)
+    one = lambda a, v, t, o: -_scores(qp, trainable["theta"], trainable["bias"], pool + a, v, o, static)[t]  # noqa: E731
+    offset = jnp.zeros(valid.shape, jnp.float32) if offset is None else offset
+    nll = jax.vmap(one)(arrays, valid, targets, offset)
     return jnp.mean(nll) + l2 * jnp.sum(jnp.square(trainable["theta"][:-1]))
 
 
@@ -176,6 +181,8 @@ class RankerTrainer:
         self.engine, self.builder, self.train, self.cfg = engine, builder, list(train), cfg
         self.lcfg = cfg.lora
         self.base = engine.params
+        self.side_weights = head.side_weights  # fixed: the collaborative term is not retrained here
+        self.side_features = head.side_features
         self.prefixes = prefixes or PrefixBank()
         trainable = {"lora": init_lora(self.base, self.lcfg, jax.random.key(cfg.seed)),
                      "theta": jnp.asarray(head.theta, jnp.float32), "bias": jnp.float32(head.bias)}
@@ -225,11 +232,18 @@ class RankerTrainer:
 
     def _grad_fn(self, static):
         return self._fn(self._grad, static, lambda st: jax.jit(jax.value_and_grad(
-            lambda t, b, pool, a, v, y, l2: batch_loss(t, b, pool, a, v, y, l2, static=st, lcfg=self.lcfg))))
+            lambda t, b, pool, a, v, y, l2, o: batch_loss(t, b, pool, a, v, y, l2, o, static=st, lcfg=self.lcfg))))
 
     def _fwd_fn(self, static):
         return self._fn(self._fwd, static, lambda st: jax.jit(
-            lambda t, b, a, v: ranker_scores(t, b, a, v, static=st, lcfg=self.lcfg)))
+            lambda t, b, a, v, o: ranker_scores(t, b, a, v, o, static=st, lcfg=self.lcfg)))
+
+    def _offset(self, example: Example, c: int) -> np.ndarray:
+        """[c] the head's collaborative logits of the example's candidates (0 beyond them / without)."""
+        out = np.zeros(c, np.float32)
+        if self.side_weights is not None:
+            out[:len(example.candidates)] = np.asarray(example.side) @ self.side_weights
+        return out
 
     def order(self, step: int) -> list[int]:
         """Example indices of optimizer step `step` (0-based): epochs of a seeded permutation."""
@@ -258,8 +272,10 @@ class RankerTrainer:
         arrays = tuple(jnp.stack([jnp.asarray(r[0][j]) for r in reqs]) if reqs[0][0][j] is not None else None
                        for j in range(2, len(reqs[0][0])))
         valid = jnp.stack([jnp.asarray(r[2]) for r in reqs])
-        targets = jnp.asarray([self.train[i].target_index for i in self.order(self.step)], jnp.int32)
-        loss, grads = self._grad_fn(reqs[0][1])(tr, self.base, pool, arrays, valid, targets, self.cfg.l2)
+        batch = [self.train[i] for i in self.order(self.step)]
+        targets = jnp.asarray([e.target_index for e in batch], jnp.int32)
+        offset = jnp.asarray(np.stack([self._offset(e, valid.shape[1]) for e in batch]))
+        loss, grads = self._grad_fn(reqs[0][1])(tr, self.base, pool, arrays, valid, targets, self.cfg.l2, offset)
         updates, opt_state = self.optimizer.update(grads, self.state["opt_state"], tr)
         self.state = {"step": self.state["step"] + 1, "trainable": optax.apply_updates(tr, updates),
                       "opt_state": opt_state}
@@ -271,7 +287,8 @@ class RankerTrainer:
         out = []
         for e in examples:
             arrays, static, valid, _ = request(self.engine, self.builder, e, self.cfg, self.prefixes)
-            out.append(np.asarray(self._fwd_fn(static)(tr, self.base, arrays, valid))[:len(e.candidates)])
+            off = jnp.asarray(self._offset(e, len(valid)))
+            out.append(np.asarray(self._fwd_fn(static)(tr, self.base, arrays, valid, off))[:len(e.candidates)])
         return out
 
     def validate(self, examples: list[Example]) -> float:
@@ -300,11 +317,14 @@ class RankerTrainer:
         tr = jax.tree.map(np.asarray, self.state["trainable"])
         return SlotHead(np.asarray(tr["theta"], np.float32), float(tr["bias"]), self.engine.fingerprint, card or {},
                         adapter={n: {ab: np.asarray(w[ab], np.float32) for ab in ("a", "b")}
-                                 for n, w in tr["lora"].items()}, adapter_cfg=self.lcfg)
+                                 for n, w in tr["lora"].items()}, adapter_cfg=self.lcfg,
+                        side_weights=self.side_weights, side_features=self.side_features)
 
 
 def _digest(head: SlotHead) -> str:
     import hashlib
     h = hashlib.blake2b(np.asarray(head.theta, np.float32).tobytes(), digest_size=12)
     h.update(np.float32(head.bias).tobytes())
+    if head.side_weights is not None:
+        h.update(np.asarray(head.side_weights, np.float32).tobytes())
     return h.hexdigest()

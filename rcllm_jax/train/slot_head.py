@@ -10,11 +10,14 @@ leave-one-out validation targets with the training-split retriever, as `bench.py
 
 Each example's features are the slot states the engine computes when it serves the prompt
 (`train/ranker.py::base_states`, the rcllm path: cached item blocks, recomputed glue and
-slots), so training and serving share one definition. The base model stays frozen, so the states
-are computed once; the head (`engine/slot_head.py`) is fitted on them with a listwise softmax
-cross-entropy + L2 on the hidden-state weights (the position weight is not penalised), full batch,
+slots), so training and serving share one definition, and the retriever's collaborative
+features of its candidates (`ItemKNN.candidate_features`, from the same retriever that proposed
+them). The base model stays frozen, so the states are computed once; the head
+(`engine/slot_head.py`) is fitted on them with a listwise softmax cross-entropy + L2 on the
+hidden-state weights (the position and collaborative weights are not penalised), full batch,
 Adam (optax), for every L2 strength of a grid; the strength with the best validation NDCG@10
-wins.
+wins. `fit_collaborative` fits the same scorer without the model's states: the baseline that
+says what the LLM adds.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class Example:
     history: tuple[int, ...]
     candidates: tuple[int, ...]
     target_index: int
+    side: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)  # [K, C] collaborative
+
+
+def _example(retr, user, hist, target, num_candidates, seed, order):
+    cands = retrieved_candidates(retr, user, hist, num_candidates, seed, order)
+    if target not in cands:
+        return None
+    return Example(user, hist, cands, cands.index(target), retr.candidate_features(hist, cands))
 
 
 def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, order: str = "retriever",
@@ -56,11 +67,10 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
             seq = seqs[u]
             if len(seq) < p + min_history:
                 continue
-            hist, target = tuple(seq[:-p]), seq[-p]
-            cands = retrieved_candidates(retr, u, hist, num_candidates, seed, order)
+            e = _example(retr, u, tuple(seq[:-p]), seq[-p], num_candidates, seed, order)
             total += 1
-            if target in cands:
-                out.append(Example(u, hist, cands, cands.index(target)))
+            if e is not None:
+                out.append(e)
                 kept += 1
         stats[f"position_{p}"] = {"requests": total, "target_retrieved": kept}
     out.sort(key=lambda e: (e.user, len(e.history)))  # a user's history grows: the user store extends
@@ -72,49 +82,106 @@ def validation_examples(split, *, num_candidates: int = 20, order: str = "retrie
     retr = fit_on_split(split)
     out = []
     for u in split.users:
-        hist, target = tuple(split.history(u, "valid")), split.target(u, "valid")
-        cands = retrieved_candidates(retr, u, hist, num_candidates, seed, order)
-        if target in cands:
-            out.append(Example(u, hist, cands, cands.index(target)))
+        e = _example(retr, u, tuple(split.history(u, "valid")), split.target(u, "valid"), num_candidates, seed, order)
+        if e is not None:
+            out.append(e)
     return out, len(split.users)
 
 
-def _loss(params, feats, targets, l2):
-    scores = jax.vmap(lambda f: head_scores(params["theta"], params["bias"], f))(feats)  # [N, K]
+def head_features(states):
+    """[N, K, D] slot states -> [N, K, D + 1] head features."""
+    return jax.vmap(slot_features)(jnp.asarray(states))
+
+
+def _loss(params, feats, targets, offset, l2, penalized):
+    scores = jax.vmap(lambda f, o: jax.nn.log_softmax(head_scores(params["theta"], params["bias"], f) + o))(
+        feats, offset)  # [N, K]
     nll = -jnp.mean(jnp.take_along_axis(scores, targets[:, None], axis=1))
-    return nll + l2 * jnp.sum(jnp.square(params["theta"][:-1]))
+    return nll + l2 * jnp.sum(jnp.square(params["theta"][:penalized]))
 
 
-def ndcg_at_10(theta, bias, feats, targets) -> float:
+def ndcg_at_10(theta, bias, feats, targets, offset=None) -> float:
     scores = np.asarray(jax.vmap(lambda f: head_scores(theta, bias, f))(feats))
+    if offset is not None:
+        scores = scores + np.asarray(offset)
     t = scores[np.arange(len(targets)), targets]
     ranks = (scores > t[:, None]).sum(1) + (scores == t[:, None]).sum(1) - 1  # ties: pessimistic
     return float(per_request_metrics(ranks)["ndcg@10"].mean())
 
 
-def fit_head(states, targets, *, l2: float, steps: int = 300, lr: float = 0.01, val=None, log_every: int = 25):
-    """Fit theta, bias on [N, K, D] states. val: (states, targets) for the learning curve.
-    Returns (theta [D + 1], bias, curve: [{step, loss, val_ndcg@10}])."""
-    feats = jax.vmap(slot_features)(jnp.asarray(states))
+def fit_listwise(feats, targets, offset=None, *, penalized: int, l2: float, steps: int = 300, lr: float = 0.01,
+                 val=None, log_every: int = 25):
+    """A linear listwise scorer on features [N, K, F] added to fixed logits offset [N, K] (none:
+    0), L2 on the first `penalized` weights. val: (features, targets, offset or None) for the
+    learning curve. Returns (weights [F], bias, curve)."""
     targets = jnp.asarray(targets, jnp.int32)
-    vfeats = None if val is None else (jax.vmap(slot_features)(jnp.asarray(val[0])), np.asarray(val[1]))
+    offset = jnp.zeros(feats.shape[:2], jnp.float32) if offset is None else jnp.asarray(offset, jnp.float32)
     params = {"theta": jnp.zeros(feats.shape[-1], jnp.float32), "bias": jnp.float32(0.0)}
     opt = optax.adam(lr)
     state = opt.init(params)
-    step_fn = jax.jit(jax.value_and_grad(_loss))
+    step_fn = jax.jit(jax.value_and_grad(_loss), static_argnums=5)
     curve = []
     for i in range(steps + 1):
-        loss, grads = step_fn(params, feats, targets, l2)
+        loss, grads = step_fn(params, feats, targets, offset, l2, penalized)
         if i % log_every == 0 or i == steps:
             row = {"step": i, "loss": float(loss)}
-            if vfeats is not None:
-                row["val_ndcg@10"] = ndcg_at_10(params["theta"], params["bias"], *vfeats)
+            if val is not None:
+                row["val_ndcg@10"] = ndcg_at_10(params["theta"], params["bias"], *val)
             curve.append(row)
         if i == steps:
             break
         updates, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     return np.asarray(params["theta"]), float(params["bias"]), curve
+
+
+def collaborative_features(side):
+    """[N, K, C] collaborative features -> [N, K, 1 + C]: the position feature first, no model states."""
+    side = jnp.asarray(side, jnp.float32)
+    pos = jnp.broadcast_to(jnp.log1p(jnp.arange(side.shape[1], dtype=jnp.float32))[None, :, None],
+                           side.shape[:2] + (1,))
+    return jnp.concatenate([pos, side], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collaborative:
+    """The listwise scorer on [log(1 + j), side_j] alone: the baseline that says what the LLM adds,
+    and the fixed part of a head fitted over it (`fit_head(..., base=...)`)."""
+    position: float
+    side: np.ndarray  # [C]
+
+    def logits(self, side) -> np.ndarray:
+        """[N, K] its logits of [N, K, C] features."""
+        return np.asarray(collaborative_features(side) @ jnp.asarray(np.r_[self.position, self.side], jnp.float32))
+
+
+def fit_collaborative(side, targets, *, steps: int = 300, lr: float = 0.05, val=None) -> tuple[Collaborative, list]:
+    """Fit the collaborative scorer on [N, K, C] features (cheap: fit it on many examples).
+    val: (side, targets). Returns (scorer, curve)."""
+    vf = None if val is None else (collaborative_features(val[0]), np.asarray(val[1]))
+    w, _, curve = fit_listwise(collaborative_features(side), targets, penalized=0, l2=0.0, steps=steps, lr=lr,
+                               val=vf)
+    return Collaborative(float(w[0]), w[1:]), curve
+
+
+def fit_head(states, targets, side=None, *, base: Collaborative | None = None, l2: float, steps: int = 300,
+             lr: float = 0.01, val=None, log_every: int = 25):
+    """Fit the head on [N, K, D] slot states. With `base` (a fitted `Collaborative`) and the
+    examples' features side [N, K, C], the head learns what to add to it: its logits are a fixed
+    offset, and the returned head holds both (position weights summed, side weights = base's).
+    val: (states, targets[, side]). Returns (theta [D + 1], bias, side weights [C] or None, curve)."""
+    d = np.shape(states)[-1]
+    off = None if base is None else base.logits(side)
+    vf = None
+    if val is not None:
+        vf = (head_features(val[0]), np.asarray(val[1]), None if base is None else base.logits(val[2]))
+    w, bias, curve = fit_listwise(head_features(states), targets, off, penalized=d, l2=l2, steps=steps, lr=lr,
+                                  val=vf, log_every=log_every)
+    if base is None:
+        return w, bias, None, curve
+    w = w.copy()
+    w[d] += base.position
+    return w, bias, np.asarray(base.side, np.float32), curve
 
 
 def save_states(path, states, examples_key: str):
