@@ -373,8 +373,9 @@ def main(argv):
         if peer is not None:
             peer.reset()
     engine.impl = default_impl
-    side_source = None
+    side_source, engine_scores = None, None
     if head is not None and head.side_weights is not None:  # the head adds the retriever's features
+        engine_scores = {m: [r.scores for r, _ in results[m]] for m in modes}  # fidelity of the model's part too
         from rcllm_jax.recommender import check_side_features, final_scores
         from rcllm_jax.retrieval import fit_on_split
         side_source = retriever or fit_on_split(split)
@@ -466,6 +467,8 @@ def main(argv):
                    achieved_kv_bandwidth_fraction=_pct([b / r.ttft_s / bw for b, r in zip(kv_read, res)], 50))
         if ref is not None:
             row.update(fidelity(ref, [r.scores for r in res]))
+            if engine_scores is not None:  # the engine's own scores, before the collaborative term
+                row.update({f"engine_{k}": v for k, v in fidelity(engine_scores["full"], engine_scores[mode]).items()})
             row.update({f"{k}_minus_full": metrics[k] - full_metrics[k] for k in ("hr@1", "hr@5", "hr@10")}
                        if full_metrics else {})
         if mode in policies:

@@ -41,19 +41,24 @@ def test_letter_labels_rank_by_first_token(smollm2, setup):
 
 
 def test_multi_token_labels_match_per_label_teacher_forcing(smollm2, setup):
-    """60 candidates -> labels 1..60; reference: one transformers pass per label over
-    prompt + label tokens + ')' summing the token log-probs."""
+    """60 candidates -> labels 1..60; reference: transformers teacher-forces each label's tokens
+    + ')' after the prompt (its own KV cache of the prompt, cropped back after each label),
+    summing the token log-probs."""
     split, builder, hf = setup
     req = next(iter(eval_requests(split, num_candidates=60, num_users=1, seed=6)))
     p = builder.build(req.history, req.candidates)
     assert not p.single_token_labels
     res = rank_full(smollm2.params, smollm2.cfg, p)
     base = p.tokens.tolist()
-    ref = []
-    for lt in p.label_tokens:
-        seq = base + list(lt) + [p.close_token]
-        lp = hf_logprobs(hf, seq)
-        ref.append(sum(lp[len(base) - 1 + i, t] for i, t in enumerate(list(lt) + [p.close_token])))
+    with torch.no_grad():
+        out = hf(torch.as_tensor([base]), use_cache=True)
+        past, last = out.past_key_values, torch.log_softmax(out.logits[0, -1].double(), -1)
+        ref = []
+        for lt in p.label_tokens:
+            seq = list(lt) + [p.close_token]
+            lp = torch.log_softmax(hf(torch.as_tensor([seq]), past_key_values=past, use_cache=True).logits[0].double(), -1)
+            past.crop(-len(seq))  # back to the prompt alone
+            ref.append(float(last[seq[0]]) + sum(float(lp[i, t]) for i, t in enumerate(seq[1:])))
     ref = np.array(ref) - np.logaddexp.reduce(ref)
     np.testing.assert_allclose(res.scores, ref, atol=5e-4)
     assert res.computed_tokens == len(p) + sum(len(lt) for lt in p.label_tokens)
