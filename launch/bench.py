@@ -506,6 +506,7 @@ def main(argv):
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
+              "head_digest": None if head is None else head.digest(),
               "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value, "scheduler": _SCHED.value,
               "arrival_rate": _RATE.value,
               "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),

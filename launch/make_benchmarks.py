@@ -87,7 +87,8 @@ def _ranker_section(out: Path) -> list[str]:
                 f"and the position) on {s0['examples']} examples (targets held back at positions {s0['positions']}, "
                 "no model pass); " if s0 else "")
              + f"stage 1 fitted the head{' over it' if s0 else ''} on the slot states of {card['train_examples']} "
-             f"examples (positions {card.get('positions', 'see the card')}), each with a retriever fitted before its "
+             f"examples (positions {card.get('positions') or [int(k.split('_')[1]) for k in log.get('train_stats', {})]}), "
+             "each with a retriever fitted before its "
              f"target; {card['val_examples']} validation examples (validation targets the retriever put in its "
              f"top-{card['num_candidates']}). Stage 1 "
              + (f"took {log['stage1_s'] / 60:.0f} min (every example served once)" if log["stage1_s"] > 60 else
@@ -113,6 +114,17 @@ def _ranker_section(out: Path) -> list[str]:
         lines[-1] += (f" Stage 2 ended at {final:.3f}: the query adapter "
                       f"{'added' if final > best1['val_ndcg@10'] else 'did not add'} to stage 1 in this budget. "
                       f"Learning curve: [ranker_learning_curve.png]({out.as_posix()}/ranker_learning_curve.png)")
+    qa = out / "ranker_train_query_adapter.json"
+    if qa.exists():  # the earlier run that trained the query adapter (stage 2), before stage 0 existed
+        q = json.loads(qa.read_text())
+        q1, q2 = max(r["val_ndcg@10"] for r in q["stage1"]), q["stage2"]
+        lines[-1] += (f" An earlier run trained the query adapter (stage 2, no collaborative features, "
+                      f"`{q['card']['command']}`): {q2['curve'][-1]['step']} steps x {q2['config']['batch_size']} "
+                      f"examples in {q2['curve'][-1]['wall_s'] / 60:.0f} min ended at validation NDCG@10 "
+                      f"{q2['val_ndcg@10']:.3f} vs {q1:.3f} for its head alone "
+                      f"([learning curve]({out.as_posix()}/ranker_learning_curve_query_adapter.png), "
+                      "[log](" + f"{out.as_posix()}/ranker_train_query_adapter.json)); "
+                      "so the CPU schedule stops after stage 1.")
     lines.append("")
     for h in RANKER_HISTORY:
         f = out / f"served_ranker_h{h}.json"
@@ -136,6 +148,7 @@ def _ranker_section(out: Path) -> list[str]:
                          f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
                          f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
         lines.append("")
+        lines += [f"- {x}" for x in _ranker_checks(d)] + [""]
     return lines
 
 
@@ -182,6 +195,41 @@ def _default_rcllm_row(results):
     return next((r for r in results if r.get("policy") == want), None)
 
 
+def _shipped_head_digest() -> str:
+    from rcllm_jax.engine.slot_head import DEFAULT_HEAD, SlotHead
+    return SlotHead.load(DEFAULT_HEAD).digest()
+
+
+def _ranker_checks(d: dict) -> list[str]:
+    """The recommender issue's accuracy and fidelity targets, checked on one ranker test run."""
+    rows = {r["mode"]: r for r in d["results"]}
+    rc, full, ret = rows.get("rcllm"), rows.get("full"), rows.get("retriever")
+    out = []
+    if rc and ret:
+        x, y = rc["ndcg@10_retrieved"], ret["ndcg@10_retrieved"]
+        lo, hi = rc["ndcg@10_retrieved_minus_retriever_ci"]
+        out.append(f"rcllm NDCG@10 within the retrieved {x:.3f} vs the retriever's order {y:.3f} (at least as good: "
+                   f"{'met' if x >= y else 'not met'}; above it by more than the paired 95% interval, "
+                   f"[{lo:+.3f}, {hi:+.3f}]: {'met' if lo > 0 else 'not met'}); popularity "
+                   f"{_fmt(rows.get('popularity', {}).get('ndcg@10_retrieved'))}, random "
+                   f"{_fmt(rows.get('random', {}).get('ndcg@10_retrieved'))}")
+        co = rows.get("collaborative")
+        if co:
+            out.append(f"what the LLM adds: rcllm {x:.3f} vs the head's collaborative scorer alone "
+                       f"{co['ndcg@10_retrieved']:.3f} ({x - co['ndcg@10_retrieved']:+.3f})")
+    if rc and full:
+        dh, dn = 100 * (rc["hr@10"] - full["hr@10"]), 100 * (rc["ndcg@10"] - full["ndcg@10"])
+        dhr = 100 * (rc["hr@10_retrieved"] - full["hr@10_retrieved"])
+        dnr = 100 * (rc["ndcg@10_retrieved"] - full["ndcg@10_retrieved"])
+        ok = min(dh, dn, dhr, dnr) >= -0.5
+        out.append(f"rcllm vs full prefill: HR@10 {dh:+.1f} / NDCG@10 {dn:+.1f} pts over all users, {dhr:+.1f} / "
+                   f"{dnr:+.1f} pts within the retrieved (within 0.5 pts: {'met' if ok else 'not met'}); top-1 "
+                   f"agreement {rc['top1_agreement']:.3f} at {100 * rc['recompute_fraction']:.1f}% of cached block "
+                   f"tokens recomputed (>= 0.95 at <= 10%: "
+                   f"{'met' if rc['top1_agreement'] >= 0.95 and rc['recompute_fraction'] <= 0.10 else 'not met'})")
+    return out
+
+
 def _served_section(out: Path) -> list[str]:
     """The served model on retrieved candidates: accuracy with intervals, fidelity vs budget,
     TTFT at history 50 / 50 candidates, and the recommender issue's targets checked."""
@@ -192,9 +240,14 @@ def _served_section(out: Path) -> list[str]:
     c, rows = d["config"], {r["mode"]: r for r in d["results"]}
     r0 = c.get("retriever") or {}
     k = c["num_candidates"]
-    lines = ["## The served model: retrieve -> rerank (the shipped score-slot head)", "",
+    shipped = c.get("head_digest") is not None and c["head_digest"] == _shipped_head_digest()
+    lines = ["## The served model: retrieve -> rerank (" + ("the shipped score-slot head)" if shipped else
+                                                             "an earlier score-slot head: slot states only)"), "",
              "The accuracy and fidelity sweep and the TTFT run are separate runs, possibly on different machines "
-             "(compare ratios within a run, not absolute times across runs); the rcllm policy was chosen on the sweep.",
+             "(compare ratios within a run, not absolute times across runs); the rcllm policy was chosen on the sweep."
+             + ("" if shipped else " The sweep ran with the head shipped before the collaborative features (it "
+                "matched the retriever); the shipped head's test accuracy and fidelity are in the ranker section "
+                "above, and TTFT does not depend on the head's weights."),
              "",
              f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
              f"{c['dataset']} test targets of {c['num_requests']} users, item-kNN top-{k} in the retriever's order, "

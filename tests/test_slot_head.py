@@ -175,6 +175,8 @@ def test_shipped_head_serves_the_default_model(smollm2):
     head = ranking_head("slot")
     assert (DEFAULT_HEAD / "README.md").exists() and head.theta.shape == (smollm2.cfg.hidden_size + 1,)
     assert head.card["base_fingerprint"] == head.base_fingerprint and head.card["val_examples"] > 0
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    assert head.side_features == CANDIDATE_FEATURES  # it weighs the retriever's collaborative features
     split = LeaveOneOut(load_dataset("ml-100k"))
     builder = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=5, head="slot")
     eng = Engine(smollm2.params, smollm2.cfg, builder, item_ids=[1, 2, 3], head=head, user_pages=64, prefix_pages=1)

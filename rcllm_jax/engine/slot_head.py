@@ -92,6 +92,19 @@ class SlotHead:
     side_weights: np.ndarray | None = None  # [C] weights of the collaborative features (None: none)
     side_features: tuple[str, ...] = ()  # their names (`retrieval.CANDIDATE_FEATURES` order)
 
+    def digest(self) -> str:
+        """Content digest of the head's weights (theta, bias, collaborative weights, adapter): which
+        head a training run started from or a benchmark served."""
+        import hashlib
+        h = hashlib.blake2b(np.asarray(self.theta, np.float32).tobytes(), digest_size=12)
+        h.update(np.float32(self.bias).tobytes())
+        if self.side_weights is not None:
+            h.update(np.asarray(self.side_weights, np.float32).tobytes())
+        for n in sorted(self.adapter or {}):
+            for ab in ("a", "b"):
+                h.update(np.asarray(self.adapter[n][ab], np.float32).tobytes())
+        return h.hexdigest()
+
     def combine(self, scores, side) -> np.ndarray:
         """[K] final log-softmax scores: the engine's head scores [K] plus the collaborative
         features side [K, C] weighed by `side_weights` (the scores unchanged for a head without)."""

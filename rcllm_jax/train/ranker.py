@@ -190,7 +190,7 @@ class RankerTrainer:
         self.state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
                       "opt_state": self.optimizer.init(trainable)}
         self.identity = {"format": CHECKPOINT_FORMAT, "base_fingerprint": engine.fingerprint,
-                         "config": dataclasses.asdict(cfg), "data": data_key, "initial_head": _digest(head)}
+                         "config": dataclasses.asdict(cfg), "data": data_key, "initial_head": head.digest()}
         self._grad = {}
         self._fwd = {}
         self.manager = None if checkpoint_dir is None else self._manager(Path(checkpoint_dir))
@@ -319,12 +319,3 @@ class RankerTrainer:
                         adapter={n: {ab: np.asarray(w[ab], np.float32) for ab in ("a", "b")}
                                  for n, w in tr["lora"].items()}, adapter_cfg=self.lcfg,
                         side_weights=self.side_weights, side_features=self.side_features)
-
-
-def _digest(head: SlotHead) -> str:
-    import hashlib
-    h = hashlib.blake2b(np.asarray(head.theta, np.float32).tobytes(), digest_size=12)
-    h.update(np.float32(head.bias).tobytes())
-    if head.side_weights is not None:
-        h.update(np.asarray(head.side_weights, np.float32).tobytes())
-    return h.hexdigest()
