@@ -130,7 +130,8 @@ def _placement_locality(engine, requests):
     """Locality of this stream's candidates under each placement of the same stored blocks
     (affinity routing: each request on the shard holding most of its candidate tokens)."""
     from rcllm_jax.dist.placement import PLACEMENTS
-    return {name: engine.locality([q.candidates for q in requests], name) for name in PLACEMENTS}
+    names = [p for p in PLACEMENTS if p != "coaccess" or engine.store.coaccess is not None]
+    return {name: engine.locality([q.candidates for q in requests], name) for name in names}
 
 
 def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
@@ -265,6 +266,7 @@ def main(argv):
     from rcllm_jax.eval.metrics import (MISS, bootstrap_ci, per_request_metrics, popularity_scores,
                                        random_scores, target_rank)
     from rcllm_jax.model import load_model
+    from rcllm_jax.retrieval import fit_on_split
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
     t0 = time.perf_counter()
@@ -272,7 +274,6 @@ def main(argv):
     split = LeaveOneOut(ds)
     retriever, retriever_info = None, None
     if _CAND_SRC.value == "retrieved":
-        from rcllm_jax.retrieval import fit_on_split
         t1 = time.perf_counter()
         retriever = fit_on_split(split)
         retriever_info = {"kind": "item-knn (cosine co-occurrence, training split only)",
@@ -319,7 +320,8 @@ def main(argv):
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
                     canonical=_CANON.value, user_pages=_USER_PAGES.value,
                     prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # pool is per device
-                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head)
+                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head,
+                    coaccess=retriever or fit_on_split(split))  # the coaccess placement's graph (training split)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -377,7 +379,6 @@ def main(argv):
     if head is not None and head.side_weights is not None:  # the head adds the retriever's features
         engine_scores = {m: [r.scores for r, _ in results[m]] for m in modes}  # fidelity of the model's part too
         from rcllm_jax.recommender import check_side_features, final_scores
-        from rcllm_jax.retrieval import fit_on_split
         side_source = retriever or fit_on_split(split)
         check_side_features(head, side_source)
         for mode in modes:

@@ -66,7 +66,6 @@ def main(argv):
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
-    from rcllm_jax.dist.placement import PLACEMENTS
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.serve.scheduler import Scheduler
     from rcllm_jax.model import ModelConfig, init_params, load_model
@@ -94,7 +93,7 @@ def main(argv):
         logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
                      one.stats()["item_blocks"], build_s)
         for n in counts:
-            for placement in PLACEMENTS:
+            for placement in ("similarity", "hash"):  # synthetic catalogs have no co-access data
                 eng = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
                              max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
                              fingerprint=one.fingerprint)

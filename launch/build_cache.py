@@ -62,6 +62,14 @@ def main(argv):
         if problem:
             raise app.UsageError(f"{_SNAP.value} holds a snapshot of {problem}; choose another --snapshot_dir "
                                  "(nothing was changed)")
+    from rcllm_jax.retrieval import ItemKNN, load_or_fit
+    seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
+    if jax.process_index() == 0:  # the retrieval stage is persisted with the item cache
+        retriever, how = load_or_fit(os.path.join(_SNAP.value, "retriever.npz"), seqs, items)
+        logging.info("retriever: %s", how)
+    else:  # the same deterministic fit: every process places the blocks alike
+        retriever = ItemKNN.fit(seqs, items)
+    engine.set_coaccess(retriever)  # the coaccess placement's graph
     logging.info("model and %s catalog (%d items) ready in %.1fs", ds.name, len(items), time.perf_counter() - t0)
     t1 = time.perf_counter()
     with tqdm(total=len(engine.item_blocks) + len(engine.glue_blocks), desc="encode blocks", unit="block",
@@ -70,11 +78,6 @@ def main(argv):
     build_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     step = engine.save(_SNAP.value)
-    if jax.process_index() == 0:  # the retrieval stage is persisted with the item cache
-        from rcllm_jax.retrieval import load_or_fit
-        _, how = load_or_fit(os.path.join(_SNAP.value, "retriever.npz"),
-                             [ds.sequences[u] for u in sorted(ds.sequences)], items)
-        logging.info("retriever: %s", how)
     save_s = time.perf_counter() - t2
     st = engine.stats()
     loads = np.asarray(st["shard_tokens"])

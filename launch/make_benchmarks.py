@@ -34,13 +34,16 @@ _GRID_C = flags.DEFINE_list("grid_candidates", ["20", "50", "100"], "Candidate c
 _GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Users per grid point (2 requests each).")
 _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficient recompute budget must keep.")
 GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
-_SERVED_USERS = flags.DEFINE_integer("served_users", 300, "Test users of the served-model accuracy and fidelity run.")
+_SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
+                                     "run on those whose target was retrieved).")
 SERVED_MODES = "full,stitch,sink,deviation,rcllm"
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
 RANKER_HISTORY = (20, 50)
 SERVED_SWEEP = "0.05,0.1,0.2"
+_MESH_USERS = flags.DEFINE_integer("mesh_users", 100, "Test users of the placement runs on retrieved candidates.")
+MESH_RETRIEVED_SHARDS = (4, 8)
 
 WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
             "--modes=full,prefix,stitch,sink,deviation,rcllm", "--sweep=0.1,0.3,0.5"]
@@ -53,7 +56,7 @@ def _served_runs(out: Path) -> dict:
     """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
     return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                             f"--modes={SERVED_MODES}", f"--sweep={SERVED_SWEEP}",
+                             "--rank_retrieved_only", f"--modes={SERVED_MODES}", f"--sweep={SERVED_SWEEP}",
                              f"--output_json={out / 'served_sweep.json'}"],
             "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
                             "--history_len=50", "--modes=full,prefix,prefix_warm,rcllm",
@@ -166,6 +169,11 @@ def _runs(out: Path):
         runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--negatives=retrieval", "--mesh=items:4",
                              f"--placement={p}", "--user_cache_pages=512", "--peers=",
                              f"--output_json={out / f'mesh_{p}.json'}"]
+    for n in MESH_RETRIEVED_SHARDS:  # the retrieval stage's candidates; every placement's locality on the stream
+        runs[f"mesh retrieved items:{n}"] = [f"--num_users={_MESH_USERS.value}", "--modes=rcllm", "--candidates=retrieved",
+                                             f"--mesh=items:{n}", "--placement=coaccess", "--user_cache_pages=512",
+                                             "--peers=", "--nowarmup",
+                                             f"--output_json={out / f'mesh_retrieved_items{n}.json'}"]
     return runs
 
 
@@ -312,6 +320,34 @@ def _served_section(out: Path) -> list[str]:
     return lines + [""]
 
 
+def _coaccess_section(out: Path) -> list[str]:
+    """Placements on the retrieval stage's candidates: every placement's locality on the same stored
+    blocks and stream (affinity routing), and what the run's own placement moved."""
+    runs = [(n, out / f"mesh_retrieved_items{n}.json") for n in MESH_RETRIEVED_SHARDS]
+    runs = [(n, f) for n, f in runs if f.exists()]
+    if not runs:
+        return []
+    lines = ["## Sharded item store: co-access placement on retrieved candidates", "",
+             "Each run ranks test users' item-kNN top-20 on a simulated mesh (affinity routing); the locality of "
+             "every placement is computed on the same stored blocks and stream (`placement_locality`), the "
+             "measured remote bytes are the run's own (coaccess). Times are not comparable here (the simulated "
+             "devices share 2 cores; --nowarmup).", "",
+             "| shards | placement | local fraction | remote blocks / request | remote MB / request | vs hash |",
+             "|---|---|---|---|---|---|"]
+    for n, f in runs:
+        d = json.loads(f.read_text())
+        loc = d["config"]["placement_locality"]
+        hb = loc.get("hash", {}).get("remote_bytes_per_request")
+        for p, r in loc.items():
+            ratio = f"{hb / r['remote_bytes_per_request']:.1f}x fewer bytes" if hb and r["remote_bytes_per_request"] else "-"
+            lines.append(f"| {n} | {p} | {r['local_fraction']:.3f} | {r['remote_blocks_per_request']:.2f} | "
+                         f"{r['remote_bytes_per_request'] / 1e6:.2f} | {ratio if p != 'hash' else '-'} |")
+        row = next(x for x in d["results"] if x["mode"] == "rcllm")
+        lines.append(f"| {n} | coaccess, measured ({d['config']['num_requests']} requests) | {row['local_fraction']:.3f} | "
+                     f"{row['remote_blocks_per_request']:.2f} | {row['remote_bytes_per_request'] / 1e6:.2f} | - |")
+    return lines + [""]
+
+
 def _load_section(out: Path) -> list[str]:
     """The HTTP server under load (launch/loadtest.py JSON files load_c*.json)."""
     files = sorted(out.glob("load_c*.json"), key=lambda f: int(f.stem[6:]))
@@ -444,6 +480,7 @@ def _report(out: Path) -> str:
             lines.append(f"| {p} | {r['ttft_p50_s']:.3f} s | {r['local_fraction']:.3f} | "
                          f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e6:.2f} |")
     lines.append("")
+    lines += _coaccess_section(out)
     f = out / "scaling.json"
     if f.exists():
         d = json.loads(f.read_text())

@@ -87,7 +87,7 @@ class Served:
 def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: str = "ml-100k", data_dir=None,
                 head: str = "slot", ranking_head=None, history_len: int = 20, max_candidates: int = 52,
                 user_mb: float = 2048, user_pages: int = 0, prefix_pages: int = 1, max_items: int = 0, mesh=None,
-                placement: str = "similarity", snapshot_dir=None, mode: str = "rcllm",
+                placement: str = "coaccess", snapshot_dir=None, mode: str = "rcllm",
                 rebuild_on_damage: bool | None = None) -> Served:
     """The served recommender as `launch/serve.py` and `launch/recommend.py` run it: the model
     (default SmolLM2-135M-Instruct) with its ranking head, the catalog's item caches restored from
@@ -120,6 +120,10 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
                     max_candidates=max_candidates, mesh=mesh, placement=placement,
                     head=load_head(head, ranking_head))
     snap = str(snapshot_dir or cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
+    retriever_path = Path(snap) / "retriever.npz"
+    retriever, how = load_or_fit(retriever_path, [ds.sequences[u] for u in sorted(ds.sequences)], item_ids,
+                                 save=False)  # saved below, once the snapshot directory is known to be ours
+    engine.set_coaccess(retriever)  # the coaccess placement's graph (before any block is placed)
     if rebuild_on_damage is None:
         rebuild_on_damage = snapshot_dir is None
     notes, saved_blocks = [], None
@@ -138,8 +142,9 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     if saved_blocks is None or st["item_blocks"] + st["glue_blocks"] > saved_blocks:
         engine.save(snap)
         notes.append(f"saved item caches ({st['item_blocks']} item blocks) to {snap}")
-    retriever, how = load_or_fit(Path(snap) / "retriever.npz", [ds.sequences[u] for u in sorted(ds.sequences)],
-                                 item_ids)
+    if not how.startswith("loaded"):
+        retriever.save(retriever_path)
+        how += " and saved"
     notes.append(f"retriever (item-kNN over the catalog's histories): {how}")
     return Served(Recommender(engine, retriever, mode), ds, item_ids, snap, snap.rstrip("/") + "-users",
                   rebuild_on_damage, notes)

@@ -228,9 +228,10 @@ def _top_per_row(m, k: int, weigh) -> tuple[np.ndarray, np.ndarray]:
     return cols, vals
 
 
-def load_or_fit(path, sequences, item_ids, **kw) -> tuple[ItemKNN, str]:
+def load_or_fit(path, sequences, item_ids, *, save: bool = True, **kw) -> tuple[ItemKNN, str]:
     """The retriever saved at `path` if it was built from exactly these sequences and catalog,
-    else a new one fitted and saved there. Returns (retriever, what happened)."""
+    else a new one fitted (and saved there, unless save=False: the caller saves it once the
+    directory is known to be its own). Returns (retriever, what happened)."""
     seqs = [tuple(s) for s in sequences]
     digest = data_digest(seqs, item_ids)
     path = Path(path)
@@ -242,8 +243,9 @@ def load_or_fit(path, sequences, item_ids, **kw) -> tuple[ItemKNN, str]:
     else:
         why = f"no retriever at {path}"
     r = ItemKNN.fit(seqs, item_ids, **kw)
-    r.save(path)
-    return r, f"{why}: fitted on {len(seqs)} sequences and saved"
+    if save:
+        r.save(path)
+    return r, f"{why}: fitted on {len(seqs)} sequences" + (" and saved" if save else "")
 
 
 def fit_on_split(split, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:

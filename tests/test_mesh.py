@@ -51,7 +51,11 @@ def test_placements_are_balanced(n):
     emb = centers[member] + 0.3 * rng.normal(size=(1500, 32))
     lengths = rng.integers(4, 40, size=1500)
     keys = [f"{rng.integers(1 << 62):016x}" for _ in range(1500)]
-    for shards in (similarity_placement(emb, lengths, n), hash_placement(keys, lengths, n)):
+    from rcllm_jax.dist.placement import coaccess_placement
+    near = np.argsort(-(emb @ emb[:300].T), axis=0)[:8]  # a co-access graph: each of 300 items' 8 nearest
+    edges = (np.repeat(np.arange(300), 8), near.T.ravel(), np.ones(2400))
+    for shards in (similarity_placement(emb, lengths, n), hash_placement(keys, lengths, n),
+                   coaccess_placement(lengths, edges, n)):
         load = np.bincount(shards, weights=lengths, minlength=n)
         assert load.max() <= 1.1 * load.mean(), load
 
@@ -68,6 +72,26 @@ def test_similarity_placement_keeps_clusters_together():
     def purity(shards):  # share of each cluster on its most common shard
         return np.mean([np.bincount(shards[member == c], minlength=8).max() / 100 for c in range(8)])
     assert purity(sim) >= 0.95 and purity(hashed) <= 0.35
+
+
+def test_coaccess_placement_keeps_co_requested_items_together():
+    """Hand-made co-access graph: 4 cliques of 6 items (strong edges inside, one weak edge between
+    neighbouring cliques); 4 shards get one clique each. Capacity holds with uneven lengths; no
+    graph is a clear error."""
+    from rcllm_jax.dist.placement import coaccess_placement, place
+    clique = np.repeat(np.arange(4), 6)
+    pairs = [(a, b, 1.0) for a in range(24) for b in range(a + 1, 24) if clique[a] == clique[b]]
+    pairs += [(5, 6, 0.05), (11, 12, 0.05), (17, 18, 0.05)]
+    edges = tuple(np.asarray(x) for x in zip(*pairs))
+    shards = coaccess_placement(np.full(24, 10), edges, 4)
+    assert all(len(set(shards[clique == c])) == 1 for c in range(4)) and len(set(shards)) == 4
+    # uneven lengths: one clique's items 5x longer (it cannot stay on one shard); every shard ends
+    # within the capacity (5% over the mean) + one block
+    lengths = np.where(clique == 0, 50, 10)
+    load = np.bincount(coaccess_placement(lengths, edges, 4), weights=lengths, minlength=4)
+    assert load.max() <= np.ceil(1.05 * lengths.sum() / 4) + lengths.max()
+    with pytest.raises(ValueError, match="co-access graph"):
+        place("coaccess", keys=["a"], lengths=[1], embeddings=np.zeros((1, 2)), num_shards=2)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +315,8 @@ def test_interrupted_save_leaves_the_previous_snapshot(world, tmp_path):
 def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
     """Real model embeddings of the whole ML-100k catalog, items:8, a stream whose candidates come
     from a (genre) retrieval stage: similarity placement keeps more of a request's candidates on
-    its shard than hash placement. With uniform negatives neither can (reported, not asserted)."""
+    its shard than hash placement. With uniform negatives neither can (reported, not asserted).
+    Candidates from the item-kNN retriever: co-access placement (its graph) keeps >= 2x hash's."""
     from rcllm_jax.cache.block_store import BlockStore
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.dist.placement import locality
@@ -310,7 +335,19 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
         for name in ("similarity", "hash"):
             table = store.placement_of(name)
             out[neg, name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
+    from rcllm_jax.dist.placement import coaccess_graph
+    from rcllm_jax.retrieval import fit_on_split
+    retr = fit_on_split(split)
+    store.coaccess = coaccess_graph(retr, {i: store.key("item", t) for i, t in blocks.items()})
+    reqs = [r.candidates for r in eval_requests(split, num_users=200, num_candidates=20, retriever=retr, seed=1)]
+    for name in ("coaccess", "similarity", "hash"):
+        table = store.placement_of(name)
+        out["knn", name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
+    co = np.bincount([table_s for table_s in store.placement_of("coaccess").values()],
+                     weights=[store.entries[k].length for k in store.placement_of("coaccess")], minlength=8)
     print({k: round(v["local_fraction"], 3) for k, v in out.items()})
+    assert co.max() <= 1.1 * co.mean()
+    assert out["knn", "coaccess"]["local_fraction"] >= 2 * out["knn", "hash"]["local_fraction"]
     sim, hashed = out["retrieval", "similarity"], out["retrieval", "hash"]
     assert sim["local_fraction"] >= 1.2 * hashed["local_fraction"]
     assert sim["remote_blocks_per_request"] < hashed["remote_blocks_per_request"]
@@ -342,7 +379,7 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     assert got["config"]["mesh"] == "items:4" and row["shard_requests"] == [1, 1, 0, 0]  # round robin
     assert row["response_p50_s"] >= row["ttft_p50_s"] and 0 < row["utilization"] <= 1
     assert 0 < row["local_fraction"] <= 1 and row["remote_blocks_per_request"] <= 8
-    assert row["remote_bytes_per_request"] >= 0 and set(got["config"]["placement_locality"]) == {"similarity", "hash"}
+    assert row["remote_bytes_per_request"] >= 0 and set(got["config"]["placement_locality"]) == {"similarity", "coaccess", "hash"}
     assert "placement similarity" in r.stdout
     # a snapshot directory of another model is refused, and left as it was
     before = {p: p.stat().st_mtime_ns for p in snap.rglob("*")}

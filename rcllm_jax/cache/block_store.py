@@ -99,6 +99,7 @@ class BlockStore:
         self.sharding = NamedSharding(mesh, partition_specs()["block_store"])
         self.entries: dict[str, BlockEntry] = {}
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
+        self.coaccess: dict[tuple[str, str], float] | None = None  # (key, key) -> weight (coaccess placement)
         self.shard_slots = SLOT_ALIGN
         shape = (cfg.num_layers, self.num_shards * self.shard_slots, cfg.num_kv_heads, cfg.head_dim)
         self.k = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
@@ -190,9 +191,14 @@ class BlockStore:
         keys = sorted(k for k in lengths if kinds[k] not in REPLICATED_KINDS)
         shard_of = {k: REPLICATED for k in lengths if kinds[k] in REPLICATED_KINDS}
         if keys:
+            edges = None
+            if self.coaccess is not None:
+                at = {k: i for i, k in enumerate(keys)}
+                pairs = [(at[a], at[b], w) for (a, b), w in self.coaccess.items() if a in at and b in at]
+                edges = tuple(np.asarray(x) for x in zip(*pairs)) if pairs else (np.zeros(0, int),) * 2 + (np.zeros(0),)
             shards = placement_lib.place(name, keys=keys, lengths=[lengths[k] for k in keys],
                                          embeddings=np.stack([self.embeddings[k] for k in keys]),
-                                         num_shards=self.num_shards)
+                                         num_shards=self.num_shards, edges=edges)
             shard_of |= {k: int(s) for k, s in zip(keys, shards)}
         return shard_of
 

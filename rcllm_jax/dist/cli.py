@@ -12,9 +12,10 @@ from absl import flags, logging
 from rcllm_jax.dist.placement import PLACEMENTS
 
 MESH = flags.DEFINE_string("mesh", "items:1", "Device mesh: items:N[,model:M] (item caches sharded over items).")
-PLACEMENT = flags.DEFINE_enum("placement", "similarity", list(PLACEMENTS),
-                              "Item block placement over the items axis: similarity (balanced k-means of the "
-                              "model's item embeddings) or hash (baseline).")
+PLACEMENT = flags.DEFINE_enum("placement", "coaccess", list(PLACEMENTS),
+                              "Item block placement over the items axis: coaccess (METIS partition of the "
+                              "retriever's item co-access graph), similarity (balanced k-means of the model's "
+                              "item embeddings) or hash (baseline).")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                                   "(with --num_processes and --process_id; omit for one process).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")

@@ -9,6 +9,13 @@ blocks in order of regret (how much worse their second-best shard is) to the nea
 still has token capacity, then recomputes centroids. Capacity = ceil(1.05 x mean tokens per
 shard), so the largest shard is within 5% (+ one block) of the mean.
 
+`coaccess`: blocks of items that are requested together share a shard. The graph: items are
+vertices weighted by their block's tokens, edges the retriever's item-to-item similarities
+(`retrieval.ItemKNN`: co-occurrence in training sequences, what decides which items one
+request's candidates are); partition = METIS (`pymetis`) into N parts minimising the cut weight
+under a 3% load imbalance, then a shard over the capacity below gives its least attached blocks
+to the least loaded shard (the largest shard ends within the capacity + one block). Needs the graph (`Engine(coaccess=retriever)`).
+
 `hash`: the baseline. A block's preferred shard is its content hash mod N; when that shard is at
 capacity the block goes to the next one (consistent hashing with bounded loads), so loads stay
 balanced under the same capacity.
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PLACEMENTS = ("similarity", "hash")
+PLACEMENTS = ("similarity", "coaccess", "hash")
 CAPACITY_FACTOR = 1.05
 
 
@@ -84,10 +91,71 @@ def similarity_placement(embeddings, lengths, num_shards: int, iters: int = 12, 
     return assign
 
 
-def place(name: str, *, keys, lengths, embeddings, num_shards: int) -> np.ndarray:
-    """Shard index of every block (arrays in the same order as keys)."""
+def coaccess_placement(lengths, edges, num_shards: int, seed: int = 0) -> np.ndarray:
+    """Shard of every block from a co-access graph: edges = (i [E], j [E], weight [E]) over block
+    indices (either direction, duplicates keep the largest weight; weights > 0)."""
+    import pymetis
+    lengths = np.asarray(lengths, np.int64)
+    n = len(lengths)
+    if num_shards == 1 or n == 0:
+        return np.zeros(n, np.int32)
+    i, j, w = (np.asarray(x) for x in edges)
+    ok = (i != j) & (w > 0)
+    a, b = np.minimum(i, j)[ok], np.maximum(i, j)[ok]
+    wt = np.maximum(1, np.round(1000 * np.asarray(w, np.float64)[ok] / max(float(np.max(w[ok], initial=0)), 1e-12)))
+    best: dict[tuple[int, int], int] = {}
+    for x, y, v in zip(a.tolist(), b.tolist(), wt.astype(np.int64).tolist()):
+        best[(x, y)] = max(best.get((x, y), 0), v)
+    nbrs: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for (x, y), v in sorted(best.items()):
+        nbrs[x].append((y, v))
+        nbrs[y].append((x, v))
+    xadj = np.cumsum([0] + [len(r) for r in nbrs]).astype(np.int64)
+    adjncy = np.asarray([y for r in nbrs for y, _ in r], np.int64)
+    eweights = np.asarray([v for r in nbrs for _, v in r], np.int64)
+    if not len(adjncy):  # no edge at all: nothing to keep together
+        return hash_placement([f"{k:016x}" for k in range(n)], lengths, num_shards)
+    _, parts = pymetis.part_graph(num_shards, xadj=xadj, adjncy=adjncy, eweights=eweights,
+                                  vweights=np.maximum(lengths, 1), options=pymetis.Options(ufactor=30, seed=seed))
+    out = np.asarray(parts, np.int32)
+    cap, load = _capacity(lengths, num_shards), np.bincount(out, weights=lengths, minlength=num_shards)
+    for _ in range(n):  # repair: the fullest shard over capacity sheds its least attached block to the
+        s, t = int(np.argmax(load)), int(np.argmin(load))  # emptiest while that lowers the larger of the two
+        if load[s] <= cap:
+            break
+        members = [m for m in np.flatnonzero(out == s) if load[t] + lengths[m] < load[s]]
+        if not members:
+            break
+        m = min(members, key=lambda m: (sum(v for y, v in nbrs[m] if out[y] == s), -lengths[m], m))
+        out[m], load[s], load[t] = t, load[s] - lengths[m], load[t] + lengths[m]
+    return out
+
+
+def coaccess_graph(retriever, key_of: dict) -> dict[tuple[str, str], float]:
+    """(block key, block key) -> weight: the item-kNN retriever's similarity of every pair of
+    items in key_of (item id -> its block key) that its neighbour table links."""
+    graph = {}
+    for i, ki in key_of.items():
+        row = retriever.index.get(int(i))
+        if row is None:
+            continue
+        for j, w in zip(retriever.neighbours[row], retriever.sims[row]):
+            kj = key_of.get(int(retriever.item_ids[j])) if j >= 0 else None
+            if kj is not None and kj != ki and w > 0:
+                graph[(ki, kj)] = max(graph.get((ki, kj), 0.0), float(w))
+    return graph
+
+
+def place(name: str, *, keys, lengths, embeddings, num_shards: int, edges=None) -> np.ndarray:
+    """Shard index of every block (arrays in the same order as keys; edges: the co-access graph
+    over those indices, for `coaccess`)."""
     if name == "similarity":
         return similarity_placement(embeddings, lengths, num_shards)
+    if name == "coaccess":
+        if edges is None:
+            raise ValueError("coaccess placement needs the items' co-access graph: Engine(coaccess=retriever) "
+                             "(the item-kNN retriever's similarities)")
+        return coaccess_placement(lengths, edges, num_shards)
     if name == "hash":
         return hash_placement(keys, lengths, num_shards)
     raise ValueError(f"unknown placement {name!r}: {' | '.join(PLACEMENTS)}")

@@ -89,9 +89,11 @@ class Engine:
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
-                 mesh=None, placement: str = "similarity", head=None):
+                 mesh=None, placement: str = "similarity", head=None, coaccess=None):
         """head: the trained `SlotHead` that scores slot prompts (`PromptBuilder(head="slot")`),
-        refused when it was trained on other weights."""
+        refused when it was trained on other weights. coaccess: the item-kNN retriever whose
+        item-to-item similarities are the `coaccess` placement's graph (`set_coaccess`; without
+        it a coaccess store refuses to place blocks)."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
         if self.mesh.shape["model"] != 1:
             raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
@@ -118,6 +120,8 @@ class Engine:
         self.store = BlockStore(self.mesh, cfg, self.fingerprint,
                                 {"item": self.canonical_context(), "glue": builder.instruction.tokens},
                                 placement=placement)
+        if coaccess is not None:
+            self.set_coaccess(coaccess)
         self.pool = KVPool(cfg, 1 + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
         self._pages = (user_pages, prefix_pages)
         self.reset_caches()
@@ -254,6 +258,14 @@ class Engine:
         """[N] bytes of these items' cached blocks that each items-shard holds (what a request
         with these candidates would read locally on each shard)."""
         return self.store.shard_bytes(self._item_entries(item_ids))
+
+    def set_coaccess(self, retriever):
+        """The co-access graph of the `coaccess` placement (also for what-if `locality`): the item-kNN
+        retriever's item-to-item similarities between this engine's items. Set before the store is
+        built or restored (a built store is not moved)."""
+        from rcllm_jax.dist.placement import coaccess_graph
+        self.store.coaccess = coaccess_graph(retriever, {i: self.store.key("item", t)
+                                                         for i, t in self.item_blocks.items()})
 
     def locality(self, candidate_lists, placement: str | None = None) -> dict:
         """How local a request stream (candidate id lists) would be under `placement` of the stored
