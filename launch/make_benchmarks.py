@@ -170,9 +170,9 @@ def _runs(out: Path):
                              f"--placement={p}", "--user_cache_pages=512", "--peers=",
                              f"--output_json={out / f'mesh_{p}.json'}"]
     for n in MESH_RETRIEVED_SHARDS:  # the retrieval stage's candidates; every placement's locality on the stream
-        runs[f"mesh retrieved items:{n}"] = [f"--num_users={_MESH_USERS.value}", "--modes=rcllm", "--candidates=retrieved",
+        runs[f"mesh retrieved items:{n}"] = [f"--num_users={_MESH_USERS.value}", "--modes=rcllm", *SERVED,
                                              f"--mesh=items:{n}", "--placement=coaccess", "--user_cache_pages=512",
-                                             "--peers=", "--nowarmup",
+                                             "--nowarmup",
                                              f"--output_json={out / f'mesh_retrieved_items{n}.json'}"]
     return runs
 
