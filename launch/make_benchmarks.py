@@ -305,7 +305,10 @@ def _served_section(out: Path) -> list[str]:
                           f"{1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
                           f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
                           f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
-                          f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}")
+                          f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}"
+                          + ("" if dt["config"].get("head_digest") == _shipped_head_digest() else
+                             " (run with an earlier head; the engine's TTFT does not depend on the head's weights, "
+                             "and the collaborative term is added outside it)"))
             if "prefix_warm" in tr:
                 w = tr["prefix_warm"]
                 xw = w["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
