@@ -213,9 +213,9 @@ def _retriever_scores(retriever, q):
 def _collaborative_scores(collab: dict, retriever, q):
     """The stage-0 scorer a head was trained over (its card): position and collaborative features."""
     import numpy as np
-    side = retriever.candidate_features(q.history, q.candidates)
-    return (collab["position_weight"] * np.log1p(np.arange(len(q.candidates)))
-            + side @ np.asarray(collab["side_weights"])).tolist()
+    from rcllm_jax.train.slot_head import Collaborative
+    scorer = Collaborative(float(collab["position_weight"]), np.asarray(collab["side_weights"], np.float32))
+    return scorer.logits(retriever.candidate_features(q.history, q.candidates)[None])[0].tolist()
 
 
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
@@ -308,6 +308,8 @@ def main(argv):
         skipped, requests = len(requests) - len(kept), kept
         if not requests:
             raise app.UsageError("no request has its target among the retrieved candidates")
+    # the training split's retriever: the coaccess placement's graph and a head's collaborative features
+    train_retriever = retriever or fit_on_split(split)
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     from rcllm_jax.engine.slot_head import ranking_head
     head = ranking_head(_HEAD.value, _HEAD_PATH.value)
@@ -321,7 +323,7 @@ def main(argv):
                     canonical=_CANON.value, user_pages=_USER_PAGES.value,
                     prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # pool is per device
                     attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head,
-                    coaccess=retriever or fit_on_split(split))  # the coaccess placement's graph (training split)
+                    coaccess=train_retriever)  # the coaccess placement's graph
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -379,7 +381,7 @@ def main(argv):
     if head is not None and head.side_weights is not None:  # the head adds the retriever's features
         engine_scores = {m: [r.scores for r, _ in results[m]] for m in modes}  # fidelity of the model's part too
         from rcllm_jax.recommender import check_side_features, final_scores
-        side_source = retriever or fit_on_split(split)
+        side_source = train_retriever
         check_side_features(head, side_source)
         for mode in modes:
             results[mode] = [(dataclasses.replace(r, scores=final_scores(head, side_source, q.history, q.candidates,

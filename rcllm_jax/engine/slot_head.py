@@ -47,10 +47,15 @@ import numpy as np
 from rcllm_jax.model.lora import LoraConfig, merge
 
 
+def position_feature(k: int):
+    """[K, 1] log(1 + j) of each candidate's prompt position j: the head's (and its collaborative
+    scorer's) position feature."""
+    return jnp.log1p(jnp.arange(k, dtype=jnp.float32))[:, None]
+
+
 def slot_features(hidden):
     """[K, D] slot hidden states -> [K, D + 1] head features (hidden, log(1 + position))."""
-    pos = jnp.log1p(jnp.arange(hidden.shape[0], dtype=jnp.float32))[:, None]
-    return jnp.concatenate([hidden.astype(jnp.float32), pos], axis=-1)
+    return jnp.concatenate([hidden.astype(jnp.float32), position_feature(hidden.shape[0])], axis=-1)
 
 
 def head_scores(theta, bias, features, valid=None):

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from rcllm_jax.data.pipeline import retrieved_candidates
-from rcllm_jax.engine.slot_head import head_scores, slot_features
+from rcllm_jax.engine.slot_head import head_scores, position_feature, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
 from rcllm_jax.retrieval import ItemKNN, fit_on_split
 
@@ -138,8 +138,7 @@ def fit_listwise(feats, targets, offset=None, *, penalized: int, l2: float, step
 def collaborative_features(side):
     """[N, K, C] collaborative features -> [N, K, 1 + C]: the position feature first, no model states."""
     side = jnp.asarray(side, jnp.float32)
-    pos = jnp.broadcast_to(jnp.log1p(jnp.arange(side.shape[1], dtype=jnp.float32))[None, :, None],
-                           side.shape[:2] + (1,))
+    pos = jnp.broadcast_to(position_feature(side.shape[1])[None], side.shape[:2] + (1,))
     return jnp.concatenate([pos, side], axis=-1)
 
 
