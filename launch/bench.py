@@ -127,11 +127,15 @@ def _policies():
 
 
 def _placement_locality(engine, requests):
-    """Locality of this stream's candidates under each placement of the same stored blocks
-    (affinity routing: each request on the shard holding most of its candidate tokens)."""
+    """Locality of this stream's candidates under each placement of the same stored blocks, without
+    and (named "<placement>+replicate<r>") with the run's hot-item replication budget (affinity
+    routing: each request on the shard holding most of its candidate tokens)."""
     from rcllm_jax.dist.placement import PLACEMENTS
-    names = [p for p in PLACEMENTS if p != "coaccess" or engine.store.coaccess is not None]
-    return {name: engine.locality([q.candidates for q in requests], name) for name in names}
+    logged = engine.store.coaccess is not None
+    budgets = [0.0] + ([engine.store.replicate] if engine.store.replicate and logged else [])
+    cands = [q.candidates for q in requests]
+    return {name + (f"+replicate{r:g}" if r else ""): engine.locality(cands, name, r)
+            for r in budgets for name in PLACEMENTS if logged or name != "coaccess"}
 
 
 def _plots(out_dir: Path, modes, results, rows, lengths) -> list[str]:
@@ -322,8 +326,11 @@ def main(argv):
     engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
                     canonical=_CANON.value, user_pages=_USER_PAGES.value,
                     prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # pool is per device
-                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value, head=head,
-                    coaccess=train_retriever)  # the coaccess placement's graph
+                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
+                    replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
+                    head=head,  # the co-access log below: placement and replicas
+                    coaccess=train_retriever.coaccess_requests([split.train_sequence(u) for u in split.users],
+                                                               k=_CANDS.value))
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -510,7 +517,8 @@ def main(argv):
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "head_digest": None if head is None else head.digest(),
-              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value, "scheduler": _SCHED.value,
+              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
+              "replicate": dist_cli.REPLICATE.value, "kv_dtype": dist_cli.KV_DTYPE.value, "scheduler": _SCHED.value,
               "arrival_rate": _RATE.value,
               "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),
               "peers": {"transformers": peer_note},
@@ -547,7 +555,7 @@ def main(argv):
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
                       f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]   {vs}")
     for name, loc in config["placement_locality"].items():
-        print(f"placement {name:<10} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
+        print(f"placement {name:<22} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
               f"remote MB/request {loc['remote_bytes_per_request'] / 1e6:.2f}")
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)

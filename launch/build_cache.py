@@ -2,9 +2,10 @@
 
 python launch/build_cache.py --mesh=items:4 --snapshot_dir=snapshots/ml100k
 Every catalog item's block is encoded once after the canonical context (with the label/question
-glue), placed over the items axis (--placement), and saved with the user store, the block index,
-the model fingerprint and the tokenizer hash (rcllm_jax/cache/snapshot.py). launch/serve.py and
-launch/bench.py --snapshot_dir restore it on any items mesh. A directory holding another model's
+glue), placed over the items axis (--placement; hot items on every shard: --replicate), and saved
+with the user store, the block index, the model fingerprint and the tokenizer hash
+(rcllm_jax/cache/snapshot.py). launch/serve.py and launch/bench.py --snapshot_dir restore it on
+any items mesh. A directory holding another model's
 snapshots is refused (nothing is overwritten).
 """
 
@@ -55,7 +56,8 @@ def main(argv):
     builder = PromptBuilder(model.tokenizer, ds.items)
     engine = Engine(model.params, model.cfg, builder, item_ids=items, canonical=_CANON.value,
                     user_pages=16, prefix_pages=1, max_candidates=_MAX_CANDS.value, mesh=mesh,
-                    placement=dist_cli.PLACEMENT.value)
+                    placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
+                    kv_dtype=dist_cli.KV_DTYPE.value)
     prev = snapshot.latest_meta(_SNAP.value)
     if prev is not None:
         problem = snapshot.identity_problem(prev[1], engine.identity())
@@ -69,7 +71,7 @@ def main(argv):
         logging.info("retriever: %s", how)
     else:  # the same deterministic fit: every process places the blocks alike
         retriever = ItemKNN.fit(seqs, items)
-    engine.set_coaccess(retriever)  # the coaccess placement's graph
+    engine.set_coaccess(retriever.coaccess_requests(seqs))  # the co-access log: placement and replication
     logging.info("model and %s catalog (%d items) ready in %.1fs", ds.name, len(items), time.perf_counter() - t0)
     t1 = time.perf_counter()
     with tqdm(total=len(engine.item_blocks) + len(engine.glue_blocks), desc="encode blocks", unit="block",
@@ -82,7 +84,9 @@ def main(argv):
     st = engine.stats()
     loads = np.asarray(st["shard_tokens"])
     summary = {"snapshot_dir": os.path.abspath(_SNAP.value), "step": step, "mesh": str(dist_cli.MESH.value),
-               "placement": st["placement"], "item_blocks": st["item_blocks"],
+               "placement": st["placement"], "replicate": st["replicate"], "kv_dtype": st["kv_dtype"],
+               "replicated_item_blocks": st["replicated_item_blocks"],
+               "replicated_item_tokens": st["replicated_item_tokens"], "item_blocks": st["item_blocks"],
                "item_tokens": st["item_tokens"], "item_bytes": st["item_bytes"],
                "shard_tokens": loads.tolist(), "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
                "build_s": round(build_s, 2), "save_s": round(save_s, 2), "model_fingerprint": engine.fingerprint}

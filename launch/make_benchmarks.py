@@ -6,7 +6,8 @@ Runs, each in its own process, writing JSON and plots under --out_dir:
     zero-shot model and, when given, the tuned block-aware model;
   bench.py --mesh=items:4 --placement=similarity|hash on retrieval candidates (locality, TTFT);
   bench.py over the grid --grid_history_lens x --grid_candidates (every mode; off by default);
-  bench_scaling.py (devices x catalog size x placement x scheduler).
+  bench_scaling.py (devices x catalog size x placement x replication x scheduler), bench_kv.py
+  (cache dtypes).
 Then formats every figure from those JSON files into BENCHMARKS.md (nothing is typed in by hand:
 the targets are checked against the measured numbers).
 """
@@ -28,6 +29,17 @@ _TUNED = flags.DEFINE_string("tuned_model", None, "The tuned, block-aware model 
 _RUN = flags.DEFINE_bool("run", True, "Run the benchmarks (--norun: only rewrite BENCHMARKS.md from the JSON).")
 _USERS = flags.DEFINE_integer("num_users", 30, "Users in the serving workload (2 requests each).")
 _SCALES = flags.DEFINE_list("catalog_scales", ["1", "10", "100"], "Catalog scales of bench_scaling.py.")
+# bench_scaling.py runs: JSON name -> (section title, its flags)
+SCALING_RUNS = {
+    "scaling": ("devices x catalog size (sampled candidates)", lambda: [
+        f"--catalog_scales={','.join(_SCALES.value)}", "--candidates=sampled", "--placements=similarity,hash",
+        "--replicate=0"]),
+    "scaling_retrieved": ("placements on retrieved candidates (the remote-bytes targets)", lambda: [
+        "--catalog_scales=1", "--device_counts=1,4,8", "--num_requests=943"]),
+    "scaling_replication": ("co-access placement, local fraction vs replication budget", lambda: [
+        "--catalog_scales=1", "--device_counts=4,8", "--num_requests=943", "--placements=coaccess",
+        "--replicate=0,0.02,0.05,0.1,0.2"]),
+}
 _REPORT = flags.DEFINE_string("report", str(ROOT / "BENCHMARKS.md"), "The report file.")
 _GRID_H = flags.DEFINE_list("grid_history_lens", [], "History lengths of the TTFT grid (e.g. 20,50; empty: no grid).")
 _GRID_C = flags.DEFINE_list("grid_candidates", ["20", "50", "100"], "Candidate counts of the TTFT grid.")
@@ -484,22 +496,70 @@ def _report(out: Path) -> str:
                          f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e6:.2f} |")
     lines.append("")
     lines += _coaccess_section(out)
-    f = out / "scaling.json"
-    if f.exists():
-        d = json.loads(f.read_text())
-        lines += ["## Scaling: devices x catalog size", "", f"Model: {d['config']['model']}; {d['config']['num_requests']} "
-                  f"requests, {d['config']['num_candidates']} {d['config']['negatives']} candidates, "
-                  f"{d['config']['cpu_cores']} CPU cores simulating the devices.", "",
-                  "| catalog | items | devices | placement | scheduler | TTFT p50 | local fraction | remote blocks / req | remote KB / req | load max/mean |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in d["results"]:
-            lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['devices']} | {r['placement']} | "
-                         f"{r['scheduler']} | {r['ttft_p50_s'] * 1e3:.1f} ms | {r['local_fraction']:.3f} | "
-                         f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e3:.1f} | "
-                         f"{r['max_over_mean_load']:.3f} |")
-        lines.append("")
-        lines += _plot_links(f, d["config"].get("plots", [])) + [""]
+    for name in SCALING_RUNS:
+        lines += _scaling_section(out / f"{name}.json")
+    lines += _kv_section(out / "kv_dtype.json")
     return "\n".join(lines)
+
+
+def _scaling_section(f: Path) -> list[str]:
+    """One bench_scaling.py run: the target ratios and every row."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    lines = []
+    c = d["config"]
+    cands = (f"the item-kNN retriever's top-{c['num_candidates']}" if c.get("candidates", "sampled") == "retrieved"
+             else f"{c['num_candidates']} {c['negatives']} candidates")
+    lines += [f"## Scaling: {SCALING_RUNS[f.stem][0]}", "",
+              f"`launch/bench_scaling.py`. Model: {c['model']}; {c['num_requests']} requests (test users), "
+              f"{cands}; {c['cpu_cores']} CPU cores simulating the devices (times are not a scaling "
+              "measurement here; bytes are). Replication r: up to r x a shard's mean item tokens held on "
+              "every shard (`max shard / mean`: the largest shard's item tokens, replicas included, over "
+              "the catalog's mean per shard).", ""]
+    for t in c.get("remote_ratios", []):
+        lines.append(f"- x{t['catalog_scale']}, {t['devices']} devices: {t['best']} reads "
+                     f"{t['best_remote_bytes'] / 1e3:.1f} KB remote per request (local fraction "
+                     f"{t['best_local_fraction']:.3f}, load max/mean {t['best_max_over_mean_load']:.3f}): "
+                     f"hash + round-robin reads {_fmt(t['hash_round_robin_ratio'], '.1f')}x more, hash + "
+                     f"affinity {_fmt(t['hash_affinity_ratio'], '.1f')}x more.")
+    lines += ["", "| catalog | items | devices | placement | r | scheduler | TTFT p50 | local fraction | "
+              "remote blocks / req | remote KB / req | load max/mean | max shard / mean |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['devices']} | {r['placement']} | "
+                     f"{r.get('replicate', 0):g} | {r['scheduler']} | {r['ttft_p50_s'] * 1e3:.1f} ms | "
+                     f"{r['local_fraction']:.3f} | {r['remote_blocks_per_request']:.2f} | "
+                     f"{r['remote_bytes_per_request'] / 1e3:.1f} | {r['max_over_mean_load']:.3f} | "
+                     f"{_fmt(r.get('max_shard_tokens_over_mean'), '.3f')} |")
+    lines.append("")
+    lines += _plot_links(f, d["config"].get("plots", [])) + [""]
+    return lines
+
+
+def _kv_section(f: Path) -> list[str]:
+    """launch/bench_kv.py: each cache dtype's fidelity to the f32 cache, bytes and memory."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, ref = d["config"], d["config"]["reference"]
+    m = c["memory_statement"]
+    gb = f"x{m['catalog_scale']}_catalog_gb_per_shard"
+    lines = ["## Compact cached KV (`launch/bench_kv.py`)", "",
+             f"The served ranking ({c['mode']}, slot head + collaborative features) of {c['num_requests']} test "
+             f"requests whose target was retrieved ({c['num_candidates']} candidates, history {c['history_len']}), "
+             f"from a cache of each dtype against the same from the {ref} cache, one run. Memory: the item cache of "
+             f"a x{m['catalog_scale']} catalog ({c['catalog_tokens']} tokens x {m['catalog_scale']}) on "
+             f"{m['shards']} shards with +{m['replicate']:g} replication. TTFT on {c['cpu_cores']} CPU cores.", "",
+             f"| KV dtype | bytes / token | top-1 vs {ref} | KL vs {ref} | Kendall tau | NDCG@10 (retrieved) | "
+             f"minus {ref} [95% CI] | TTFT p50 | GB per shard |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        lo, hi = r["ndcg@10_minus_reference_ci"]
+        lines.append(f"| {r['kv_dtype']} | {r['bytes_per_token']} | {r[f'top1_agreement_vs_{ref}']:.3f} | "
+                     f"{r[f'kl_mean_vs_{ref}']:.2e} | {r[f'kendall_tau_vs_{ref}']:.3f} | "
+                     f"{r['ndcg@10_retrieved']:.4f} | {r['ndcg@10_minus_reference']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{r['ttft_p50_s'] * 1e3:.0f} ms | {r[gb]:.2f} |")
+    return lines + [""]
 
 
 def main(argv):
@@ -510,9 +570,13 @@ def main(argv):
         for name, args in _runs(out).items():
             print(f"== {name}: bench.py {' '.join(args)}", flush=True)
             subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), *args], check=True)
-        args = [f"--catalog_scales={','.join(_SCALES.value)}", f"--output_json={out / 'scaling.json'}"]
-        print(f"== scaling: bench_scaling.py {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/bench_scaling.py"), *args], check=True)
+        print("== kv_dtype: bench_kv.py", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/bench_kv.py"), f"--output_json={out / 'kv_dtype.json'}"],
+                       check=True)
+        for name, (_, args) in SCALING_RUNS.items():
+            args = [*args(), f"--output_json={out / f'{name}.json'}"]
+            print(f"== {name}: bench_scaling.py {' '.join(args)}", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "launch/bench_scaling.py"), *args], check=True)
     Path(_REPORT.value).write_text(_report(out))
     print(f"wrote {_REPORT.value}")
 

@@ -64,7 +64,9 @@ def main(argv):
     try:
         served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, head=_HEAD.value,
                              ranking_head=_HEAD_PATH.value, history_len=_HIST.value, mesh=mesh,
-                             placement=dist_cli.PLACEMENT.value, snapshot_dir=_SNAP.value, mode=_MODE.value, max_items=_MAX_ITEMS.value,
+                             placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
+                             kv_dtype=dist_cli.KV_DTYPE.value,
+                             snapshot_dir=_SNAP.value, mode=_MODE.value, max_items=_MAX_ITEMS.value,
                              prefix_pages=256 if "prefix" in (_MODE.value, _COMPARE.value) else 1,
                              user_pages=64 * len(users))  # room for these users' history prefixes
     except HeadError as e:

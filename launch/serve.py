@@ -112,7 +112,9 @@ def main(argv):
                              data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
                              history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_mb=_USER_MB.value, user_pages=_USER_PAGES.value,
                              prefix_pages=256 if _MODE.value == "prefix" else 1, max_items=_MAX_ITEMS.value,
-                             mesh=mesh, placement=dist_cli.PLACEMENT.value, snapshot_dir=_SNAP.value,
+                             mesh=mesh, placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
+                             kv_dtype=dist_cli.KV_DTYPE.value,
+                             snapshot_dir=_SNAP.value,
                              mode=_MODE.value, rebuild_on_damage=_REBUILD.value)
     except SnapshotError as e:
         raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None

@@ -87,7 +87,8 @@ class Served:
 def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: str = "ml-100k", data_dir=None,
                 head: str = "slot", ranking_head=None, history_len: int = 20, max_candidates: int = 52,
                 user_mb: float = 2048, user_pages: int = 0, prefix_pages: int = 1, max_items: int = 0, mesh=None,
-                placement: str = "coaccess", snapshot_dir=None, mode: str = "rcllm",
+                placement: str = "coaccess", replicate: float = 0.1, kv_dtype: str = "bfloat16", snapshot_dir=None,
+                mode: str = "rcllm",
                 rebuild_on_damage: bool | None = None) -> Served:
     """The served recommender as `launch/serve.py` and `launch/recommend.py` run it: the model
     (default SmolLM2-135M-Instruct) with its ranking head, the catalog's item caches restored from
@@ -117,13 +118,15 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     if not user_pages:  # the user store's budget in MB (per device: it is replicated)
         user_pages = max(16, int(user_mb * 2**20 / (PAGE * kv_bytes_per_token(lm.cfg, lm.cfg.dtype))))
     engine = Engine(lm.params, lm.cfg, builder, item_ids=item_ids, user_pages=user_pages, prefix_pages=prefix_pages,
-                    max_candidates=max_candidates, mesh=mesh, placement=placement,
+                    max_candidates=max_candidates, mesh=mesh, placement=placement, replicate=replicate,
+                    kv_dtype=kv_dtype,
                     head=load_head(head, ranking_head))
     snap = str(snapshot_dir or cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     retriever_path = Path(snap) / "retriever.npz"
-    retriever, how = load_or_fit(retriever_path, [ds.sequences[u] for u in sorted(ds.sequences)], item_ids,
+    seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
+    retriever, how = load_or_fit(retriever_path, seqs, item_ids,
                                  save=False)  # saved below, once the snapshot directory is known to be ours
-    engine.set_coaccess(retriever)  # the coaccess placement's graph (before any block is placed)
+    engine.set_coaccess(retriever.coaccess_requests(seqs))  # placement and replication (before any block is placed)
     if rebuild_on_damage is None:
         rebuild_on_damage = snapshot_dir is None
     notes, saved_blocks = [], None

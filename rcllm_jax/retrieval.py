@@ -168,6 +168,20 @@ class ItemKNN:
         order = order[~seen[order]][:k]
         return tuple(int(i) for i in self.item_ids[order]), s[order]
 
+    def coaccess_requests(self, sequences: Iterable[Sequence[int]], k: int = 20,
+                          per_sequence: int = 10) -> list[tuple[int, ...]]:
+        """The co-access log of the retrieval stage: its top-k for each of the `per_sequence`
+        latest prefixes of every sequence (the whole sequence included; at least one item long),
+        the requests it would issue for those histories. The coaccess placement partitions what this returns
+        (`dist/placement.py`); give it training sequences only."""
+        out = []
+        for seq in sequences:
+            seq = [int(i) for i in seq]
+            for cut in range(max(1, len(seq) - per_sequence + 1), len(seq) + 1):
+                if self.num_items - len(set(seq[:cut])) >= k:
+                    out.append(self.retrieve(seq[:cut], k)[0])
+        return out
+
     def popularity_of(self, item_ids: Sequence[int]) -> np.ndarray:
         return np.array([self.popularity[self.index[int(i)]] if int(i) in self.index else 0.0 for i in item_ids])
 

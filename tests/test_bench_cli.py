@@ -104,3 +104,21 @@ def test_replay_a_request_log_with_prefix_warm(tmp_path):
                         "--peers=", f"--output_json={tmp_path / 'x.json'}"], capture_output=True, text=True, timeout=900)
     assert r.returncode != 0 and f"{bad}:2: unknown item 99999 in candidates" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_kv_compares_bf16_with_the_f32_cache(tmp_path):
+    """launch/bench_kv.py: the f32 reference row agrees with itself exactly; the bf16 cache holds
+    half the bytes per token and its fidelity figures are in range."""
+    out = tmp_path / "kv.json"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kv.py"), "--num_users=8", "--num_candidates=6",
+                        "--history_len=3", f"--output_json={out}"], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["kv_dtype"]: x for x in json.loads(out.read_text())["results"]}
+    f32, bf16 = rows["float32"], rows["bfloat16"]
+    assert f32["top1_agreement_vs_float32"] == 1.0 and f32["kl_mean_vs_float32"] == 0.0
+    assert f32["ndcg@10_minus_reference"] == 0.0
+    assert bf16["bytes_per_token"] * 2 == f32["bytes_per_token"]
+    assert 0.0 <= bf16["top1_agreement_vs_float32"] <= 1.0 and 0.0 <= bf16["kl_mean_vs_float32"] < 0.05
+    assert bf16["x100_catalog_gb_per_shard"] * 2 == pytest.approx(f32["x100_catalog_gb_per_shard"])
+    assert "bfloat16" in r.stdout

@@ -90,8 +90,52 @@ def test_coaccess_placement_keeps_co_requested_items_together():
     lengths = np.where(clique == 0, 50, 10)
     load = np.bincount(coaccess_placement(lengths, edges, 4), weights=lengths, minlength=4)
     assert load.max() <= np.ceil(1.05 * lengths.sum() / 4) + lengths.max()
-    with pytest.raises(ValueError, match="co-access graph"):
+    with pytest.raises(ValueError, match="co-access log"):
         place("coaccess", keys=["a"], lengths=[1], embeddings=np.zeros((1, 2)), num_shards=2)
+
+
+def test_coaccess_edges_count_requests_holding_both():
+    from rcllm_jax.dist.placement import coaccess_edges
+    i, j, w = coaccess_edges([[0, 1, 2], [2, 1], [3, 0, 0]], 4)  # a repeated item counts once
+    assert {(a, b): c for a, b, c in zip(i.tolist(), j.tolist(), w.tolist())} == {
+        (0, 1): 1, (0, 2): 1, (1, 2): 2, (0, 3): 1}
+
+
+def test_replication_stays_in_budget_and_picks_the_remote_hubs():
+    """Hand-made log: 4 groups of 6 items, each request = 5 items of one group + one of two hub
+    items that every group requests. Without replication a hub lives on one shard and is remote for
+    3 groups in 4; replicated (budget 10% of a shard: room for both hubs, not a third block) every
+    request is local. The budget is never exceeded, at any budget."""
+    from rcllm_jax.dist.placement import REPLICATED, locality, place, replication_budget
+    n_items, lengths = 26, np.full(26, 10)
+    lengths[24:] = 3  # the hubs: 24, 25
+    reqs = [[g * 6 + k for k in range(6) if k != skip] + [24 + (g + skip) % 2] for g in range(4) for skip in range(6)]
+    keys = [f"{k:016x}" for k in range(n_items)]
+    base = place("coaccess", keys=keys, lengths=lengths, embeddings=np.zeros((n_items, 2)), num_shards=4, requests=reqs)
+    assert REPLICATED not in base
+    ids = {k: k for k in range(n_items)}
+    before = locality(dict(zip(ids, base.tolist())), dict(zip(ids, lengths.tolist())), reqs, 4)
+    out = place("coaccess", keys=keys, lengths=lengths, embeddings=np.zeros((n_items, 2)), num_shards=4,
+                requests=reqs, replicate=0.1)
+    assert np.flatnonzero(out == REPLICATED).tolist() == [24, 25]
+    after = locality(dict(zip(ids, out.tolist())), dict(zip(ids, lengths.tolist())), reqs, 4)
+    assert before["local_fraction"] < 0.97
+    assert after["local_fraction"] == 1.0 and after["remote_tokens_per_request"] == 0
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, size=300)
+    reqs = [rng.choice(300, size=12, replace=False, p=np.arange(1, 301) / np.arange(1, 301).sum()) for _ in range(400)]
+    for r in (0.0, 0.02, 0.1, 0.5):
+        for name in ("coaccess", "hash", "similarity"):
+            out = place(name, keys=[f"{k:016x}" for k in range(300)], lengths=lengths, num_shards=4, requests=reqs,
+                        embeddings=rng.normal(size=(300, 4)), replicate=r)
+            held = lengths[out == REPLICATED].sum()
+            assert held <= replication_budget(lengths, 4, r) and (r == 0) == (held == 0), (name, r)
+            sharded = np.bincount(out[out != REPLICATED], weights=lengths[out != REPLICATED], minlength=4)
+            assert sharded.max() + held <= np.ceil(1.05 * lengths.sum() / 4) + lengths.max() + held
+    with pytest.raises(ValueError, match="replication needs the co-access log"):
+        place("hash", keys=keys[:2], lengths=[1, 1], embeddings=np.zeros((2, 2)), num_shards=2, replicate=0.1)
+    with pytest.raises(ValueError, match="replicate must be"):
+        place("hash", keys=keys[:2], lengths=[1, 1], embeddings=np.zeros((2, 2)), num_shards=2, replicate=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +147,10 @@ def world(smollm2):
     params = init_params(CFG, jax.random.key(0), scale=0.1)
     prompts = [builder.build(r.history, r.candidates) for r in reqs]
 
-    def engine(n, placement="similarity", p=params, build=True):
+    def engine(n, placement="similarity", p=params, build=True, replicate=0.0, coaccess=None, kv_dtype=None):
         e = Engine(p, CFG, builder, item_ids=items, mesh=make_mesh(MeshSpec(n)), placement=placement,
-                   user_pages=64, prefix_pages=16, max_candidates=8)
+                   user_pages=64, prefix_pages=16, max_candidates=8, replicate=replicate, coaccess=coaccess,
+                   kv_dtype=kv_dtype)
         if build:
             e.build_store(batch=16)
         return e
@@ -157,6 +202,38 @@ def test_rankings_on_items8_equal_items1(world):
                                         for s in range(8))
 
 
+def test_replicated_items_are_local_on_every_shard(world):
+    """Hot-item replication on items:4 (the stream's own candidate lists as the co-access log, 30%
+    budget): the replicated blocks sit in every shard's replicated region, count as local wherever
+    the request runs, move no bytes, and the scores equal items:1's."""
+    engine, reqs, prompts, _ = world
+    log = [r.candidates for r in reqs]
+    e1, e4 = engine(1), engine(4, placement="coaccess", replicate=0.3, coaccess=log)
+    hot = {k: e for k, e in e4.store.entries.items() if e.kind == "item" and e.shard == -1}
+    st = e4.stats()
+    assert hot and st["replicated_item_blocks"] == len(hot)
+    assert st["replicated_item_tokens"] == sum(e.length for e in hot.values()) <= 0.3 * st["item_tokens"] / 4
+    assert sum(st["shard_tokens"]) + st["replicated_item_tokens"] == st["item_tokens"]
+    hk, hv = _host(e4.store.k), _host(e4.store.v)
+    for e in hot.values():  # the same KV at the same offset of every shard
+        rows = [hk[:, s * e4.store.shard_slots + e.offset:][:, :e.length] for s in range(4)]
+        assert all(np.array_equal(rows[0], x) for x in rows[1:]) and np.abs(rows[0]).sum() > 0
+    hot_ids = [c for c in e4.item_blocks if e4.item_info(c)["replicated"]]
+    p, r = next((p, r) for p, r in zip(prompts, reqs) if set(hot_ids) & set(p.candidates))
+    want = e1.rank(p, "sink", user_id=r.user_id).scores
+    for s in range(4):
+        res = e4.rank(p, "sink", user_id=r.user_id, shard=s)
+        entries = [e4.store.lookup("item", e4.builder.item_block(c).tokens) for c in p.candidates]
+        local = [e for e in entries if e.shard in (s, -1)]
+        assert rel_err(res.scores, want) <= 1e-5, s
+        assert res.local_item_blocks == len(local) and res.remote_item_blocks == len(entries) - len(local)
+        assert res.local_item_bytes == e4.kv_bytes_per_token * sum(e.length for e in local)
+        assert res.remote_item_bytes == e4.kv_bytes_per_token * sum(e.length for e in entries if e.shard not in (s, -1))
+    for i, (p, r) in enumerate(zip(prompts, reqs)):
+        for m in ("stitch", "rcllm"):
+            assert rel_err(e4.rank(p, m, user_id=r.user_id).scores, e1.rank(p, m, user_id=r.user_id).scores) <= 1e-5
+
+
 def _host(a):
     return np.asarray(jax.device_get(a))
 
@@ -200,6 +277,17 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
         got = _scores(rn, reqs[:3], prompts[:3])
         for key in ref:
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
+    # into a store with hot-item replication: laid out again with replicas, answers unchanged
+    rr = engine(8, placement="coaccess", build=False, replicate=0.3, coaccess=[r.candidates for r in reqs])
+    assert rr.restore(tmp_path / "snap")["replicate"] == 0.0
+    assert rr.stats()["replicated_item_blocks"] > 0
+    got = _scores(rr, reqs[:3], prompts[:3])
+    for key in ref:
+        assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, ("replicated", key)
+    rr.save(tmp_path / "snap_r")
+    back = engine(8, placement="coaccess", build=False, replicate=0.3, coaccess=[r.candidates for r in reqs])
+    back.restore(tmp_path / "snap_r")  # the same layout: taken as saved
+    assert back.store.entries == rr.store.entries
     # the restoring engine's placement wins, on the same mesh as on another one (laid out again)
     for n in (8, 2):
         rh = engine(n, placement="hash", build=False)
@@ -211,6 +299,39 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
         got = _scores(rh, reqs[:1], prompts[:1])
         for key in got:
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
+
+
+def test_bfloat16_block_store_is_the_f32_cache_rounded(world, tmp_path):
+    """A bf16 block store (restored from an f32 snapshot: laid out again, cast) holds exactly the
+    f32 blocks rounded to bf16, at half the bytes; its answers equal those of an f32 store holding
+    those rounded values (the request reads bf16 back into f32, nothing else changes) and stay
+    close to the f32 cache's."""
+    import ml_dtypes
+    engine, reqs, prompts, _ = world
+    e32 = engine(2)
+    ref = _scores(e32, reqs[:2], prompts[:2])
+    e32.save(tmp_path / "snap")
+    e16 = engine(2, build=False, kv_dtype="bfloat16")
+    e16.restore(tmp_path / "snap")
+    assert e16.store.k.dtype == jax.numpy.bfloat16 and e16.kv_bytes_per_token * 2 == e32.kv_bytes_per_token
+    assert e16.stats()["kv_dtype"] == "bfloat16"
+    h32, h16 = e32.store.host_blocks(), e16.store.host_blocks()
+    assert set(h32) == set(h16)
+    for key, (k, v) in h32.items():
+        assert np.array_equal(h16[key][0], k.astype(ml_dtypes.bfloat16))
+        assert np.array_equal(h16[key][1], v.astype(ml_dtypes.bfloat16))
+    rounded = engine(2, build=False)
+    rounded.store.load_blocks({key: (k.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                     v.astype(ml_dtypes.bfloat16).astype(np.float32)) for key, (k, v) in h32.items()},
+                              {key: e.kind for key, e in e32.store.entries.items()}, e32.store.embeddings)
+    got, want = _scores(e16, reqs[:2], prompts[:2]), _scores(rounded, reqs[:2], prompts[:2])
+    for key in ref:
+        assert rel_err(got[key].scores, want[key].scores) <= 1e-5, key
+        assert rel_err(got[key].scores, ref[key].scores) <= 2e-2, key
+        if key[1] != "full":
+            assert got[key].remote_item_bytes * 2 == ref[key].remote_item_bytes or got[key].shard != ref[key].shard
+    with pytest.raises(ValueError, match="unsupported KV cache dtype"):
+        engine(1, build=False, kv_dtype="int4")
 
 
 def _damage(path):
@@ -316,7 +437,9 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
     """Real model embeddings of the whole ML-100k catalog, items:8, a stream whose candidates come
     from a (genre) retrieval stage: similarity placement keeps more of a request's candidates on
     its shard than hash placement. With uniform negatives neither can (reported, not asserted).
-    Candidates from the item-kNN retriever: co-access placement (its graph) keeps >= 2x hash's."""
+    Candidates from the item-kNN retriever: co-access placement (of its retrievals for the training
+    histories) keeps >= 2.5x hash's local fraction; +10% hot-item replication cuts the remote
+    tokens of both, and leaves hash >= 3x co-access's."""
     from rcllm_jax.cache.block_store import BlockStore
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.dist.placement import locality
@@ -335,19 +458,25 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
         for name in ("similarity", "hash"):
             table = store.placement_of(name)
             out[neg, name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
-    from rcllm_jax.dist.placement import coaccess_graph
     from rcllm_jax.retrieval import fit_on_split
     retr = fit_on_split(split)
-    store.coaccess = coaccess_graph(retr, {i: store.key("item", t) for i, t in blocks.items()})
+    log = retr.coaccess_requests([split.train_sequence(u) for u in split.users])  # training data only
+    store.coaccess = [tuple(store.key("item", blocks[c]) for c in cands) for cands in log]
     reqs = [r.candidates for r in eval_requests(split, num_users=200, num_candidates=20, retriever=retr, seed=1)]
-    for name in ("coaccess", "similarity", "hash"):
-        table = store.placement_of(name)
-        out["knn", name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
+    for name, r in (("coaccess", 0.0), ("similarity", 0.0), ("hash", 0.0), ("coaccess", 0.1), ("hash", 0.1)):
+        table = store.placement_of(name, r)
+        out["knn", name, r] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
+        if r:  # the replicas fit the budget; the items are still all placed once or replicated
+            held = sum(store.entries[k].length for k, s in table.items() if s == -1)
+            assert 0 < held <= 0.1 * store.num_tokens() / 8 and len(table) == len(blocks)
     co = np.bincount([table_s for table_s in store.placement_of("coaccess").values()],
                      weights=[store.entries[k].length for k in store.placement_of("coaccess")], minlength=8)
     print({k: round(v["local_fraction"], 3) for k, v in out.items()})
     assert co.max() <= 1.1 * co.mean()
-    assert out["knn", "coaccess"]["local_fraction"] >= 2 * out["knn", "hash"]["local_fraction"]
+    knn = {k[1:]: v["remote_tokens_per_request"] for k, v in out.items() if k[0] == "knn"}
+    assert out["knn", "coaccess", 0.0]["local_fraction"] >= 2.5 * out["knn", "hash", 0.0]["local_fraction"]
+    assert knn["coaccess", 0.1] < knn["coaccess", 0.0] and knn["hash", 0.1] < knn["hash", 0.0]
+    assert knn["hash", 0.0] >= 3 * knn["coaccess", 0.1]
     sim, hashed = out["retrieval", "similarity"], out["retrieval", "hash"]
     assert sim["local_fraction"] >= 1.2 * hashed["local_fraction"]
     assert sim["remote_blocks_per_request"] < hashed["remote_blocks_per_request"]
@@ -379,7 +508,9 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     assert got["config"]["mesh"] == "items:4" and row["shard_requests"] == [1, 1, 0, 0]  # round robin
     assert row["response_p50_s"] >= row["ttft_p50_s"] and 0 < row["utilization"] <= 1
     assert 0 < row["local_fraction"] <= 1 and row["remote_blocks_per_request"] <= 8
-    assert row["remote_bytes_per_request"] >= 0 and set(got["config"]["placement_locality"]) == {"similarity", "coaccess", "hash"}
+    assert row["remote_bytes_per_request"] >= 0 and got["config"]["replicate"] == 0.1
+    assert set(got["config"]["placement_locality"]) == {"similarity", "coaccess", "hash", "similarity+replicate0.1",
+                                                         "coaccess+replicate0.1", "hash+replicate0.1"}
     assert "placement similarity" in r.stdout
     # a snapshot directory of another model is refused, and left as it was
     before = {p: p.stat().st_mtime_ns for p in snap.rglob("*")}

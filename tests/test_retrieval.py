@@ -36,6 +36,17 @@ def test_scores_and_top_k_by_hand():
     assert np.allclose(r.scores([1, 3])[ITEMS.index(5)], sim(3, 5))
 
 
+def test_coaccess_requests_are_the_top_k_of_the_latest_prefixes():
+    r = ItemKNN.fit(SEQS, ITEMS, neighbours=5, decay=0.5)
+    # [1, 2, 3] with 2 prefixes per sequence: histories [1, 2] and [1, 2, 3]; [4] has one prefix
+    log = r.coaccess_requests([[1, 2, 3], [4]], k=2, per_sequence=2)
+    # [1, 2]: 3 scores sim(2,3) + 0.5 sim(1,3) > 0, then 4 by popularity (5 and 6 score 0, 4 is more popular)
+    # [1, 2, 3]: 5 (sim(3,5)) then 4; [4]: nothing similar: the two most popular, 2 and 3 (3 users each)
+    assert log == [(3, 4), (5, 4), (2, 3)]
+    assert r.coaccess_requests([[1, 2, 3, 4, 5]], k=2, per_sequence=10) == [
+        r.retrieve([1, 2, 3, 4, 5][:c], 2)[0] for c in range(1, 6) if 6 - c >= 2]
+
+
 def test_neighbour_table_is_truncated_and_recent_window_applies():
     r = ItemKNN.fit(SEQS, ITEMS, neighbours=1, decay=0.5)
     # item 3 keeps only its best neighbour, 2 (0.667 > 5: 0.577 > 1: 0.408)

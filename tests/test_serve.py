@@ -91,7 +91,7 @@ def _reference(tiny, history, cands, user):
     ds = load_dataset("ml-100k")
     b = PromptBuilder(m.tokenizer, ds.items, history_len=5, max_prompt_tokens=m.cfg.max_position)
     e = Engine(m.params, m.cfg, b, item_ids=sorted(ds.items)[:N_ITEMS], max_candidates=52, user_pages=64,
-               prefix_pages=1)
+               prefix_pages=1, kv_dtype="bfloat16")  # the server's default cache dtype
     e.build_store()
     return e.rank(b.build(history, cands), "rcllm", user_id=user).scores, ds
 

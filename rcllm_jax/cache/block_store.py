@@ -7,7 +7,8 @@ Layout: k, v [L, N * S, K, H] (N items-shards of S slots each); shard s holds sl
   replicated (glue)  one copy in every shard, at the same offsets [0, R) (R: the replicated
                      region, a multiple of PAD), so a request reads it locally whatever its shard;
   sharded (items)    one copy, in the shard the placement chose (`rcllm_jax.dist.placement`),
-                     at an offset >= R.
+                     at an offset >= R; except the hot items that replication chose, which are
+                     held like glue, in [0, R) of every shard.
 Blocks occupy `length` consecutive slots starting at a PAD-aligned offset.
 
 Content-addressed: key = hash(model fingerprint, the kind's canonical context, block tokens), so a
@@ -15,9 +16,9 @@ block of another model, context or text never matches. A block's first token was
 position len(context of its kind).
 
 A request served by shard `dest` reads its cached rows with `fetch`: one jitted `shard_map` in
-which every shard gathers the rows it owns and re-rotates them from their canonical to their real
-positions (the one gather + re-rotation of the request), and a reduce-scatter over `items`
-delivers them to `dest`; rows `dest` owns never leave it.
+which every shard gathers the rows it owns as stored (bf16 rows move as bf16), a reduce-scatter
+over `items` delivers them to `dest` (rows `dest` owns never leave it), and `dest` reads them into
+the model's dtype and re-rotates the keys from their canonical to their real positions in f32.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from rcllm_jax.model.rope import inv_freq
 
 PAD = 8  # block length granularity inside a shard
 SLOT_ALIGN = 64  # shard sizes are multiples of this (restores onto other mesh sizes divide evenly)
-REPLICATED = -1  # BlockEntry.shard of a block held by every shard
+REPLICATED = placement_lib.REPLICATED  # BlockEntry.shard of a block held by every shard
+KV_DTYPES = ("float32", "bfloat16")  # how cached KV may be held (read back in the model's dtype)
 KINDS = ("item", "glue")
 REPLICATED_KINDS = ("glue",)
 
@@ -84,22 +86,27 @@ def encode_blocks(params, ctx_tokens, tokens, valid, *, cfg: ModelConfig):
 
 class BlockStore:
     def __init__(self, mesh, cfg: ModelConfig, fingerprint: str, contexts: dict[str, tuple[int, ...]], *,
-                 placement: str = "similarity", dtype=None):
-        """contexts: block kind -> the canonical context its blocks are encoded after."""
+                 placement: str = "similarity", replicate: float = 0.0, dtype=None):
+        """contexts: block kind -> the canonical context its blocks are encoded after; replicate:
+        hot-item replication budget (`rcllm_jax.dist.placement`)."""
         if placement not in placement_lib.PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}: {' | '.join(placement_lib.PLACEMENTS)}")
+        if not 0.0 <= float(replicate) <= 1.0:
+            raise ValueError(f"replicate must be a fraction of a shard's tokens in [0, 1], got {replicate}")
         if set(contexts) != set(KINDS):
             raise ValueError(f"contexts for the block kinds {KINDS} expected, got {sorted(contexts)}")
         self.mesh, self.cfg, self.fingerprint = mesh, cfg, fingerprint
         self.contexts = {kind: tuple(int(t) for t in c) for kind, c in contexts.items()}
-        self.placement = placement
+        self.placement, self.replicate = placement, float(replicate)
         self.num_shards = mesh.shape["items"]
+        if dtype is not None and str(jnp.dtype(dtype)) not in KV_DTYPES:
+            raise ValueError(f"unsupported KV cache dtype {dtype!r}: {' | '.join(KV_DTYPES)}")
         self.dtype = jnp.dtype(dtype or cfg.dtype)
         self.bytes_per_token = kv_bytes_per_token(cfg, self.dtype)
         self.sharding = NamedSharding(mesh, partition_specs()["block_store"])
         self.entries: dict[str, BlockEntry] = {}
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
-        self.coaccess: dict[tuple[str, str], float] | None = None  # (key, key) -> weight (coaccess placement)
+        self.coaccess: list[tuple[str, ...]] | None = None  # co-access log: block keys of each request
         self.shard_slots = SLOT_ALIGN
         shape = (cfg.num_layers, self.num_shards * self.shard_slots, cfg.num_kv_heads, cfg.head_dim)
         self.k = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
@@ -133,11 +140,16 @@ class BlockStore:
         """Real tokens of sharded blocks held by each shard."""
         return self.shard_bytes(self.entries.values()) // self.bytes_per_token
 
-    def count(self, kind: str) -> int:
-        return sum(1 for e in self.entries.values() if e.kind == kind)
+    def count(self, kind: str, replicated: bool | None = None) -> int:
+        """Blocks of `kind` stored (replicated: only those held by every shard, or only those not)."""
+        return len(self._of(kind, replicated))
 
-    def num_tokens(self, kind: str = "item") -> int:
-        return int(sum(e.length for e in self.entries.values() if e.kind == kind))
+    def num_tokens(self, kind: str = "item", replicated: bool | None = None) -> int:
+        return int(sum(e.length for e in self._of(kind, replicated)))
+
+    def _of(self, kind: str, replicated: bool | None) -> list[BlockEntry]:
+        return [e for e in self.entries.values()
+                if e.kind == kind and (replicated is None or (e.shard == REPLICATED) == replicated)]
 
     # --- building --------------------------------------------------------------------------
 
@@ -185,20 +197,22 @@ class BlockStore:
                     progress(len(chunk))
         self._lay_out_host(host, kinds)
 
-    def _place(self, name: str, lengths: dict[str, int], kinds: dict[str, str]) -> dict[str, int]:
-        """Key -> shard (REPLICATED for replicated kinds) under placement `name`, from the blocks'
-        lengths and the item embeddings."""
+    def _place(self, name: str, lengths: dict[str, int], kinds: dict[str, str],
+               replicate: float | None = None) -> dict[str, int]:
+        """Key -> shard (REPLICATED for replicated kinds and hot items) under placement `name` and
+        hot-item `replicate` (default: the store's), from the blocks' lengths, the item
+        embeddings and the co-access log."""
         keys = sorted(k for k in lengths if kinds[k] not in REPLICATED_KINDS)
         shard_of = {k: REPLICATED for k in lengths if kinds[k] in REPLICATED_KINDS}
         if keys:
-            edges = None
+            requests = None
             if self.coaccess is not None:
                 at = {k: i for i, k in enumerate(keys)}
-                pairs = [(at[a], at[b], w) for (a, b), w in self.coaccess.items() if a in at and b in at]
-                edges = tuple(np.asarray(x) for x in zip(*pairs)) if pairs else (np.zeros(0, int),) * 2 + (np.zeros(0),)
+                requests = [[at[k] for k in r if k in at] for r in self.coaccess]
             shards = placement_lib.place(name, keys=keys, lengths=[lengths[k] for k in keys],
                                          embeddings=np.stack([self.embeddings[k] for k in keys]),
-                                         num_shards=self.num_shards, edges=edges)
+                                         num_shards=self.num_shards, requests=requests,
+                                         replicate=self.replicate if replicate is None else replicate)
             shard_of |= {k: int(s) for k, s in zip(keys, shards)}
         return shard_of
 
@@ -244,13 +258,17 @@ class BlockStore:
         self.embeddings = dict(embeddings)
         self._lay_out_host(host, kinds)
 
-    def placement_of(self, name: str | None = None) -> dict[str, int]:
-        """Sharded block key -> shard under placement `name` (default: the store's own), computed
-        from the stored blocks' embeddings and lengths (what-if comparisons of placements)."""
-        sharded = {k: e for k, e in self.entries.items() if e.shard != REPLICATED}
-        if name is None or name == self.placement:
-            return {k: e.shard for k, e in sharded.items()}
-        return self._place(name, {k: e.length for k, e in sharded.items()}, {k: e.kind for k, e in sharded.items()})
+    def placement_of(self, name: str | None = None, replicate: float | None = None) -> dict[str, int]:
+        """Item block key -> shard (or REPLICATED) under placement `name` with hot-item `replicate`
+        (default: the store's own), computed from the stored blocks' embeddings, lengths and the
+        co-access log (what-if comparisons of placements)."""
+        items = {k: e for k, e in self.entries.items() if e.kind not in REPLICATED_KINDS}
+        name = self.placement if name is None else name
+        replicate = self.replicate if replicate is None else float(replicate)
+        if name == self.placement and replicate == self.replicate:
+            return {k: e.shard for k, e in items.items()}
+        return self._place(name, {k: e.length for k, e in items.items()}, {k: e.kind for k, e in items.items()},
+                           replicate)
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -279,11 +297,15 @@ def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str):
         own = (want >= 0) & (idx >= 0) & (idx < shard_slots)
         idx = jnp.where(own, idx, 0)
         m = own[None, :, None, None]
-        gk = jnp.where(m, kernels.gather_rerotate(k_l, idx, delta, inv, impl=impl), 0).astype(k_l.dtype)
+        gk = jnp.where(m, k_l[:, idx], 0).astype(k_l.dtype)  # the stored rows as they are (bf16 moves as bf16)
         gv = jnp.where(m, v_l[:, idx], 0).astype(v_l.dtype)
         to = jax.nn.one_hot(dest, n, dtype=k_l.dtype)[:, None, None, None, None]  # row `dest` only
-        return (jax.lax.psum_scatter(to * gk[None], "items", scatter_dimension=0, tiled=True),
-                jax.lax.psum_scatter(to * gv[None], "items", scatter_dimension=0, tiled=True))
+        rk = jax.lax.psum_scatter(to * gk[None], "items", scatter_dimension=0, tiled=True)
+        rv = jax.lax.psum_scatter(to * gv[None], "items", scatter_dimension=0, tiled=True)
+        # on arrival: into the model's dtype, keys re-rotated to their real positions (in f32)
+        rows = jnp.arange(want.shape[0], dtype=jnp.int32)
+        rk = kernels.gather_rerotate(rk[0].astype(cfg.dtype), rows, delta, inv, impl=impl)[None]
+        return rk, rv.astype(cfg.dtype)
 
     store = partition_specs()["block_store"]
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(store, store, P(), P(), P()),

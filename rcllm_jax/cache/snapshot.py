@@ -5,13 +5,15 @@ Layout: an Orbax `CheckpointManager` directory, one step per snapshot, three ite
   blocks {k, v [L, N * S, K, H] (as sharded on the mesh), embeddings [n, D] of the item blocks}
   users  {k, v [L, u, K, H]: every cached user prefix, concatenated}
   meta   JSON: identity (format version, fingerprint, tokenizer hash, each block kind's context),
-         placement, mesh, shard size, block index (key, kind, shard (-1 = replicated), offset,
+         placement, replication budget, mesh, shard size, block index (key, kind, shard (-1 = replicated), offset,
          length), the keys of the embeddings in order, user index (LRU order), sha256 of every array.
 Orbax writes a step into a temporary directory and renames it when complete, so a save killed at
 any point leaves the previous snapshot the latest usable one. Restore checks identity and every
 array's digest before touching a store; a refused or damaged snapshot leaves the stores as they
 were. A snapshot restored onto another number of items-shards, or into a store of another
-placement, is laid out again from the saved embeddings under the store's own placement.
+placement, replication budget or KV dtype, is laid out again from the saved embeddings under the
+store's own placement (rankings unchanged: the blocks' KV are the same, or cast to the store's
+dtype).
 
 The functions take the stores and an identity dict (`identity`), never an engine: `Engine.save`,
 `Engine.restore`, `Engine.save_users` and `Engine.restore_users` are the callers.
@@ -140,7 +142,8 @@ def save(directory, ident: dict, store, users, replicated) -> int:
     user_index, uk, uv = users.export()
     blocks = {"k": store.k, "v": store.v, "embeddings": jax.device_put(emb, replicated)}
     user_arrays = {"k": uk, "v": uv}
-    meta = dict(ident, placement=store.placement, mesh_items=store.num_shards, embedding_dim=int(emb.shape[1]),
+    meta = dict(ident, placement=store.placement, replicate=store.replicate, mesh_items=store.num_shards,
+                embedding_dim=int(emb.shape[1]),
                 shard_slots=store.shard_slots, dtype=str(store.dtype), embedded=embedded,
                 blocks=[[e.key, e.kind, e.shard, e.offset, e.length] for _, e in sorted(store.entries.items())],
                 users=user_index,
@@ -185,7 +188,9 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     _, (meta, blocks, user_arrays) = _newest_intact(
         mngr, path, lambda s: _load_checked(mngr, path, s, ident, store, users, replicated), step, "snapshot")
     n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
-    same_layout = n_old == store.num_shards and meta["placement"] == store.placement
+    same_layout = (n_old == store.num_shards and meta["placement"] == store.placement
+                   and float(meta.get("replicate", 0.0)) == store.replicate  # snapshots before replication: 0
+                   and jax.numpy.dtype(meta["dtype"]) == store.dtype)
     # --- everything checked: from here on the stores change ---------------------------------
     entries = {k: BlockEntry(k, kind, int(s), int(o), int(n)) for k, kind, s, o, n in meta["blocks"]}
     emb = np.asarray(blocks["embeddings"])
@@ -193,7 +198,7 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     if same_layout:
         store.embeddings = embeddings
         store.put_arrays(blocks["k"], blocks["v"], entries, s_old)
-    else:  # another mesh or placement: lay the blocks out again
+    else:  # another mesh, placement, replication or KV dtype: lay the blocks out again (cast to the store's)
         hk, hv = to_host(blocks["k"]), to_host(blocks["v"])
         del blocks
         host = {}

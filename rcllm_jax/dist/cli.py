@@ -1,4 +1,4 @@
-"""The mesh and multi-host flags every launcher shares (absl), defined once here.
+"""The mesh, item-cache layout and multi-host flags every launcher shares (absl), defined once here.
 
 Import this module from a launcher before `app.run`; call `setup()` in `main` before anything
 touches JAX: it joins the multi-host job when asked, simulates CPU devices when a CPU-only machine
@@ -16,6 +16,12 @@ PLACEMENT = flags.DEFINE_enum("placement", "coaccess", list(PLACEMENTS),
                               "Item block placement over the items axis: coaccess (METIS partition of the "
                               "retriever's item co-access graph), similarity (balanced k-means of the model's "
                               "item embeddings) or hash (baseline).")
+REPLICATE = flags.DEFINE_float("replicate", 0.1, "Hot-item replication: up to this fraction of a shard's item "
+                               "tokens more per shard for the items requests would fetch remotely most "
+                               "(held by every shard; 0 = off).", lower_bound=0.0, upper_bound=1.0)
+KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["bfloat16", "float32"], "How the item and glue caches hold "
+                             "KV (read back into the model's dtype per request): bfloat16 halves their memory "
+                             "and the bytes moved between shards.")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                                   "(with --num_processes and --process_id; omit for one process).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")

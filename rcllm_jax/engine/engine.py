@@ -47,7 +47,7 @@ class EngineResult(RankResult):
     cache_hit_tokens: int = 0  # prompt tokens whose KV came from a cache and was not computed now
     selected: np.ndarray | None = None  # [n] suffix indices recomputed (block modes)
     shard: int = 0  # items-shard that served the request
-    local_item_blocks: int = 0  # cached item blocks held by that shard
+    local_item_blocks: int = 0  # cached item blocks held by that shard (hot replicas included)
     remote_item_blocks: int = 0  # cached item blocks fetched from other shards
     local_item_bytes: int = 0
     remote_item_bytes: int = 0
@@ -89,11 +89,17 @@ class Engine:
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
-                 mesh=None, placement: str = "similarity", head=None, coaccess=None):
+                 mesh=None, placement: str = "similarity", replicate: float = 0.0, head=None, coaccess=None,
+                 kv_dtype: str | None = None):
         """head: the trained `SlotHead` that scores slot prompts (`PromptBuilder(head="slot")`),
-        refused when it was trained on other weights. coaccess: the item-kNN retriever whose
-        item-to-item similarities are the `coaccess` placement's graph (`set_coaccess`; without
-        it a coaccess store refuses to place blocks)."""
+        refused when it was trained on other weights. coaccess: the co-access log (candidate id
+        lists the retrieval stage returns for training histories, `ItemKNN.coaccess_requests`):
+        the `coaccess` placement's graph and what hot-item replication ranks items by
+        (`set_coaccess`; without it such a store refuses to place blocks). replicate: up to this
+        fraction of a shard's item tokens more per shard for items held on every shard
+        (`rcllm_jax.dist.placement`). kv_dtype: how the block store holds cached KV (default: the
+        model's dtype; "bfloat16" halves its bytes, each request reads it back into the model's
+        dtype)."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
         if self.mesh.shape["model"] != 1:
             raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
@@ -119,7 +125,7 @@ class Engine:
         # after "...(A)" would follow a label, which measurably derails the answer)
         self.store = BlockStore(self.mesh, cfg, self.fingerprint,
                                 {"item": self.canonical_context(), "glue": builder.instruction.tokens},
-                                placement=placement)
+                                placement=placement, replicate=replicate, dtype=kv_dtype)
         if coaccess is not None:
             self.set_coaccess(coaccess)
         self.pool = KVPool(cfg, 1 + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
@@ -259,35 +265,37 @@ class Engine:
         with these candidates would read locally on each shard)."""
         return self.store.shard_bytes(self._item_entries(item_ids))
 
-    def set_coaccess(self, retriever):
-        """The co-access graph of the `coaccess` placement (also for what-if `locality`): the item-kNN
-        retriever's item-to-item similarities between this engine's items. Set before the store is
-        built or restored (a built store is not moved)."""
-        from rcllm_jax.dist.placement import coaccess_graph
-        self.store.coaccess = coaccess_graph(retriever, {i: self.store.key("item", t)
-                                                         for i, t in self.item_blocks.items()})
+    def set_coaccess(self, candidate_lists):
+        """The co-access log of the `coaccess` placement and of hot-item replication (also for
+        what-if `locality`): candidate id lists of the retrieval stage (`ItemKNN.coaccess_requests`
+        over training sequences); items this engine does not hold are left out. Set before the
+        store is built or restored (a built store is not moved)."""
+        key_of = {i: self.store.key("item", t) for i, t in self.item_blocks.items()}
+        self.store.coaccess = [tuple(key_of[int(c)] for c in cands if int(c) in key_of) for cands in candidate_lists]
 
-    def locality(self, candidate_lists, placement: str | None = None) -> dict:
+    def locality(self, candidate_lists, placement: str | None = None, replicate: float | None = None) -> dict:
         """How local a request stream (candidate id lists) would be under `placement` of the stored
-        item blocks (default: the store's own), each request on the shard holding most of its
-        candidates' bytes: mean local fraction, remote blocks and remote bytes per request."""
+        item blocks with hot-item `replicate` (default: the store's own), each request on the
+        shard holding most of its candidates' bytes: mean local fraction, remote blocks and
+        remote bytes per request."""
         from rcllm_jax.dist.placement import locality
         key_of = {i: self.store.key("item", t) for i, t in self.item_blocks.items()}
         key_of = {i: k for i, k in key_of.items() if k in self.store.entries}
         if not key_of:
             return {}
-        table = self.store.placement_of(placement)
+        table = self.store.placement_of(placement, replicate)
         out = locality({i: table[k] for i, k in key_of.items()}, {i: self.store.entries[k].length for i, k in key_of.items()},
                        [[c for c in cands if c in key_of] for cands in candidate_lists], self.num_shards)
         out["remote_bytes_per_request"] = out.pop("remote_tokens_per_request") * self.kv_bytes_per_token
         return out
 
     def item_info(self, item_id: int) -> dict:
-        """Whether the item's block is cached, on which shard (None: not cached or replicated), its tokens."""
+        """Whether the item's block is cached, on which shard (None: not cached or replicated),
+        whether every shard holds it (hot-item replication), its tokens."""
         toks = self.item_blocks.get(int(item_id)) or self.builder.item_block(int(item_id)).tokens
         e = self.store.lookup("item", toks)
         return {"cached": e is not None, "shard": None if e is None or e.shard == REPLICATED else e.shard,
-                "block_tokens": len(toks)}
+                "replicated": e is not None and e.shard == REPLICATED, "block_tokens": len(toks)}
 
     def stats(self) -> dict:
         """Counts of every cache (for /healthz, /metrics and the launchers' summaries)."""
@@ -295,7 +303,10 @@ class Engine:
         return {"item_blocks": self.store.count("item"), "item_tokens": self.store.num_tokens("item"),
                 "item_bytes": self.store.num_tokens("item") * self.kv_bytes_per_token,
                 "glue_blocks": self.store.count("glue"), "shard_tokens": loads.tolist(),
-                "placement": self.store.placement, "users_cached": len(self.users.users),
+                "replicated_item_blocks": self.store.count("item", replicated=True),
+                "replicated_item_tokens": self.store.num_tokens("item", replicated=True),
+                "placement": self.store.placement, "replicate": self.store.replicate, "kv_dtype": str(self.store.dtype),
+                "users_cached": len(self.users.users),
                 "user_store": dict(self.users.stats), "prefix_cache": dict(self.prefix.stats)}
 
     def identity(self) -> dict:
@@ -374,7 +385,7 @@ class Engine:
                                   else None for b in prompt.blocks[2:]]
         plan = stitch_plan(prompt, [None if e is None else self.store.canon_start(e) for e in entries],
                            sink=policy.sink)
-        items = [e for e in entries if e is not None and e.shard != REPLICATED]
+        items = [e for e in entries if e is not None and e.kind == "item"]  # hot replicas too: local anywhere
         if shard is None:  # affinity: the shard holding most of the request's item bytes (lowest on ties)
             shard = int(np.argmax(self.store.shard_bytes(items)))
         self.device(shard)
@@ -444,13 +455,15 @@ class Engine:
         full_layers = (policy.check_layer + 1) if policy.ratio else 0
         computed = (full_layers * lay.n_suffix + (self.cfg.num_layers - full_layers) * len(chosen)) / self.cfg.num_layers
         need = self.store.shard_bytes(items)
-        n_local = sum(1 for e in items if e.shard == lay.shard)
+        n_local = sum(1 for e in items if e.shard in (lay.shard, REPLICATED))
+        replica_bytes = sum(e.length for e in items if e.shard == REPLICATED) * self.kv_bytes_per_token
         return EngineResult(scores=scores, ttft_s=ttft,
                             prompt_tokens=len(prompt), computed_tokens=int(round(computed)) + int(extra) + computed_prefix,
                             recomputed_block_tokens=recomputed_block, cached_block_tokens=int(cached.sum()),
                             cache_hit_tokens=lay.n_prefix - computed_prefix + int(cached.sum()) - recomputed_block,
                             selected=chosen, shard=lay.shard, local_item_blocks=n_local,
-                            remote_item_blocks=len(items) - n_local, local_item_bytes=int(need[lay.shard]),
+                            remote_item_blocks=len(items) - n_local,
+                            local_item_bytes=int(need[lay.shard]) + replica_bytes,
                             remote_item_bytes=int(need.sum() - need[lay.shard]))
 
     def _rank_prefix(self, prompt: Prompt, shard: int = 0) -> EngineResult:
