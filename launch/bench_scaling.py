@@ -48,6 +48,8 @@ _LAYERS = flags.DEFINE_integer("layers", 2, "Layers of the small model.")
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "Hidden size of the small model (head dim 32; KV 512 B/token "
                                "at the defaults: a x100 catalog is ~1.7 GB).")
 _MODE = flags.DEFINE_string("mode", "rcllm", "Block mode served.")
+_FETCH = flags.DEFINE_list("fetch", ["exact"], "Remote fetch paths to measure: exact (compact device-to-device "
+                           "buffers) and/or collective (the whole-mesh reduce-scatter).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/scaling.json", "Where to write the JSON.")
 
 
@@ -107,12 +109,14 @@ def main(argv):
         logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
                      one.stats()["item_blocks"], build_s)
         for n in counts:
-            for placement, budget in itertools.product(_PLACEMENTS.value, sorted({float(x) for x in _REPLICATE.value})):
+            budgets = sorted({float(x) for x in _REPLICATE.value})
+            for placement, budget, fetch in itertools.product(_PLACEMENTS.value, budgets, _FETCH.value):
                 if n == 1 and budget:
                     continue  # one device holds everything: nothing to replicate
                 eng = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
                              max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
-                             replicate=budget, coaccess=log, fingerprint=one.fingerprint)
+                             replicate=budget, coaccess=log, fingerprint=one.fingerprint,
+                             exact_fetch=fetch == "exact")
                 t1 = time.perf_counter()
                 eng.copy_blocks_from(one)  # placed and laid out on this mesh, nothing re-encoded
                 place_s = time.perf_counter() - t1
@@ -130,7 +134,7 @@ def main(argv):
                     local = sum(x.local_item_bytes for x in res)
                     remote = sum(x.remote_item_bytes for x in res)
                     rows.append({"catalog_scale": scale, "catalog_items": len(ds.items), "devices": n,
-                                 "placement": placement, "replicate": budget, "scheduler": sched,
+                                 "placement": placement, "replicate": budget, "fetch": fetch, "scheduler": sched,
                                  "ttft_p50_s": float(np.median([x.ttft_s for x in res])),
                                  "ttft_p99_s": float(np.percentile([x.ttft_s for x in res], 99)),
                                  "local_fraction": local / max(1, local + remote),
@@ -142,7 +146,8 @@ def main(argv):
                                                                      / max(st["item_tokens"] / n, 1)),
                                  "placement_s": place_s, "catalog_build_s": build_s})
                     r_ = rows[-1]
-                    print(f"x{scale:<4} {len(ds.items):>7} items  {n} dev  {placement:<10} r={budget:<4g} {sched:<11} "
+                    print(f"x{scale:<4} {len(ds.items):>7} items  {n} dev  {placement:<10} r={budget:<4g} {fetch:<10} "
+                          f"{sched:<11} "
                           f"ttft p50 {r_['ttft_p50_s'] * 1e3:7.1f} ms  local {r_['local_fraction']:.3f}  "
                           f"remote {r_['remote_blocks_per_request']:5.2f} blocks {r_['remote_bytes_per_request'] / 1e3:8.1f} KB"
                           f"  load max/mean {r_['max_over_mean_load']:.3f}", flush=True)
@@ -203,14 +208,17 @@ def _plots(out_dir: Path, rows) -> list[str]:
         for ax in axes[0]:
             ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for ax, scale in zip(axes[0], scales):
-            for placement, budget in sorted({(r["placement"], r["replicate"]) for r in rows}):
+            lines = sorted({(r["placement"], r["replicate"], r.get("fetch", "")) for r in rows})
+            for placement, budget, fetch in lines:
                 for sched, style in (("affinity", "-"), ("round_robin", "--")):
                     pts = sorted((r["devices"], r[metric]) for r in rows if r["catalog_scale"] == scale
-                                 and (r["placement"], r["replicate"], r["scheduler"]) == (placement, budget, sched))
+                                 and (r["placement"], r["replicate"], r.get("fetch", ""), r["scheduler"])
+                                 == (placement, budget, fetch, sched))
                     pts = [p for p in pts if p[0] > 1] if budget else pts
                     factor = 1e-3 if metric.endswith("bytes_per_request") else 1e3
                     ax.plot([p[0] for p in pts], [p[1] * factor for p in pts], style, marker="o",
-                            label=f"{placement}{f'+r{budget:g}' if budget else ''} / {sched}")
+                            label=f"{placement}{f'+r{budget:g}' if budget else ''} / {sched}"
+                                  + (f" / {fetch}" if len(_FETCH.value) > 1 else ""))
             ax.set(title=f"catalog x{scale}", xlabel="items-shards (devices)", ylabel=label, xscale="log", )
             ax.minorticks_off()
             ax.set_xticks(sorted({r["devices"] for r in rows}), labels=[str(d) for d in sorted({r["devices"] for r in rows})])

@@ -527,7 +527,8 @@ def _scaling_section(f: Path) -> list[str]:
               "remote blocks / req | remote KB / req | load max/mean | max shard / mean |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
-        lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['devices']} | {r['placement']} | "
+        fetch = " (collective fetch)" if r.get("fetch") == "collective" else ""
+        lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['devices']} | {r['placement']}{fetch} | "
                      f"{r.get('replicate', 0):g} | {r['scheduler']} | {r['ttft_p50_s'] * 1e3:.1f} ms | "
                      f"{r['local_fraction']:.3f} | {r['remote_blocks_per_request']:.2f} | "
                      f"{r['remote_bytes_per_request'] / 1e3:.1f} | {r['max_over_mean_load']:.3f} | "

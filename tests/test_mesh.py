@@ -301,6 +301,39 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
 
 
+def test_exact_fetch_moves_only_the_needed_rows(world):
+    """items:4: rows from every shard (and empty slots) fetched to each shard by the exact path
+    equal a host gather + re-rotation of the store (an independent reference) and the collective
+    path; the bytes it moves are the remote rows, rounded up to a bucket of 8 per source shard."""
+    from pallas_kernels.gather_rerotate import gather_rerotate_reference
+    from rcllm_jax.buckets import bucket
+    from rcllm_jax.model.rope import inv_freq
+    engine, *_ = world
+    e4 = engine(4)
+    st = e4.store
+    used = np.asarray(sorted({e.shard * st.shard_slots + e.offset + i for e in st.entries.values() if e.shard >= 0
+                              for i in range(e.length)}))
+    rng = np.random.default_rng(0)
+    slots = rng.choice(used, size=37, replace=False)
+    slots[[3, 10]] = -1
+    delta = rng.integers(-50, 400, size=37).astype(np.int32)
+    hk, hv = _host(st.k), _host(st.v)
+    ok_rows = (slots >= 0)[None, :, None, None]
+    want_k = np.where(ok_rows, np.asarray(gather_rerotate_reference(hk, np.maximum(slots, 0), delta, inv_freq(CFG))), 0)
+    want_v = np.where(ok_rows, hv[:, np.maximum(slots, 0)], 0)
+    for dest in range(4):
+        k, v, moved = st.fetch_exact(slots, delta, dest, "xla")
+        assert k.devices() == {e4.device(dest)}
+        np.testing.assert_allclose(_host(k), want_k, atol=1e-6)
+        np.testing.assert_array_equal(_host(v), want_v)
+        ck, cv = st.fetch(slots, delta, dest, "xla", exact=False)
+        np.testing.assert_allclose(_host(ck), _host(k), atol=1e-6)
+        owner = slots[slots >= 0] // st.shard_slots
+        rows = sum(bucket(int(np.sum(owner == j)), 8) for j in range(4) if j != dest and np.any(owner == j))
+        assert moved == rows * st.bytes_per_token  # k and v of every moved row, nothing else
+    assert st.exact_fetch  # the default in one process
+
+
 def test_bfloat16_block_store_is_the_f32_cache_rounded(world, tmp_path):
     """A bf16 block store (restored from an f32 snapshot: laid out again, cast) holds exactly the
     f32 blocks rounded to bf16, at half the bytes; its answers equal those of an f32 store holding

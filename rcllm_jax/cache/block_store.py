@@ -15,10 +15,14 @@ Content-addressed: key = hash(model fingerprint, the kind's canonical context, b
 block of another model, context or text never matches. A block's first token was encoded at
 position len(context of its kind).
 
-A request served by shard `dest` reads its cached rows with `fetch`: one jitted `shard_map` in
-which every shard gathers the rows it owns as stored (bf16 rows move as bf16), a reduce-scatter
-over `items` delivers them to `dest` (rows `dest` owns never leave it), and `dest` reads them into
-the model's dtype and re-rotates the keys from their canonical to their real positions in f32.
+A request served by shard `dest` reads its cached rows with `fetch`. In one process (default,
+`fetch_exact`): each shard holding some of the rows gathers them as stored (bf16 moves as bf16)
+into a compact buffer (row count rounded to a shape bucket), the buffer is copied device to
+device to `dest` and scattered into place; so the bytes moved are the request's remote bytes
+(+ the bucket padding). Across processes: one jitted `shard_map` in which every shard gathers its
+rows into a T-row buffer and a reduce-scatter over `items` delivers them to `dest` (~N/2 x the
+bytes needed). Either way `dest` reads the rows into the model's dtype and re-rotates the keys
+from their canonical to their real positions in f32.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ class BlockStore:
         self.entries: dict[str, BlockEntry] = {}
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
         self.coaccess: list[tuple[str, ...]] | None = None  # co-access log: block keys of each request
+        self.exact_fetch = True  # single process: move only the rows a request needs (`fetch_exact`)
         self.shard_slots = SLOT_ALIGN
         shape = (cfg.num_layers, self.num_shards * self.shard_slots, cfg.num_kv_heads, cfg.head_dim)
         self.k = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
@@ -272,11 +277,14 @@ class BlockStore:
 
     # --- serving ---------------------------------------------------------------------------
 
-    def fetch(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str):
+    def fetch(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str, exact: bool | None = None):
         """KV of the rows at global `slots` ([T], -1 = none), re-rotated by `delta` ([T] position
-        offsets), delivered to items-shard `dest`: arrays [L, T, K, H] on that shard's first device
-        (None in a process that does not hold it). Rows with slot -1 are zero. impl: a resolved
-        `rcllm_jax.kernels` implementation of the gather + re-rotation."""
+        offsets), delivered to items-shard `dest`: arrays [L, T, K, H] in the model's dtype on that
+        shard's first device (None in a process that does not hold it). Rows with slot -1 are zero.
+        impl: a resolved `rcllm_jax.kernels` implementation of the re-rotation. exact (default:
+        `self.exact_fetch`, one process only): `fetch_exact`, else the collective."""
+        if (self.exact_fetch if exact is None else exact) and jax.process_count() == 1:
+            return self.fetch_exact(slots, delta, dest, impl)[:2]
         fn = _fetch_program(self.mesh, self.num_shards, self.shard_slots, self.cfg, impl)
         ok, ov = fn(self.k, self.v, jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32),
                     jnp.asarray(dest, jnp.int32))
@@ -285,6 +293,60 @@ class BlockStore:
             if sk.device == dev:
                 return sk.data[0], sv.data[0]
         return None, None
+
+    def fetch_exact(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str):
+        """`fetch` moving only the rows the request needs: every shard holding some gathers them
+        into a compact buffer (its row count rounded up to a shape bucket) on its own device, the
+        buffer is copied to `dest`'s device (device to device, nothing else moves) and scattered
+        into place there. Returns (k, v, bytes moved between devices)."""
+        slots = np.asarray(slots, np.int64)
+        t, ss = len(slots), self.shard_slots
+        owner = np.where(slots >= 0, slots // ss, -1)
+        dev = self.mesh.devices[dest, 0]
+        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in (self.k, self.v))
+        ok = ov = None
+        moved = 0
+        for j in np.unique(owner[owner >= 0]).tolist():
+            pos = np.flatnonzero(owner == j)
+            b = bucket(len(pos), 8)
+            idx, tgt = np.zeros(b, np.int32), np.full(b, t, np.int32)  # padding rows land past the end: dropped
+            idx[:len(pos)], tgt[:len(pos)] = slots[pos] - j * ss, pos
+            src = self.mesh.devices[j, 0]
+            gk, gv = _gather_rows(local[0][src], local[1][src], jax.device_put(idx, src))
+            if j != dest:
+                gk, gv = jax.device_put((gk, gv), dev)
+                moved += 2 * gk.nbytes
+            tgt = jax.device_put(tgt, dev)
+            ok, ov = (_scatter_first(gk, gv, tgt, t=t) if ok is None else _scatter_rows(ok, ov, gk, gv, tgt))
+        if ok is None:
+            shape = (self.cfg.num_layers, t, self.cfg.num_kv_heads, self.cfg.head_dim)
+            ok = ov = jax.device_put(np.zeros(shape, self.dtype), dev)
+        k, v = _arrive(ok, ov, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
+        return k, v, moved
+
+
+@jax.jit
+def _gather_rows(k, v, idx):
+    return k[:, idx], v[:, idx]
+
+
+@functools.partial(jax.jit, static_argnames=("t",))
+def _scatter_first(gk, gv, tgt, *, t: int):
+    shape = (gk.shape[0], t) + gk.shape[2:]
+    return (jnp.zeros(shape, gk.dtype).at[:, tgt].set(gk, mode="drop"),
+            jnp.zeros(shape, gv.dtype).at[:, tgt].set(gv, mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _scatter_rows(ok, ov, gk, gv, tgt):
+    return ok.at[:, tgt].set(gk, mode="drop"), ov.at[:, tgt].set(gv, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def _arrive(ok, ov, delta, *, cfg: ModelConfig, impl: str):
+    """The fetched rows into the model's dtype, keys re-rotated to their real positions (f32)."""
+    rows = jnp.arange(ok.shape[1], dtype=jnp.int32)
+    return kernels.gather_rerotate(ok.astype(cfg.dtype), rows, delta, inv_freq(cfg), impl=impl), ov.astype(cfg.dtype)
 
 
 @functools.lru_cache(maxsize=64)

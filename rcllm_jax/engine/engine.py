@@ -90,7 +90,7 @@ class Engine:
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
                  mesh=None, placement: str = "similarity", replicate: float = 0.0, head=None, coaccess=None,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, exact_fetch: bool = True):
         """head: the trained `SlotHead` that scores slot prompts (`PromptBuilder(head="slot")`),
         refused when it was trained on other weights. coaccess: the co-access log (candidate id
         lists the retrieval stage returns for training histories, `ItemKNN.coaccess_requests`):
@@ -99,7 +99,8 @@ class Engine:
         fraction of a shard's item tokens more per shard for items held on every shard
         (`rcllm_jax.dist.placement`). kv_dtype: how the block store holds cached KV (default: the
         model's dtype; "bfloat16" halves its bytes, each request reads it back into the model's
-        dtype)."""
+        dtype). exact_fetch: remote rows move device to device in compact buffers (one process;
+        else, or False: the whole-mesh collective, `BlockStore.fetch`)."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
         if self.mesh.shape["model"] != 1:
             raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
@@ -126,6 +127,7 @@ class Engine:
         self.store = BlockStore(self.mesh, cfg, self.fingerprint,
                                 {"item": self.canonical_context(), "glue": builder.instruction.tokens},
                                 placement=placement, replicate=replicate, dtype=kv_dtype)
+        self.store.exact_fetch = exact_fetch
         if coaccess is not None:
             self.set_coaccess(coaccess)
         self.pool = KVPool(cfg, 1 + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
