@@ -39,6 +39,9 @@ SCALING_RUNS = {
     "scaling_replication": ("co-access placement, local fraction vs replication budget", lambda: [
         "--catalog_scales=1", "--device_counts=4,8", "--num_requests=943", "--placements=coaccess",
         "--replicate=0,0.02,0.05,0.1,0.2"]),
+    "scaling_fetch": ("exact-size vs collective remote fetch", lambda: [
+        "--catalog_scales=1", "--device_counts=4,8", "--num_requests=200", "--placements=coaccess,hash",
+        "--replicate=0.1", "--fetch=exact,collective"]),
 }
 _REPORT = flags.DEFINE_string("report", str(ROOT / "BENCHMARKS.md"), "The report file.")
 _GRID_H = flags.DEFINE_list("grid_history_lens", [], "History lengths of the TTFT grid (e.g. 20,50; empty: no grid).")
@@ -346,8 +349,11 @@ def _coaccess_section(out: Path) -> list[str]:
              "Each run ranks test users' item-kNN top-20 on a simulated mesh (affinity routing); the locality of "
              "every placement is computed on the same stored blocks and stream (`placement_locality`), the "
              "measured remote bytes are the run's own (coaccess). Times are not comparable here (the simulated "
-             "devices share 2 cores; --nowarmup).", "",
-             "| shards | placement | local fraction | remote blocks / request | remote MB / request | vs hash |",
+             "devices share 2 cores; --nowarmup)."]
+    if any("replicate" not in json.loads(f.read_text())["config"] for _, f in runs):
+        lines.append("These runs predate the co-access log and replication: their coaccess partitions the "
+                     "retriever's item-item similarities (the current placement: the Scaling sections below).")
+    lines += ["", "| shards | placement | local fraction | remote blocks / request | remote MB / request | vs hash |",
              "|---|---|---|---|---|---|"]
     for n, f in runs:
         d = json.loads(f.read_text())
@@ -523,7 +529,8 @@ def _scaling_section(f: Path) -> list[str]:
                      f"{t['best_local_fraction']:.3f}, load max/mean {t['best_max_over_mean_load']:.3f}): "
                      f"hash + round-robin reads {_fmt(t['hash_round_robin_ratio'], '.1f')}x more, hash + "
                      f"affinity {_fmt(t['hash_affinity_ratio'], '.1f')}x more.")
-    lines += ["", "| catalog | items | devices | placement | r | scheduler | TTFT p50 | local fraction | "
+    lines += ([""] if c.get("remote_ratios") else []) + [
+              "| catalog | items | devices | placement | r | scheduler | TTFT p50 | local fraction | "
               "remote blocks / req | remote KB / req | load max/mean | max shard / mean |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
