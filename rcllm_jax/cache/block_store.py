@@ -95,13 +95,11 @@ class BlockStore:
         hot-item replication budget (`rcllm_jax.dist.placement`)."""
         if placement not in placement_lib.PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}: {' | '.join(placement_lib.PLACEMENTS)}")
-        if not 0.0 <= float(replicate) <= 1.0:
-            raise ValueError(f"replicate must be a fraction of a shard's tokens in [0, 1], got {replicate}")
         if set(contexts) != set(KINDS):
             raise ValueError(f"contexts for the block kinds {KINDS} expected, got {sorted(contexts)}")
         self.mesh, self.cfg, self.fingerprint = mesh, cfg, fingerprint
         self.contexts = {kind: tuple(int(t) for t in c) for kind, c in contexts.items()}
-        self.placement, self.replicate = placement, float(replicate)
+        self.placement, self.replicate = placement, placement_lib.check_replicate(replicate)
         self.num_shards = mesh.shape["items"]
         if dtype is not None and str(jnp.dtype(dtype)) not in KV_DTYPES:
             raise ValueError(f"unsupported KV cache dtype {dtype!r}: {' | '.join(KV_DTYPES)}")

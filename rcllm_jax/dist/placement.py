@@ -156,16 +156,25 @@ def coaccess_edges(requests, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pair // n, pair % n, count.astype(np.float64)
 
 
+def affinity(shards, lengths, num_shards: int) -> tuple[int, np.ndarray]:
+    """(the shard a request runs on under the affinity rule, its tokens per shard [N]) for blocks
+    at `shards` (REPLICATED: local everywhere, counted nowhere) with `lengths`: the shard holding
+    most of them (lowest on ties)."""
+    shards, lengths = np.asarray(shards, np.int64), np.asarray(lengths, np.int64)
+    held = shards != REPLICATED
+    load = shard_tokens(shards[held], lengths[held], num_shards)
+    return int(np.argmax(load)), load
+
+
 def remote_accesses(shards, lengths, requests, num_shards: int) -> np.ndarray:
     """[n] how often each block is read from another shard when the request log runs under the
-    affinity rule (each request on the shard holding most of its tokens; REPLICATED is local)."""
+    affinity rule (REPLICATED is local)."""
     shards, lengths = np.asarray(shards), np.asarray(lengths, np.int64)
     out = np.zeros(len(shards), np.int64)
     for r in requests:
         r = np.asarray(r, np.int64)
-        held = shards[r] != REPLICATED
-        dest = int(np.argmax(shard_tokens(shards[r][held], lengths[r][held], num_shards)))
-        np.add.at(out, r[held & (shards[r] != dest)], 1)
+        dest, _ = affinity(shards[r], lengths[r], num_shards)
+        np.add.at(out, r[(shards[r] != REPLICATED) & (shards[r] != dest)], 1)
     return out
 
 
@@ -197,6 +206,13 @@ def _place_all(name: str, keys, lengths, embeddings, num_shards: int, requests) 
     raise ValueError(f"unknown placement {name!r}: {' | '.join(PLACEMENTS)}")
 
 
+def check_replicate(replicate: float) -> float:
+    """A replication budget as a float, refused outside [0, 1]."""
+    if not 0.0 <= float(replicate) <= 1.0:
+        raise ValueError(f"replicate must be a fraction of a shard's tokens in [0, 1], got {replicate}")
+    return float(replicate)
+
+
 def replication_budget(lengths, num_shards: int, replicate: float) -> int:
     """Tokens that may be held on every shard: `replicate` x the mean tokens per shard."""
     return int(np.floor(replicate * float(np.sum(lengths)) / num_shards))
@@ -206,8 +222,7 @@ def place(name: str, *, keys, lengths, embeddings, num_shards: int, requests=Non
           replicate: float = 0.0) -> np.ndarray:
     """Shard index (or REPLICATED) of every block: arrays in the order of keys; requests: the
     co-access log as lists of those indices (`coaccess`, and any placement with replicate > 0)."""
-    if not 0.0 <= replicate <= 1.0:
-        raise ValueError(f"replicate must be a fraction of a shard's tokens in [0, 1], got {replicate}")
+    replicate = check_replicate(replicate)
     shards = _place_all(name, keys, lengths, embeddings, num_shards, requests)
     if replicate == 0 or num_shards == 1 or not len(shards):
         return shards
@@ -239,12 +254,10 @@ def locality(shard_of: dict, lengths: dict, requests, num_shards: int) -> dict:
     means per request."""
     frac, remote_blocks, remote_tokens = [], [], []
     for cands in requests:
-        held = [c for c in cands if shard_of[c] != REPLICATED]
-        load = shard_tokens([shard_of[c] for c in held], [lengths[c] for c in held], num_shards)
-        dest = int(np.argmax(load))
+        dest, load = affinity([shard_of[c] for c in cands], [lengths[c] for c in cands], num_shards)
         remote = int(load.sum() - load[dest])
         frac.append(1.0 - remote / max(sum(lengths[c] for c in cands), 1))
-        remote_blocks.append(sum(shard_of[c] != dest for c in held))
+        remote_blocks.append(sum(shard_of[c] not in (dest, REPLICATED) for c in cands))
         remote_tokens.append(remote)
     return {"local_fraction": float(np.mean(frac)), "remote_blocks_per_request": float(np.mean(remote_blocks)),
             "remote_tokens_per_request": float(np.mean(remote_tokens))}
