@@ -26,7 +26,8 @@ from absl import app, flags, logging  # noqa: E402
 _USERS = flags.DEFINE_integer("num_users", 943, "Test users (requests whose target was not retrieved are skipped).")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per request.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items per prompt.")
-_DTYPES = flags.DEFINE_list("kv_dtypes", ["float32", "bfloat16"], "Cache dtypes; the first is the reference.")
+_DTYPES = flags.DEFINE_list("kv_dtypes", ["float32", "bfloat16", "int8"], "Cache dtypes; the first is the "
+                            "reference.")
 _MODE = flags.DEFINE_string("mode", "rcllm", "Block mode served.")
 _SCALE = flags.DEFINE_integer("memory_scale", 100, "Catalog multiple for the memory statement.")
 _SHARDS = flags.DEFINE_integer("memory_shards", 8, "Items-shards for the memory statement.")

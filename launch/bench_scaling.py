@@ -19,7 +19,6 @@ devices are simulated up to the largest device count.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -53,18 +52,6 @@ _FETCH = flags.DEFINE_list("fetch", ["exact"], "Remote fetch paths to measure: e
 _OUT = flags.DEFINE_string("output_json", "bench_out/scaling.json", "Where to write the JSON.")
 
 
-def _catalog(ds, scale: int):
-    from rcllm_jax.data.movielens import Dataset
-    if scale == 1:
-        return ds
-    items = dict(ds.items)
-    stride = 10 ** len(str(max(ds.items)))
-    for j in range(1, scale):
-        for i, it in ds.items.items():
-            items[i + j * stride] = dataclasses.replace(it, item_id=i + j * stride, title=f"{it.title} #{j + 1}")
-    return Dataset(f"{ds.name}x{scale}", items, ds.sequences)
-
-
 def main(argv):
     del argv
     from rcllm_jax.dist.mesh import simulate_cpu_devices
@@ -75,7 +62,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, scaled_catalog
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
@@ -94,7 +81,7 @@ def main(argv):
     rows = []
     for scale in (int(x) for x in _SCALES.value):
         t0 = time.perf_counter()
-        ds = _catalog(base, scale)
+        ds = scaled_catalog(base, scale)
         split = LeaveOneOut(ds)
         retriever = fit_on_split(split)
         log = retriever.coaccess_requests([split.train_sequence(u) for u in split.users], k=_CANDS.value)
@@ -104,7 +91,7 @@ def main(argv):
         prompts = [builder.build(r.history, r.candidates) for r in reqs]
         one = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
                      max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(1), devices=jax.devices()[:1]))
-        one.build_store(batch=256)
+        one.build_store()
         build_s = time.perf_counter() - t0
         logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
                      one.stats()["item_blocks"], build_s)

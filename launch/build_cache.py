@@ -33,7 +33,8 @@ _CANON = flags.DEFINE_enum("canonical", "instruction", ["instruction", "candidat
                            "Context item blocks are encoded after.")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 100, "Largest candidate list served (label glue built for it).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; for smoke tests).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Blocks encoded per forward pass.")
+_ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
+_ROWS = flags.DEFINE_integer("rows", 1, "Packed rows per items-shard in a build pass (one SPMD program over the mesh).")
 
 
 def main(argv):
@@ -76,8 +77,9 @@ def main(argv):
     t1 = time.perf_counter()
     with tqdm(total=len(engine.item_blocks) + len(engine.glue_blocks), desc="encode blocks", unit="block",
               disable=jax.process_index() != 0) as bar:
-        engine.build_store(batch=_BATCH.value, progress=bar.update)
+        report = engine.build_store(row_tokens=_ROW.value, rows=_ROWS.value, progress=bar.update)
     build_s = time.perf_counter() - t1
+    encoded = sum(p["tokens"] for p in report["passes"])
     t2 = time.perf_counter()
     step = engine.save(_SNAP.value)
     save_s = time.perf_counter() - t2
@@ -89,11 +91,14 @@ def main(argv):
                "replicated_item_tokens": st["replicated_item_tokens"], "item_blocks": st["item_blocks"],
                "item_tokens": st["item_tokens"], "item_bytes": st["item_bytes"],
                "shard_tokens": loads.tolist(), "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
-               "build_s": round(build_s, 2), "save_s": round(save_s, 2), "model_fingerprint": engine.fingerprint}
+               "build_s": round(build_s, 2), "encoded_tokens": encoded,
+               "build_tokens_per_s": round(encoded / max(build_s, 1e-9), 1), "layout_s": round(report["layout_s"], 2),
+               "save_s": round(save_s, 2), "model_fingerprint": engine.fingerprint}
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
         print(f"built {summary['item_blocks']} item blocks ({summary['item_bytes'] / 1e9:.2f} GB of KV) on "
-              f"{summary['mesh']} in {build_s:.1f}s; snapshot step {step} saved in {save_s:.1f}s; "
+              f"{summary['mesh']} in {build_s:.1f}s ({summary['build_tokens_per_s']:.0f} tokens/s); "
+              f"snapshot step {step} saved in {save_s:.1f}s; "
               f"shard loads max/mean {summary['max_over_mean_load']:.3f}")
 
 

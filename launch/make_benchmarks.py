@@ -7,7 +7,7 @@ Runs, each in its own process, writing JSON and plots under --out_dir:
   bench.py --mesh=items:4 --placement=similarity|hash on retrieval candidates (locality, TTFT);
   bench.py over the grid --grid_history_lens x --grid_candidates (every mode; off by default);
   bench_scaling.py (devices x catalog size x placement x replication x scheduler), bench_kv.py
-  (cache dtypes).
+  (cache dtypes), bench_build.py (item-cache build throughput).
 Then formats every figure from those JSON files into BENCHMARKS.md (nothing is typed in by hand:
 the targets are checked against the measured numbers).
 """
@@ -505,6 +505,7 @@ def _report(out: Path) -> str:
     for name in SCALING_RUNS:
         lines += _scaling_section(out / f"{name}.json")
     lines += _kv_section(out / "kv_dtype.json")
+    lines += _build_section(out / "build.json")
     return "\n".join(lines)
 
 
@@ -570,6 +571,31 @@ def _kv_section(f: Path) -> list[str]:
     return lines + [""]
 
 
+def _build_section(f: Path) -> list[str]:
+    """launch/bench_build.py: item-cache build throughput against full-prefill throughput."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, p, one = d["config"], d["prefill"], d.get("prefill_one_device")
+    ref = d["prefill_reference_tokens_per_s"]
+    lines = ["## Item-cache build throughput (`launch/bench_build.py`)", "",
+             f"{c['model']} ({c['dtype']}), cache {c['kv_dtype']}, {c['placement']} placement + {c['replicate']:g} "
+             f"replication on {c['devices']} simulated items-shards; passes of {c['rows']} packed row(s) of "
+             f"{c['row_tokens']} tokens per shard, one SPMD program per pass. Reference: full prefill of "
+             f"{p['prompt_tokens_p50']:.0f}-token prompts, {p['tokens_per_s']:.0f} tokens/s in the same process"
+             + (f", {one['tokens_per_s']:.0f} tokens/s on one unsimulated device" if one else "")
+             + f" (the target compares with {ref:.0f}). Target: build within 2x of it, flat over the build.", "",
+             "| catalog | items | blocks | tokens | wall | encode | first passes (compile) | lay-out | tokens/s | "
+             "steady tokens/s | prefill / build | slots used | last / first quarter |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| x{r['catalog_scale']} | {r['catalog_items']} | {r['blocks']} | {r['encoded_tokens']} | "
+                     f"{r['wall_s']:.0f} s | {r['encode_s']:.0f} s | {r['first_passes_s']:.0f} s | "
+                     f"{r['layout_s']:.0f} s | {r['tokens_per_s']:.0f} | {r['steady_tokens_per_s']:.0f} | "
+                     f"{r['prefill_over_build']:.2f}x | {r['slot_utilisation']:.3f} | {r['flatness']:.3f} |")
+    return lines + [""]
+
+
 def main(argv):
     del argv
     out = Path(_OUT_DIR.value)
@@ -580,6 +606,9 @@ def main(argv):
             subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), *args], check=True)
         print("== kv_dtype: bench_kv.py", flush=True)
         subprocess.run([sys.executable, str(ROOT / "launch/bench_kv.py"), f"--output_json={out / 'kv_dtype.json'}"],
+                       check=True)
+        print("== build: bench_build.py", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/bench_build.py"), f"--output_json={out / 'build.json'}"],
                        check=True)
         for name, (_, args) in SCALING_RUNS.items():
             args = [*args(), f"--output_json={out / f'{name}.json'}"]

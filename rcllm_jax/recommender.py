@@ -126,7 +126,8 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
     retriever, how = load_or_fit(retriever_path, seqs, item_ids,
                                  save=False)  # saved below, once the snapshot directory is known to be ours
-    engine.set_coaccess(retriever.coaccess_requests(seqs))  # placement and replication (before any block is placed)
+    # placement and replication: computed only if blocks must be placed (not on a restore onto the saved layout)
+    engine.set_coaccess(lambda: retriever.coaccess_requests(seqs))
     if rebuild_on_damage is None:
         rebuild_on_damage = snapshot_dir is None
     notes, saved_blocks = [], None

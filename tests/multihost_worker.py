@@ -21,7 +21,7 @@ def main(process_id: int, port: int, out: str, snap: str):
     builder, params, items, reqs, prompts = case()
     mesh = make_mesh(MeshSpec(4))
     eng = engine_for(params, builder, items, mesh)
-    eng.build_store(batch=16)
+    eng.build_store()
     scores = {}
     for i, (r, p) in enumerate(zip(reqs, prompts)):
         for m in MODES:

@@ -32,7 +32,7 @@ def world(smollm2):
     prompts = [builder.build(r.history, r.candidates) for r in reqs]
     eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
                  user_pages=256, prefix_pages=64)
-    eng.build_store(batch=8)
+    eng.build_store()
     return eng, reqs, prompts
 
 
@@ -73,6 +73,39 @@ def test_rerotated_block_equals_block_encoded_there():
     moved = jax.vmap(lambda k: rerotate(k, kv0.pos, kv1.pos, inv_freq(CFG)))(kv0.k)
     assert rel_err(moved, kv1.k) <= 1e-5
     assert rel_err(kv0.v, kv1.v) <= 1e-5
+
+
+def test_pack_rows_next_fit_in_decreasing_length():
+    """Hand-computed: lengths 5, 3, 7, 2, 4 (in order 7, 5, 4, 3, 2) into rows of 9 -> [7], [5, 4], [3, 2]."""
+    from rcllm_jax.cache.block_store import pack_rows
+    assert pack_rows([5, 3, 7, 2, 4], 9) == [[(2, 0)], [(0, 0), (4, 5)], [(1, 0), (3, 3)]]
+
+
+def test_packed_build_equals_each_block_encoded_alone(smollm2):
+    """Blocks packed many to a row, over several passes: every stored block's KV and embedding
+    equal plain `forward` of its context followed by the block alone (nothing packed, no cache)."""
+    from rcllm_jax.cache.block_store import to_host
+    ds = load_dataset("ml-100k")
+    params = init_params(CFG, jax.random.key(3), scale=0.1)
+    items = sorted(ds.items)[:40]
+    eng = Engine(params, CFG, PromptBuilder(smollm2.tokenizer, ds.items), item_ids=items, max_candidates=4,
+                 user_pages=16, prefix_pages=1)
+    report = eng.build_store(row_tokens=128, rows=2)
+    item_passes = [p for p in report["passes"] if p["kind"] == "item"]
+    assert len(item_passes) >= 2 and max(p["blocks"] for p in item_passes) > 2  # packed, several passes
+    assert sum(p["tokens"] for p in report["passes"]) == eng.store.num_tokens("item") + eng.store.num_tokens("glue")
+    k, v = to_host(eng.store.k), to_host(eng.store.v)
+    for kind, blocks in (("item", list(eng.item_blocks.values())), ("glue", eng.glue_blocks)):
+        ctx = eng.store.contexts[kind]
+        for toks in blocks:
+            e = eng.store.lookup(kind, toks)
+            seq = jnp.asarray([ctx + tuple(toks)], jnp.int32)
+            hid, ref = forward(params, seq, jnp.arange(seq.shape[1])[None], cfg=CFG, return_hidden="all")
+            g, c = eng.store.slot(e, 0), len(ctx)
+            assert rel_err(k[:, g:g + e.length], np.asarray(ref.k[:, 0, c:])) <= 1e-5
+            assert rel_err(v[:, g:g + e.length], np.asarray(ref.v[:, 0, c:])) <= 1e-5
+            if kind == "item":
+                assert rel_err(eng.store.embeddings[e.key], np.asarray(hid[0, c:]).mean(axis=0)) <= 1e-5
 
 
 def test_prefix_mode_equals_full_prefill_on_miss_and_hit(world):
@@ -212,7 +245,7 @@ def test_sliding_window_block_modes_equal_full_prefill(world):
     params = init_params(cfg, jax.random.key(2), scale=0.3)
     eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
                  user_pages=128, prefix_pages=8)
-    eng.build_store(batch=8)
+    eng.build_store()
     for req, p in zip(reqs[:2], prompts[:2]):
         assert len(p) > 4 * cfg.sliding_window
         toks = jnp.asarray(p.tokens)[None]

@@ -152,7 +152,7 @@ def world(smollm2):
                    user_pages=64, prefix_pages=16, max_candidates=8, replicate=replicate, coaccess=coaccess,
                    kv_dtype=kv_dtype)
         if build:
-            e.build_store(batch=16)
+            e.build_store()
         return e
     return engine, reqs, prompts, params
 
@@ -367,6 +367,69 @@ def test_bfloat16_block_store_is_the_f32_cache_rounded(world, tmp_path):
         engine(1, build=False, kv_dtype="int4")
 
 
+def test_int8_block_store_is_the_f32_cache_quantized_per_token_and_head(world, tmp_path):
+    """An int8 block store (restored from an f32 snapshot: laid out again, quantized) holds every
+    f32 block within half a step of its token-and-head scale (max |x| / 127), at
+    2 L K H + 8 L K bytes per token; its answers equal those of an f32 store holding the
+    dequantized values (on both fetch paths) and stay close to the f32 cache's; an int8 snapshot
+    restores onto another mesh size with the same answers (re-quantizing changes nothing)."""
+    engine, reqs, prompts, _ = world
+    e32 = engine(2)
+    ref = _scores(e32, reqs[:2], prompts[:2])
+    e32.save(tmp_path / "snap")
+    e8 = engine(2, build=False, kv_dtype="int8")
+    e8.restore(tmp_path / "snap")
+    L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
+    assert e8.store.k.dtype == jax.numpy.int8 and e8.kv_bytes_per_token == 2 * L * K * H + 2 * L * K * 4
+    assert e8.stats()["kv_dtype"] == "int8"
+    h32, h8 = e32.store.host_blocks(), e8.store.host_blocks()
+    assert set(h32) == set(h8)
+    for key, (k, v) in h32.items():
+        for x, y in ((k, h8[key][0]), (v, h8[key][1])):
+            step = np.abs(x).max(axis=-1, keepdims=True) / 127
+            assert np.all(np.abs(y - x) <= step / 2 + 1e-6 * step), key
+    deq = engine(2, build=False)
+    deq.store.load_blocks(h8, {key: e.kind for key, e in e32.store.entries.items()}, e32.store.embeddings)
+    want = _scores(deq, reqs[:2], prompts[:2])
+    for exact in (True, False):
+        e8.store.exact_fetch = exact
+        got = _scores(e8, reqs[:2], prompts[:2])
+        for key in ref:
+            assert rel_err(got[key].scores, want[key].scores) <= 1e-5, (key, exact)
+            assert rel_err(got[key].scores, ref[key].scores) <= 5e-2, key
+            if key[1] != "full" and exact and got[key].shard == ref[key].shard:
+                assert got[key].remote_item_bytes * 4 * H == ref[key].remote_item_bytes * (H + 4)
+    e8.store.exact_fetch = True
+    e8.save(tmp_path / "snap8")
+    e4 = engine(4, build=False, kv_dtype="int8")
+    e4.restore(tmp_path / "snap8")
+    h4 = e4.store.host_blocks()
+    assert all(np.array_equal(h4[key][0], h8[key][0]) and np.array_equal(h4[key][1], h8[key][1]) for key in h8)
+    got4 = _scores(e4, reqs[:2], prompts[:2])
+    for key in ref:
+        assert rel_err(got4[key].scores, want[key].scores) <= 1e-5, key
+
+
+def test_coaccess_log_is_computed_only_when_blocks_are_placed(world, tmp_path):
+    """A co-access log given as a function runs once for a build, never for a restore onto the
+    saved layout, and once for a restore onto another mesh (the blocks are placed again)."""
+    engine, reqs, _, _ = world
+    calls = []
+
+    def log():
+        calls.append(1)
+        return [r.candidates for r in reqs]
+    e2 = engine(2, placement="coaccess", replicate=0.2, coaccess=log)
+    assert len(calls) == 1
+    e2.save(tmp_path / "snap")
+    same = engine(2, build=False, placement="coaccess", replicate=0.2, coaccess=log)
+    same.restore(tmp_path / "snap")
+    assert len(calls) == 1 and same.store.entries == e2.store.entries
+    other = engine(4, build=False, placement="coaccess", replicate=0.2, coaccess=log)
+    other.restore(tmp_path / "snap")
+    assert len(calls) == 2 and other.stats()["replicated_item_blocks"] > 0
+
+
 def _damage(path):
     data = bytearray(path.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 64):
@@ -430,7 +493,7 @@ split = LeaveOneOut(load_dataset("ml-100k"))
 b = PromptBuilder(tok, split.dataset.items, history_len=5)
 e = Engine(init_params(CFG, jax.random.key(0), scale=0.1), CFG, b, item_ids=range(1, 301),
            mesh=make_mesh(MeshSpec(2)), max_candidates=8, user_pages=16, prefix_pages=16)
-e.build_store(batch=32)
+e.build_store()
 snap = {snap!r}
 if sys.argv[1] == "first":
     e.save(snap)

@@ -43,7 +43,7 @@ def test_two_processes_rank_like_one(tmp_path, smollm2_path):
 
     builder, params, items, reqs, prompts = case()
     eng = engine_for(params, builder, items, make_mesh(MeshSpec(1)))
-    eng.build_store(batch=16)
+    eng.build_store()
     for i, (r, p) in enumerate(zip(reqs, prompts)):
         for m in MODES:
             ref = eng.rank(p, m, user_id=r.user_id).scores

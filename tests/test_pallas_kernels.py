@@ -118,7 +118,7 @@ def test_engine_block_modes_through_kernels(smollm2):
                for impl in ("xla", "pallas")]
     assert engines[1].impl == "interpret"
     for e in engines:
-        e.build_store(batch=8)
+        e.build_store()
     for policy in (Policy(), Policy(sink=2, ratio=0.3, check_layer=1)):
         for r in reqs:
             p = builder.build(r.history, r.candidates)
@@ -184,7 +184,7 @@ def test_engine_impl_switch_reaches_the_block_store_gather(smollm2, monkeypatch)
     r = next(iter(eval_requests(split, num_users=1, num_candidates=4, seed=5)))
     eng = Engine(init_params(cfg, jax.random.key(0), scale=0.1), cfg, builder, item_ids=r.candidates,
                  user_pages=32, prefix_pages=1, max_candidates=4)
-    eng.build_store(batch=8)
+    eng.build_store()
     calls = []
     real = kernels._gather_kernel
     monkeypatch.setattr(kernels, "_gather_kernel", lambda *a, **kw: calls.append(kw) or real(*a, **kw))

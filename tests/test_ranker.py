@@ -41,7 +41,7 @@ def world(smollm2):
     lora = jax.tree.map(lambda a: np.asarray(a) + 0.3 * rng.normal(size=a.shape).astype(np.float32), lora)  # B != 0
     adapted_head = SlotHead(base_head.theta, base_head.bias, probe.fingerprint, adapter=lora, adapter_cfg=LCFG)
     base = Engine(params, CFG, builder, item_ids=items, user_pages=128, prefix_pages=64, head=base_head, max_candidates=6)
-    base.build_store(batch=8)
+    base.build_store()
     adapted = Engine(params, CFG, builder, item_ids=items, user_pages=128, prefix_pages=64, head=adapted_head,
                      max_candidates=6)
     adapted.copy_blocks_from(base)

@@ -30,7 +30,7 @@ def world(smollm2):
     head = SlotHead(rng.normal(size=CFG.hidden_size + 1).astype(np.float32), 0.3, probe.fingerprint)
     eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}), user_pages=128,
                  prefix_pages=64, head=head, max_candidates=8)
-    eng.build_store(batch=8)
+    eng.build_store()
     return eng, reqs, [builder.build(r.history, r.candidates) for r in reqs], head
 
 

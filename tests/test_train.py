@@ -53,7 +53,7 @@ def test_block_attention_is_the_engines_stitching(world, cached_glue):
     reqs = list(eval_requests(split, num_users=3, num_candidates=8, seed=11))
     eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
                  user_pages=256, prefix_pages=64)
-    eng.build_store(batch=8)
+    eng.build_store()
     spec = Spec(CFG, 2, None, 128)  # frozen lower layers on the path too
     ev = make_eval_step(spec)
     tr = trainable_init(params, spec, jax.random.key(1))

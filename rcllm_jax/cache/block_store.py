@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rcllm_jax import kernels
 from rcllm_jax.buckets import bucket
 from rcllm_jax.cache.keys import block_key
+from rcllm_jax.cache.quant import dequantize, quantize
 from rcllm_jax.dist import placement as placement_lib
 from rcllm_jax.dist.mesh import partition_specs
 from rcllm_jax.model.config import ModelConfig, kv_bytes_per_token
@@ -47,7 +49,8 @@ from rcllm_jax.model.rope import inv_freq
 PAD = 8  # block length granularity inside a shard
 SLOT_ALIGN = 64  # shard sizes are multiples of this (restores onto other mesh sizes divide evenly)
 REPLICATED = placement_lib.REPLICATED  # BlockEntry.shard of a block held by every shard
-KV_DTYPES = ("float32", "bfloat16")  # how cached KV may be held (read back in the model's dtype)
+KV_DTYPES = ("float32", "bfloat16", "int8")  # how cached KV may be held (read back in the model's dtype;
+# int8: with a scale per token and KV head, `rcllm_jax.cache.quant`)
 KINDS = ("item", "glue")
 REPLICATED_KINDS = ("glue",)
 
@@ -61,31 +64,59 @@ class BlockEntry:
     length: int
 
 
-def padded_batch(blocks, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists as one [batch, n] array (n: their longest length's bucket) and its valid mask."""
-    n = bucket(max(len(t) for t in blocks), 8)
-    toks = np.zeros((batch, n), np.int32)
-    valid = np.zeros((batch, n), bool)
-    for row, t in enumerate(blocks):
-        toks[row, :len(t)] = t
-        valid[row, :len(t)] = True
-    return toks, valid
+ROW_TOKENS = 512  # tokens per packed row of a build pass (longer blocks get a longer row)
+PASS_ROWS = 1  # rows per items-shard in a build pass
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[tuple[int, int]]]:
+    """Pack blocks (their token counts, each <= row_tokens) into rows of at most `row_tokens`
+    tokens: next fit over the blocks in decreasing length (a row wastes less than one block).
+    Returns, per row, (block index, offset in the row)."""
+    rows, fill = [], row_tokens
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if fill + lengths[i] > row_tokens:
+            rows.append([])
+            fill = 0
+        rows[-1].append((i, fill))
+        fill += lengths[i]
+    return rows
+
+
+def packed_pass(blocks, rows: list[list[tuple[int, int]]], num_rows: int, row_tokens: int, start: int):
+    """Inputs of one build pass: rows [num_rows, row_tokens] of tokens, positions (`start` + the
+    offset inside the block), segments (1, 2, ... per block of a row) and the valid mask."""
+    toks = np.zeros((num_rows, row_tokens), np.int32)
+    pos = np.zeros((num_rows, row_tokens), np.int32)
+    seg = np.zeros((num_rows, row_tokens), np.int32)
+    valid = np.zeros((num_rows, row_tokens), bool)
+    for r, row in enumerate(rows):
+        for s, (i, off) in enumerate(row):
+            n = len(blocks[i])
+            toks[r, off:off + n] = blocks[i]
+            pos[r, off:off + n] = start + np.arange(n)
+            seg[r, off:off + n] = s + 1
+            valid[r, off:off + n] = True
+    return toks, pos, seg, valid
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def encode_blocks(params, ctx_tokens, tokens, valid, *, cfg: ModelConfig):
-    """KV ([L, B, n, K, H]) and mean final hidden state ([B, D]) of B blocks, each encoded after the
-    same context tokens ([1, c])."""
-    c = ctx_tokens.shape[1]
-    _, ctx = forward(params, ctx_tokens, jnp.arange(c, dtype=jnp.int32)[None], cfg=cfg)
-    b, n = tokens.shape
-    ctx_b = jax.tree.map(lambda a: jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]) if a.ndim == 5
-                         else jnp.broadcast_to(a, (b,) + a.shape[1:]), ctx)
-    pos = jnp.broadcast_to(c + jnp.arange(n, dtype=jnp.int32), (b, n))
-    hidden, kv = forward(params, tokens, pos, cfg=cfg, valid=valid, cache=ctx_b, return_hidden="all")
-    w = valid.astype(jnp.float32)[..., None]
-    emb = jnp.sum(hidden.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-    return kv.k, kv.v, emb
+def encode_context(params, ctx_tokens, *, cfg: ModelConfig):
+    """KV of the canonical context ([1, c] tokens), visible to every block (SEG_SHARED)."""
+    return forward(params, ctx_tokens, jnp.arange(ctx_tokens.shape[1], dtype=jnp.int32)[None], cfg=cfg)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def encode_packed(params, ctx, tokens, positions, segments, valid, *, cfg: ModelConfig):
+    """KV ([L, R, T, K, H]) and final hidden states ([R, T, D]) of rows of packed blocks: each
+    block (a positive segment id) attends the context `ctx` (a [1, c] KVCache) and itself
+    causally, never the other blocks of its row: the same KV as encoding it alone after the
+    context."""
+    r = tokens.shape[0]
+    ctx_r = jax.tree.map(lambda a: jnp.broadcast_to(a, (a.shape[0], r) + a.shape[2:]) if a.ndim == 5
+                         else jnp.broadcast_to(a, (r,) + a.shape[1:]), ctx)
+    hidden, kv = forward(params, tokens, positions, cfg=cfg, segments=segments, valid=valid, cache=ctx_r,
+                         return_hidden="all")
+    return kv.k, kv.v, hidden
 
 
 class BlockStore:
@@ -104,16 +135,35 @@ class BlockStore:
         if dtype is not None and str(jnp.dtype(dtype)) not in KV_DTYPES:
             raise ValueError(f"unsupported KV cache dtype {dtype!r}: {' | '.join(KV_DTYPES)}")
         self.dtype = jnp.dtype(dtype or cfg.dtype)
+        self.quantized = self.dtype == jnp.int8
+        self.host_dtype = np.dtype(np.float32) if self.quantized else self.dtype  # of blocks on the host
         self.bytes_per_token = kv_bytes_per_token(cfg, self.dtype)
         self.sharding = NamedSharding(mesh, partition_specs()["block_store"])
+        self.scale_sharding = NamedSharding(mesh, P(*partition_specs()["block_store"][:3]))
         self.entries: dict[str, BlockEntry] = {}
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
-        self.coaccess: list[tuple[str, ...]] | None = None  # co-access log: block keys of each request
+        self._coaccess = None  # co-access log (block keys of each request), or a function computing it
         self.exact_fetch = True  # single process: move only the rows a request needs (`fetch_exact`)
         self.shard_slots = SLOT_ALIGN
         shape = (cfg.num_layers, self.num_shards * self.shard_slots, cfg.num_kv_heads, cfg.head_dim)
         self.k = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
         self.v = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
+        self.k_scale = self.v_scale = None  # int8: [L, N * S, K] f32, sharded like k and v
+        if self.quantized:
+            self.k_scale = jax.device_put(jnp.zeros(shape[:3], jnp.float32), self.scale_sharding)
+            self.v_scale = jax.device_put(jnp.zeros(shape[:3], jnp.float32), self.scale_sharding)
+
+    @property
+    def coaccess(self) -> list[tuple[str, ...]] | None:
+        """The co-access log (block keys of each logged request) of the coaccess placement and of
+        replication; given as a function, it is computed the first time a placement needs it."""
+        if callable(self._coaccess):
+            self._coaccess = self._coaccess()
+        return self._coaccess
+
+    @coaccess.setter
+    def coaccess(self, log):
+        self._coaccess = log
 
     # --- identity and addressing -----------------------------------------------------------
 
@@ -156,20 +206,36 @@ class BlockStore:
 
     # --- building --------------------------------------------------------------------------
 
+    @property
+    def arrays(self) -> tuple:
+        """The stored arrays: (k, v), and for int8 (k, v, k_scale, v_scale)."""
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+
     def host_blocks(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Every stored block's KV on the host ([L, n, K, H] each; replicated: shard 0's copy)."""
+        """Every stored block's KV on the host ([L, n, K, H] each, in `host_dtype`: int8 read back
+        into f32; replicated: shard 0's copy)."""
         if not self.entries:
             return {}
         k, v = to_host(self.k), to_host(self.v)
+        if self.quantized:
+            k, v = dequantize(k, to_host(self.k_scale)), dequantize(v, to_host(self.v_scale))
         out = {}
         for key, e in self.entries.items():
             g = self.slot(e, 0)
             out[key] = (k[:, g:g + e.length], v[:, g:g + e.length])
         return out
 
-    def build(self, params, blocks: dict[str, list], batch: int = 32, progress=None):
+    def build(self, params, blocks: dict[str, list], row_tokens: int = ROW_TOKENS, rows: int = PASS_ROWS,
+              progress=None):
         """Encode every block (kind -> token tuples) not stored yet after its kind's context, then
-        place the sharded blocks and lay the arrays out again. Deterministic: every process of a
+        place the sharded blocks and lay the arrays out again. Blocks are packed into rows of
+        `row_tokens` tokens (a block longer than a row widens the rows to its bucket); each block's
+        tokens see the context and themselves only. A pass is one SPMD program over the mesh:
+        `rows` rows per items-shard, the rows split along `items` (every device encodes its own
+        rows; one compiled shape per kind); the next pass is dispatched before the last one is
+        read back. progress(n) is called with the blocks of each pass. Returns one record per pass
+        (kind, blocks, tokens, slots, seconds from the previous pass's end; the first pass of a
+        kind includes its compile) and the lay-out's seconds. Deterministic: every process of a
         multi-host run computes the same placement."""
         todo = {}
         for kind, token_lists in blocks.items():
@@ -179,26 +245,53 @@ class BlockStore:
                 if toks and k not in self.entries:
                     todo[k] = (kind, toks)
         if not todo:
-            return
-        host = self.host_blocks()
+            return {"passes": [], "layout_s": 0.0}
+        host, passes = self.host_blocks(), []
         kinds = {k: e.kind for k, e in self.entries.items()}
+        rows_sharding = NamedSharding(self.mesh, P("items"))
+        per_pass = int(rows) * self.num_shards
         for kind in KINDS:
-            ctx = jnp.asarray(np.asarray([self.contexts[kind]], np.int32))
-            order = sorted((k for k in todo if todo[k][0] == kind), key=lambda k: (len(todo[k][1]), k))
-            for s in range(0, len(order), batch):
-                chunk = order[s:s + batch]
-                toks, valid = padded_batch([todo[k][1] for k in chunk], batch)
-                kk, vv, emb = encode_blocks(params, ctx, jnp.asarray(toks), jnp.asarray(valid), cfg=self.cfg)
-                kk, vv, emb = (np.asarray(jax.device_get(a)) for a in (kk, vv, emb))
-                for row, k in enumerate(chunk):
-                    n_k = len(todo[k][1])
-                    host[k] = (kk[:, row, :n_k].astype(self.dtype), vv[:, row, :n_k].astype(self.dtype))
-                    kinds[k] = kind
-                    if kind not in REPLICATED_KINDS:
-                        self.embeddings[k] = emb[row]
+            keys = sorted(k for k in todo if todo[k][0] == kind)
+            if not keys:
+                continue
+            toks = [todo[k][1] for k in keys]
+            width = max(int(row_tokens), bucket(max(map(len, toks)), 128))
+            packed = pack_rows([len(t) for t in toks], width)
+            c = len(self.contexts[kind])
+            ctx = encode_context(params, jnp.asarray(np.asarray([self.contexts[kind]], np.int32)), cfg=self.cfg)
+
+            def collect(pending):
+                chunk, outs = pending
+                kk, vv, hid = (to_host(a) for a in outs)
+                for r, row in enumerate(chunk):
+                    for i, off in row:
+                        k, n = keys[i], len(toks[i])
+                        host[k] = (kk[:, r, off:off + n].astype(self.host_dtype),
+                                   vv[:, r, off:off + n].astype(self.host_dtype))
+                        kinds[k] = kind
+                        if kind not in REPLICATED_KINDS:
+                            self.embeddings[k] = hid[r, off:off + n].astype(np.float32).mean(axis=0)
+                now = time.perf_counter()
+                passes.append({"kind": kind, "blocks": sum(len(row) for row in chunk), "slots": per_pass * width,
+                               "tokens": sum(len(toks[i]) for row in chunk for i, _ in row),
+                               "seconds": now - mark[0]})
+                mark[0] = now
                 if progress is not None:
-                    progress(len(chunk))
+                    progress(passes[-1]["blocks"])
+
+            mark, pending = [time.perf_counter()], None
+            for s in range(0, len(packed), per_pass):
+                chunk = packed[s:s + per_pass]
+                args = [jax.make_array_from_callback(a.shape, rows_sharding, lambda idx, a=a: a[idx])
+                        for a in packed_pass(toks, chunk, per_pass, width, c)]
+                outs = encode_packed(params, ctx, *args, cfg=self.cfg)  # dispatched; runs while the last is read
+                if pending is not None:
+                    collect(pending)
+                pending = (chunk, outs)
+            collect(pending)
+        t0 = time.perf_counter()
         self._lay_out_host(host, kinds)
+        return {"passes": passes, "layout_s": time.perf_counter() - t0}
 
     def _place(self, name: str, lengths: dict[str, int], kinds: dict[str, str],
                replicate: float | None = None) -> dict[str, int]:
@@ -224,7 +317,8 @@ class BlockStore:
         self.lay_out(self._place(self.placement, {k: h[0].shape[1] for k, h in host.items()}, kinds), host, kinds)
 
     def lay_out(self, shard_of: dict[str, int], host: dict, kinds: dict[str, str]):
-        """Pack the blocks (key -> (k, v) host arrays) into their shards and put the arrays on the mesh."""
+        """Pack the blocks (key -> (k, v) host arrays; the dict is consumed) into their shards and
+        put the arrays on the mesh, one shard at a time (about one copy of the store in memory)."""
         entries, fill = {}, 0
         for key in sorted(k for k in shard_of if shard_of[k] == REPLICATED):
             n = host[key][0].shape[1]
@@ -237,22 +331,35 @@ class BlockStore:
             shard_fill[s] += -(-n // PAD) * PAD
         shard_slots = max(SLOT_ALIGN, int(-(-shard_fill.max() // SLOT_ALIGN) * SLOT_ALIGN))
         L, K, H = self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
-        hk = np.zeros((L, self.num_shards * shard_slots, K, H), self.dtype)
-        hv = np.zeros_like(hk)
-        for key, e in entries.items():
-            for s in (range(self.num_shards) if e.shard == REPLICATED else (e.shard,)):
-                g = s * shard_slots + e.offset
-                hk[:, g:g + e.length], hv[:, g:g + e.length] = host[key]
-        self.put_arrays(hk, hv, entries, shard_slots)
+        shape = (L, self.num_shards * shard_slots, K, H)
+        held = {s: [e for e in entries.values() if e.shard in (s, REPLICATED)] for s in range(self.num_shards)}
+        pieces = []  # per addressable device: its shard's (k, v[, k_scale, v_scale]) on that device
+        for dev, idx in self.sharding.addressable_devices_indices_map(shape).items():
+            s = (idx[1].start or 0) // shard_slots
+            bk = np.zeros((L, shard_slots, K, H), self.host_dtype)
+            bv = np.zeros_like(bk)
+            for e in held[s]:
+                bk[:, e.offset:e.offset + e.length], bv[:, e.offset:e.offset + e.length] = host[e.key]
+            for e in held[s]:
+                if e.shard == s:
+                    host.pop(e.key)  # consumed as copied: the host holds about one copy of the store
+            arrays = (bk, bv)
+            if self.quantized:  # layer by layer: one layer's f32 temporaries at a time
+                (qk, sk), (qv, sv) = _quantize_layers(bk), _quantize_layers(bv)
+                arrays = (qk, qv, sk, sv)
+            pieces.append(jax.device_put(arrays, dev))
+            del bk, bv, arrays
+        shapes = (shape, shape) + ((shape[:3], shape[:3]) if self.quantized else ())
+        shardings = (self.sharding, self.sharding) + ((self.scale_sharding,) * 2 if self.quantized else ())
+        out = [jax.make_array_from_single_device_arrays(shp, sh, [p[i] for p in pieces])
+               for i, (shp, sh) in enumerate(zip(shapes, shardings))]
+        self.put_arrays(out[0], out[1], entries, shard_slots, scales=tuple(out[2:]) or None)
 
-    def put_arrays(self, hk, hv, entries, shard_slots: int):
-        """Install the KV arrays: host arrays are placed on the mesh; device arrays already laid
-        out with the store's sharding (a restore) are taken as they are."""
-        if isinstance(hk, jax.Array):
-            self.k, self.v = hk, hv
-        else:
-            self.k = jax.make_array_from_callback(hk.shape, self.sharding, lambda idx: hk[idx])
-            self.v = jax.make_array_from_callback(hv.shape, self.sharding, lambda idx: hv[idx])
+    def put_arrays(self, k, v, entries, shard_slots: int, scales=None):
+        """Install KV arrays laid out with the store's sharding and dtype (int8: with their `scales`
+        (k_scale, v_scale)) and the entries that address them."""
+        self.k, self.v = k, v
+        self.k_scale, self.v_scale = scales if self.quantized else (None, None)
         self.entries, self.shard_slots = dict(entries), shard_slots
 
     def load_blocks(self, host: dict, kinds: dict[str, str], embeddings: dict[str, np.ndarray]):
@@ -283,9 +390,9 @@ class BlockStore:
         `self.exact_fetch`, one process only): `fetch_exact`, else the collective."""
         if (self.exact_fetch if exact is None else exact) and jax.process_count() == 1:
             return self.fetch_exact(slots, delta, dest, impl)[:2]
-        fn = _fetch_program(self.mesh, self.num_shards, self.shard_slots, self.cfg, impl)
-        ok, ov = fn(self.k, self.v, jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32),
-                    jnp.asarray(dest, jnp.int32))
+        fn = _fetch_program(self.mesh, self.num_shards, self.shard_slots, self.cfg, impl, self.quantized)
+        ok, ov = fn(jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32), jnp.asarray(dest, jnp.int32),
+                    *self.arrays)
         dev = self.mesh.devices[dest, 0]
         for sk, sv in zip(ok.addressable_shards, ov.addressable_shards):
             if sk.device == dev:
@@ -301,75 +408,88 @@ class BlockStore:
         t, ss = len(slots), self.shard_slots
         owner = np.where(slots >= 0, slots // ss, -1)
         dev = self.mesh.devices[dest, 0]
-        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in (self.k, self.v))
-        ok = ov = None
-        moved = 0
+        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
+        out, moved = None, 0
         for j in np.unique(owner[owner >= 0]).tolist():
             pos = np.flatnonzero(owner == j)
             b = bucket(len(pos), 8)
             idx, tgt = np.zeros(b, np.int32), np.full(b, t, np.int32)  # padding rows land past the end: dropped
             idx[:len(pos)], tgt[:len(pos)] = slots[pos] - j * ss, pos
             src = self.mesh.devices[j, 0]
-            gk, gv = _gather_rows(local[0][src], local[1][src], jax.device_put(idx, src))
+            rows = _gather_rows(tuple(a[src] for a in local), jax.device_put(idx, src))
             if j != dest:
-                gk, gv = jax.device_put((gk, gv), dev)
-                moved += 2 * gk.nbytes
+                rows = jax.device_put(rows, dev)
+                moved += sum(a.nbytes for a in rows)
             tgt = jax.device_put(tgt, dev)
-            ok, ov = (_scatter_first(gk, gv, tgt, t=t) if ok is None else _scatter_rows(ok, ov, gk, gv, tgt))
-        if ok is None:
-            shape = (self.cfg.num_layers, t, self.cfg.num_kv_heads, self.cfg.head_dim)
-            ok = ov = jax.device_put(np.zeros(shape, self.dtype), dev)
-        k, v = _arrive(ok, ov, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
+            out = _scatter_first(rows, tgt, t=t) if out is None else _scatter_rows(out, rows, tgt)
+        if out is None:
+            out = tuple(jax.device_put(np.zeros((a.shape[0], t) + a.shape[2:], a.dtype), dev) for a in self.arrays)
+        k, v = _arrive(out, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
         return k, v, moved
 
 
 @jax.jit
-def _gather_rows(k, v, idx):
-    return k[:, idx], v[:, idx]
+def _gather_rows(arrays, idx):
+    return tuple(a[:, idx] for a in arrays)
 
 
 @functools.partial(jax.jit, static_argnames=("t",))
-def _scatter_first(gk, gv, tgt, *, t: int):
-    shape = (gk.shape[0], t) + gk.shape[2:]
-    return (jnp.zeros(shape, gk.dtype).at[:, tgt].set(gk, mode="drop"),
-            jnp.zeros(shape, gv.dtype).at[:, tgt].set(gv, mode="drop"))
+def _scatter_first(rows, tgt, *, t: int):
+    return tuple(jnp.zeros((a.shape[0], t) + a.shape[2:], a.dtype).at[:, tgt].set(a, mode="drop") for a in rows)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _scatter_rows(ok, ov, gk, gv, tgt):
-    return ok.at[:, tgt].set(gk, mode="drop"), ov.at[:, tgt].set(gv, mode="drop")
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_rows(out, rows, tgt):
+    return tuple(o.at[:, tgt].set(r, mode="drop") for o, r in zip(out, rows))
+
+
+def _read_rows(rows, cfg: ModelConfig):
+    """Fetched rows (k, v as stored, + their scales for int8) -> k, v in the model's dtype."""
+    if len(rows) == 4:
+        return dequantize(rows[0], rows[2], cfg.dtype), dequantize(rows[1], rows[3], cfg.dtype)
+    return rows[0].astype(cfg.dtype), rows[1].astype(cfg.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
-def _arrive(ok, ov, delta, *, cfg: ModelConfig, impl: str):
+def _arrive(rows, delta, *, cfg: ModelConfig, impl: str):
     """The fetched rows into the model's dtype, keys re-rotated to their real positions (f32)."""
-    rows = jnp.arange(ok.shape[1], dtype=jnp.int32)
-    return kernels.gather_rerotate(ok.astype(cfg.dtype), rows, delta, inv_freq(cfg), impl=impl), ov.astype(cfg.dtype)
+    k, v = _read_rows(rows, cfg)
+    return kernels.gather_rerotate(k, jnp.arange(k.shape[1], dtype=jnp.int32), delta, inv_freq(cfg), impl=impl), v
 
 
 @functools.lru_cache(maxsize=64)
-def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str):
+def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str, quantized: bool = False):
     inv = inv_freq(cfg)
 
-    def local(k_l, v_l, want, delta, dest):
+    def local(want, delta, dest, *arrays):
         j = jax.lax.axis_index("items")
         idx = want - j * shard_slots
         own = (want >= 0) & (idx >= 0) & (idx < shard_slots)
         idx = jnp.where(own, idx, 0)
-        m = own[None, :, None, None]
-        gk = jnp.where(m, k_l[:, idx], 0).astype(k_l.dtype)  # the stored rows as they are (bf16 moves as bf16)
-        gv = jnp.where(m, v_l[:, idx], 0).astype(v_l.dtype)
-        to = jax.nn.one_hot(dest, n, dtype=k_l.dtype)[:, None, None, None, None]  # row `dest` only
-        rk = jax.lax.psum_scatter(to * gk[None], "items", scatter_dimension=0, tiled=True)
-        rv = jax.lax.psum_scatter(to * gv[None], "items", scatter_dimension=0, tiled=True)
+        got = []
+        for a in arrays:  # the stored rows as they are (bf16 / int8 move as such), then to row `dest` only
+            m = own.reshape((1, -1) + (1,) * (a.ndim - 2))
+            g = jnp.where(m, a[:, idx], 0).astype(a.dtype)
+            to = jax.nn.one_hot(dest, n, dtype=a.dtype).reshape((n,) + (1,) * a.ndim)
+            got.append(jax.lax.psum_scatter(to * g[None], "items", scatter_dimension=0, tiled=True)[0])
         # on arrival: into the model's dtype, keys re-rotated to their real positions (in f32)
+        rk, rv = _read_rows(tuple(got), cfg)
         rows = jnp.arange(want.shape[0], dtype=jnp.int32)
-        rk = kernels.gather_rerotate(rk[0].astype(cfg.dtype), rows, delta, inv, impl=impl)[None]
-        return rk, rv.astype(cfg.dtype)
+        return kernels.gather_rerotate(rk, rows, delta, inv, impl=impl)[None], rv[None]
 
     store = partition_specs()["block_store"]
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(store, store, P(), P(), P()),
+    specs = (store, store) + ((P(*store[:3]),) * 2 if quantized else ())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + specs,
                                  out_specs=(P("items"), P("items")), check_vma=False))
+
+
+def _quantize_layers(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` of a [L, ...] host array one layer at a time (bounded temporaries)."""
+    q = np.empty(x.shape, np.int8)
+    s = np.empty(x.shape[:-1], np.float32)
+    for layer in range(x.shape[0]):
+        q[layer], s[layer] = quantize(x[layer])
+    return q, s
 
 
 def to_host(a) -> np.ndarray:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from rcllm_jax.cache.block_store import BlockEntry, to_host
+from rcllm_jax.cache.quant import dequantize
 
 FORMAT_VERSION = 2
 
@@ -141,6 +142,8 @@ def save(directory, ident: dict, store, users, replicated) -> int:
            else np.zeros((1, 1), np.float32))
     user_index, uk, uv = users.export()
     blocks = {"k": store.k, "v": store.v, "embeddings": jax.device_put(emb, replicated)}
+    if store.quantized:
+        blocks |= {"k_scale": store.k_scale, "v_scale": store.v_scale}
     user_arrays = {"k": uk, "v": uv}
     meta = dict(ident, placement=store.placement, replicate=store.replicate, mesh_items=store.num_shards,
                 embedding_dim=int(emb.shape[1]),
@@ -197,9 +200,12 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     embeddings = {k: emb[i] for i, k in enumerate(meta["embedded"])}
     if same_layout:
         store.embeddings = embeddings
-        store.put_arrays(blocks["k"], blocks["v"], entries, s_old)
+        store.put_arrays(blocks["k"], blocks["v"], entries, s_old,
+                         scales=(blocks.get("k_scale"), blocks.get("v_scale")))
     else:  # another mesh, placement, replication or KV dtype: lay the blocks out again (cast to the store's)
         hk, hv = to_host(blocks["k"]), to_host(blocks["v"])
+        if "k_scale" in blocks:  # an int8 snapshot: read back into f32 first
+            hk, hv = dequantize(hk, to_host(blocks["k_scale"])), dequantize(hv, to_host(blocks["v_scale"]))
         del blocks
         host = {}
         for k, e in entries.items():
@@ -226,6 +232,9 @@ def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replic
                 "v": jax.ShapeDtypeStruct(kv_shape, dt, sharding=ksh),
                 "embeddings": jax.ShapeDtypeStruct((max(1, len(meta["embedded"])), int(meta["embedding_dim"])),
                                                    np.float32, sharding=replicated)}
+    if dt == np.int8:
+        ssh = store.scale_sharding if kv_shape[1] % store.num_shards == 0 else replicated
+        blocks_t |= {n: jax.ShapeDtypeStruct(kv_shape[:3], np.float32, sharding=ssh) for n in ("k_scale", "v_scale")}
     users_t = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
     try:
         got = mngr.restore(step, args=ocp.args.Composite(blocks=ocp.args.StandardRestore(blocks_t),

@@ -156,6 +156,23 @@ def load_dataset(name: str = "ml-100k", data_dir: str | Path | None = None) -> D
     raise DataFormatError(f"{d}: no ratings.dat, u.data or {name}.inter found")
 
 
+def scaled_catalog(ds: Dataset, scale: int) -> Dataset:
+    """A synthetic catalog `scale` times the size of `ds` (benchmarks of large catalogs): every real
+    item plus scale - 1 variants (the same genres and year, the title numbered "#2", "#3", ...;
+    ids offset by multiples of a power of ten above the largest id), with the real users'
+    sequences (nobody rated a variant)."""
+    if scale < 1:
+        raise ValueError(f"catalog scale must be >= 1, got {scale}")
+    if scale == 1:
+        return ds
+    items = dict(ds.items)
+    stride = 10 ** len(str(max(ds.items)))
+    for j in range(1, scale):
+        for i, it in ds.items.items():
+            items[i + j * stride] = dataclasses.replace(it, item_id=i + j * stride, title=f"{it.title} #{j + 1}")
+    return Dataset(f"{ds.name}x{scale}", items, ds.sequences)
+
+
 @dataclasses.dataclass
 class LeaveOneOut:
     """Last item = test target, second to last = validation target, the rest = training."""

@@ -19,9 +19,10 @@ PLACEMENT = flags.DEFINE_enum("placement", "coaccess", list(PLACEMENTS),
 REPLICATE = flags.DEFINE_float("replicate", 0.1, "Hot-item replication: up to this fraction of a shard's item "
                                "tokens more per shard for the items requests would fetch remotely most "
                                "(held by every shard; 0 = off).", lower_bound=0.0, upper_bound=1.0)
-KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["bfloat16", "float32"], "How the item and glue caches hold "
-                             "KV (read back into the model's dtype per request): bfloat16 halves their memory "
-                             "and the bytes moved between shards.")
+KV_DTYPE = flags.DEFINE_enum("kv_dtype", "bfloat16", ["bfloat16", "float32", "int8"], "How the item and glue "
+                             "caches hold KV (read back into the model's dtype per request): bfloat16 halves their "
+                             "memory and the bytes moved between shards; int8 (a scale per token and KV head) "
+                             "about quarters them.")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                                   "(with --num_processes and --process_id; omit for one process).")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")

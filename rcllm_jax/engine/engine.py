@@ -21,7 +21,7 @@ import numpy as np
 
 from rcllm_jax import kernels
 from rcllm_jax.cache import snapshot
-from rcllm_jax.cache.block_store import REPLICATED, BlockStore
+from rcllm_jax.cache.block_store import PASS_ROWS, REPLICATED, ROW_TOKENS, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
@@ -98,7 +98,8 @@ class Engine:
         (`set_coaccess`; without it such a store refuses to place blocks). replicate: up to this
         fraction of a shard's item tokens more per shard for items held on every shard
         (`rcllm_jax.dist.placement`). kv_dtype: how the block store holds cached KV (default: the
-        model's dtype; "bfloat16" halves its bytes, each request reads it back into the model's
+        model's dtype; "bfloat16" halves its bytes, "int8" with a scale per token and KV head about
+        quarters them; each request reads it back into the model's
         dtype). exact_fetch: remote rows move device to device in compact buffers (one process;
         else, or False: the whole-mesh collective, `BlockStore.fetch`)."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
@@ -197,10 +198,13 @@ class Engine:
 
     # --- caches ----------------------------------------------------------------------------
 
-    def build_store(self, batch: int = 32, progress=None):
-        """Encode every item block and glue block not stored yet (the block store)."""
-        self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
-                         batch=batch, progress=progress)
+    def build_store(self, row_tokens: int = ROW_TOKENS, rows: int = PASS_ROWS,
+                    progress=None):
+        """Encode every item block and glue block not stored yet (the block store; passes of
+        `rows` packed rows of `row_tokens` tokens per items-shard). Returns the per-pass timings
+        (`BlockStore.build`)."""
+        return self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
+                                row_tokens=row_tokens, rows=rows, progress=progress)
 
     def update_user(self, user_id, prompt: Prompt) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
@@ -270,10 +274,14 @@ class Engine:
     def set_coaccess(self, candidate_lists):
         """The co-access log of the `coaccess` placement and of hot-item replication (also for
         what-if `locality`): candidate id lists of the retrieval stage (`ItemKNN.coaccess_requests`
-        over training sequences); items this engine does not hold are left out. Set before the
-        store is built or restored (a built store is not moved)."""
+        over training sequences), or a function returning them, called only when a placement
+        first needs them (a restore onto the saved layout never does); items this engine does not
+        hold are left out. Set before the store is built or restored (a built store is not moved)."""
         key_of = {i: self.store.key("item", t) for i, t in self.item_blocks.items()}
-        self.store.coaccess = [tuple(key_of[int(c)] for c in cands if int(c) in key_of) for cands in candidate_lists]
+
+        def keys(lists):
+            return [tuple(key_of[int(c)] for c in cands if int(c) in key_of) for cands in lists]
+        self.store.coaccess = (lambda: keys(candidate_lists())) if callable(candidate_lists) else keys(candidate_lists)
 
     def locality(self, candidate_lists, placement: str | None = None, replicate: float | None = None) -> dict:
         """How local a request stream (candidate id lists) would be under `placement` of the stored

@@ -122,6 +122,8 @@ class ModelConfig:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype="float32") -> int:
-    """Bytes of one token's K and V over all layers, stored as `dtype`."""
+    """Bytes of one token's K and V over all layers, stored as `dtype` (int8: with an f32 scale per
+    token, layer and KV head for each of K and V, `rcllm_jax.cache.quant`)."""
     import numpy as np
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize
+    scales = 2 * cfg.num_layers * cfg.num_kv_heads * 4 if np.dtype(dtype) == np.int8 else 0
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize + scales
