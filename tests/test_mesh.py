@@ -334,6 +334,18 @@ def test_exact_fetch_moves_only_the_needed_rows(world):
     assert st.exact_fetch  # the default in one process
 
 
+def _restored_as(world, tmp_path, kv_dtype):
+    """An f32 store on items:2, its scores on the first two requests, and an engine of `kv_dtype`
+    restored from its snapshot (laid out again, cast or quantized)."""
+    engine, reqs, prompts, _ = world
+    e32 = engine(2)
+    ref = _scores(e32, reqs[:2], prompts[:2])
+    e32.save(tmp_path / "snap")
+    other = engine(2, build=False, kv_dtype=kv_dtype)
+    other.restore(tmp_path / "snap")
+    return e32, ref, other
+
+
 def test_bfloat16_block_store_is_the_f32_cache_rounded(world, tmp_path):
     """A bf16 block store (restored from an f32 snapshot: laid out again, cast) holds exactly the
     f32 blocks rounded to bf16, at half the bytes; its answers equal those of an f32 store holding
@@ -341,11 +353,7 @@ def test_bfloat16_block_store_is_the_f32_cache_rounded(world, tmp_path):
     close to the f32 cache's."""
     import ml_dtypes
     engine, reqs, prompts, _ = world
-    e32 = engine(2)
-    ref = _scores(e32, reqs[:2], prompts[:2])
-    e32.save(tmp_path / "snap")
-    e16 = engine(2, build=False, kv_dtype="bfloat16")
-    e16.restore(tmp_path / "snap")
+    e32, ref, e16 = _restored_as(world, tmp_path, "bfloat16")
     assert e16.store.k.dtype == jax.numpy.bfloat16 and e16.kv_bytes_per_token * 2 == e32.kv_bytes_per_token
     assert e16.stats()["kv_dtype"] == "bfloat16"
     h32, h16 = e32.store.host_blocks(), e16.store.host_blocks()
@@ -374,11 +382,7 @@ def test_int8_block_store_is_the_f32_cache_quantized_per_token_and_head(world, t
     dequantized values (on both fetch paths) and stay close to the f32 cache's; an int8 snapshot
     restores onto another mesh size with the same answers (re-quantizing changes nothing)."""
     engine, reqs, prompts, _ = world
-    e32 = engine(2)
-    ref = _scores(e32, reqs[:2], prompts[:2])
-    e32.save(tmp_path / "snap")
-    e8 = engine(2, build=False, kv_dtype="int8")
-    e8.restore(tmp_path / "snap")
+    e32, ref, e8 = _restored_as(world, tmp_path, "int8")
     L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
     assert e8.store.k.dtype == jax.numpy.int8 and e8.kv_bytes_per_token == 2 * L * K * H + 2 * L * K * 4
     assert e8.stats()["kv_dtype"] == "int8"
