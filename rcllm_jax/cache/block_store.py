@@ -271,15 +271,16 @@ class BlockStore:
                         kinds[k] = kind
                         if kind not in REPLICATED_KINDS:
                             self.embeddings[k] = hid[r, off:off + n].astype(np.float32).mean(axis=0)
+                nonlocal mark
                 now = time.perf_counter()
                 passes.append({"kind": kind, "blocks": sum(len(row) for row in chunk), "slots": per_pass * width,
                                "tokens": sum(len(toks[i]) for row in chunk for i, _ in row),
-                               "seconds": now - mark[0]})
-                mark[0] = now
+                               "seconds": now - mark})
+                mark = now
                 if progress is not None:
                     progress(passes[-1]["blocks"])
 
-            mark, pending = [time.perf_counter()], None
+            mark, pending = time.perf_counter(), None
             for s in range(0, len(packed), per_pass):
                 chunk = packed[s:s + per_pass]
                 args = [jax.make_array_from_callback(a.shape, rows_sharding, lambda idx, a=a: a[idx])
@@ -344,8 +345,8 @@ class BlockStore:
                 if e.shard == s:
                     host.pop(e.key)  # consumed as copied: the host holds about one copy of the store
             arrays = (bk, bv)
-            if self.quantized:  # layer by layer: one layer's f32 temporaries at a time
-                (qk, sk), (qv, sv) = _quantize_layers(bk), _quantize_layers(bv)
+            if self.quantized:
+                (qk, sk), (qv, sv) = quantize(bk), quantize(bv)
                 arrays = (qk, qv, sk, sv)
             pieces.append(jax.device_put(arrays, dev))
             del bk, bv, arrays
@@ -481,15 +482,6 @@ def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str, 
     specs = (store, store) + ((P(*store[:3]),) * 2 if quantized else ())
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + specs,
                                  out_specs=(P("items"), P("items")), check_vma=False))
-
-
-def _quantize_layers(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`quantize` of a [L, ...] host array one layer at a time (bounded temporaries)."""
-    q = np.empty(x.shape, np.int8)
-    s = np.empty(x.shape[:-1], np.float32)
-    for layer in range(x.shape[0]):
-        q[layer], s[layer] = quantize(x[layer])
-    return q, s
 
 
 def to_host(a) -> np.ndarray:

@@ -16,12 +16,16 @@ QMAX = 127
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [..., H] (float, host) -> (q [..., H] int8, scale [...] float32)."""
-    x = np.asarray(x, np.float32)
-    s = np.max(np.abs(x), axis=-1) / QMAX
-    safe = np.where(s > 0, s, 1.0)[..., None]
-    q = np.clip(np.rint(x / safe), -QMAX, QMAX).astype(np.int8)
-    return q, s.astype(np.float32)
+    """x [..., H] (float, host) -> (q [..., H] int8, scale [...] float32), computed one slice of
+    the leading axis at a time (f32 temporaries of one layer, not of the whole store)."""
+    q = np.empty(x.shape, np.int8)
+    s = np.empty(x.shape[:-1], np.float32)
+    for i in range(x.shape[0]) if x.ndim > 1 else ():
+        xi = np.asarray(x[i], np.float32)
+        s[i] = np.max(np.abs(xi), axis=-1) / QMAX
+        safe = np.where(s[i] > 0, s[i], 1.0)[..., None]
+        q[i] = np.clip(np.rint(xi / safe), -QMAX, QMAX)
+    return q, s
 
 
 def dequantize(q, s, dtype=jnp.float32):
