@@ -63,6 +63,10 @@ _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalo
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 30.0, "A request not answered after this long gets 503 + "
                                "Retry-After and is dropped, not computed.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
+_STEP = flags.DEFINE_enum("serving_step", "batched", ["batched", "serial"], "batched: block-mode requests of a "
+                          "scheduling window run as serving steps, each shard's requests one batch, every shard in "
+                          "one program (Engine.rank_step); serial: one request at a time.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests per shard in one serving step at most (batched).")
 _WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
 _WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
 
@@ -135,6 +139,15 @@ def main(argv):
             for j, probe in enumerate(probes):
                 engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
         timed = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
+        if _STEP.value == "batched" and _MODE.value not in ("full", "prefix", "prefix_warm"):
+            # serving steps: every prompt shape at batch 1, then the larger batch buckets on the first shape
+            for j, probe in enumerate(probes):
+                engine.rank_step([(probe, f"warmup-{j}", s) for s in range(engine.num_shards)], _MODE.value)
+            b = 2
+            while b < 2 * _MAX_BATCH.value:  # up to the bucket of --max_batch
+                engine.rank_step([(probes[0], "warmup-0", s) for s in range(engine.num_shards) for _ in range(b)],
+                                 _MODE.value)
+                b *= 2
         service_s = max(float(sorted(timed)[len(timed) // 2]), 1e-3)
         engine.reset_caches()
         logging.info("warmed up %d shards x %d prompt shapes in %.1fs (service time p50 %.3fs)", engine.num_shards,
@@ -160,7 +173,8 @@ def main(argv):
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
-                                 retriever=retriever, num_candidates=_NUM_CANDS.value)
+                                 retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=_STEP.value,
+                                 max_batch=_MAX_BATCH.value)
     service.start()
     server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,
                         max_connections=_CONNS.value, grace_s=_GRACE.value)

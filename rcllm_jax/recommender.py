@@ -40,10 +40,26 @@ class Recommender:
     def recommend(self, user_id, history, candidates=None, *, num_candidates: int = 20,
                   shard: int | None = None) -> Recommendation:
         """Rank `candidates` (or the retrieved ones) for the user with this history."""
-        retrieved = candidates is None
-        cands = self.candidates(history, num_candidates) if retrieved else tuple(int(c) for c in candidates)
-        prompt = self.engine.builder.build(list(history), cands)
+        cands, prompt = self._prompt(history, candidates, num_candidates)
         res = self.engine.rank(prompt, self.mode, user_id=user_id, shard=shard)
+        return self._recommendation(history, cands, candidates is None, res)
+
+    def recommend_step(self, requests, *, num_candidates: int = 20) -> list[Recommendation]:
+        """Several recommendations in one serving step (`Engine.rank_step`: every items-shard's
+        requests batched, all shards in one program). requests: (user_id, history, candidates or
+        None, shard or None) each; the answers `recommend` gives one by one."""
+        built = [self._prompt(history, cands, num_candidates) for _, history, cands, _ in requests]
+        results = self.engine.rank_step([(prompt, user, shard) for (user, _, _, shard), (_, prompt)
+                                         in zip(requests, built)], self.mode)
+        return [self._recommendation(history, cands, given is None, res)
+                for (_, history, given, _), (cands, _), res in zip(requests, built, results)]
+
+    def _prompt(self, history, candidates, num_candidates: int):
+        cands = (self.candidates(history, num_candidates) if candidates is None
+                 else tuple(int(c) for c in candidates))
+        return cands, self.engine.builder.build(list(history), cands)
+
+    def _recommendation(self, history, cands, retrieved: bool, res) -> Recommendation:
         scores = final_scores(self.head, self.retriever, history, cands, res.scores)
         order = np.argsort(-scores, kind="stable")
         return Recommendation(ranking=tuple(cands[i] for i in order), scores=scores[order], candidates=cands,

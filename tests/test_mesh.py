@@ -334,6 +334,43 @@ def test_exact_fetch_moves_only_the_needed_rows(world):
     assert st.exact_fetch  # the default in one process
 
 
+def test_serving_step_batches_every_shard_in_one_program(world):
+    """items:4: a serving step (each shard's requests one batch, every shard in one program) gives
+    the scores, recompute sets and cache counts of the items:1 engine ranking the requests one by
+    one, in every block mode, with shards left empty and a shard given; the same requests
+    assigned otherwise (same shape buckets) run without a new compile."""
+    from rcllm_jax.engine import serving_step
+    engine, reqs, prompts, _ = world
+    e1, e4 = engine(1), engine(4)
+    batch = [(p, r.user_id, None) for p, r in zip(prompts, reqs)] + [(prompts[0], reqs[0].user_id, 3)]
+    for mode in ("rcllm", "sink", "deviation"):
+        ref = [e1.rank(p, mode, user_id=u) for p, u, _ in batch]
+        got = e4.rank_step(batch, mode)
+        for (p, u, s), g, want in zip(batch, got, ref):
+            assert rel_err(g.scores, want.scores) <= 1e-5, mode
+            assert np.array_equal(np.sort(g.selected), np.sort(want.selected)), mode
+            assert (g.recomputed_block_tokens, g.cached_block_tokens) == (want.recomputed_block_tokens,
+                                                                         want.cached_block_tokens)
+            one = e4.rank(p, mode, user_id=u, shard=s)  # the same shard as one by one (affinity or given)
+            assert (g.shard, g.remote_item_bytes, g.local_item_blocks) == (one.shard, one.remote_item_bytes,
+                                                                           one.local_item_blocks)
+            assert g.ttft_s == got[0].ttft_s  # one step: one time to first token for all
+    assert e4.last_step["requests"] == len(batch) and sum(e4.last_step["shard_requests"]) == len(batch)
+    moved = [(p, u, [0, 0, 2, 0, 0, 0, 2][i]) for i, (p, u, _) in enumerate(batch)]  # shards 1 and 3 empty
+    again = e4.rank_step(moved, "rcllm")
+    assert e4.last_step["shard_requests"] == [5, 0, 2, 0] and e4.last_step["batch"] == 8
+    for g, want in zip(again, [e1.rank(p, "rcllm", user_id=u) for p, u, _ in batch]):
+        assert rel_err(g.scores, want.scores) <= 1e-5
+    fn = serving_step.step_program(e4.mesh, CFG, e4.last_step["n_select"], None, "k", e4.impl, False)
+    for shards in ([1, 1, 3, 3, 3, 1, 2], [3, 3, 3, 2, 2, 1, 1], [0, 1, 2, 3, 0, 1, 2]):
+        back = e4.rank_step([(p, u, shards[i]) for i, (p, u, _) in enumerate(moved)], "rcllm")
+        assert [g.shard for g in back] == shards and e4.last_step["batch"] in (2, 4)
+    # one executable per batch bucket (8, 4, 2 and the first step's 4), whichever shards take part
+    assert fn._cache_size() == 3
+    with pytest.raises(ValueError, match="not a block mode"):
+        e4.rank_step(batch, "full")
+
+
 def _restored_as(world, tmp_path, kv_dtype):
     """An f32 store on items:2, its scores on the first two requests, and an engine of `kv_dtype`
     restored from its snapshot (laid out again, cast or quantized)."""

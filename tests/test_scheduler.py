@@ -90,7 +90,7 @@ class MockEngine:
     num_shards = 2
 
     def __init__(self, fail_user=None, delay=0.0):
-        self.calls, self.fail_user, self.delay = [], fail_user, delay
+        self.calls, self.steps, self.fail_user, self.delay = [], [], fail_user, delay
 
         class Builder:
             def build(self, history, cands):
@@ -121,6 +121,10 @@ class MockEngine:
         local = sum(1 for c in cands if c % 2 == shard)
         return Result(np.array([-c + len(hist) for c in cands], np.float32), 0.01, shard, 10, 1, local,
                       len(cands) - local, sum(c for c in cands if c % 2 != shard) * 10)
+
+    def rank_step(self, requests, mode):
+        self.steps.append([(user_id, shard) for _, user_id, shard in requests])
+        return [self.rank(prompt, mode, user_id, shard) for prompt, user_id, shard in requests]
 
     def update_user(self, user, prompt):
         return len(prompt[1])
@@ -273,3 +277,30 @@ def test_timed_out_and_abandoned_requests_are_dropped_not_computed():
         assert "# HELP rcllm_queue_depth" in text and "# TYPE rcllm_compiles_total counter" in text
     finally:
         svc.stop()
+
+
+def test_windows_run_as_serving_steps_of_every_shard():
+    """A window's shard batches become serving steps (step k = the k-th run of up to max_batch
+    requests of each shard), worked out by hand; the batched loop ranks a queued window in those
+    steps, the serial loop one request at a time, with the same answers."""
+    from rcllm_jax.serve.service import serving_steps
+    t = [Task("rank", i) for i in range(7)]
+    assert serving_steps({0: t[:5], 1: t[5:]}, 2) == [[t[0], t[1], t[5], t[6]], [t[2], t[3]], [t[4]]]
+    assert serving_steps({1: t[:3]}, 8) == [t[:3]]
+    bodies = [{"user_id": u, "candidates": c} for u, c in
+              [(1, [2, 4]), (2, [4, 6]), (3, [1, 3]), (4, [3, 5]), (5, [2, 8]), (6, [1, 9])]]
+    answers = {}
+    for step in ("batched", "serial"):
+        eng = MockEngine()
+        svc = RecommenderService(eng, ITEMS, {}, scheduler=Scheduler(2, "affinity", window=8), max_candidates=5,
+                                 serving_step=step, max_batch=2)
+        threading.Timer(0.3, svc.start).start()  # the six requests queue first: one window
+        answers[step] = [[r["item_id"] for r in out["ranking"]] for out in svc.recommend_many(bodies)]
+        svc.stop()
+        if step == "batched":  # items 2, 4, 6, 8 on shard 0, odd ones on shard 1: 3 + 3, up to 2 each per step
+            assert [sorted(s) for s in eng.steps] == [[("1", 0), ("2", 0), ("3", 1), ("4", 1)], [("5", 0), ("6", 1)]]
+        else:
+            assert eng.steps == [] and len(eng.calls) == 6
+    assert answers["batched"] == answers["serial"] == [[2, 4], [4, 6], [1, 3], [3, 5], [2, 8], [1, 9]]
+    with pytest.raises(ValueError, match="unknown serving step"):
+        RecommenderService(MockEngine(), ITEMS, {}, scheduler=Scheduler(2), serving_step="parallel")

@@ -184,3 +184,42 @@ def test_shipped_head_serves_the_default_model(smollm2):
     assert np.isfinite(res.scores).all()
     with pytest.raises(ValueError, match="--ranking_head applies to --head=slot only"):
         ranking_head("label", str(DEFAULT_HEAD))
+
+
+def test_service_answers_the_recommenders_final_scores(world):
+    """The in-process service over a slot engine whose head weighs collaborative features: every
+    answer (batched serving steps and one request at a time) has the final scores worked out here
+    by hand — the engine's scores plus the retriever's features weighed by the head, normalised —
+    not the engine's scores alone."""
+    from dataclasses import replace
+
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES, ItemKNN
+    from rcllm_jax.serve.scheduler import Scheduler
+    from rcllm_jax.serve.service import RecommenderService
+    eng, reqs, prompts, head = world
+    ds = load_dataset("ml-100k")
+    w = np.asarray([1.5, -0.5, 2.0], np.float32)
+    sided = Engine(eng.params, CFG, eng.builder, item_ids=sorted(eng.item_blocks), user_pages=128, prefix_pages=8,
+                   head=replace(head, side_weights=w, side_features=CANDIDATE_FEATURES), max_candidates=8)
+    sided.build_store()
+    retriever = ItemKNN.fit([ds.sequences[u] for u in sorted(ds.sequences)], sorted(ds.items))
+    want, reordered = [], 0
+    for r, p in zip(reqs, prompts):
+        base = np.asarray(sided.rank(p, "rcllm", user_id=str(r.user_id)).scores, np.float64)
+        z = base + retriever.candidate_features(r.history, r.candidates) @ w.astype(np.float64)
+        want.append(z - np.logaddexp.reduce(z))
+        reordered += not np.array_equal(np.argsort(-want[-1], kind="stable"), np.argsort(-base, kind="stable"))
+    assert reordered  # the collaborative term changes some ranking: the check below can tell
+    for step in ("batched", "serial"):
+        svc = RecommenderService(sided, ds.items, {}, scheduler=Scheduler(1), max_candidates=8, retriever=retriever,
+                                 serving_step=step)
+        svc.start()
+        try:
+            outs = svc.recommend_many([{"user_id": r.user_id, "history": list(r.history),
+                                        "candidates": list(r.candidates)} for r in reqs])
+        finally:
+            svc.stop()
+        for r, out, z in zip(reqs, outs, want):
+            order = np.argsort(-z, kind="stable")
+            assert [x["item_id"] for x in out["ranking"]] == [r.candidates[i] for i in order], step
+            assert rel_err([x["score"] for x in out["ranking"]], z[order]) <= 1e-4, step

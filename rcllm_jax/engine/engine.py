@@ -5,7 +5,7 @@ An `Engine` owns the caches — the block store (item and glue blocks; items sha
 pool) — and ranks prompts in any mode: `full` (reference), `prefix` (vLLM-style prefix caching)
 and the block modes `stitch`, `sink`, `deviation`, `rcllm`, each a selective-recompute `Policy`.
 
-The service, the snapshot code's callers and every launcher use only the public methods: `rank`,
+The service, the snapshot code's callers and every launcher use only the public methods: `rank`, `rank_step`,
 `update_user`, `shard_bytes`, `item_info`, `stats`, `build_store`, `reset_caches`, `save` /
 `restore`, `save_users` / `restore_users`.
 """
@@ -13,6 +13,7 @@ The service, the snapshot code's callers and every launcher use only the public 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -28,6 +29,7 @@ from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import device_layout, fresh_layout, query_rows, served_from_cache, stitch_plan
+from rcllm_jax.engine import serving_step
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError
@@ -85,6 +87,8 @@ class Engine:
     runs on one items-shard (`shard=`, else the one holding most of its item-block bytes), which
     fetches its remote blocks through a collective. Without a mesh: one device (items:1).
     """
+
+    last_step: dict | None = None  # shapes of the last `rank_step` (requests, batch, per-shard counts)
 
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
                  canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
@@ -377,6 +381,86 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return self._rank_policy(prompt, policy, user_id, shard=shard)
 
+    def rank_step(self, requests, mode="rcllm") -> list[EngineResult]:
+        """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
+        items-shard (given, else the affinity choice), each shard's requests as one batch, every
+        shard in one SPMD program. requests: (prompt, user_id, shard or None) each, prompts of one
+        head. The scores `rank` gives one by one; every result's ttft_s is the step's (history
+        prefixes brought up to date before it starts). Requests whose answer needs the prompt KV
+        (multi-token labels), and every request of a multi-process run, are ranked one by one."""
+        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+        if policy is None:
+            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+        heads = {prompt.head for prompt, _, _ in requests}
+        if len(heads) > 1:
+            raise ValueError(f"a serving step takes prompts of one head, got {sorted(heads)}")
+        out: list[EngineResult | None] = [None] * len(requests)
+        batched = []
+        for i, (prompt, user_id, shard) in enumerate(requests):
+            check_prompt_length(len(prompt), self.cfg.max_position, "the model's context")
+            if user_id is None:
+                raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
+            if jax.process_count() > 1 or (prompt.head == "label" and not prompt.single_token_labels):
+                out[i] = self.rank(prompt, policy, user_id=user_id, shard=shard)
+            else:
+                batched.append(i)
+        if not batched:
+            return out
+        computed_prefix = {i: self.update_user(requests[i][1], requests[i][0]) for i in batched}
+        t0 = time.perf_counter()
+        prep = {i: self.prefill_inputs(requests[i][0], policy, requests[i][1], requests[i][2]) for i in batched}
+        slots = requests[batched[0]][0].head == "slot"
+        outs_at = 12 if slots else 9  # PrefillInputs.arrays: out_rows (slot prompts) or logit_ids
+        p_len = max(prep[i][0].arrays[2].shape[0] for i in batched)
+        t_len = max(prep[i][0].arrays[4].shape[0] for i in batched)
+        n_sel = max(prep[i][0].n_select for i in batched)
+        c_len = max(prep[i][0].arrays[outs_at].shape[0] for i in batched)
+        shard_of = {i: prep[i][1].shard for i in batched}
+        counts = np.bincount(list(shard_of.values()), minlength=self.num_shards)
+        b = serving_step.batch_bucket(counts.max())
+        host = [np.stack([a] * self.num_shards * b) for a in serving_step.filler(p_len, t_len)]
+        outs = np.full((self.num_shards * b, c_len), -1 if slots else 0, np.int32)
+        keep = np.ones(self.num_shards * b, np.int32)
+        rows_of, kv = {}, {s: ([], []) for s in range(self.num_shards)}
+        for i in batched:
+            inputs = prep[i][0].padded(p_len, t_len, n_sel)
+            s = shard_of[i]
+            row = rows_of[i] = s * b + len(kv[s][0])
+            for a, x in zip(host, inputs.arrays[2:9]):
+                a[row] = np.asarray(x)
+            o = np.asarray(inputs.arrays[outs_at])
+            outs[row, :len(o)] = o
+            keep[row] = prep[i][0].n_select
+            kv[s][0].append(inputs.arrays[10])
+            kv[s][1].append(inputs.arrays[11])
+        shape = (self.cfg.num_layers, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        per_shard = ([], [])
+        for s in range(self.num_shards):
+            dev = self.device(s)
+            for j in (0, 1):
+                xs = kv[s][j] + [jax.device_put(jnp.zeros(shape, self.cfg.dtype), dev)] * (b - len(kv[s][j]))
+                per_shard[j].append(jnp.stack(xs))
+        fn = serving_step.step_program(self.mesh, self.cfg, n_sel, policy.check_layer, policy.deviation_on,
+                                       self.impl, slots)
+        stack = functools.partial(serving_step.stack_rows, self.mesh)
+        logits, r, sel = fn(self.query_params, self.pool.k, self.pool.v, *map(stack, host), stack(outs), stack(keep),
+                            *(serving_step.stack_device_rows(self.mesh, x) for x in per_shard))
+        logits, r, sel = np.asarray(logits), np.asarray(r), np.asarray(sel)
+        scores = {}
+        for i in batched:
+            prompt, row = requests[i][0], rows_of[i]
+            sc, extra = self._scores(self._params_on(self.device(shard_of[i])), prompt,
+                                     logits[row][:len(prompt.candidates)], None)
+            scores[i] = (np.asarray(sc), int(extra))
+        ttft = time.perf_counter() - t0
+        for i in batched:
+            prompt, row = requests[i][0], rows_of[i]
+            out[i] = self._policy_result(prompt, policy, prep[i][1], prep[i][2], scores[i][0], r[row], sel[row],
+                                         scores[i][1], computed_prefix[i], ttft)
+        self.last_step = {"requests": len(batched), "batch": b, "shard_requests": counts.tolist(),
+                          "prefix": p_len, "suffix": t_len, "n_select": n_sel}
+        return out
+
     def slot_states(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> np.ndarray:
         """[K, D] final-normed hidden states of a slot prompt's score slots, computed exactly as
         `rank` computes them in `mode` (what a ranking head reads; its training examples)."""
@@ -458,7 +542,12 @@ class Engine:
         scores, r, sel, extra = self._from_owner(lay.shard, value, (
             np.zeros(len(prompt.candidates), np.float32), np.zeros(n_select, np.int32), np.zeros(n_select, bool),
             np.int64(0)))
-        ttft = time.perf_counter() - t0
+        return self._policy_result(prompt, policy, lay, items, scores, r, sel, int(extra), computed_prefix,
+                                   time.perf_counter() - t0)
+
+    def _policy_result(self, prompt: Prompt, policy: Policy, lay, items, scores, r, sel, extra: int,
+                       computed_prefix: int, ttft: float) -> EngineResult:
+        """A block-mode request's result: its scores and what was computed, cached, local, remote."""
         chosen = r[sel]
         cached = lay.cached
         recomputed_block = int(cached[chosen].sum())
@@ -468,7 +557,7 @@ class Engine:
         n_local = sum(1 for e in items if e.shard in (lay.shard, REPLICATED))
         replica_bytes = sum(e.length for e in items if e.shard == REPLICATED) * self.kv_bytes_per_token
         return EngineResult(scores=scores, ttft_s=ttft,
-                            prompt_tokens=len(prompt), computed_tokens=int(round(computed)) + int(extra) + computed_prefix,
+                            prompt_tokens=len(prompt), computed_tokens=int(round(computed)) + extra + computed_prefix,
                             recomputed_block_tokens=recomputed_block, cached_block_tokens=int(cached.sum()),
                             cache_hit_tokens=lay.n_prefix - computed_prefix + int(cached.sum()) - recomputed_block,
                             selected=chosen, shard=lay.shard, local_item_blocks=n_local,

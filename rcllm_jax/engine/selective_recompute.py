@@ -124,7 +124,8 @@ def _layer_params(layers, i):
 @functools.partial(jax.jit, static_argnames=("cfg", "n_select", "check_layer", "deviation_on",
                                              "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
-                    cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, out_rows=None, *,
+                    cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, out_rows=None,
+                    n_keep=None, *,
                     cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
                     all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
@@ -136,6 +137,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     that are not cached are ignored). `logit_ids`: compute the answer's logits only for these
     vocabulary ids (ranking needs the labels only). out_rows [C]: suffix indices of forced rows
     (score slots) whose final-normed hidden states [C, D] are returned instead of the logits.
+    n_keep: recompute only the best n_keep of the n_select rows (a request padded into a larger
+    batch keeps its own selection; `engine/serving_step.py`).
     impl: a resolved `rcllm_jax.kernels` implementation of the recomputed tokens' attention
     ("xla", "pallas", "interpret").
     """
@@ -186,6 +189,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         dev = jnp.sum(jnp.square((fresh - old).astype(jnp.float32)), axis=(0, 2, 3))  # [T]
         score = jnp.where(forced, jnp.inf, jnp.where(cached & valid, dev, neg))
         top, r = jax.lax.top_k(score, n_select)
+        if n_keep is not None:  # only the best n_keep of the n_select rows (a request padded into a batch)
+            top = jnp.where(jnp.arange(n_select) < n_keep, top, neg)
         order = jnp.argsort(r)
         r, sel = r[order], top[order] > neg
         keys = jnp.concatenate([pk[c], k], axis=1)
@@ -197,6 +202,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     else:
         score = jnp.where(forced & valid, jnp.inf, neg)
         top, r = jax.lax.top_k(score, n_select)
+        if n_keep is not None:  # only the best n_keep of the n_select rows (a request padded into a batch)
+            top = jnp.where(jnp.arange(n_select) < n_keep, top, neg)
         order = jnp.argsort(r)
         r, sel = r[order], top[order] > neg
         x_r = x[:, r]

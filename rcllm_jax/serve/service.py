@@ -16,6 +16,7 @@ from rcllm_jax.data.prompt import check_candidates
 from rcllm_jax.recommender import Recommender
 from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
 
+SERVING_STEPS = ("batched", "serial")
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -101,9 +102,20 @@ def _int(v, what: str) -> int:
 class RecommenderService:
     def __init__(self, engine, items: dict, histories: dict[int, list[int]], *, mode: str = "rcllm",
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
-                 retriever=None, num_candidates: int = 20, retry_after_s: int = 1):
+                 retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
+                 max_batch: int = 8):
         """retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
-        num_candidates: how many it proposes unless the request says."""
+        num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
+        modes: each scheduling window runs as serving steps, `Engine.rank_step`, every shard's
+        requests batched, up to max_batch per shard and step, all shards in one program) or
+        "serial" (one request at a time, shard by shard)."""
+        if serving_step not in SERVING_STEPS:
+            raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        from rcllm_jax.engine.selective_recompute import BLOCK_MODES
+        self.batched = serving_step == "batched" and mode in BLOCK_MODES
+        self.max_batch = max_batch
         self.engine, self.items, self.mode, self.scheduler = engine, items, mode, scheduler
         self.recommender = Recommender(engine, retriever, mode)
         self.num_candidates = min(num_candidates, max_candidates)
@@ -290,10 +302,52 @@ class RecommenderService:
                 j = i
                 while j < len(window) and window[j].kind == "rank":
                     j += 1
-                for shard, batch in self.scheduler.assign(window[i:j]).items():
-                    for t in batch:
-                        self._execute(t)
+                batches = self.scheduler.assign(window[i:j])
+                if self.batched:
+                    for step in serving_steps(batches, self.max_batch):
+                        self._execute_step(step)
+                else:
+                    for shard, batch in batches.items():
+                        for t in batch:
+                            self._execute(t)
                 i = j
+
+    def _execute_step(self, tasks: list[Task]):
+        """One serving step: the window's next batch of every shard, ranked together."""
+        live = []
+        for t in tasks:
+            if t.future.set_running_or_notify_cancel():
+                live.append(t)
+            else:  # its client left or timed out: drop it
+                self.metrics.dropped.inc()
+        started = time.perf_counter()
+        ready = []
+        for t in live:  # a prompt refused (too long, malformed) fails its own request only
+            p = t.payload
+            if p["history"] is not None:
+                self.histories[p["user"]] = list(p["history"])
+            try:
+                self._prompt(self.histories.get(p["user"], []), p["candidates"])
+                ready.append(t)
+            except ApiError as e:
+                t.future.set_exception(e)
+        if not ready:
+            return
+        try:
+            t0 = time.perf_counter()
+            recs = self.recommender.recommend_step(
+                [(t.payload["user"], self.histories.get(t.payload["user"], []), t.payload["candidates"], t.shard)
+                 for t in ready])
+            wall = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - the step failed: every request in it answers 500
+            traceback.print_exc()
+            for t in ready:
+                t.future.set_exception(e)
+            return
+        for t, rec in zip(ready, recs):
+            out = self._answer(rec, wall)
+            out["queue_s"] = started - t.enqueued
+            t.future.set_result(out)
 
     def _execute(self, t: Task):
         if not t.future.set_running_or_notify_cancel():  # its client left or timed out: drop it
@@ -304,8 +358,6 @@ class RecommenderService:
             if t.kind == "rank":
                 out = self._rank(t)
                 out["queue_s"] = started - t.enqueued
-                self.metrics.ttft.observe(out["ttft_s"])
-                self.metrics.requests.inc()
             else:
                 out = self._event(t)
             t.future.set_result(out)
@@ -327,15 +379,25 @@ class RecommenderService:
             self.histories[p["user"]] = list(p["history"])
         t0 = time.perf_counter()
         try:
-            res = self.recommender.recommend(p["user"], self.histories.get(p["user"], []), p["candidates"],
-                                             shard=t.shard).result
+            rec = self.recommender.recommend(p["user"], self.histories.get(p["user"], []), p["candidates"],
+                                             shard=t.shard)
         except ValueError as e:  # the prompt: too long for the model (413) or malformed (400)
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
-        wall = time.perf_counter() - t0  # incl. computing the user's history prefix when not cached
+        return self._answer(rec, time.perf_counter() - t0)  # incl. computing the history prefix when not cached
+
+    def _answer(self, rec, wall: float) -> dict:
+        """A ranked request's answer fields (and its metrics) from its `Recommendation`: the final
+        scores (the engine's + the head's collaborative term) in prompt order, the engine's counts."""
+        res = rec.result
+        at = {c: j for j, c in enumerate(rec.candidates)}
+        scores = np.empty(len(rec.candidates), np.float64)
+        scores[[at[c] for c in rec.ranking]] = rec.scores
         self.metrics.item_blocks.labels("remote").inc(res.remote_item_blocks)
         self.metrics.item_blocks.labels("local").inc(res.local_item_blocks)
         self.metrics.remote_bytes.inc(res.remote_item_bytes)
-        return {"scores": np.asarray(res.scores), "ttft_s": wall, "prefill_s": res.ttft_s, "shard": res.shard,
+        self.metrics.ttft.observe(wall)
+        self.metrics.requests.inc()
+        return {"scores": scores, "ttft_s": wall, "prefill_s": res.ttft_s, "shard": res.shard,
                 "prompt_tokens": res.prompt_tokens, "computed_tokens": res.computed_tokens,
                 "local": res.local_item_blocks, "remote": res.remote_item_blocks}
 
@@ -353,3 +415,15 @@ class RecommenderService:
         self.scheduler.close()
         self.stopped.set()
         self.thread.join(timeout)
+
+
+def serving_steps(batches: dict[int, list[Task]], max_batch: int) -> list[list[Task]]:
+    """A window's shard batches as serving steps: step k holds the k-th run of up to max_batch
+    requests of every shard (arrival order within a shard)."""
+    steps = []
+    for s, batch in batches.items():
+        for k in range(0, len(batch), max_batch):
+            if len(steps) <= k // max_batch:
+                steps.append([])
+            steps[k // max_batch].extend(batch[k:k + max_batch])
+    return steps

@@ -1,0 +1,79 @@
+"""One serving step: the block-mode requests of every items-shard in one SPMD program.
+
+The scheduler gives each items-shard a batch (`serve/scheduler.py`). `Engine.rank_step` lays each
+request out and fetches its cached rows onto its shard as `Engine.rank` does, then:
+
+  - pads the step's requests to common shapes (`PrefillInputs.padded`: the largest prefix, suffix
+    and recompute-set bucket among them; padding is never attended and never selected);
+  - stacks them [N x B, ...] along `items`, B = the largest shard batch rounded up to a power of
+    two; a shard with fewer requests gets filler rows (`filler`: one valid token that attends
+    only itself, its outputs dropped);
+  - runs `step_program`: a `shard_map` over the mesh in which each shard runs its B requests
+    through the blended prefill at once (`jax.vmap`), all shards in the same program.
+
+One executable serves every shard (one request at a time compiles once per device it runs on);
+shapes are bucketed, so compiles are bounded by (batch buckets x shape buckets).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rcllm_jax.engine.selective_recompute import blended_prefill
+from rcllm_jax.model.config import ModelConfig
+
+
+def batch_bucket(n: int) -> int:
+    """Requests per shard in a step, rounded up to a power of two (one program per bucket)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def filler(prefix: int, suffix: int) -> tuple:
+    """The layout arrays (`Layout.arrays`) of a request that fills an empty batch row: one valid,
+    forced token at position 0 that attends only itself (no prefix, nothing cached); its outputs
+    are dropped."""
+    one = np.arange(suffix) == 0
+    return (np.zeros(prefix, np.int32), np.zeros(prefix, bool), np.zeros(suffix, np.int32),
+            np.arange(suffix, dtype=np.int32), np.zeros(suffix, bool), one, one)
+
+
+@functools.lru_cache(maxsize=64)
+def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None, deviation_on: str, impl: str,
+                 slots: bool):
+    """The jitted step: (params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
+    cached, forced, valid, outs, keep, cached_k, cached_v) with every array after the pool
+    [N x B, ...] sharded along `items` -> (outputs, recompute rows, their mask), each [N x B, ...]
+    along `items`. outs: per request the answer's logit ids (label prompts) or the score-slot rows
+    (slot prompts: outputs are their final-normed hidden states [C, D]); keep: per request its own
+    recompute-set size (`blended_prefill`'s n_keep; n_select is the step's largest)."""
+
+    def local(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
+        def one(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
+            logits, r, sel, _ = blended_prefill(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid,
+                                                None if slots else outs, ck, cv, outs if slots else None, keep,
+                                                cfg=cfg, n_select=n_select, check_layer=check_layer,
+                                                deviation_on=deviation_on, impl=impl)
+            return logits, r, sel
+        return jax.vmap(one)(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv)
+
+    rows = P("items")
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 11,
+                                 out_specs=(rows, rows, rows), check_vma=False))
+
+
+def stack_rows(mesh, host: np.ndarray):
+    """[N x B, ...] host array -> a global array sharded along `items`."""
+    return jax.device_put(host, NamedSharding(mesh, P("items")))
+
+
+def stack_device_rows(mesh, per_shard: list):
+    """Per items-shard arrays [B, ...] already on that shard's device -> one global [N x B, ...]
+    array sharded along `items` (nothing moves)."""
+    b = per_shard[0].shape
+    sharding = NamedSharding(mesh, P("items"))
+    return jax.make_array_from_single_device_arrays((len(per_shard) * b[0],) + b[1:], sharding, per_shard)
