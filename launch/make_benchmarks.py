@@ -506,6 +506,7 @@ def _report(out: Path) -> str:
         lines += _scaling_section(out / f"{name}.json")
     lines += _kv_section(out / "kv_dtype.json")
     lines += _build_section(out / "build.json")
+    lines += _serving_section(out / "serving.json")
     return "\n".join(lines)
 
 
@@ -596,6 +597,32 @@ def _build_section(f: Path) -> list[str]:
     return lines + [""]
 
 
+def _serving_section(f: Path) -> list[str]:
+    """launch/bench_serving.py: batched serving steps against the one-at-a-time loop under load."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, a = d["config"], d["agreement"]
+    lines = ["## Serving under load: batched steps vs one request at a time (`launch/bench_serving.py`)", "",
+             f"The served recommender ({c['model']}, {c['head']} head, {c['mode']}, {c['placement']} + "
+             f"{c['replicate']:g} replication, {c['kv_dtype']} cache) on {c['mesh']}, {c['devices']} simulated "
+             f"devices on this machine's CPU cores; the in-process service (scheduler + engine loop, no HTTP) "
+             f"given {c['num_requests']} requests at once (retrieved top-{c['num_candidates']}, history "
+             f"{c['history_len']}, cached history prefixes), median of {c['repeats']} bursts per loop, "
+             f"alternating. batched: windows of {c['window']} as serving steps of up to {c['max_batch']} "
+             "requests per shard, every shard in one program; serial: one request at a time. Latency "
+             "counts from the burst's start (queueing included).", "",
+             "| loop | requests/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | compiles (timed) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in d["loops"].items():
+        lines.append(f"| {name} | {r['requests_per_s']:.2f} | {r['latency_s']['p50']:.2f} s | "
+                     f"{r['latency_s']['p99']:.2f} s | {r['ttft_s']['p50']:.3f} s | {r['ttft_s']['p99']:.3f} s | "
+                     f"{r['compiles_timed']} |")
+    lines += ["", f"batched / serial: {d['speedup']:.2f}x requests/s; the two loops' rankings identical for "
+              f"{a['identical_rankings']:.3f} of the requests, scores within {a['max_abs_score_diff']:.1e}.", ""]
+    return lines
+
+
 def main(argv):
     del argv
     out = Path(_OUT_DIR.value)
@@ -610,6 +637,9 @@ def main(argv):
         print("== build: bench_build.py", flush=True)
         subprocess.run([sys.executable, str(ROOT / "launch/bench_build.py"), f"--output_json={out / 'build.json'}"],
                        check=True)
+        print("== serving: bench_serving.py", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), "--mesh=items:4",
+                        f"--output_json={out / 'serving.json'}"], check=True)
         for name, (_, args) in SCALING_RUNS.items():
             args = [*args(), f"--output_json={out / f'{name}.json'}"]
             print(f"== {name}: bench_scaling.py {' '.join(args)}", flush=True)

@@ -28,7 +28,8 @@ from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.engine.plan import device_layout, fresh_layout, query_rows, served_from_cache, stitch_plan
+from rcllm_jax.engine.plan import (device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
+                                  stitch_plan)
 from rcllm_jax.engine import serving_step
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
@@ -408,57 +409,59 @@ class Engine:
             return out
         computed_prefix = {i: self.update_user(requests[i][1], requests[i][0]) for i in batched}
         t0 = time.perf_counter()
-        prep = {i: self.prefill_inputs(requests[i][0], policy, requests[i][1], requests[i][2]) for i in batched}
+        stitched = {i: self._stitch(requests[i][0], requests[i][1], policy, requests[i][2]) for i in batched}
         slots = requests[batched[0]][0].head == "slot"
-        outs_at = 12 if slots else 9  # PrefillInputs.arrays: out_rows (slot prompts) or logit_ids
-        p_len = max(prep[i][0].arrays[2].shape[0] for i in batched)
-        t_len = max(prep[i][0].arrays[4].shape[0] for i in batched)
-        n_sel = max(prep[i][0].n_select for i in batched)
-        c_len = max(prep[i][0].arrays[outs_at].shape[0] for i in batched)
-        shard_of = {i: prep[i][1].shard for i in batched}
-        counts = np.bincount(list(shard_of.values()), minlength=self.num_shards)
+        outs_of = {i: slot_rows(requests[i][0], stitched[i][0].n_prefix) if slots else
+                   np.asarray(answer_logit_ids(requests[i][0])) for i in batched}
+        n_sel = {i: selection_size(stitched[i][0].forced, stitched[i][0].cached, stitched[i][0].valid, policy)
+                 for i in batched}
+        p_len = max(len(stitched[i][0].prefix_slots) for i in batched)
+        t_len = max(len(stitched[i][0].tokens) for i in batched)
+        c_len = max(len(outs_of[i]) for i in batched)
+        n = self.num_shards
+        counts = np.bincount([stitched[i][0].shard for i in batched], minlength=n)
         b = serving_step.batch_bucket(counts.max())
-        host = [np.stack([a] * self.num_shards * b) for a in serving_step.filler(p_len, t_len)]
-        outs = np.full((self.num_shards * b, c_len), -1 if slots else 0, np.int32)
-        keep = np.ones(self.num_shards * b, np.int32)
-        rows_of, kv = {}, {s: ([], []) for s in range(self.num_shards)}
+        host = [np.stack([a] * n * b) for a in serving_step.filler(p_len, t_len)]
+        outs = np.full((n * b, c_len), -1 if slots else 0, np.int32)
+        keep = np.ones(n * b, np.int32)
+        want = np.full((n, b * t_len), -1, np.int64)  # per shard, its batch's cached rows (slot -1: none)
+        delta = np.zeros((n, b * t_len), np.int32)
+        row_of, taken = {}, np.zeros(n, np.int64)
         for i in batched:
-            inputs = prep[i][0].padded(p_len, t_len, n_sel)
-            s = shard_of[i]
-            row = rows_of[i] = s * b + len(kv[s][0])
-            for a, x in zip(host, inputs.arrays[2:9]):
-                a[row] = np.asarray(x)
-            o = np.asarray(inputs.arrays[outs_at])
-            outs[row, :len(o)] = o
-            keep[row] = prep[i][0].n_select
-            kv[s][0].append(inputs.arrays[10])
-            kv[s][1].append(inputs.arrays[11])
-        shape = (self.cfg.num_layers, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-        per_shard = ([], [])
-        for s in range(self.num_shards):
-            dev = self.device(s)
-            for j in (0, 1):
-                xs = kv[s][j] + [jax.device_put(jnp.zeros(shape, self.cfg.dtype), dev)] * (b - len(kv[s][j]))
-                per_shard[j].append(jnp.stack(xs))
-        fn = serving_step.step_program(self.mesh, self.cfg, n_sel, policy.check_layer, policy.deviation_on,
-                                       self.impl, slots)
+            lay = stitched[i][0]
+            s = lay.shard
+            j = int(taken[s])
+            taken[s] += 1
+            row = row_of[i] = s * b + j
+            for a, x in zip(host, pad_arrays(lay.arrays(), p_len, t_len)):
+                a[row] = x
+            outs[row, :len(outs_of[i])] = outs_of[i]
+            keep[row] = n_sel[i]
+            cols = slice(j * t_len, j * t_len + len(lay.tokens))
+            want[s, cols], delta[s, cols] = lay.block_slots, lay.real_pos - lay.canon_pos
+        # each shard's cached rows in one fetch (remote ones in compact buffers), already [L, B, T, K, H]
+        kv = [self.store.fetch(want[s], delta[s], s, self.impl) for s in range(n)]
+        shape = (self.cfg.num_layers, b, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        ck, cv = (serving_step.stack_device_rows(self.mesh, [x[j].reshape(shape) for x in kv]) for j in (0, 1))
+        fn = serving_step.step_program(self.mesh, self.cfg, max(n_sel.values()), policy.check_layer,
+                                       policy.deviation_on, self.impl, slots)
         stack = functools.partial(serving_step.stack_rows, self.mesh)
         logits, r, sel = fn(self.query_params, self.pool.k, self.pool.v, *map(stack, host), stack(outs), stack(keep),
-                            *(serving_step.stack_device_rows(self.mesh, x) for x in per_shard))
+                            ck, cv)
         logits, r, sel = np.asarray(logits), np.asarray(r), np.asarray(sel)
         scores = {}
         for i in batched:
-            prompt, row = requests[i][0], rows_of[i]
-            sc, extra = self._scores(self._params_on(self.device(shard_of[i])), prompt,
+            prompt, row = requests[i][0], row_of[i]
+            sc, extra = self._scores(self._params_on(self.device(stitched[i][0].shard)), prompt,
                                      logits[row][:len(prompt.candidates)], None)
             scores[i] = (np.asarray(sc), int(extra))
         ttft = time.perf_counter() - t0
         for i in batched:
-            prompt, row = requests[i][0], rows_of[i]
-            out[i] = self._policy_result(prompt, policy, prep[i][1], prep[i][2], scores[i][0], r[row], sel[row],
-                                         scores[i][1], computed_prefix[i], ttft)
+            lay, items = stitched[i]
+            out[i] = self._policy_result(requests[i][0], policy, lay, items, scores[i][0], r[row_of[i]],
+                                         sel[row_of[i]], scores[i][1], computed_prefix[i], ttft)
         self.last_step = {"requests": len(batched), "batch": b, "shard_requests": counts.tolist(),
-                          "prefix": p_len, "suffix": t_len, "n_select": n_sel}
+                          "prefix": p_len, "suffix": t_len, "n_select": max(n_sel.values())}
         return out
 
     def slot_states(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> np.ndarray:

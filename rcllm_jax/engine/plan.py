@@ -139,6 +139,22 @@ class Layout:
         return self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.cached, self.forced, self.valid
 
 
+def pad_arrays(arrays, prefix: int, suffix: int) -> tuple:
+    """`Layout.arrays()` of a request in larger shapes (prefix slots, suffix rows), as numpy:
+    padding is never attended and never selected (invalid, not cached, not forced; positions go
+    on past the end), so a prefill's outputs are unchanged."""
+    ps, pvd, tok, pos, cached, forced, valid = (np.asarray(a) for a in arrays)
+    p0, t0 = len(ps), len(tok)
+    if prefix < p0 or suffix < t0:
+        raise ValueError(f"cannot pad a request of {p0} prefix / {t0} suffix rows to {prefix} / {suffix}")
+
+    def pad(a, n):
+        return np.concatenate([a, np.zeros(n - len(a), a.dtype)])
+    more = pos[-1] + 1 + np.arange(suffix - t0, dtype=pos.dtype)
+    return (pad(ps, prefix), pad(pvd, prefix), pad(tok, suffix), np.concatenate([pos, more]), pad(cached, suffix),
+            pad(forced, suffix), pad(valid, suffix))
+
+
 def _layout(prefix_slots, tokens, canon, block_slots, forced, shard=0) -> Layout:
     n_p, n_t = len(prefix_slots), len(tokens)
     pb, tb = bucket(n_p, 16), bucket(n_t, 16)

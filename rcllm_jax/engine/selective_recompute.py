@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from rcllm_jax import kernels
 from rcllm_jax.buckets import bucket
+from rcllm_jax.engine.plan import pad_arrays
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
                                      forward, lm_head, out_mlp, qkv, rms_norm)
@@ -107,11 +108,8 @@ class PrefillInputs:
         if prefix < p0 or suffix < t0 or n_select < self.n_select:
             raise ValueError(f"cannot pad a request of {p0} prefix / {t0} suffix / {self.n_select} recomputed "
                              f"rows to {prefix} / {suffix} / {n_select}")
-        padp = lambda a: jnp.pad(a, (0, prefix - p0))  # noqa: E731
-        padt = lambda a: jnp.pad(a, [(0, suffix - t0)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
         padkv = lambda a: jnp.pad(a, [(0, 0), (0, suffix - t0), (0, 0), (0, 0)])  # noqa: E731
-        pos = jnp.concatenate([jnp.asarray(pos), jnp.asarray(pos)[-1] + 1 + jnp.arange(suffix - t0, dtype=jnp.int32)])
-        arrays = (pk, pv, padp(ps), padp(pvd), padt(tok), pos, padt(cached), padt(forced), padt(valid), lid,
+        arrays = (pk, pv, *pad_arrays((ps, pvd, tok, pos, cached, forced, valid), prefix, suffix), lid,
                   padkv(ck), padkv(cv), rows)
         return dataclasses.replace(self, arrays=arrays, n_select=n_select)
 

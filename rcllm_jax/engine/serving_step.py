@@ -3,11 +3,14 @@
 The scheduler gives each items-shard a batch (`serve/scheduler.py`). `Engine.rank_step` lays each
 request out and fetches its cached rows onto its shard as `Engine.rank` does, then:
 
-  - pads the step's requests to common shapes (`PrefillInputs.padded`: the largest prefix, suffix
-    and recompute-set bucket among them; padding is never attended and never selected);
+  - pads the step's requests to common shapes (`plan.pad_arrays`: the largest prefix and suffix
+    bucket among them; padding is never attended and never selected; each request keeps its own
+    recompute-set size, `blended_prefill`'s n_keep);
   - stacks them [N x B, ...] along `items`, B = the largest shard batch rounded up to a power of
     two; a shard with fewer requests gets filler rows (`filler`: one valid token that attends
     only itself, its outputs dropped);
+  - fetches each shard's cached rows for its whole batch at once (`BlockStore.fetch`: remote
+    rows device to device in compact buffers), delivered as [L, B, T, K, H] on that shard;
   - runs `step_program`: a `shard_map` over the mesh in which each shard runs its B requests
     through the blended prefill at once (`jax.vmap`), all shards in the same program.
 
@@ -47,22 +50,23 @@ def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None,
                  slots: bool):
     """The jitted step: (params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
     cached, forced, valid, outs, keep, cached_k, cached_v) with every array after the pool
-    [N x B, ...] sharded along `items` -> (outputs, recompute rows, their mask), each [N x B, ...]
-    along `items`. outs: per request the answer's logit ids (label prompts) or the score-slot rows
+    [N x B, ...] sharded along `items` (cached_k/v [L, N x B, T, K, H] along their second axis) ->
+    (outputs, recompute rows, their mask), each [N x B, ...] along `items`. outs: per request the answer's logit ids (label prompts) or the score-slot rows
     (slot prompts: outputs are their final-normed hidden states [C, D]); keep: per request its own
     recompute-set size (`blended_prefill`'s n_keep; n_select is the step's largest)."""
 
     def local(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
+        # ck, cv [L, B, T, K, H]: the shard's batch of cached rows as one fetch delivered them
         def one(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
             logits, r, sel, _ = blended_prefill(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid,
                                                 None if slots else outs, ck, cv, outs if slots else None, keep,
                                                 cfg=cfg, n_select=n_select, check_layer=check_layer,
                                                 deviation_on=deviation_on, impl=impl)
             return logits, r, sel
-        return jax.vmap(one)(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv)
+        return jax.vmap(one, in_axes=(0,) * 9 + (1, 1))(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv)
 
-    rows = P("items")
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 11,
+    rows, kv = P("items"), P(None, "items")
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 9 + (kv, kv),
                                  out_specs=(rows, rows, rows), check_vma=False))
 
 
@@ -72,8 +76,9 @@ def stack_rows(mesh, host: np.ndarray):
 
 
 def stack_device_rows(mesh, per_shard: list):
-    """Per items-shard arrays [B, ...] already on that shard's device -> one global [N x B, ...]
-    array sharded along `items` (nothing moves)."""
-    b = per_shard[0].shape
-    sharding = NamedSharding(mesh, P("items"))
-    return jax.make_array_from_single_device_arrays((len(per_shard) * b[0],) + b[1:], sharding, per_shard)
+    """Per items-shard arrays [L, B, ...] already on that shard's device -> one global
+    [L, N x B, ...] array sharded along `items` on its second axis (nothing moves)."""
+    shape = per_shard[0].shape
+    sharding = NamedSharding(mesh, P(None, "items"))
+    return jax.make_array_from_single_device_arrays((shape[0], len(per_shard) * shape[1]) + shape[2:], sharding,
+                                                    per_shard)
