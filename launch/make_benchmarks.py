@@ -507,6 +507,7 @@ def _report(out: Path) -> str:
     lines += _kv_section(out / "kv_dtype.json")
     lines += _build_section(out / "build.json")
     lines += _serving_section(out / "serving.json")
+    lines += _scaling_model_section(out / "scaling_model.json")
     return "\n".join(lines)
 
 
@@ -623,6 +624,42 @@ def _serving_section(f: Path) -> list[str]:
     return lines
 
 
+def _scaling_model_section(f: Path) -> list[str]:
+    """launch/scaling_model.py: requests/s per device count on paper, checked on this machine."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c = d["config"]
+    links = ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in c["links"].items())
+    lines = ["## Throughput per device count, on paper (`launch/scaling_model.py`)", "",
+             "`rcllm_jax/eval/scaling.py`: a request costs host time h (the engine loop: validation, retrieval, "
+             "prompt, layout, scores; one thread), device time c (its share of a serving step) and its remote "
+             "rows' transfer b / link. N real devices serving concurrently: requests/s = 1 / max(h, (c + b/link) / "
+             "N). Simulated devices on one CPU share its cores: 1 / (h + c + b / host memory bandwidth). "
+             f"Calibrated on the one-device batched run ({c['model']}): h = {c['host_s_per_request'] * 1e3:.1f} ms, "
+             f"c = {c['device_s_per_request'] * 1e3:.1f} ms per request; host memory bandwidth "
+             f"{c['host_memory_bandwidth'] / 1e9:.1f} GB/s (measured), links {links} (stated).", "",
+             "Not modelled: a serving step pads every shard's batch to the largest one (free on real devices, "
+             "which run at once; real work when simulated devices share the cores) and the thread pools of "
+             "several simulated devices contending for the same cores.", "",
+             "| simulated devices (this machine) | measured requests/s | predicted | measured / predicted | "
+             "remote KB / request |", "|---|---|---|---|---|"]
+    for r in d["this_machine"]:
+        cal = " (calibration)" if r["devices"] == 1 else ""
+        lines.append(f"| {r['devices']}{cal} | {r['measured_requests_per_s']:.2f} | "
+                     f"{r['predicted_requests_per_s']:.2f} | "
+                     f"{r['measured_over_predicted']:.2f} | {r['remote_bytes_per_request'] / 1e3:.0f} |")
+    keys = list(c["links"])
+    lines += ["", "| real devices (each as fast as this CPU) | remote KB / request | "
+              + " | ".join(f"requests/s over {k}" for k in keys) + " | bound |",
+              "|---|---|" + "---|" * len(keys) + "---|"]
+    for r in d["real_devices"]:
+        lines.append(f"| {r['devices']} | {r['remote_bytes_per_request'] / 1e3:.0f} ({r['remote_bytes_from']}) | "
+                     + " | ".join(f"{r[f'requests_per_s_{k}']:.2f}" for k in keys)
+                     + f" | {'host' if r['host_bound'] else 'devices'} |")
+    return lines + [""]
+
+
 def main(argv):
     del argv
     out = Path(_OUT_DIR.value)
@@ -637,13 +674,20 @@ def main(argv):
         print("== build: bench_build.py", flush=True)
         subprocess.run([sys.executable, str(ROOT / "launch/bench_build.py"), f"--output_json={out / 'build.json'}"],
                        check=True)
-        print("== serving: bench_serving.py", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), "--mesh=items:4",
-                        f"--output_json={out / 'serving.json'}"], check=True)
         for name, (_, args) in SCALING_RUNS.items():
             args = [*args(), f"--output_json={out / f'{name}.json'}"]
             print(f"== {name}: bench_scaling.py {' '.join(args)}", flush=True)
             subprocess.run([sys.executable, str(ROOT / "launch/bench_scaling.py"), *args], check=True)
+        print("== serving: bench_serving.py", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), "--mesh=items:4",
+                        f"--output_json={out / 'serving.json'}"], check=True)
+        for n in (1, 2):
+            subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), f"--mesh=items:{n}",
+                            "--loops=batched", f"--output_json={out / f'serving_items{n}.json'}"], check=True)
+        subprocess.run([sys.executable, str(ROOT / "launch/scaling_model.py"), f"--runs={out / 'serving_items1.json'},"
+                        f"{out / 'serving_items2.json'},{out / 'serving.json'}",
+                        f"--locality_json={out / 'scaling_retrieved.json'}",
+                        f"--output_json={out / 'scaling_model.json'}"], check=True)
     Path(_REPORT.value).write_text(_report(out))
     print(f"wrote {_REPORT.value}")
 

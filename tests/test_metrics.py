@@ -75,3 +75,16 @@ def test_bootstrap_interval_by_hand():
     per = per_request_metrics([0, 3, float("inf")])
     assert per["hr@1"].tolist() == [1, 0, 0] and per["hr@5"].tolist() == [1, 1, 0]
     assert abs(per["ndcg@5"][1] - 1 / np.log2(5)) < 1e-12 and per["mrr"][2] == 0
+
+
+def test_scaling_model_by_hand():
+    """requests/s = 1 / max(host, (compute + bytes / link) / N) on real devices, 1 / (host + compute
+    + bytes / link) on simulated devices sharing one CPU: worked out by hand."""
+    from rcllm_jax.eval.scaling import requests_per_s
+    # 10 ms host, 90 ms device, 1 MB remote over 100 MB/s = 10 ms: device time 100 ms per request
+    assert requests_per_s(1, 0.01, 0.09, 1e6, 1e8) == pytest.approx(10.0)
+    assert requests_per_s(4, 0.01, 0.09, 1e6, 1e8) == pytest.approx(40.0)
+    assert requests_per_s(20, 0.01, 0.09, 1e6, 1e8) == pytest.approx(100.0)  # host-bound: 1 / 10 ms
+    assert requests_per_s(4, 0.01, 0.09, 1e6, 1e8, shared_cores=True) == pytest.approx(1 / 0.11)
+    with pytest.raises(ValueError):
+        requests_per_s(0, 0.01, 0.09, 0, 1e8)

@@ -1,7 +1,7 @@
 """One serving step: the block-mode requests of every items-shard in one SPMD program.
 
 The scheduler gives each items-shard a batch (`serve/scheduler.py`). `Engine.rank_step` lays each
-request out and fetches its cached rows onto its shard as `Engine.rank` does, then:
+request out as `Engine.rank` does (on its given shard, else the affinity choice), then:
 
   - pads the step's requests to common shapes (`plan.pad_arrays`: the largest prefix and suffix
     bucket among them; padding is never attended and never selected; each request keeps its own
@@ -51,9 +51,10 @@ def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None,
     """The jitted step: (params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
     cached, forced, valid, outs, keep, cached_k, cached_v) with every array after the pool
     [N x B, ...] sharded along `items` (cached_k/v [L, N x B, T, K, H] along their second axis) ->
-    (outputs, recompute rows, their mask), each [N x B, ...] along `items`. outs: per request the answer's logit ids (label prompts) or the score-slot rows
-    (slot prompts: outputs are their final-normed hidden states [C, D]); keep: per request its own
-    recompute-set size (`blended_prefill`'s n_keep; n_select is the step's largest)."""
+    (outputs, recompute rows, their mask), each [N x B, ...] along `items`. outs: per request the
+    answer's logit ids (label prompts) or the score-slot rows (slot prompts: outputs are their
+    final-normed hidden states [C, D]); keep: per request its own recompute-set size
+    (`blended_prefill`'s n_keep; n_select is the step's largest)."""
 
     def local(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
         # ck, cv [L, B, T, K, H]: the shard's batch of cached rows as one fetch delivered them

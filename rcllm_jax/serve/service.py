@@ -196,7 +196,8 @@ class RecommenderService:
                 "timings": {"queue_s": res["queue_s"], "ttft_s": res["ttft_s"], "prefill_s": res["prefill_s"],
                             "total_s": time.perf_counter() - meta["t0"]},
                 "cache": {"prompt_tokens": res["prompt_tokens"], "computed_tokens": res["computed_tokens"],
-                          "local_item_blocks": res["local"], "remote_item_blocks": res["remote"]}}
+                          "local_item_blocks": res["local"], "remote_item_blocks": res["remote"],
+                          "remote_item_bytes": res["remote_bytes"]}}
 
     def recommend(self, body, gone=_never) -> dict:
         """One ranking. `gone()` turning true (the client left) drops the request if not yet computed."""
@@ -399,7 +400,8 @@ class RecommenderService:
         self.metrics.requests.inc()
         return {"scores": scores, "ttft_s": wall, "prefill_s": res.ttft_s, "shard": res.shard,
                 "prompt_tokens": res.prompt_tokens, "computed_tokens": res.computed_tokens,
-                "local": res.local_item_blocks, "remote": res.remote_item_blocks}
+                "local": res.local_item_blocks, "remote": res.remote_item_blocks,
+                "remote_bytes": int(getattr(res, "remote_item_bytes", 0))}
 
     def _event(self, t: Task) -> dict:
         p = t.payload
