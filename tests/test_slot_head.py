@@ -190,7 +190,7 @@ def test_service_answers_the_recommenders_final_scores(world):
     """The in-process service over a slot engine whose head weighs collaborative features: every
     answer (batched serving steps and one request at a time) has the final scores worked out here
     by hand — the engine's scores plus the retriever's features weighed by the head, normalised —
-    not the engine's scores alone."""
+    not the engine's scores alone; after a warm-up, the same requests compile nothing."""
     from dataclasses import replace
 
     from rcllm_jax.retrieval import CANDIDATE_FEATURES, ItemKNN
@@ -210,15 +210,26 @@ def test_service_answers_the_recommenders_final_scores(world):
         want.append(z - np.logaddexp.reduce(z))
         reordered += not np.array_equal(np.argsort(-want[-1], kind="stable"), np.argsort(-base, kind="stable"))
     assert reordered  # the collaborative term changes some ranking: the check below can tell
-    for step in ("batched", "serial"):
+    bodies = [{"user_id": r.user_id, "history": list(r.history), "candidates": list(r.candidates)} for r in reqs]
+
+    def burst(step):  # every request queued before the loop starts: the same windows each time
+        import threading
+        import time
         svc = RecommenderService(sided, ds.items, {}, scheduler=Scheduler(1), max_candidates=8, retriever=retriever,
                                  serving_step=step)
+        got = {}
+        client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+        client.start()
+        while len(svc.scheduler) < len(bodies):
+            time.sleep(0.01)
         svc.start()
-        try:
-            outs = svc.recommend_many([{"user_id": r.user_id, "history": list(r.history),
-                                        "candidates": list(r.candidates)} for r in reqs])
-        finally:
-            svc.stop()
+        client.join()
+        svc.stop()
+        return got["outs"], svc.compiles[0]
+    for step in ("batched", "serial"):
+        burst(step)  # warm-up: compiles these shapes
+        outs, compiles = burst(step)
+        assert compiles == 0, step  # the same requests again: nothing compiled on the request path
         for r, out, z in zip(reqs, outs, want):
             order = np.argsort(-z, kind="stable")
             assert [x["item_id"] for x in out["ranking"]] == [r.candidates[i] for i in order], step
