@@ -22,6 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 from rcllm_jax.serve.scheduler import SCHEDULERS  # noqa: E402
+from rcllm_jax.serve.service import SERVING_STEPS  # noqa: E402
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free port; the log says which).")
@@ -63,7 +64,7 @@ _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalo
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 30.0, "A request not answered after this long gets 503 + "
                                "Retry-After and is dropped, not computed.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
-_STEP = flags.DEFINE_enum("serving_step", "batched", ["batched", "serial"], "batched: block-mode requests of a "
+_STEP = flags.DEFINE_enum("serving_step", "batched", list(SERVING_STEPS), "batched: block-mode requests of a "
                           "scheduling window run as serving steps, each shard's requests one batch, every shard in "
                           "one program (Engine.rank_step); serial: one request at a time.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests per shard in one serving step at most (batched).")
@@ -98,6 +99,7 @@ def main(argv):
     import jax
 
     from rcllm_jax.engine.engine import MODES
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
     from rcllm_jax.recommender import open_served
     from rcllm_jax.serve.http import HttpServer, make_app
     from rcllm_jax.serve.scheduler import Scheduler
@@ -139,7 +141,7 @@ def main(argv):
             for j, probe in enumerate(probes):
                 engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
         timed = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
-        if _STEP.value == "batched" and _MODE.value not in ("full", "prefix", "prefix_warm"):
+        if _STEP.value == "batched" and _MODE.value in BLOCK_MODES:
             # serving steps: every prompt shape at batch 1, then the larger batch buckets on the first shape
             for j, probe in enumerate(probes):
                 engine.rank_step([(probe, f"warmup-{j}", s) for s in range(engine.num_shards)], _MODE.value)

@@ -294,9 +294,15 @@ def test_windows_run_as_serving_steps_of_every_shard():
         eng = MockEngine()
         svc = RecommenderService(eng, ITEMS, {}, scheduler=Scheduler(2, "affinity", window=8), max_candidates=5,
                                  serving_step=step, max_batch=2)
-        threading.Timer(0.3, svc.start).start()  # the six requests queue first: one window
-        answers[step] = [[r["item_id"] for r in out["ranking"]] for out in svc.recommend_many(bodies)]
+        got = {}
+        client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+        client.start()
+        while len(svc.scheduler) < len(bodies):  # the six requests queue first: one window
+            time.sleep(0.01)
+        svc.start()
+        client.join()
         svc.stop()
+        answers[step] = [[r["item_id"] for r in out["ranking"]] for out in got["outs"]]
         if step == "batched":  # items 2, 4, 6, 8 on shard 0, odd ones on shard 1: 3 + 3, up to 2 each per step
             assert [sorted(s) for s in eng.steps] == [[("1", 0), ("2", 0), ("3", 1), ("4", 1)], [("5", 0), ("6", 1)]]
         else:
@@ -304,3 +310,22 @@ def test_windows_run_as_serving_steps_of_every_shard():
     assert answers["batched"] == answers["serial"] == [[2, 4], [4, 6], [1, 3], [3, 5], [2, 8], [1, 9]]
     with pytest.raises(ValueError, match="unknown serving step"):
         RecommenderService(MockEngine(), ITEMS, {}, scheduler=Scheduler(2), serving_step="parallel")
+
+
+def test_a_step_ranks_each_request_with_its_own_history():
+    """Two requests of one user in one serving step, each sending its history: each is ranked with
+    the history it sent (the mock's score is -item + history length), as one at a time would."""
+    eng = MockEngine()
+    svc = RecommenderService(eng, ITEMS, {}, scheduler=Scheduler(2, "affinity", window=8), max_candidates=5)
+    bodies = [{"user_id": 7, "history": [1], "candidates": [2]},
+              {"user_id": 7, "history": [1, 3, 5], "candidates": [2]}]
+    got = {}
+    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+    client.start()
+    while len(svc.scheduler) < len(bodies):
+        time.sleep(0.01)
+    svc.start()
+    client.join()
+    svc.stop()
+    assert len(eng.steps) == 1 and len(eng.steps[0]) == 2  # one step
+    assert [out["ranking"][0]["score"] for out in got["outs"]] == [-1.0, 1.0]

@@ -382,6 +382,17 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return self._rank_policy(prompt, policy, user_id, shard=shard)
 
+    @staticmethod
+    def _block_policy(mode, *user_ids) -> Policy:
+        """The policy of block-mode requests (a mode name or a `Policy`) by these users; a ValueError
+        naming the problem when it is not a block mode or a user id is missing."""
+        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+        if policy is None:
+            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+        if any(u is None for u in user_ids):
+            raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
+        return policy
+
     def rank_step(self, requests, mode="rcllm") -> list[EngineResult]:
         """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
         items-shard (given, else the affinity choice), each shard's requests as one batch, every
@@ -389,9 +400,7 @@ class Engine:
         head. The scores `rank` gives one by one; every result's ttft_s is the step's (history
         prefixes brought up to date before it starts). Requests whose answer needs the prompt KV
         (multi-token labels), and every request of a multi-process run, are ranked one by one."""
-        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
-        if policy is None:
-            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+        policy = self._block_policy(mode, *(user_id for _, user_id, _ in requests))
         heads = {prompt.head for prompt, _, _ in requests}
         if len(heads) > 1:
             raise ValueError(f"a serving step takes prompts of one head, got {sorted(heads)}")
@@ -399,8 +408,6 @@ class Engine:
         batched = []
         for i, (prompt, user_id, shard) in enumerate(requests):
             check_prompt_length(len(prompt), self.cfg.max_position, "the model's context")
-            if user_id is None:
-                raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
             if jax.process_count() > 1 or (prompt.head == "label" and not prompt.single_token_labels):
                 out[i] = self.rank(prompt, policy, user_id=user_id, shard=shard)
             else:
@@ -504,11 +511,7 @@ class Engine:
         (remote ones through the block store's collective). `inputs.run(weights)` is the blended
         prefill `rank` runs (with the query weights); training differentiates through the same
         call. inputs is None in a process that does not hold the shard's device."""
-        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
-        if policy is None:
-            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
-        if user_id is None:
-            raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
+        policy = self._block_policy(mode, user_id)
         lay, items = self._stitch(prompt, user_id, policy, shard)
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
         dev = self.device(lay.shard)

@@ -322,30 +322,27 @@ class RecommenderService:
             else:  # its client left or timed out: drop it
                 self.metrics.dropped.inc()
         started = time.perf_counter()
-        ready = []
+        ready = []  # (task, the history it is ranked with: its own, as one at a time would)
         for t in live:  # a prompt refused (too long, malformed) fails its own request only
-            p = t.payload
-            if p["history"] is not None:
-                self.histories[p["user"]] = list(p["history"])
+            history = self._history(t.payload)
             try:
-                self._prompt(self.histories.get(p["user"], []), p["candidates"])
-                ready.append(t)
+                self._prompt(history, t.payload["candidates"])
+                ready.append((t, history))
             except ApiError as e:
                 t.future.set_exception(e)
         if not ready:
             return
         try:
             t0 = time.perf_counter()
-            recs = self.recommender.recommend_step(
-                [(t.payload["user"], self.histories.get(t.payload["user"], []), t.payload["candidates"], t.shard)
-                 for t in ready])
+            recs = self.recommender.recommend_step([(t.payload["user"], history, t.payload["candidates"], t.shard)
+                                                    for t, history in ready])
             wall = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - the step failed: every request in it answers 500
             traceback.print_exc()
-            for t in ready:
+            for t, _ in ready:
                 t.future.set_exception(e)
             return
-        for t, rec in zip(ready, recs):
+        for (t, _), rec in zip(ready, recs):
             out = self._answer(rec, wall)
             out["queue_s"] = started - t.enqueued
             t.future.set_result(out)
@@ -374,14 +371,18 @@ class RecommenderService:
         except ValueError as e:
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
 
+    def _history(self, payload: dict) -> list[int]:
+        """The user's history for a rank request: the one it sends (stored from now on), else the stored."""
+        if payload["history"] is not None:
+            self.histories[payload["user"]] = list(payload["history"])
+        return self.histories.get(payload["user"], [])
+
     def _rank(self, t: Task) -> dict:
         p = t.payload
-        if p["history"] is not None:
-            self.histories[p["user"]] = list(p["history"])
+        history = self._history(p)
         t0 = time.perf_counter()
         try:
-            rec = self.recommender.recommend(p["user"], self.histories.get(p["user"], []), p["candidates"],
-                                             shard=t.shard)
+            rec = self.recommender.recommend(p["user"], history, p["candidates"], shard=t.shard)
         except ValueError as e:  # the prompt: too long for the model (413) or malformed (400)
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
         return self._answer(rec, time.perf_counter() - t0)  # incl. computing the history prefix when not cached
@@ -401,7 +402,7 @@ class RecommenderService:
         return {"scores": scores, "ttft_s": wall, "prefill_s": res.ttft_s, "shard": res.shard,
                 "prompt_tokens": res.prompt_tokens, "computed_tokens": res.computed_tokens,
                 "local": res.local_item_blocks, "remote": res.remote_item_blocks,
-                "remote_bytes": int(getattr(res, "remote_item_bytes", 0))}
+                "remote_bytes": int(res.remote_item_bytes)}
 
     def _event(self, t: Task) -> dict:
         p = t.payload
