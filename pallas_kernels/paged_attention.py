@@ -1,0 +1,188 @@
+"""Paged selective attention: a few query tokens over cached KV read where it is stored (pages of
+a pool or a block store, addressed by a block table), streamed page by page with online softmax.
+
+  q          [B, T, N, H]   queries, RoPE applied at their real positions q_pos [B, T]
+  k_pages    [P, page, K, H] one layer's stored keys (RoPE applied at their stored positions)
+  v_pages    [P, page, K, H]
+  table      [B, M] int32   page of the request's m-th span
+  span_start [B, M]         first row of the span in its page
+  span_len   [B, M]         rows in the span (0: an unused entry, nothing of its page is used)
+  span_pos   [B, M]         real position of the span's first row (its rows are consecutive)
+  span_delta [B, M]         real - stored position of the span's keys (0 where keys are stored at
+                            their real positions, e.g. a user's history prefix in the pool)
+  inv        [H/2]          the model's RoPE inverse frequencies (HF rotate_half layout)
+  window                    optional sliding window (a key window or more positions back is not attended)
+  -> out [B, T, N, H], lse [B, T, N] (f32 log-sum-exp of the visible scores; -inf where none)
+
+A query attends row s of a span iff s is inside the span, its real position <= q_pos (and within
+the window). Scores are those of keys re-rotated to their real positions; instead of rotating the
+keys (a copy of every cached row, what `gather_rerotate` does) the kernel rotates the query by
+-delta per span: RoPE is a rotation per frequency pair, so <rot(q, p), rot(k, c + d)> =
+<rot(q, p - d), rot(k, c)> (exact in real arithmetic; float rounding differs from re-rotating
+keys at the 1e-6 relative level in f32). `lse` lets a caller merge this with attention over
+other keys (the request's fresh rows): `merge_attention`.
+
+`paged_attention_reference` is the definition: gather the spans into a dense buffer, re-rotate the
+keys to their real positions, dense masked softmax. `paged_attention` is the Pallas kernel: grid
+(batch, kv head, query tile, span) with the span axis a reduction; the block table, span starts,
+lengths, positions and deltas are scalar-prefetched and drive which page each grid step reads,
+so a page is read once per (kv head, query tile) straight from the store and never copied into a
+stitched buffer; running max, denominator and accumulator stay in f32 scratch (flash attention).
+Rows outside a span are zeroed before use, so NaN or garbage there cannot leak through a zero
+probability.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_NEG = -1e30
+
+
+def _rotate(x, ang):
+    """x [..., H] rotated by angles ang [..., H/2] (rotate_half layout), in f32."""
+    cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1)), jnp.sin(jnp.concatenate([ang, ang], -1))
+    half = x.shape[-1] // 2
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def paged_attention_reference(q, k_pages, v_pages, q_pos, table, span_start, span_len, span_pos, span_delta, inv,
+                              window: int | None = None):
+    """Pure JAX: gather every span's page, re-rotate its keys by delta, dense masked softmax."""
+    b, t, n, h = q.shape
+    page, kh = k_pages.shape[1], k_pages.shape[2]
+    g = n // kh
+    m = table.shape[1]
+    rows = jnp.arange(page)[None, None, :]  # [1, 1, page]
+    valid = (rows >= span_start[..., None]) & (rows < (span_start + span_len)[..., None])  # [B, M, page]
+    k_pos = span_pos[..., None] + rows - span_start[..., None]  # [B, M, page]
+    kg = k_pages[table].astype(jnp.float32)  # [B, M, page, K, H]
+    vg = v_pages[table].astype(jnp.float32)
+    ang = span_delta.astype(jnp.float32)[..., None, None, None] * jnp.asarray(inv, jnp.float32)  # [B, M, 1, 1, H/2]
+    kg = _rotate(kg, ang)
+    ok = valid[..., None, None]
+    kg, vg = jnp.where(ok, kg, 0.0).reshape(b, m * page, kh, h), jnp.where(ok, vg, 0.0).reshape(b, m * page, kh, h)
+    valid, k_pos = valid.reshape(b, m * page), k_pos.reshape(b, m * page)
+    mask = valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
+    if window is not None:
+        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    qg = q.reshape(b, t, kh, g, h).astype(jnp.float32)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, kg) * h ** -0.5
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgts,bskh->btkgh", p / jnp.where(l > 0, l, 1.0), vg).reshape(b, t, n, h)
+    lse = jnp.where(l > 0, mx + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]  # [B, K, G, T]
+    return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    """Softmax attention over the union of two disjoint key sets from each one's output [..., H]
+    and log-sum-exp [...] (-inf: no key seen; the merge then is the other one)."""
+    m = jnp.maximum(lse1, lse2)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1, w2 = jnp.exp(lse1 - m), jnp.exp(lse2 - m)  # 0 where a side saw nothing
+    den = w1 + w2
+    out = (o1.astype(jnp.float32) * w1[..., None] + o2.astype(jnp.float32) * w2[..., None]) / jnp.where(
+        den > 0, den, 1.0)[..., None]
+    return out.astype(o1.dtype), jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+
+
+def _kernel(table_ref, start_ref, len_ref, pos_ref, delta_ref,  # scalar prefetch [B, M]
+            inv_ref, qpos_ref, q_ref, k_ref, v_ref,  # inv [1, H/2]; qpos [bq, 1]; q [bq, H]; k, v [page, H]
+            o_ref, lse_ref,  # [bq, H], [bq, 1]
+            m_sc, l_sc, acc_sc, *, scale: float, window: int | None, rotate: bool):
+    b, span = pl.program_id(0), pl.program_id(3)
+
+    @pl.when(span == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    n = len_ref[b, span]
+
+    @pl.when(n > 0)
+    def _step():
+        start, pos0 = start_ref[b, span], pos_ref[b, span]
+        q = q_ref[...].astype(jnp.float32)
+        if rotate:  # the query turned back by the span's delta instead of its keys turned forward
+            q = _rotate(q, -delta_ref[b, span].astype(jnp.float32) * inv_ref[...])
+        q = q * scale
+        page = k_ref.shape[0]
+        rows = jax.lax.broadcasted_iota(jnp.int32, (1, page), 1)
+        valid = (rows >= start) & (rows < start + n)  # [1, page]
+        kp = pos0 + rows - start
+        mask = valid & (kp <= qpos_ref[...])  # [bq, page]
+        if window is not None:
+            mask &= (qpos_ref[...] - kp) < window
+        col = valid.reshape(page, 1)
+        k = jnp.where(col, k_ref[...].astype(jnp.float32), 0.0)
+        v = jnp.where(col, v_ref[...].astype(jnp.float32), 0.0)
+        s = jnp.where(mask, jax.lax.dot_general(q, k, (((1,), (1,)), ((), ()))), _NEG)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+        acc_sc[...] = acc_sc[...] * alpha + jnp.dot(p, v)
+        m_sc[...] = m_new
+
+    @pl.when(span == pl.num_programs(3) - 1)
+    def _finish():
+        l = l_sc[...]
+        seen = l > 0
+        o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "block_q", "interpret"))
+def paged_attention(q, k_pages, v_pages, q_pos, table, span_start, span_len, span_pos, span_delta, inv, *,
+                    window: int | None = None, block_q: int = 64, interpret: bool = False):
+    """Pallas kernel; same contract as `paged_attention_reference`. Query rows are padded to the
+    tile here (padding queries are dropped)."""
+    b, t, n, h = q.shape
+    page, kh = k_pages.shape[1], k_pages.shape[2]
+    g = n // kh
+    m = table.shape[1]
+    rows = t * g
+    bq = min(block_q, max(8, pl.next_power_of_2(rows)))
+    rows_p = pl.cdiv(rows, bq) * bq
+    # [B, T, K, G, H] -> [B, K, T*G, H]: a query tile holds the G heads of some queries
+    qh = q.reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0)))
+    qp = jnp.repeat(q_pos.astype(jnp.int32), g, axis=1)
+    qp = jnp.pad(qp, ((0, 0), (0, rows_p - rows)), constant_values=-1)[..., None]  # [B, R, 1]: pads see nothing
+    i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5,
+        grid=(b, kh, rows_p // bq, m),
+        in_specs=[
+            pl.BlockSpec((1, h // 2), lambda i, j, r, s, *_: (0, 0)),
+            pl.BlockSpec((None, bq, 1), lambda i, j, r, s, *_: (i, r, 0)),
+            pl.BlockSpec((None, None, bq, h), lambda i, j, r, s, *_: (i, j, r, 0)),
+            pl.BlockSpec((None, page, None, h), lambda i, j, r, s, tbl, *_: (tbl[i, s], 0, j, 0)),
+            pl.BlockSpec((None, page, None, h), lambda i, j, r, s, tbl, *_: (tbl[i, s], 0, j, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, None, bq, h), lambda i, j, r, s, *_: (i, j, r, 0)),
+                   pl.BlockSpec((None, None, bq, 1), lambda i, j, r, s, *_: (i, j, r, 0))],
+        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                        pltpu.VMEM((bq, h), jnp.float32)],
+    )
+    out, lse = pl.pallas_call(
+        functools.partial(_kernel, scale=h ** -0.5, window=window, rotate=True),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, kh, rows_p, h), q.dtype),
+                   jax.ShapeDtypeStruct((b, kh, rows_p, 1), jnp.float32)],
+        interpret=interpret,
+    )(i32(table), i32(span_start), i32(span_len), i32(span_pos), i32(span_delta),
+      jnp.asarray(inv, jnp.float32).reshape(1, h // 2), qp, qh, k_pages, v_pages)
+    out = out[:, :, :rows].reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    lse = lse[:, :, :rows, 0].reshape(b, kh, t, g).transpose(0, 2, 1, 3).reshape(b, t, n)
+    return out, lse
