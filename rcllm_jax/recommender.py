@@ -133,6 +133,8 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     from rcllm_jax.model.config import kv_bytes_per_token
     if not user_pages:  # the user store's budget in MB (per device: it is replicated)
         user_pages = max(16, int(user_mb * 2**20 / (PAGE * kv_bytes_per_token(lm.cfg, lm.cfg.dtype))))
+    if mode in ("prefix", "prefix_warm"):  # the prefix cache gets the user store's budget: it holds the same
+        prefix_pages = max(prefix_pages, user_pages)  # prefixes (the user store stays: its snapshot holds histories)
     engine = Engine(lm.params, lm.cfg, builder, item_ids=item_ids, user_pages=user_pages, prefix_pages=prefix_pages,
                     max_candidates=max_candidates, mesh=mesh, placement=placement, replicate=replicate,
                     kv_dtype=kv_dtype,

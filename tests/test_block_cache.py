@@ -228,6 +228,44 @@ def test_prefix_cache_lru_respects_its_budget(world):
     assert pc.lookup(np.append(a, 5))[1] == 0 and pc.lookup(np.append(b, 5))[1] == 64
 
 
+def test_prefix_cache_pages_hold_their_rows_and_new_offsets_compile_nothing():
+    """Hand-computed: tokens 0..79 with rows row0 + j of kv holding token start + j; the full
+    pages not cached yet are copied from exactly those rows. A second insert at other offsets
+    and counts (same kv shape, as many new pages) compiles nothing: the server's prefix
+    baselines see a new hit length on nearly every request."""
+    from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
+    from rcllm_jax.cache.stores import PrefixCache
+    L, K, H = CFG.num_layers, CFG.num_kv_heads, CFG.head_dim
+    kv = jnp.asarray(np.random.default_rng(0).normal(size=(L, 100, K, H)), jnp.float32)
+    pool = KVPool(CFG, 1 + 16 * PAGE)
+    pc = PrefixCache(pool, PageAllocator(1, 16), "fp")
+    toks = np.arange(80) + 7
+    pc.insert(toks, kv, kv, start=16, n=50, row0=3)  # pages at 16, 32, 48 (64 + 16 > 16 + 50: not full)
+    pages, hit = pc.lookup(np.append(toks[:64], 0))
+    assert hit == 0  # page 0 (tokens 0..15) was never given: no chain from the start
+    hashes = pc._hashes(toks)
+    assert set(pc.pages) == set(hashes[1:4])
+    for i, src in ((1, 3), (2, 19), (3, 35)):
+        slot = pc.alloc.first_slot + pc.pages[hashes[i]] * PAGE
+        assert np.array_equal(np.asarray(pool.k[:, slot:slot + PAGE]), np.asarray(kv[:, src:src + PAGE]))
+        assert np.array_equal(np.asarray(pool.v[:, slot:slot + PAGE]), np.asarray(kv[:, src:src + PAGE]))
+    compiles = []
+
+    def count(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        pc.insert(toks + 1000, kv, kv, start=0, n=41, row0=9)  # pages at 0 and 16, from rows 9 and 25
+        assert not compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    h2 = pc._hashes(toks + 1000)
+    assert pc.lookup(np.append(toks[:40] + 1000, 0))[1] == 32
+    slot = pc.alloc.first_slot + pc.pages[h2[1]] * PAGE
+    assert np.array_equal(np.asarray(pool.k[:, slot:slot + PAGE]), np.asarray(kv[:, 25:25 + PAGE]))
+
+
 def test_mode_errors(world):
     eng, _, prompts = world
     with pytest.raises(ValueError, match="unknown mode 'warp'"):

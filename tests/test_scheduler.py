@@ -90,7 +90,7 @@ class MockEngine:
     num_shards = 2
 
     def __init__(self, fail_user=None, delay=0.0):
-        self.calls, self.steps, self.fail_user, self.delay = [], [], fail_user, delay
+        self.calls, self.steps, self.events, self.fail_user, self.delay = [], [], [], fail_user, delay
 
         class Builder:
             def build(self, history, cands):
@@ -127,7 +127,12 @@ class MockEngine:
         return [self.rank(prompt, mode, user_id, shard) for prompt, user_id, shard in requests]
 
     def update_user(self, user, prompt):
+        self.events.append(("user_store", user))
         return len(prompt[1])
+
+    def warm_prefix(self, prompt):
+        self.events.append(("prefix_cache", None))
+        return 100 + len(prompt[1])
 
 
 ITEMS = {i: Item(f"movie {i}") for i in range(1, 30)}
@@ -175,6 +180,23 @@ def test_service_answers_by_hand_and_routes_by_affinity():
         assert svc.item("3")["shard"] == 1
     finally:
         svc.stop()
+
+
+def test_events_compute_what_the_mode_reads_at_request_time():
+    """An event brings the user's prefix up to date where the mode will read it: the user store
+    (block modes), the prefix cache (prefix_warm: the baseline warmed at event time too), or
+    nowhere (full and prefix compute the prefix per request)."""
+    for mode, want, computed in (("rcllm", [("user_store", "7")], 5), ("prefix_warm", [("prefix_cache", None)], 105),
+                                 ("prefix", [], 0), ("full", [], 0)):
+        eng = MockEngine()
+        svc = RecommenderService(eng, ITEMS, {7: [1, 2, 3]}, mode=mode, scheduler=Scheduler(2, "affinity"),
+                                 max_candidates=5)
+        svc.start()
+        try:
+            ev = svc.add_events("7", {"items": [5, 6]})
+            assert eng.events == want and ev == {"user_id": "7", "history_length": 5, "computed_tokens": computed}
+        finally:
+            svc.stop()
 
 
 def test_engine_failure_is_a_500_with_request_id_and_the_loop_survives():

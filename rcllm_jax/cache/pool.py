@@ -28,6 +28,13 @@ def _scatter(pool_k, pool_v, k, v, slots):
     return pool_k.at[:, slots].set(k.astype(pool_k.dtype)), pool_v.at[:, slots].set(v.astype(pool_v.dtype))
 
 
+@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
+def _copy_rows(pool_k, pool_v, k, v, rows, slots):
+    # rows [n] of k, v [L, R, K, H] written at pool slots [n]
+    return (pool_k.at[:, slots].set(k[:, rows].astype(pool_k.dtype)),
+            pool_v.at[:, slots].set(v[:, rows].astype(pool_v.dtype)))
+
+
 class KVPool:
     """k, v: [L, S, K, H] device arrays; slot 0 is a scratch slot that never holds data."""
 
@@ -60,6 +67,16 @@ class KVPool:
         if slots.min() < 0 or slots.max() >= self.num_slots:
             raise IndexError("slot outside the pool")
         self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(slots)))
+
+
+    def copy_rows(self, k, v, rows: np.ndarray, slots: np.ndarray):
+        """Write rows `rows` of k, v ([L, R, K, H]) at the given slots, in one compiled program
+        per (R, len(rows)) (slot 0, the scratch slot, takes padding rows)."""
+        rows, slots = np.asarray(rows, np.int32), np.asarray(slots, np.int32)
+        if slots.min() < 0 or slots.max() >= self.num_slots or rows.min() < 0 or rows.max() >= k.shape[1]:
+            raise IndexError("row or slot outside its array")
+        self.k, self.v = _copy_rows(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(rows)),
+                                    self._place(jnp.asarray(slots)))
 
 
 class PageAllocator:

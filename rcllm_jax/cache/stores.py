@@ -169,19 +169,32 @@ class PrefixCache:
             self.stats["lookup_tokens"] += len(tokens)
         return pages, len(pages) * PAGE
 
-    def insert(self, tokens, kv_k, kv_v, start: int):
-        """Store every full page of `tokens` not cached yet; kv_k/v [L, n, K, H] hold the KV of
-        tokens[start:start + n]."""
+    def insert(self, tokens, kv_k, kv_v, start: int, n: int | None = None, row0: int = 0):
+        """Store every full page of `tokens` not cached yet; rows row0 + j of kv_k/v [L, R, K, H]
+        hold the KV of tokens[start + j] for j < n (default: every row from row0). The new pages
+        are copied by one compiled gather + scatter whose row count is bucketed (padding rows go
+        to the scratch slot), so requests of new lengths compile nothing (the server's prefix
+        baselines)."""
+        n = kv_k.shape[1] - row0 if n is None else n
+        new = {}  # page -> first row of kv_k holding it
         for i, h in enumerate(self._hashes(tokens)):
             s = i * PAGE
-            if h in self.pages or s < start or s + PAGE > start + kv_k.shape[1]:
+            if h in self.pages or s < start or s + PAGE > start + n:
                 continue
             used = self.alloc.num_pages - self.alloc.free_pages
             if used >= self.budget or self.alloc.free_pages == 0:
                 _, old = self.pages.popitem(last=False)
                 self.alloc.release([old])
+                new.pop(old, None)  # a page of this very insert, evicted again (a budget below one prompt)
                 self.stats["evictions"] += 1
             page = self.alloc.alloc()
-            self.pool.write(self.alloc.first_slot + page * PAGE, kv_k[:, s - start:s - start + PAGE],
-                            kv_v[:, s - start:s - start + PAGE])
+            new[page] = row0 + s - start
             self.pages[h] = page
+        if not new:
+            return
+        m = bucket(len(new), 1)
+        src = np.zeros((m, PAGE), np.int32)
+        dst = np.zeros((m, PAGE), np.int32)  # padding: row 0 into the scratch slot 0
+        src[:len(new)] = np.asarray(list(new.values()), np.int32)[:, None] + np.arange(PAGE)
+        dst[:len(new)] = (self.alloc.first_slot + np.asarray(list(new), np.int32) * PAGE)[:, None] + np.arange(PAGE)
+        self.pool.copy_rows(kv_k, kv_v, src.ravel(), dst.ravel())

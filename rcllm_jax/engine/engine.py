@@ -258,7 +258,7 @@ class Engine:
         _, _, _, kv = blended_prefill(self._params_on(dev), pk, pv, *lay.arrays(), cfg=self.cfg, n_select=len(lay.tokens),
                                       all_fresh=True, return_kv=True)
         pb = len(lay.prefix_slots)
-        self.prefix.insert(toks[:n_full], kv.k[:, 0, pb:pb + lay.n_suffix], kv.v[:, 0, pb:pb + lay.n_suffix], hit)
+        self.prefix.insert(toks[:n_full], kv.k[:, 0], kv.v[:, 0], hit, n=lay.n_suffix, row0=pb)
         jax.block_until_ready((self.pool.k, self.pool.v))
         return n_full - hit
 
@@ -605,7 +605,7 @@ class Engine:
         ttft = time.perf_counter() - t0
         # store the new full pages (vLLM writes them during prefill; here after the answer)
         pb = len(lay.prefix_slots)
-        self.prefix.insert(toks, kv.k[:, 0, pb:pb + lay.n_suffix], kv.v[:, 0, pb:pb + lay.n_suffix], hit)
+        self.prefix.insert(toks, kv.k[:, 0], kv.v[:, 0], hit, n=lay.n_suffix, row0=pb)
         return EngineResult(scores=scores, ttft_s=ttft,
                             prompt_tokens=len(prompt), computed_tokens=len(prompt) - hit + extra,
                             cache_hit_tokens=hit, shard=shard)

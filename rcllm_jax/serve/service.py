@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 
 from rcllm_jax.data.prompt import check_candidates
+from rcllm_jax.engine.selective_recompute import BLOCK_MODES
 from rcllm_jax.recommender import Recommender
 from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
 
@@ -113,7 +114,6 @@ class RecommenderService:
             raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        from rcllm_jax.engine.selective_recompute import BLOCK_MODES
         self.batched = serving_step == "batched" and mode in BLOCK_MODES
         self.max_batch = max_batch
         self.engine, self.items, self.mode, self.scheduler = engine, items, mode, scheduler
@@ -249,6 +249,7 @@ class RecommenderService:
         st = self.engine.stats()
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
+                "serving_step": "batched" if self.batched else "serial", "max_batch": self.max_batch,
                 "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 
     def metrics_text(self) -> bytes:
@@ -408,7 +409,12 @@ class RecommenderService:
         p = t.payload
         hist = self.histories.setdefault(p["user"], [])
         probe = self._prompt(hist + p["items"], [p["items"][-1]])
-        computed = self.engine.update_user(p["user"], probe)
+        if self.mode in BLOCK_MODES:  # the user store's prefix, computed now (off the request path)
+            computed = self.engine.update_user(p["user"], probe)
+        elif self.mode == "prefix_warm":  # the baseline's prefix cache, warmed at event time the same way
+            computed = self.engine.warm_prefix(probe)
+        else:  # full / prefix: nothing is computed before the user's next request
+            computed = 0
         hist.extend(p["items"])
         self.metrics.events.inc()
         return {"user_id": p["user"], "history_length": len(hist), "computed_tokens": computed}
