@@ -49,6 +49,19 @@ def _post(url, body, timeout=300.0):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _compiles(url) -> int | None:
+    """The server's XLA compilations so far (its /metrics counter), None if it does not say."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("rcllm_compiles_total "):
+            return int(float(line.split()[1]))
+    return None
+
+
 def main(argv):
     del argv
     import numpy as np
@@ -71,6 +84,11 @@ def main(argv):
         except ValueError:  # a user who rated (nearly) the whole catalog: no negatives to draw
             continue
         bodies.append({"user_id": int(u), "candidates": [int(c) for c in cands]})
+    try:  # what the server runs (mode, shards, scheduler), recorded with the figures
+        with urllib.request.urlopen(_URL.value + "/healthz", timeout=30) as r:
+            server = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"no server answering at {_URL.value}/healthz: {e}") from None
     if _WARM.value:
         t_warm = time.perf_counter()
         for u in sorted({b["user_id"] for b in bodies}):
@@ -105,6 +123,7 @@ def main(argv):
                 sent.append(n)
                 answers[n].append((status, body, time.perf_counter() - t0))
 
+    compiles0 = _compiles(_URL.value)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(_CLIENTS.value)]
     for t in threads:
@@ -112,6 +131,7 @@ def main(argv):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    compiles1 = _compiles(_URL.value)
     ok = [a for n in sorted(set(sent)) for a in answers[n] if a[0] == 200]
     statuses = collections.Counter(a[0] for n in set(sent) for a in answers[n])
     lost = [n for n in sent if not answers[n]]
@@ -120,9 +140,11 @@ def main(argv):
     lat = [a[2] for a in ok]
     ids = [a[1]["request_id"] for a in ok]
     report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
+              "server": {k: server.get(k) for k in ("mode", "shards", "scheduler", "serving_step", "max_batch")},
               "argv": sys.argv[1:], "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
               "errors": len(sent) - len(ok), "retried_503": retried[0], "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
+              "compiles_during_run": None if compiles0 is None or compiles1 is None else compiles1 - compiles0,
               "throughput_rps": len(ok) / wall if wall else 0.0,
               "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
               "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,

@@ -51,9 +51,12 @@ SCALING_RUNS = {
 _REPORT = flags.DEFINE_string("report", str(ROOT / "BENCHMARKS.md"), "The report file.")
 _GRID_H = flags.DEFINE_list("grid_history_lens", [], "History lengths of the TTFT grid (e.g. 20,50; empty: no grid).")
 _GRID_C = flags.DEFINE_list("grid_candidates", ["20", "50", "100"], "Candidate counts of the TTFT grid.")
-_GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Users per grid point (2 requests each).")
+_GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Test users per grid point (one request each, their item-kNN "
+                                   "top candidates in the retriever's order).")
+_ONLY = flags.DEFINE_list("only", [], "Run only the runs whose name starts with one of these (e.g. grid, served, "
+                          "ranker, mesh, kv_dtype, build, scaling, serving); the report is rewritten from every JSON.")
 _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficient recompute budget must keep.")
-GRID_MODES = "full,prefix,stitch,sink,deviation,rcllm"
+GRID_MODES = "full,prefix,prefix_warm,rcllm,hf_full"
 _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
                                      "run on those whose target was retrieved).")
 SERVED_MODES = "full,stitch,sink,deviation,rcllm"
@@ -182,8 +185,8 @@ def _runs(out: Path):
                                      f"--output_json={out / 'tuned.json'}"]
     for h in _GRID_H.value:
         for c in _GRID_C.value:
-            runs[f"grid h{h} c{c}"] = [f"--num_users={_GRID_USERS.value}", "--requests_per_user=2", f"--history_len={h}",
-                                       f"--num_candidates={c}", f"--modes={GRID_MODES}", "--cached_glue", "--peers=",
+            runs[f"grid h{h} c{c}"] = [f"--num_users={_GRID_USERS.value}", *SERVED[:3], f"--num_candidates={c}",
+                                       f"--history_len={h}", f"--modes={GRID_MODES}", "--peers=transformers",
                                        f"--output_json={out / f'grid_h{h}_c{c}.json'}"]
     for p in ("similarity", "hash"):
         runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--negatives=retrieval", "--mesh=items:4",
@@ -406,24 +409,96 @@ def _load_section(out: Path) -> list[str]:
     return lines + [""] + [f"- {n}" for n in notes] + [""]
 
 
+def _load_modes_section(out: Path) -> list[str]:
+    """Throughput under load per mode (launch/loadtest.py JSON files load_mode_*.json, one server each)."""
+    files = sorted(out.glob("load_mode_*.json"))
+    if not files:
+        return []
+    runs = [json.loads(f.read_text()) for f in files]
+    lines = ["## Throughput under load per mode (`launch/serve.py --mesh=items:2 --mode=M` + `launch/loadtest.py`)", "",
+             "| mode | serving step | sent | 503 resent | requests/s | TTFT p50 | TTFT p99 | latency p50 | "
+             "latency p99 | compiles during the run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in sorted(runs, key=lambda d: -d["throughput_rps"]):
+        sv = d.get("server", {})
+        lines.append(f"| {sv.get('mode')} | {sv.get('serving_step') or '-'} | {d['sent']} | "
+                     f"{d.get('retried_503', 0)} | "
+                     f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
+                     f"{_fmt(d.get('latency_p50_s'))} s | {_fmt(d.get('latency_p99_s'))} s | "
+                     f"{_fmt(d.get('compiles_during_run'), 'd')} |")
+    by = {}
+    for d in runs:
+        m = d.get("server", {}).get("mode")
+        if m not in by or d["throughput_rps"] > by[m]["throughput_rps"]:
+            by[m] = d
+    notes = [f"{runs[0]['clients']} clients, {runs[0]['users']} returning users (one untimed request each first), "
+             "a 503 resent after its Retry-After (latency counts from the first try); one server per row, the "
+             "simulated devices share the 2 CPU cores; TTFT: the engine's time for the request (in a batched "
+             "step: the step's), latency: the client's.",
+             "`python launch/loadtest.py " + " ".join(a for a in runs[0].get("argv", [])
+                                                     if not a.startswith(("--url", "--output_json", "--requests=")))
+             + "`"]
+    if "rcllm" in by:
+        rc = by["rcllm"]
+        for peer, want in (("prefix_warm", 5), ("full", None)):
+            if peer in by:
+                x = rc["throughput_rps"] / by[peer]["throughput_rps"]
+                ok_p99 = rc["latency_p99_s"] <= by[peer]["latency_p99_s"]
+                notes.append(f"rcllm ({rc['server'].get('serving_step')}) vs {peer}: **{x:.1f}x** the requests/s, "
+                             f"latency p99 {rc['latency_p99_s']:.2f} vs {by[peer]['latency_p99_s']:.2f} s"
+                             + (f" (target >= {want}x at the same p99: {'met' if x >= want and ok_p99 else 'not met'})"
+                                if want else ""))
+    return lines + [""] + [f"- {n}" for n in notes] + [""]
+
+
 def _grid_section(out: Path) -> list[str]:
+    """The TTFT grid (served model, retrieved candidates): TTFT p50 / p99 per mode, rcllm's ratios
+    to every baseline, its floor, fidelity and accuracy with bootstrap intervals."""
     points = sorted(out.glob("grid_h*_c*.json"), key=lambda f: tuple(int(x[1:]) for x in f.stem.split("_")[1:]))
     if not points:
         return []
     modes = GRID_MODES.split(",")
-    lines = ["## TTFT grid: history x candidates", "",
-             "| history | candidates | prompt p50 | " + " | ".join(f"{m} p50" for m in modes)
-             + " | rcllm vs prefix | rcllm vs full | rcllm top-1 | rcllm KL |",
-             "|" + "---|" * (len(modes) + 7)]
+    c0 = json.loads(points[0].read_text())["config"]
+    lines = ["## TTFT grid: history x retrieved candidates (the served model)", "",
+             "`python launch/make_benchmarks.py --only=grid --grid_history_lens=20,50` (each point: `bench.py "
+             + " ".join(a for a in c0.get("argv", []) if not a.startswith(("--output_json", "--history_len",
+                                                                             "--num_candidates"))) + "`"
+             f" at its history and candidate count). {c0['num_requests']} requests per point (test users, the item-kNN "
+             f"retriever's top candidates in its order, score-slot head), {c0['dtype']}, {c0['cpu_cores']} CPU cores, "
+             f"{c0['devices']} device; compiles excluded. rcllm's floor: the FLOPs of the tokens it computes at the "
+             "measured matmul peak plus the cached KV it reads at the measured bandwidth. Accuracy over so few "
+             "requests is noise (intervals shown); the accuracy figures are the 943-user runs above.", "",
+             "| history | candidates | prompt p50 | " + " | ".join(f"{m} p50 / p99" for m in modes)
+             + " | rcllm vs prefix_warm | vs prefix | vs full | vs hf_full | rcllm computed tok | rcllm / floor "
+             "| rcllm top-1 | rcllm KL | NDCG@10 within: full / rcllm [95% CI] |",
+             "|" + "---|" * (len(modes) + 12)]
     for f in points:
         d = json.loads(f.read_text())
         c, rows = d["config"], {r["mode"]: r for r in d["results"]}
         t = {m: rows[m]["ttft_p50_s"] for m in modes if m in rows}
         rc = rows.get("rcllm", {})
+        ratio = lambda m: f"{t[m] / t['rcllm']:.1f}x" if m in t and "rcllm" in t else "-"  # noqa: E731
+        ci = rc.get("ndcg@10_retrieved_ci") or [None, None]
         lines.append(f"| {c['history_len']} | {c['num_candidates']} | {c['prompt_tokens']['p50']:.0f} | "
-                     + " | ".join(_fmt(t.get(m)) for m in modes)
-                     + f" | {t['prefix'] / t['rcllm']:.1f}x | {t['full'] / t['rcllm']:.1f}x | "
-                     f"{_fmt(rc.get('top1_agreement'))} | {_fmt(rc.get('kl_mean'), '.4f')} |")
+                     + " | ".join(f"{_fmt(rows[m]['ttft_p50_s'])} / {_fmt(rows[m]['ttft_p99_s'])} s" if m in rows
+                                  else "-" for m in modes)
+                     + f" | {ratio('prefix_warm')} | {ratio('prefix')} | {ratio('full')} | {ratio('hf_full')} | "
+                     f"{_fmt(rc.get('computed_tokens_p50'), '.0f')} | {_fmt(rc.get('ttft_over_floor'), '.1f')} | "
+                     f"{_fmt(rc.get('top1_agreement'))} | {_fmt(rc.get('kl_mean'), '.4f')} | "
+                     f"{_fmt(rows.get('full', {}).get('ndcg@10_retrieved'))} / {_fmt(rc.get('ndcg@10_retrieved'))} "
+                     f"[{_fmt(ci[0])}, {_fmt(ci[1])}] |")
+    h50 = [json.loads(f.read_text()) for f in points if f.stem == "grid_h50_c50"]
+    if h50:
+        rows = {r["mode"]: r for r in h50[0]["results"]}
+        t = {m: r["ttft_p50_s"] for m, r in rows.items() if r.get("ttft_p50_s")}
+        lines.append("")
+        for peer, want in (("prefix_warm", 5), ("prefix", 10), ("hf_full", 20)):
+            if peer in t and "rcllm" in t:
+                x = t[peer] / t["rcllm"]
+                lines.append(f"- history 50 / 50 candidates: rcllm vs {peer} **{x:.1f}x** lower TTFT p50 (target >= "
+                             f"{want}x: {'met' if x >= want else 'not met'})")
+        fl = rows.get("rcllm", {}).get("ttft_over_floor")
+        if fl is not None:
+            lines.append(f"- rcllm TTFT / floor {fl:.1f} (target <= 3: {'met' if fl <= 3 else 'not met'})")
     return lines + [""]
 
 
@@ -496,6 +571,7 @@ def _report(out: Path) -> str:
             lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
     lines += _grid_section(out)
     lines += _load_section(out)
+    lines += _load_modes_section(out)
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]
@@ -677,29 +753,23 @@ def main(argv):
     out = Path(_OUT_DIR.value)
     out.mkdir(parents=True, exist_ok=True)
     if _RUN.value:
-        for name, args in _runs(out).items():
-            print(f"== {name}: bench.py {' '.join(args)}", flush=True)
-            subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), *args], check=True)
-        print("== kv_dtype: bench_kv.py", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/bench_kv.py"), f"--output_json={out / 'kv_dtype.json'}"],
-                       check=True)
-        print("== build: bench_build.py", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/bench_build.py"), f"--output_json={out / 'build.json'}"],
-                       check=True)
+        jobs = {name: ("bench.py", args) for name, args in _runs(out).items()}
+        jobs["kv_dtype"] = ("bench_kv.py", [f"--output_json={out / 'kv_dtype.json'}"])
+        jobs["build"] = ("bench_build.py", [f"--output_json={out / 'build.json'}"])
         for name, (_, args) in SCALING_RUNS.items():
-            args = [*args(), f"--output_json={out / f'{name}.json'}"]
-            print(f"== {name}: bench_scaling.py {' '.join(args)}", flush=True)
-            subprocess.run([sys.executable, str(ROOT / "launch/bench_scaling.py"), *args], check=True)
-        print("== serving: bench_serving.py", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), "--mesh=items:4",
-                        f"--output_json={out / 'serving.json'}"], check=True)
+            jobs[name] = ("bench_scaling.py", [*args(), f"--output_json={out / f'{name}.json'}"])
+        jobs["serving"] = ("bench_serving.py", ["--mesh=items:4", f"--output_json={out / 'serving.json'}"])
         for n in (1, 2):
-            subprocess.run([sys.executable, str(ROOT / "launch/bench_serving.py"), f"--mesh=items:{n}",
-                            "--loops=batched", f"--output_json={out / f'serving_items{n}.json'}"], check=True)
-        subprocess.run([sys.executable, str(ROOT / "launch/scaling_model.py"), f"--runs={out / 'serving_items1.json'},"
-                        f"{out / 'serving_items2.json'},{out / 'serving.json'}",
-                        f"--locality_json={out / 'scaling_retrieved.json'}",
-                        f"--output_json={out / 'scaling_model.json'}"], check=True)
+            jobs[f"serving items:{n}"] = ("bench_serving.py", [f"--mesh=items:{n}", "--loops=batched",
+                                                                f"--output_json={out / f'serving_items{n}.json'}"])
+        jobs["serving scaling model"] = ("scaling_model.py", [
+            f"--runs={out / 'serving_items1.json'},{out / 'serving_items2.json'},{out / 'serving.json'}",
+            f"--locality_json={out / 'scaling_retrieved.json'}", f"--output_json={out / 'scaling_model.json'}"])
+        for name, (script, args) in jobs.items():
+            if _ONLY.value and not any(name.startswith(p) for p in _ONLY.value):
+                continue
+            print(f"== {name}: {script} {' '.join(args)}", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], check=True)
     Path(_REPORT.value).write_text(_report(out))
     print(f"wrote {_REPORT.value}")
 

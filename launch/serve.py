@@ -64,9 +64,11 @@ _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Serve only the first N catalo
 _TIMEOUT = flags.DEFINE_float("request_timeout_s", 30.0, "A request not answered after this long gets 503 + "
                                "Retry-After and is dropped, not computed.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 64 * 1024, "Larger request bodies get 413.")
-_STEP = flags.DEFINE_enum("serving_step", "batched", list(SERVING_STEPS), "batched: block-mode requests of a "
+_STEP = flags.DEFINE_enum("serving_step", "auto", ["auto", *SERVING_STEPS], "batched: block-mode requests of a "
                           "scheduling window run as serving steps, each shard's requests one batch, every shard in "
-                          "one program (Engine.rank_step); serial: one request at a time.")
+                          "one program (Engine.rank_step); serial: one request at a time; auto: serial on CPU "
+                          "devices (they share the host's cores: a step's padding is real work there; measured "
+                          "4.10 vs 2.95 requests/s on items:2, BENCHMARKS.md), batched on GPU / TPU (unmeasured).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests per shard in one serving step at most (batched).")
 _WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
 _WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
@@ -111,13 +113,14 @@ def main(argv):
         raise app.UsageError("serve.py runs as one process (multi-host serving is not implemented; "
                              "launch/build_cache.py and bench.py take the multi-host flags)")
     t0 = time.perf_counter()
+    step = _STEP.value if _STEP.value != "auto" else ("serial" if jax.default_backend() == "cpu" else "batched")
     from rcllm_jax.cache.snapshot import SnapshotError, SnapshotMismatchError
     from rcllm_jax.engine.slot_head import HeadError
     try:
         served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
                              data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
                              history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_mb=_USER_MB.value, user_pages=_USER_PAGES.value,
-                             prefix_pages=256 if _MODE.value == "prefix" else 1, max_items=_MAX_ITEMS.value,
+                             max_items=_MAX_ITEMS.value,
                              mesh=mesh, placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
                              kv_dtype=dist_cli.KV_DTYPE.value,
                              snapshot_dir=_SNAP.value,
@@ -141,7 +144,7 @@ def main(argv):
             for j, probe in enumerate(probes):
                 engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
         timed = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
-        if _STEP.value == "batched" and _MODE.value in BLOCK_MODES:
+        if step == "batched" and _MODE.value in BLOCK_MODES:
             # serving steps: every prompt shape at batch 1, then the larger batch buckets on the first shape
             for j, probe in enumerate(probes):
                 engine.rank_step([(probe, f"warmup-{j}", s) for s in range(engine.num_shards)], _MODE.value)
@@ -175,7 +178,7 @@ def main(argv):
     service = RecommenderService(engine, items, histories, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
-                                 retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=_STEP.value,
+                                 retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=step,
                                  max_batch=_MAX_BATCH.value)
     service.start()
     server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,

@@ -16,10 +16,11 @@ block of another model, context or text never matches. A block's first token was
 position len(context of its kind).
 
 A request served by shard `dest` reads its cached rows with `fetch`. In one process (default,
-`fetch_exact`): each shard holding some of the rows gathers them as stored (bf16 moves as bf16)
-into a compact buffer (row count rounded to a shape bucket), the buffer is copied device to
-device to `dest` and scattered into place; so the bytes moved are the request's remote bytes
-(+ the bucket padding). Across processes: one jitted `shard_map` in which every shard gathers its
+`fetch_exact`): `dest` gathers its own rows in one pass over the request's rows; every other
+shard holding some gathers them as stored (bf16 moves as bf16) into a compact buffer (row count a
+power of two, at least 16: few programs whatever the placement sends), the buffer is copied
+device to device to `dest` and scattered into place; so the bytes moved are the request's
+remote bytes (+ the bucket padding). Across processes: one jitted `shard_map` in which every shard gathers its
 rows into a T-row buffer and a reduce-scatter over `items` delivers them to `dest` (~N/2 x the
 bytes needed). Either way `dest` reads the rows into the model's dtype and re-rotates the keys
 from their canonical to their real positions in f32.
@@ -410,23 +411,29 @@ class BlockStore:
         owner = np.where(slots >= 0, slots // ss, -1)
         dev = self.mesh.devices[dest, 0]
         local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
-        out, moved = None, 0
-        for j in np.unique(owner[owner >= 0]).tolist():
+        # the destination's own rows: one gather over all t rows (zero where not its own), so the
+        # programs depend on t only, not on how many rows happen to be local
+        own = owner == dest
+        idx = np.where(own, slots - dest * ss, 0).astype(np.int32)
+        out = _gather_own(tuple(a[dev] for a in local), jax.device_put(idx, dev), jax.device_put(own, dev))
+        moved = 0
+        for j in np.unique(owner[(owner >= 0) & ~own]).tolist():
             pos = np.flatnonzero(owner == j)
-            b = bucket(len(pos), 8)
+            b = remote_bucket(len(pos))
             idx, tgt = np.zeros(b, np.int32), np.full(b, t, np.int32)  # padding rows land past the end: dropped
             idx[:len(pos)], tgt[:len(pos)] = slots[pos] - j * ss, pos
             src = self.mesh.devices[j, 0]
-            rows = _gather_rows(tuple(a[src] for a in local), jax.device_put(idx, src))
-            if j != dest:
-                rows = jax.device_put(rows, dev)
-                moved += sum(a.nbytes for a in rows)
-            tgt = jax.device_put(tgt, dev)
-            out = _scatter_first(rows, tgt, t=t) if out is None else _scatter_rows(out, rows, tgt)
-        if out is None:
-            out = tuple(jax.device_put(np.zeros((a.shape[0], t) + a.shape[2:], a.dtype), dev) for a in self.arrays)
+            rows = jax.device_put(_gather_rows(tuple(a[src] for a in local), jax.device_put(idx, src)), dev)
+            moved += sum(a.nbytes for a in rows)
+            out = _scatter_rows(out, rows, jax.device_put(tgt, dev))
         k, v = _arrive(out, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
         return k, v, moved
+
+
+def remote_bucket(n: int) -> int:
+    """Rows of one source shard's compact buffer: a power of two, at least 16 (few programs per
+    request shape whatever the placement sends; the padding is at most 2x a small count)."""
+    return 1 << max(int(n) - 1, 15).bit_length()
 
 
 @jax.jit
@@ -434,9 +441,10 @@ def _gather_rows(arrays, idx):
     return tuple(a[:, idx] for a in arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("t",))
-def _scatter_first(rows, tgt, *, t: int):
-    return tuple(jnp.zeros((a.shape[0], t) + a.shape[2:], a.dtype).at[:, tgt].set(a, mode="drop") for a in rows)
+@jax.jit
+def _gather_own(arrays, idx, own):
+    return tuple(jnp.where(own.reshape((1, -1) + (1,) * (a.ndim - 2)), a[:, idx], jnp.zeros((), a.dtype))
+                 for a in arrays)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
