@@ -355,12 +355,10 @@ def main(argv):
     peer, peer_note = None, "not requested (--peers=)"
     if "transformers" in _PEERS.value:
         from rcllm_jax.eval.peers import PEER_MODES, load_peer
-        if _HEAD.value == "slot":
-            peer_note = "skipped: the transformers rows score labels (slot prompts are scored by a head)"
-        elif not all(p.single_token_labels for p in prompts):
+        if _HEAD.value == "label" and not all(p.single_token_labels for p in prompts):
             peer_note = "skipped: the transformers rows score single-token labels only (<= 52 candidates)"
         else:
-            peer, why = load_peer(model.source)
+            peer, why = load_peer(model.source, head if _HEAD.value == "slot" else None)
             peer_note = f"loaded in {peer.load_s:.1f}s" if peer is not None else f"skipped: {why}"
             if peer is not None:
                 modes += list(PEER_MODES)

@@ -56,7 +56,7 @@ _GRID_USERS = flags.DEFINE_integer("grid_users", 6, "Test users per grid point (
 _ONLY = flags.DEFINE_list("only", [], "Run only the runs whose name starts with one of these (e.g. grid, served, "
                           "ranker, mesh, kv_dtype, build, scaling, serving); the report is rewritten from every JSON.")
 _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficient recompute budget must keep.")
-GRID_MODES = "full,prefix,prefix_warm,rcllm,hf_full"
+GRID_MODES = "full,prefix,prefix_warm,rcllm"  # + the transformers rows hf_full, hf_prefix (--peers=transformers)
 _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
                                      "run on those whose target was retrieved).")
 SERVED_MODES = "full,stitch,sink,deviation,rcllm"
@@ -456,10 +456,14 @@ def _grid_section(out: Path) -> list[str]:
     points = sorted(out.glob("grid_h*_c*.json"), key=lambda f: tuple(int(x[1:]) for x in f.stem.split("_")[1:]))
     if not points:
         return []
-    modes = GRID_MODES.split(",")
+    modes = GRID_MODES.split(",") + ["hf_full"]
     c0 = json.loads(points[0].read_text())["config"]
     lines = ["## TTFT grid: history x retrieved candidates (the served model)", "",
-             "`python launch/make_benchmarks.py --only=grid --grid_history_lens=20,50` (each point: `bench.py "
+             "`python launch/make_benchmarks.py --only=grid --grid_history_lens="
+             + ",".join(sorted({str(json.loads(f.read_text())["config"]["history_len"]) for f in points}, key=int))
+             + " --grid_candidates="
+             + ",".join(sorted({str(json.loads(f.read_text())["config"]["num_candidates"]) for f in points}, key=int))
+             + f" --grid_users={c0['num_users']}` (each point: `bench.py "
              + " ".join(a for a in c0.get("argv", []) if not a.startswith(("--output_json", "--history_len",
                                                                              "--num_candidates"))) + "`"
              f" at its history and candidate count). {c0['num_requests']} requests per point (test users, the item-kNN "

@@ -154,9 +154,10 @@ def main(argv):
                                  _MODE.value)
                 b *= 2
         service_s = max(float(sorted(timed)[len(timed) // 2]), 1e-3)
+        n_fetch = engine.warm_fetch()
         engine.reset_caches()
-        logging.info("warmed up %d shards x %d prompt shapes in %.1fs (service time p50 %.3fs)", engine.num_shards,
-                     len(probes), time.perf_counter() - t1, service_s)
+        logging.info("warmed up %d shards x %d prompt shapes (+ %d remote-fetch shapes) in %.1fs (service time p50 "
+                     "%.3fs)", engine.num_shards, len(probes), n_fetch, time.perf_counter() - t1, service_s)
     # The bound covers every request waiting for the engine: the queue plus the window the loop
     # has taken from it; sized so that the last of them waits about --latency_target_s.
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))

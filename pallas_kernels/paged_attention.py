@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.selective_attention import masked_attention
+
 _NEG = -1e30
 
 
@@ -54,9 +56,8 @@ def _rotate(x, ang):
 def paged_attention_reference(q, k_pages, v_pages, q_pos, table, span_start, span_len, span_pos, span_delta, inv,
                               window: int | None = None):
     """Pure JAX: gather every span's page, re-rotate its keys by delta, dense masked softmax."""
-    b, t, n, h = q.shape
+    b, h = q.shape[0], q.shape[3]
     page, kh = k_pages.shape[1], k_pages.shape[2]
-    g = n // kh
     m = table.shape[1]
     rows = jnp.arange(page)[None, None, :]  # [1, 1, page]
     valid = (rows >= span_start[..., None]) & (rows < (span_start + span_len)[..., None])  # [B, M, page]
@@ -65,21 +66,9 @@ def paged_attention_reference(q, k_pages, v_pages, q_pos, table, span_start, spa
     vg = v_pages[table].astype(jnp.float32)
     ang = span_delta.astype(jnp.float32)[..., None, None, None] * jnp.asarray(inv, jnp.float32)  # [B, M, 1, 1, H/2]
     kg = _rotate(kg, ang)
-    ok = valid[..., None, None]
-    kg, vg = jnp.where(ok, kg, 0.0).reshape(b, m * page, kh, h), jnp.where(ok, vg, 0.0).reshape(b, m * page, kh, h)
-    valid, k_pos = valid.reshape(b, m * page), k_pos.reshape(b, m * page)
-    mask = valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
-    if window is not None:
-        mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    qg = q.reshape(b, t, kh, g, h).astype(jnp.float32)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, kg) * h ** -0.5
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    mx = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0)), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgts,bskh->btkgh", p / jnp.where(l > 0, l, 1.0), vg).reshape(b, t, n, h)
-    lse = jnp.where(l > 0, mx + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]  # [B, K, G, T]
-    return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+    kg, vg = kg.reshape(b, m * page, kh, h), vg.reshape(b, m * page, kh, h)
+    o, lse = masked_attention(q, kg, vg, valid.reshape(b, m * page), k_pos.reshape(b, m * page), q_pos, window)
+    return o.astype(q.dtype), lse
 
 
 def merge_attention(o1, lse1, o2, lse2):

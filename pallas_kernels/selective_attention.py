@@ -34,14 +34,22 @@ _NEG = -1e30
 
 def selective_attention_reference(q, k, v, q_pos, k_pos, kv_len=None, k_valid=None, window: int | None = None):
     """Pure JAX: dense scores with the same mask (f32 softmax)."""
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    g = n // kh
+    b = q.shape[0]
     valid = jnp.ones((b, k.shape[1]), bool)  # [B, S]
     if kv_len is not None:
         valid &= jnp.arange(k.shape[1])[None, :] < kv_len[:, None]
     if k_valid is not None:
         valid &= k_valid
+    return masked_attention(q, k, v, valid, k_pos, q_pos, window)[0].astype(q.dtype)
+
+
+def masked_attention(q, k, v, valid, k_pos, q_pos, window: int | None = None):
+    """The references' definition: dense f32 softmax attention of q [B, T, N, H] over k, v
+    [B, S, K, H], key s visible to query t iff valid[b, s], k_pos <= q_pos (and within the window).
+    -> (out [B, T, N, H] f32, 0 where no key is visible; log-sum-exp [B, T, N], -inf there)."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
     mask = valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
     if window is not None:
         mask &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
@@ -53,8 +61,9 @@ def selective_attention_reference(q, k, v, q_pos, k_pos, kv_len=None, k_valid=No
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0)), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgts,bskh->btkgh", p / jnp.where(l > 0, l, 1.0), vz)
-    return o.reshape(b, t, n, h).astype(q.dtype)
+    o = jnp.einsum("bkgts,bskh->btkgh", p / jnp.where(l > 0, l, 1.0), vz).reshape(b, t, n, h)
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]  # [B, K, G, T]
+    return o, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
 def _kernel(len_ref, qpos_ref, kpos_ref, kval_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, scale: float,

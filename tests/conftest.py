@@ -44,3 +44,24 @@ def tiny_config():
     from rcllm_jax.model import ModelConfig
     return ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=3,
                        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096)
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (JAX's compile events): `with
+    CompileCounter() as c: ...; c.count`."""
+
+    def __enter__(self):
+        import jax
+        self.count = 0
+
+        def listen(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.count += 1
+        self._listen = listen
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+

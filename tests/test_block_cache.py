@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import CompileCounter, rel_err
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
@@ -249,17 +249,9 @@ def test_prefix_cache_pages_hold_their_rows_and_new_offsets_compile_nothing():
         slot = pc.alloc.first_slot + pc.pages[hashes[i]] * PAGE
         assert np.array_equal(np.asarray(pool.k[:, slot:slot + PAGE]), np.asarray(kv[:, src:src + PAGE]))
         assert np.array_equal(np.asarray(pool.v[:, slot:slot + PAGE]), np.asarray(kv[:, src:src + PAGE]))
-    compiles = []
-
-    def count(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with CompileCounter() as compiles:
         pc.insert(toks + 1000, kv, kv, start=0, n=41, row0=9)  # pages at 0 and 16, from rows 9 and 25
-        assert not compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles.count == 0
     h2 = pc._hashes(toks + 1000)
     assert pc.lookup(np.append(toks[:40] + 1000, 0))[1] == 32
     slot = pc.alloc.first_slot + pc.pages[h2[1]] * PAGE
@@ -304,25 +296,16 @@ def test_new_history_length_inside_a_bucket_compiles_nothing(world):
     eng, reqs, _ = world
     b = PromptBuilder(eng.builder.tok, eng.builder.items, history_len=1000)
     hist = list(reqs[0].history[-40:])
-    compiles = []
-
-    def count(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
-        from rcllm_jax.buckets import bucket
-        lengths = {}
-        for n in range(3, len(hist)):
-            pre = b.build(hist[:n], [1]).blocks
-            lengths.setdefault(bucket(len(pre[0].tokens) + len(pre[1].tokens), 16), []).append(n)
-        ns = next(v for v in lengths.values() if len(v) >= 2)[:2]  # two lengths in one bucket
-        eng.update_user(7001, b.build(hist[:ns[0]], [1]))  # warms the bucket's programs
-        before = len(compiles)
+    from rcllm_jax.buckets import bucket
+    lengths = {}
+    for n in range(3, len(hist)):
+        pre = b.build(hist[:n], [1]).blocks
+        lengths.setdefault(bucket(len(pre[0].tokens) + len(pre[1].tokens), 16), []).append(n)
+    ns = next(v for v in lengths.values() if len(v) >= 2)[:2]  # two lengths in one bucket
+    eng.update_user(7001, b.build(hist[:ns[0]], [1]))  # warms the bucket's programs
+    with CompileCounter() as compiles:
         assert eng.update_user(7002, b.build(hist[:ns[1]], [1])) > 0
-        assert len(compiles) == before
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles.count == 0
 
 
 def test_cache_hit_tokens_leave_out_a_prefix_just_computed(world):

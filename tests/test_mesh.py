@@ -301,6 +301,12 @@ def test_snapshot_round_trip_and_other_meshes(world, tmp_path):
             assert rel_err(got[key].scores, ref[key].scores) <= 1e-5, (n, key)
 
 
+def _used_slots(st) -> np.ndarray:
+    """Global slots of every cached row a shard owns (replicas excluded)."""
+    return np.asarray(sorted({e.shard * st.shard_slots + e.offset + i for e in st.entries.values() if e.shard >= 0
+                              for i in range(e.length)}))
+
+
 def test_exact_fetch_moves_only_the_needed_rows(world):
     """items:4: rows from every shard (and empty slots) fetched to each shard by the exact path
     equal a host gather + re-rotation of the store (an independent reference) and the collective
@@ -311,8 +317,7 @@ def test_exact_fetch_moves_only_the_needed_rows(world):
     engine, *_ = world
     e4 = engine(4)
     st = e4.store
-    used = np.asarray(sorted({e.shard * st.shard_slots + e.offset + i for e in st.entries.values() if e.shard >= 0
-                              for i in range(e.length)}))
+    used = _used_slots(st)
     rng = np.random.default_rng(0)
     slots = rng.choice(used, size=37, replace=False)
     slots[[3, 10]] = -1
@@ -333,6 +338,33 @@ def test_exact_fetch_moves_only_the_needed_rows(world):
         rows = sum(max(16, 2 ** int(np.ceil(np.log2(c)))) for c in counts)  # a power of two, at least 16
         assert moved == rows * st.bytes_per_token  # k and v of every moved row, nothing else
     assert st.exact_fetch  # the default in one process
+
+
+def test_warm_fetch_leaves_no_fetch_to_compile(world):
+    """items:2 after one fetch of T rows and `Engine.warm_fetch`: fetches of T rows drawn from
+    either shard in any proportion (every remote-buffer size), delivered to either shard,
+    compile nothing; a new T still does."""
+    from conftest import CompileCounter
+    engine, *_ = world
+    e2 = engine(2)
+    st = e2.store
+    used = _used_slots(st)
+    rng = np.random.default_rng(1)
+    t = 96
+    st.fetch(rng.choice(used, size=t), np.zeros(t, np.int32), 0, e2.impl)
+    assert e2.warm_fetch() > 0
+    owner = used // st.shard_slots
+    with CompileCounter() as c:
+        for trial, n_other in enumerate((0, 5, 17, 40, 70, 96)):  # rows from the other shard: buckets 16..128
+            dest = trial % 2
+            mine, other = used[owner == dest], used[owner != dest]
+            slots = np.concatenate([rng.choice(other, size=n_other), rng.choice(mine, size=t - n_other)])
+            k, _ = st.fetch(rng.permutation(slots), rng.integers(0, 300, t).astype(np.int32), dest, e2.impl)
+            jax.block_until_ready(k)
+    assert c.count == 0
+    with CompileCounter() as c:
+        jax.block_until_ready(st.fetch(used[:40], np.zeros(40, np.int32), 0, e2.impl)[0])
+    assert c.count > 0  # the counter sees a new length's programs
 
 
 def test_serving_step_batches_every_shard_in_one_program(world):

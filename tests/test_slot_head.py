@@ -65,6 +65,29 @@ def test_slot_prompts_in_every_mode(world):
         assert int(lay.forced[:lay.n_suffix].sum()) == len(p.candidates) + 1
 
 
+def test_transformers_peer_scores_slot_prompts_with_the_same_head(world, smollm2, tmp_path):
+    """The benchmark's transformers rows (hf_full, hf_prefix) on slot prompts: Hugging Face's
+    decoder (an independent implementation of the same weights) at the slots, the same head,
+    equal to the numpy reference; a head with a query adapter is refused."""
+    pytest.importorskip("transformers")
+    import dataclasses as dc
+
+    from rcllm_jax.eval.peers import load_peer
+    from rcllm_jax.model.export import save_hf_dir
+    eng, reqs, prompts, head = world
+    save_hf_dir(tmp_path / "m", eng.params, CFG, smollm2.tokenizer)
+    peer, why = load_peer(tmp_path / "m", head)
+    assert why is None
+    for p in prompts:
+        ref = reference_scores(eng, p, head)
+        assert rel_err(peer.rank(p, "hf_full").scores, ref) <= 1e-4
+        for _ in range(2):  # a miss, then a hit on the instruction + history stored by the first
+            res = peer.rank(p, "hf_prefix")
+            assert rel_err(res.scores, ref) <= 1e-4
+        assert res.cache_hit_tokens == len(p.blocks[0].tokens) + len(p.blocks[1].tokens)
+    assert load_peer(tmp_path / "m", dc.replace(head, adapter={"wq": {}}))[0] is None
+
+
 def test_head_round_trip_and_refusals(world, tmp_path):
     eng, _, prompts, head = world
     path = head.save(tmp_path / "head")

@@ -145,6 +145,7 @@ class BlockStore:
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
         self._coaccess = None  # co-access log (block keys of each request), or a function computing it
         self.exact_fetch = True  # single process: move only the rows a request needs (`fetch_exact`)
+        self.fetched_lengths: set[int] = set()  # row counts T fetched exactly so far (`warm_fetch`)
         self.shard_slots = SLOT_ALIGN
         shape = (cfg.num_layers, self.num_shards * self.shard_slots, cfg.num_kv_heads, cfg.head_dim)
         self.k = jax.device_put(jnp.zeros(shape, self.dtype), self.sharding)
@@ -408,6 +409,7 @@ class BlockStore:
         into place there. Returns (k, v, bytes moved between devices)."""
         slots = np.asarray(slots, np.int64)
         t, ss = len(slots), self.shard_slots
+        self.fetched_lengths.add(t)
         owner = np.where(slots >= 0, slots // ss, -1)
         dev = self.mesh.devices[dest, 0]
         local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
@@ -428,6 +430,36 @@ class BlockStore:
             out = _scatter_rows(out, rows, jax.device_put(tgt, dev))
         k, v = _arrive(out, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
         return k, v, moved
+
+
+    def warm_fetch(self, impl: str) -> int:
+        """Compile the exact fetch's programs for every row count T fetched so far, on every
+        shard: its own-row gather and arrival, and each power-of-two remote buffer up to T from
+        every other shard (which ones a request needs depends on where its items live, so a
+        warm-up with a few prompts misses most). Returns how many (T, buffer, source,
+        destination) combinations were run."""
+        if not self.exact_fetch or jax.process_count() > 1:
+            return 0
+        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
+        devs = [self.mesh.devices[j, 0] for j in range(self.num_shards)]
+        done = 0
+        for t in sorted(self.fetched_lengths):
+            for dest in range(self.num_shards):  # nothing remote: the own-row gather and the arrival
+                jax.block_until_ready(self.fetch_exact(np.full(t, -1), np.zeros(t, np.int32), dest, impl)[:2])
+            b = 16
+            while b <= remote_bucket(t):
+                for src in devs:
+                    rows = _gather_rows(tuple(a[src] for a in local), jax.device_put(np.zeros(b, np.int32), src))
+                    for dest in devs:
+                        if dest == src:
+                            continue
+                        out = tuple(jax.device_put(np.zeros((a.shape[0], t) + a.shape[2:], a.dtype), dest)
+                                    for a in self.arrays)
+                        tgt = jax.device_put(np.full(b, t, np.int32), dest)  # every row dropped
+                        jax.block_until_ready(_scatter_rows(out, jax.device_put(rows, dest), tgt))
+                        done += 1
+                b *= 2
+        return done
 
 
 def remote_bucket(n: int) -> int:

@@ -170,6 +170,12 @@ class Engine:
             self._replicas[dev, query] = self._on(self.query_params if query else self.params, dev)
         return self._replicas[dev, query]
 
+    def warm_fetch(self) -> int:
+        """Compile the remote fetches of every suffix length served so far, for every pair of
+        shards and remote-buffer size (`BlockStore.warm_fetch`): a warm-up's few prompts reach
+        only the pairs their items happen to need. Returns the combinations run."""
+        return self.store.warm_fetch(self.impl)
+
     def reset_caches(self):
         """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
         self.users = UserStore(self.pool, PageAllocator(1, self._pages[0]))

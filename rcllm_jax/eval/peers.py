@@ -1,5 +1,7 @@
 """External peer for the benchmark: Hugging Face `transformers` on CPU torch, same weights, same
-prompts, same candidate scoring (log-softmax over the label tokens' first-token logits).
+prompts, same candidate scoring: label prompts by log-softmax over the label tokens' first-token
+logits; slot prompts by the same ranking head over transformers' final-normed hidden states at
+the score slots (a head with a query adapter is not supported: its rows need other weights).
 
   hf_full    full prefill of every prompt;
   hf_prefix  prefix reuse the way a transformers user does it: the KV (`past_key_values`) of a
@@ -25,17 +27,20 @@ from rcllm_jax.engine.engine import EngineResult
 PEER_MODES = ("hf_full", "hf_prefix")
 
 
-def load_peer(model_source: str | Path):
-    """(TransformersPeer, None) or (None, why it is unavailable)."""
+def load_peer(model_source: str | Path, head=None):
+    """(TransformersPeer, None) or (None, why it is unavailable). head: the `SlotHead` that scores
+    slot prompts (None: label prompts only)."""
     import importlib.util
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         return None, f"{' and '.join(missing)} not installed; pip install -e '.[parity]'"
-    return TransformersPeer(model_source), None
+    if head is not None and head.adapter is not None:
+        return None, "the ranking head has a query adapter (its query rows need other weights than the peer's)"
+    return TransformersPeer(model_source, head), None
 
 
 class TransformersPeer:
-    def __init__(self, model_source):
+    def __init__(self, model_source, head=None):
         import torch
         import transformers as tf
         torch.set_num_threads(os.cpu_count() or 1)
@@ -46,6 +51,7 @@ class TransformersPeer:
         self.model.eval()
         self.load_s = time.perf_counter() - t0
         self.torch = torch
+        self.head = head
         self.reset()
 
     MAX_PREFIXES = 128  # stored prefixes kept (oldest dropped first): ~18 MB each at 400 tokens
@@ -53,14 +59,21 @@ class TransformersPeer:
     def reset(self):
         self.prefixes: dict[tuple[int, ...], object] = {}  # prefix tokens -> DynamicCache
 
-    def _forward(self, ids, cache=None):
+    def _forward(self, ids, cache=None, rows=None):
+        """(next-token logits, or with `rows` the final-normed hidden states at those indices of
+        ids; the KV cache)."""
         with self.torch.no_grad():
-            out = self.model(self.torch.as_tensor(np.asarray(ids, np.int64))[None], past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            x = self.torch.as_tensor(np.asarray(ids, np.int64))[None]
+            if rows is not None:  # the decoder only (its last hidden state is after the final norm)
+                out = self.model.model(x, past_key_values=cache, use_cache=True)
+                return out.last_hidden_state[0, np.asarray(rows)].float().numpy(), out.past_key_values
+            out = self.model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float().numpy(), out.past_key_values
 
-    @staticmethod
-    def _scores(prompt, logits):
+    def _scores(self, prompt, out):
+        if prompt.head == "slot":
+            return self.head.scores(out)
+        logits = out
         if not prompt.single_token_labels:
             raise ValueError("the transformers peer scores single-token labels only (<= 52 candidates)")
         x = logits[[lt[0] for lt in prompt.label_tokens]].astype(np.float64)
@@ -68,9 +81,12 @@ class TransformersPeer:
 
     def rank(self, prompt, mode: str, user_id=None) -> EngineResult:
         toks = [int(t) for t in prompt.tokens]
+        if prompt.head == "slot" and self.head is None:
+            raise ValueError("slot prompts need the ranking head (load_peer(..., head=...))")
+        slots = prompt.slot_positions if prompt.head == "slot" else None
         if mode == "hf_full":
             t0 = time.perf_counter()
-            logits, _ = self._forward(toks)
+            logits, _ = self._forward(toks, rows=slots)
             scores = self._scores(prompt, logits)
             return EngineResult(scores=scores, ttft_s=time.perf_counter() - t0, prompt_tokens=len(toks),
                                 computed_tokens=len(toks))
@@ -81,7 +97,7 @@ class TransformersPeer:
         hit = max((n for n in (n_user, n_instr) if tuple(toks[:n]) in self.prefixes and n < len(toks)), default=0)
         t0 = time.perf_counter()
         cache = copy.deepcopy(self.prefixes[tuple(toks[:hit])]) if hit else None
-        logits, _ = self._forward(toks[hit:], cache)
+        logits, _ = self._forward(toks[hit:], cache, rows=None if slots is None else slots - hit)
         scores = self._scores(prompt, logits)
         ttft = time.perf_counter() - t0
         for n in (n_instr, n_user):  # store the prefixes, as a prefix cache would during this prefill
