@@ -68,23 +68,27 @@ _STEP = flags.DEFINE_enum("serving_step", "auto", ["auto", *SERVING_STEPS], "bat
                           "scheduling window run as serving steps, each shard's requests one batch, every shard in "
                           "one program (Engine.rank_step); serial: one request at a time; auto: serial on CPU "
                           "devices (they share the host's cores: a step's padding is real work there; measured "
-                          "4.10 vs 2.95 requests/s on items:2, BENCHMARKS.md), batched on GPU / TPU (unmeasured).")
+                          "4.63 vs 3.21 requests/s on items:2, BENCHMARKS.md), batched on GPU / TPU (unmeasured).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests per shard in one serving step at most (batched).")
 _WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
 _WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
 
 
-def _warmup_prompts(builder, ds, item_ids, n: int):
-    """Up to n prompts of typical size (20 candidates, real histories) whose history prefixes fall
-    in different shape buckets: the compiles real traffic would otherwise pay for."""
+def _warmup_prompts(builder, ds, item_ids, n: int, retriever=None, num_candidates: int = 20):
+    """Up to n prompts shaped like real traffic (real histories, the retriever's candidates for
+    them, as a request without candidates gets) whose history prefixes fall in different shape
+    buckets: the compiles real traffic would otherwise pay for."""
     from rcllm_jax.buckets import bucket
+    served = set(item_ids)
     out, seen = [], set()
     for user, seq in ds.sequences.items():
         if len(out) >= n:
             break
-        for k in (20, 10, 5, 1):
+        for k in (num_candidates, 10, 5, 1):
+            k = min(k, _MAX_CANDS.value, len(item_ids))
             try:
-                p = builder.build(seq, item_ids[:min(k, _MAX_CANDS.value, len(item_ids))])
+                cands = [i for i in retriever.retrieve(seq, k)[0] if i in served] if retriever is not None else []
+                p = builder.build(seq, cands if len(cands) == k else item_ids[:k])
             except ValueError:
                 continue
             key = bucket(len(p.blocks[0].tokens) + len(p.blocks[1].tokens), 16)
@@ -139,7 +143,7 @@ def main(argv):
     service_s = 0.25  # a request's engine time when nothing is measured (no warm-up)
     if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
         t1 = time.perf_counter()
-        probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value)
+        probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value, retriever, _NUM_CANDS.value)
         for s in range(engine.num_shards):
             for j, probe in enumerate(probes):
                 engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
