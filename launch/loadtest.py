@@ -51,14 +51,15 @@ def _post(url, body, timeout=300.0):
 
 def _compiles(url) -> int | None:
     """The server's XLA compilations so far (its /metrics counter), None if it does not say."""
+    from prometheus_client.parser import text_string_to_metric_families
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
             text = r.read().decode()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("rcllm_compiles_total "):
-            return int(float(line.split()[1]))
+    for family in text_string_to_metric_families(text):
+        if family.name == "rcllm_compiles":
+            return int(next(s.value for s in family.samples if s.name == "rcllm_compiles_total"))
     return None
 
 

@@ -457,13 +457,12 @@ def _grid_section(out: Path) -> list[str]:
     if not points:
         return []
     modes = GRID_MODES.split(",") + ["hf_full"]
-    c0 = json.loads(points[0].read_text())["config"]
+    data = {f.stem: json.loads(f.read_text()) for f in points}
+    c0 = data[points[0].stem]["config"]
+    values = lambda key: ",".join(map(str, sorted({d["config"][key] for d in data.values()})))  # noqa: E731
     lines = ["## TTFT grid: history x retrieved candidates (the served model)", "",
-             "`python launch/make_benchmarks.py --only=grid --grid_history_lens="
-             + ",".join(sorted({str(json.loads(f.read_text())["config"]["history_len"]) for f in points}, key=int))
-             + " --grid_candidates="
-             + ",".join(sorted({str(json.loads(f.read_text())["config"]["num_candidates"]) for f in points}, key=int))
-             + f" --grid_users={c0['num_users']}` (each point: `bench.py "
+             f"`python launch/make_benchmarks.py --only=grid --grid_history_lens={values('history_len')} "
+             f"--grid_candidates={values('num_candidates')} --grid_users={c0['num_users']}` (each point: `bench.py "
              + " ".join(a for a in c0.get("argv", []) if not a.startswith(("--output_json", "--history_len",
                                                                              "--num_candidates"))) + "`"
              f" at its history and candidate count). {c0['num_requests']} requests per point (test users, the item-kNN "
@@ -475,8 +474,7 @@ def _grid_section(out: Path) -> list[str]:
              + " | rcllm vs prefix_warm | vs prefix | vs full | vs hf_full | rcllm computed tok | rcllm / floor "
              "| rcllm top-1 | rcllm KL | NDCG@10 within: full / rcllm [95% CI] |",
              "|" + "---|" * (len(modes) + 12)]
-    for f in points:
-        d = json.loads(f.read_text())
+    for d in data.values():
         c, rows = d["config"], {r["mode"]: r for r in d["results"]}
         t = {m: rows[m]["ttft_p50_s"] for m in modes if m in rows}
         rc = rows.get("rcllm", {})
@@ -490,9 +488,8 @@ def _grid_section(out: Path) -> list[str]:
                      f"{_fmt(rc.get('top1_agreement'))} | {_fmt(rc.get('kl_mean'), '.4f')} | "
                      f"{_fmt(rows.get('full', {}).get('ndcg@10_retrieved'))} / {_fmt(rc.get('ndcg@10_retrieved'))} "
                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}] |")
-    h50 = [json.loads(f.read_text()) for f in points if f.stem == "grid_h50_c50"]
-    if h50:
-        rows = {r["mode"]: r for r in h50[0]["results"]}
+    if "grid_h50_c50" in data:
+        rows = {r["mode"]: r for r in data["grid_h50_c50"]["results"]}
         t = {m: r["ttft_p50_s"] for m, r in rows.items() if r.get("ttft_p50_s")}
         lines.append("")
         for peer, want in (("prefix_warm", 5), ("prefix", 10), ("hf_full", 20)):

@@ -27,27 +27,26 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 
+def rotate_by(x, ang):
+    """x [..., H] (f32) rotated by the angles ang [..., H/2] of each frequency pair (HF
+    rotate_half layout; ang broadcasts against x's leading dimensions)."""
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    half = x.shape[-1] // 2
+    return x * jnp.cos(ang) + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * jnp.sin(ang)
+
+
 def gather_rerotate_reference(pool, slots, delta, inv):
     """XLA: gather, then rotate by delta in f32, one rounding to the pool's dtype."""
     g = pool[:, slots].astype(jnp.float32)  # [L, T, K, H]
     ang = delta.astype(jnp.float32)[:, None] * jnp.asarray(inv, jnp.float32)[None]  # [T, H/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]  # [1, T, 1, H]
-    half = g.shape[-1] // 2
-    rot = jnp.concatenate([-g[..., half:], g[..., :half]], axis=-1)
-    return (g * jnp.cos(ang) + rot * jnp.sin(ang)).astype(pool.dtype)
+    return rotate_by(g, ang[None, :, None, :]).astype(pool.dtype)
 
 
 def _kernel(slots_ref, delta_ref, inv_ref, k_ref, o_ref):
     # k_ref, o_ref [K, H] (one token of one layer); inv_ref [1, H/2]
     t = pl.program_id(1)
-    d = delta_ref[t].astype(jnp.float32)
-    ang = d * inv_ref[...]  # [1, H/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], axis=1))
-    sin = jnp.sin(jnp.concatenate([ang, ang], axis=1))
-    x = k_ref[...].astype(jnp.float32)
-    half = x.shape[1] // 2
-    rot = jnp.concatenate([-x[:, half:], x[:, :half]], axis=1)
-    o_ref[...] = (x * cos + rot * sin).astype(o_ref.dtype)
+    ang = delta_ref[t].astype(jnp.float32) * inv_ref[...]  # [1, H/2]
+    o_ref[...] = rotate_by(k_ref[...].astype(jnp.float32), ang).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

@@ -41,16 +41,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.gather_rerotate import rotate_by
 from pallas_kernels.selective_attention import masked_attention
 
 _NEG = -1e30
-
-
-def _rotate(x, ang):
-    """x [..., H] rotated by angles ang [..., H/2] (rotate_half layout), in f32."""
-    cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1)), jnp.sin(jnp.concatenate([ang, ang], -1))
-    half = x.shape[-1] // 2
-    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def paged_attention_reference(q, k_pages, v_pages, q_pos, table, span_start, span_len, span_pos, span_delta, inv,
@@ -65,7 +59,7 @@ def paged_attention_reference(q, k_pages, v_pages, q_pos, table, span_start, spa
     kg = k_pages[table].astype(jnp.float32)  # [B, M, page, K, H]
     vg = v_pages[table].astype(jnp.float32)
     ang = span_delta.astype(jnp.float32)[..., None, None, None] * jnp.asarray(inv, jnp.float32)  # [B, M, 1, 1, H/2]
-    kg = _rotate(kg, ang)
+    kg = rotate_by(kg, ang)
     kg, vg = kg.reshape(b, m * page, kh, h), vg.reshape(b, m * page, kh, h)
     o, lse = masked_attention(q, kg, vg, valid.reshape(b, m * page), k_pos.reshape(b, m * page), q_pos, window)
     return o.astype(q.dtype), lse
@@ -86,7 +80,7 @@ def merge_attention(o1, lse1, o2, lse2):
 def _kernel(table_ref, start_ref, len_ref, pos_ref, delta_ref,  # scalar prefetch [B, M]
             inv_ref, qpos_ref, q_ref, k_ref, v_ref,  # inv [1, H/2]; qpos [bq, 1]; q [bq, H]; k, v [page, H]
             o_ref, lse_ref,  # [bq, H], [bq, 1]
-            m_sc, l_sc, acc_sc, *, scale: float, window: int | None, rotate: bool):
+            m_sc, l_sc, acc_sc, *, scale: float, window: int | None):
     b, span = pl.program_id(0), pl.program_id(3)
 
     @pl.when(span == 0)
@@ -101,9 +95,8 @@ def _kernel(table_ref, start_ref, len_ref, pos_ref, delta_ref,  # scalar prefetc
     def _step():
         start, pos0 = start_ref[b, span], pos_ref[b, span]
         q = q_ref[...].astype(jnp.float32)
-        if rotate:  # the query turned back by the span's delta instead of its keys turned forward
-            q = _rotate(q, -delta_ref[b, span].astype(jnp.float32) * inv_ref[...])
-        q = q * scale
+        # the query turned back by the span's delta instead of its keys turned forward
+        q = rotate_by(q, -delta_ref[b, span].astype(jnp.float32) * inv_ref[...]) * scale
         page = k_ref.shape[0]
         rows = jax.lax.broadcasted_iota(jnp.int32, (1, page), 1)
         valid = (rows >= start) & (rows < start + n)  # [1, page]
@@ -165,7 +158,7 @@ def paged_attention(q, k_pages, v_pages, q_pos, table, span_start, span_len, spa
                         pltpu.VMEM((bq, h), jnp.float32)],
     )
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, scale=h ** -0.5, window=window, rotate=True),
+        functools.partial(_kernel, scale=h ** -0.5, window=window),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, kh, rows_p, h), q.dtype),
                    jax.ShapeDtypeStruct((b, kh, rows_p, 1), jnp.float32)],

@@ -431,7 +431,6 @@ class BlockStore:
         k, v = _arrive(out, jax.device_put(np.asarray(delta, np.int32), dev), cfg=self.cfg, impl=impl)
         return k, v, moved
 
-
     def warm_fetch(self, impl: str) -> int:
         """Compile the exact fetch's programs for every row count T fetched so far, on every
         shard: its own-row gather and arrival, and each power-of-two remote buffer up to T from

@@ -16,13 +16,6 @@ PAGE = 16  # tokens per page (vLLM's default block size)
 
 
 @functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
-def _write(pool_k, pool_v, k, v, start):
-    # pool [L, S, K, H]; k, v [L, n, K, H] written at slot `start` in place (donated)
-    return (jax.lax.dynamic_update_slice(pool_k, k.astype(pool_k.dtype), (0, start, 0, 0)),
-            jax.lax.dynamic_update_slice(pool_v, v.astype(pool_v.dtype), (0, start, 0, 0)))
-
-
-@functools.partial(jax.jit, donate_argnames=("pool_k", "pool_v"))
 def _scatter(pool_k, pool_v, k, v, slots):
     # k, v [L, n, K, H] written at arbitrary slots [n]
     return pool_k.at[:, slots].set(k.astype(pool_k.dtype)), pool_v.at[:, slots].set(v.astype(pool_v.dtype))
@@ -54,12 +47,6 @@ class KVPool:
     def num_slots(self) -> int:
         return self.k.shape[1]
 
-    def write(self, start: int, k, v):
-        """Write n consecutive tokens' KV ([L, n, K, H]) at slots start..start+n-1."""
-        if start < 1 or start + k.shape[1] > self.num_slots:
-            raise IndexError(f"slots [{start}, {start + k.shape[1]}) outside the pool of {self.num_slots}")
-        self.k, self.v = _write(self.k, self.v, self._place(k), self._place(v), start)
-
     def scatter(self, slots: np.ndarray, k, v):
         """Write tokens' KV ([L, n, K, H]) at the given slots (slot 0, the scratch slot, takes
         padding rows)."""
@@ -67,7 +54,6 @@ class KVPool:
         if slots.min() < 0 or slots.max() >= self.num_slots:
             raise IndexError("slot outside the pool")
         self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(slots)))
-
 
     def copy_rows(self, k, v, rows: np.ndarray, slots: np.ndarray):
         """Write rows `rows` of k, v ([L, R, K, H]) at the given slots, in one compiled program
