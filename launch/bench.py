@@ -57,6 +57,11 @@ _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (def
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
+_TEST_POS = flags.DEFINE_string("test_positions", None, "Evaluate the targets held back at these positions from "
+                                "the end of each sequence ('1-3' or '1,2'; 1 = the last item) instead of --stage: "
+                                "one request per user and position, candidates from a retriever fitted strictly "
+                                "before that position (retrieval.fit_before), intervals resampling users. A "
+                                "head must have been validated above them (its card's validation_position).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of user order, negatives and tie-breaking.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct); "
                              "a tuned model: <train output_dir>/merged.")
@@ -222,6 +227,18 @@ def _collaborative_scores(collab: dict, retriever, q):
     return scorer.logits(retriever.candidate_features(q.history, q.candidates)[None])[0].tolist()
 
 
+def _test_positions(spec: str) -> tuple[int, ...]:
+    """'1-3' or '1,2' -> (1, 2, 3)."""
+    try:
+        lo_hi = [int(x) for x in spec.split("-")] if "-" in spec else None
+        out = tuple(range(lo_hi[0], lo_hi[1] + 1)) if lo_hi else tuple(int(x) for x in spec.split(","))
+    except (ValueError, IndexError):
+        raise app.UsageError(f"--test_positions: expected 'a-b' or a comma list of integers, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise app.UsageError(f"--test_positions count from the end of a sequence (1 = the last item), got {spec!r}")
+    return tuple(sorted(set(out)))
+
+
 def run_stream(engine, mode, requests, prompts, policies, peer=None):
     """One pass of the stream in `mode`; returns per-request (result, history_update_s). Block
     modes are routed to a shard by the server's scheduler (`--scheduler`), one request at a time."""
@@ -263,23 +280,30 @@ def main(argv):
     import jax
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.data.pipeline import eval_requests, stream_requests
+    from rcllm_jax.data.pipeline import eval_requests, heldout_requests, stream_requests
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.eval.fidelity import fidelity
     from rcllm_jax.eval.metrics import (MISS, bootstrap_ci, per_request_metrics, popularity_scores,
                                        random_scores, target_rank)
     from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import fit_on_split
+    from rcllm_jax.retrieval import fit_before, fit_on_split
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
     t0 = time.perf_counter()
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
     split = LeaveOneOut(ds)
-    retriever, retriever_info = None, None
+    positions = _test_positions(_TEST_POS.value) if _TEST_POS.value else None
+    if positions and (_REQS.value or _RPU.value > 1):
+        raise app.UsageError("--test_positions makes its own requests: drop --requests / --requests_per_user")
+    retriever, retriever_info, retrievers = None, None, None
     if _CAND_SRC.value == "retrieved":
         t1 = time.perf_counter()
-        retriever = fit_on_split(split)
+        if positions:  # one retriever per held-back position, each fitted strictly before it
+            retrievers = {p: fit_before(split, p) for p in positions}
+            retriever = retrievers[positions[0]]
+        else:
+            retriever = fit_on_split(split)
         retriever_info = {"kind": "item-knn (cosine co-occurrence, training split only)",
                           "neighbours": int(retriever.neighbours.shape[1]), "recent": retriever.recent,
                           "decay": retriever.decay,
@@ -296,27 +320,50 @@ def main(argv):
             raise app.UsageError("--requests brings its own candidates: drop --candidates=retrieved")
     elif _RPU.value > 1:
         requests = stream_requests(split, num_users=_USERS.value, requests_per_user=_RPU.value, **pick)
+    elif positions:
+        requests, req_pos = heldout_requests(split, positions, num_candidates=_CANDS.value, negatives=_NEG.value,
+                                             seed=_SEED.value, num_users=_USERS.value, retrievers=retrievers,
+                                             order=_ORDER.value)
     else:
         requests = list(eval_requests(split, stage=_STAGE.value, num_users=_USERS.value, **pick))
+    if not positions:
+        req_pos = [None] * len(requests)
+    # the retriever that proposed each request's candidates (its order and features are read back)
+    retr_of = [retrievers[p] for p in req_pos] if retrievers else [retriever] * len(requests)
     if retriever is not None:
         t1 = time.perf_counter()
-        for q in requests:
-            retriever.retrieve(q.history, _CANDS.value)
-        retriever_info.update({f"recall@{_CANDS.value}": float(np.mean([q.target_index is not None for q in requests])),
+        for q, r in zip(requests, retr_of):
+            r.retrieve(q.history, _CANDS.value)
+        hit = np.array([q.target_index is not None for q in requests])
+        retriever_info.update({f"recall@{_CANDS.value}": float(hit.mean()),
                                "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
-    skipped = 0  # requests not run (--rank_retrieved_only): each a miss in the all-user metrics
+        if positions:
+            retriever_info["kind"] = "item-knn (cosine co-occurrence), one per test position, fitted before it"
+            retriever_info[f"recall@{_CANDS.value}_by_position"] = {
+                p: float(hit[np.asarray(req_pos) == p].mean()) for p in positions}
+    # a user's requests are resampled together in the intervals when a user makes several
+    clustered = len({q.user_id for q in requests}) < len(requests)
+    skipped_users = []  # requests not run (--rank_retrieved_only): each a miss in the all-user metrics
     if _ONLY_HITS.value:
         if retriever is None:
             raise app.UsageError("--rank_retrieved_only needs --candidates=retrieved")
-        kept = [q for q in requests if q.target_index is not None]
-        skipped, requests = len(requests) - len(kept), kept
+        keep = [q.target_index is not None for q in requests]
+        skipped_users = [q.user_id for q, k in zip(requests, keep) if not k]
+        requests, req_pos, retr_of = ([x for x, k in zip(xs, keep) if k] for xs in (requests, req_pos, retr_of))
         if not requests:
             raise app.UsageError("no request has its target among the retrieved candidates")
-    # the training split's retriever: the coaccess placement's graph and a head's collaborative features
-    train_retriever = retriever or fit_on_split(split)
+    skipped = len(skipped_users)
+    # the training split's retriever (before the earliest test position): the coaccess placement's
+    # graph and, without --test_positions, a head's collaborative features
+    cut = max(positions) if positions else 2
+    train_retriever = (retrievers[cut] if retrievers else retriever) or fit_on_split(split)
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     from rcllm_jax.engine.slot_head import ranking_head
     head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
+    if head is not None and positions and max(positions) >= val_pos:
+        raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
+                             f"--test_positions must be below {val_pos}, got {_TEST_POS.value!r}")
     builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, head=_HEAD.value,
                             max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in requests]
@@ -329,8 +376,8 @@ def main(argv):
                     attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
                     replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
                     head=head,  # the co-access log below: placement and replicas
-                    coaccess=train_retriever.coaccess_requests([split.train_sequence(u) for u in split.users],
-                                                               k=_CANDS.value))
+                    coaccess=train_retriever.coaccess_requests(
+                        [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut], k=_CANDS.value))
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -388,10 +435,10 @@ def main(argv):
         from rcllm_jax.recommender import check_side_features, final_scores
         side_source = train_retriever
         check_side_features(head, side_source)
-        for mode in modes:
-            results[mode] = [(dataclasses.replace(r, scores=final_scores(head, side_source, q.history, q.candidates,
-                                                                         r.scores)), u)
-                             for (r, u), q in zip(results[mode], requests)]
+        for mode in modes:  # each request's features from the retriever that proposed its candidates
+            results[mode] = [(dataclasses.replace(r, scores=final_scores(head, rq or side_source, q.history,
+                                                                         q.candidates, r.scores)), u)
+                             for (r, u), q, rq in zip(results[mode], requests, retr_of)]
 
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth, selective_flops, weight_bytes
     peak, bw = matmul_peak_flops(), memory_bandwidth()
@@ -413,20 +460,32 @@ def main(argv):
     # a replayed log scores only its lines with a target; generated requests all have one
     scored = np.array([q.target is not None for q in requests])
 
+    users = np.asarray([str(q.user_id) for q in requests])
+    pos_arr = np.asarray([-1 if p is None else p for p in req_pos])
+
+    def ci(values, groups):
+        return bootstrap_ci(values, seed=_SEED.value, groups=groups if clustered else None)
+
     def all_metrics(ranks):
         """Over every request (a target not among the candidates is a miss), and with retrieved
         candidates also over the requests whose target was retrieved (suffix _retrieved); 95%
-        bootstrap intervals of HR@10 and NDCG@10 (suffix _ci)."""
-        def with_ci(rk, suffix=""):
+        bootstrap intervals of HR@10 and NDCG@10 (suffix _ci), over users when a user makes
+        several requests; with --test_positions NDCG@10 within the retrieved per position too."""
+        def with_ci(rk, groups, suffix=""):
             per = per_request_metrics(rk)
             out = {f"{k}{suffix}": float(v.mean()) for k, v in per.items()}
-            out |= {f"{k}{suffix}_ci": bootstrap_ci(per[k], seed=_SEED.value) for k in ("hr@10", "ndcg@10")}
+            out |= {f"{k}{suffix}_ci": ci(per[k], groups) for k in ("hr@10", "ndcg@10")}
             return out
         if not scored.any():
             return {}
-        out = with_ci(np.r_[np.asarray(ranks, np.float64)[scored], np.full(skipped, MISS)])
+        out = with_ci(np.r_[np.asarray(ranks, np.float64)[scored], np.full(skipped, MISS)],
+                      np.r_[users[scored], np.asarray([str(u) for u in skipped_users])])
         if retriever is not None and retrieved.any():
-            out |= with_ci(np.asarray(ranks)[retrieved], "_retrieved")
+            out |= with_ci(np.asarray(ranks)[retrieved], users[retrieved], "_retrieved")
+            if positions:
+                per = per_request_metrics(np.asarray(ranks)[retrieved])["ndcg@10"]
+                out["ndcg@10_retrieved_by_position"] = {p: float(per[pos_arr[retrieved] == p].mean())
+                                                        for p in positions if (pos_arr[retrieved] == p).any()}
         return out
 
     def vs_retriever(ranks) -> dict:
@@ -437,11 +496,11 @@ def main(argv):
         d = (per_request_metrics(np.asarray(ranks)[retrieved])["ndcg@10"]
              - per_request_metrics(np.asarray(retriever_ranks)[retrieved])["ndcg@10"])
         return {"ndcg@10_retrieved_minus_retriever": float(d.mean()),
-                "ndcg@10_retrieved_minus_retriever_ci": bootstrap_ci(d, seed=_SEED.value)}
+                "ndcg@10_retrieved_minus_retriever_ci": ci(d, users[retrieved])}
 
     retriever_ranks = None
     if retriever is not None:
-        retriever_ranks = [target_rank(_retriever_scores(retriever, q), q.target_index) for q in requests]
+        retriever_ranks = [target_rank(_retriever_scores(r, q), q.target_index) for q, r in zip(requests, retr_of)]
 
     for mode in modes:
         res = [r for r, _ in results[mode]]
@@ -488,13 +547,18 @@ def main(argv):
                        shard_requests=np.bincount([r.shard for r in res], minlength=engine.num_shards).tolist())
         rows.append(row)
     rng = np.random.default_rng(_SEED.value)
-    baselines = {"popularity": [popularity_scores(q.candidates, split.popularity) for q in requests],
+    import collections
+    popularity = {p: (split.popularity if p is None else  # interactions strictly before each test position
+                      collections.Counter(i for u in split.users for i in ds.sequences[u][:-p]))
+                  for p in set(req_pos)}
+    baselines = {"popularity": [popularity_scores(q.candidates, popularity[p]) for q, p in zip(requests, req_pos)],
                  "random": [random_scores(len(q.candidates), rng) for q in requests]}
     if retriever is not None:  # the retriever's own order of the same candidates
-        baselines = {"retriever": [_retriever_scores(retriever, q) for q in requests]} | baselines
+        baselines = {"retriever": [_retriever_scores(r, q) for q, r in zip(requests, retr_of)]} | baselines
     collab = (head.card.get("collaborative") if side_source is not None else None)
     if collab:  # the head's collaborative part alone (no LLM): what the model adds over it
-        baselines = {"collaborative": [_collaborative_scores(collab, side_source, q) for q in requests]} | baselines
+        baselines = {"collaborative": [_collaborative_scores(collab, r or side_source, q)
+                                       for q, r in zip(requests, retr_of)]} | baselines
     for name, scores in baselines.items():
         ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, requests)]
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
@@ -509,7 +573,10 @@ def main(argv):
               "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
               "negatives": _NEG.value if retriever is None else "retrieved", "candidates": _CAND_SRC.value,
               "candidate_order": _ORDER.value if retriever is not None else None, "retriever": retriever_info,
-              "stage": _STAGE.value, "seed": _SEED.value, "model": portable_path(model.source),
+              "stage": _STAGE.value if not positions else None, "test_positions": list(positions or []),
+              "head_validation_position": val_pos if head is not None else None,
+              "intervals": "bootstrap over users" if clustered else "bootstrap over requests",
+              "seed": _SEED.value, "model": portable_path(model.source),
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
               "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,

@@ -64,6 +64,7 @@ _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at hi
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
 RANKER_HISTORY = (20, 50)
+RANKER_POSITIONS = "1-3"  # the test positions below the shipped head's validation position (4)
 SERVED_SWEEP = "0.05,0.1,0.2"
 _MESH_USERS = flags.DEFINE_integer("mesh_users", 100, "Test users of the placement runs on retrieved candidates.")
 MESH_RETRIEVED_SHARDS = (4, 8)
@@ -87,13 +88,13 @@ def _served_runs(out: Path) -> dict:
 
 
 def _ranker_runs(out: Path) -> dict:
-    """The shipped ranker on the test targets at history 20 and 50: accuracy (rcllm and full, with
-    the retriever / collaborative / popularity / random rows) and rcllm's fidelity to full
-    prefill, over --ranker_users (the model runs only where the target was retrieved; the rest are
-    misses either way). Its training log is `launch/train.py`'s train_log.json, copied to
-    ranker_train.json."""
+    """The shipped ranker on the test targets held back at positions 1-3 of every user, at history
+    20 and 50: accuracy (rcllm and full, with the retriever / collaborative / popularity / random
+    rows) and rcllm's fidelity to full prefill, over --ranker_users (the model runs only where the
+    target was retrieved; the rest are misses either way). Its training log is `launch/train.py`'s
+    train_log.json, copied to ranker_train.json."""
     return {f"ranker h{h}": [f"--num_users={_RANKER_USERS.value}", *SERVED, f"--history_len={h}", "--nowarmup",
-                             "--rank_retrieved_only", "--modes=full,rcllm",
+                             "--rank_retrieved_only", "--modes=full,rcllm", f"--test_positions={RANKER_POSITIONS}",
                              f"--output_json={out / f'served_ranker_h{h}.json'}"] for h in RANKER_HISTORY}
 
 
@@ -160,19 +161,33 @@ def _ranker_section(out: Path) -> list[str]:
         c = d["config"]
         k = c["num_candidates"]
         recall = (c.get("retriever") or {}).get(f"recall@{k}", float("nan"))
-        lines += [f"**Test, history {h}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; "
-                  f"{c['num_requests']} test users, retriever recall@{k} {recall:.3f}, the model run on the "
+        pos = c.get("test_positions") or []
+        who = (f"{c['num_users']} test users x positions {pos[0]}-{pos[-1]} from the end of each sequence = "
+               f"{c['num_requests']} requests, each with a retriever fitted before its target, intervals "
+               "resampling users" if pos else f"{c['num_requests']} test users")
+        head = ("the shipped head" if c.get("head_digest") == _shipped_head_digest() else
+                f"an earlier head ({c.get('head_digest')}), not the shipped one")
+        lines += [f"**Test, history {h}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; {head}; "
+                  f"{who}; retriever recall@{k} {recall:.3f}, the model run on the "
                   f"{c.get('requests_run', c['num_requests'])} whose target was retrieved):", "",
                   "| row | NDCG@10 within retrieved [95% CI] | minus retriever [paired 95% CI] | HR@10 within | "
-                  "HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |"
+                  + "".join(f" within, pos. {p} |" for p in pos),
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(pos)]
         for r in d["results"]:
             ci = r.get("ndcg@10_retrieved_ci") or [None, None]
             dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
             vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
+            by = r.get("ndcg@10_retrieved_by_position") or {}
             lines.append(f"| {r['mode']} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
                          f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
-                         f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
+                         f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |"
+                         + "".join(f" {_fmt(by.get(str(p)))} |" for p in pos))
+        if pos:
+            rec = c["retriever"].get(f"recall@{k}_by_position") or {}
+            lines.append("")
+            lines.append("Retriever recall@" + f"{k} by position: "
+                         + ", ".join(f"{p}: {_fmt(rec.get(str(p)))}" for p in pos) + ".")
         lines.append("")
         lines += [f"- {x}" for x in _ranker_checks(d)] + [""]
     return lines
@@ -272,13 +287,13 @@ def _served_section(out: Path) -> list[str]:
     r0 = c.get("retriever") or {}
     k = c["num_candidates"]
     shipped = c.get("head_digest") is not None and c["head_digest"] == _shipped_head_digest()
-    lines = ["## The served model: retrieve -> rerank (" + ("the shipped score-slot head)" if shipped else
-                                                             "an earlier score-slot head: slot states only)"), "",
+    which = "the shipped score-slot head" if shipped else f"an earlier score-slot head, {c.get('head_digest')}"
+    lines = [f"## The served model: retrieve -> rerank ({which})", "",
              "The accuracy and fidelity sweep and the TTFT run are separate runs, possibly on different machines "
              "(compare ratios within a run, not absolute times across runs); the rcllm policy was chosen on the sweep."
-             + ("" if shipped else " The sweep ran with the head shipped before the collaborative features (it "
-                "matched the retriever); the shipped head's test accuracy and fidelity are in the ranker section "
-                "above, and TTFT does not depend on the head's weights."),
+             + ("" if shipped else " The sweep ran with an earlier head than the shipped one; the shipped head's "
+                "test accuracy and fidelity are in the ranker section above, and TTFT does not depend on the "
+                "head's weights."),
              "",
              f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
              f"{c['dataset']} test targets of {c['num_requests']} users, item-kNN top-{k} in the retriever's order, "

@@ -6,8 +6,9 @@ python launch/train.py --output_dir=runs/ranker2 --steps=120                    
 
 Examples: targets held back at --positions from the end of each ML-100k sequence (training data
 strictly before each; an item-kNN retriever fitted on every sequence cut there proposes the
-candidates, listed in its order); validation: the leave-one-out validation targets. Only the
-examples whose target was retrieved train (the listwise loss needs it among the candidates).
+candidates, listed in its order); validation: the targets at --validation_position, likewise
+(the default config holds out 4: positions 1-3 stay for `bench.py --test_positions=1-3`). Only
+the examples whose target was retrieved train (the listwise loss needs it among the candidates).
 
 Stage 0 fits the collaborative scorer (the retriever's features of each candidate: kNN score,
 follow score, position; `train/slot_head.py::fit_collaborative`) on the targets at
@@ -41,8 +42,11 @@ _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "train_cpu.toml"), "TOML preset (flags override).")
 _OUT = flags.DEFINE_string("output_dir", "runs/ranker", "Where prefixes, states, checkpoints, heads and the log go.")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
-_POS = flags.DEFINE_list("positions", ["4", "3"], "Held-back positions from the end of each sequence "
-                         "(3 = the last training item; 2 and 1 are validation and test).")
+_POS = flags.DEFINE_list("positions", ["4", "3"], "Stage 1: held-back positions from the end of each sequence "
+                         "(each > --validation_position).")
+_VAL_POS = flags.DEFINE_integer("validation_position", 2, "Held-back position of the validation targets (2: the "
+                                "leave-one-out one); the positions below it are the test positions (bench.py "
+                                "--test_positions), those above it the training ones.")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per prompt.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt.")
 _ORDER = flags.DEFINE_enum("candidate_order", "retriever", ["retriever", "shuffled"],
@@ -68,7 +72,8 @@ _CKPT = flags.DEFINE_integer("checkpoint_every", 25, "Stage 2: steps between Orb
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and the adapter's initialisation.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 0, "Use only the first N users (0 = all; smoke tests).")
 
-_TOML = {"train.positions": "positions", "train.collaborative": "collaborative",
+_TOML = {"train.positions": "positions", "train.validation_position": "validation_position",
+         "train.collaborative": "collaborative",
          "train.collaborative_positions": "collaborative_positions", "train.num_candidates": "num_candidates", "train.history_len": "history_len",
          "train.l2": "l2", "train.head_steps": "head_steps", "train.steps": "steps", "train.batch_size": "batch_size",
          "train.lr": "lr", "train.warmup": "warmup", "train.lora_rank": "lora_rank", "train.lora_alpha": "lora_alpha",
@@ -84,8 +89,8 @@ def _key(fingerprint, examples) -> str:
     return h.hexdigest()
 
 
-def _positions(spec: str) -> tuple[int, ...]:
-    """'3-20' or '3,4,5' -> positions, largest first."""
+def _positions(spec: str, flag: str = "collaborative_positions") -> tuple[int, ...]:
+    """'3-20' or '3,4,5' -> positions, largest first; all above the validation position."""
     try:
         if "-" in spec:
             lo, hi = (int(x) for x in spec.split("-"))
@@ -93,9 +98,11 @@ def _positions(spec: str) -> tuple[int, ...]:
         else:
             out = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise app.UsageError(f"--collaborative_positions: expected 'a-b' or a comma list, got {spec!r}") from None
-    if not out or min(out) < 3:
-        raise app.UsageError(f"--collaborative_positions must be >= 3 (2 and 1 are validation and test), got {spec!r}")
+        raise app.UsageError(f"--{flag}: expected 'a-b' or a comma list, got {spec!r}") from None
+    v = _VAL_POS.value
+    if not out or min(out) <= v:
+        raise app.UsageError(f"--{flag} must be > {v} ({v} is the validation position"
+                             f"{f', 1-{v - 1} the test ones' if v > 1 else ''}), got {spec!r}")
     return tuple(sorted(out, reverse=True))
 
 
@@ -123,10 +130,13 @@ def main(argv):
     split = LeaveOneOut(load_dataset("ml-100k"))
     if _MAX_USERS.value:
         split.users = split.users[:_MAX_USERS.value]
-    positions = tuple(int(p) for p in _POS.value)
+    if _VAL_POS.value < 1:
+        raise app.UsageError(f"--validation_position must be >= 1, got {_VAL_POS.value}")
+    positions = _positions(",".join(_POS.value), "positions")
     train, train_stats = sh.training_examples(split, positions=positions, num_candidates=_CANDS.value,
                                               order=_ORDER.value)
-    val, val_requests = sh.validation_examples(split, num_candidates=_CANDS.value, order=_ORDER.value)
+    val, val_requests = sh.validation_examples(split, position=_VAL_POS.value, num_candidates=_CANDS.value,
+                                               order=_ORDER.value)
     if _VAL_N.value:
         val = val[:_VAL_N.value]
     if not train or not val:
@@ -194,10 +204,10 @@ def main(argv):
             "command": "python launch/train.py " + " ".join(sys.argv[1:]),
             "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
                     f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
-                    "with an item-kNN retriever fitted strictly before it; validation: leave-one-out validation "
-                    "targets, retriever fitted on the training split.",
+                    f"with an item-kNN retriever fitted strictly before it; validation: the targets at position "
+                    f"{_VAL_POS.value}, likewise; test positions 1-{_VAL_POS.value - 1} never used.",
             "mode": "rcllm", "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
-            "positions": list(positions),
+            "positions": list(positions), "validation_position": _VAL_POS.value,
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
     if collab is not None:

@@ -268,6 +268,17 @@ def fit_on_split(split, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
     return ItemKNN.fit([split.train_sequence(u) for u in split.users], ids, **kw)
 
 
+def fit_before(split, position: int, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
+    """An ItemKNN fitted on every user's sequence cut before its `position`-th item from the end
+    (2 = the leave-one-out training split, as `fit_on_split`): the retriever of the targets held
+    back at that position, which never saw them or anything after them."""
+    if position < 1:
+        raise ValueError(f"a held-back position counts from the end of a sequence, >= 1; got {position}")
+    ids = sorted(split.dataset.items) if item_ids is None else item_ids
+    seqs = split.dataset.sequences
+    return ItemKNN.fit([seqs[u][:-position] for u in split.users if len(seqs[u]) > position], ids, **kw)
+
+
 def recall_at_k(retrieved: Sequence[Sequence[int]], targets: Sequence[int]) -> float:
     """Share of requests whose target is among their retrieved items."""
     return float(np.mean([t in set(r) for r, t in zip(retrieved, targets)])) if len(targets) else 0.0

@@ -72,6 +72,13 @@ def test_bootstrap_interval_by_hand():
     lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50, n=2000, seed=1)
     # binomial mean 0.5, sd sqrt(0.25 / 100) = 0.05: the 95% interval is about 0.5 +- 0.098
     assert 0.39 < lo < 0.42 and 0.58 < hi < 0.61
+    # a user's requests resampled together: two identical requests per user carry one user's
+    # evidence, so the cluster interval is the per-user one, ~sqrt(2) wider than the naive one
+    users = np.random.default_rng(4).random(60)
+    twice, who = np.repeat(users, 2), np.repeat(np.arange(60), 2)
+    assert bootstrap_ci(twice, seed=3, groups=who) == bootstrap_ci(users, seed=3)
+    naive, grouped = bootstrap_ci(twice, n=4000, seed=5), bootstrap_ci(twice, n=4000, seed=5, groups=who)
+    assert 1.2 < (grouped[1] - grouped[0]) / (naive[1] - naive[0]) < 1.7
     per = per_request_metrics([0, 3, float("inf")])
     assert per["hr@1"].tolist() == [1, 0, 0] and per["hr@5"].tolist() == [1, 1, 0]
     assert abs(per["ndcg@5"][1] - 1 / np.log2(5)) < 1e-12 and per["mrr"][2] == 0

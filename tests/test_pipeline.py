@@ -86,3 +86,30 @@ def test_request_log_is_checked_line_by_line(split, tmp_path):
     p.write_text(json.dumps({**good[0], "arrival_s": 1.0}) + "\n" + json.dumps(good[1]) + "\n")
     with pytest.raises(ValueError, match="on every line or on none"):
         read_request_log(p, items)
+
+
+def test_heldout_positions_use_only_data_before_each_target(split):
+    """--test_positions: one request per user and position; the p-th item from the end is the
+    target, everything before it the history, and the candidates come from a retriever fitted on
+    every user's sequence cut before p, so it never saw any test target at or after p."""
+    from rcllm_jax.data.pipeline import heldout_requests
+    from rcllm_jax.retrieval import ItemKNN, fit_before, fit_on_split
+    seqs = split.dataset.sequences
+    retr = {p: fit_before(split, p) for p in (1, 2, 3)}
+    reqs, pos = heldout_requests(split, (2, 1, 3), num_users=25, num_candidates=20, retrievers=retr, seed=5,
+                                 order="retriever")
+    assert len(reqs) == 75 and pos == [3] * 25 + [2] * 25 + [1] * 25  # largest first: histories grow
+    users = [r.user_id for r in eval_requests(split, num_users=25, seed=5)]
+    assert [r.user_id for r in reqs[:25]] == users == [r.user_id for r in reqs[50:]]
+    for r, p in zip(reqs, pos):
+        assert r.history == tuple(seqs[r.user_id][:-p]) and r.target == seqs[r.user_id][-p]
+        assert r.candidates == retr[p].retrieve(r.history, 20)[0]
+    for p in (1, 3):  # the same data fitted independently
+        ref = ItemKNN.fit([s[:-p] for u, s in seqs.items() if u in set(split.users)], sorted(split.dataset.items))
+        assert ref.digest == retr[p].digest
+    assert fit_before(split, 2).digest == fit_on_split(split).digest  # position 2 = the training split
+    # sampled negatives at a position: the target among them
+    sampled, _ = heldout_requests(split, (2,), num_users=5, num_candidates=10, seed=1)
+    assert all(r.target in r.candidates and len(r.candidates) == 10 for r in sampled)
+    with pytest.raises(ValueError, match=">= 1"):
+        heldout_requests(split, (0,), num_users=2)

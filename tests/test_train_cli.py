@@ -70,7 +70,8 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     assert ranker.adapter_cfg.targets == ("wq", "wv") and head.adapter is None
     assert ranker.base_fingerprint == head.base_fingerprint == log["card"]["base_fingerprint"]
     from rcllm_jax.retrieval import CANDIDATE_FEATURES
-    assert log["stage0"]["examples"] > log["card"]["train_examples"]  # positions 3-20 vs 4, 3
+    assert log["stage0"]["examples"] > log["card"]["train_examples"]  # positions 5-22 vs 6, 5
+    assert log["card"]["validation_position"] == 4 and min(log["card"]["positions"]) == 5
     assert ranker.side_features == head.side_features == CANDIDATE_FEATURES
     assert np.array_equal(ranker.side_weights, head.side_weights)
     assert np.allclose(head.side_weights, log["stage0"]["side_weights"])
@@ -81,9 +82,16 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     again = SlotHead.load(out / "ranker")
     assert all((again.adapter[n]["b"] == ranker.adapter[n]["b"]).all() for n in ranker.adapter)
     js = tmp_path / "b.json"
-    b = _run(["launch/bench.py", "--head=slot", f"--ranking_head={out / 'ranker'}", "--candidates=retrieved",
-              "--candidate_order=retriever", "--modes=full,rcllm", "--num_users=2", "--history_len=3", "--peers=",
-              "--nowarmup", f"--output_json={js}"])
+    bench = ["launch/bench.py", "--head=slot", f"--ranking_head={out / 'ranker'}", "--candidates=retrieved",
+             "--candidate_order=retriever", "--modes=full,rcllm", "--num_users=2", "--history_len=3", "--peers=",
+             "--nowarmup", f"--output_json={js}"]
+    b = _run(bench + ["--test_positions=1-3"])  # the test positions below the head's validation one
     assert b.returncode == 0, b.stderr[-3000:]
-    rows = {x["mode"]: x for x in json.loads(js.read_text())["results"]}
+    data = json.loads(js.read_text())
+    rows = {x["mode"]: x for x in data["results"]}
     assert {"full", "rcllm", "retriever", "collaborative"} <= set(rows)
+    assert data["config"]["test_positions"] == [1, 2, 3] and data["config"]["num_requests"] == 6
+    assert data["config"]["intervals"] == "bootstrap over users"
+    assert set(data["config"]["retriever"]["recall@20_by_position"]) == {"1", "2", "3"}
+    b = _run(bench + ["--test_positions=1-4"])  # position 4 validated the head: refused
+    assert b.returncode != 0 and "validated at held-back position 4" in b.stderr

@@ -65,6 +65,33 @@ def eval_requests(split: LeaveOneOut, *, stage: str = "test", num_candidates: in
     return ds.map(make)
 
 
+def heldout_requests(split: LeaveOneOut, positions, *, num_candidates: int = 20, negatives: str = "uniform",
+                     seed: int = 0, num_users: int | None = None, retrievers=None,
+                     order: str = "shuffled") -> tuple[list[RankRequest], list[int]]:
+    """Requests for the targets held back at several `positions` from the end of each sequence
+    (1 = the last item): for each position p, each user (seeded order, as `eval_requests`)
+    predicts its p-th item from the end from everything before it. `retrievers` maps p to the
+    retriever fitted strictly before p (`retrieval.fit_before`) that proposes the candidates;
+    without it negatives are sampled. Largest position first, so a user's history only grows
+    from one request to the next. Returns (requests, the position of each)."""
+    users = list(grain.MapDataset.source(list(split.users)).shuffle(seed=seed))
+    users = users if num_users is None else users[:num_users]
+    reqs, where = [], []
+    for p in sorted(set(positions), reverse=True):
+        if p < 1:
+            raise ValueError(f"held-back positions count from the end of a sequence, >= 1; got {p}")
+        retr = None if retrievers is None else retrievers[p]
+        for u in users:
+            seq = split.dataset.sequences[u]
+            if len(seq) <= p:
+                continue  # no history before that position
+            hist, target = tuple(seq[:-p]), seq[-p]
+            reqs.append(RankRequest(u, hist, _candidates(split, u, hist, target, num_candidates, negatives, seed,
+                                                         retr, order), target))
+            where.append(p)
+    return reqs, where
+
+
 def stream_requests(split: LeaveOneOut, *, num_users: int, requests_per_user: int, num_candidates: int = 20,
                     negatives: str = "uniform", grow_prob: float = 0.5, seed: int = 0, retriever=None,
                     order: str = "shuffled") -> list[RankRequest]:

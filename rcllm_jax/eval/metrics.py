@@ -46,11 +46,19 @@ def ranking_metrics(ranks: Iterable[float]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in per_request_metrics(ranks).items()}
 
 
-def bootstrap_ci(values, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-request values (seeded)."""
+def bootstrap_ci(values, n: int = 1000, seed: int = 0, level: float = 0.95, groups=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-request values (seeded). With `groups`
+    (one label per value, e.g. the user of each request), whole groups are resampled (cluster
+    bootstrap): requests of one user are not independent evidence."""
     v = np.asarray(values, np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))
-    means = v[idx].mean(axis=1)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        means = v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1)
+    else:
+        _, g = np.unique(np.asarray(groups), return_inverse=True)
+        sums, counts = np.bincount(g, weights=v), np.bincount(g).astype(np.float64)
+        idx = rng.integers(0, len(sums), size=(n, len(sums)))
+        means = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 

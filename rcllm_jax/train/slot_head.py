@@ -33,7 +33,7 @@ import optax
 from rcllm_jax.data.pipeline import retrieved_candidates
 from rcllm_jax.engine.slot_head import head_scores, position_feature, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
-from rcllm_jax.retrieval import ItemKNN, fit_on_split
+from rcllm_jax.retrieval import fit_before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +54,13 @@ def _example(retr, user, hist, target, num_candidates, seed, order):
 
 def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, order: str = "retriever",
                       min_history: int = 3, seed: int = 0) -> tuple[list[Example], dict]:
-    """Examples at held-back positions (each from the end of a user's sequence; 3 = the last
-    training item), each with a retriever fitted strictly before that position. Returns
-    (examples ordered by user, then growing history; stats)."""
+    """Examples at held-back positions (each from the end of a user's sequence), each with a
+    retriever fitted strictly before that position (`retrieval.fit_before`). Returns (examples
+    ordered by user, then growing history; stats)."""
     seqs = split.dataset.sequences
-    items = sorted(split.dataset.items)
     out, stats = [], {}
     for p in sorted(positions, reverse=True):
-        retr = ItemKNN.fit([seqs[u][:-p] for u in split.users if len(seqs[u]) > p], items)
+        retr = fit_before(split, p)
         kept = total = 0
         for u in split.users:
             seq = seqs[u]
@@ -77,15 +76,16 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
     return out, stats
 
 
-def validation_examples(split, *, num_candidates: int = 20, order: str = "retriever", seed: int = 0):
-    """(examples whose validation target was retrieved, number of validation requests)."""
-    retr = fit_on_split(split)
-    out = []
-    for u in split.users:
-        e = _example(retr, u, tuple(split.history(u, "valid")), split.target(u, "valid"), num_candidates, seed, order)
-        if e is not None:
-            out.append(e)
-    return out, len(split.users)
+def validation_examples(split, *, position: int = 2, num_candidates: int = 20, order: str = "retriever",
+                        seed: int = 0):
+    """(examples whose target held back at `position` was retrieved, number of requests there),
+    users in the split's order. Position 2 is the leave-one-out validation target (retriever =
+    the training split's); a head meant for an evaluation over test positions 1..k validates at
+    k + 1 and trains above it."""
+    out, stats = training_examples(split, positions=(position,), num_candidates=num_candidates, order=order,
+                                   min_history=1, seed=seed)
+    order_of = {u: i for i, u in enumerate(split.users)}
+    return sorted(out, key=lambda e: order_of[e.user]), stats[f"position_{position}"]["requests"]
 
 
 def head_features(states):
