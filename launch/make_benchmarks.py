@@ -59,13 +59,14 @@ _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficien
 GRID_MODES = "full,prefix,prefix_warm,rcllm"  # + the transformers rows hf_full, hf_prefix (--peers=transformers)
 _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
                                      "run on those whose target was retrieved).")
-SERVED_MODES = "full,stitch,sink,deviation,rcllm"
+SERVED_MODES = "full,stitch,sink,deviation"  # stitch is the rcllm default's policy (0% recomputed)
+# Budgets inside the recommender issue's 10% of cached block tokens: a sink of 1 per block, deviation 5%.
+SERVED_BUDGETS = ["--sink=1", "--ratio=0.05"]
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
 RANKER_HISTORY = (20, 50)
 RANKER_POSITIONS = "1-3"  # the test positions below the shipped head's validation position (4)
-SERVED_SWEEP = "0.05,0.1,0.2"
 _MESH_USERS = flags.DEFINE_integer("mesh_users", 100, "Test users of the placement runs on retrieved candidates.")
 MESH_RETRIEVED_SHARDS = (4, 8)
 
@@ -80,7 +81,8 @@ def _served_runs(out: Path) -> dict:
     """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
     return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                             "--rank_retrieved_only", f"--modes={SERVED_MODES}", f"--sweep={SERVED_SWEEP}",
+                             "--rank_retrieved_only", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
+                             f"--test_positions={RANKER_POSITIONS}",
                              f"--output_json={out / 'served_sweep.json'}"],
             "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
                             "--history_len=50", "--modes=full,prefix,prefix_warm,rcllm",
@@ -116,8 +118,10 @@ def _ranker_section(out: Path) -> list[str]:
              + f"stage 1 fitted the head{' over it' if s0 else ''} on the slot states of {card['train_examples']} "
              f"examples (positions {card.get('positions') or [int(k.split('_')[1]) for k in log.get('train_stats', {})]}), "
              "each with a retriever fitted before its "
-             f"target; {card['val_examples']} validation examples (validation targets the retriever put in its "
-             f"top-{card['num_candidates']}). Stage 1 "
+             f"target; {card['val_examples']} validation examples ("
+             + (f"position {card['validation_position']}" if card.get("validation_position") else
+                "leave-one-out validation targets")
+             + f" targets the retriever put in its top-{card['num_candidates']}). Stage 1 "
              + (f"took {log['stage1_s'] / 60:.0f} min (every example served once)" if log["stage1_s"] > 60 else
                 "reused the states and prefixes of an earlier run with the same examples") +
              (f", stage 2 {s2['curve'][-1]['wall_s'] / 60:.0f} min for {s2['curve'][-1]['step']} steps x "
