@@ -61,7 +61,7 @@ _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the ser
                                      "run on those whose target was retrieved).")
 SERVED_MODES = "full,stitch,sink,deviation"  # stitch is the rcllm default's policy (0% recomputed)
 # Budgets inside the recommender issue's 10% of cached block tokens: a sink of 1 per block, deviation 5%.
-SERVED_BUDGETS = ["--sink=1", "--ratio=0.05"]
+SERVED_BUDGETS = ["--sink=1", "--ratio=0.05", "--check_layer=1"]
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
@@ -82,7 +82,7 @@ def _served_runs(out: Path) -> dict:
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
     return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
                              "--rank_retrieved_only", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
-                             f"--test_positions={RANKER_POSITIONS}",
+                             "--test_positions=1",  # one position: each row is a pass over the requests
                              f"--output_json={out / 'served_sweep.json'}"],
             "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
                             "--history_len=50", "--modes=full,prefix,prefix_warm,rcllm",
