@@ -50,8 +50,10 @@ _ONLY_HITS = flags.DEFINE_bool("rank_retrieved_only", False, "With --candidates=
                                 "those requests only (for accuracy runs over many users).")
 _ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
                            "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
-_HEAD = flags.DEFINE_enum("head", "label", ["label", "slot"], "How candidates are scored: the answer's label "
-                          "logits, or score slots read by a trained head (--ranking_head).")
+_HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
+                          "trained head (default: the shipped one, what serve.py serves; --ranking_head another), "
+                          "or the base model alone through its answer-label logits (label: for --model / --adapter "
+                          "weights the shipped head was not trained on).")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
                                  "rcllm_jax/assets/slot_head, trained for the default model).")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
@@ -287,7 +289,7 @@ def main(argv):
     from rcllm_jax.eval.metrics import (MISS, bootstrap_ci, per_request_metrics, popularity_scores,
                                        random_scores, target_rank)
     from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import fit_before, fit_on_split
+    from rcllm_jax.retrieval import fit_before
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
     t0 = time.perf_counter()
@@ -303,7 +305,7 @@ def main(argv):
             retrievers = {p: fit_before(split, p) for p in positions}
             retriever = retrievers[positions[0]]
         else:
-            retriever = fit_on_split(split)
+            retriever = fit_before(split, 2)
         retriever_info = {"kind": "item-knn (cosine co-occurrence, training split only)",
                           "neighbours": int(retriever.neighbours.shape[1]), "recent": retriever.recent,
                           "decay": retriever.decay,
@@ -356,10 +358,13 @@ def main(argv):
     # the training split's retriever (before the earliest test position): the coaccess placement's
     # graph and, without --test_positions, a head's collaborative features
     cut = max(positions) if positions else 2
-    train_retriever = (retrievers[cut] if retrievers else retriever) or fit_on_split(split)
+    train_retriever = (retrievers[cut] if retrievers else retriever) or fit_before(split, 2)
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    from rcllm_jax.engine.slot_head import ranking_head
-    head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    from rcllm_jax.engine.slot_head import HeadError, ranking_head
+    try:
+        head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+    except ValueError as e:  # a missing or damaged head file (HeadError), --ranking_head with --head=label
+        raise app.UsageError(str(e)) from None
     val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
     if head is not None and positions and max(positions) >= val_pos:
         raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
@@ -370,14 +375,19 @@ def main(argv):
     lengths = [len(p) for p in prompts]
     logging.info("%d requests ready in %.1fs", len(requests), time.perf_counter() - t0)
 
-    engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
-                    canonical=_CANON.value, user_pages=_USER_PAGES.value,
-                    prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # pool is per device
-                    attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
-                    replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
-                    head=head,  # the co-access log below: placement and replicas
-                    coaccess=train_retriever.coaccess_requests(
-                        [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut], k=_CANDS.value))
+    try:
+        engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
+                        canonical=_CANON.value, user_pages=_USER_PAGES.value,
+                        prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # per device
+                        attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
+                        replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
+                        head=head,  # the co-access log below: placement and replicas
+                        coaccess=train_retriever.coaccess_requests(
+                            [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut],
+                            k=_CANDS.value))
+    except HeadError as e:
+        raise app.UsageError(f"{e}: train a head for these weights (launch/train.py --model=...) and pass "
+                             "--ranking_head, or score with the base model alone: --head=label") from None
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:

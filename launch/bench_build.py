@@ -78,12 +78,12 @@ def main(argv):
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import fit_on_split
+    from rcllm_jax.retrieval import fit_before
 
     model = load_model()
     base = load_dataset("ml-100k")
     split = LeaveOneOut(base)
-    retriever = fit_on_split(split)
+    retriever = fit_before(split, 2)
     reqs = list(eval_requests(split, num_candidates=20, seed=0, num_users=_PREFILL.value + 1, retriever=retriever))
     builder = PromptBuilder(model.tokenizer, base.items, history_len=_HIST.value)
     prompts = [builder.build(r.history, r.candidates) for r in reqs]
@@ -117,7 +117,7 @@ def main(argv):
     for scale in (int(x) for x in _SCALES.value):
         ds = scaled_catalog(base, scale)
         sp = LeaveOneOut(ds)
-        log = fit_on_split(sp).coaccess_requests([sp.train_sequence(u) for u in sp.users])
+        log = fit_before(sp, 2).coaccess_requests([sp.train_sequence(u) for u in sp.users])
         eng = Engine(model.params, model.cfg, PromptBuilder(model.tokenizer, ds.items), item_ids=sorted(ds.items),
                      user_pages=16, prefix_pages=1, max_candidates=100, mesh=make_mesh(MeshSpec(_DEVICES.value)),
                      placement=_PLACEMENT.value, replicate=_REPLICATE.value, kv_dtype=_KV.value, coaccess=log)

@@ -48,10 +48,10 @@ def main(argv):
     from rcllm_jax.eval.metrics import bootstrap_ci, per_request_metrics, target_rank
     from rcllm_jax.model import load_model
     from rcllm_jax.recommender import check_side_features, final_scores
-    from rcllm_jax.retrieval import fit_on_split
+    from rcllm_jax.retrieval import fit_before
 
     split = LeaveOneOut(load_dataset("ml-100k"))
-    retriever = fit_on_split(split)
+    retriever = fit_before(split, 2)
     requests = [q for q in eval_requests(split, num_candidates=_CANDS.value, num_users=_USERS.value,
                                          retriever=retriever) if q.target_index is not None]
     model = load_model()

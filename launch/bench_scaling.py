@@ -67,7 +67,7 @@ def main(argv):
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.dist.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.retrieval import fit_on_split
+    from rcllm_jax.retrieval import fit_before
     from rcllm_jax.serve.scheduler import Scheduler
     from rcllm_jax.model import ModelConfig, init_params, load_model
 
@@ -83,7 +83,7 @@ def main(argv):
         t0 = time.perf_counter()
         ds = scaled_catalog(base, scale)
         split = LeaveOneOut(ds)
-        retriever = fit_on_split(split)
+        retriever = fit_before(split, 2)
         log = retriever.coaccess_requests([split.train_sequence(u) for u in split.users], k=_CANDS.value)
         builder = PromptBuilder(tok, ds.items, history_len=_HIST.value)
         pick = (dict(retriever=retriever) if _CAND_SRC.value == "retrieved" else dict(negatives=_NEG.value))

@@ -59,7 +59,7 @@ _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficien
 GRID_MODES = "full,prefix,prefix_warm,rcllm"  # + the transformers rows hf_full, hf_prefix (--peers=transformers)
 _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
                                      "run on those whose target was retrieved).")
-SERVED_MODES = "full,stitch,sink,deviation"  # stitch is the rcllm default's policy (0% recomputed)
+SERVED_MODES = "full,stitch,sink,deviation"  # with SERVED_BUDGETS' --sink=1, sink is the rcllm default's policy
 # Budgets inside the recommender issue's 10% of cached block tokens: a sink of 1 per block, deviation 5%.
 SERVED_BUDGETS = ["--sink=1", "--ratio=0.05", "--check_layer=1"]
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
@@ -70,7 +70,7 @@ RANKER_POSITIONS = "1-3"  # the test positions below the shipped head's validati
 _MESH_USERS = flags.DEFINE_integer("mesh_users", 100, "Test users of the placement runs on retrieved candidates.")
 MESH_RETRIEVED_SHARDS = (4, 8)
 
-WORKLOAD = ["--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
+WORKLOAD = ["--head=label", "--requests_per_user=2", "--num_candidates=20", "--history_len=20", "--cached_glue",
             "--modes=full,prefix,stitch,sink,deviation,rcllm", "--sweep=0.1,0.3,0.5"]
 
 
@@ -183,7 +183,9 @@ def _ranker_section(out: Path) -> list[str]:
             dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
             vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
             by = r.get("ndcg@10_retrieved_by_position") or {}
-            lines.append(f"| {r['mode']} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
+            name = r["mode"] if not r.get("policy") else f"{r['mode']} ({_policy_text(r['policy'])}" + (
+                ")" if r is _default_rcllm_row(d["results"]) else ": not today's rcllm default)")
+            lines.append(f"| {name} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
                          f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
                          f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |"
                          + "".join(f" {_fmt(by.get(str(p)))} |" for p in pos))
@@ -208,8 +210,8 @@ def _runs(out: Path):
                                        f"--history_len={h}", f"--modes={GRID_MODES}", "--peers=transformers",
                                        f"--output_json={out / f'grid_h{h}_c{c}.json'}"]
     for p in ("similarity", "hash"):
-        runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--negatives=retrieval", "--mesh=items:4",
-                             f"--placement={p}", "--user_cache_pages=512", "--peers=",
+        runs[f"mesh {p}"] = [f"--num_users={_USERS.value}", "--modes=rcllm", "--head=label", "--negatives=retrieval",
+                             "--mesh=items:4", f"--placement={p}", "--user_cache_pages=512", "--peers=",
                              f"--output_json={out / f'mesh_{p}.json'}"]
     for n in MESH_RETRIEVED_SHARDS:  # the retrieval stage's candidates; every placement's locality on the stream
         runs[f"mesh retrieved items:{n}"] = [f"--num_users={_MESH_USERS.value}", "--modes=rcllm", *SERVED,
@@ -236,12 +238,17 @@ def _policy_text(p: dict) -> str:
     return ", ".join(parts)
 
 
-def _default_rcllm_row(results):
-    """The row run with today's rcllm policy (a JSON may predate a change of the default)."""
+def _default_policy() -> dict:
+    """Today's rcllm policy, as the JSON files record a block row's policy."""
     import dataclasses
 
     from rcllm_jax.engine.selective_recompute import BLOCK_MODES
-    want = dataclasses.asdict(BLOCK_MODES["rcllm"])
+    return dataclasses.asdict(BLOCK_MODES["rcllm"])
+
+
+def _default_rcllm_row(results):
+    """The row run with today's rcllm policy (a JSON may predate a change of the default)."""
+    want = _default_policy()
     return next((r for r in results if r.get("policy") == want), None)
 
 
@@ -275,7 +282,9 @@ def _ranker_checks(d: dict) -> list[str]:
         out.append(f"rcllm vs full prefill: HR@10 {dh:+.1f} / NDCG@10 {dn:+.1f} pts over all users, {dhr:+.1f} / "
                    f"{dnr:+.1f} pts within the retrieved (within 0.5 pts: {'met' if ok else 'not met'}); top-1 "
                    f"agreement {rc['top1_agreement']:.3f} at {100 * rc['recompute_fraction']:.1f}% of cached block "
-                   f"tokens recomputed (>= 0.95 at <= 10%: "
+                   f"tokens recomputed ({_policy_text(rc['policy'])}"
+                   + ("" if rc is _default_rcllm_row(d["results"]) else ", an earlier rcllm default than today's")
+                   + "; >= 0.95 at <= 10%: "
                    f"{'met' if rc['top1_agreement'] >= 0.95 and rc['recompute_fraction'] <= 0.10 else 'not met'})")
     return out
 
@@ -344,7 +353,7 @@ def _served_section(out: Path) -> list[str]:
             checks.append(f"TTFT p50 at history {dt['config']['history_len']} / {dt['config']['num_candidates']} "
                           f"retrieved candidates ({dt['config']['prompt_tokens']['p50']:.0f}-token prompts, "
                           f"{dt['config']['num_requests']} requests, compiles excluded): rcllm "
-                          f"{1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
+                          f"({_policy_text(tr['rcllm']['policy'])}) {1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
                           f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
                           f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
                           f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}"
@@ -439,7 +448,8 @@ def _load_modes_section(out: Path) -> list[str]:
              "latency p99 | compiles during the run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(runs, key=lambda d: -d["throughput_rps"]):
         sv = d.get("server", {})
-        lines.append(f"| {sv.get('mode')} | {sv.get('serving_step') or '-'} | {d['sent']} | "
+        pol = f" ({_policy_text(sv['policy'])})" if sv.get("policy") else ""
+        lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {d['sent']} | "
                      f"{d.get('retried_503', 0)} | "
                      f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
                      f"{_fmt(d.get('latency_p50_s'))} s | {_fmt(d.get('latency_p99_s'))} s | "
@@ -458,6 +468,10 @@ def _load_modes_section(out: Path) -> list[str]:
              + "`"]
     if "rcllm" in by:
         rc = by["rcllm"]
+        if rc["server"].get("policy") != _default_policy():
+            notes.append("the rcllm server ran with " + (f"the policy {_policy_text(rc['server']['policy'])}" if
+                         rc["server"].get("policy") else "an unrecorded policy (before health reported it)")
+                         + f", not today's rcllm default ({_policy_text(_default_policy())})")
         for peer, want in (("prefix_warm", 5), ("full", None)):
             if peer in by:
                 x = rc["throughput_rps"] / by[peer]["throughput_rps"]
@@ -516,6 +530,10 @@ def _grid_section(out: Path) -> list[str]:
                 x = t[peer] / t["rcllm"]
                 lines.append(f"- history 50 / 50 candidates: rcllm vs {peer} **{x:.1f}x** lower TTFT p50 (target >= "
                              f"{want}x: {'met' if x >= want else 'not met'})")
+        pol = rows.get("rcllm", {}).get("policy")
+        if pol and pol != _default_policy():
+            lines.append(f"- the grid's rcllm rows ran with an earlier rcllm default ({_policy_text(pol)}); today's "
+                         f"({_policy_text(_default_policy())}) is timed in the served TTFT run above")
         fl = rows.get("rcllm", {}).get("ttft_over_floor")
         if fl is not None:
             lines.append(f"- rcllm TTFT / floor {fl:.1f} (target <= 3: {'met' if fl <= 3 else 'not met'})")

@@ -117,6 +117,7 @@ def main(argv):
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
     from rcllm_jax.engine.slot_head import SlotHead
     from rcllm_jax.eval.metrics import per_request_metrics
     from rcllm_jax.fetch import portable_path
@@ -206,7 +207,8 @@ def main(argv):
                     f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
                     f"with an item-kNN retriever fitted strictly before it; validation: the targets at position "
                     f"{_VAL_POS.value}, likewise; test positions 1-{_VAL_POS.value - 1} never used.",
-            "mode": "rcllm", "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
+            "mode": "rcllm", "policy": dataclasses.asdict(BLOCK_MODES["rcllm"]),
+            "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
             "positions": list(positions), "validation_position": _VAL_POS.value,
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}

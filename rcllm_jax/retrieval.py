@@ -262,21 +262,15 @@ def load_or_fit(path, sequences, item_ids, *, save: bool = True, **kw) -> tuple[
     return r, f"{why}: fitted on {len(seqs)} sequences" + (" and saved" if save else "")
 
 
-def fit_on_split(split, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
-    """An ItemKNN from a leave-one-out split's training part only (no validation or test item)."""
-    ids = sorted(split.dataset.items) if item_ids is None else item_ids
-    return ItemKNN.fit([split.train_sequence(u) for u in split.users], ids, **kw)
-
-
 def fit_before(split, position: int, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
     """An ItemKNN fitted on every user's sequence cut before its `position`-th item from the end
-    (2 = the leave-one-out training split, as `fit_on_split`): the retriever of the targets held
-    back at that position, which never saw them or anything after them."""
+    (2 = the leave-one-out training split, no validation or test item): the retriever of the
+    targets held back at that position, which never saw them or anything after them."""
     if position < 1:
         raise ValueError(f"a held-back position counts from the end of a sequence, >= 1; got {position}")
     ids = sorted(split.dataset.items) if item_ids is None else item_ids
     seqs = split.dataset.sequences
-    return ItemKNN.fit([seqs[u][:-position] for u in split.users if len(seqs[u]) > position], ids, **kw)
+    return ItemKNN.fit([seqs[u][:-position] for u in split.users], ids, **kw)  # empty when too short
 
 
 def recall_at_k(retrieved: Sequence[Sequence[int]], targets: Sequence[int]) -> float:

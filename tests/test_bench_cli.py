@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_writes_table_and_json(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,prefix,stitch,rcllm",
-                        "--num_users=3", "--requests_per_user=2", "--num_candidates=5", "--history_len=4",
+                        "--head=label", "--num_users=3", "--requests_per_user=2", "--num_candidates=5",
+                        "--history_len=4",
                         "--dataset=ml-100k", f"--output_json={out}"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -51,7 +52,8 @@ def test_compare_impl_rows(tmp_path):
     interpreter, so the smallest workload)."""
     out = tmp_path / "c.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,rcllm", "--num_users=1",
-                        "--num_candidates=2", "--history_len=1", "--nowarmup", "--compare_impl", "--peers=",
+                        "--head=label", "--num_candidates=2", "--history_len=1", "--nowarmup", "--compare_impl",
+                        "--peers=",
                         f"--output_json={out}"], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -86,7 +88,7 @@ def test_replay_a_request_log_with_prefix_warm(tmp_path):
               "arrival_s": 2.0}]
     log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--requests={log}",
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--requests={log}", "--head=label",
                         "--modes=full,prefix,prefix_warm,rcllm", "--history_len=4", "--peers=", "--nowarmup",
                         f"--output_json={out}"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

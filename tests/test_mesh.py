@@ -628,8 +628,8 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
         for name in ("similarity", "hash"):
             table = store.placement_of(name)
             out[neg, name] = locality({i: table[store.key("item", t)] for i, t in blocks.items()}, lengths, reqs, 8)
-    from rcllm_jax.retrieval import fit_on_split
-    retr = fit_on_split(split)
+    from rcllm_jax.retrieval import fit_before
+    retr = fit_before(split, 2)
     log = retr.coaccess_requests([split.train_sequence(u) for u in split.users])  # training data only
     store.coaccess = [tuple(store.key("item", blocks[c]) for c in cands) for cands in log]
     reqs = [r.candidates for r in eval_requests(split, num_users=200, num_candidates=20, retriever=retr, seed=1)]
@@ -669,7 +669,8 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     assert summary["item_blocks"] == 60 and summary["max_over_mean_load"] <= 1.1 and len(summary["shard_tokens"]) == 2
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(root / "launch/bench.py"), "--mesh=items:4", f"--snapshot_dir={snap}",
-                        "--num_users=2", "--modes=stitch", "--num_candidates=8", "--negatives=retrieval",
+                        "--num_users=2", "--modes=stitch", "--head=label", "--num_candidates=8",
+                        "--negatives=retrieval",
                         "--nowarmup", "--peers=", "--user_cache_pages=64", "--prefix_cache_pages=8", f"--output_json={out}",
                         "--scheduler=round_robin", "--arrival_rate=50"],
                        env=env, capture_output=True, text=True, timeout=900)

@@ -93,7 +93,7 @@ def test_heldout_positions_use_only_data_before_each_target(split):
     target, everything before it the history, and the candidates come from a retriever fitted on
     every user's sequence cut before p, so it never saw any test target at or after p."""
     from rcllm_jax.data.pipeline import heldout_requests
-    from rcllm_jax.retrieval import ItemKNN, fit_before, fit_on_split
+    from rcllm_jax.retrieval import ItemKNN, fit_before
     seqs = split.dataset.sequences
     retr = {p: fit_before(split, p) for p in (1, 2, 3)}
     reqs, pos = heldout_requests(split, (2, 1, 3), num_users=25, num_candidates=20, retrievers=retr, seed=5,
@@ -107,7 +107,8 @@ def test_heldout_positions_use_only_data_before_each_target(split):
     for p in (1, 3):  # the same data fitted independently
         ref = ItemKNN.fit([s[:-p] for u, s in seqs.items() if u in set(split.users)], sorted(split.dataset.items))
         assert ref.digest == retr[p].digest
-    assert fit_before(split, 2).digest == fit_on_split(split).digest  # position 2 = the training split
+    train = ItemKNN.fit([split.train_sequence(u) for u in split.users], sorted(split.dataset.items))
+    assert fit_before(split, 2).digest == train.digest  # position 2 = the leave-one-out training split
     # sampled negatives at a position: the target among them
     sampled, _ = heldout_requests(split, (2,), num_users=5, num_candidates=10, seed=1)
     assert all(r.target in r.candidates and len(r.candidates) == 10 for r in sampled)

@@ -108,9 +108,9 @@ def test_save_load_and_refusals(tmp_path):
 def test_retrieved_requests_and_misses():
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests
-    from rcllm_jax.retrieval import fit_on_split
+    from rcllm_jax.retrieval import fit_before
     split = LeaveOneOut(load_dataset("ml-100k"))
-    r = fit_on_split(split)
+    r = fit_before(split, 2)
     reqs = list(eval_requests(split, num_users=60, num_candidates=20, retriever=r, seed=4))
     for q in reqs:
         assert len(q.candidates) == 20 and not set(q.candidates) & set(q.history)

@@ -167,7 +167,8 @@ def test_server_end_to_end(tiny, tmp_path):
         code, schema = _call(url + "/openapi.json")
         assert code == 200 and {"/v1/recommend", "/v1/recommend/batch", "/v1/users/{user_id}/events"} <= set(schema["paths"])
         assert _call(url + "/v1/nothing", {"a": 1})[0] == 404
-        assert _call(url + "/healthz")[1]["status"] == "ok"
+        health = _call(url + "/healthz")[1]
+        assert health["status"] == "ok" and health["mode"] == "rcllm" and health["policy"]["sink"] >= 0
         code, item = _call(url + "/v1/items/50")
         assert code == 200 and item["title"] == "Star Wars" and item["cached"] and item["shard"] in (0, 1)
         assert _call(url + "/v1/items/5000")[0] == 404
@@ -238,13 +239,18 @@ def test_server_end_to_end(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_default_head_refuses_other_weights(tiny, tmp_path):
-    """serve.py scores with the shipped slot head by default; on another model it stops at once
-    with a message that says what to do, before building anything."""
+    """serve.py and bench.py score with the shipped slot head by default; on another model each
+    stops at once with a message that says what to do, before building anything."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     r = subprocess.run([sys.executable, str(ROOT / "launch/serve.py"), f"--model={tiny}", "--port=0",
                         f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "trained for other weights than --model" in r.stderr and "--head=label" in r.stderr
     assert not (tmp_path / "snap").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), f"--model={tiny}", "--modes=rcllm",
+                        "--num_users=1", "--num_candidates=3", "--nowarmup", "--peers=",
+                        f"--output_json={tmp_path / 'b.json'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "trained on other weights" in r.stderr and "--head=label" in r.stderr
+    assert "item store" not in r.stderr and not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ def test_train_then_bench_with_adapter(tmp_path):
     fps = []
     for model_args in (["--adapter", str(out / "adapter")], ["--model", str(out / "merged")]):
         js = tmp_path / f"b{len(fps)}.json"
-        b = _run(["launch/bench.py", "--modes=full,rcllm", "--num_users=2", "--num_candidates=4", "--nowarmup",
+        b = _run(["launch/bench.py", "--modes=full,rcllm", "--head=label", "--num_users=2", "--num_candidates=4",
+                  "--nowarmup",
                   "--history_len=2", "--peers=", f"--output_json={js}", *model_args])
         assert b.returncode == 0, b.stderr[-3000:]
         fps.append(json.loads(js.read_text())["config"]["model_fingerprint"])

@@ -4,6 +4,7 @@ scheduler, and Prometheus metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import traceback
@@ -249,6 +250,7 @@ class RecommenderService:
         st = self.engine.stats()
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
+                "policy": dataclasses.asdict(BLOCK_MODES[self.mode]) if self.mode in BLOCK_MODES else None,
                 "serving_step": "batched" if self.batched else "serial", "max_batch": self.max_batch,
                 "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 

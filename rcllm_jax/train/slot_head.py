@@ -56,7 +56,7 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
                       min_history: int = 3, seed: int = 0) -> tuple[list[Example], dict]:
     """Examples at held-back positions (each from the end of a user's sequence), each with a
     retriever fitted strictly before that position (`retrieval.fit_before`). Returns (examples
-    ordered by user, then growing history; stats)."""
+    with users in the split's order, each user's history growing; stats)."""
     seqs = split.dataset.sequences
     out, stats = [], {}
     for p in sorted(positions, reverse=True):
@@ -72,7 +72,8 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
                 out.append(e)
                 kept += 1
         stats[f"position_{p}"] = {"requests": total, "target_retrieved": kept}
-    out.sort(key=lambda e: (e.user, len(e.history)))  # a user's history grows: the user store extends
+    order_of = {u: i for i, u in enumerate(split.users)}
+    out.sort(key=lambda e: (order_of[e.user], len(e.history)))  # a user's history grows: the user store extends
     return out, stats
 
 
@@ -84,8 +85,7 @@ def validation_examples(split, *, position: int = 2, num_candidates: int = 20, o
     k + 1 and trains above it."""
     out, stats = training_examples(split, positions=(position,), num_candidates=num_candidates, order=order,
                                    min_history=1, seed=seed)
-    order_of = {u: i for i, u in enumerate(split.users)}
-    return sorted(out, key=lambda e: order_of[e.user]), stats[f"position_{position}"]["requests"]
+    return out, stats[f"position_{position}"]["requests"]
 
 
 def head_features(states):
