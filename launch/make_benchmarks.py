@@ -85,7 +85,7 @@ def _served_runs(out: Path) -> dict:
                              "--test_positions=1",  # one position: each row is a pass over the requests
                              f"--output_json={out / 'served_sweep.json'}"],
             "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
-                            "--history_len=50", "--modes=full,prefix,prefix_warm,rcllm",
+                            "--history_len=50", "--modes=full,prefix,prefix_warm,stitch,rcllm",
                             f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
 
 
@@ -360,6 +360,15 @@ def _served_section(out: Path) -> list[str]:
                           + ("" if dt["config"].get("head_digest") == _shipped_head_digest() else
                              " (run with an earlier head; the engine's TTFT does not depend on the head's weights, "
                              "and the collaborative term is added outside it)"))
+            if "stitch" in tr and tr["rcllm"].get("policy") != tr["stitch"].get("policy"):
+                st = tr["stitch"]
+                checks.append(f"the same run, stitch (nothing recomputed but the glue, "
+                              f"{st['computed_tokens_p50']:.0f} tokens computed vs rcllm's "
+                              f"{tr['rcllm']['computed_tokens_p50']:.0f}): {1e3 * st['ttft_p50_s']:.0f} ms, "
+                              f"{tr['prefix']['ttft_p50_s'] / st['ttft_p50_s']:.1f}x vs prefix: the rcllm default's "
+                              f"recompute costs {tr['rcllm']['ttft_p50_s'] / st['ttft_p50_s']:.2f}x stitching's TTFT "
+                              f"here (top-1 agreement over these few requests: stitch {_fmt(st.get('top1_agreement'))}, "
+                              f"rcllm {_fmt(tr['rcllm'].get('top1_agreement'))})")
             if "prefix_warm" in tr:
                 w = tr["prefix_warm"]
                 xw = w["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
