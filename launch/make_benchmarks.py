@@ -353,7 +353,8 @@ def _served_section(out: Path) -> list[str]:
             checks.append(f"TTFT p50 at history {dt['config']['history_len']} / {dt['config']['num_candidates']} "
                           f"retrieved candidates ({dt['config']['prompt_tokens']['p50']:.0f}-token prompts, "
                           f"{dt['config']['num_requests']} requests, compiles excluded): rcllm "
-                          f"({_policy_text(tr['rcllm']['policy'])}) {1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
+                          f"({_policy_text(tr['rcllm']['policy'])}) {1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, "
+                          f"prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
                           f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
                           f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
                           f"vs full; rcllm top-1 agreement there {_fmt(tr['rcllm'].get('top1_agreement'))}"
@@ -367,7 +368,8 @@ def _served_section(out: Path) -> list[str]:
                               f"{tr['rcllm']['computed_tokens_p50']:.0f}): {1e3 * st['ttft_p50_s']:.0f} ms, "
                               f"{tr['prefix']['ttft_p50_s'] / st['ttft_p50_s']:.1f}x vs prefix: the rcllm default's "
                               f"recompute costs {tr['rcllm']['ttft_p50_s'] / st['ttft_p50_s']:.2f}x stitching's TTFT "
-                              f"here (top-1 agreement over these few requests: stitch {_fmt(st.get('top1_agreement'))}, "
+                              "here (top-1 agreement over these few requests: stitch "
+                              f"{_fmt(st.get('top1_agreement'))}, "
                               f"rcllm {_fmt(tr['rcllm'].get('top1_agreement'))})")
             if "prefix_warm" in tr:
                 w = tr["prefix_warm"]
@@ -570,6 +572,9 @@ def _bench_section(name, path: Path) -> list[str]:
         if r.get("ttft_p50_s") is None:
             lines.append(f"| {m} | | | | | | | {r['hr@10']:.3f} | {r['ndcg@10']:.3f} | | | | |")
             continue
+        pol = r.get("policy")
+        if m == "rcllm" and pol and {**pol, "cached_glue": False} != {**_default_policy(), "cached_glue": False}:
+            m = f"rcllm ({_policy_text(pol)}: an earlier default)"
         lines.append(f"| {m} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {_fmt(r.get('computed_tokens_p50'), '.0f')} | "
                      f"{_fmt(r.get('recompute_fraction'))} | {_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} | "
                      f"{r['hr@10']:.3f} | {r['ndcg@10']:.3f} | {_fmt(r.get('flops_p50', 0) / 1e9, '.2f')} | "
