@@ -69,8 +69,9 @@ _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default:
                              "a tuned model: <train output_dir>/merged.")
 _ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory (<train output_dir>/adapter) for --model.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_CANON = flags.DEFINE_enum("canonical", "instruction", ["instruction", "candidate"],
-                           "Context item blocks are encoded after.")
+_CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
+                           "Context item blocks are encoded after: the instruction + the glue before a first "
+                           "candidate, or the instruction alone (default: the engine's, candidate).")
 _SINK = flags.DEFINE_integer("sink", None, "Override: first tokens of each block recomputed (sink, rcllm).")
 _RATIO = flags.DEFINE_float("ratio", None, "Override: deviation recompute ratio (deviation, rcllm).")
 _CHECK = flags.DEFINE_integer("check_layer", None, "Override: deviation check layer.")
@@ -377,7 +378,7 @@ def main(argv):
 
     try:
         engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
-                        canonical=_CANON.value, user_pages=_USER_PAGES.value,
+                        **({} if _CANON.value is None else {"canonical": _CANON.value}), user_pages=_USER_PAGES.value,
                         prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # per device
                         attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
                         replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
@@ -588,7 +589,7 @@ def main(argv):
               "intervals": "bootstrap over users" if clustered else "bootstrap over requests",
               "seed": _SEED.value, "model": portable_path(model.source),
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
-              "dtype": _DTYPE.value, "canonical": _CANON.value, "cpu_cores": os.cpu_count(),
+              "dtype": _DTYPE.value, "canonical": engine.canonical, "cpu_cores": os.cpu_count(),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "head_digest": None if head is None else head.digest(),

@@ -29,8 +29,9 @@ _ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --mo
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
 _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Catalog.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
-_CANON = flags.DEFINE_enum("canonical", "instruction", ["instruction", "candidate"],
-                           "Context item blocks are encoded after.")
+_CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
+                           "Context item blocks are encoded after: the instruction + the glue before a first "
+                           "candidate, or the instruction alone (default: the engine's, candidate).")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 100, "Largest candidate list served (label glue built for it).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; for smoke tests).")
 _ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
@@ -55,8 +56,9 @@ def main(argv):
     items = sorted(ds.items)[:_MAX_ITEMS.value or None]
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
     builder = PromptBuilder(model.tokenizer, ds.items)
-    engine = Engine(model.params, model.cfg, builder, item_ids=items, canonical=_CANON.value,
-                    user_pages=16, prefix_pages=1, max_candidates=_MAX_CANDS.value, mesh=mesh,
+    canon = {} if _CANON.value is None else {"canonical": _CANON.value}
+    engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
+                    max_candidates=_MAX_CANDS.value, mesh=mesh,
                     placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
                     kv_dtype=dist_cli.KV_DTYPE.value)
     prev = snapshot.latest_meta(_SNAP.value)

@@ -59,9 +59,11 @@ _TOP1 = flags.DEFINE_float("top1", 0.99, "Top-1 agreement the cheapest sufficien
 GRID_MODES = "full,prefix,prefix_warm,rcllm"  # + the transformers rows hf_full, hf_prefix (--peers=transformers)
 _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the served-model fidelity sweep (the modes "
                                      "run on those whose target was retrieved).")
-SERVED_MODES = "full,stitch,sink,deviation"  # with SERVED_BUDGETS' --sink=1, sink is the rcllm default's policy
+SERVED_MODES = "full,stitch,sink,deviation"  # rcllm's default is the stitch row's policy
 # Budgets inside the recommender issue's 10% of cached block tokens: a sink of 1 per block, deviation 5%.
 SERVED_BUDGETS = ["--sink=1", "--ratio=0.05", "--check_layer=1"]
+# The sweep runs once per context item blocks are encoded after (the engine's default first).
+SERVED_CANONICAL = {"": "served_sweep.json", " (items after the instruction)": "served_sweep_instruction.json"}
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
@@ -80,13 +82,15 @@ SERVED = ["--head=slot", "--candidates=retrieved", "--candidate_order=retriever"
 def _served_runs(out: Path) -> dict:
     """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
-    return {"served sweep": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                             "--rank_retrieved_only", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
-                             "--test_positions=1",  # one position: each row is a pass over the requests
-                             f"--output_json={out / 'served_sweep.json'}"],
-            "served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
-                            "--history_len=50", "--modes=full,prefix,prefix_warm,stitch,rcllm",
-                            f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
+    sweeps = {f"served sweep{what}": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
+                                      "--rank_retrieved_only", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
+                                      "--test_positions=1",  # one position: each row is a pass over the requests
+                                      *(["--canonical=instruction"] if what else []), f"--output_json={out / f}"]
+              for what, f in SERVED_CANONICAL.items()}
+    return sweeps | {"served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
+                                     "--history_len=50",  # sink: its default 2 (--sink would also set rcllm's)
+                                     "--modes=full,prefix,prefix_warm,sink,rcllm",
+                                     f"--output_json={out / 'served_ttft_h50_c50.json'}"]}
 
 
 def _ranker_runs(out: Path) -> dict:
@@ -183,8 +187,8 @@ def _ranker_section(out: Path) -> list[str]:
             dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
             vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
             by = r.get("ndcg@10_retrieved_by_position") or {}
-            name = r["mode"] if not r.get("policy") else f"{r['mode']} ({_policy_text(r['policy'])}" + (
-                ")" if r is _default_rcllm_row(d["results"]) else ": not today's rcllm default)")
+            name = r["mode"] if not r.get("policy") else f"{r['mode']} ({_policy_text(r['policy'], _canonical(c))}" + (
+                ")" if r is _default_rcllm_row(d) else ": not today's rcllm default)")
             lines.append(f"| {name} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
                          f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
                          f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |"
@@ -230,11 +234,14 @@ def needed_budget(rows, top1: float):
     return best["mode"], best["recompute_fraction"]
 
 
-def _policy_text(p: dict) -> str:
+def _policy_text(p: dict, canonical: str | None = None) -> str:
+    """A block row's policy; with `canonical` (a run's config), also where its item blocks were encoded."""
     parts = [f"sink {p['sink']}"] if p.get("sink") else []
     if p.get("ratio"):
         parts.append(f"deviation {p['ratio']:g} @ layer {p['check_layer']}")
     parts.append("glue cached" if p.get("cached_glue") else "glue fresh")
+    if canonical is not None:
+        parts.append("items after their glue" if canonical == "candidate" else f"items after the {canonical} alone")
     return ", ".join(parts)
 
 
@@ -246,10 +253,30 @@ def _default_policy() -> dict:
     return dataclasses.asdict(BLOCK_MODES["rcllm"])
 
 
-def _default_rcllm_row(results):
-    """The row run with today's rcllm policy (a JSON may predate a change of the default)."""
+def _canonical(config: dict) -> str:
+    """Where a run's item blocks were encoded (runs before the field existed: the instruction)."""
+    return config.get("canonical") or "instruction"
+
+
+def _is_default(policy: dict | None, canonical: str, ignore_glue: bool = False) -> bool:
+    """Whether a block row ran as today's rcllm default: its policy and its item blocks' context."""
+    from rcllm_jax.engine.engine import DEFAULT_CANONICAL
     want = _default_policy()
-    return next((r for r in results if r.get("policy") == want), None)
+    if policy is None:
+        return False
+    if ignore_glue:
+        policy, want = {**policy, "cached_glue": False}, {**want, "cached_glue": False}
+    return policy == want and canonical == DEFAULT_CANONICAL
+
+
+def _default_text() -> str:
+    from rcllm_jax.engine.engine import DEFAULT_CANONICAL
+    return _policy_text(_default_policy(), DEFAULT_CANONICAL)
+
+
+def _default_rcllm_row(d: dict):
+    """The row run with today's rcllm default (a JSON may predate a change of the default)."""
+    return next((r for r in d["results"] if _is_default(r.get("policy"), _canonical(d["config"]))), None)
 
 
 def _shipped_head_digest() -> str:
@@ -282,8 +309,8 @@ def _ranker_checks(d: dict) -> list[str]:
         out.append(f"rcllm vs full prefill: HR@10 {dh:+.1f} / NDCG@10 {dn:+.1f} pts over all users, {dhr:+.1f} / "
                    f"{dnr:+.1f} pts within the retrieved (within 0.5 pts: {'met' if ok else 'not met'}); top-1 "
                    f"agreement {rc['top1_agreement']:.3f} at {100 * rc['recompute_fraction']:.1f}% of cached block "
-                   f"tokens recomputed ({_policy_text(rc['policy'])}"
-                   + ("" if rc is _default_rcllm_row(d["results"]) else ", an earlier rcllm default than today's")
+                   f"tokens recomputed ({_policy_text(rc['policy'], _canonical(d['config']))}"
+                   + ("" if rc is _default_rcllm_row(d) else ", an earlier rcllm default than today's")
                    + "; >= 0.95 at <= 10%: "
                    f"{'met' if rc['top1_agreement'] >= 0.95 and rc['recompute_fraction'] <= 0.10 else 'not met'})")
     return out
@@ -316,18 +343,26 @@ def _served_section(out: Path) -> list[str]:
              "compiles (--nowarmup: an accuracy run); TTFT is measured below.", "",
              "| row | policy | NDCG@10 within retrieved [95% CI] | HR@10 within | HR@10 all | NDCG@10 all | recomputed | "
              "top-1 agr. vs full | KL |", "|---|---|---|---|---|---|---|---|---|"]
-    for m, r in rows.items():
-        ci = r.get("ndcg@10_retrieved_ci") or [None, None]
-        pol = _policy_text(r["policy"]) if r.get("policy") else ""
-        lines.append(f"| {m} | {pol} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
-                     f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
-                     f"{_fmt(r.get('recompute_fraction'))} | {_fmt(r.get('top1_agreement'))} | "
-                     f"{_fmt(r.get('kl_mean'), '.4f')} |")
+    for what, name in SERVED_CANONICAL.items():
+        g = out / name
+        if not g.exists():
+            continue
+        dg = json.loads(g.read_text())
+        for r in dg["results"]:
+            if what and not r.get("policy"):
+                continue  # the full prefill and the baselines do not depend on where blocks were encoded
+            ci = r.get("ndcg@10_retrieved_ci") or [None, None]
+            pol = _policy_text(r["policy"], _canonical(dg["config"])) if r.get("policy") else ""
+            lines.append(f"| {r['mode']}{what} | {pol} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, "
+                         f"{_fmt(ci[1])}] | {_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | "
+                         f"{_fmt(r.get('ndcg@10'))} | {_fmt(r.get('recompute_fraction'))} | "
+                         f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
     lines.append("")
     checks = []
-    rc, full, ret = _default_rcllm_row(d["results"]), rows.get("full"), rows.get("retriever")
+    rc, full, ret = _default_rcllm_row(d), rows.get("full"), rows.get("retriever")
     if rc:
-        checks.append(f"the rcllm default now ({_policy_text(rc['policy'])}) is the row **{rc['mode']}** of this run")
+        checks.append(f"the rcllm default now ({_policy_text(rc['policy'], _canonical(c))}) is the row "
+                      f"**{rc['mode']}** of this run")
     if rc and ret:
         lo = (ret.get("ndcg@10_retrieved_ci") or [0, 0])[1]
         x, y = rc["ndcg@10_retrieved"], ret["ndcg@10_retrieved"]
@@ -353,7 +388,10 @@ def _served_section(out: Path) -> list[str]:
             checks.append(f"TTFT p50 at history {dt['config']['history_len']} / {dt['config']['num_candidates']} "
                           f"retrieved candidates ({dt['config']['prompt_tokens']['p50']:.0f}-token prompts, "
                           f"{dt['config']['num_requests']} requests, compiles excluded): rcllm "
-                          f"({_policy_text(tr['rcllm']['policy'])}) {1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, "
+                          f"({_policy_text(tr['rcllm']['policy'], _canonical(dt['config']))}"
+                          + ("" if _is_default(tr["rcllm"]["policy"], _canonical(dt["config"])) else
+                             ": an earlier rcllm default") + ") "
+                          f"{1e3 * tr['rcllm']['ttft_p50_s']:.0f} ms, "
                           f"prefix {1e3 * tr['prefix']['ttft_p50_s']:.0f} ms, "
                           f"full {1e3 * tr['full']['ttft_p50_s']:.0f} ms: **{x:.1f}x** vs prefix (target >= 10x: "
                           f"{'met' if x >= 10 else 'not met'}), {tr['full']['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.1f}x "
@@ -361,16 +399,16 @@ def _served_section(out: Path) -> list[str]:
                           + ("" if dt["config"].get("head_digest") == _shipped_head_digest() else
                              " (run with an earlier head; the engine's TTFT does not depend on the head's weights, "
                              "and the collaborative term is added outside it)"))
-            if "stitch" in tr and tr["rcllm"].get("policy") != tr["stitch"].get("policy"):
-                st = tr["stitch"]
-                checks.append(f"the same run, stitch (nothing recomputed but the glue, "
-                              f"{st['computed_tokens_p50']:.0f} tokens computed vs rcllm's "
-                              f"{tr['rcllm']['computed_tokens_p50']:.0f}): {1e3 * st['ttft_p50_s']:.0f} ms, "
-                              f"{tr['prefix']['ttft_p50_s'] / st['ttft_p50_s']:.1f}x vs prefix: the rcllm default's "
-                              f"recompute costs {tr['rcllm']['ttft_p50_s'] / st['ttft_p50_s']:.2f}x stitching's TTFT "
-                              "here (top-1 agreement over these few requests: stitch "
-                              f"{_fmt(st.get('top1_agreement'))}, "
-                              f"rcllm {_fmt(tr['rcllm'].get('top1_agreement'))})")
+            for m in ("stitch", "sink", "deviation"):
+                st = tr.get(m)
+                if st is None or st.get("policy") == tr["rcllm"].get("policy"):
+                    continue
+                checks.append(f"the same run, {m} ({_policy_text(st['policy'])}, {st['computed_tokens_p50']:.0f} "
+                              f"tokens computed vs rcllm's {tr['rcllm']['computed_tokens_p50']:.0f}): "
+                              f"{1e3 * st['ttft_p50_s']:.0f} ms, {tr['prefix']['ttft_p50_s'] / st['ttft_p50_s']:.1f}x "
+                              f"vs prefix, {st['ttft_p50_s'] / tr['rcllm']['ttft_p50_s']:.2f}x rcllm's TTFT (top-1 "
+                              f"agreement over these few requests: {m} {_fmt(st.get('top1_agreement'))}, rcllm "
+                              f"{_fmt(tr['rcllm'].get('top1_agreement'))})")
             if "prefix_warm" in tr:
                 w = tr["prefix_warm"]
                 xw = w["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
@@ -459,7 +497,7 @@ def _load_modes_section(out: Path) -> list[str]:
              "latency p99 | compiles during the run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(runs, key=lambda d: -d["throughput_rps"]):
         sv = d.get("server", {})
-        pol = f" ({_policy_text(sv['policy'])})" if sv.get("policy") else ""
+        pol = f" ({_policy_text(sv['policy'], _canonical(sv))})" if sv.get("policy") else ""
         lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {d['sent']} | "
                      f"{d.get('retried_503', 0)} | "
                      f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
@@ -479,10 +517,11 @@ def _load_modes_section(out: Path) -> list[str]:
              + "`"]
     if "rcllm" in by:
         rc = by["rcllm"]
-        if rc["server"].get("policy") != _default_policy():
+        if not _is_default(rc["server"].get("policy"), _canonical(rc["server"])):
             notes.append("the rcllm server ran with " + (f"the policy {_policy_text(rc['server']['policy'])}" if
                          rc["server"].get("policy") else "an unrecorded policy (before health reported it)")
-                         + f", not today's rcllm default ({_policy_text(_default_policy())})")
+                         + f" (item blocks after the {_canonical(rc['server'])} context), not today's rcllm default "
+                         f"({_default_text()})")
         for peer, want in (("prefix_warm", 5), ("full", None)):
             if peer in by:
                 x = rc["throughput_rps"] / by[peer]["throughput_rps"]
@@ -542,9 +581,10 @@ def _grid_section(out: Path) -> list[str]:
                 lines.append(f"- history 50 / 50 candidates: rcllm vs {peer} **{x:.1f}x** lower TTFT p50 (target >= "
                              f"{want}x: {'met' if x >= want else 'not met'})")
         pol = rows.get("rcllm", {}).get("policy")
-        if pol and pol != _default_policy():
-            lines.append(f"- the grid's rcllm rows ran with an earlier rcllm default ({_policy_text(pol)}); today's "
-                         f"({_policy_text(_default_policy())}) is timed in the served TTFT run above")
+        canon = _canonical(data["grid_h50_c50"]["config"])
+        if pol and not _is_default(pol, canon):
+            lines.append(f"- the grid's rcllm rows ran with an earlier rcllm default ({_policy_text(pol, canon)}); "
+                         f"today's ({_default_text()}) is timed in the served TTFT run above")
         fl = rows.get("rcllm", {}).get("ttft_over_floor")
         if fl is not None:
             lines.append(f"- rcllm TTFT / floor {fl:.1f} (target <= 3: {'met' if fl <= 3 else 'not met'})")
@@ -573,8 +613,8 @@ def _bench_section(name, path: Path) -> list[str]:
             lines.append(f"| {m} | | | | | | | {r['hr@10']:.3f} | {r['ndcg@10']:.3f} | | | | |")
             continue
         pol = r.get("policy")
-        if m == "rcllm" and pol and {**pol, "cached_glue": False} != {**_default_policy(), "cached_glue": False}:
-            m = f"rcllm ({_policy_text(pol)}: an earlier default)"
+        if m == "rcllm" and pol and not _is_default(pol, _canonical(c), ignore_glue=True):
+            m = f"rcllm ({_policy_text(pol, _canonical(c))}: an earlier default)"
         lines.append(f"| {m} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | {_fmt(r.get('computed_tokens_p50'), '.0f')} | "
                      f"{_fmt(r.get('recompute_fraction'))} | {_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} | "
                      f"{r['hr@10']:.3f} | {r['ndcg@10']:.3f} | {_fmt(r.get('flops_p50', 0) / 1e9, '.2f')} | "

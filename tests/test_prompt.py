@@ -105,3 +105,20 @@ def test_slot_prompts_tokenize_like_their_text_over_the_catalog(split, smollm2):
         assert p.head == "slot" and len(p.slot_positions) == len(p.candidates) and p.labels == ()
         assert all(p.tokens[i] == smollm2.tokenizer.encode("\n")[0] for i in p.slot_positions)
     assert "Candidates:\n- " in p.text and p.text.count("\n- ") == len(p.candidates)
+
+
+@pytest.mark.parametrize("head", ["label", "slot"])
+def test_first_lead_is_what_precedes_the_first_item(split, smollm2, head):
+    """Item blocks are encoded after the instruction + `first_lead()` (the engine's default canonical
+    context): in a real prompt the first item block follows exactly that glue, and with score slots
+    every later item block follows the same token (the bullet), so no cached item token has a left
+    context it never has in a prompt."""
+    b = PromptBuilder(smollm2.tokenizer, split.dataset.items, history_len=5, head=head)
+    lead = smollm2.tokenizer.encode(b.first_lead())
+    assert smollm2.tokenizer.decode(lead) == ("Candidates:\n-" if head == "slot" else "Candidates:\n(A)")
+    cands = sorted(split.dataset.items)[:6]
+    p = b.build(split.history(split.users[0]), cands)
+    toks, starts = p.tokens.tolist(), [s for (s, _), blk in zip(p.spans(), p.blocks) if blk.kind == "item"]
+    assert len(starts) == len(cands) and toks[starts[0] - len(lead):starts[0]] == lead
+    if head == "slot":
+        assert {toks[s - 1] for s in starts} == {lead[-1]}

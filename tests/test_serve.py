@@ -169,6 +169,7 @@ def test_server_end_to_end(tiny, tmp_path):
         assert _call(url + "/v1/nothing", {"a": 1})[0] == 404
         health = _call(url + "/healthz")[1]
         assert health["status"] == "ok" and health["mode"] == "rcllm" and health["policy"]["sink"] >= 0
+        assert health["canonical"] == "candidate"
         code, item = _call(url + "/v1/items/50")
         assert code == 200 and item["title"] == "Star Wars" and item["cached"] and item["shard"] in (0, 1)
         assert _call(url + "/v1/items/5000")[0] == 404

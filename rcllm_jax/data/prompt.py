@@ -165,6 +165,12 @@ class PromptBuilder:
         text = "".join(self.item_text(self._item(i)) + "\n" for i in recent) or self.template.empty_history
         return self._block("history", text)
 
+    def first_lead(self) -> str:
+        """The glue text that stands right before a prompt's first candidate in this head's format
+        ("Candidates:\n(A)" with labels, "Candidates:\n-" with score slots)."""
+        t = self.template
+        return t.candidates_intro + ("\n" + t.bullet if self.head == "slot" else "\n(" + labels_for(1)[0] + ")")
+
     def build(self, history: Sequence[int], candidates: Sequence[int], check_length: bool = True) -> Prompt:
         """The prompt that asks which of `candidates` follows `history` (item ids)."""
         candidates = tuple(int(c) for c in candidates)
@@ -174,8 +180,7 @@ class PromptBuilder:
         labels = labels_for(len(candidates))
         blocks = [self.instruction, self.history_block(history)]
         for j, (label, item) in enumerate(zip(labels, candidates)):
-            lead = self.template.candidates_intro + "\n(" if j == 0 else "\n("
-            blocks.append(self._block("glue", f"{lead}{label})"))
+            blocks.append(self._block("glue", self.first_lead() if j == 0 else f"\n({label})"))
             blocks.append(self.item_block(item))
         blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
         prompt = Prompt(tuple(blocks), candidates, labels,
@@ -190,7 +195,7 @@ class PromptBuilder:
     def _build_slots(self, history, candidates, check_length: bool) -> Prompt:
         t = self.template
         blocks = [self.instruction, self.history_block(history),
-                  self._block("glue", t.candidates_intro + "\n" + t.bullet)]
+                  self._block("glue", self.first_lead())]
         slot, bullet = self._block("slot", t.slot), self._block("glue", t.bullet)
         if len(slot.tokens) != 1:
             raise ValueError(f"the slot text {t.slot!r} must be one token for this tokenizer")

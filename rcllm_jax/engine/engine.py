@@ -79,6 +79,13 @@ def _adapted(head, params, cfg: ModelConfig):
     return head.query_params(params)
 
 
+# Item blocks are encoded after the instruction and the glue that precedes a first candidate: the
+# item's first token then has the left context it has in every prompt (measured: BENCHMARKS.md
+# "The served model"; "instruction" alone left that token wrong and needed a recomputed sink).
+DEFAULT_CANONICAL = "candidate"
+CANONICAL_CONTEXTS = ("candidate", "instruction")
+
+
 class Engine:
     """Ranks prompts in any mode. Item blocks are encoded after `canonical_context` tokens, glue
     blocks after the instruction.
@@ -92,7 +99,7 @@ class Engine:
     last_step: dict | None = None  # shapes of the last `rank_step` (requests, batch, per-shard counts)
 
     def __init__(self, params: Params, cfg: ModelConfig, builder: PromptBuilder, *, item_ids,
-                 canonical: str = "instruction", user_pages: int = 2048, prefix_pages: int = 2048,
+                 canonical: str = DEFAULT_CANONICAL, user_pages: int = 2048, prefix_pages: int = 2048,
                  fingerprint: str | None = None, max_candidates: int = 100, attention_impl: str = "xla",
                  mesh=None, placement: str = "similarity", replicate: float = 0.0, head=None, coaccess=None,
                  kv_dtype: str | None = None, exact_fetch: bool = True):
@@ -187,13 +194,14 @@ class Engine:
 
     def canonical_context(self) -> tuple[int, ...]:
         """Tokens an item block is encoded after: the instruction block, optionally followed by the
-        glue that precedes a first candidate (what really stands before an item in a prompt)."""
+        glue that precedes a first candidate in the prompt's head format (what really stands
+        before an item in a prompt)."""
         instr = self.builder.instruction.tokens
         if self.canonical == "instruction":
             return instr
         if self.canonical == "candidate":
-            return instr + tuple(self.builder.tok.encode(self.builder.template.candidates_intro + "\n(A)"))
-        raise ValueError(f"unknown canonical context {self.canonical!r}: instruction | candidate")
+            return instr + tuple(self.builder.tok.encode(self.builder.first_lead()))
+        raise ValueError(f"unknown canonical context {self.canonical!r}: {' | '.join(CANONICAL_CONTEXTS)}")
 
     def _glue_blocks(self, max_candidates: int) -> list[tuple[int, ...]]:
         """The request-independent glue of every prompt with up to max_candidates candidates:

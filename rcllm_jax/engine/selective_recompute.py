@@ -62,13 +62,13 @@ BLOCK_MODES = {
     "deviation": Policy(ratio=0.15, check_layer=1),
     # Chosen by measurement on the shipped head (score-slot head over the collaborative scorer, 20
     # retrieved candidates in the retriever's order; BENCHMARKS.md "The served model"): the cheapest
-    # policy with top-1 agreement >= 0.95 vs full prefill at every history length measured. Item
-    # blocks stitched as cached with glue computed fresh (0% recomputed) gave top-1 0.947 at history
-    # 20 and 0.956 at history 50 over test positions 1-3; recomputing each block's first token (a
-    # sink of 1, 6.5% of cached block tokens) gave 0.991 on position 1 vs 0.968 for stitching, and
-    # deviation 5% (7.4%) 0.964. Re-measure with `launch/make_benchmarks.py --only=served` when the
-    # model or head changes.
-    "rcllm": Policy(sink=1),
+    # policy with top-1 agreement >= 0.95 vs full prefill. With item blocks encoded after the
+    # instruction alone, stitching (0% recomputed) gave top-1 0.968 (history 20, test position 1)
+    # and a sink of 1 per block (6.5%) 0.991; encoded after the glue that really precedes an item
+    # ("Candidates:\n-", `Engine(canonical="candidate")`, the default) stitching gives 1.000 with KL
+    # 5e-5 (the sink's 6.4e-5 before): the sink only repaired the first token's wrong left context.
+    # Re-measure with `launch/make_benchmarks.py --only=served` when the model, head or prompt changes.
+    "rcllm": Policy(),
 }
 
 

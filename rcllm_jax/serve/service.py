@@ -251,7 +251,8 @@ class RecommenderService:
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
                 "policy": dataclasses.asdict(BLOCK_MODES[self.mode]) if self.mode in BLOCK_MODES else None,
-                "serving_step": "batched" if self.batched else "serial", "max_batch": self.max_batch,
+                "canonical": self.engine.canonical, "serving_step": "batched" if self.batched else "serial",
+                "max_batch": self.max_batch,
                 "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 
     def metrics_text(self) -> bytes:
