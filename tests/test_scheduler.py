@@ -88,6 +88,7 @@ class MockEngine:
     ascending ids, and the history is visible in scores."""
 
     num_shards = 2
+    canonical = "candidate"
 
     def __init__(self, fail_user=None, delay=0.0):
         self.calls, self.steps, self.events, self.fail_user, self.delay = [], [], [], fail_user, delay

@@ -47,12 +47,14 @@ def _batch(rows):
 @pytest.mark.parametrize("cached_glue", [False, True])
 def test_block_attention_is_the_engines_stitching(world, cached_glue):
     """One training pass with the block-aware mask gives the candidate scores of the engine's
-    stitched prefill (block stores, re-rotation, selective recompute); plain examples give full prefill."""
+    stitched prefill (block stores, re-rotation, selective recompute) with item blocks encoded
+    after the instruction alone, the context the label trainer's block path models; plain examples
+    give full prefill."""
     tok, split, params = world
     builder = PromptBuilder(tok, split.dataset.items, history_len=6)
     reqs = list(eval_requests(split, num_users=3, num_candidates=8, seed=11))
     eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
-                 user_pages=256, prefix_pages=64)
+                 canonical="instruction", user_pages=256, prefix_pages=64)
     eng.build_store()
     spec = Spec(CFG, 2, None, 128)  # frozen lower layers on the path too
     ev = make_eval_step(spec)

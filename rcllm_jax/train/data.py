@@ -44,8 +44,9 @@ def popularity_teacher(candidates, popularity, temperature: float) -> np.ndarray
 
 def prompt_arrays(prompt, target_index: int, max_len: int, *, block: bool, cached_glue: bool,
                   teacher: np.ndarray | None = None) -> dict:
-    """Padded arrays of one prompt. block: attention as the engine stitches it (cached items after
-    the instruction; glue cached too if cached_glue), else ordinary causal attention. teacher:
+    """Padded arrays of one prompt. block: attention as the engine stitches it with cached items
+    encoded after the instruction alone (`Engine(canonical="instruction")`; glue cached too if
+    cached_glue), else ordinary causal attention. teacher:
     a soft target over the candidates (default uniform; used only with a teacher weight)."""
     n = len(prompt)
     if n > max_len:
