@@ -141,8 +141,8 @@ def main(argv):
     lat = [a[2] for a in ok]
     ids = [a[1]["request_id"] for a in ok]
     report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
-              "server": {k: server.get(k) for k in ("mode", "policy", "canonical", "shards", "scheduler", "serving_step",
-                                                    "max_batch")},
+              "server": {k: server.get(k) for k in ("mode", "policy", "canonical", "shards", "scheduler",
+                                                    "serving_step", "max_batch")},
               "argv": sys.argv[1:], "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
               "errors": len(sent) - len(ok), "retried_503": retried[0], "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,

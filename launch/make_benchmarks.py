@@ -62,8 +62,13 @@ _SERVED_USERS = flags.DEFINE_integer("served_users", 943, "Test users of the ser
 SERVED_MODES = "full,stitch,sink,deviation"  # rcllm's default is the stitch row's policy
 # Budgets inside the recommender issue's 10% of cached block tokens: a sink of 1 per block, deviation 5%.
 SERVED_BUDGETS = ["--sink=1", "--ratio=0.05", "--check_layer=1"]
-# The sweep runs once per context item blocks are encoded after (the engine's default first).
-SERVED_CANONICAL = {"": "served_sweep.json", " (items after the instruction)": "served_sweep_instruction.json"}
+# The sweep runs: row suffix -> (JSON, extra bench flags): the engine's default context at history 20
+# (the table's main rows), the instruction context as before, and the default's policy at history 50.
+SERVED_SWEEPS = {"": ("served_sweep.json", ["--history_len=20", f"--modes={SERVED_MODES}", *SERVED_BUDGETS]),
+                 " (items after the instruction)": ("served_sweep_instruction.json",
+                                                    ["--history_len=20", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
+                                                     "--canonical=instruction"]),
+                 " (history 50)": ("served_sweep_h50.json", ["--history_len=50", "--modes=full,rcllm"])}
 _TTFT_USERS = flags.DEFINE_integer("ttft_users", 8, "Users of the TTFT run at history 50 / 50 candidates.")
 _RANKER_USERS = flags.DEFINE_integer("ranker_users", 943, "Test users of the served ranker's accuracy + fidelity "
                                      "runs (the model runs on those whose target was retrieved).")
@@ -82,11 +87,10 @@ SERVED = ["--head=slot", "--candidates=retrieved", "--candidate_order=retriever"
 def _served_runs(out: Path) -> dict:
     """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
-    sweeps = {f"served sweep{what}": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--history_len=20", "--nowarmup",
-                                      "--rank_retrieved_only", f"--modes={SERVED_MODES}", *SERVED_BUDGETS,
-                                      "--test_positions=1",  # one position: each row is a pass over the requests
-                                      *(["--canonical=instruction"] if what else []), f"--output_json={out / f}"]
-              for what, f in SERVED_CANONICAL.items()}
+    sweeps = {f"served sweep{what}": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--nowarmup",
+                                      "--rank_retrieved_only", *extra, "--test_positions=1",  # one position: each row a pass over the requests
+                                      f"--output_json={out / f}"]
+              for what, (f, extra) in SERVED_SWEEPS.items()}
     return sweeps | {"served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
                                      "--history_len=50",  # sink: its default 2 (--sink would also set rcllm's)
                                      "--modes=full,prefix,prefix_warm,sink,rcllm",
@@ -343,14 +347,14 @@ def _served_section(out: Path) -> list[str]:
              "compiles (--nowarmup: an accuracy run); TTFT is measured below.", "",
              "| row | policy | NDCG@10 within retrieved [95% CI] | HR@10 within | HR@10 all | NDCG@10 all | recomputed | "
              "top-1 agr. vs full | KL |", "|---|---|---|---|---|---|---|---|---|"]
-    for what, name in SERVED_CANONICAL.items():
+    for what, (name, _) in SERVED_SWEEPS.items():
         g = out / name
         if not g.exists():
             continue
         dg = json.loads(g.read_text())
         for r in dg["results"]:
-            if what and not r.get("policy"):
-                continue  # the full prefill and the baselines do not depend on where blocks were encoded
+            if what and not r.get("policy") and dg["config"]["history_len"] == c["history_len"]:
+                continue  # the same requests: full prefill and the baselines do not depend on the block context
             ci = r.get("ndcg@10_retrieved_ci") or [None, None]
             pol = _policy_text(r["policy"], _canonical(dg["config"])) if r.get("policy") else ""
             lines.append(f"| {r['mode']}{what} | {pol} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, "
