@@ -88,7 +88,8 @@ def _served_runs(out: Path) -> dict:
     """The served model (score-slot head) on retrieved candidates: accuracy and a fidelity sweep
     over recompute budgets on --served_users test users, and TTFT at history 50 / 50 candidates."""
     sweeps = {f"served sweep{what}": [f"--num_users={_SERVED_USERS.value}", *SERVED, "--nowarmup",
-                                      "--rank_retrieved_only", *extra, "--test_positions=1",  # one position: each row a pass over the requests
+                                      "--rank_retrieved_only", *extra,
+                                      "--test_positions=1",  # one position: each row a pass over the requests
                                       f"--output_json={out / f}"]
               for what, (f, extra) in SERVED_SWEEPS.items()}
     return sweeps | {"served TTFT": [f"--num_users={_TTFT_USERS.value}", *SERVED[:3], "--num_candidates=50", "--peers=",
@@ -262,20 +263,24 @@ def _canonical(config: dict) -> str:
     return config.get("canonical") or "instruction"
 
 
+def _default_canonical() -> str:
+    """Today's context item blocks are encoded after."""
+    from rcllm_jax.engine.engine import DEFAULT_CANONICAL
+    return DEFAULT_CANONICAL
+
+
 def _is_default(policy: dict | None, canonical: str, ignore_glue: bool = False) -> bool:
     """Whether a block row ran as today's rcllm default: its policy and its item blocks' context."""
-    from rcllm_jax.engine.engine import DEFAULT_CANONICAL
     want = _default_policy()
     if policy is None:
         return False
     if ignore_glue:
         policy, want = {**policy, "cached_glue": False}, {**want, "cached_glue": False}
-    return policy == want and canonical == DEFAULT_CANONICAL
+    return policy == want and canonical == _default_canonical()
 
 
 def _default_text() -> str:
-    from rcllm_jax.engine.engine import DEFAULT_CANONICAL
-    return _policy_text(_default_policy(), DEFAULT_CANONICAL)
+    return _policy_text(_default_policy(), _default_canonical())
 
 
 def _default_rcllm_row(d: dict):

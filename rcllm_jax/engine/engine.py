@@ -80,8 +80,9 @@ def _adapted(head, params, cfg: ModelConfig):
 
 
 # Item blocks are encoded after the instruction and the glue that precedes a first candidate: the
-# item's first token then has the left context it has in every prompt (measured: BENCHMARKS.md
-# "The served model"; "instruction" alone left that token wrong and needed a recomputed sink).
+# item's first token then has its real left context (in a score-slot prompt, at every position).
+# Measured: BENCHMARKS.md "The served model"; "instruction" alone left that token wrong and needed
+# a recomputed sink.
 DEFAULT_CANONICAL = "candidate"
 CANONICAL_CONTEXTS = ("candidate", "instruction")
 
