@@ -70,8 +70,12 @@ _STEP = flags.DEFINE_enum("serving_step", "auto", ["auto", *SERVING_STEPS], "bat
                           "devices (they share the host's cores: a step's padding is real work there; measured "
                           "4.63 vs 3.21 requests/s on items:2, BENCHMARKS.md), batched on GPU / TPU (unmeasured).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests per shard in one serving step at most (batched).")
-_WARM = flags.DEFINE_bool("warmup", True, "Compile typical requests' shapes on every shard before serving.")
-_WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts (distinct history-length buckets) in the warm-up.")
+_WARM = flags.DEFINE_bool("warmup", True, "Compile before serving: in the block modes every request shape the server "
+                          "accepts (--history_len, --max_candidates, the served items; Engine.warm_up), on every "
+                          "shard; in the baselines typical requests' shapes.")
+_WARM_N = flags.DEFINE_integer("warmup_prompts", 6, "Prompts shaped like traffic (distinct history-length buckets) "
+                               "timed in the warm-up (the service time that sizes --max_queue; the baselines' "
+                               "warm-up).")
 
 
 def _warmup_prompts(builder, ds, item_ids, n: int, retriever=None, num_candidates: int = 20):
@@ -141,27 +145,23 @@ def main(argv):
     items = {i: ds.items[i] for i in item_ids}
     users_dir = _USERS_DIR.value or served.users_dir
     service_s = 0.25  # a request's engine time when nothing is measured (no warm-up)
-    if _WARM.value:  # compile the common shapes on every shard before the first user waits for them
+    if _WARM.value:  # compile before the first user waits for it
         t1 = time.perf_counter()
         probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value, retriever, _NUM_CANDS.value)
-        for s in range(engine.num_shards):
-            for j, probe in enumerate(probes):
-                engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
+        if _MODE.value in BLOCK_MODES:  # every shape a request can take, on every shard (and batch bucket)
+            n_shapes = engine.warm_up(_MODE.value, _MAX_CANDS.value, _MAX_BATCH.value if step == "batched" else 0)
+            what = f"every accepted request shape ({n_shapes} shard x shape programs)"
+        else:  # the baselines: requests shaped like traffic (a shape outside their buckets still compiles)
+            for s in range(engine.num_shards):
+                for j, probe in enumerate(probes):
+                    engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
+            n_fetch = engine.warm_fetch()
+            what = f"{len(probes)} prompt shapes (+ {n_fetch} remote-fetch shapes)"
         timed = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
-        if step == "batched" and _MODE.value in BLOCK_MODES:
-            # serving steps: every prompt shape at batch 1, then the larger batch buckets on the first shape
-            for j, probe in enumerate(probes):
-                engine.rank_step([(probe, f"warmup-{j}", s) for s in range(engine.num_shards)], _MODE.value)
-            b = 2
-            while b < 2 * _MAX_BATCH.value:  # up to the bucket of --max_batch
-                engine.rank_step([(probes[0], "warmup-0", s) for s in range(engine.num_shards) for _ in range(b)],
-                                 _MODE.value)
-                b *= 2
         service_s = max(float(sorted(timed)[len(timed) // 2]), 1e-3)
-        n_fetch = engine.warm_fetch()
         engine.reset_caches()
-        logging.info("warmed up %d shards x %d prompt shapes (+ %d remote-fetch shapes) in %.1fs (service time p50 "
-                     "%.3fs)", engine.num_shards, len(probes), n_fetch, time.perf_counter() - t1, service_s)
+        logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs)", engine.num_shards, what,
+                     time.perf_counter() - t1, service_s)
     # The bound covers every request waiting for the engine: the queue plus the window the loop
     # has taken from it; sized so that the last of them waits about --latency_target_s.
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))

@@ -1,4 +1,12 @@
-"""Shape buckets: a serving process compiles one program per bucket, never per request length."""
+"""Shape buckets: a serving process compiles one program per bucket, never per request length.
+
+Two rules. `bucket` (four per octave) pads rows that are computed through the whole model: the
+padding is compute, so it is kept small. `coarse_bucket` (powers of two) pads what the block
+modes' request programs are shaped by — rows that are only read (the user's cached prefix, the
+stitched suffix whose cached rows are gathered and attended, not computed), the recompute set and
+the answer's output rows: few buckets per dimension make the whole set of shapes a server accepts
+small enough to compile before serving (`Engine.warm_up`).
+"""
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -9,3 +17,17 @@ def bucket(n: int, minimum: int = 16) -> int:
     p = 1 << (n - 1).bit_length()  # smallest power of two >= n
     step = max(1, p // 8)  # quarter steps between p/2 and p
     return -(-n // step) * step
+
+
+def coarse_bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum) (one program per doubling)."""
+    return 1 << (max(int(n), minimum, 1) - 1).bit_length()
+
+
+def coarse_buckets(lo: int, hi: int, minimum: int = 16) -> list[int]:
+    """Every `coarse_bucket` of a length in [lo, hi], ascending."""
+    out, b = [], coarse_bucket(lo, minimum)
+    while lo <= hi and b <= coarse_bucket(hi, minimum):
+        out.append(b)
+        b *= 2
+    return out

@@ -290,9 +290,18 @@ def test_sliding_window_block_modes_equal_full_prefill(world):
         assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
 
 
+def test_coarse_buckets_by_hand():
+    from rcllm_jax.buckets import coarse_bucket, coarse_buckets
+    assert [coarse_bucket(n) for n in (1, 16, 17, 32, 33, 600)] == [16, 16, 32, 32, 64, 1024]
+    assert coarse_bucket(3, 1) == 4 and coarse_bucket(1, 1) == 1
+    assert coarse_buckets(50, 631) == [64, 128, 256, 512, 1024]
+    assert coarse_buckets(3, 3) == [16] and coarse_buckets(5, 4) == []
+
+
 def test_new_history_length_inside_a_bucket_compiles_nothing(world):
-    """User-store writes are bucketed: once a bucket's programs exist, a history of another length
-    in the same bucket computes its prefix without compiling (counted by JAX's compile events)."""
+    """User-store prefixes are computed in chunks over a power-of-two bucket of what is cached:
+    once a bucket's programs exist, a history of another length in the same bucket computes its
+    prefix without compiling (counted by JAX's compile events)."""
     eng, reqs, _ = world
     b = PromptBuilder(eng.builder.tok, eng.builder.items, history_len=1000)
     hist = list(reqs[0].history[-40:])

@@ -367,6 +367,43 @@ def test_warm_fetch_leaves_no_fetch_to_compile(world):
     assert c.count > 0  # the counter sees a new length's programs
 
 
+def test_warm_up_leaves_no_accepted_request_shape_to_compile(world):
+    """items:2 after `Engine.warm_up` (up to 8 candidates, the builder's 5 history items): requests
+    with random histories (0..8 items: only the latest 5 are kept), 1..8 random candidates, users
+    whose history grows event by event, one at a time and as serving steps of 1..2 requests per
+    shard, compile nothing; each lies in `serving_shapes`; scores equal the items:1 engine's."""
+    from conftest import CompileCounter
+    from rcllm_jax.buckets import coarse_bucket
+    engine, reqs, prompts, _ = world
+    e2, e1 = engine(2), engine(1)
+    builder, items = e2.builder, sorted(e2.item_blocks)
+    shapes = e2.serving_shapes("rcllm", 8)
+    assert e2.warm_up("rcllm", 8, max_batch=2) >= 2 * sum(map(len, shapes.values()))
+    e2.reset_caches()
+    rng = np.random.default_rng(5)
+    batch, grown, ranked = [], [], []
+    with CompileCounter() as c:
+        for j in range(24):
+            pool = rng.permutation(items)
+            h, k = int(rng.integers(0, 9)), int(rng.integers(1, 9))
+            user = f"u{j}"
+            if j % 4 == 3:  # an event: the user's history grows by one item, the prefix is extended
+                grown.append(int(pool[0]))
+                h, user = len(grown), "grown"
+                pool = np.asarray(grown + [i for i in pool.tolist() if i not in grown])
+            p = builder.build(list(pool[:h]), list(pool[h:h + k]))
+            ranked.append((p, user, e2.rank(p, "rcllm", user_id=user).scores))
+            n_prefix = len(p.blocks[0].tokens) + len(p.blocks[1].tokens)
+            assert any((coarse_bucket(n_prefix), coarse_bucket(len(p) - n_prefix)) in v
+                       for (ob, _), v in shapes.items() if ob == coarse_bucket(k)), (h, k)
+            batch.append((p, user, None))
+            if j % 6 == 5:
+                e2.rank_step(batch[-2:], "rcllm")  # the server batches at most max_batch per shard
+    assert c.count == 0
+    for p, user, scores in ranked[::5]:
+        np.testing.assert_allclose(scores, e1.rank(p, "rcllm", user_id=user).scores, rtol=1e-5, atol=1e-6)
+
+
 def test_serving_step_batches_every_shard_in_one_program(world):
     """items:4: a serving step (each shard's requests one batch, every shard in one program) gives
     the scores, recompute sets and cache counts of the items:1 engine ranking the requests one by

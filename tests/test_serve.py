@@ -35,6 +35,12 @@ def _call(url, body=None, raw=None, method=None):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _compiles(url) -> int:
+    """XLA compilations the server counted so far (its /metrics)."""
+    metrics = _call(url + "/metrics")[1]
+    return int(float(re.search(r"\nrcllm_compiles_total (\S+)\n", metrics).group(1)))
+
+
 def _raw_http(url, text: str, timeout: float = 30) -> str:
     """Send raw bytes to the server; its answer's text (what a misbehaving client sees)."""
     import socket
@@ -104,6 +110,8 @@ def test_server_end_to_end(tiny, tmp_path):
     srv = Server(args, env)
     try:
         url = srv.url
+        assert "every accepted request shape" in "".join(srv.lines)
+        compiled = _compiles(url)  # after the warm-up: no request below may compile (any accepted shape)
         cands = [50, 1, 100, 7, 12, 98, 117, 64]
         code, out = _call(url + "/v1/recommend", {"user_id": 1, "candidates": cands, "top_k": 5})
         assert code == 200, out
@@ -208,6 +216,7 @@ def test_server_end_to_end(tiny, tmp_path):
         assert "# TYPE rcllm_compiles_total counter" in metrics and "# HELP rcllm_requests_total" in metrics
         assert re.search(r'\nrcllm_http_responses_total\{status="404"\} [1-9]', metrics)
         assert "# TYPE rcllm_user_cache_misses_total counter" in metrics
+        assert _compiles(url) == compiled, "a request compiled after the warm-up"
         # clients that never finish their request must not hold the shutdown (nor the user-store save)
         import socket
         host, port = url.split("//")[1].split(":")
@@ -221,7 +230,7 @@ def test_server_end_to_end(tiny, tmp_path):
     assert code == 0 and "saved" in log and "user prefixes" in log, log[-3000:]
 
     # restart: items from the snapshot, users (KV and histories) from the user snapshot
-    srv = Server(args, env)
+    srv = Server(args + ["--nowarmup"], env)
     try:
         assert "restored item caches" in "".join(srv.lines)
         cands = [10, 33, 64, 2]
@@ -291,7 +300,7 @@ def test_readme_curl_examples(smollm2, tmp_path):
     tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer, 2048)  # room for 20 candidates with label prompts
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     srv = Server(["--mesh=items:2", f"--model={tiny}", "--head=label", "--port=0", "--history_len=5",
-                  f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--warmup_prompts=2"], env)
+                  f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup"], env)
     try:
         port = srv.url.rsplit(":", 1)[1]
         for line in lines:

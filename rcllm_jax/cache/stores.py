@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcllm_jax.buckets import bucket
+from rcllm_jax.buckets import bucket, coarse_bucket, coarse_buckets
 from rcllm_jax.cache.keys import chain_hash
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.model.config import ModelConfig
@@ -79,17 +79,33 @@ class UserStore:
         self.users.move_to_end(user_id)
         self._pages_for(e, len(tokens))
         new = tokens[keep:]
-        pb, tb = bucket(keep, 16) if keep else 0, bucket(len(new), 16)
-        old_slots = np.zeros(pb, np.int32)
-        old_slots[:keep] = self.alloc.slots(e.pages, keep) if keep else []
-        k, v = _extend(params, self.pool.k, self.pool.v, jnp.asarray(old_slots), keep,
-                       jnp.asarray(np.pad(np.asarray(new, np.int32), (0, tb - len(new)))), len(new), cfg=cfg)
-        # all tb rows are written (padding rows to the scratch slot 0): one program per bucket
-        slots = np.zeros(tb, np.int32)
-        slots[:len(new)] = self.alloc.slots(e.pages, len(tokens))[keep:]
-        self.pool.scatter(slots, k, v)
+        slots = self.alloc.slots(e.pages, len(tokens))
+        for a in range(keep, len(tokens), EXTEND_CHUNK):  # chunked: a few programs for any history
+            self._extend_chunk(params, cfg, slots[:a], tokens[a:a + EXTEND_CHUNK], slots[a:a + EXTEND_CHUNK])
         e.tokens = tokens
         return len(new)
+
+    def _extend_chunk(self, params: Params, cfg: ModelConfig, old_slots, new_tokens, new_slots):
+        """Compute the KV of up to EXTEND_CHUNK tokens after the prefix at `old_slots` and write it
+        to `new_slots`. Shapes: the prefix's slots padded to a power of two (they are only read),
+        the chunk to EXTEND_CHUNK rows (padding rows land in the scratch slot 0)."""
+        keep, n = len(old_slots), len(new_tokens)
+        old = np.zeros(coarse_bucket(keep) if keep else 0, np.int32)
+        old[:keep] = old_slots
+        toks, dst = np.zeros(EXTEND_CHUNK, np.int32), np.zeros(EXTEND_CHUNK, np.int32)
+        toks[:n], dst[:n] = new_tokens, new_slots
+        k, v = _extend(params, self.pool.k, self.pool.v, jnp.asarray(old), keep, jnp.asarray(toks), n, cfg=cfg)
+        self.pool.scatter(dst, k, v)
+
+    def warm(self, params: Params, cfg: ModelConfig, max_tokens: int) -> int:
+        """Compile every program `ensure` runs for prefixes of up to max_tokens tokens (each
+        prefix bucket with one chunk, written to the scratch slot: nothing stored changes).
+        Returns how many were run."""
+        olds = [0] + coarse_buckets(1, max(1, max_tokens - 1))
+        for pb in olds:
+            self._extend_chunk(params, cfg, np.zeros(min(pb, max_tokens - 1), np.int32), [0], [0])
+        jax.block_until_ready((self.pool.k, self.pool.v))
+        return len(olds)
 
     def export(self):
         """([[user id, prefix tokens]] in LRU order (oldest first), k, v: their KV concatenated
@@ -122,6 +138,9 @@ class UserStore:
         self._pages_for(e, len(tokens))
         self.pool.scatter(self.alloc.slots(e.pages, len(tokens)), k, v)
         e.tokens = tuple(tokens)
+
+
+EXTEND_CHUNK = 64  # tokens of a user prefix computed per program call (chunked prefill)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

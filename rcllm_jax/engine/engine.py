@@ -31,7 +31,9 @@ from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import (device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
                                   stitch_plan)
 from rcllm_jax.engine import serving_step
-from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
+from rcllm_jax.buckets import coarse_bucket, coarse_buckets
+from rcllm_jax.engine.ranking import (RankResult, answer_logit_ids, candidate_scores, output_rows, query_pass, rank_full,
+                                      slot_rows)
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
@@ -183,6 +185,98 @@ class Engine:
         shards and remote-buffer size (`BlockStore.warm_fetch`): a warm-up's few prompts reach
         only the pairs their items happen to need. Returns the combinations run."""
         return self.store.warm_fetch(self.impl)
+
+    def serving_shapes(self, mode="rcllm", max_candidates: int | None = None) -> dict:
+        """Every shape a block-mode request of this engine's prompts can take: {(output rows,
+        recompute rows): {(prefix rows, suffix rows), ...}} for histories of up to the builder's
+        history_len items and 1..max_candidates candidates among the served items, prompts that
+        fit the model. Bounds come from the catalog's shortest and longest blocks, so the set is a
+        (small) superset of what traffic reaches; every dimension is a power of two."""
+        policy = self._block_policy(mode, "")
+        b, ids = self.builder, sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
+        k_max = min(max_candidates or len(ids), len(ids))
+        limit = min(self.cfg.max_position, b.max_prompt_tokens or self.cfg.max_position)
+        _, p_lo, p_hi = self._prefix_bounds()
+
+        def lowest(bk, lo):  # the shortest length >= lo in bucket bk
+            return max(lo, bk // 2 + 1) if bk > 16 else lo
+
+        out = {}
+        for k in range(1, k_max + 1):
+            ends = []
+            for cands in (ids[:k], ids[-k:]):  # the shortest and the longest item blocks
+                p = b.build([], cands, check_length=False)
+                plan = stitch_plan(p, [0 if j >= 2 and served_from_cache(x, policy.cached_glue) else None
+                                       for j, x in enumerate(p.blocks)], sink=policy.sink)
+                t = slice(plan.n_prefix, len(p))
+                forced, cached = plan.forced[t], plan.cached[t]
+                want = int(forced.sum()) + int(np.ceil(policy.ratio * int((cached & ~forced).sum())))
+                ends.append((len(p) - plan.n_prefix, want))
+            (s_lo, w_lo), (s_hi, w_hi) = ends
+            ob = coarse_bucket(k, 16)
+            for tb in coarse_buckets(s_lo, s_hi):
+                for pb in coarse_buckets(p_lo, p_hi):
+                    if lowest(pb, p_lo) + lowest(tb, s_lo) > limit:
+                        continue
+                    for ns in coarse_buckets(max(1, min(w_lo, w_hi)), max(w_lo, w_hi)):
+                        out.setdefault((ob, min(ns, tb)), set()).add((pb, tb))
+        return out
+
+    def _prefix_bounds(self) -> tuple[list[int], int, int]:
+        """(the history whose prompt prefix is shortest: none or one item, the shortest and the
+        longest instruction + history prefix in tokens). Any catalog item may stand in a history
+        (a user's stored sequence), not only the served ones; the longest is the history_len items
+        with the longest lines, plus a token a line (slack)."""
+        b = self.builder
+        any_item = next(iter(self.item_blocks))
+
+        def prefix(history):
+            return sum(len(x.tokens) for x in b.build(history, [any_item], check_length=False).blocks[:2])
+        lines = sorted(b.items, key=lambda i: (prefix([i]), i))
+        shortest = [] if prefix([]) <= prefix(lines[:1]) else lines[:1]
+        longest = lines[-b.history_len:] if b.history_len else []
+        return shortest, prefix(shortest), prefix(longest) + len(longest)
+
+    def warm_up(self, mode="rcllm", max_candidates: int | None = None, max_batch: int = 0) -> int:
+        """Compile every program a block-mode request can need (`serving_shapes`), on every
+        items-shard, before serving: the blended prefill of each shape (one request at a time,
+        and with max_batch > 0 each serving-step batch bucket up to max_batch), the cached rows'
+        fetch of each suffix length from and to every shard, the user store's chunked prefix
+        computation. Then no request of an accepted shape compiles (`tests/test_serve.py`). Runs
+        a probe per output-row class padded to each shape; nothing stored changes but the
+        warm-up user's prefix (`reset_caches` drops it). Returns the number of shapes run."""
+        policy = self._block_policy(mode, "")
+        shapes = self.serving_shapes(policy, max_candidates)
+        ids = sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
+        done, user = 0, "__warmup__"
+        shortest, probes = self._prefix_bounds()[0], {}
+        for ob, ns in shapes:  # the smallest prompt with this many output rows: smaller than every shape of its class
+            k = next(k for k in range(1, len(ids) + 1) if coarse_bucket(k, 16) == ob)
+            probes[ob] = self.builder.build(shortest, ids[:k], check_length=False)
+        self.users.warm(self.params, self.cfg, max(pb for v in shapes.values() for pb, _ in v))
+        for (ob, ns), sizes in sorted(shapes.items()):
+            probe = probes[ob]
+            self.update_user(user, probe)
+            for shard in range(self.num_shards):
+                inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
+                if inputs is None:
+                    continue
+                params = self._params_on(self.device(shard), query=True)
+                inputs = dataclasses.replace(inputs, n_select=ns)  # exactly the shape's (a compile, not a ranking)
+                for pb, tb in sorted(sizes):
+                    jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
+                    done += 1
+            for _, tb in sizes:  # the fetch of every suffix length (warm_fetch: every shard pair)
+                self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)
+            b = 1
+            while max_batch and b <= serving_step.batch_bucket(max_batch):
+                for pb, tb in sorted(sizes):
+                    self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
+                                   pad_to=(pb, tb, ns))
+                    done += 1
+                b *= 2
+        self.warm_fetch()
+        return done
 
     def reset_caches(self):
         """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
@@ -408,13 +502,15 @@ class Engine:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return policy
 
-    def rank_step(self, requests, mode="rcllm") -> list[EngineResult]:
+    def rank_step(self, requests, mode="rcllm", pad_to: tuple[int, int, int] | None = None) -> list[EngineResult]:
         """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
         items-shard (given, else the affinity choice), each shard's requests as one batch, every
         shard in one SPMD program. requests: (prompt, user_id, shard or None) each, prompts of one
         head. The scores `rank` gives one by one; every result's ttft_s is the step's (history
         prefixes brought up to date before it starts). Requests whose answer needs the prompt KV
-        (multi-token labels), and every request of a multi-process run, are ranked one by one."""
+        (multi-token labels), and every request of a multi-process run, are ranked one by one.
+        pad_to: (prefix, suffix, recompute rows): pad the step's prefix and suffix to at least these
+        and run it with exactly this many recompute rows (`warm_up` compiles a shape so)."""
         policy = self._block_policy(mode, *(user_id for _, user_id, _ in requests))
         heads = {prompt.head for prompt, _, _ in requests}
         if len(heads) > 1:
@@ -439,6 +535,9 @@ class Engine:
                  for i in batched}
         p_len = max(len(stitched[i][0].prefix_slots) for i in batched)
         t_len = max(len(stitched[i][0].tokens) for i in batched)
+        n_max = max(n_sel.values())
+        if pad_to is not None:
+            p_len, t_len, n_max = max(p_len, pad_to[0]), max(t_len, pad_to[1]), pad_to[2]
         c_len = max(len(outs_of[i]) for i in batched)
         n = self.num_shards
         counts = np.bincount([stitched[i][0].shard for i in batched], minlength=n)
@@ -465,7 +564,7 @@ class Engine:
         kv = [self.store.fetch(want[s], delta[s], s, self.impl) for s in range(n)]
         shape = (self.cfg.num_layers, b, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
         ck, cv = (serving_step.stack_device_rows(self.mesh, [x[j].reshape(shape) for x in kv]) for j in (0, 1))
-        fn = serving_step.step_program(self.mesh, self.cfg, max(n_sel.values()), policy.check_layer,
+        fn = serving_step.step_program(self.mesh, self.cfg, n_max, policy.check_layer,
                                        policy.deviation_on, self.impl, slots)
         stack = functools.partial(serving_step.stack_rows, self.mesh)
         logits, r, sel = fn(self.query_params, self.pool.k, self.pool.v, *map(stack, host), stack(outs), stack(keep),
@@ -483,7 +582,7 @@ class Engine:
             out[i] = self._policy_result(requests[i][0], policy, lay, items, scores[i][0], r[row_of[i]],
                                          sel[row_of[i]], scores[i][1], computed_prefix[i], ttft)
         self.last_step = {"requests": len(batched), "batch": b, "shard_requests": counts.tolist(),
-                          "prefix": p_len, "suffix": t_len, "n_select": max(n_sel.values())}
+                          "prefix": p_len, "suffix": t_len, "n_select": n_max}
         return out
 
     def slot_states(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> np.ndarray:

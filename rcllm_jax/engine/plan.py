@@ -27,7 +27,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from rcllm_jax.buckets import bucket
+from rcllm_jax.buckets import bucket, coarse_bucket
 
 from rcllm_jax.data.prompt import Block, Prompt
 from rcllm_jax.model.decoder import SEG_GLOBAL, SEG_SHARED, attention_mask
@@ -155,9 +155,9 @@ def pad_arrays(arrays, prefix: int, suffix: int) -> tuple:
             pad(forced, suffix), pad(valid, suffix))
 
 
-def _layout(prefix_slots, tokens, canon, block_slots, forced, shard=0) -> Layout:
+def _layout(prefix_slots, tokens, canon, block_slots, forced, shard=0, buckets=bucket) -> Layout:
     n_p, n_t = len(prefix_slots), len(tokens)
-    pb, tb = bucket(n_p, 16), bucket(n_t, 16)
+    pb, tb = buckets(n_p, 16), buckets(n_t, 16)
     ps = np.zeros(pb, np.int32)
     ps[:n_p] = prefix_slots
 
@@ -186,11 +186,15 @@ def device_layout(prompt: Prompt, plan: StitchPlan, prefix_slots, slots_of: Sequ
     blk = plan.block[t]
     cached = plan.cached[t]
     slot = np.where(cached, starts[blk] + plan.canon_pos[t] - first[blk], -1)
-    return _layout(prefix_slots, np.asarray(prompt.tokens)[t], plan.canon_pos[t], slot, plan.forced[t], shard)
+    # prefix and suffix rows are read (gathered, attended), only the recompute set is computed:
+    # power-of-two buckets (`buckets.coarse_bucket`) keep the set of request shapes small
+    return _layout(prefix_slots, np.asarray(prompt.tokens)[t], plan.canon_pos[t], slot, plan.forced[t], shard,
+                   coarse_bucket)
 
 
 def fresh_layout(prefix_slots, tokens, start: int, shard: int = 0) -> Layout:
-    """A plain prefill of `tokens` at positions start.. after an exact prefix (prefix mode)."""
+    """A plain prefill of `tokens` at positions start.. after an exact prefix (prefix mode): every
+    suffix row is computed, so the fine buckets."""
     n = len(tokens)
     pos = start + np.arange(n)
     return _layout(prefix_slots, tokens, pos, np.full(n, -1), np.ones(n, bool), shard)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rcllm_jax.buckets import bucket
+from rcllm_jax.buckets import bucket, coarse_bucket
 from rcllm_jax.data.prompt import Prompt, check_prompt_length
 from rcllm_jax.engine.plan import query_rows
 from rcllm_jax.engine.selective_recompute import blended_prefill
@@ -92,12 +92,12 @@ def _full_slots(params: Params, tokens, n_valid, slot_pos, *, cfg: ModelConfig):
 
 
 def slot_rows(prompt: Prompt, start: int = 0) -> np.ndarray | None:
-    """Indices (from token `start` on) of a slot prompt's score slots, bucketed with -1 padding
-    (one program per bucket); None for label prompts."""
+    """Indices (from token `start` on) of a slot prompt's score slots, padded with -1 to
+    `output_rows(prompt)` (one program per bucket); None for label prompts."""
     if prompt.head != "slot":
         return None
     rows = prompt.slot_positions - start
-    out = np.full(bucket(len(rows), 16), -1, np.int32)
+    out = np.full(output_rows(prompt), -1, np.int32)
     out[:len(rows)] = rows
     return out
 
@@ -108,18 +108,27 @@ def answer_logit_ids(prompt: Prompt):
     prompt is scored by slots)."""
     if prompt.head == "slot":
         return None
-    if prompt.single_token_labels:
-        return jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
+    if prompt.single_token_labels:  # padded to `output_rows` with the first id (the extra logits are dropped)
+        ids = [lt[0] for lt in prompt.label_tokens]
+        return jnp.asarray(ids + ids[:1] * (output_rows(prompt) - len(ids)), jnp.int32)
     return None
+
+
+def output_rows(prompt: Prompt) -> int:
+    """Rows of a prefill's answer output (score slots, or single-token labels' logits): the number
+    of candidates rounded up to a power of two (`buckets.coarse_bucket`)."""
+    return coarse_bucket(len(prompt.candidates), 16)
 
 
 def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_logits, kv: KVCache | None):
     """Log-probabilities over the candidates from the answer's first-token logits, computed at
     `answer_logit_ids(prompt)` (and the prompt KV for multi-token labels).
     Returns (scores [K] as jax array, label tokens computed)."""
+    if prompt.single_token_labels:  # on the host: no program per candidate count
+        z = np.asarray(first_logits, np.float64)[:len(prompt.labels)]
+        z = z - z.max()
+        return (z - np.log(np.exp(z).sum())).astype(np.float32), 0
     first_ids = jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
-    if prompt.single_token_labels:
-        return jax.nn.log_softmax(first_logits), 0
     if kv is None:
         raise ValueError("multi-token labels need the prompt KV")
     toks, pos, seg, valid, tgt, own, m = _label_batch(prompt, len(prompt))

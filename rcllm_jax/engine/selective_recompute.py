@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rcllm_jax import kernels
-from rcllm_jax.buckets import bucket
+from rcllm_jax.buckets import coarse_bucket
 from rcllm_jax.engine.plan import pad_arrays
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
@@ -74,10 +74,10 @@ BLOCK_MODES = {
 
 def selection_size(forced, cached, valid, policy: Policy) -> int:
     """Rows of the recompute set: the forced tokens plus ratio x the other cached tokens, rounded up
-    to a shape bucket (the extra rows take the next-highest deviations, or are masked out when
-    there is no deviation check)."""
+    to a power of two (`buckets.coarse_bucket`; the extra rows take the next-highest deviations, or
+    are masked out when there is no deviation check)."""
     want = int((forced & valid).sum()) + math.ceil(policy.ratio * int((cached & ~forced).sum()))
-    return min(len(valid), bucket(max(want, 1), 16))
+    return min(len(valid), coarse_bucket(max(want, 1), 16))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,9 +131,12 @@ class SlotHead:
         return merge(params, jax.tree.map(jnp.asarray, self.adapter), self.adapter_cfg)
 
     def scores(self, hidden) -> np.ndarray:
-        """[K] log-softmax scores of the K candidates from their slot hidden states [K, D]."""
-        f = slot_features(jnp.asarray(hidden))
-        return np.asarray(head_scores(jnp.asarray(self.theta, jnp.float32), jnp.float32(self.bias), f))
+        """[K] log-softmax scores of the K candidates from their slot hidden states [K, D]: `head_scores`
+        of `slot_features`, on the host (serving compiles no program per candidate count)."""
+        h = np.asarray(hidden, np.float64)
+        f = np.concatenate([h, np.log1p(np.arange(len(h), dtype=np.float64))[:, None]], axis=-1)
+        z = f @ np.asarray(self.theta, np.float64) + float(self.bias)
+        return (z - np.logaddexp.reduce(z)).astype(np.float32)
 
     def save(self, directory) -> Path:
         """<directory>/head.safetensors (+ README.md: the card), written atomically."""
