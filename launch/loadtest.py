@@ -143,7 +143,7 @@ def main(argv):
     report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
               "server": {k: server.get(k) for k in ("mode", "policy", "canonical", "shards", "scheduler",
                                                     "serving_step", "max_batch")},
-              "argv": sys.argv[1:], "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
+              "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d", time.gmtime()), "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
               "errors": len(sent) - len(ok), "retried_503": retried[0], "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
               "compiles_during_run": None if compiles0 is None or compiles1 is None else compiles1 - compiles0,

@@ -15,6 +15,7 @@ the targets are checked against the measured numbers).
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -502,12 +503,13 @@ def _load_modes_section(out: Path) -> list[str]:
         return []
     runs = [json.loads(f.read_text()) for f in files]
     lines = ["## Throughput under load per mode (`launch/serve.py --mesh=items:2 --mode=M` + `launch/loadtest.py`)", "",
-             "| mode | serving step | sent | 503 resent | requests/s | TTFT p50 | TTFT p99 | latency p50 | "
-             "latency p99 | compiles during the run |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | serving step | run on | sent | 503 resent | requests/s | TTFT p50 | TTFT p99 | latency p50 | "
+             "latency p99 | compiles during the run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(runs, key=lambda d: -d["throughput_rps"]):
         sv = d.get("server", {})
         pol = f" ({_policy_text(sv['policy'], _canonical(sv))})" if sv.get("policy") else ""
-        lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {d['sent']} | "
+        lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {d.get('date', 'before 2026-12-05')} | "
+                     f"{d['sent']} | "
                      f"{d.get('retried_503', 0)} | "
                      f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
                      f"{_fmt(d.get('latency_p50_s'))} s | {_fmt(d.get('latency_p99_s'))} s | "
@@ -540,6 +542,33 @@ def _load_modes_section(out: Path) -> list[str]:
                              + (f" (target >= {want}x at the same p99: {'met' if x >= want and ok_p99 else 'not met'})"
                                 if want else ""))
     return lines + [""] + [f"- {n}" for n in notes] + [""]
+
+
+def _ab_section(out: Path) -> list[str]:
+    """The rcllm server under ApacheBench (an independent client; its report load_ab_c*.txt as ab wrote
+    it, plus the server's compile count around the run)."""
+    files = sorted(out.glob("load_ab_c*.txt"))
+    if not files:
+        return []
+    lines = ["## An independent client: ApacheBench against the rcllm server", "",
+             "| command | complete | failed | non-2xx | requests/s | latency p50 | latency p99 | compiles during the run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        text = f.read_text()
+
+        def field(pattern, default=None):
+            m = re.search(pattern, text, re.M)
+            return m.group(1) if m else default
+        c0, c1 = field(r"compiles during ab: (\S+) ->"), field(r"compiles during ab: \S+ -> (\S+)")
+        compiles = "-" if c0 is None else str(int(float(c1) - float(c0)))
+        cells = [f"`{field(r'^command: (.*)$', 'ab')}`", field(r"^Complete requests:\s+(\d+)"),
+                 field(r"^Failed requests:\s+(\d+)"), field(r"^Non-2xx responses:\s+(\d+)", "0"),
+                 field(r"^Requests per second:\s+(\S+)"), field(r"^ +50% +(\d+)") + " ms",
+                 field(r"^ +99% +(\d+)") + " ms", compiles]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines + ["", "- The same request (a returning user, 20 retrieved candidates, top 10) sent by `ab` (apache2-utils) "
+                    "to the server of the rcllm row above, after its load run: a check of `launch/loadtest.py`'s "
+                    "throughput by a client we did not write.", ""]
 
 
 def _grid_section(out: Path) -> list[str]:
@@ -673,6 +702,7 @@ def _report(out: Path) -> str:
     lines += _grid_section(out)
     lines += _load_section(out)
     lines += _load_modes_section(out)
+    lines += _ab_section(out)
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]
