@@ -508,7 +508,8 @@ def _load_modes_section(out: Path) -> list[str]:
     for d in sorted(runs, key=lambda d: -d["throughput_rps"]):
         sv = d.get("server", {})
         pol = f" ({_policy_text(sv['policy'], _canonical(sv))})" if sv.get("policy") else ""
-        lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {d.get('date', 'before 2026-12-05')} | "
+        run_on = d.get("date", "before 2026-12-05")
+        lines.append(f"| {sv.get('mode')}{pol} | {sv.get('serving_step') or '-'} | {run_on} | "
                      f"{d['sent']} | "
                      f"{d.get('retried_503', 0)} | "
                      f"{d['throughput_rps']:.2f} | {_fmt(d.get('ttft_p50_s'))} s | {_fmt(d.get('ttft_p99_s'))} s | "
@@ -551,7 +552,8 @@ def _ab_section(out: Path) -> list[str]:
     if not files:
         return []
     lines = ["## An independent client: ApacheBench against the rcllm server", "",
-             "| command | complete | failed | non-2xx | requests/s | latency p50 | latency p99 | compiles during the run |",
+             "| command | complete | failed | non-2xx | requests/s | latency p50 | latency p99 | "
+             "compiles during the run |",
              "|---|---|---|---|---|---|---|---|"]
     for f in files:
         text = f.read_text()
@@ -566,8 +568,8 @@ def _ab_section(out: Path) -> list[str]:
                  field(r"^Requests per second:\s+(\S+)"), field(r"^ +50% +(\d+)") + " ms",
                  field(r"^ +99% +(\d+)") + " ms", compiles]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return lines + ["", "- The same request (a returning user, 20 retrieved candidates, top 10) sent by `ab` (apache2-utils) "
-                    "to the server of the rcllm row above, after its load run: a check of `launch/loadtest.py`'s "
+    return lines + ["", "- The same request (a returning user, 20 retrieved candidates, top 10) sent by `ab` "
+                    "(apache2-utils) to the server of the rcllm row above, after its load run: a check of `launch/loadtest.py`'s "
                     "throughput by a client we did not write.", ""]
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax import kernels
+from rcllm_jax.buckets import coarse_bucket, coarse_buckets
 from rcllm_jax.cache import snapshot
 from rcllm_jax.cache.block_store import PASS_ROWS, REPLICATED, ROW_TOKENS, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
@@ -31,9 +32,7 @@ from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import (device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
                                   stitch_plan)
 from rcllm_jax.engine import serving_step
-from rcllm_jax.buckets import coarse_bucket, coarse_buckets
-from rcllm_jax.engine.ranking import (RankResult, answer_logit_ids, candidate_scores, output_rows, query_pass, rank_full,
-                                      slot_rows)
+from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
 from rcllm_jax.engine.slot_head import HeadError
 from rcllm_jax.model.config import ModelConfig
@@ -250,7 +249,7 @@ class Engine:
         ids = sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
         done, user = 0, "__warmup__"
         shortest, probes = self._prefix_bounds()[0], {}
-        for ob, ns in shapes:  # the smallest prompt with this many output rows: smaller than every shape of its class
+        for ob, ns in shapes:  # the smallest prompt with this many output rows: below every shape of its class
             k = next(k for k in range(1, len(ids) + 1) if coarse_bucket(k, 16) == ob)
             probes[ob] = self.builder.build(shortest, ids[:k], check_length=False)
         self.users.warm(self.params, self.cfg, max(pb for v in shapes.values() for pb, _ in v))
