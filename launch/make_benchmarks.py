@@ -555,6 +555,9 @@ def _ab_section(out: Path) -> list[str]:
              "| command | complete | failed | non-2xx | requests/s | latency p50 | latency p99 | "
              "compiles during the run |",
              "|---|---|---|---|---|---|---|---|"]
+    # ab's "Failed requests" also counts answers whose length differs from the first one's (ours carry
+    # timings and request ids): a failure here is a connect, receive or exception failure only
+    broken = r"\(Connect: (\d+), Receive: (\d+), Length: \d+, Exceptions: (\d+)\)"
     for f in files:
         text = f.read_text()
 
@@ -563,14 +566,18 @@ def _ab_section(out: Path) -> list[str]:
             return m.group(1) if m else default
         c0, c1 = field(r"compiles during ab: (\S+) ->"), field(r"compiles during ab: \S+ -> (\S+)")
         compiles = "-" if c0 is None else str(int(float(c1) - float(c0)))
+        m = re.search(broken, text)
+        failed = sum(map(int, m.groups())) if m else field(r"^Failed requests:\s+(\d+)")
         cells = [f"`{field(r'^command: (.*)$', 'ab')}`", field(r"^Complete requests:\s+(\d+)"),
-                 field(r"^Failed requests:\s+(\d+)"), field(r"^Non-2xx responses:\s+(\d+)", "0"),
+                 failed, field(r"^Non-2xx responses:\s+(\d+)", "0"),
                  field(r"^Requests per second:\s+(\S+)"), field(r"^ +50% +(\d+)") + " ms",
                  field(r"^ +99% +(\d+)") + " ms", compiles]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return lines + ["", "- The same request (a returning user, 20 retrieved candidates, top 10) sent by `ab` "
-                    "(apache2-utils) to the server of the rcllm row above, after its load run: a check of `launch/loadtest.py`'s "
-                    "throughput by a client we did not write.", ""]
+                    "(apache2-utils) to the server of the rcllm row above, after its load run: a check of "
+                    "`launch/loadtest.py`'s throughput by a client we did not write. Failed: connect, receive or "
+                    "exception failures (ab also counts answers of another length than the first, which ours "
+                    "are: they carry timings and request ids).", ""]
 
 
 def _grid_section(out: Path) -> list[str]:
