@@ -15,8 +15,8 @@ the targets are checked against the measured numbers).
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

@@ -192,10 +192,9 @@ class Engine:
         fit the model. Bounds come from the catalog's shortest and longest blocks, so the set is a
         (small) superset of what traffic reaches; every dimension is a power of two."""
         policy = self._block_policy(mode, "")
-        b, ids = self.builder, sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
+        b, (ids, _, p_lo, p_hi) = self.builder, self._shape_bounds
         k_max = min(max_candidates or len(ids), len(ids))
         limit = min(self.cfg.max_position, b.max_prompt_tokens or self.cfg.max_position)
-        _, p_lo, p_hi = self._prefix_bounds()
 
         def lowest(bk, lo):  # the shortest length >= lo in bucket bk
             return max(lo, bk // 2 + 1) if bk > 16 else lo
@@ -221,20 +220,22 @@ class Engine:
                         out.setdefault((ob, min(ns, tb)), set()).add((pb, tb))
         return out
 
-    def _prefix_bounds(self) -> tuple[list[int], int, int]:
-        """(the history whose prompt prefix is shortest: none or one item, the shortest and the
-        longest instruction + history prefix in tokens). Any catalog item may stand in a history
-        (a user's stored sequence), not only the served ones; the longest is the history_len items
-        with the longest lines, plus a token a line (slack)."""
+    @functools.cached_property
+    def _shape_bounds(self) -> tuple[list[int], list[int], int, int]:
+        """(the served items, shortest block first; the history whose prompt prefix is shortest:
+        none or one item; the shortest and the longest instruction + history prefix in tokens).
+        Any catalog item may stand in a history (a user's stored sequence), not only the served
+        ones; the longest is the history_len items with the longest lines, plus a token a line
+        (slack). Computed once (a prompt per catalog item): the blocks and the builder are fixed."""
         b = self.builder
-        any_item = next(iter(self.item_blocks))
+        ids = sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
 
         def prefix(history):
-            return sum(len(x.tokens) for x in b.build(history, [any_item], check_length=False).blocks[:2])
+            return sum(len(x.tokens) for x in b.build(history, ids[:1], check_length=False).blocks[:2])
         lines = sorted(b.items, key=lambda i: (prefix([i]), i))
         shortest = [] if prefix([]) <= prefix(lines[:1]) else lines[:1]
         longest = lines[-b.history_len:] if b.history_len else []
-        return shortest, prefix(shortest), prefix(longest) + len(longest)
+        return ids, shortest, prefix(shortest), prefix(longest) + len(longest)
 
     def warm_up(self, mode="rcllm", max_candidates: int | None = None, max_batch: int = 0) -> int:
         """Compile every program a block-mode request can need (`serving_shapes`), on every
@@ -246,10 +247,10 @@ class Engine:
         warm-up user's prefix (`reset_caches` drops it). Returns the number of shapes run."""
         policy = self._block_policy(mode, "")
         shapes = self.serving_shapes(policy, max_candidates)
-        ids = sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
+        ids, shortest, _, _ = self._shape_bounds
         done, user = 0, "__warmup__"
-        shortest, probes = self._prefix_bounds()[0], {}
-        for ob, ns in shapes:  # the smallest prompt with this many output rows: below every shape of its class
+        probes = {}
+        for ob in {ob for ob, _ in shapes}:  # the smallest prompt with ob output rows: below every shape of its class
             k = next(k for k in range(1, len(ids) + 1) if coarse_bucket(k, 16) == ob)
             probes[ob] = self.builder.build(shortest, ids[:k], check_length=False)
         self.users.warm(self.params, self.cfg, max(pb for v in shapes.values() for pb, _ in v))
@@ -265,8 +266,6 @@ class Engine:
                 for pb, tb in sorted(sizes):
                     jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
                     done += 1
-            for _, tb in sizes:  # the fetch of every suffix length (warm_fetch: every shard pair)
-                self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)
             b = 1
             while max_batch and b <= serving_step.batch_bucket(max_batch):
                 for pb, tb in sorted(sizes):
@@ -274,6 +273,8 @@ class Engine:
                                    pad_to=(pb, tb, ns))
                     done += 1
                 b *= 2
+        for tb in {tb for sizes in shapes.values() for _, tb in sizes}:  # every suffix length's fetch
+            self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)  # (warm_fetch: every shard pair)
         self.warm_fetch()
         return done
 

@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import log_softmax
 
 from rcllm_jax.buckets import bucket, coarse_bucket
 from rcllm_jax.data.prompt import Prompt, check_prompt_length
@@ -123,11 +124,9 @@ def output_rows(prompt: Prompt) -> int:
 def candidate_scores(params: Params, cfg: ModelConfig, prompt: Prompt, first_logits, kv: KVCache | None):
     """Log-probabilities over the candidates from the answer's first-token logits, computed at
     `answer_logit_ids(prompt)` (and the prompt KV for multi-token labels).
-    Returns (scores [K] as jax array, label tokens computed)."""
+    Returns (scores [K]: a host array for single-token labels, else a jax array; label tokens computed)."""
     if prompt.single_token_labels:  # on the host: no program per candidate count
-        z = np.asarray(first_logits, np.float64)[:len(prompt.labels)]
-        z = z - z.max()
-        return (z - np.log(np.exp(z).sum())).astype(np.float32), 0
+        return log_softmax(np.asarray(first_logits, np.float64)[:len(prompt.labels)]).astype(np.float32), 0
     first_ids = jnp.asarray([lt[0] for lt in prompt.label_tokens], jnp.int32)
     if kv is None:
         raise ValueError("multi-token labels need the prompt KV")

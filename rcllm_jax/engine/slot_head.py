@@ -43,14 +43,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import log_softmax
 
 from rcllm_jax.model.lora import LoraConfig, merge
 
 
-def position_feature(k: int):
+def position_feature(k: int) -> np.ndarray:
     """[K, 1] log(1 + j) of each candidate's prompt position j: the head's (and its collaborative
-    scorer's) position feature."""
-    return jnp.log1p(jnp.arange(k, dtype=jnp.float32))[:, None]
+    scorer's) position feature. A host array: a constant inside traced code, and serving's host-side
+    scores (`SlotHead.scores`) compile nothing per candidate count."""
+    return np.log1p(np.arange(k, dtype=np.float32))[:, None]
 
 
 def slot_features(hidden):
@@ -120,8 +122,7 @@ class SlotHead:
         if side.shape != (len(scores), len(self.side_weights)):
             raise ValueError(f"the head weighs {len(self.side_weights)} collaborative features "
                              f"({', '.join(self.side_features)}) of {len(scores)} candidates; got {side.shape}")
-        z = scores + side @ np.asarray(self.side_weights, np.float64)
-        return z - np.logaddexp.reduce(z)
+        return log_softmax(scores + side @ np.asarray(self.side_weights, np.float64))
 
     def query_params(self, params):
         """The weights that compute the query rows: the base with the query adapter folded in
@@ -134,9 +135,8 @@ class SlotHead:
         """[K] log-softmax scores of the K candidates from their slot hidden states [K, D]: `head_scores`
         of `slot_features`, on the host (serving compiles no program per candidate count)."""
         h = np.asarray(hidden, np.float64)
-        f = np.concatenate([h, np.log1p(np.arange(len(h), dtype=np.float64))[:, None]], axis=-1)
-        z = f @ np.asarray(self.theta, np.float64) + float(self.bias)
-        return (z - np.logaddexp.reduce(z)).astype(np.float32)
+        f = np.concatenate([h, position_feature(len(h))], axis=-1)
+        return log_softmax(f @ np.asarray(self.theta, np.float64) + float(self.bias)).astype(np.float32)
 
     def save(self, directory) -> Path:
         """<directory>/head.safetensors (+ README.md: the card), written atomically."""
