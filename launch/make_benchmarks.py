@@ -580,6 +580,34 @@ def _ab_section(out: Path) -> list[str]:
                     "are: they carry timings and request ids).", ""]
 
 
+def _profile_section(out: Path) -> list[str]:
+    """Step-by-step profiles of one rcllm request (launch/bench_profile.py), one column per profile_*.json."""
+    runs = [json.loads(f.read_text()) for f in sorted(out.glob("profile_*.json"))]
+    if not runs:
+        return []
+    runs.sort(key=lambda d: d["label"] != "before")
+    steps = list(runs[0]["median_ms"])
+    head = [f"{d['label']} ({d['commit']}, {d['date']})" for d in runs]
+    lines = [f"## Where rcllm's time goes (history {runs[0]['history_len']} / {runs[0]['candidates']} retrieved "
+             "candidates)", "",
+             "| step (median ms) | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
+    for k in steps:
+        lines.append(f"| {k} | " + " | ".join(f"{d['median_ms'].get(k, float('nan')):.1f}" for d in runs) + " |")
+    lines.append("| request / floor | " + " | ".join(f"{d['median_ms']['request'] / d['median_ms']['floor']:.2f}"
+                                                    for d in runs) + " |")
+    r0 = runs[0]["requests"][0]
+    lines += ["", f"- `python launch/bench_profile.py --history_len={runs[0]['history_len']} "
+              f"--candidates={runs[0]['candidates']} --label=L --output_json=docs/benchmarks/profile_L.json` "
+              f"(a \"before\" column: the same script against the earlier checkout). {len(runs[0]['requests'])} "
+              f"returning test users, default model and slot head, float32, 1 device, 2 CPU cores; compiles "
+              f"excluded. Shapes: prefix {r0['prefix_rows']} rows, suffix {r0['suffix_rows']}, recomputed "
+              f"{r0['recompute_rows']} (computed tokens {r0['computed_tokens']}, prompt {r0['prompt_tokens']}).",
+              "- request: `Engine.rank` whole; inputs: stitch + fetch + device arrays; fetch: the item rows' "
+              "gather + re-rotation alone; prefill: the jitted blended prefill alone; floor: the computed "
+              "tokens' FLOPs at the measured matmul peak + the cached KV read at the measured bandwidth.", ""]
+    return lines
+
+
 def _grid_section(out: Path) -> list[str]:
     """The TTFT grid (served model, retrieved candidates): TTFT p50 / p99 per mode, rcllm's ratios
     to every baseline, its floor, fidelity and accuracy with bootstrap intervals."""
@@ -709,6 +737,7 @@ def _report(out: Path) -> str:
         else:
             lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
     lines += _grid_section(out)
+    lines += _profile_section(out)
     lines += _load_section(out)
     lines += _load_modes_section(out)
     lines += _ab_section(out)

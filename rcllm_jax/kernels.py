@@ -5,18 +5,20 @@ xla: the pure-JAX references (what XLA fuses on its own). pallas: the `pallas_ke
 backend, until a kernel has been compiled and verified on that backend (none has been yet: no
 GPU or TPU was lent to this project; WORKSPACE_NOTES.md records it when one is).
 
-The gather + re-rotation kernel uses scalar-prefetched block indices (a Mosaic TPU feature);
-`pallas` on GPU runs it as XLA.
+The engine's attention reads a request's prefix from the pool's pages and its suffix buffer in
+pages through `paged_attention`; the cached rows arrive through `gather_rerotate`. Both kernels
+use scalar-prefetched block indices (a Mosaic TPU feature): `pallas` on GPU runs them as XLA.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.gather_rerotate import gather_rerotate as _gather_kernel
 from pallas_kernels.gather_rerotate import gather_rerotate_reference
-from pallas_kernels.selective_attention import selective_attention as _attn_kernel
-from pallas_kernels.selective_attention import selective_attention_reference
+from pallas_kernels.paged_attention import paged_attention as _paged_kernel
+from pallas_kernels.paged_attention import paged_attention_reference
 
 IMPLS = ("auto", "pallas", "xla")
 VERIFIED_BACKENDS: frozenset[str] = frozenset()  # backends where `auto` may pick the Pallas kernels
@@ -32,15 +34,19 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return "interpret" if platform == "cpu" else "pallas"
 
 
-def selective_attention(q, k, v, q_pos, k_pos, k_valid, *, impl: str, window: int | None = None):
-    """q [B, T, N, H] over k, v [B, S, K, H] (causal by position, k_valid [B, S], optional sliding
-    window) -> [B, T, N*H]. impl: a resolved implementation."""
-    b, t, n, h = q.shape
-    if impl == "xla":
-        out = selective_attention_reference(q, k, v, q_pos, k_pos, k_valid=k_valid, window=window)
-    else:
-        out = _attn_kernel(q, k, v, q_pos, k_pos, k_valid=k_valid, window=window, interpret=impl == "interpret")
-    return out.reshape(b, t, n * h)
+def paged_attention(q, k_rows, v_rows, q_pos, table, span_start, span_len, span_pos, span_delta, inv, *,
+                    impl: str, window: int | None = None, page: int = 16):
+    """q [B, T, N, H] over one layer's stored rows k_rows, v_rows [S, K, H], read in place as pages
+    of `page` rows addressed by a block table (`pallas_kernels/paged_attention.py`, spans [B, M])
+    -> (out [B, T, N, H], log-sum-exp [B, T, N]). impl: a resolved implementation."""
+    if k_rows.shape[0] % page:  # whole pages (a small request buffer; the pool is page-aligned)
+        pad = ((0, page - k_rows.shape[0] % page), (0, 0), (0, 0))
+        k_rows, v_rows = jnp.pad(k_rows, pad), jnp.pad(v_rows, pad)
+    kp, vp = (a.reshape(-1, page, *a.shape[1:]) for a in (k_rows, v_rows))
+    args = (q, kp, vp, q_pos, table, span_start, span_len, span_pos, span_delta, inv)
+    if impl == "interpret" or (impl == "pallas" and jax.default_backend() == "tpu"):
+        return _paged_kernel(*args, window=window, interpret=impl == "interpret")
+    return paged_attention_reference(*args, window=window)
 
 
 def gather_rerotate(rows, slots, delta, inv, *, impl: str):

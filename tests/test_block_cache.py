@@ -63,6 +63,34 @@ def test_recompute_everything_equals_full_prefill(world, policy):
         assert rel_err(got, full_logits(eng, p)[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_prefix_is_read_in_place_from_its_pool_pages_only(world, impl):
+    """The blended prefill reads the user's prefix where it lies in the pool (XLA: by slot, per
+    layer; the Pallas path: whole pages through the paged kernel's block table, interpreted here):
+    with every other page of the pool NaN (but the scratch page), recompute-everything still equals
+    the plain full prefill, for requests of different prefix lengths."""
+    from rcllm_jax import kernels
+    from rcllm_jax.cache.pool import PAGE
+    eng, reqs, prompts = world
+    for req, p in zip(reqs, prompts):
+        eng.update_user(req.user_id, p)
+    saved = (jnp.copy(eng.pool.k), jnp.copy(eng.pool.v), eng.impl)  # writes donate the pool's buffers
+    try:
+        eng.impl = kernels.resolve(impl)
+        keep = np.zeros(eng.pool.k.shape[1], bool)
+        keep[:PAGE] = True  # the scratch page: padding rows are gathered from it
+        for req in reqs:
+            keep[eng.users.slots(req.user_id)] = True
+        eng.pool.k = eng.pool.k.at[:, ~keep].set(jnp.nan)
+        eng.pool.v = eng.pool.v.at[:, ~keep].set(jnp.nan)
+        for req, p in zip(reqs, prompts):
+            got, _, _ = run(eng, p, req.user_id, Policy(sink=10 ** 6))
+            assert np.isfinite(got).all()
+            assert rel_err(got, full_logits(eng, p)[0]) <= 1e-5
+    finally:
+        eng.pool.k, eng.pool.v, eng.impl = saved
+
+
 def test_rerotated_block_equals_block_encoded_there():
     """Context + block encoded at positions 0.. and at 37.., the first moved by +37 with `rerotate`,
     agree at every layer (RoPE attention depends on relative positions only)."""

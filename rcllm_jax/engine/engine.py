@@ -145,7 +145,9 @@ class Engine:
         self.store.exact_fetch = exact_fetch
         if coaccess is not None:
             self.set_coaccess(coaccess)
-        self.pool = KVPool(cfg, 1 + (user_pages + prefix_pages) * PAGE, sharding=self.replicated)
+        # page 0 is scratch (slot 0 takes padding rows): every page is PAGE-aligned, so attention can
+        # read a prefix as whole pages of the pool
+        self.pool = KVPool(cfg, (1 + user_pages + prefix_pages) * PAGE, sharding=self.replicated)
         self._pages = (user_pages, prefix_pages)
         self.reset_caches()
 
@@ -172,6 +174,11 @@ class Engine:
                     return s.data
             return None
         return jax.tree.map(one, tree)
+
+    def weights(self, shard: int, query: bool = False):
+        """The weights a request served on `shard` runs with (query: those that compute its rows):
+        what `PrefillInputs.run` takes."""
+        return self._params_on(self.device(shard), query)
 
     def _params_on(self, dev, query: bool = False):
         """`dev`'s copy of the base weights, or (query) of the weights that compute the query rows."""
@@ -280,12 +287,12 @@ class Engine:
 
     def reset_caches(self):
         """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
-        self.users = UserStore(self.pool, PageAllocator(1, self._pages[0]))
+        self.users = UserStore(self.pool, PageAllocator(PAGE, self._pages[0]))
         self._reset_prefix()
 
     def _reset_prefix(self):
         user_pages, prefix_pages = self._pages
-        self.prefix = PrefixCache(self.pool, PageAllocator(1 + user_pages * PAGE, prefix_pages), self.fingerprint)
+        self.prefix = PrefixCache(self.pool, PageAllocator((1 + user_pages) * PAGE, prefix_pages), self.fingerprint)
 
     def canonical_context(self) -> tuple[int, ...]:
         """Tokens an item block is encoded after: the instruction block, optionally followed by the

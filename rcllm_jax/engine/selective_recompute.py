@@ -14,7 +14,9 @@ fresh K/V written over the cached ones before attention:
         fresh computation at layer c (CacheBlend); layers < c then run over the whole suffix.
 
 Queries in R attend with the exact causal mask by global position (`attention_mask`, with the
-model's sliding window), so with R = the whole suffix the result is a full prefill. `all_fresh`
+model's sliding window), so with R = the whole suffix the result is a full prefill. They read the
+prefix where it lies in the pool (by slot, one layer at a time; the Pallas path: the pool's pages
+by page table) and the suffix buffer, one softmax over both without a stitched copy. `all_fresh`
 runs the suffix as a plain prefill (full and prefix modes: nothing to gather or select).
 """
 
@@ -27,12 +29,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import merge_attention
 from rcllm_jax import kernels
 from rcllm_jax.buckets import coarse_bucket
+from rcllm_jax.cache.pool import PAGE
 from rcllm_jax.engine.plan import pad_arrays
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attention_mask, attn_mlp,
-                                     forward, lm_head, out_mlp, qkv, rms_norm)
+from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attend_parts, attention_mask,
+                                     attn_mlp, forward, lm_head, out_mlp, qkv, rms_norm)
 from rcllm_jax.model.rope import inv_freq
 
 
@@ -115,6 +119,28 @@ class PrefillInputs:
         return dataclasses.replace(self, arrays=arrays, n_select=n_select)
 
 
+def _prefix_page_table(prefix_slots, prefix_valid):
+    """(table, span_start, span_len, span_pos, span_delta) [1, M] of a request's prefix as pool pages:
+    its slots are whole pages in order (`PageAllocator.slots`), the valid rows first; padding slots
+    point at the scratch page and have no rows."""
+    n = -(-prefix_slots.shape[0] // PAGE)
+    slots = jnp.pad(prefix_slots, (0, n * PAGE - prefix_slots.shape[0]))
+    rows = jnp.sum(jnp.pad(prefix_valid, (0, n * PAGE - prefix_valid.shape[0])).reshape(n, PAGE), axis=1)
+    zero = jnp.zeros(n, jnp.int32)
+    return tuple(a[None].astype(jnp.int32) for a in (slots[::PAGE] // PAGE, zero, rows,
+                                                     jnp.arange(n) * PAGE, zero))
+
+
+def _suffix_page_table(q_pos, valid):
+    """The same for a request's suffix buffer [T, K, H] (valid rows first, consecutive positions),
+    read in pages of PAGE rows; padded to whole pages by the caller's buffer shape."""
+    t = valid.shape[0]
+    n = -(-t // PAGE)
+    rows = jnp.clip(jnp.sum(valid) - jnp.arange(n) * PAGE, 0, jnp.minimum(PAGE, t))
+    zero = jnp.zeros(n, jnp.int32)
+    return tuple(a[None].astype(jnp.int32) for a in (jnp.arange(n), zero, rows, q_pos[0, ::PAGE], zero))
+
+
 def _layer_params(layers, i):
     """One layer's weights, read by (traced) index inside a scan: no copy of the whole stack."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
@@ -143,8 +169,6 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     """
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
-    pk = pool_k[:, prefix_slots][:, None]  # [L, 1, P, K, H]
-    pv = pool_v[:, prefix_slots][:, None]
     p_pos = jnp.arange(p_len, dtype=jnp.int32)[None]
     seg_p = jnp.full((1, p_len), SEG_SHARED, jnp.int32)
     seg_t = jnp.full((1, t_len), SEG_SHARED, jnp.int32)
@@ -152,7 +176,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     last = jnp.maximum(jnp.sum(valid) - 1, 0)
 
     if all_fresh:
-        prefix = KVCache(k=pk, v=pv, pos=p_pos, seg=seg_p, valid=prefix_valid[None])
+        prefix = KVCache(k=pool_k[:, prefix_slots][:, None], v=pool_v[:, prefix_slots][:, None], pos=p_pos, seg=seg_p, valid=prefix_valid[None])
         hidden, kv = forward(params, tokens[None], q_pos, cfg=cfg, valid=valid[None], cache=prefix,
                              return_hidden=True if out_rows is None else "all")
         idx = jnp.arange(t_len, dtype=jnp.int32)
@@ -175,6 +199,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
 
     if check_layer is not None:
         c = check_layer
+        pk, pv = (pool[:c + 1, prefix_slots][:, None] for pool in (pool_k, pool_v))  # [c+1, 1, P, K, H]
 
         def full_body(x, xs):
             i, lk, lv = xs
@@ -209,28 +234,39 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         start = 0
 
     pos_r, mask_r = q_pos[:, r], mask[:, r]
+    mask_p, mask_t = mask_r[..., :p_len], mask_r[..., p_len:]
     write = sel[None, :, None, None]
+    if impl != "xla":  # the pool's pages of the prefix and the suffix buffer's pages, by page table
+        prefix_pages, suffix_pages = _prefix_page_table(prefix_slots, prefix_valid), _suffix_page_table(q_pos, valid)
 
     def body(x_r, xs):
-        i, lck, lcv, lpk, lpv = xs
-        # from layer 0 the weights are scanned over as they are stacked (no copy; a differentiated
-        # call then accumulates one layer's cotangent per step, not the whole stack's); from a
-        # check layer on they are read by index (slicing the stack would copy it)
-        p = i if start == 0 else _layer_params(layers, i)
+        (i, p), lck, lcv = xs
+        if p is None:  # from a check layer on the weights are read by index (slicing the stack would copy it)
+            p = _layer_params(layers, i)
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
         lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
         lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
-        keys, vals = jnp.concatenate([lpk, lck], 1), jnp.concatenate([lpv, lcv], 1)
+        # this layer's stored prefix rows and the request's suffix rows, each read where it lies:
+        # no stitched [prefix + suffix] copy
+        lpool_k = jax.lax.dynamic_index_in_dim(pool_k, i, keepdims=False)  # [S, K, H], a view
+        lpool_v = jax.lax.dynamic_index_in_dim(pool_v, i, keepdims=False)
         if impl == "xla":
-            x_r = attn_mlp(cfg, x_r, p, q, keys, vals, mask_r)
+            parts = ((lpool_k[prefix_slots][None], lpool_v[prefix_slots][None], mask_p), (lck, lcv, mask_t))
+            x_r = out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts))
         else:
-            x_r = out_mlp(cfg, x_r, p, kernels.selective_attention(q, keys, vals, pos_r, k_pos, k_valid, impl=impl,
-                                                                   window=cfg.sliding_window))
+            o_p, lse_p = kernels.paged_attention(q, lpool_k, lpool_v, pos_r, *prefix_pages, inv, impl=impl,
+                                                 window=cfg.sliding_window, page=PAGE)
+            o_t, lse_t = kernels.paged_attention(q, lck[0], lcv[0], pos_r, *suffix_pages, inv, impl=impl,
+                                                 window=cfg.sliding_window, page=PAGE)
+            o, _ = merge_attention(o_p, lse_p, o_t, lse_t)
+            x_r = out_mlp(cfg, x_r, p, o.reshape(*o.shape[:2], -1))
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)
-    x_r, out = jax.lax.scan(body, x_r, (layers if start == 0 else jnp.arange(start, cfg.num_layers),
-                                        ck[sl], cv[sl], pk[sl], pv[sl]))
+    idx = jnp.arange(start, cfg.num_layers)
+    # from layer 0 the weights are scanned over as they are stacked (no copy; a differentiated call
+    # then accumulates one layer's cotangent per step, not the whole stack's)
+    x_r, out = jax.lax.scan(body, x_r, ((idx, None if start else layers), ck[sl], cv[sl]))
     if out_rows is None:
         logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
     else:
@@ -241,6 +277,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         sk, sv = out
         if full_k is not None:
             sk, sv = jnp.concatenate([full_k, sk], 0), jnp.concatenate([full_v, sv], 0)
-        kv = KVCache(k=jnp.concatenate([pk, sk], 2), v=jnp.concatenate([pv, sv], 2), pos=k_pos,
+        kv = KVCache(k=jnp.concatenate([pool_k[:, prefix_slots][:, None], sk], 2),
+                     v=jnp.concatenate([pool_v[:, prefix_slots][:, None], sv], 2), pos=k_pos,
                      seg=jnp.concatenate([seg_p, seg_t], 1), valid=k_valid)
     return logits, r, sel, kv
