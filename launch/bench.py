@@ -590,6 +590,7 @@ def main(argv):
               "seed": _SEED.value, "model": portable_path(model.source),
               "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
               "dtype": _DTYPE.value, "canonical": engine.canonical, "cpu_cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d"),
               "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
               "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
               "head_digest": None if head is None else head.digest(),

@@ -588,7 +588,7 @@ def _profile_section(out: Path) -> list[str]:
     runs.sort(key=lambda d: d["label"] != "before")
     steps = list(runs[0]["median_ms"])
     head = [f"{d['label']} ({d['commit']}, {d['date']})" for d in runs]
-    lines = [f"## Where rcllm's time goes (history {runs[0]['history_len']} / {runs[0]['candidates']} retrieved "
+    lines = ["", f"## Where rcllm's time goes (history {runs[0]['history_len']} / {runs[0]['candidates']} retrieved "
              "candidates)", "",
              "| step (median ms) | " + " | ".join(head) + " |", "|---|" + "---|" * len(runs)]
     for k in steps:
@@ -628,17 +628,18 @@ def _grid_section(out: Path) -> list[str]:
              f"{c0['devices']} device; compiles excluded. rcllm's floor: the FLOPs of the tokens it computes at the "
              "measured matmul peak plus the cached KV it reads at the measured bandwidth. Accuracy over so few "
              "requests is noise (intervals shown); the accuracy figures are the 943-user runs above.", "",
-             "| history | candidates | prompt p50 | " + " | ".join(f"{m} p50 / p99" for m in modes)
+             "| history | candidates | run on | prompt p50 | " + " | ".join(f"{m} p50 / p99" for m in modes)
              + " | rcllm vs prefix_warm | vs prefix | vs full | vs hf_full | rcllm computed tok | rcllm / floor "
              "| rcllm top-1 | rcllm KL | NDCG@10 within: full / rcllm [95% CI] |",
-             "|" + "---|" * (len(modes) + 12)]
+             "|" + "---|" * (len(modes) + 13)]
     for d in data.values():
         c, rows = d["config"], {r["mode"]: r for r in d["results"]}
         t = {m: rows[m]["ttft_p50_s"] for m in modes if m in rows}
         rc = rows.get("rcllm", {})
         ratio = lambda m: f"{t[m] / t['rcllm']:.1f}x" if m in t and "rcllm" in t else "-"  # noqa: E731
         ci = rc.get("ndcg@10_retrieved_ci") or [None, None]
-        lines.append(f"| {c['history_len']} | {c['num_candidates']} | {c['prompt_tokens']['p50']:.0f} | "
+        lines.append(f"| {c['history_len']} | {c['num_candidates']} | {c.get('date', 'undated (earlier code)')} | "
+                     f"{c['prompt_tokens']['p50']:.0f} | "
                      + " | ".join(f"{_fmt(rows[m]['ttft_p50_s'])} / {_fmt(rows[m]['ttft_p99_s'])} s" if m in rows
                                   else "-" for m in modes)
                      + f" | {ratio('prefix_warm')} | {ratio('prefix')} | {ratio('full')} | {ratio('hf_full')} | "
