@@ -256,11 +256,12 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
             parts = ((lpool_k[prefix_slots][None], lpool_v[prefix_slots][None], mask_p), (lck, lcv, mask_t))
             x_r = out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts))
         else:
-            o_p, lse_p = kernels.paged_attention(q, lpool_k, lpool_v, pos_r, *prefix_pages, inv, impl=impl,
-                                                 window=cfg.sliding_window, page=PAGE)
-            o_t, lse_t = kernels.paged_attention(q, lck[0], lcv[0], pos_r, *suffix_pages, inv, impl=impl,
-                                                 window=cfg.sliding_window, page=PAGE)
-            o, _ = merge_attention(o_p, lse_p, o_t, lse_t)
+            o, lse = kernels.paged_attention(q, lck[0], lcv[0], pos_r, *suffix_pages, inv, impl=impl,
+                                             window=cfg.sliding_window, page=PAGE)
+            if p_len:  # no prefix: nothing to merge
+                o_p, lse_p = kernels.paged_attention(q, lpool_k, lpool_v, pos_r, *prefix_pages, inv, impl=impl,
+                                                     window=cfg.sliding_window, page=PAGE)
+                o, _ = merge_attention(o_p, lse_p, o, lse)
             x_r = out_mlp(cfg, x_r, p, o.reshape(*o.shape[:2], -1))
         return x_r, ((lck, lcv) if return_kv else None)
 

@@ -124,6 +124,7 @@ def _attend_dense(q, parts, cfg: ModelConfig):
 
 def _attend(q, parts, cfg: ModelConfig):
     """q [B, T, N, H] over key sets ((k, v, mask [B, T, S_i]), ...) -> [B, T, N*H]."""
+    parts = tuple(x for x in parts if x[0].shape[1]) or parts[:1]  # an empty set adds nothing
     b, t = q.shape[:2]
     qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
     c = ATTN_Q_CHUNK
