@@ -93,10 +93,11 @@ def main(argv):
               + ", ".join(f"{k} {v:.1f} ms" for k, v in steps.items()) + f", floor {floor_ms:.1f} ms", flush=True)
     med = {k: float(np.median([r["steps_ms"][k] for r in rows])) for k in rows[0]["steps_ms"]}
     med["floor"] = float(np.median([r["floor_ms"] for r in rows]))
-    print(f"\n{_LABEL.value or 'this code'} ({_commit()}), history {_H.value} / {_C.value} candidates, median ms:")
+    commit = _commit()
+    print(f"\n{_LABEL.value or 'this code'} ({commit}), history {_H.value} / {_C.value} candidates, median ms:")
     print("| step | ms |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in med.items()))
     if _OUT.value:
-        out = {"label": _LABEL.value, "commit": _commit(), "date": date.today().isoformat(),
+        out = {"label": _LABEL.value, "commit": commit, "date": date.today().isoformat(),
                "history_len": _H.value, "candidates": _C.value, "model": "default (SmolLM2-135M-Instruct + shipped slot head)",
                "engine_fingerprint": eng.fingerprint[:16], "impl": eng.impl, "devices": 1, "matmul_peak_flops": peak,
                "bandwidth_bytes_s": bandwidth, "median_ms": med, "requests": rows}

@@ -121,26 +121,27 @@ class PrefillInputs:
         return dataclasses.replace(self, arrays=arrays, n_select=n_select)
 
 
+def _page_spans(pages, n_rows, first_pos):
+    """(table, span_start, span_len, span_pos, span_delta) [1, M] of rows stored as whole pages in
+    order (`pages` [M]), the `n_rows` valid rows first, consecutive in position from each page's
+    `first_pos` [M]; stored at their real positions (no offset)."""
+    zero = jnp.zeros(pages.shape[0], jnp.int32)
+    rows = jnp.clip(n_rows - jnp.arange(pages.shape[0]) * PAGE, 0, PAGE)
+    return tuple(a[None].astype(jnp.int32) for a in (pages, zero, rows, first_pos, zero))
+
+
 def _prefix_page_table(prefix_slots, prefix_valid):
-    """(table, span_start, span_len, span_pos, span_delta) [1, M] of a request's prefix as pool pages:
-    its slots are whole pages in order (`PageAllocator.slots`), the valid rows first; padding slots
-    point at the scratch page and have no rows."""
+    """`_page_spans` of a request's prefix in the pool: its slots are whole pages in order
+    (`PageAllocator.slots`); padding slots point at the scratch page and have no rows."""
     n = -(-prefix_slots.shape[0] // PAGE)
     slots = jnp.pad(prefix_slots, (0, n * PAGE - prefix_slots.shape[0]))
-    rows = jnp.sum(jnp.pad(prefix_valid, (0, n * PAGE - prefix_valid.shape[0])).reshape(n, PAGE), axis=1)
-    zero = jnp.zeros(n, jnp.int32)
-    return tuple(a[None].astype(jnp.int32) for a in (slots[::PAGE] // PAGE, zero, rows,
-                                                     jnp.arange(n) * PAGE, zero))
+    return _page_spans(slots[::PAGE] // PAGE, jnp.sum(prefix_valid), jnp.arange(n) * PAGE)
 
 
 def _suffix_page_table(q_pos, valid):
-    """The same for a request's suffix buffer [T, K, H] (valid rows first, consecutive positions),
-    read in pages of PAGE rows; padded to whole pages by the caller's buffer shape."""
-    t = valid.shape[0]
-    n = -(-t // PAGE)
-    rows = jnp.clip(jnp.sum(valid) - jnp.arange(n) * PAGE, 0, jnp.minimum(PAGE, t))
-    zero = jnp.zeros(n, jnp.int32)
-    return tuple(a[None].astype(jnp.int32) for a in (jnp.arange(n), zero, rows, q_pos[0, ::PAGE], zero))
+    """`_page_spans` of a request's suffix buffer [T, K, H], read in pages of PAGE rows (padded to
+    whole pages by `kernels.paged_attention`)."""
+    return _page_spans(jnp.arange(-(-valid.shape[0] // PAGE)), jnp.sum(valid), q_pos[0, ::PAGE])
 
 
 def _layer_params(layers, i):
@@ -178,7 +179,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     last = jnp.maximum(jnp.sum(valid) - 1, 0)
 
     if all_fresh:
-        prefix = KVCache(k=pool_k[:, prefix_slots][:, None], v=pool_v[:, prefix_slots][:, None], pos=p_pos, seg=seg_p, valid=prefix_valid[None])
+        prefix = KVCache(k=pool_k[:, prefix_slots][:, None], v=pool_v[:, prefix_slots][:, None], pos=p_pos,
+                         seg=seg_p, valid=prefix_valid[None])
         hidden, kv = forward(params, tokens[None], q_pos, cfg=cfg, valid=valid[None], cache=prefix,
                              return_hidden=True if out_rows is None else "all")
         idx = jnp.arange(t_len, dtype=jnp.int32)
