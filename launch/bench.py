@@ -451,18 +451,15 @@ def main(argv):
                                                                          q.candidates, r.scores)), u)
                              for (r, u), q, rq in zip(results[mode], requests, retr_of)]
 
-    from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth, selective_flops, weight_bytes
+    from rcllm_jax.eval.floor import (matmul_peak_flops, memory_bandwidth, prompt_weight_bytes, request_floor_s,
+                                      selective_flops)
     peak, bw = matmul_peak_flops(), memory_bandwidth()
     itemsize = jax.numpy.dtype(model.cfg.dtype).itemsize
     kvb = engine.kv_bytes_per_token
 
     def floor_s(r, prompt):
-        """Compute and memory traffic overlapped perfectly: the larger of FLOPs / peak and
-        (cached KV read + weights read) / bandwidth. Multi-token labels add a second pass."""
-        single = prompt.head == "slot" or prompt.single_token_labels
-        wb = weight_bytes(model.cfg, itemsize, len(prompt.labels) if single else None) * (1 if single else 2)
-        return max(selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) / peak,
-                   (r.cache_hit_tokens * kvb + wb) / bw)
+        return request_floor_s(model.cfg, r.computed_tokens, r.prompt_tokens,
+                               r.cache_hit_tokens * kvb + prompt_weight_bytes(model.cfg, prompt, itemsize), peak, bw)
 
     rows = []
     ref = [r.scores for r, _ in results["full"]] if "full" in results else None

@@ -12,8 +12,9 @@ its own on the same requests (median of --reps after one untimed run, so compile
   fetch        the item rows' fetch alone (`BlockStore.fetch`: gather + re-rotation into a buffer)
   prefill      the blended prefill alone (`PrefillInputs.run`, the jitted program)
 
-The floor: FLOPs of the tokens the request computes at this machine's measured matmul peak plus
-the cached KV it must read at its measured bandwidth (`rcllm_jax.eval.floor`). `--label` names the
+The floor (`rcllm_jax.eval.floor.request_floor_s`, as bench.py reports it): the larger of the
+FLOPs of the tokens the request computes at this machine's measured matmul peak and the bytes it
+must read (cached KV rows + weights) at its measured bandwidth. `--label` names the
 code measured (e.g. before / after a change; run the same script against another checkout with
 PYTHONPATH pointing at it); make_benchmarks.py puts every profile_*.json side by side.
 """
@@ -65,6 +66,7 @@ def main(argv):
     served = open_served(history_len=_H.value, max_candidates=max(_C.value, 52))
     eng, rec, ds = served.engine, served.recommender, served.dataset
     peak, bandwidth = floor.matmul_peak_flops(), floor.memory_bandwidth()
+    itemsize = np.dtype(eng.cfg.dtype).itemsize
     rows = []
     for user in sorted(ds.sequences)[:_USERS.value]:
         history = ds.sequences[user][:_H.value]
@@ -83,9 +85,8 @@ def main(argv):
                                                         eng.impl), _REPS.value),
             "prefill": _median_ms(lambda: inputs.run(weights), _REPS.value),
         }
-        kv_bytes = len(prompt) * eng.kv_bytes_per_token
-        flops = floor.selective_flops(eng.cfg, res.computed_tokens, len(prompt))
-        floor_ms = (flops / peak + kv_bytes / bandwidth) * 1e3
+        read = res.cache_hit_tokens * eng.kv_bytes_per_token + floor.prompt_weight_bytes(eng.cfg, prompt, itemsize)
+        floor_ms = floor.request_floor_s(eng.cfg, res.computed_tokens, res.prompt_tokens, read, peak, bandwidth) * 1e3
         rows.append({"user": int(user), "prompt_tokens": len(prompt), "computed_tokens": res.computed_tokens,
                      "prefix_rows": int(len(lay.prefix_slots)), "suffix_rows": int(len(lay.tokens)),
                      "recompute_rows": int(inputs.n_select), "steps_ms": steps, "floor_ms": floor_ms})

@@ -591,6 +591,10 @@ def _ab_section(out: Path) -> list[str]:
                     "are: they carry timings and request ids).", ""]
 
 
+FLOOR_TEXT = ("the larger of the computed tokens' FLOPs at the measured matmul peak and the bytes read (cached KV "
+              "rows + weights) at the measured bandwidth (`eval.floor.request_floor_s`)")
+
+
 def _profile_section(out: Path) -> list[str]:
     """Step-by-step profiles of one rcllm request (launch/bench_profile.py), one column per profile_*.json."""
     runs = [json.loads(f.read_text()) for f in sorted(out.glob("profile_*.json"))]
@@ -614,8 +618,7 @@ def _profile_section(out: Path) -> list[str]:
               f"excluded. Shapes: prefix {r0['prefix_rows']} rows, suffix {r0['suffix_rows']}, recomputed "
               f"{r0['recompute_rows']} (computed tokens {r0['computed_tokens']}, prompt {r0['prompt_tokens']}).",
               "- request: `Engine.rank` whole; inputs: stitch + fetch + device arrays; fetch: the item rows' "
-              "gather + re-rotation alone; prefill: the jitted blended prefill alone; floor: the computed "
-              "tokens' FLOPs at the measured matmul peak + the cached KV read at the measured bandwidth.", ""]
+              "gather + re-rotation alone; prefill: the jitted blended prefill alone; floor: " + FLOOR_TEXT + ".", ""]
     return lines
 
 
@@ -636,8 +639,7 @@ def _grid_section(out: Path) -> list[str]:
                                                                              "--num_candidates"))) + "`"
              f" at its history and candidate count). {c0['num_requests']} requests per point (test users, the item-kNN "
              f"retriever's top candidates in its order, score-slot head), {c0['dtype']}, {c0['cpu_cores']} CPU cores, "
-             f"{c0['devices']} device; compiles excluded. rcllm's floor: the FLOPs of the tokens it computes at the "
-             "measured matmul peak plus the cached KV it reads at the measured bandwidth. Accuracy over so few "
+             f"{c0['devices']} device; compiles excluded. rcllm's floor: " + FLOOR_TEXT + ". Accuracy over so few "
              "requests is noise (intervals shown); the accuracy figures are the 943-user runs above.", "",
              "| history | candidates | run on | prompt p50 | " + " | ".join(f"{m} p50 / p99" for m in modes)
              + " | rcllm vs prefix_warm | vs prefix | vs full | vs hf_full | rcllm computed tok | rcllm / floor "

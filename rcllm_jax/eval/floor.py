@@ -62,3 +62,20 @@ def weight_bytes(cfg: ModelConfig, itemsize: int = 4, vocab_rows: int | None = N
     per_layer = d * (nh + 2 * kh) + nh * d + 3 * d * f + 2 * d
     rows = cfg.vocab_size if vocab_rows is None else vocab_rows
     return itemsize * (cfg.num_layers * per_layer + rows * d)
+
+
+def prompt_weight_bytes(cfg: ModelConfig, prompt, itemsize: int = 4) -> int:
+    """Weights a ranking request of `prompt` must read: one pass reading only the label rows of
+    the output projection (score-slot head, or single-token labels), else two passes over the
+    whole projection (multi-token labels are scored by a second pass)."""
+    single = prompt.head == "slot" or prompt.single_token_labels
+    return weight_bytes(cfg, itemsize, len(prompt.labels) if single else None) * (1 if single else 2)
+
+
+def request_floor_s(cfg: ModelConfig, computed_tokens: float, prompt_tokens: int, read_bytes: float, peak: float,
+                    bandwidth: float) -> float:
+    """The floor of one request, the one definition every launcher reports against: compute and
+    memory traffic overlapped perfectly, the larger of the FLOPs of the computed tokens
+    (`selective_flops`) at the measured matmul peak and the bytes that must be read (cached KV
+    rows + weights) at the measured bandwidth."""
+    return max(selective_flops(cfg, computed_tokens, prompt_tokens) / peak, read_bytes / bandwidth)
