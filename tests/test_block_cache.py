@@ -91,6 +91,89 @@ def test_prefix_is_read_in_place_from_its_pool_pages_only(world, impl):
         eng.pool.k, eng.pool.v, eng.impl = saved
 
 
+def _blocks_encoded_where_they_land(eng, prompt, lay):
+    """k, v [L, T, K, H] of the suffix with each block the store serves encoded again: its canonical
+    context then the block, run at positions that put the block where it lands in the prompt (no
+    stored row, no rotation). Other rows zero."""
+    k = np.zeros((CFG.num_layers, len(lay.tokens), CFG.num_kv_heads, CFG.head_dim), np.float32)
+    v = np.zeros_like(k)
+    for blk, (a, b) in list(zip(prompt.blocks, prompt.spans()))[2:]:
+        rows = np.arange(a, b) - lay.n_prefix
+        if not lay.cached[rows].any():
+            continue
+        assert lay.cached[rows].all()
+        ctx = list(eng.store.contexts[blk.kind])
+        toks = jnp.asarray(ctx + list(blk.tokens))[None]
+        _, kv = forward(eng.params, toks, a - len(ctx) + jnp.arange(toks.shape[1])[None], cfg=CFG)
+        k[:, rows], v[:, rows] = np.asarray(kv.k[:, 0, len(ctx):]), np.asarray(kv.v[:, 0, len(ctx):])
+    return jnp.asarray(k), jnp.asarray(v)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_cached_rows_read_in_place_equal_blocks_encoded_where_they_land(world, impl):
+    """The item and glue rows read where they lie in the block store, the query rotated back by each
+    span's offset (the paged kernel, interpreted here; "xla": its pure-JAX reference), give the
+    logits of the same prefill fed every cached block encoded again at its real position. Every
+    store row the request does not read is NaN; a sink policy splits spans around recomputed rows."""
+    from rcllm_jax import kernels
+    from rcllm_jax.cache.block_store import PAD
+    from rcllm_jax.engine.plan import store_spans
+    eng, reqs, prompts = world
+    saved = (eng.store.k, eng.store.v, eng.impl)
+    try:
+        for policy in (Policy(cached_glue=True), Policy(sink=2)):
+            for req, p in zip(reqs, prompts):
+                eng.update_user(req.user_id, p)
+                eng.store.k, eng.store.v, eng.impl = saved
+                inputs, lay, _ = eng.prefill_inputs(p, policy, req.user_id, shard=0)
+                assert inputs.store is None  # the XLA path fetches
+                arrays = list(inputs.arrays)
+                arrays[9] = None  # logit_ids: every vocabulary entry
+                arrays[10], arrays[11] = _blocks_encoded_where_they_land(eng, p, lay)
+                want = dataclasses.replace(inputs, arrays=tuple(arrays)).run(eng.params)[0]
+                table, start, length = store_spans(lay, eng.store.shard_slots, PAD)[:3]
+                keep = np.zeros(eng.store.k.shape[1], bool)
+                for page, a, n in zip(table, start, length):
+                    keep[page * PAD + a:page * PAD + a + n] = True
+                assert keep.sum() == (lay.cached & lay.valid & ~lay.forced).sum()
+                eng.store.k, eng.store.v = (a.at[:, ~keep].set(jnp.nan) for a in saved[:2])
+                if impl == "xla":  # the engine's XLA path fetches: ask for the in-place read directly
+                    got_inputs = dataclasses.replace(inputs, store=(*eng.store.local_arrays(0),
+                                                                    *store_spans(lay, eng.store.shard_slots, PAD)))
+                else:
+                    eng.impl = kernels.resolve(impl)
+                    got_inputs = eng.prefill_inputs(p, policy, req.user_id, shard=0)[0]
+                    assert got_inputs.store is not None
+                arrays = list(got_inputs.arrays)
+                arrays[9:12] = None, None, None
+                got = dataclasses.replace(got_inputs, arrays=tuple(arrays)).run(eng.params)[0]
+                assert np.isfinite(np.asarray(got)).all()
+                assert rel_err(got, want) <= 1e-5
+    finally:
+        eng.store.k, eng.store.v, eng.impl = saved
+
+
+def test_store_spans_by_hand():
+    """Suffix rows at 100.. served on shard 1 of 64-row shards, read in pages of 8: a block at local
+    rows 6..9 crosses a page; a fresh row; a block with its middle row recomputed; a block stored
+    right after it with another offset; a fresh row; padding. A row on another shard, or more
+    spans than a quarter of the suffix rows: no spans (the request fetches)."""
+    from rcllm_jax.engine.plan import Layout, store_spans
+    local = np.array([-1, 6, 7, 8, 9, -1, 16, 17, 18, 19, -1] + [-1] * 13)
+    canon = np.r_[100, 10, 11, 12, 13, 105, 10, 11, 12, 20, 110, 111 + np.arange(13)]
+    lay = Layout(prefix_slots=np.zeros(16, np.int32), prefix_valid=np.ones(16, bool), tokens=np.zeros(24, np.int32),
+                 real_pos=100 + np.arange(24, dtype=np.int32), canon_pos=canon,
+                 block_slots=np.where(local >= 0, 64 + local, -1), forced=np.isin(np.arange(24), [0, 5, 7, 10]),
+                 valid=np.arange(24) < 11, n_prefix=100, n_suffix=11, shard=1)
+    table, start, length, pos, delta = store_spans(lay, 64, 8)
+    assert table[:5].tolist() == [0, 1, 2, 2, 2] and start[:5].tolist() == [6, 0, 0, 2, 3]
+    assert length.tolist() == [2, 2, 1, 1, 1, 0]  # 24 rows: 6 entries
+    assert pos[:5].tolist() == [101, 103, 106, 108, 109] and delta[:5].tolist() == [91, 91, 96, 96, 89]
+    assert store_spans(dataclasses.replace(lay, block_slots=np.where(local >= 0, local, -1)), 64, 8) is None
+    short = {f: getattr(lay, f)[:16] for f in ("tokens", "real_pos", "canon_pos", "block_slots", "forced", "valid")}
+    assert store_spans(dataclasses.replace(lay, **short), 64, 8) is None  # 5 spans, 4 entries
+
+
 def test_rerotated_block_equals_block_encoded_there():
     """Context + block encoded at positions 0.. and at 37.., the first moved by +37 with `rerotate`,
     agree at every layer (RoPE attention depends on relative positions only)."""

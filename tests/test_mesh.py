@@ -147,10 +147,11 @@ def world(smollm2):
     params = init_params(CFG, jax.random.key(0), scale=0.1)
     prompts = [builder.build(r.history, r.candidates) for r in reqs]
 
-    def engine(n, placement="similarity", p=params, build=True, replicate=0.0, coaccess=None, kv_dtype=None):
+    def engine(n, placement="similarity", p=params, build=True, replicate=0.0, coaccess=None, kv_dtype=None,
+               attention_impl="xla"):
         e = Engine(p, CFG, builder, item_ids=items, mesh=make_mesh(MeshSpec(n)), placement=placement,
                    user_pages=64, prefix_pages=16, max_candidates=8, replicate=replicate, coaccess=coaccess,
-                   kv_dtype=kv_dtype)
+                   kv_dtype=kv_dtype, attention_impl=attention_impl)
         if build:
             e.build_store()
         return e
@@ -431,7 +432,7 @@ def test_serving_step_batches_every_shard_in_one_program(world):
     assert e4.last_step["shard_requests"] == [5, 0, 2, 0] and e4.last_step["batch"] == 8
     for g, want in zip(again, [e1.rank(p, "rcllm", user_id=u) for p, u, _ in batch]):
         assert rel_err(g.scores, want.scores) <= 1e-5
-    fn = serving_step.step_program(e4.mesh, CFG, e4.last_step["n_select"], None, "k", e4.impl, False)
+    fn = serving_step.step_program(e4.mesh, CFG, e4.last_step["n_select"], None, "k", e4.impl, False, False)
     for shards in ([1, 1, 3, 3, 3, 1, 2], [3, 3, 3, 2, 2, 1, 1], [0, 1, 2, 3, 0, 1, 2]):
         back = e4.rank_step([(p, u, shards[i]) for i, (p, u, _) in enumerate(moved)], "rcllm")
         assert [g.shard for g in back] == shards and e4.last_step["batch"] in (2, 4)
@@ -439,6 +440,28 @@ def test_serving_step_batches_every_shard_in_one_program(world):
     assert fn._cache_size() == 3
     with pytest.raises(ValueError, match="not a block mode"):
         e4.rank_step(batch, "full")
+
+
+def test_pallas_path_reads_cached_rows_in_place_in_a_serving_step(world):
+    """The Pallas path (interpreted here) reads each request's cached rows where they lie in its
+    shard's block store, in a serving step and one by one, and gives the scores of the XLA path,
+    which fetches them: on items:1 the whole step reads in place; on items:2 a step holding a
+    request with rows on the other shard fetches them all."""
+    engine, reqs, prompts, _ = world
+    e1 = engine(1)
+    batch = [(p, r.user_id, None) for p, r in zip(prompts, reqs)][:3]
+    ref = [e1.rank(p, "rcllm", user_id=u).scores for p, u, _ in batch]
+    for n in (1, 2):
+        ep = engine(n, attention_impl="pallas")
+        steps = [batch] if n == 1 else [[(p, u, 0) for p, u, _ in batch]]
+        for step in steps:
+            got = ep.rank_step(step, "rcllm")
+            remote = any(g.remote_item_blocks for g in got)
+            assert ep.last_step["in_place"] == (not remote) and (n == 2) == remote
+            for g, want in zip(got, ref):
+                assert rel_err(g.scores, want) <= 1e-5
+        for (p, u, _), want in zip(batch, ref):
+            assert rel_err(ep.rank(p, "rcllm", user_id=u).scores, want) <= 1e-5
 
 
 def _restored_as(world, tmp_path, kv_dtype):

@@ -47,7 +47,8 @@ from rcllm_jax.model.config import ModelConfig, kv_bytes_per_token
 from rcllm_jax.model.decoder import forward
 from rcllm_jax.model.rope import inv_freq
 
-PAD = 8  # block length granularity inside a shard
+PAD = 8  # block length granularity inside a shard; blocks start at multiples of it, so attention
+#         that reads the store in place (`plan.store_spans`) reads pages of PAD rows
 SLOT_ALIGN = 64  # shard sizes are multiples of this (restores onto other mesh sizes divide evenly)
 REPLICATED = placement_lib.REPLICATED  # BlockEntry.shard of a block held by every shard
 KV_DTYPES = ("float32", "bfloat16", "int8")  # how cached KV may be held (read back in the model's dtype;
@@ -401,6 +402,13 @@ class BlockStore:
             if sk.device == dev:
                 return sk.data[0], sv.data[0]
         return None, None
+
+    def local_arrays(self, shard: int):
+        """(k, v) [L, shard_slots, K, H] of items-shard `shard`: its rows as stored, on its first
+        device (what attention over the store in place reads; None in a process without it)."""
+        dev = self.mesh.devices[shard, 0]
+        return tuple(next((sh.data for sh in a.addressable_shards if sh.device == dev), None)
+                     for a in (self.k, self.v))
 
     def fetch_exact(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str):
         """`fetch` moving only the rows the request needs: every shard holding some gathers them

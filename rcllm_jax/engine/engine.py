@@ -23,14 +23,15 @@ import numpy as np
 from rcllm_jax import kernels
 from rcllm_jax.buckets import coarse_bucket, coarse_buckets
 from rcllm_jax.cache import snapshot
+from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.block_store import PASS_ROWS, REPLICATED, ROW_TOKENS, BlockStore
 from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.engine.plan import (device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
-                                  stitch_plan)
+from rcllm_jax.engine.plan import (Layout, device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
+                                  span_entries, stitch_plan, store_spans)
 from rcllm_jax.engine import serving_step
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
@@ -134,6 +135,7 @@ class Engine:
         self.query_params = (jax.device_put(_adapted(head, params, cfg), self.replicated) if self.has_query_adapter
                              else self.params)
         self._replicas = {}  # (device, query?) -> that device's copy of the weights
+        self._fetch_only = False  # warm_up: compile the fetching programs of the Pallas paths too
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
         self.glue_blocks = self._glue_blocks(max_candidates)
@@ -261,25 +263,33 @@ class Engine:
             k = next(k for k in range(1, len(ids) + 1) if coarse_bucket(k, 16) == ob)
             probes[ob] = self.builder.build(shortest, ids[:k], check_length=False)
         self.users.warm(self.params, self.cfg, max(pb for v in shapes.values() for pb, _ in v))
-        for (ob, ns), sizes in sorted(shapes.items()):
-            probe = probes[ob]
-            self.update_user(user, probe)
-            for shard in range(self.num_shards):
-                inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
-                if inputs is None:
-                    continue
-                params = self._params_on(self.device(shard), query=True)
-                inputs = dataclasses.replace(inputs, n_select=ns)  # exactly the shape's (a compile, not a ranking)
-                for pb, tb in sorted(sizes):
-                    jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
-                    done += 1
-            b = 1
-            while max_batch and b <= serving_step.batch_bucket(max_batch):
-                for pb, tb in sorted(sizes):
-                    self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
-                                   pad_to=(pb, tb, ns))
-                    done += 1
-                b *= 2
+        # the Pallas paths read cached rows in place; a request with rows on another shard fetches
+        # them: on a mesh both programs are compiled
+        for fetch_only in (False, True) if self.impl != "xla" and self.num_shards > 1 else (False,):
+            self._fetch_only = fetch_only
+            try:
+                for (ob, ns), sizes in sorted(shapes.items()):
+                    probe = probes[ob]
+                    self.update_user(user, probe)
+                    for shard in range(self.num_shards):
+                        inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
+                        if inputs is None:
+                            continue
+                        params = self._params_on(self.device(shard), query=True)
+                        # exactly the shape's (a compile, not a ranking)
+                        inputs = dataclasses.replace(inputs, n_select=ns)
+                        for pb, tb in sorted(sizes):
+                            jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
+                            done += 1
+                    b = 1
+                    while max_batch and b <= serving_step.batch_bucket(max_batch):
+                        for pb, tb in sorted(sizes):
+                            self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
+                                           pad_to=(pb, tb, ns))
+                            done += 1
+                        b *= 2
+            finally:
+                self._fetch_only = False
         for tb in {tb for sizes in shapes.values() for _, tb in sizes}:  # every suffix length's fetch
             self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)  # (warm_fetch: every shard pair)
         self.warm_fetch()
@@ -567,15 +577,23 @@ class Engine:
             keep[row] = n_sel[i]
             cols = slice(j * t_len, j * t_len + len(lay.tokens))
             want[s, cols], delta[s, cols] = lay.block_slots, lay.real_pos - lay.canon_pos
-        # each shard's cached rows in one fetch (remote ones in compact buffers), already [L, B, T, K, H]
-        kv = [self.store.fetch(want[s], delta[s], s, self.impl) for s in range(n)]
-        shape = (self.cfg.num_layers, b, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-        ck, cv = (serving_step.stack_device_rows(self.mesh, [x[j].reshape(shape) for x in kv]) for j in (0, 1))
-        fn = serving_step.step_program(self.mesh, self.cfg, n_max, policy.check_layer,
-                                       policy.deviation_on, self.impl, slots)
         stack = functools.partial(serving_step.stack_rows, self.mesh)
+        spans = {i: self._store_spans(stitched[i][0], policy, False) for i in batched}
+        in_place = all(x is not None for x in spans.values())
+        if in_place:  # every request reads its cached rows where they lie: the store and the spans
+            table = np.zeros((5, n * b, span_entries(t_len)), np.int32)  # filler and padding entries: no rows
+            for i in batched:
+                table[:, row_of[i], :len(spans[i][0])] = spans[i]
+            cached_rows = (self.store.k, self.store.v, *map(stack, table))
+        else:  # each shard's cached rows in one fetch (remote ones in compact buffers), [L, B, T, K, H]
+            kv = [self.store.fetch(want[s], delta[s], s, self.impl) for s in range(n)]
+            shape = (self.cfg.num_layers, b, t_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+            cached_rows = tuple(serving_step.stack_device_rows(self.mesh, [x[j].reshape(shape) for x in kv])
+                                for j in (0, 1))
+        fn = serving_step.step_program(self.mesh, self.cfg, n_max, policy.check_layer,
+                                       policy.deviation_on, self.impl, slots, in_place)
         logits, r, sel = fn(self.query_params, self.pool.k, self.pool.v, *map(stack, host), stack(outs), stack(keep),
-                            ck, cv)
+                            *cached_rows)
         logits, r, sel = np.asarray(logits), np.asarray(r), np.asarray(sel)
         scores = {}
         for i in batched:
@@ -589,7 +607,7 @@ class Engine:
             out[i] = self._policy_result(requests[i][0], policy, lay, items, scores[i][0], r[row_of[i]],
                                          sel[row_of[i]], scores[i][1], computed_prefix[i], ttft)
         self.last_step = {"requests": len(batched), "batch": b, "shard_requests": counts.tolist(),
-                          "prefix": p_len, "suffix": t_len, "n_select": n_max}
+                          "prefix": p_len, "suffix": t_len, "n_select": n_max, "in_place": in_place}
         return out
 
     def slot_states(self, prompt: Prompt, mode, user_id=None, shard: int | None = None) -> np.ndarray:
@@ -636,15 +654,38 @@ class Engine:
         lay, items = self._stitch(prompt, user_id, policy, shard)
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
         dev = self.device(lay.shard)
-        ck, cv = self.store.fetch(lay.block_slots, lay.real_pos - lay.canon_pos, lay.shard, self.impl)
+        return_kv = prompt.head == "label" and not prompt.single_token_labels
+        spans = self._store_spans(lay, policy, return_kv)
+        store = None
+        if spans is None:
+            ck, cv = self.store.fetch(lay.block_slots, lay.real_pos - lay.canon_pos, lay.shard, self.impl)
+        else:
+            ck = cv = None
+            store = (*self.store.local_arrays(lay.shard), *spans)
         if self._params_on(dev)["embed"] is None:
             return None, lay, items
         pk, pv = self._on((self.pool.k, self.pool.v), dev)
         inputs = PrefillInputs(
             (pk, pv, *lay.arrays(), answer_logit_ids(prompt), ck, cv, slot_rows(prompt, lay.n_prefix)),
             n_select=n_select, cfg=self.cfg, check_layer=policy.check_layer, deviation_on=policy.deviation_on,
-            return_kv=prompt.head == "label" and not prompt.single_token_labels, impl=self.impl)
+            return_kv=return_kv, impl=self.impl, store=store)
         return inputs, lay, items
+
+    def _store_spans(self, lay: Layout, policy: Policy, return_kv: bool):
+        """The request's spans in its shard's block store (`plan.store_spans`) when its attention reads
+        the cached rows there in place, else None (they are fetched: gathered and re-rotated into a
+        buffer). In place on the Pallas paths (`--attention_impl=pallas`: the paged kernel rotates
+        the query back per span, so no row is copied), for a policy without a deviation check (that
+        compares fresh K/V with the cached rows, so it needs them in a buffer), a float store
+        (int8 rows are dequantized on arrival), one process, KV heads not split over a `model`
+        axis, every cached row on the serving shard. The XLA path fetches: its reference of the
+        paged read gathers whole pages, and on the CPU rotating each query per span costs more than
+        rotating each cached row once (at history 50 / 50 candidates: 64 queries x 9 heads x ~150
+        spans against ~900 rows x 3 KV heads)."""
+        if (self.impl == "xla" or self._fetch_only or policy.check_layer is not None or return_kv
+                or self.store.quantized or jax.process_count() > 1 or self.mesh.shape.get("model", 1) > 1):
+            return None
+        return store_spans(lay, self.store.shard_slots, STORE_PAGE)
 
     def _from_owner(self, shard: int, value, placeholder):
         """In a multi-process run only the process holding the shard's device computed `value`;

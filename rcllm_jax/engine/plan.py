@@ -139,6 +139,41 @@ class Layout:
         return self.prefix_slots, self.prefix_valid, self.tokens, self.real_pos, self.cached, self.forced, self.valid
 
 
+def span_entries(suffix_rows: int) -> int:
+    """Span entries of a request with `suffix_rows` suffix rows (a static shape: the paged kernel's
+    grid runs over them, so fewer than one per row): a quarter of the rows. The default prompts
+    need about one per six rows (an item's title, its "-" and its score slot make ~3 spans in ~18
+    rows); a request needing more fetches its rows instead."""
+    return max(1, suffix_rows // 4)
+
+
+def store_spans(lay: Layout, shard_slots: int, page: int) -> tuple | None:
+    """Where the request's cached rows lie in its serving shard's block store, for attention that
+    reads them in place (`kernels.paged_attention`): (table, start, len, pos, delta), each
+    [span_entries(Tb)] int32, one entry per span of rows that are consecutive in the prompt and in
+    the store, inside one `page`-row page of the shard's rows and one block (one position offset
+    delta = real - canonical). Rows read: cached, valid and not recomputed (`forced`); entries past
+    the spans have no rows. None when a cached row lives on another shard or the spans do not fit
+    (such a request fetches its rows)."""
+    t = np.flatnonzero(lay.cached & lay.valid & ~lay.forced)
+    local = lay.block_slots[t].astype(np.int64) - lay.shard * shard_slots
+    if ((local < 0) | (local >= shard_slots)).any():
+        return None
+    delta = (lay.real_pos - lay.canon_pos)[t]
+    new = np.ones(len(t), bool)
+    new[1:] = ((t[1:] != t[:-1] + 1) | (local[1:] != local[:-1] + 1) | (local[1:] // page != local[:-1] // page)
+               | (delta[1:] != delta[:-1]))
+    first = np.flatnonzero(new)
+    n, m = len(first), span_entries(len(lay.tokens))
+    if n > m:
+        return None
+    out = np.zeros((5, m), np.int32)
+    out[0, :n], out[1, :n] = local[first] // page, local[first] % page
+    out[2, :n] = np.diff(np.r_[first, len(t)])
+    out[3, :n], out[4, :n] = lay.real_pos[t[first]], delta[first]
+    return tuple(out)
+
+
 def pad_arrays(arrays, prefix: int, suffix: int) -> tuple:
     """`Layout.arrays()` of a request in larger shapes (prefix slots, suffix rows), as numpy:
     padding is never attended and never selected (invalid, not cached, not forced; positions go

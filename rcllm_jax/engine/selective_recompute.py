@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import merge_attention
+from pallas_kernels.selective_attention import masked_attention
 from rcllm_jax import kernels
 from rcllm_jax.buckets import coarse_bucket
+from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.pool import PAGE
-from rcllm_jax.engine.plan import pad_arrays
+from rcllm_jax.engine.plan import pad_arrays, span_entries
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attend_parts, attention_mask,
                                      attn_mlp, forward, lm_head, out_mlp, qkv, rms_norm)
@@ -100,9 +102,12 @@ class PrefillInputs:
     deviation_on: str = "k"
     return_kv: bool = False
     impl: str = "xla"
+    store: tuple | None = None  # the cached rows read in place instead of fetched (cached_k/v None):
+    #                             (store_k, store_v [L, S, K, H] of the serving shard, and
+    #                             `plan.store_spans` table, start, len, pos, delta [M])
 
     def run(self, params):
-        return blended_prefill(params, *self.arrays, cfg=self.cfg, n_select=self.n_select,
+        return blended_prefill(params, *self.arrays, store=self.store, cfg=self.cfg, n_select=self.n_select,
                                check_layer=self.check_layer, deviation_on=self.deviation_on,
                                return_kv=self.return_kv, impl=self.impl)
 
@@ -115,10 +120,13 @@ class PrefillInputs:
         if prefix < p0 or suffix < t0 or n_select < self.n_select:
             raise ValueError(f"cannot pad a request of {p0} prefix / {t0} suffix / {self.n_select} recomputed "
                              f"rows to {prefix} / {suffix} / {n_select}")
-        padkv = lambda a: jnp.pad(a, [(0, 0), (0, suffix - t0), (0, 0), (0, 0)])  # noqa: E731
+        padkv = lambda a: None if a is None else jnp.pad(a, [(0, 0), (0, suffix - t0), (0, 0), (0, 0)])  # noqa: E731
         arrays = (pk, pv, *pad_arrays((ps, pvd, tok, pos, cached, forced, valid), prefix, suffix), lid,
                   padkv(ck), padkv(cv), rows)
-        return dataclasses.replace(self, arrays=arrays, n_select=n_select)
+        store = self.store
+        if store is not None:  # more span entries, without rows
+            store = (*store[:2], *(jnp.pad(a, (0, span_entries(suffix) - a.shape[0])) for a in store[2:]))
+        return dataclasses.replace(self, arrays=arrays, n_select=n_select, store=store)
 
 
 def _page_spans(pages, n_rows, first_pos):
@@ -153,7 +161,7 @@ def _layer_params(layers, i):
                                              "all_fresh", "return_kv", "impl"))
 def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
                     cached, forced, valid, logit_ids=None, cached_k=None, cached_v=None, out_rows=None,
-                    n_keep=None, *,
+                    n_keep=None, store=None, *,
                     cfg: ModelConfig,
                     n_select: int, check_layer: int | None = None, deviation_on: str = "k",
                     all_fresh: bool = False, return_kv: bool = False, impl: str = "xla"):
@@ -167,6 +175,13 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     (score slots) whose final-normed hidden states [C, D] are returned instead of the logits.
     n_keep: recompute only the best n_keep of the n_select rows (a request padded into a larger
     batch keeps its own selection; `engine/serving_step.py`).
+    store: read the cached rows where they lie instead of from cached_k/v (None then):
+    (store_k, store_v [L, S, K, H], table, start, len, pos, delta [M]) — the serving shard's block
+    store and the request's spans in it (`plan.store_spans`: every cached row not recomputed),
+    attended through `kernels.paged_attention` with the query rotated back by each span's delta
+    (RoPE on the query side: no re-rotated copy of a row), the recomputed rows' fresh K/V as a
+    key set of their own. The forced rows are then the recompute set (no deviation check) and no
+    KV is returned.
     impl: a resolved `rcllm_jax.kernels` implementation of the recomputed tokens' attention
     ("xla", "pallas", "interpret").
     """
@@ -194,8 +209,15 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     k_valid = jnp.concatenate([prefix_valid, valid])[None]
     mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid,
                           cfg.sliding_window)  # [1, T, P+T]
-    ck = cached_k[:, None].astype(pool_k.dtype)  # [L, 1, T, K, H]
-    cv = cached_v[:, None].astype(pool_v.dtype)
+    if store is not None:
+        if check_layer is not None or return_kv:
+            raise ValueError("cached rows read in place (store=...) serve neither a deviation check nor return_kv")
+        store_k, store_v, *spans = store
+        spans = tuple(a[None].astype(jnp.int32) for a in spans)  # [1, T]
+        ck = cv = None
+    else:
+        ck = cached_k[:, None].astype(pool_k.dtype)  # [L, 1, T, K, H]
+        cv = cached_v[:, None].astype(pool_v.dtype)
     x = params["embed"][tokens][None]  # [1, T, D]
     layers = params["layers"]
     neg = jnp.float32(-jnp.inf)
@@ -240,7 +262,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     pos_r, mask_r = q_pos[:, r], mask[:, r]
     mask_p, mask_t = mask_r[..., :p_len], mask_r[..., p_len:]
     write = sel[None, :, None, None]
-    if impl != "xla":  # the pool's pages of the prefix and the suffix buffer's pages, by page table
+    if impl != "xla" or store is not None:  # the pool's pages of the prefix and the suffix buffer's pages
         prefix_pages, suffix_pages = _prefix_page_table(prefix_slots, prefix_valid), _suffix_page_table(q_pos, valid)
 
     def body(x_r, xs):
@@ -248,12 +270,22 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
         if p is None:  # from a check layer on the weights are read by index (slicing the stack would copy it)
             p = _layer_params(layers, i)
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
+        lpool_k = jax.lax.dynamic_index_in_dim(pool_k, i, keepdims=False)  # [S, K, H], a view
+        lpool_v = jax.lax.dynamic_index_in_dim(pool_v, i, keepdims=False)
+        if store is not None:  # three key sets, each where it lies: prefix pages, store spans, fresh rows
+            o, lse = masked_attention(q, k, v, sel[None], pos_r, pos_r, cfg.sliding_window)
+            for rows_k, rows_v, table, page in (
+                    (store_k, store_v, spans, STORE_PAGE),
+                    *(((pool_k, pool_v, prefix_pages, PAGE),) if p_len else ())):
+                lk, lv = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (rows_k, rows_v))
+                o_s, lse_s = kernels.paged_attention(q, lk, lv, pos_r, *table, inv, impl=impl,
+                                                     window=cfg.sliding_window, page=page)
+                o, lse = merge_attention(o_s, lse_s, o.astype(o_s.dtype), lse)
+            return out_mlp(cfg, x_r, p, o.astype(x_r.dtype).reshape(*o.shape[:2], -1)), None
         lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
         lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
         # this layer's stored prefix rows and the request's suffix rows, each read where it lies:
         # no stitched [prefix + suffix] copy
-        lpool_k = jax.lax.dynamic_index_in_dim(pool_k, i, keepdims=False)  # [S, K, H], a view
-        lpool_v = jax.lax.dynamic_index_in_dim(pool_v, i, keepdims=False)
         if impl == "xla":
             parts = ((lpool_k[prefix_slots][None], lpool_v[prefix_slots][None], mask_p), (lck, lcv, mask_t))
             x_r = out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts))
@@ -271,7 +303,8 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     idx = jnp.arange(start, cfg.num_layers)
     # from layer 0 the weights are scanned over as they are stacked (no copy; a differentiated call
     # then accumulates one layer's cotangent per step, not the whole stack's)
-    x_r, out = jax.lax.scan(body, x_r, ((idx, None if start else layers), ck[sl], cv[sl]))
+    x_r, out = jax.lax.scan(body, x_r, ((idx, None if start else layers), None if ck is None else ck[sl],
+                                        None if cv is None else cv[sl]))
     if out_rows is None:
         logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
     else:

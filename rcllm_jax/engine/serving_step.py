@@ -10,7 +10,9 @@ request out as `Engine.rank` does (on its given shard, else the affinity choice)
     two; a shard with fewer requests gets filler rows (`filler`: one valid token that attends
     only itself, its outputs dropped);
   - fetches each shard's cached rows for its whole batch at once (`BlockStore.fetch`: remote
-    rows device to device in compact buffers), delivered as [L, B, T, K, H] on that shard;
+    rows device to device in compact buffers), delivered as [L, B, T, K, H] on that shard; or,
+    where every request reads its cached rows in place (`Engine._store_spans`: the Pallas paths),
+    passes the block store itself and each request's spans in its shard's part;
   - runs `step_program`: a `shard_map` over the mesh in which each shard runs its B requests
     through the blended prefill at once (`jax.vmap`), all shards in the same program.
 
@@ -47,27 +49,36 @@ def filler(prefix: int, suffix: int) -> tuple:
 
 @functools.lru_cache(maxsize=64)
 def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None, deviation_on: str, impl: str,
-                 slots: bool):
+                 slots: bool, in_place: bool = False):
     """The jitted step: (params, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos,
     cached, forced, valid, outs, keep, cached_k, cached_v) with every array after the pool
     [N x B, ...] sharded along `items` (cached_k/v [L, N x B, T, K, H] along their second axis) ->
     (outputs, recompute rows, their mask), each [N x B, ...] along `items`. outs: per request the
     answer's logit ids (label prompts) or the score-slot rows (slot prompts: outputs are their
     final-normed hidden states [C, D]); keep: per request its own recompute-set size
-    (`blended_prefill`'s n_keep; n_select is the step's largest)."""
+    (`blended_prefill`'s n_keep; n_select is the step's largest).
+    in_place: instead of cached_k, cached_v the block store's k, v [L, N x S, K, H] (sharded as
+    stored along `items`) and each request's spans in its shard's part (`plan.store_spans`: table,
+    start, len, pos, delta, each [N x B, M]): each shard reads its requests' cached rows where they
+    lie (`blended_prefill`'s store)."""
 
-    def local(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
-        # ck, cv [L, B, T, K, H]: the shard's batch of cached rows as one fetch delivered them
-        def one(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv):
+    def local(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid, outs, keep, *rest):
+        # rest: ck, cv [L, B, T, K, H] (the shard's batch of cached rows as one fetch delivered them),
+        # or the shard's store k, v [L, S, K, H] and the batch's spans [B, M] each
+        def one(ps, pvd, tok, pos, cached, forced, valid, outs, keep, *kv):
+            ck, cv, store = (None, None, (*rest[:2], *kv)) if in_place else (*kv, None)
             logits, r, sel, _ = blended_prefill(params, pool_k, pool_v, ps, pvd, tok, pos, cached, forced, valid,
                                                 None if slots else outs, ck, cv, outs if slots else None, keep,
-                                                cfg=cfg, n_select=n_select, check_layer=check_layer,
+                                                store, cfg=cfg, n_select=n_select, check_layer=check_layer,
                                                 deviation_on=deviation_on, impl=impl)
             return logits, r, sel
-        return jax.vmap(one, in_axes=(0,) * 9 + (1, 1))(ps, pvd, tok, pos, cached, forced, valid, outs, keep, ck, cv)
+        per = rest[2:] if in_place else rest
+        axes = (0,) * 9 + ((0,) * 5 if in_place else (1, 1))
+        return jax.vmap(one, in_axes=axes)(ps, pvd, tok, pos, cached, forced, valid, outs, keep, *per)
 
     rows, kv = P("items"), P(None, "items")
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 9 + (kv, kv),
+    extra = (kv, kv) + (rows,) * 5 if in_place else (kv, kv)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 9 + extra,
                                  out_specs=(rows, rows, rows), check_vma=False))
 
 
