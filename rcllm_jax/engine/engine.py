@@ -680,7 +680,7 @@ class Engine:
         (int8 rows are dequantized on arrival), one process, KV heads not split over a `model`
         axis, every cached row on the serving shard. The XLA path fetches: its reference of the
         paged read gathers whole pages, and on the CPU rotating each query per span costs more than
-        rotating each cached row once (at history 50 / 50 candidates: 64 queries x 9 heads x ~150
+        rotating each cached row once (at history 50 / 50 candidates: 64 queries x 9 heads x ~170
         spans against ~900 rows x 3 KV heads)."""
         if (self.impl == "xla" or self._fetch_only or policy.check_layer is not None or return_kv
                 or self.store.quantized or jax.process_count() > 1 or self.mesh.shape.get("model", 1) > 1):

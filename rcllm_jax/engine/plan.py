@@ -142,8 +142,9 @@ class Layout:
 def span_entries(suffix_rows: int) -> int:
     """Span entries of a request with `suffix_rows` suffix rows (a static shape: the paged kernel's
     grid runs over them, so fewer than one per row): a quarter of the rows. The default prompts
-    need about one per six rows (an item's title, its "-" and its score slot make ~3 spans in ~18
-    rows); a request needing more fetches its rows instead."""
+    need about one per five (history 50 / 50 candidates: 162-176 spans over 778-874 rows read,
+    ~3.5 per candidate: its "-", its title over one or two pages); a request needing more fetches
+    its rows instead."""
     return max(1, suffix_rows // 4)
 
 
