@@ -610,13 +610,15 @@ def _profile_section(out: Path) -> list[str]:
         lines.append(f"| {k} | " + " | ".join(f"{d['median_ms'].get(k, float('nan')):.1f}" for d in runs) + " |")
     lines.append("| request / floor | " + " | ".join(f"{d['median_ms']['request'] / d['median_ms']['floor']:.2f}"
                                                     for d in runs) + " |")
+    lines.append("| computed tokens / recomputed rows | " + " | ".join(
+        f"{d['requests'][0]['computed_tokens']} / {d['requests'][0]['recompute_rows']}" for d in runs) + " |")
     r0 = runs[0]["requests"][0]
     lines += ["", f"- `python launch/bench_profile.py --history_len={runs[0]['history_len']} "
               f"--candidates={runs[0]['candidates']} --label=L --output_json=docs/benchmarks/profile_L.json` "
-              f"(a \"before\" column: the same script against the earlier checkout). {len(runs[0]['requests'])} "
-              f"returning test users, default model and slot head, float32, 1 device, 2 CPU cores; compiles "
-              f"excluded. Shapes: prefix {r0['prefix_rows']} rows, suffix {r0['suffix_rows']}, recomputed "
-              f"{r0['recompute_rows']} (computed tokens {r0['computed_tokens']}, prompt {r0['prompt_tokens']}).",
+              f"(a \"before\" column: the same script against the earlier checkout, its floor by today's "
+              f"`request_floor_s`). {len(runs[0]['requests'])} returning test users, default model and slot head, "
+              f"float32, 1 device, 2 CPU cores; compiles excluded. Shapes (first user): prefix {r0['prefix_rows']} "
+              f"rows, suffix {r0['suffix_rows']}, prompt {r0['prompt_tokens']} tokens.",
               "- request: `Engine.rank` whole; inputs: stitch + fetch + device arrays; fetch: the item rows' "
               "gather + re-rotation alone; prefill: the jitted blended prefill alone; floor: " + FLOOR_TEXT + ".", ""]
     return lines
