@@ -1,11 +1,12 @@
 """Shape buckets: a serving process compiles one program per bucket, never per request length.
 
-Two rules. `bucket` (four per octave) pads rows that are computed through the whole model: the
-padding is compute, so it is kept small. `coarse_bucket` (powers of two) pads what the block
-modes' request programs are shaped by — rows that are only read (the user's cached prefix, the
-stitched suffix whose cached rows are gathered and attended, not computed), the recompute set and
-the answer's output rows: few buckets per dimension make the whole set of shapes a server accepts
-small enough to compile before serving (`Engine.warm_up`).
+Two rules. `bucket` (four per octave) pads rows that are computed through the whole model (full
+and prefix modes' prompts, the block modes' recompute set): the padding is compute, so it is kept
+small. `coarse_bucket` (powers of two) pads the other dimensions the block modes' request programs
+are shaped by — rows that are only read (the user's cached prefix, the stitched suffix whose
+cached rows are attended, not computed) and the answer's output rows: few buckets per dimension
+keep the whole set of shapes a server accepts small enough to compile before serving
+(`Engine.warm_up`).
 """
 
 
@@ -31,3 +32,8 @@ def coarse_buckets(lo: int, hi: int, minimum: int = 16) -> list[int]:
         out.append(b)
         b *= 2
     return out
+
+
+def buckets_between(lo: int, hi: int, minimum: int = 16) -> list[int]:
+    """Every `bucket` of a length in [lo, hi], ascending."""
+    return sorted({bucket(n, minimum) for n in range(max(lo, 1), hi + 1)})

@@ -407,6 +407,8 @@ def test_coarse_buckets_by_hand():
     assert coarse_bucket(3, 1) == 4 and coarse_bucket(1, 1) == 1
     assert coarse_buckets(50, 631) == [64, 128, 256, 512, 1024]
     assert coarse_buckets(3, 3) == [16] and coarse_buckets(5, 4) == []
+    from rcllm_jax.buckets import buckets_between
+    assert buckets_between(17, 41) == [20, 24, 28, 32, 40, 48] and buckets_between(2, 9) == [16]
 
 
 def test_new_history_length_inside_a_bucket_compiles_nothing(world):

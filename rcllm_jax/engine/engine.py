@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax import kernels
-from rcllm_jax.buckets import coarse_bucket, coarse_buckets
+from rcllm_jax.buckets import buckets_between, coarse_bucket, coarse_buckets
 from rcllm_jax.cache import snapshot
 from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.block_store import PASS_ROWS, REPLICATED, ROW_TOKENS, BlockStore
@@ -199,7 +199,8 @@ class Engine:
         recompute rows): {(prefix rows, suffix rows), ...}} for histories of up to the builder's
         history_len items and 1..max_candidates candidates among the served items, prompts that
         fit the model. Bounds come from the catalog's shortest and longest blocks, so the set is a
-        (small) superset of what traffic reaches; every dimension is a power of two."""
+        (small) superset of what traffic reaches; every dimension is a power of two but the recompute
+        rows (`buckets.bucket`, four per octave)."""
         policy = self._block_policy(mode, "")
         b, (ids, _, p_lo, p_hi) = self.builder, self._shape_bounds
         k_max = min(max_candidates or len(ids), len(ids))
@@ -225,7 +226,7 @@ class Engine:
                 for pb in coarse_buckets(p_lo, p_hi):
                     if lowest(pb, p_lo) + lowest(tb, s_lo) > limit:
                         continue
-                    for ns in coarse_buckets(max(1, min(w_lo, w_hi)), max(w_lo, w_hi)):
+                    for ns in buckets_between(max(1, min(w_lo, w_hi)), max(w_lo, w_hi)):
                         out.setdefault((ob, min(ns, tb)), set()).add((pb, tb))
         return out
 

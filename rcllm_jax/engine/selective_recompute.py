@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from pallas_kernels.paged_attention import merge_attention
 from pallas_kernels.selective_attention import masked_attention
 from rcllm_jax import kernels
-from rcllm_jax.buckets import coarse_bucket
+from rcllm_jax.buckets import bucket
 from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.pool import PAGE
 from rcllm_jax.engine.plan import pad_arrays, span_entries
@@ -82,10 +82,11 @@ BLOCK_MODES = {
 
 def selection_size(forced, cached, valid, policy: Policy) -> int:
     """Rows of the recompute set: the forced tokens plus ratio x the other cached tokens, rounded up
-    to a power of two (`buckets.coarse_bucket`; the extra rows take the next-highest deviations, or
-    are masked out when there is no deviation check)."""
+    to a shape bucket (`buckets.bucket`, four per octave: these rows run through every layer; the
+    extra rows take the next-highest deviations, or are masked out when there is no deviation
+    check)."""
     want = int((forced & valid).sum()) + math.ceil(policy.ratio * int((cached & ~forced).sum()))
-    return min(len(valid), coarse_bucket(max(want, 1), 16))
+    return min(len(valid), bucket(max(want, 1), 16))
 
 
 @dataclasses.dataclass(frozen=True)
