@@ -30,9 +30,15 @@ from jax.experimental.pallas import tpu as pltpu
 def rotate_by(x, ang):
     """x [..., H] (f32) rotated by the angles ang [..., H/2] of each frequency pair (HF
     rotate_half layout; ang broadcasts against x's leading dimensions)."""
-    ang = jnp.concatenate([ang, ang], axis=-1)
+    return rotate_cs(x, jnp.cos(ang), jnp.sin(ang))
+
+
+def rotate_cs(x, cos, sin):
+    """`rotate_by` given the angles' cos and sin [..., H/2] (a table computed once: fused into the
+    rotation of many rows, XLA recomputes them per element)."""
+    cos, sin = jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
     half = x.shape[-1] // 2
-    return x * jnp.cos(ang) + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * jnp.sin(ang)
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
 def gather_rerotate_reference(pool, slots, delta, inv):

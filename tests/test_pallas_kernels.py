@@ -169,8 +169,9 @@ def test_bf16_rerotation_rounds_once():
 
 
 def test_engine_impl_switch_reaches_the_block_store_gather(smollm2, monkeypatch):
-    """Switching `engine.impl` (what bench.py --compare_impl does) runs the Pallas gather +
-    re-rotation of the cached rows, counted at trace time, and gives the same scores."""
+    """Switching `engine.impl` (what bench.py --compare_impl does) reads the cached rows in place
+    when stitching (the paged kernel: nothing gathered) and runs the Pallas gather + re-rotation
+    where a deviation check needs them fetched, counted at trace time; the same scores."""
     from rcllm_jax import kernels
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests
@@ -189,10 +190,11 @@ def test_engine_impl_switch_reaches_the_block_store_gather(smollm2, monkeypatch)
     real = kernels._gather_kernel
     monkeypatch.setattr(kernels, "_gather_kernel", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     p = builder.build(r.history, r.candidates)
-    xla = eng.rank(p, "stitch", r.user_id).scores
+    xla = {mode: eng.rank(p, mode, r.user_id).scores for mode in ("stitch", "deviation")}
     assert calls == []
     eng.impl = kernels.resolve("pallas")
     jax.clear_caches()  # counted at trace time: an earlier test may have traced these shapes already
-    pallas = eng.rank(p, "stitch", r.user_id).scores
-    assert calls == [{"interpret": True}]
-    assert _rel(pallas, xla) <= 1e-5
+    for mode, gathered in (("stitch", []), ("deviation", [{"interpret": True}])):
+        pallas = eng.rank(p, mode, r.user_id).scores
+        assert calls == gathered, mode
+        assert _rel(pallas, xla[mode]) <= 1e-5
