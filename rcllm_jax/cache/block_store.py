@@ -438,7 +438,8 @@ class BlockStore:
             moved += sum(a.nbytes for a in rows)
             out = _scatter_rows(out, rows, jax.device_put(tgt, dev))
         delta = jax.device_put(np.asarray(delta, np.int32), dev)
-        k, v = _arrive(out, delta, _rope_table(delta, cfg=self.cfg), cfg=self.cfg, impl=impl)
+        table = _rope_table(delta, cfg=self.cfg) if impl == "xla" else None  # a kernel rotates by the deltas
+        k, v = _arrive(out, delta, table, cfg=self.cfg, impl=impl)
         return k, v, moved
 
     def warm_fetch(self, impl: str) -> int:

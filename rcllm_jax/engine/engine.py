@@ -269,31 +269,38 @@ class Engine:
         for fetch_only in (False, True) if self.impl != "xla" and self.num_shards > 1 else (False,):
             self._fetch_only = fetch_only
             try:
-                for (ob, ns), sizes in sorted(shapes.items()):
-                    probe = probes[ob]
-                    self.update_user(user, probe)
-                    for shard in range(self.num_shards):
-                        inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
-                        if inputs is None:
-                            continue
-                        params = self._params_on(self.device(shard), query=True)
-                        # exactly the shape's (a compile, not a ranking)
-                        inputs = dataclasses.replace(inputs, n_select=ns)
-                        for pb, tb in sorted(sizes):
-                            jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
-                            done += 1
-                    b = 1
-                    while max_batch and b <= serving_step.batch_bucket(max_batch):
-                        for pb, tb in sorted(sizes):
-                            self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
-                                           pad_to=(pb, tb, ns))
-                            done += 1
-                        b *= 2
+                done += self._warm_shapes(shapes, probes, policy, user, max_batch)
             finally:
                 self._fetch_only = False
         for tb in {tb for sizes in shapes.values() for _, tb in sizes}:  # every suffix length's fetch
             self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)  # (warm_fetch: every shard pair)
         self.warm_fetch()
+        return done
+
+    def _warm_shapes(self, shapes: dict, probes: dict, policy: Policy, user, max_batch: int) -> int:
+        """`warm_up`'s blended prefills: each (output, recompute) class's probe padded to each of its
+        (prefix, suffix) shapes, one request at a time on every shard and, with max_batch > 0, in
+        each serving-step batch bucket. Returns the number of shapes run."""
+        done = 0
+        for (ob, ns), sizes in sorted(shapes.items()):
+            probe = probes[ob]
+            self.update_user(user, probe)
+            for shard in range(self.num_shards):
+                inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
+                if inputs is None:
+                    continue
+                params = self._params_on(self.device(shard), query=True)
+                inputs = dataclasses.replace(inputs, n_select=ns)  # exactly the shape's (a compile, not a ranking)
+                for pb, tb in sorted(sizes):
+                    jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
+                    done += 1
+            b = 1
+            while max_batch and b <= serving_step.batch_bucket(max_batch):
+                for pb, tb in sorted(sizes):
+                    self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
+                                   pad_to=(pb, tb, ns))
+                    done += 1
+                b *= 2
         return done
 
     def reset_caches(self):

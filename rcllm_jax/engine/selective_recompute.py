@@ -263,41 +263,39 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     pos_r, mask_r = q_pos[:, r], mask[:, r]
     mask_p, mask_t = mask_r[..., :p_len], mask_r[..., p_len:]
     write = sel[None, :, None, None]
-    if impl != "xla" or store is not None:  # the pool's pages of the prefix and the suffix buffer's pages
-        prefix_pages, suffix_pages = _prefix_page_table(prefix_slots, prefix_valid), _suffix_page_table(q_pos, valid)
+    if impl != "xla" or store is not None:  # the pool's pages of the prefix, by page table
+        prefix_pages = _prefix_page_table(prefix_slots, prefix_valid)
+    if impl != "xla" and store is None:  # the suffix buffer's pages
+        suffix_pages = _suffix_page_table(q_pos, valid)
 
     def body(x_r, xs):
         (i, p), lck, lcv = xs
         if p is None:  # from a check layer on the weights are read by index (slicing the stack would copy it)
             p = _layer_params(layers, i)
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
-        lpool_k = jax.lax.dynamic_index_in_dim(pool_k, i, keepdims=False)  # [S, K, H], a view
-        lpool_v = jax.lax.dynamic_index_in_dim(pool_v, i, keepdims=False)
-        if store is not None:  # three key sets, each where it lies: prefix pages, store spans, fresh rows
-            o, lse = masked_attention(q, k, v, sel[None], pos_r, pos_r, cfg.sliding_window)
-            for rows_k, rows_v, table, page in (
-                    (store_k, store_v, spans, STORE_PAGE),
-                    *(((pool_k, pool_v, prefix_pages, PAGE),) if p_len else ())):
-                lk, lv = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (rows_k, rows_v))
-                o_s, lse_s = kernels.paged_attention(q, lk, lv, pos_r, *table, inv, impl=impl,
-                                                     window=cfg.sliding_window, page=page)
-                o, lse = merge_attention(o_s, lse_s, o.astype(o_s.dtype), lse)
-            return out_mlp(cfg, x_r, p, o.astype(x_r.dtype).reshape(*o.shape[:2], -1)), None
-        lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
-        lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
-        # this layer's stored prefix rows and the request's suffix rows, each read where it lies:
-        # no stitched [prefix + suffix] copy
-        if impl == "xla":
+        if store is None:
+            lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
+            lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
+        # each key set read where it lies: no stitched [prefix + suffix] copy
+        if impl == "xla" and store is None:  # this layer's stored prefix rows by slot, the suffix buffer
+            lpool_k, lpool_v = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (pool_k, pool_v))
             parts = ((lpool_k[prefix_slots][None], lpool_v[prefix_slots][None], mask_p), (lck, lcv, mask_t))
-            x_r = out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts))
-        else:
+            return out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts)), ((lck, lcv) if return_kv else None)
+        if store is None:  # the suffix buffer through its page table
             o, lse = kernels.paged_attention(q, lck[0], lcv[0], pos_r, *suffix_pages, inv, impl=impl,
                                              window=cfg.sliding_window, page=PAGE)
-            if p_len:  # no prefix: nothing to merge
-                o_p, lse_p = kernels.paged_attention(q, lpool_k, lpool_v, pos_r, *prefix_pages, inv, impl=impl,
-                                                     window=cfg.sliding_window, page=PAGE)
-                o, _ = merge_attention(o_p, lse_p, o, lse)
-            x_r = out_mlp(cfg, x_r, p, o.reshape(*o.shape[:2], -1))
+            paged = []
+        else:  # the fresh rows (dense), then the store's spans
+            o, lse = masked_attention(q, k, v, sel[None], pos_r, pos_r, cfg.sliding_window)
+            paged = [(store_k, store_v, spans, STORE_PAGE)]
+        if p_len:  # the prefix's pool pages (no prefix: nothing to merge)
+            paged.append((pool_k, pool_v, prefix_pages, PAGE))
+        for rows_k, rows_v, table, page in paged:  # merged by log-sum-exp
+            lk, lv = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (rows_k, rows_v))
+            o_s, lse_s = kernels.paged_attention(q, lk, lv, pos_r, *table, inv, impl=impl,
+                                                 window=cfg.sliding_window, page=page)
+            o, lse = merge_attention(o_s, lse_s, o.astype(o_s.dtype), lse)
+        x_r = out_mlp(cfg, x_r, p, o.astype(x_r.dtype).reshape(*o.shape[:2], -1))
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)
