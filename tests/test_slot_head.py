@@ -2,6 +2,8 @@
 reference computed independently (plain `forward` + the head's formula in numpy), head
 persistence and refusals."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,10 +238,16 @@ def test_service_answers_the_recommenders_final_scores(world):
     bodies = [{"user_id": r.user_id, "history": list(r.history), "candidates": list(r.candidates)} for r in reqs]
 
     def burst(step):  # every request queued before the loop starts: the same windows each time
+        import tempfile
         import threading
         import time
-        svc = RecommenderService(sided, ds.items, {}, scheduler=Scheduler(1), max_candidates=8, retriever=retriever,
-                                 serving_step=step)
+
+        from rcllm_jax.serve.service import compiles, count_compiles
+        from rcllm_jax.serve.state import StateStore
+        count_compiles()
+        svc = RecommenderService(sided, ds.items, StateStore(Path(tempfile.mkdtemp()) / "state.sqlite3"),
+                                 scheduler=Scheduler(1), max_candidates=8, retriever=retriever, serving_step=step)
+        before = compiles()
         got = {}
         client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
         client.start()
@@ -248,7 +256,7 @@ def test_service_answers_the_recommenders_final_scores(world):
         svc.start()
         client.join()
         svc.stop()
-        return got["outs"], svc.compiles[0]
+        return got["outs"], compiles() - before
     for step in ("batched", "serial"):
         burst(step)  # warm-up: compiles these shapes
         outs, compiles = burst(step)

@@ -194,6 +194,10 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     same_layout = (n_old == store.num_shards and meta["placement"] == store.placement
                    and float(meta.get("replicate", 0.0)) == store.replicate  # snapshots before replication: 0
                    and jax.numpy.dtype(meta["dtype"]) == store.dtype)
+    need = users.pages_needed(meta["users"])
+    if need > users.budget:  # checked before anything changes: a restore is all or nothing
+        raise SnapshotError(f"snapshot {path}: its user prefixes need {need} pages; this user store holds "
+                            f"{users.budget} (raise the user-store budget)")
     # --- everything checked: from here on the stores change ---------------------------------
     entries = {k: BlockEntry(k, kind, int(s), int(o), int(n)) for k, kind, s, o, n in meta["blocks"]}
     emb = np.asarray(blocks["embeddings"])
@@ -247,23 +251,18 @@ def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replic
     return meta, blocks, user_arrays
 
 
-def _user_id(key: str):
-    """A user id back from a JSON object key: integer ids were saved as their digits."""
-    return int(key) if key.lstrip("-").isdigit() else key
-
-
 # --- the user store alone (what a serving process saves on shutdown) ---------------------------
 
-def save_users(directory, ident: dict, users, histories: dict | None = None) -> int:
-    """Save every cached user prefix (KV, tokens, LRU order) and the server's per-user item
-    histories as a new step of `directory` (refused if it holds another model's state)."""
+def save_users(directory, ident: dict, users) -> int:
+    """Save every cached user prefix (KV, tokens, LRU order, the history version each was computed
+    from) as a new step of `directory` (refused if it holds another model's state). The histories
+    themselves live in the state database (`rcllm_jax.serve.state`): this is a cache of their KV."""
     import orbax.checkpoint as ocp
     _refuse_other(directory, ident, "users")
     user_index, uk, uv = users.export()
+    uk, uv = to_host(uk), to_host(uv)  # one host copy each, digested and written from there
     user_arrays = {"k": uk, "v": uv}
-    meta = dict(ident, users=user_index,
-                histories={str(u): [int(i) for i in h] for u, h in (histories or {}).items()},
-                digests={f"users.{n}": _digest(a) for n, a in user_arrays.items()})
+    meta = dict(ident, users=user_index, digests={f"users.{n}": _digest(a) for n, a in user_arrays.items()})
     mngr = _manager(directory, create=True, items=("users", "meta"))
     step = (mngr.latest_step() or 0) + 1
     mngr.save(step, args=ocp.args.Composite(users=ocp.args.StandardSave(user_arrays), meta=ocp.args.JsonSave(meta)))
@@ -271,9 +270,12 @@ def save_users(directory, ident: dict, users, histories: dict | None = None) -> 
     return step
 
 
-def restore_users(directory, ident: dict, users, replicated) -> dict:
-    """Put the latest saved user store back into `users` (checked like `restore`); returns the
-    saved histories (user id -> item ids). A missing directory is an empty state, not an error."""
+def restore_users(directory, ident: dict, users, replicated, keep=None) -> dict:
+    """Put the latest saved user store back into `users` (checked like `restore`; all or nothing).
+    keep(user, version): whether a saved prefix still stands for the user's history (a prefix
+    computed from another version is dropped, never served). Returns the histories a snapshot
+    of the format before the state database carried (user id string -> item ids; {} otherwise).
+    A missing directory is an empty state, not an error."""
     import orbax.checkpoint as ocp
     path = Path(directory).resolve()
     if not path.is_dir():
@@ -295,5 +297,8 @@ def restore_users(directory, ident: dict, users, replicated) -> dict:
         return meta, arrays
 
     _, (meta, arrays) = _newest_intact(mngr, path, load, None, "user snapshot")
-    users.load(meta["users"], arrays["k"], arrays["v"])
-    return {_user_id(u): list(h) for u, h in meta["histories"].items()}
+    try:
+        users.load(meta["users"], arrays["k"], arrays["v"], keep=keep)
+    except MemoryError as e:
+        raise SnapshotError(f"user snapshot {path}: {e}") from None
+    return {str(u): [int(i) for i in h] for u, h in meta.get("histories", {}).items()}

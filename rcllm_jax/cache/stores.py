@@ -21,22 +21,46 @@ from rcllm_jax.model.decoder import KVCache, Params, forward
 
 @dataclasses.dataclass
 class UserEntry:
-    tokens: tuple[int, ...]  # instruction + history block tokens
+    tokens: tuple[int, ...]  # instruction + history block tokens (the entry's key once computed)
     pages: list[int]
+    users: set = dataclasses.field(default_factory=set)  # users whose latest prefix this is
+    pins: int = 0  # leases held on it (requests of the running step): never evicted while > 0
 
 
 class UserStore:
-    """Per-user exact prefix KV (instruction + history block) in pool pages, LRU under a page budget.
+    """Instruction + history prefix KV in pool pages, keyed by the prefix's content (its tokens),
+    LRU under a page budget; each user points at its latest prefix.
 
-    `ensure` returns the slots of a user's prefix, computing only what is missing: nothing on a hit,
-    the new tokens when the history block grew by appending, the whole history block otherwise.
+    `ensure` makes a prefix present, computing only what is missing: nothing on a hit (any user's
+    entry with the same tokens), the new tokens when the user's latest prefix grew by appending
+    (extended in place when no other request or user holds it), the whole prefix otherwise.
+    With `pin=True` it is a lease: the entry is kept (never evicted, never extended in place)
+    until `release`, so every request of a serving step reads exactly the prefix it was built
+    from, whatever the other requests of the step (the same user with another history included)
+    did to the store.
     """
 
     def __init__(self, pool: KVPool, alloc: PageAllocator, budget_pages: int | None = None):
         self.pool, self.alloc = pool, alloc
         self.budget = budget_pages or alloc.num_pages
-        self.users: collections.OrderedDict[int, UserEntry] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[tuple[int, ...], UserEntry] = collections.OrderedDict()
+        self.latest: dict = {}  # user id -> its latest prefix's tokens (a key of `entries`)
+        self.versions: dict = {}  # user id -> the history version its latest prefix was computed from
         self.stats = collections.Counter()
+
+    @property
+    def users(self) -> dict:
+        """user id -> the entry of its latest prefix (LRU order of the entries)."""
+        rank = {k: j for j, k in enumerate(self.entries)}
+        return {u: self.entries[k] for u, k in sorted(self.latest.items(), key=lambda x: rank[x[1]])}
+
+    def _drop(self, key):
+        e = self.entries.pop(key)
+        self.alloc.release(e.pages)
+        for u in e.users:
+            if self.latest.get(u) == key:
+                del self.latest[u]
+                self.versions.pop(u, None)
 
     def _pages_for(self, entry: UserEntry, length: int):
         need = -(-length // PAGE) - len(entry.pages)
@@ -44,46 +68,92 @@ class UserStore:
             used = self.alloc.num_pages - self.alloc.free_pages
             page = self.alloc.alloc() if used < self.budget else None
             if page is None:
-                victim = next((u for u in self.users if self.users[u] is not entry), None)
+                victim = next((k for k, e in self.entries.items() if e is not entry and not e.pins), None)
                 if victim is None:
-                    raise MemoryError("user store budget too small for one user's prefix")
-                self.alloc.release(self.users.pop(victim).pages)
+                    raise MemoryError(f"user store budget ({self.budget} pages) too small for the prefixes leased "
+                                      f"now ({sum(1 for e in self.entries.values() if e.pins)} held by the running "
+                                      "step) and one more")
+                self._drop(victim)
                 self.stats["evictions"] += 1
                 continue
             entry.pages.append(page)
             need -= 1
 
-    def slots(self, user_id: int) -> np.ndarray:
-        e = self.users[user_id]
+    def slots(self, user_id) -> np.ndarray:
+        """Pool slots of the user's latest prefix."""
+        e = self.entries[self.latest[user_id]]
         return self.alloc.slots(e.pages, len(e.tokens))
 
-    def ensure(self, params: Params, cfg: ModelConfig, user_id: int, tokens: tuple[int, ...]) -> int:
-        """Make the user's prefix KV equal `tokens`; returns how many tokens were computed."""
-        tokens = tuple(tokens)
-        e = self.users.get(user_id)
-        if e is not None and e.tokens == tokens:
-            self.users.move_to_end(user_id)
+    def slots_of(self, tokens) -> np.ndarray:
+        """Pool slots of the prefix with exactly these tokens (KeyError when it is not stored)."""
+        e = self.entries.get(tuple(int(t) for t in tokens))
+        if e is None:
+            raise KeyError("no cached user prefix with this prompt's instruction + history "
+                           "(bring it up to date first: Engine.update_user)")
+        return self.alloc.slots(e.pages, len(e.tokens))
+
+    def _link(self, user_id, key, version):
+        old = self.latest.get(user_id)
+        if old is not None and old != key and old in self.entries:
+            prev = self.entries[old]
+            prev.users.discard(user_id)
+            if not prev.users and not prev.pins:  # nobody's prefix any more
+                self._drop(old)
+        self.latest[user_id] = key
+        self.entries[key].users.add(user_id)
+        if version is None:
+            self.versions.pop(user_id, None)
+        else:
+            self.versions[user_id] = version
+
+    def ensure(self, params: Params, cfg: ModelConfig, user_id, tokens: tuple[int, ...], *, pin: bool = False,
+               version: int | None = None) -> int:
+        """Make the prefix with these tokens present and the user's latest; returns how many tokens
+        were computed. pin: lease it (until `release`). version: the history version it stands for."""
+        tokens = tuple(int(t) for t in tokens)
+        e = self.entries.get(tokens)
+        if e is not None:
+            self.entries.move_to_end(tokens)
             self.stats["hits"] += 1
+            e.pins += pin
+            self._link(user_id, tokens, version)
             return 0
-        if e is not None and len(e.tokens) < len(tokens) and tokens[:len(e.tokens)] == e.tokens:
-            keep = len(e.tokens)
+        old = self.entries.get(self.latest.get(user_id, ()))
+        if (old is not None and not old.pins and old.users <= {user_id} and len(old.tokens) < len(tokens)
+                and tokens[:len(old.tokens)] == old.tokens):
+            del self.entries[old.tokens]  # extended in place: rekeyed once computed
+            e, keep = old, len(old.tokens)
             self.stats["extensions"] += 1
         else:
-            if e is not None:
-                self.alloc.release(e.pages)
-                del self.users[user_id]
-            e = UserEntry(tokens=(), pages=[])
-            keep = 0
+            e, keep = UserEntry(tokens=(), pages=[]), 0
             self.stats["misses"] += 1
-        self.users[user_id] = e
-        self.users.move_to_end(user_id)
-        self._pages_for(e, len(tokens))
-        new = tokens[keep:]
-        slots = self.alloc.slots(e.pages, len(tokens))
-        for a in range(keep, len(tokens), EXTEND_CHUNK):  # chunked: a few programs for any history
-            self._extend_chunk(params, cfg, slots[:a], tokens[a:a + EXTEND_CHUNK], slots[a:a + EXTEND_CHUNK])
+        e.pins += 1  # not a victim of its own page allocation
+        try:
+            self._pages_for(e, len(tokens))
+            slots = self.alloc.slots(e.pages, len(tokens))
+            for a in range(keep, len(tokens), EXTEND_CHUNK):  # chunked: a few programs for any history
+                self._extend_chunk(params, cfg, slots[:a], tokens[a:a + EXTEND_CHUNK], slots[a:a + EXTEND_CHUNK])
+        except BaseException:
+            self.alloc.release(e.pages)
+            for u in e.users:
+                self.latest.pop(u, None)
+                self.versions.pop(u, None)
+            raise
+        e.pins -= 1 - pin
         e.tokens = tokens
-        return len(new)
+        self.entries[tokens] = e
+        self._link(user_id, tokens, version)
+        return len(tokens) - keep
+
+    def release(self, tokens):
+        """End a lease taken by `ensure(..., pin=True)` on the prefix with these tokens."""
+        key = tuple(int(t) for t in tokens)
+        e = self.entries[key]
+        if e.pins < 1:
+            raise RuntimeError("release of a user prefix that is not leased")
+        e.pins -= 1
+        if not e.pins and not e.users:
+            self._drop(key)
 
     def _extend_chunk(self, params: Params, cfg: ModelConfig, old_slots, new_tokens, new_slots):
         """Compute the KV of up to EXTEND_CHUNK tokens after the prefix at `old_slots` and write it
@@ -108,36 +178,61 @@ class UserStore:
         return len(olds)
 
     def export(self):
-        """([[user id, prefix tokens]] in LRU order (oldest first), k, v: their KV concatenated
-        [L, u, K, H]; u >= 1: an empty store exports the scratch slot)."""
+        """([[{user id: history version or None}, prefix tokens]] in LRU order (oldest first), k, v:
+        their KV concatenated [L, u, K, H]; u >= 1: an empty store exports the scratch slot). Only
+        prefixes that are some user's latest are exported."""
         index, slots = [], []
-        for uid, e in self.users.items():
-            index.append([uid if isinstance(uid, str) else int(uid), [int(t) for t in e.tokens]])
-            slots.append(self.slots(uid))
+        for key, e in self.entries.items():
+            owners = {str(u): self.versions.get(u) for u in sorted(e.users, key=str) if self.latest.get(u) == key}
+            if owners:
+                index.append([owners, [int(t) for t in e.tokens]])
+                slots.append(self.alloc.slots(e.pages, len(e.tokens)))
         sl = np.concatenate(slots) if slots else np.zeros(1, np.int32)
         return index, self.pool.k[:, sl], self.pool.v[:, sl]
 
-    def load(self, index, k, v):
-        """Replace the whole store by exported prefixes (`export`'s output)."""
-        for e in self.users.values():
-            self.alloc.release(e.pages)
-        self.users.clear()
+    def pages_needed(self, index) -> int:
+        """Pages `load` of this exported index takes."""
+        return sum(-(-len(toks) // PAGE) for _, toks in index)
+
+    def load(self, index, k, v, keep=None):
+        """Replace the whole store by exported prefixes (`export`'s output; an entry's owners are a
+        {user: version} map, or one user id in snapshots before content keys). keep(user, version):
+        whether a saved owner still stands (its history unchanged); a prefix nobody keeps is not
+        loaded. Refused (MemoryError, nothing changed) when the budget cannot hold them."""
+        owners_of = [{str(o): None} if not isinstance(o, dict) else o for o, _ in index]
+        if keep is not None:
+            owners_of = [{u: ver for u, ver in o.items() if keep(u, ver)} for o in owners_of]
+        need = self.pages_needed([(o, toks) for o, (_, toks) in zip(owners_of, index) if o])
+        if need > min(self.budget, self.alloc.num_pages):
+            raise MemoryError(f"the saved user prefixes need {need} pages; this user store holds {self.budget}")
+        for key in list(self.entries):
+            self._drop(key)
         off = 0
-        for uid, toks in index:
+        for owners, (_, toks) in zip(owners_of, index):
             n = len(toks)
-            self.restore_user(uid, tuple(toks), k[:, off:off + n], v[:, off:off + n])
+            if owners:
+                for j, (u, ver) in enumerate(owners.items()):
+                    if j == 0:
+                        self.restore_user(u, tuple(toks), k[:, off:off + n], v[:, off:off + n], version=ver)
+                    else:
+                        self._link(u, tuple(int(t) for t in toks), ver)
             off += n
 
-    def restore_user(self, user_id: int, tokens: tuple[int, ...], k, v):
-        """Put a saved prefix ([L, n, K, H] KV of `tokens`) back, as most recently used."""
-        e = self.users.pop(user_id, None)
-        if e is not None:
-            self.alloc.release(e.pages)
-        e = UserEntry(tokens=(), pages=[])
-        self.users[user_id] = e
-        self._pages_for(e, len(tokens))
-        self.pool.scatter(self.alloc.slots(e.pages, len(tokens)), k, v)
-        e.tokens = tuple(tokens)
+    def restore_user(self, user_id, tokens: tuple[int, ...], k, v, version: int | None = None):
+        """Put a saved prefix ([L, n, K, H] KV of `tokens`) back as the user's latest, most recently used."""
+        tokens = tuple(int(t) for t in tokens)
+        if tokens not in self.entries:  # (an entry with these tokens holds this very KV already)
+            e = UserEntry(tokens=(), pages=[], pins=1)
+            try:
+                self._pages_for(e, len(tokens))
+            except BaseException:
+                self.alloc.release(e.pages)
+                raise
+            self.pool.scatter(self.alloc.slots(e.pages, len(tokens)), k, v)
+            e.tokens, e.pins = tokens, 0
+            self.entries[tokens] = e
+        self.entries.move_to_end(tokens)
+        self._link(user_id, tokens, version)
 
 
 EXTEND_CHUNK = 64  # tokens of a user prefix computed per program call (chunked prefill)

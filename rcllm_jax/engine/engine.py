@@ -12,6 +12,7 @@ The service, the snapshot code's callers and every launcher use only the public 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -345,32 +346,50 @@ class Engine:
         return self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
                                 row_tokens=row_tokens, rows=rows, progress=progress)
 
-    def update_user(self, user_id, prompt: Prompt) -> int:
-        """Bring the user's cached prefix (instruction + history block) up to date; returns the
-        number of tokens computed (0 on a hit)."""
+    @staticmethod
+    def _prefix_tokens(prompt: Prompt) -> tuple[int, ...]:
+        """The user-store key of a prompt: its instruction + history block tokens."""
         b0, b1 = prompt.blocks[0], prompt.blocks[1]
         if (b0.kind, b1.kind) != ("instruction", "history"):
             raise ValueError("prompt does not start with instruction + history blocks")
-        computed = self.users.ensure(self.params, self.cfg, user_id, b0.tokens + b1.tokens)
+        return b0.tokens + b1.tokens
+
+    def update_user(self, user_id, prompt: Prompt, version: int | None = None) -> int:
+        """Bring the user's cached prefix (instruction + history block) up to date; returns the
+        number of tokens computed (0 on a hit). version: the stored history's version it stands
+        for (saved with it: a restore drops a prefix whose history has moved on)."""
+        computed = self.users.ensure(self.params, self.cfg, user_id, self._prefix_tokens(prompt), version=version)
         jax.block_until_ready((self.pool.k, self.pool.v))  # an event handler finishes its writes
         return computed
+
+    @contextlib.contextmanager
+    def _leases(self, requests):
+        """Lease each (prompt, user_id) request's own prefix for the duration of the block: computed
+        when missing, never evicted or extended in place until the block ends. Yields the tokens
+        each request computed for its prefix."""
+        held, computed = [], []
+        try:
+            for prompt, user_id in requests:
+                key = self._prefix_tokens(prompt)
+                computed.append(self.users.ensure(self.params, self.cfg, user_id, key, pin=True))
+                held.append(key)
+            jax.block_until_ready((self.pool.k, self.pool.v))
+            yield computed
+        finally:
+            for key in held:
+                self.users.release(key)
 
     def user_prefix(self, user_id) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
         """(tokens, k, v [L, n, K, H]) of a user's cached instruction + history prefix (to keep
         it outside the store: training examples reuse their prefixes across epochs)."""
-        e = self.users.users.get(user_id)
-        if e is None:
+        if user_id not in self.users.latest:
             raise KeyError(f"user {user_id!r} has no cached prefix")
         sl = self.users.slots(user_id)
-        return e.tokens, np.asarray(self.pool.k[:, sl]), np.asarray(self.pool.v[:, sl])
+        return self.users.latest[user_id], np.asarray(self.pool.k[:, sl]), np.asarray(self.pool.v[:, sl])
 
     def has_user(self, user_id) -> bool:
         """Is the user's prefix in the user store (not evicted)?"""
-        return user_id in self.users.users
-
-    def put_user_prefix(self, user_id, tokens, k, v):
-        """Put a prefix taken with `user_prefix` back (most recently used)."""
-        self.users.restore_user(user_id, tuple(int(t) for t in tokens), jnp.asarray(k), jnp.asarray(v))
+        return user_id in self.users.latest
 
     def warm_prefix(self, prompt: Prompt, shard: int = 0) -> int:
         """Event-time warming of the prefix cache (the prefix_warm baseline, vLLM / SGLang with a
@@ -455,7 +474,7 @@ class Engine:
                 "replicated_item_blocks": self.store.count("item", replicated=True),
                 "replicated_item_tokens": self.store.num_tokens("item", replicated=True),
                 "placement": self.store.placement, "replicate": self.store.replicate, "kv_dtype": str(self.store.dtype),
-                "users_cached": len(self.users.users),
+                "users_cached": len(self.users.latest), "user_prefixes": len(self.users.entries),
                 "user_store": dict(self.users.stats), "prefix_cache": dict(self.prefix.stats)}
 
     def identity(self) -> dict:
@@ -482,13 +501,15 @@ class Engine:
         host = other.store.host_blocks()
         self.store.load_blocks(host, {k: e.kind for k, e in other.store.entries.items()}, other.store.embeddings)
 
-    def save_users(self, directory, histories: dict | None = None) -> int:
-        """Save the user store and the per-user item histories (what a server saves on shutdown)."""
-        return snapshot.save_users(directory, self.identity(), self.users, histories)
+    def save_users(self, directory) -> int:
+        """Save the user store's prefixes (what a server saves on shutdown: a cache of the state
+        database's histories)."""
+        return snapshot.save_users(directory, self.identity(), self.users)
 
-    def restore_users(self, directory) -> dict:
-        """Put the latest saved user store back; returns the saved histories (user id -> item ids)."""
-        return snapshot.restore_users(directory, self.identity(), self.users, self.replicated)
+    def restore_users(self, directory, keep=None) -> dict:
+        """Put the latest saved user store back (keep(user, version): whether a saved prefix still
+        stands for the user's history); returns the histories an older snapshot carried."""
+        return snapshot.restore_users(directory, self.identity(), self.users, self.replicated, keep=keep)
 
     # --- ranking ---------------------------------------------------------------------------
 
@@ -550,7 +571,12 @@ class Engine:
                 batched.append(i)
         if not batched:
             return out
-        computed_prefix = {i: self.update_user(requests[i][1], requests[i][0]) for i in batched}
+        with self._leases([(requests[i][0], requests[i][1]) for i in batched]) as computed:
+            return self._rank_leased(requests, policy, out, batched, dict(zip(batched, computed)), pad_to)
+
+    def _rank_leased(self, requests, policy: Policy, out: list, batched: list[int], computed_prefix: dict,
+                     pad_to) -> list[EngineResult]:
+        """`rank_step`'s serving step over the requests `batched`, each one's prefix leased."""
         t0 = time.perf_counter()
         stitched = {i: self._stitch(requests[i][0], requests[i][1], policy, requests[i][2]) for i in batched}
         slots = requests[batched[0]][0].head == "slot"
@@ -640,7 +666,7 @@ class Engine:
         if shard is None:  # affinity: the shard holding most of the request's item bytes (lowest on ties)
             shard = int(np.argmax(self.store.shard_bytes(items)))
         self.device(shard)
-        lay = device_layout(prompt, plan, self.users.slots(user_id),
+        lay = device_layout(prompt, plan, self.users.slots_of(self._prefix_tokens(prompt)),
                             [None if e is None else self.store.slot(e, shard) for e in entries], shard)
         return lay, items
 
@@ -706,9 +732,13 @@ class Engine:
                                                                              is_source=owner))
 
     def _rank_policy(self, prompt: Prompt, policy: Policy, user_id, shard: int | None = None) -> EngineResult:
-        computed_prefix = self.update_user(user_id, prompt)
-        t0 = time.perf_counter()
-        inputs, lay, items = self.prefill_inputs(prompt, policy, user_id, shard)
+        with self._leases([(prompt, user_id)]) as (computed_prefix,):
+            t0 = time.perf_counter()
+            inputs, lay, items = self.prefill_inputs(prompt, policy, user_id, shard)
+            return self._run_policy(prompt, policy, inputs, lay, items, computed_prefix, t0)
+
+    def _run_policy(self, prompt: Prompt, policy: Policy, inputs, lay, items, computed_prefix: int,
+                    t0: float) -> EngineResult:
         n_select = inputs.n_select if inputs is not None else selection_size(lay.forced, lay.cached, lay.valid, policy)
         value = None
         if inputs is not None:

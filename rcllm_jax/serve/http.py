@@ -1,17 +1,21 @@
 """HTTP front end: FastAPI routes with pydantic request models (the OpenAPI schema at `/docs` and
-`/openapi.json`), served by uvicorn (`serve_http`). Handlers only validate and enqueue; the
-service's engine loop owns every cache.
+`/openapi.json`), served by uvicorn (`serve_http`). Handlers only validate, enqueue and read the
+state database; the service's engine loop owns every cache.
 
   POST /v1/recommend              {"user_id", "history"?, "candidates"?, "num_candidates"?, "top_k"?}
   POST /v1/recommend/batch        {"requests": [recommend bodies]}: one answer per request, in order
-  POST /v1/users/{id}/events      {"items": [item ids]}
+  POST /v1/users/{id}/events      {"items": [item ids], "event_id"?}: appended, answered after commit
+  PUT  /v1/users/{id}/history     {"items": [item ids]}: the stored history replaced
+  GET  /v1/users/{id}             {"user_id", "history", "version"}
   GET  /v1/items/{id}
   GET  /healthz
   GET  /metrics                   Prometheus text (prometheus_client)
 
-User ids are opaque: a string (1..128 printable characters) or an integer; MovieLens ids are
-strings of digits, so 1 and "1" are the same user. Every client error is a 4xx with
-{"error": message, "status": code}.
+User ids are opaque strings (1..128 printable characters): "007" and "7" are two users; a JSON
+integer id is its decimal string (MovieLens ids are digit strings, so 1 and "1" are one user).
+A recommend request's `history` is used for that request only: stored histories change through
+events and PUT history alone. Every client error is a 4xx with {"error": message, "status": code};
+503s carry Retry-After and mean the request was not applied.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ ItemIds = list[StrictInt]
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: UserId
-    history: ItemIds | None = Field(None, description="Replaces the user's stored history.")
+    history: ItemIds | None = Field(None, description="The history to rank with, for this request only (the "
+                                    "stored one is not changed); absent: the user's stored history.")
     candidates: ItemIds | None = Field(None, description="Items to rank; absent: the retriever proposes them.")
     num_candidates: StrictInt | None = Field(None, description="How many the retriever proposes.")
     top_k: StrictInt | None = Field(None, description="Items in the answer (default: all candidates).")
@@ -49,6 +54,14 @@ class BatchRequest(BaseModel):
 
 
 class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: ItemIds
+    event_id: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")] | None = Field(
+        None, description="Client id of this event: a retry with the same id is applied once and answered the "
+                          "same (with replay: true).")
+
+
+class HistoryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: ItemIds
 
@@ -74,7 +87,10 @@ def _message(err: dict) -> str:
     where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
     kind = err.get("type", "")
     if kind == "json_invalid":
-        return f"malformed JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+        detail = str(err.get('ctx', {}).get('error', err.get('msg')))
+        if "digits" in detail:  # Python's int-string limit (4300 digits) hit while parsing
+            return "a JSON number has more digits than any field takes (ids: at most 128 digits)"
+        return f"malformed JSON: {detail}"
     if kind == "extra_forbidden":
         return f"unknown field {where!r}"
     if kind == "missing":
@@ -101,8 +117,11 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):  # no route (404/405), an unparsable body (400)
+        detail = str(e.detail)
         msg = (f"no route for {request.method} {request.url.path}" if e.status_code in (404, 405)
-               else f"malformed JSON: {e.detail}" if e.status_code == 400 else str(e.detail))
+               else "a JSON number has more digits than any field takes (ids: at most 128 digits)"
+               if e.status_code == 400 and "digits" in detail
+               else f"malformed JSON: {detail}" if e.status_code == 400 else detail)
         return answer(e.status_code, {"error": msg, "status": e.status_code}, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -117,20 +136,22 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
         bodies are refused), 400 for one that is not a length, 413 over the limit (before reading),
         408 when it does not arrive within `body_timeout_s`. Bodies are JSON whatever the client's
         Content-Type says (curl -d sends a form type)."""
-        if request.method == "POST":
+        def refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+            service.metrics.responses.labels(str(status)).inc()  # answered here, before the counting below
+            return answer(status, {"error": message, "status": status}, headers)
+
+        if request.method in ("POST", "PUT"):
             length = request.headers.get("content-length")
             if length is None:
-                return answer(411, {"error": "Content-Length required", "status": 411})
-            if not length.isdigit() or len(length) > 18:
-                return answer(400, {"error": f"bad Content-Length {length[:40]!r}", "status": 400})
+                return refuse(411, "Content-Length required")
+            if not (length.isascii() and length.isdigit()) or len(length) > 18:
+                return refuse(400, f"bad Content-Length {length[:40]!r}")
             if int(length) > max_body:
-                return answer(413, {"error": f"body of {int(length)} bytes exceeds the limit of {max_body}",
-                                    "status": 413}, {"Connection": "close"})
+                return refuse(413, f"body of {int(length)} bytes exceeds the limit of {max_body}", {"Connection": "close"})
             try:
                 await asyncio.wait_for(request.body(), body_timeout_s)
             except asyncio.TimeoutError:
-                return answer(408, {"error": f"request body not received within {body_timeout_s:g}s", "status": 408},
-                              {"Connection": "close"})
+                return refuse(408, f"request body not received within {body_timeout_s:g}s", {"Connection": "close"})
             request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
                 [(b"content-type", b"application/json")]
         response = await call_next(request)
@@ -161,7 +182,15 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
 
     @app.post("/v1/users/{user_id}/events")
     async def events(user_id: str, body: EventsRequest, request: Request):
-        return await run(request, service.add_events, user_id, body.model_dump())
+        return await run(request, service.add_events, user_id, body.model_dump(exclude_none=True))
+
+    @app.put("/v1/users/{user_id}/history")
+    async def put_history(user_id: str, body: HistoryRequest, request: Request):
+        return await run(request, service.put_history, user_id, body.model_dump())
+
+    @app.get("/v1/users/{user_id}")
+    def user(user_id: str):
+        return service.user(user_id)
 
     @app.get("/v1/items/{item_id}")
     def item(item_id: str):
@@ -179,14 +208,25 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
     return app
 
 
-def _timed_h11(head_timeout_s: float):
-    """uvicorn's h11 protocol with a deadline on every request head: a connection that has not
-    sent a complete request line and headers within `head_timeout_s` of connecting (or of its
-    previous response) is closed. uvicorn alone times out only idle keep-alive connections."""
+def _guarded_h11(head_timeout_s: float, max_connections: int, per_client: int, retry_after_s: int, count):
+    """uvicorn's h11 protocol with what uvicorn alone lacks: a deadline on every request head (a
+    connection that has not sent a complete request line and headers within `head_timeout_s` of
+    connecting, or of its previous response, is closed: uvicorn times out only idle keep-alive
+    connections); a cap on open connections in all and per client address (beyond either: a JSON
+    503 with Retry-After, then close, so idle sockets of one client cannot starve the others);
+    count(status) for the answers uvicorn writes itself (400 for an unparsable request, these 503s),
+    so /metrics counts every response."""
+    import collections
+    import json
+
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class TimedH11(H11Protocol):
+    open_by_host = collections.Counter()
+    busy = json.dumps({"error": "too many open connections (from this client or in all): retry later",
+                       "status": 503}).encode()
+
+    class GuardedH11(H11Protocol):
         def _arm(self):
             self._head_timer = self.loop.call_later(head_timeout_s, self._head_late)
 
@@ -196,7 +236,19 @@ def _timed_h11(head_timeout_s: float):
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            self._host = (self.client or ("?",))[0]
+            open_by_host[self._host] += 1
             self._arm()
+            if len(self.connections) > max_connections or open_by_host[self._host] > per_client:
+                count(503)
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                % (retry_after_s, len(busy), busy))
+                transport.close()
+
+        def send_400_response(self, msg: str):
+            count(400)
+            super().send_400_response(msg)
 
         def on_response_complete(self):
             super().on_response_complete()
@@ -205,27 +257,30 @@ def _timed_h11(head_timeout_s: float):
 
         def connection_lost(self, exc):
             self._head_timer.cancel()
+            open_by_host[self._host] -= 1
+            if not open_by_host[self._host]:
+                del open_by_host[self._host]
             super().connection_lost(exc)
 
-    return TimedH11
+    return GuardedH11
 
 
 class HttpServer:
     """uvicorn in a background thread (the main thread keeps the signals): a real listen backlog,
-    keep-alive, deadlines on request heads (here) and bodies (`make_app`), a cap on connections
-    (beyond it: 503); `close` stops accepting and gives open connections at most
+    keep-alive, deadlines on request heads (here) and bodies (`make_app`), caps on connections in all
+    and per client (beyond: 503 + Retry-After); `close` stops accepting and gives open connections at most
     `grace_s` before closing them, whatever the clients do."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, backlog: int = 2048,
-                 max_connections: int = 1024, keep_alive_s: float = 5.0, grace_s: float = 5.0,
-                 head_timeout_s: float = 10.0):
+                 max_connections: int = 1024, max_client_connections: int = 256, keep_alive_s: float = 5.0,
+                 grace_s: float = 5.0, head_timeout_s: float = 10.0, retry_after_s: int = 1, count=lambda status: None):
         import socket
 
         import uvicorn
         self.sock = socket.create_server((host, port), backlog=backlog, reuse_port=False)
-        self.config = uvicorn.Config(app, http=_timed_h11(head_timeout_s), log_level="warning", access_log=False,
-                                     backlog=backlog,
-                                     limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
+        http = _guarded_h11(head_timeout_s, max_connections, max_client_connections, retry_after_s, count)
+        self.config = uvicorn.Config(app, http=http, log_level="warning", access_log=False,
+                                     backlog=backlog, timeout_keep_alive=keep_alive_s,
                                      timeout_graceful_shutdown=grace_s, lifespan="off", server_header=False)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve(max_connections)), name="http",

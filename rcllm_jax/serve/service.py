@@ -1,13 +1,20 @@
-"""The recommendation service behind the HTTP API: request validation, per-user histories, the
-engine loop (one background thread owns the engine: every cache mutation is serialised), the
-scheduler, and Prometheus metrics."""
+"""The recommendation service behind the HTTP API: request validation, the user state (histories
+and the event log in the state database, `serve/state.py`), the engine loop (one background
+thread owns the engine: only it touches a cache; handlers read the stats it publishes and the
+item table taken at start), the scheduler, and Prometheus metrics.
+
+A recommend request never changes stored state: its `history`, when it sends one, is used for
+that request only. Histories change through events (`add_events`) and `put_history`, each one
+database transaction, answered only after it commits."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import traceback
+import typing
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -17,9 +24,38 @@ from rcllm_jax.data.prompt import check_candidates
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES
 from rcllm_jax.recommender import Recommender
 from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
+from rcllm_jax.serve.state import EventConflict, StateStore
 
 SERVING_STEPS = ("batched", "serial")
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@typing.runtime_checkable
+class ServingEngine(typing.Protocol):
+    """What the service (and its `Recommender`) uses of an engine: exactly these members. Only the
+    engine loop's thread calls the ones that touch caches; the service reads `shard_bytes`,
+    `item_info` and `stats` once when it is built, then only the loop does. `rcllm_jax.engine.
+    Engine` is one; tests/test_scheduler.py's MockEngine (answers by hand) another, and
+    tests/test_serving_state.py runs the service's contract against both."""
+
+    builder: object  # .build(history, candidates) -> prompt (ValueError naming the problem)
+    head: object  # the slot head weighing collaborative features, or None
+    num_shards: int
+    canonical: str
+
+    def stats(self) -> dict: ...
+
+    def shard_bytes(self, item_ids) -> np.ndarray: ...
+
+    def item_info(self, item_id: int) -> dict: ...
+
+    def rank(self, prompt, mode, user_id=None, shard: int | None = None): ...
+
+    def rank_step(self, requests, mode="rcllm"): ...
+
+    def update_user(self, user_id, prompt, version: int | None = None) -> int: ...
+
+    def warm_prefix(self, prompt) -> int: ...
 
 
 class ApiError(Exception):
@@ -68,14 +104,38 @@ class _EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         s = self.service
-        st = s.engine.stats()
+        st = s.stats
         us = st["user_store"]
         yield GaugeMetricFamily("rcllm_queue_depth", "Requests waiting for the engine.", value=len(s.scheduler))
         yield GaugeMetricFamily("rcllm_users_cached", "Users whose history KV is cached.", value=st["users_cached"])
         yield CounterMetricFamily("rcllm_compiles", "XLA compilations since the start (warm-up included).",
-                                  value=s.compiles[0])
+                                  value=compiles())
         for name in ("hits", "extensions", "misses", "evictions"):
             yield CounterMetricFamily(f"rcllm_user_cache_{name}", f"User-store {name}.", value=us.get(name, 0))
+
+
+_COMPILES = [0, False]  # XLA backend compilations of this process, whether the listener is installed
+_COMPILES_LOCK = threading.Lock()
+
+
+def count_compiles():
+    """Install the process's one compile listener (idempotent: every later call is a no-op), so
+    `compiles()` counts from now on, the warm-up included when called before it."""
+    import jax
+    with _COMPILES_LOCK:
+        if _COMPILES[1]:
+            return
+
+        def listen(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                _COMPILES[0] += 1
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        _COMPILES[1] = True
+
+
+def compiles() -> int:
+    """XLA compilations counted since `count_compiles`."""
+    return _COMPILES[0]
 
 
 def _never() -> bool:
@@ -84,13 +144,22 @@ def _never() -> bool:
 
 def _user(v) -> str:
     """An opaque user id: a string of 1..128 printable non-space characters, or an integer (the
-    same user as its decimal string: MovieLens ids are digit strings)."""
+    same user as its decimal string: MovieLens ids are digit strings). The string is the id as it
+    is: "007", "7" and "-0" are three users."""
     if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and not -10**127 < v < 10**127):
         raise ApiError(400, f"user_id must be a string or an integer of at most 128 digits, got {str(type(v).__name__)}")
     s = str(v)
     if not 1 <= len(s) <= 128 or not all(33 <= ord(c) <= 126 for c in s):
         raise ApiError(400, "user_id must be 1..128 printable ASCII characters without spaces")
     return s
+
+
+def _event_id(v) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 1 <= len(v) <= 128 or not all(32 <= ord(c) <= 126 for c in v):
+        raise ApiError(400, "event_id must be a string of 1..128 printable ASCII characters")
+    return v
 
 
 def _int(v, what: str) -> int:
@@ -102,11 +171,12 @@ def _int(v, what: str) -> int:
 
 
 class RecommenderService:
-    def __init__(self, engine, items: dict, histories: dict[int, list[int]], *, mode: str = "rcllm",
+    def __init__(self, engine, items: dict, state: StateStore, *, mode: str = "rcllm",
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
                  retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
                  max_batch: int = 8):
-        """retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
+        """engine: a `ServingEngine`; state: the user histories and event log (`StateStore`).
+        retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
         modes: each scheduling window runs as serving steps, `Engine.rank_step`, every shard's
         requests batched, up to max_batch per shard and step, all shards in one program) or
@@ -117,23 +187,21 @@ class RecommenderService:
             raise ValueError("max_batch must be >= 1")
         self.batched = serving_step == "batched" and mode in BLOCK_MODES
         self.max_batch = max_batch
-        self.engine, self.items, self.mode, self.scheduler = engine, items, mode, scheduler
+        self.engine, self.items, self.mode, self.scheduler, self.state = engine, items, mode, scheduler, state
         self.recommender = Recommender(engine, retriever, mode)
         self.num_candidates = min(num_candidates, max_candidates)
-        self.histories = {str(u): list(h) for u, h in histories.items()}
         self.max_candidates, self.timeout, self.retry_after_s = max_candidates, request_timeout_s, retry_after_s
+        # what handler threads read instead of the engine: the item table (fixed while serving) and
+        # the stats the engine loop publishes after each window
+        self.item_bytes = {i: np.asarray(engine.shard_bytes([i]), np.int64) for i in items}
+        self.item_table = {i: engine.item_info(i) for i in items}
+        self.stats = engine.stats()
         self.metrics = Metrics(self)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-        self.compiles = [0]
 
     def start(self):
-        import jax
-
-        def count(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                self.compiles[0] += 1
-        jax.monitoring.register_event_duration_secs_listener(count)
+        count_compiles()
         self.thread.start()
 
     # --- API ---------------------------------------------------------------------------------
@@ -157,7 +225,9 @@ class RecommenderService:
         if "user_id" not in body:
             raise ApiError(400, "user_id is required")
         user = _user(body["user_id"])
-        history = self._item_ids(body["history"], "history") if "history" in body else None
+        # the history this request is ranked with: the one it sends (for this request only), else the
+        # stored one as the database holds it now (its candidates are retrieved for the same)
+        history = self._item_ids(body["history"], "history") if "history" in body else self.state.history(user)
         retrieved = "candidates" not in body
         if retrieved:  # retrieve -> rerank, from the history known now
             if "num_candidates" in body:
@@ -167,8 +237,7 @@ class RecommenderService:
             else:
                 n = self.num_candidates
             try:
-                cands = list(self.recommender.candidates(
-                    history if history is not None else list(self.histories.get(user, [])), n))
+                cands = list(self.recommender.candidates(history, n))
             except ValueError as e:
                 raise ApiError(400, str(e)) from None
         else:
@@ -225,29 +294,47 @@ class RecommenderService:
         return out
 
     def add_events(self, user_id, body, gone=_never) -> dict:
+        """Append items to the user's stored history (one transaction, answered after it commits;
+        a body's `event_id` makes a retry apply once)."""
         user = _user(user_id)
-        if not isinstance(body, dict) or set(body) != {"items"}:
-            raise ApiError(400, 'body must be {"items": [item ids]}')
+        if not isinstance(body, dict) or "items" not in body or set(body) - {"items", "event_id"}:
+            raise ApiError(400, 'body must be {"items": [item ids], "event_id"?: string}')
         new = self._item_ids(body["items"], "items")
         if not new:
             raise ApiError(400, "items is empty")
-        task = Task("event", {"user": user, "items": new})
+        task = Task("event", {"user": user, "items": new, "event_id": _event_id(body.get("event_id"))})
         self._submit(task)
-        return self._wait(task, gone) | {"user_id": user_id}
+        return self._wait(task, gone) | {"user_id": user}
+
+    def put_history(self, user_id, body, gone=_never) -> dict:
+        """Replace the user's stored history (one transaction)."""
+        user = _user(user_id)
+        if not isinstance(body, dict) or set(body) != {"items"}:
+            raise ApiError(400, 'body must be {"items": [item ids]}')
+        task = Task("history", {"user": user, "items": self._item_ids(body["items"], "items")})
+        self._submit(task)
+        return self._wait(task, gone) | {"user_id": user}
+
+    def user(self, user_id) -> dict:
+        """A user's stored history and its version (404 for a user the database does not know)."""
+        user = _user(user_id)
+        got = self.state.user(user)
+        if got is None:
+            raise ApiError(404, f"unknown user {user!r}")
+        return {"user_id": user, "history": got[0], "version": got[1]}
 
     def item(self, item_id: str) -> dict:
-        try:
-            i = int(item_id)
-        except ValueError:
-            raise ApiError(400, f"item id must be an integer, got {item_id!r}") from None
+        if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
+            raise ApiError(400, f"item id must be a decimal integer, got {item_id[:40]!r}")
+        i = int(item_id)
         if i not in self.items:
             raise ApiError(404, f"unknown item id {i}")
         it = self.items[i]
-        return {"item_id": i, "title": it.title, "year": it.year, "genres": list(it.genres)} | self.engine.item_info(i)
+        return {"item_id": i, "title": it.title, "year": it.year, "genres": list(it.genres)} | self.item_table[i]
 
     def health(self) -> dict:
         alive = self.thread.is_alive() and not self.stopped.is_set()
-        st = self.engine.stats()
+        st = self.stats
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
                 "policy": dataclasses.asdict(BLOCK_MODES[self.mode]) if self.mode in BLOCK_MODES else None,
@@ -264,7 +351,8 @@ class RecommenderService:
         task.payload["request_id"] = uuid.uuid4().hex[:12]
         task.enqueued = time.perf_counter()
         if task.kind == "rank":
-            task.need = self.engine.shard_bytes(task.payload["candidates"])
+            task.need = sum((self.item_bytes[c] for c in task.payload["candidates"]),
+                            np.zeros(self.engine.num_shards, np.int64))
         try:
             self.scheduler.submit(task)
         except QueueFull as e:
@@ -272,28 +360,28 @@ class RecommenderService:
             raise ApiError(503, str(e), {"Retry-After": str(self.retry_after_s)}) from None
 
     def _wait(self, task: Task, gone) -> dict:
-        """The task's result; a task whose client left or that timed out is cancelled (the engine
-        loop then drops it instead of computing it)."""
+        """The task's result. A task whose client left or that timed out is cancelled while still
+        queued (the engine loop then drops it: a 499 / 503 means it was not applied); one the
+        engine has already started is awaited to its end and answered."""
         deadline = task.enqueued + self.timeout
         while True:
             try:
                 return task.future.result(timeout=0.1)
             except FutureTimeout:
-                if gone():
-                    task.future.cancel()
+                if gone() and task.future.cancel():
                     raise ApiError(499, f"request {task.payload['request_id']}: the client closed the connection") \
                         from None
-                if time.perf_counter() > deadline:
-                    task.future.cancel()
+                if time.perf_counter() > deadline and task.future.cancel():
                     raise ApiError(503, f"request {task.payload['request_id']} not answered within "
-                                        f"{self.timeout:.0f}s: the server is overloaded",
+                                        f"{self.timeout:.0f}s: the server is overloaded (not applied)",
                                    {"Retry-After": str(self.retry_after_s)}) from None
             except ApiError:
                 raise
             except Exception as e:  # noqa: BLE001 - engine failure: 500 with the request id, keep serving
                 self.metrics.engine_errors.inc()
-                raise ApiError(500, f"engine failure on request {task.payload['request_id']}: "
-                                    f"{type(e).__name__}: {e}") from e
+                logging.error("engine failure on request %s: %s: %s", task.payload["request_id"], type(e).__name__, e)
+                raise ApiError(500, f"engine failure on request {task.payload['request_id']} "
+                                    "(the server log has the cause)") from e
 
     def _loop(self):
         while not (self.stopped.is_set() and not len(self.scheduler)):
@@ -316,6 +404,8 @@ class RecommenderService:
                         for t in batch:
                             self._execute(t)
                 i = j
+            if window:
+                self.stats = self.engine.stats()  # published for the handlers (one reference swap)
 
     def _execute_step(self, tasks: list[Task]):
         """One serving step: the window's next batch of every shard, ranked together."""
@@ -328,7 +418,7 @@ class RecommenderService:
         started = time.perf_counter()
         ready = []  # (task, the history it is ranked with: its own, as one at a time would)
         for t in live:  # a prompt refused (too long, malformed) fails its own request only
-            history = self._history(t.payload)
+            history = t.payload["history"]
             try:
                 self._prompt(history, t.payload["candidates"])
                 ready.append((t, history))
@@ -375,18 +465,11 @@ class RecommenderService:
         except ValueError as e:
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
 
-    def _history(self, payload: dict) -> list[int]:
-        """The user's history for a rank request: the one it sends (stored from now on), else the stored."""
-        if payload["history"] is not None:
-            self.histories[payload["user"]] = list(payload["history"])
-        return self.histories.get(payload["user"], [])
-
     def _rank(self, t: Task) -> dict:
         p = t.payload
-        history = self._history(p)
         t0 = time.perf_counter()
         try:
-            rec = self.recommender.recommend(p["user"], history, p["candidates"], shard=t.shard)
+            rec = self.recommender.recommend(p["user"], p["history"], p["candidates"], shard=t.shard)
         except ValueError as e:  # the prompt: too long for the model (413) or malformed (400)
             raise ApiError(413 if "exceeds" in str(e) else 400, str(e)) from None
         return self._answer(rec, time.perf_counter() - t0)  # incl. computing the history prefix when not cached
@@ -409,24 +492,44 @@ class RecommenderService:
                 "remote_bytes": int(res.remote_item_bytes)}
 
     def _event(self, t: Task) -> dict:
+        """An event or a history replacement: committed to the database (refused, nothing written,
+        when the new history's prompt cannot be built), then the user's prefix brought up to date
+        in the cache the mode reads at request time (a cache: a failure there is logged, the
+        committed event stands)."""
         p = t.payload
-        hist = self.histories.setdefault(p["user"], [])
-        probe = self._prompt(hist + p["items"], [p["items"][-1]])
-        if self.mode in BLOCK_MODES:  # the user store's prefix, computed now (off the request path)
-            computed = self.engine.update_user(p["user"], probe)
-        elif self.mode == "prefix_warm":  # the baseline's prefix cache, warmed at event time the same way
-            computed = self.engine.warm_prefix(probe)
-        else:  # full / prefix: nothing is computed before the user's next request
-            computed = 0
-        hist.extend(p["items"])
-        self.metrics.events.inc()
-        return {"user_id": p["user"], "history_length": len(hist), "computed_tokens": computed}
+        probe = []  # the new history's prompt (with one candidate), built inside the transaction
 
-    def stop(self, timeout: float = 60.0):
-        """Stop taking requests, finish every queued one, stop the loop."""
+        def check(history):
+            probe.append(self._prompt(list(history), [next(iter(self.items))]))
+        try:
+            if t.kind == "event":
+                applied = self.state.append(p["user"], p["items"], p["event_id"], check=check)
+            else:
+                applied = self.state.put_history(p["user"], p["items"], check=check)
+        except EventConflict as e:
+            raise ApiError(409, str(e)) from None
+        computed = 0
+        if not applied.replay:
+            try:
+                if self.mode in BLOCK_MODES:  # the user store's prefix, computed now (off the request path)
+                    computed = self.engine.update_user(p["user"], probe[-1], version=applied.version)
+                elif self.mode == "prefix_warm":  # the baseline's prefix cache, warmed at event time the same way
+                    computed = self.engine.warm_prefix(probe[-1])
+                # full / prefix: nothing is computed before the user's next request
+            except Exception:  # noqa: BLE001 - the cache only; the event is committed
+                logging.exception("event of user %r committed; its prefix was not cached", p["user"])
+            self.metrics.events.inc()
+        return {"history_length": applied.history_length, "version": applied.version, "computed_tokens": computed,
+                "replay": applied.replay}
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop taking requests, finish every queued one, stop the loop. Returns whether the loop has
+        ended (False: it is still running after `timeout`)."""
         self.scheduler.close()
         self.stopped.set()
-        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
 
 
 def serving_steps(batches: dict[int, list[Task]], max_batch: int) -> list[list[Task]]:
