@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
+
 from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
 from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
@@ -50,13 +52,13 @@ _ONLY_HITS = flags.DEFINE_bool("rank_retrieved_only", False, "With --candidates=
                                 "those requests only (for accuracy runs over many users).")
 _ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
                            "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
-_HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
+_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "How candidates are scored: score slots read by a "
                           "trained head (default: the shipped one, what serve.py serves; --ranking_head another), "
                           "or the base model alone through its answer-label logits (label: for --model / --adapter "
                           "weights the shipped head was not trained on).")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
                                  "rcllm_jax/assets/slot_head, trained for the default model).")
-_HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt (the most recent).")
+_HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
 _TEST_POS = flags.DEFINE_string("test_positions", None, "Evaluate the targets held back at these positions from "
@@ -142,6 +144,8 @@ def _placement_locality(engine, requests):
     logged = engine.store.coaccess is not None
     budgets = [0.0] + ([engine.store.replicate] if engine.store.replicate and logged else [])
     cands = [q.candidates for q in requests]
+    if not engine.stats()["item_blocks"]:  # no item block stored (--modes=full): no placement to measure
+        return {}
     return {name + (f"+replicate{r:g}" if r else ""): engine.locality(cands, name, r)
             for r in budgets for name in PLACEMENTS if logged or name != "coaccess"}
 

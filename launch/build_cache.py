@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.data.prompt import SERVED_HEAD  # noqa: E402  (the shared default prompt)
+
 from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Where the snapshot goes (a new step in an Orbax directory).",
@@ -32,6 +34,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset fi
 _CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
                            "Context item blocks are encoded after: the instruction + the glue before a first "
                            "candidate, or the instruction alone (default: the engine's, candidate).")
+_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "The prompt's head format the blocks are encoded "
+                          "for (their canonical context): what serve.py / bench.py will serve (the same default).")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 100, "Largest candidate list served (label glue built for it).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; for smoke tests).")
 _ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
@@ -55,7 +59,7 @@ def main(argv):
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
     items = sorted(ds.items)[:_MAX_ITEMS.value or None]
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    builder = PromptBuilder(model.tokenizer, ds.items)
+    builder = PromptBuilder(model.tokenizer, ds.items, head=_HEAD.value)
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
     engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
                     max_candidates=_MAX_CANDS.value, mesh=mesh,

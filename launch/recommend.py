@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
+
 from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement)
 
 _USERS = flags.DEFINE_list("user_id", ["1"], "Users to recommend for (MovieLens user ids).")
@@ -28,9 +30,9 @@ _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode of the recommendation
 _COMPARE = flags.DEFINE_string("compare", "full", "Mode run on the same prompts for comparison ('' for none).")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --model.")
-_HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "Score slots read by the shipped head, or label logits.")
+_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "Score slots read by the shipped head, or label logits.")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default: the shipped one).")
-_HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
+_HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Item-cache snapshot (default: as serve.py).")
 _MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; smoke tests).")
 

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
+
 from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 from rcllm_jax.serve.scheduler import SCHEDULERS  # noqa: E402
 from rcllm_jax.serve.service import SERVING_STEPS  # noqa: E402
@@ -55,12 +57,12 @@ _GRACE = flags.DEFINE_float("shutdown_grace_s", 5.0, "On SIGTERM, open connectio
 _CONNS = flags.DEFINE_integer("max_connections", 1024, "Open connections at most (beyond: 503).")
 _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window (at most half the bound when the "
                                 "bound is sized from --latency_target_s).")
-_HEAD = flags.DEFINE_enum("head", "slot", ["label", "slot"], "How candidates are scored: score slots read by a "
+_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "How candidates are scored: score slots read by a "
                           "trained head (--ranking_head; default: the head shipped for the default model), or the "
                           "answer's label logits (any model, no head).")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
                                  "rcllm_jax/assets/slot_head, trained for the default model).")
-_HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt (the most recent).")
+_HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
 _MAX_CANDS = flags.DEFINE_integer("max_candidates", 52, "Most candidates per request (52: single-token labels).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes for a request that "
                                   "sends none (its num_candidates field overrides).")

@@ -318,3 +318,126 @@ def test_readme_curl_examples(smollm2, tmp_path):
                 assert out["ranking"] and all("title" in x for x in out["ranking"]), out
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
+    """Issue 34 through HTTP against a live serve.py (items:2, batched serving steps): one user
+    twice in one step with different histories, each answered as if sent alone; an event retried
+    with its event_id applies once; a 404 / 413 request carrying a history leaves the stored one
+    as it was; "007" and "7" stay two users; kill -9 right after an acknowledged event, restart:
+    the event is there; the per-client connection cap answers JSON 503 + Retry-After; /metrics
+    counts the middleware's own 411 / 413; SIGTERM while the engine is busy saves a consistent
+    user store that the next start restores."""
+    import socket
+    from rcllm_jax.data.movielens import load_dataset
+    ds = load_dataset("ml-100k")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    args = ["--mesh=items:2", f"--model={tiny}", "--head=label", f"--max_items={N_ITEMS}", "--port=0",
+            "--history_len=5", f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup",
+            "--serving_step=batched", "--window=8", "--max_client_connections=4"]
+    srv = Server(args, env)
+    try:
+        url = srv.url
+        cands = [50, 1, 100, 7]
+        batch = [{"user_id": "u1", "history": [1, 2, 3], "candidates": cands},
+                 {"user_id": "u1", "history": [1, 2, 3, 9, 10], "candidates": cands},
+                 {"user_id": "u2", "history": [11, 12], "candidates": [13, 5]}]
+        code, out = _call(url + "/v1/recommend/batch", {"requests": batch})
+        assert code == 200 and all("ranking" in r for r in out["results"]), out
+        for body, got in zip(batch, out["results"]):
+            code, alone = _call(url + "/v1/recommend", body)
+            assert code == 200 and [x["item_id"] for x in got["ranking"]] == [x["item_id"] for x in alone["ranking"]]
+            assert rel_err([x["score"] for x in got["ranking"]], [x["score"] for x in alone["ranking"]]) <= 1e-5
+        assert _call(url + "/v1/users/u1")[0] == 404  # a recommend request stores nothing
+
+        seven = _call(url + "/v1/users/7")[1]
+        assert seven["history"] == list(ds.sequences[7]) and seven["version"] == 0
+        code, a = _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
+        code2, b = _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
+        assert code == code2 == 200 and (a["replay"], b["replay"]) == (False, True)
+        assert a["history_length"] == b["history_length"] == 2 and a["version"] == b["version"] == 1
+        assert _call(url + "/v1/users/007/events", {"items": [13], "event_id": "e-1"})[0] == 409
+        for body, status in (({"user_id": "7", "history": [1, 2], "candidates": [99999]}, 404),
+                             ({"user_id": "7", "history": [1, 2], "candidates": list(range(1, 41))}, 413)):
+            assert _call(url + "/v1/recommend", body)[0] == status
+        assert _call(url + "/v1/users/7")[1] == seven
+        code, ev = _call(url + "/v1/users/7/events", {"items": [20]})
+        assert code == 200 and ev["version"] == 1
+
+        # connections beyond the per-client cap: a JSON 503 with Retry-After, the server unharmed
+        host, port = url.split("//")[1].split(":")
+        held = [socket.create_connection((host, int(port))) for _ in range(4)]
+        time.sleep(0.5)
+        extra = _raw_http(url, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert extra.startswith("HTTP/1.1 503") and "retry-after: 1" in extra.lower() and '"status": 503' in extra
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        assert _raw_http(url, f"POST /v1/recommend HTTP/1.1\r\nHost: x\r\n\r\n").startswith("HTTP/1.1 411")
+        metrics = _call(url + "/metrics")[1]
+        assert re.search(r'\nrcllm_http_responses_total\{status="411"\} 1\.0', metrics)
+        assert re.search(r'\nrcllm_http_responses_total\{status="503"\} 1\.0', metrics)
+        assert _call(url + "/v1/items/+50")[0] == _call(url + "/v1/items/5_0")[0] == 400
+        assert _call(url + "/v1/items/%D9%A5%D9%A0")[0] == 400  # Arabic-Indic digits
+    finally:
+        srv.proc.kill()  # kill -9 right after the acknowledged events
+        srv.proc.wait(60)
+
+    srv = Server(args, env)
+    try:
+        url = srv.url
+        got = _call(url + "/v1/users/007")[1]
+        assert got == {"user_id": "007", "history": [11, 12], "version": 1}
+        assert _call(url + "/v1/users/7")[1]["history"] == list(ds.sequences[7]) + [20]
+        assert _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})[1]["replay"] is True
+        # SIGTERM while the engine is busy: every queued request answered, the store saved whole
+        answers = []
+        threads = [threading.Thread(target=lambda u=u: answers.append(_call(
+            url + "/v1/recommend", {"user_id": u, "candidates": [u + 1, u + 2, u + 3]})[0])) for u in range(20, 28)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    finally:
+        code, log = srv.stop()
+    for t in threads:
+        t.join()
+    assert code == 0 and re.search(r"saved \d+ user prefixes", log), log[-3000:]
+    assert answers and all(c in (200, 503) for c in answers), answers
+    srv = Server(args, env)
+    try:
+        assert re.search(r"[1-9]\d* cached user prefixes restored", "".join(srv.lines)), "".join(srv.lines)[-3000:]
+        assert _call(srv.url + "/v1/users/007")[1]["history"] == [11, 12]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_readme_mesh_workflow_build_then_bench_and_serve(smollm2_path, tmp_path):
+    """The README's mesh workflow with every prompt flag left at its default (the default model;
+    only the catalog cut to 40 items and the runs shortened): build_cache.py on items:8, then
+    bench.py on items:4 (its default --modes=full, and rcllm) and serve.py on items:4 restore that
+    snapshot. On today's main bench.py refused it (built for label prompts, served with score
+    slots) and --modes=full crashed after its table (KeyError 'local_fraction')."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    snap = tmp_path / "snap"
+
+    def run(script, *args):
+        r = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], env=env, capture_output=True,
+                           text=True, timeout=900, cwd=tmp_path)
+        assert r.returncode == 0, (script, args, r.stderr[-3000:])
+        return r
+    run("build_cache.py", "--mesh=items:8", f"--snapshot_dir={snap}", "--max_items=40")
+    short = ["--num_users=1", "--num_candidates=3", "--peers=", "--nowarmup"]
+    for modes in ([], ["--modes=rcllm"]):
+        out = tmp_path / f"bench{len(modes)}.json"
+        run("bench.py", "--mesh=items:4", f"--snapshot_dir={snap}", *short, *modes, f"--output_json={out}")
+        rows = json.loads(out.read_text())["results"]
+        assert rows[0]["mode"] == ("rcllm" if modes else "full") and rows[0]["hr@10"] >= 0
+    srv = Server(["--mesh=items:4", f"--snapshot_dir={snap}", "--max_items=40", "--nowarmup", "--port=0"], env)
+    try:
+        assert "restored item caches" in "".join(srv.lines)
+        code, out = _call(srv.url + "/v1/recommend", {"user_id": 1, "candidates": [2, 3, 5]})
+        assert code == 200 and len(out["ranking"]) == 3, out
+    finally:
+        assert srv.stop()[0] == 0

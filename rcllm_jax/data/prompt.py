@@ -107,6 +107,12 @@ def labels_for(k: int) -> tuple[str, ...]:
     return tuple(letters[:k]) if k <= len(letters) else tuple(str(i) for i in range(1, k + 1))
 
 
+# The prompt every launcher builds unless told otherwise (serve.py, bench.py, recommend.py and
+# build_cache.py: a snapshot built with the defaults is the one the server and the benchmark restore).
+SERVED_HEAD = "slot"  # score slots read by the shipped ranking head
+SERVED_HISTORY_LEN = 20  # history items in a prompt (the most recent)
+
+
 class PromptBuilder:
     """Builds the typed blocks of a ranking prompt for a tokenizer and an item catalog."""
 
