@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def main(argv):
 
     from rcllm_jax.recommender import open_served
     from rcllm_jax.serve.scheduler import Scheduler
-    from rcllm_jax.serve.service import RecommenderService
+    from rcllm_jax.serve.service import RecommenderService, compiles, count_compiles
+    from rcllm_jax.serve.state import StateStore
 
     served = open_served(history_len=_HIST.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
                          replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value)
@@ -62,18 +64,14 @@ def main(argv):
         logging.info("%s", note)
     engine, ds = served.engine, served.dataset
     items = {i: ds.items[i] for i in served.item_ids}
-    histories = {str(u): list(s) for u, s in ds.sequences.items()}
+    state = StateStore(Path(tempfile.mkdtemp()) / "state.sqlite3")  # the dataset's histories, in a scratch database
+    state.seed(ds.name, {str(u): list(s) for u, s in ds.sequences.items()})
     users = sorted(ds.sequences)[:_N.value]
     bodies = [{"user_id": u, "num_candidates": _CANDS.value} for u in users]
-    compiles = [0]
-
-    def count(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles[0] += 1
-    jax.monitoring.register_event_duration_secs_listener(count)
+    count_compiles()
 
     def burst(step: str):
-        svc = RecommenderService(engine, items, histories, scheduler=Scheduler(engine.num_shards, "affinity",
+        svc = RecommenderService(engine, items, state, scheduler=Scheduler(engine.num_shards, "affinity",
                                                                                max_queue=10 * len(bodies),
                                                                                window=_WINDOW.value),
                                  max_candidates=_CANDS.value, retriever=served.recommender.retriever,
@@ -84,7 +82,7 @@ def main(argv):
         client.start()
         while len(svc.scheduler) < len(bodies):  # the whole burst is queued before the loop starts
             time.sleep(0.01)
-        c0, t0 = compiles[0], time.perf_counter()
+        c0, t0 = compiles(), time.perf_counter()
         svc.start()
         try:
             client.join()
@@ -95,7 +93,7 @@ def main(argv):
         bad = [o for o in outs if "ranking" not in o]
         if bad:
             raise RuntimeError(f"{len(bad)} requests failed in the {step} loop: {bad[0]}")
-        return outs, wall, compiles[0] - c0
+        return outs, wall, compiles() - c0
 
     loops = tuple(_LOOPS.value)
     if not loops or set(loops) - {"serial", "batched"}:

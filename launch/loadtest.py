@@ -5,6 +5,11 @@ N client threads send POST /v1/recommend (real users, their histories, candidate
 benchmark) until `--requests` are sent or `--duration_s` passes. Reports throughput, TTFT and
 latency p50/p99, status counts, and checks every request was answered exactly once (each carries
 a client tag; answers are matched by it). Writes JSON.
+
+--kind=events: the clients post one-item events instead (POST /v1/users/{id}/events, each with an
+event_id, to `--num_users` new users of this run); afterwards every user's stored history
+(GET /v1/users/{id}) must hold exactly its acknowledged events, in no other count (an event
+answered 503 is not applied; retried with its event_id it is applied once).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _NEG = flags.DEFINE_string("negatives", "retrieval", "Negative sampling (uniform
 _USERS = flags.DEFINE_integer("num_users", 100, "Distinct users (requests cycle over them).")
 _MAX_ITEM = flags.DEFINE_integer("max_item", 0, "Only candidates with id <= this (servers started with --max_items).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/loadtest.json", "Where to write the report.")
+_KIND = flags.DEFINE_enum("kind", "recommend", ["recommend", "events"], "What the clients send.")
 _RETRIES = flags.DEFINE_integer("retries_on_503", 0, "Resend a request answered 503 after its Retry-After (1 s), "
                                 "up to this many times (a client that backs off); latency counts from the first try.")
 _WARM = flags.DEFINE_bool("warm_users", False, "First send one untimed request per distinct user, one at a time, so "
@@ -49,8 +55,19 @@ def _post(url, body, timeout=300.0):
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _compiles(url) -> int | None:
-    """The server's XLA compilations so far (its /metrics counter), None if it does not say."""
+def _stored_events(url, user) -> int:
+    """How many items the server's state database holds for a user (0: unknown to it)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/users/{user}", timeout=60) as r:
+            return len(json.loads(r.read())["history"])
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return 0
+        raise
+
+
+def _metric(url, family_name: str, sample_name: str) -> float | None:
+    """One sample of the server's /metrics (None if it does not say)."""
     from prometheus_client.parser import text_string_to_metric_families
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
@@ -58,9 +75,21 @@ def _compiles(url) -> int | None:
     except OSError:
         return None
     for family in text_string_to_metric_families(text):
-        if family.name == "rcllm_compiles":
-            return int(next(s.value for s in family.samples if s.name == "rcllm_compiles_total"))
+        if family.name == family_name:
+            return next((s.value for s in family.samples if s.name == sample_name), None)
     return None
+
+
+def _compiles(url) -> int | None:
+    """The server's XLA compilations so far (its /metrics counter), None if it does not say."""
+    n = _metric(url, "rcllm_compiles", "rcllm_compiles_total")
+    return None if n is None else int(n)
+
+
+def _rss_gib(url) -> float | None:
+    """The server process's resident memory (its /metrics process collector), GiB."""
+    b = _metric(url, "process_resident_memory_bytes", "process_resident_memory_bytes")
+    return None if b is None else b / 2**30
 
 
 def main(argv):
@@ -77,7 +106,11 @@ def main(argv):
         split = LeaveOneOut(type(split.dataset)(split.dataset.name, keep, {u: s for u, s in seqs.items() if len(s) >= 3}))
     users = list(split.users)
     bodies, n = [], 0
-    while len(bodies) < _REQUESTS.value and n < 100 * _REQUESTS.value:
+    run = f"load-{os.getpid()}-{int(time.time())}"  # --kind=events: this run's own users
+    while _KIND.value == "events" and len(bodies) < _REQUESTS.value:
+        bodies.append({"user_id": f"{run}-u{len(bodies) % _USERS.value}", "items": [1 + len(bodies) % 50],
+                       "event_id": f"{run}-e{len(bodies)}"})
+    while _KIND.value == "recommend" and len(bodies) < _REQUESTS.value and n < 100 * _REQUESTS.value:
         u = users[n % min(len(users), _USERS.value)]
         n += 1
         try:
@@ -90,7 +123,7 @@ def main(argv):
             server = json.loads(r.read())
     except (OSError, ValueError) as e:
         raise app.UsageError(f"no server answering at {_URL.value}/healthz: {e}") from None
-    if _WARM.value:
+    if _WARM.value and _KIND.value == "recommend":
         t_warm = time.perf_counter()
         for u in sorted({b["user_id"] for b in bodies}):
             first = next(b for b in bodies if b["user_id"] == u)
@@ -112,7 +145,12 @@ def main(argv):
             t0 = time.perf_counter()
             for attempt in range(_RETRIES.value + 1):
                 try:
-                    status, body = _post(_URL.value + "/v1/recommend", bodies[n])
+                    if _KIND.value == "events":
+                        b = bodies[n]
+                        status, body = _post(f"{_URL.value}/v1/users/{b['user_id']}/events",
+                                             {"items": b["items"], "event_id": b["event_id"]})
+                    else:
+                        status, body = _post(_URL.value + "/v1/recommend", bodies[n])
                 except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
                     status, body = -1, {"error": str(e)}
                 if status != 503 or attempt == _RETRIES.value:
@@ -132,15 +170,23 @@ def main(argv):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    compiles1 = _compiles(_URL.value)
+    compiles1, rss1 = _compiles(_URL.value), _rss_gib(_URL.value)
     ok = [a for n in sorted(set(sent)) for a in answers[n] if a[0] == 200]
     statuses = collections.Counter(a[0] for n in set(sent) for a in answers[n])
     lost = [n for n in sent if not answers[n]]
     twice = [n for n in set(sent) if len(answers[n]) > 1]
-    ttft = [a[1]["timings"]["ttft_s"] for a in ok]
     lat = [a[2] for a in ok]
-    ids = [a[1]["request_id"] for a in ok]
-    report = {"clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}), "warm_users": _WARM.value,
+    if _KIND.value == "events":  # exactly the acknowledged events are stored, once each
+        ttft, ids = [], []
+        acked = collections.Counter(bodies[n]["user_id"] for n in sorted(set(sent)) for a in answers[n]
+                                    if a[0] == 200)
+        mismatched = sum(_stored_events(_URL.value, u) != acked[u] for u in sorted({b["user_id"] for b in bodies}))
+    else:
+        ttft = [a[1]["timings"]["ttft_s"] for a in ok]
+        ids = [a[1]["request_id"] for a in ok]
+        mismatched = None
+    report = {"kind": _KIND.value, "clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}),
+              "warm_users": _WARM.value,
               "server": {k: server.get(k) for k in ("mode", "policy", "canonical", "shards", "scheduler",
                                                     "serving_step", "max_batch")},
               "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -153,11 +199,12 @@ def main(argv):
               "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
               "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
               "latency_p99_s": float(np.percentile(lat, 99)) if lat else None,
-              "shards": dict(collections.Counter(a[1]["shard"] for a in ok))}
+              "shards": dict(collections.Counter(a[1].get("shard") for a in ok)),
+              "users_with_other_than_acknowledged_events": mismatched, "server_rss_gib_after": rss1}
     print(json.dumps(report, indent=2))
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     Path(_OUT.value).write_text(json.dumps(report, indent=2))
-    if lost or twice:
+    if lost or twice or mismatched:
         sys.exit(1)
 
 

@@ -30,7 +30,8 @@ _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode of the recommendation
 _COMPARE = flags.DEFINE_string("compare", "full", "Mode run on the same prompts for comparison ('' for none).")
 _MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
 _ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --model.")
-_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "Score slots read by the shipped head, or label logits.")
+_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"],
+                          "Score slots read by the shipped head, or label logits.")
 _HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default: the shipped one).")
 _HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Item-cache snapshot (default: as serve.py).")

@@ -42,7 +42,8 @@ _REBUILD = flags.DEFINE_bool("rebuild_on_damage", None, "When no step of the ite
                              "rebuild it (default: yes at the default location, no for --snapshot_dir).")
 _USERS_DIR = flags.DEFINE_string("users_dir", None, "User-store KV snapshot (default: <snapshot_dir>-users).")
 _STATE_DB = flags.DEFINE_string("state_db", None, "State database (user histories, event log): a SQLite file "
-                                "(default: <users_dir>-state.sqlite3).")
+                                "(default: <users_dir>-state.sqlite3), or postgresql://... shared by several "
+                                "server replicas (pip install 'rcllm-jax[postgres]').")
 _MAX_HIST = flags.DEFINE_integer("max_history", 1000, "Items a stored history keeps at most (the most recent; "
                                  "the event log keeps every event).")
 _CLIENT_CONNS = flags.DEFINE_integer("max_client_connections", 256, "Open connections one client address may hold "
@@ -112,6 +113,31 @@ def _warmup_prompts(builder, ds, item_ids, n: int, retriever=None, num_candidate
                 out.append(p)
             break
     return out or [builder.build([], item_ids[:1])]
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _peak_rss_during(fn):
+    """(fn(), the peak resident memory sampled every 20 ms while it ran)."""
+    peak, done = [_rss_bytes()], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_bytes())
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        return fn(), max(peak[0], _rss_bytes())
+    finally:
+        done.set()
+        t.join()
 
 
 def main(argv):
@@ -201,7 +227,7 @@ def main(argv):
                      users_dir)
     seeded = state.seed(f"dataset:{ds.name}", {str(u): s for u, s in ds.sequences.items()})
     logging.info("state database %s: %d users, %d events (%d seeded from %s now); %d cached user prefixes "
-                 "restored from %s", state.path, state.num_users(), state.num_events(), seeded, ds.name,
+                 "restored from %s", state, state.num_users(), state.num_events(), seeded, ds.name,
                  engine.stats()["users_cached"], users_dir)
     service = RecommenderService(engine, items, state, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
@@ -225,8 +251,10 @@ def main(argv):
     # slow client could delay), then give open connections at most --shutdown_grace_s.
     logging.info("stopping: draining %d queued requests", len(service.scheduler))
     if service.stop():  # every queued request answered; later submissions get 503
-        step = engine.save_users(users_dir)  # the engine loop has ended: nothing changes the store meanwhile
-        print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step})", flush=True)
+        rss = _rss_bytes()
+        step, peak = _peak_rss_during(lambda: engine.save_users(users_dir))  # the engine loop has ended
+        print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step}; RSS "
+              f"{rss / 2**30:.2f} GiB serving, peak {peak / 2**30:.2f} GiB while saving)", flush=True)
     else:  # never export a store the engine thread may still be writing; the database holds every history
         print("engine still busy after the drain timeout: user prefixes not saved (histories are in the database)",
               flush=True)

@@ -152,7 +152,8 @@ def _state(histories=None):
 
 def _service(**kw):
     eng = MockEngine(**{k: kw.pop(k) for k in ("fail_user", "delay") if k in kw})
-    svc = RecommenderService(eng, ITEMS, _state({7: [1, 2, 3]}), scheduler=Scheduler(2, "affinity", **kw), max_candidates=5)
+    svc = RecommenderService(eng, ITEMS, _state({7: [1, 2, 3]}), scheduler=Scheduler(2, "affinity", **kw),
+                             max_candidates=5)
     svc.start()
     return svc, eng
 

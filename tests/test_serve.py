@@ -112,6 +112,7 @@ def test_server_end_to_end(tiny, tmp_path):
         url = srv.url
         assert "every accepted request shape" in "".join(srv.lines)
         compiled = _compiles(url)  # after the warm-up: no request below may compile (any accepted shape)
+        assert compiled > 0  # the counter includes the warm-up's compiles
         cands = [50, 1, 100, 7, 12, 98, 117, 64]
         code, out = _call(url + "/v1/recommend", {"user_id": 1, "candidates": cands, "top_k": 5})
         assert code == 200, out
@@ -150,7 +151,7 @@ def test_server_end_to_end(tiny, tmp_path):
                ({"body": {"user_id": 1, "candidates": list(range(1, 41))}}, 413, "exceeds"),
                ({"raw": json.dumps({"user_id": 1, "candidates": [1], "pad": "x" * 70000}).encode()}, 413, "exceeds the limit"),
                ({"body": {"user_id": 1.5, "candidates": [1]}}, 400, "integer")]
-        bad += [({"raw": b"{\"user_id\": " + b"7" * 5000 + b", \"candidates\": [1]}"}, 400, ""),  # int too long
+        bad += [({"raw": b"{\"user_id\": " + b"7" * 5000 + b", \"candidates\": [1]}"}, 400, "more digits"),
                 ({"raw": b"[" * 30000 + b"]" * 30000}, 400, ""),  # nested deeper than the parser goes
                 ({"body": {"user_id": "u 1", "candidates": [1]}}, 400, "user_id"),
                 ({"body": {"user_id": 1, "candidates": [2**70]}}, 400, "")]
@@ -374,7 +375,7 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
         for s in held:
             s.close()
         time.sleep(0.5)
-        assert _raw_http(url, f"POST /v1/recommend HTTP/1.1\r\nHost: x\r\n\r\n").startswith("HTTP/1.1 411")
+        assert _raw_http(url, "POST /v1/recommend HTTP/1.1\r\nHost: x\r\n\r\n").startswith("HTTP/1.1 411")
         metrics = _call(url + "/metrics")[1]
         assert re.search(r'\nrcllm_http_responses_total\{status="411"\} 1\.0', metrics)
         assert re.search(r'\nrcllm_http_responses_total\{status="503"\} 1\.0', metrics)
@@ -393,8 +394,13 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
         assert _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})[1]["replay"] is True
         # SIGTERM while the engine is busy: every queued request answered, the store saved whole
         answers = []
-        threads = [threading.Thread(target=lambda u=u: answers.append(_call(
-            url + "/v1/recommend", {"user_id": u, "candidates": [u + 1, u + 2, u + 3]})[0])) for u in range(20, 28)]
+
+        def ask(u):
+            try:
+                answers.append(_call(url + "/v1/recommend", {"user_id": u, "candidates": [u + 1, u + 2, u + 3]})[0])
+            except OSError:  # sent after the server stopped accepting: refused, never half-answered
+                answers.append(-1)
+        threads = [threading.Thread(target=ask, args=(u,)) for u in range(20, 28)]
         for t in threads:
             t.start()
         time.sleep(0.3)
@@ -403,7 +409,7 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
     for t in threads:
         t.join()
     assert code == 0 and re.search(r"saved \d+ user prefixes", log), log[-3000:]
-    assert answers and all(c in (200, 503) for c in answers), answers
+    assert answers and all(c in (200, 503, -1) for c in answers) and 200 in answers, answers
     srv = Server(args, env)
     try:
         assert re.search(r"[1-9]\d* cached user prefixes restored", "".join(srv.lines)), "".join(srv.lines)[-3000:]
@@ -411,33 +417,3 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
     finally:
         srv.stop()
 
-
-@pytest.mark.slow
-def test_readme_mesh_workflow_build_then_bench_and_serve(smollm2_path, tmp_path):
-    """The README's mesh workflow with every prompt flag left at its default (the default model;
-    only the catalog cut to 40 items and the runs shortened): build_cache.py on items:8, then
-    bench.py on items:4 (its default --modes=full, and rcllm) and serve.py on items:4 restore that
-    snapshot. On today's main bench.py refused it (built for label prompts, served with score
-    slots) and --modes=full crashed after its table (KeyError 'local_fraction')."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    snap = tmp_path / "snap"
-
-    def run(script, *args):
-        r = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], env=env, capture_output=True,
-                           text=True, timeout=900, cwd=tmp_path)
-        assert r.returncode == 0, (script, args, r.stderr[-3000:])
-        return r
-    run("build_cache.py", "--mesh=items:8", f"--snapshot_dir={snap}", "--max_items=40")
-    short = ["--num_users=1", "--num_candidates=3", "--peers=", "--nowarmup"]
-    for modes in ([], ["--modes=rcllm"]):
-        out = tmp_path / f"bench{len(modes)}.json"
-        run("bench.py", "--mesh=items:4", f"--snapshot_dir={snap}", *short, *modes, f"--output_json={out}")
-        rows = json.loads(out.read_text())["results"]
-        assert rows[0]["mode"] == ("rcllm" if modes else "full") and rows[0]["hr@10"] >= 0
-    srv = Server(["--mesh=items:4", f"--snapshot_dir={snap}", "--max_items=40", "--nowarmup", "--port=0"], env)
-    try:
-        assert "restored item caches" in "".join(srv.lines)
-        code, out = _call(srv.url + "/v1/recommend", {"user_id": 1, "candidates": [2, 3, 5]})
-        assert code == 200 and len(out["ranking"]) == 3, out
-    finally:
-        assert srv.stop()[0] == 0

@@ -66,8 +66,8 @@ def _verify(meta: dict, prefix: str, tree: dict, where: str) -> None:
 
 
 def _digest(a) -> str:
-    h = to_host(a) if isinstance(a, jax.Array) else np.asarray(a)
-    return hashlib.sha256(np.ascontiguousarray(h).tobytes()).hexdigest()
+    h = np.ascontiguousarray(to_host(a) if isinstance(a, jax.Array) else np.asarray(a))
+    return hashlib.sha256(h.reshape(-1).view(np.uint8).data).hexdigest()  # read in place, no byte copy
 
 
 def identity(fingerprint: str, tokenizer_hash: str, contexts: dict) -> dict:
@@ -259,8 +259,7 @@ def save_users(directory, ident: dict, users) -> int:
     themselves live in the state database (`rcllm_jax.serve.state`): this is a cache of their KV."""
     import orbax.checkpoint as ocp
     _refuse_other(directory, ident, "users")
-    user_index, uk, uv = users.export()
-    uk, uv = to_host(uk), to_host(uv)  # one host copy each, digested and written from there
+    user_index, uk, uv = users.export()  # host arrays, digested and written from there
     user_arrays = {"k": uk, "v": uv}
     meta = dict(ident, users=user_index, digests={f"users.{n}": _digest(a) for n, a in user_arrays.items()})
     mngr = _manager(directory, create=True, items=("users", "meta"))

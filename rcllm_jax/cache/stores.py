@@ -44,7 +44,7 @@ class UserStore:
         self.pool, self.alloc = pool, alloc
         self.budget = budget_pages or alloc.num_pages
         self.entries: collections.OrderedDict[tuple[int, ...], UserEntry] = collections.OrderedDict()
-        self.latest: dict = {}  # user id -> its latest prefix's tokens (a key of `entries`)
+        self.latest: dict = {}  # user id (an opaque string) -> its latest prefix's tokens (a key of `entries`)
         self.versions: dict = {}  # user id -> the history version its latest prefix was computed from
         self.stats = collections.Counter()
 
@@ -81,7 +81,7 @@ class UserStore:
 
     def slots(self, user_id) -> np.ndarray:
         """Pool slots of the user's latest prefix."""
-        e = self.entries[self.latest[user_id]]
+        e = self.entries[self.latest[str(user_id)]]
         return self.alloc.slots(e.pages, len(e.tokens))
 
     def slots_of(self, tokens) -> np.ndarray:
@@ -93,6 +93,7 @@ class UserStore:
         return self.alloc.slots(e.pages, len(e.tokens))
 
     def _link(self, user_id, key, version):
+        user_id = str(user_id)  # opaque: 7 and "7" are one user, "007" another
         old = self.latest.get(user_id)
         if old is not None and old != key and old in self.entries:
             prev = self.entries[old]
@@ -110,7 +111,7 @@ class UserStore:
                version: int | None = None) -> int:
         """Make the prefix with these tokens present and the user's latest; returns how many tokens
         were computed. pin: lease it (until `release`). version: the history version it stands for."""
-        tokens = tuple(int(t) for t in tokens)
+        tokens, user_id = tuple(int(t) for t in tokens), str(user_id)
         e = self.entries.get(tokens)
         if e is not None:
             self.entries.move_to_end(tokens)
@@ -179,16 +180,29 @@ class UserStore:
 
     def export(self):
         """([[{user id: history version or None}, prefix tokens]] in LRU order (oldest first), k, v:
-        their KV concatenated [L, u, K, H]; u >= 1: an empty store exports the scratch slot). Only
-        prefixes that are some user's latest are exported."""
-        index, slots = [], []
+        their KV concatenated [L, u, K, H] on the host; u >= 1: an empty store exports the scratch
+        slot). Only prefixes that are some user's latest are exported. Copied out a page at a time
+        (one compiled slice) into one host array each: memory is the store's size once, never a
+        device-side gather of the whole store besides."""
+        index, held = [], []
         for key, e in self.entries.items():
             owners = {str(u): self.versions.get(u) for u in sorted(e.users, key=str) if self.latest.get(u) == key}
             if owners:
                 index.append([owners, [int(t) for t in e.tokens]])
-                slots.append(self.alloc.slots(e.pages, len(e.tokens)))
-        sl = np.concatenate(slots) if slots else np.zeros(1, np.int32)
-        return index, self.pool.k[:, sl], self.pool.v[:, sl]
+                held.append(e)
+        shape = list(self.pool.k.shape)
+        shape[1] = max(1, sum(len(e.tokens) for e in held))
+        k, v = np.zeros(shape, self.pool.k.dtype), np.zeros(shape, self.pool.v.dtype)
+        off = 0
+        for e in held:
+            for j, page in enumerate(e.pages):
+                rows = min(PAGE, len(e.tokens) - j * PAGE)
+                if rows <= 0:
+                    break
+                pk, pv = jax.device_get(_page(self.pool.k, self.pool.v, self.alloc.first_slot + page * PAGE))
+                k[:, off:off + rows], v[:, off:off + rows] = pk[:, :rows], pv[:, :rows]
+                off += rows
+        return index, k, v
 
     def pages_needed(self, index) -> int:
         """Pages `load` of this exported index takes."""
@@ -236,6 +250,13 @@ class UserStore:
 
 
 EXTEND_CHUNK = 64  # tokens of a user prefix computed per program call (chunked prefill)
+
+
+@jax.jit
+def _page(pool_k, pool_v, start):
+    """The PAGE rows of the pool from slot `start` (one program for every page)."""
+    return (jax.lax.dynamic_slice_in_dim(pool_k, start, PAGE, axis=1),
+            jax.lax.dynamic_slice_in_dim(pool_v, start, PAGE, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -382,14 +382,18 @@ class Engine:
     def user_prefix(self, user_id) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
         """(tokens, k, v [L, n, K, H]) of a user's cached instruction + history prefix (to keep
         it outside the store: training examples reuse their prefixes across epochs)."""
-        if user_id not in self.users.latest:
+        if str(user_id) not in self.users.latest:
             raise KeyError(f"user {user_id!r} has no cached prefix")
         sl = self.users.slots(user_id)
-        return self.users.latest[user_id], np.asarray(self.pool.k[:, sl]), np.asarray(self.pool.v[:, sl])
+        return self.users.latest[str(user_id)], np.asarray(self.pool.k[:, sl]), np.asarray(self.pool.v[:, sl])
 
     def has_user(self, user_id) -> bool:
         """Is the user's prefix in the user store (not evicted)?"""
-        return user_id in self.users.latest
+        return str(user_id) in self.users.latest
+
+    def put_user_prefix(self, user_id, tokens, k, v):
+        """Put a prefix taken with `user_prefix` back (most recently used)."""
+        self.users.restore_user(user_id, tuple(int(t) for t in tokens), jnp.asarray(k), jnp.asarray(v))
 
     def warm_prefix(self, prompt: Prompt, shard: int = 0) -> int:
         """Event-time warming of the prefix cache (the prefix_warm baseline, vLLM / SGLang with a

@@ -147,7 +147,8 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
             if not (length.isascii() and length.isdigit()) or len(length) > 18:
                 return refuse(400, f"bad Content-Length {length[:40]!r}")
             if int(length) > max_body:
-                return refuse(413, f"body of {int(length)} bytes exceeds the limit of {max_body}", {"Connection": "close"})
+                return refuse(413, f"body of {int(length)} bytes exceeds the limit of {max_body}",
+                              {"Connection": "close"})
             try:
                 await asyncio.wait_for(request.body(), body_timeout_s)
             except asyncio.TimeoutError:

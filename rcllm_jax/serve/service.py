@@ -89,6 +89,7 @@ class Metrics:
                                  "(history prefix included when it was not cached).", namespace="rcllm",
                                  registry=self.registry, buckets=TTFT_BUCKETS)
         self.registry.register(_EngineCollector(service))
+        pc.ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
 
     def render(self) -> bytes:
         import prometheus_client as pc
