@@ -556,6 +556,57 @@ def _load_modes_section(out: Path) -> list[str]:
     return lines + [""] + [f"- {n}" for n in notes] + [""]
 
 
+def _state_section(out: Path) -> list[str]:
+    """The serving state (issue 34): events/s of the state database alone (launch/bench_state.py,
+    state_db.json) and through the server (loadtest --kind=events, events_c8.json), and the
+    recommend load before / after the state changes in one session (state_load_before.json,
+    state_load_after.json: the same loadtest against the default server of each commit)."""
+    lines = []
+    f = out / "state_db.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        lines += ["## Serving state: events committed per second", "",
+                  f"`python launch/bench_state.py --clients={d['clients']} --duration_s={d['duration_s']:g} "
+                  "--postgres` "
+                  f"({d['date']}, {d['cores']} cores; each event one transaction, answered after its commit):", "",
+                  "| backend | events/s | commit p50 | commit p99 | every event stored |", "|---|---|---|---|---|"]
+        for name, r in d["results"].items():
+            lines.append(f"| {name} | {r['events_per_s']:.0f} | {r['commit_p50_ms']:.2f} ms | "
+                         f"{r['commit_p99_ms']:.2f} ms | {r['all_stored']} |")
+        lines.append("")
+    f = out / "events_c8.json"
+    if f.exists():
+        d = json.loads(f.read_text())
+        argv = " ".join(a for a in d["argv"] if not a.startswith(("--url", "--output_json")))
+        lines += [f"Through the default server (`python launch/loadtest.py {argv}`, "
+                  f"{d['date']}; each event also brings the user's history prefix up to date in the user store): "
+                  f"**{d['throughput_rps']:.1f} events/s**, latency p50 {_fmt(d['latency_p50_s'])} s, p99 "
+                  f"{_fmt(d['latency_p99_s'])} s, statuses {d['status_counts']}, "
+                  f"{d['retried_503']} resent after a 503; users holding other than their acknowledged events: "
+                  f"{d['users_with_other_than_acknowledged_events']} of {d['users']}.", ""]
+    runs = {k: out / f"state_load_{k}.json" for k in ("before", "after")}
+    if all(f.exists() for f in runs.values()):
+        b, a = (json.loads(runs[k].read_text()) for k in ("before", "after"))
+        lines += ["## Serving state: recommend throughput before / after (one session, same machine)", "",
+                  "| commit | requests/s | TTFT p50 | latency p50 | latency p99 | 503 resent | compiles during the "
+                  "run |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, d in (("before (4bc68ea)", b), ("after", a)):
+            lines.append(f"| {name} | {d['throughput_rps']:.2f} | {_fmt(d['ttft_p50_s'])} s | "
+                         f"{_fmt(d['latency_p50_s'])} s | {_fmt(d['latency_p99_s'])} s | {d.get('retried_503', 0)} | "
+                         f"{_fmt(d.get('compiles_during_run'), 'd')} |")
+        x, p99 = a["throughput_rps"] / b["throughput_rps"], a["latency_p99_s"] / b["latency_p99_s"]
+        lines += ["", f"- `python launch/serve.py --mesh=items:2` + `python launch/loadtest.py "
+                      f"{' '.join(a_ for a_ in a['argv'] if not a_.startswith(('--url', '--output_json')))}` "
+                      f"({a['date']}): after / before = {x:.3f}x the requests/s, {p99:.3f}x the latency p99 (target: "
+                      f"within 5%: {'met' if abs(x - 1) <= 0.05 and p99 <= 1.05 else 'not met'})."]
+        if a.get("server_rss_gib_after"):
+            lines.append(f"- Server RSS after the run: {a['server_rss_gib_after']:.2f} GiB (after); the shutdown "
+                         "save's peak is in the server log (`saved ... peak ... while saving`).")
+        lines.append("")
+    return lines
+
+
 def _ab_section(out: Path) -> list[str]:
     """The rcllm server under ApacheBench (an independent client; its report load_ab_c*.txt as ab wrote
     it, plus the server's compile count around the run)."""
@@ -757,6 +808,7 @@ def _report(out: Path) -> str:
     lines += _load_section(out)
     lines += _load_modes_section(out)
     lines += _ab_section(out)
+    lines += _state_section(out)
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]

@@ -51,7 +51,8 @@ _CLIENT_CONNS = flags.DEFINE_integer("max_client_connections", 256, "Open connec
 _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink, deviation, full, prefix.")
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
 _QUEUE = flags.DEFINE_integer("max_queue", 0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized "
-                              "from the service time measured in the warm-up and --latency_target_s.")
+                              "from the service time measured in the warm-up and --latency_target_s, then adapted "
+                              "to the service time measured on the traffic.")
 _TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may add at most (sizes --max_queue=0).")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", 5.0, "On SIGTERM, open connections get this long after the "
                             "queue is answered and the user store saved; then they are closed.")
@@ -196,16 +197,19 @@ def main(argv):
                     engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
             n_fetch = engine.warm_fetch()
             what = f"{len(probes)} prompt shapes (+ {n_fetch} remote-fetch shapes)"
+        warm = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
         engine.reset_caches()
-        timed = []  # a cold user's request: its history prefix computed too (what a new user waits)
+        cold = []  # a new user's request: its history prefix computed too
         for j, p in enumerate(probes):
             t2 = time.perf_counter()
             engine.rank(p, _MODE.value, user_id=f"warmup-cold-{j}", shard=0)
-            timed.append(time.perf_counter() - t2)
-        service_s = max(float(sorted(timed)[len(timed) // 2]), 1e-3)
+            cold.append(time.perf_counter() - t2)
+        service_s = max(float(sorted(warm)[len(warm) // 2]), 1e-3)
+        cold_s = float(sorted(cold)[len(cold) // 2])
         engine.reset_caches()
-        logging.info("warmed up %d shards x %s in %.1fs (cold-user service time p50 %.3fs)", engine.num_shards, what,
-                     time.perf_counter() - t1, service_s)
+        logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs returning users, %.3fs new users; "
+                     "the queue bound adapts to the traffic's)", engine.num_shards, what, time.perf_counter() - t1,
+                     service_s, cold_s)
     # The bound covers every request waiting for the engine: the queue plus the window the loop
     # has taken from it; sized so that the last of them waits about --latency_target_s.
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))
@@ -233,7 +237,8 @@ def main(argv):
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
                                  retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=step,
-                                 max_batch=_MAX_BATCH.value)
+                                 max_batch=_MAX_BATCH.value,
+                                 latency_target_s=None if _QUEUE.value else _TARGET.value)
     service.start()
     server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,
                         max_connections=_CONNS.value, max_client_connections=_CLIENT_CONNS.value,

@@ -142,6 +142,20 @@ class MockEngine:
 ITEMS = {i: Item(f"movie {i}") for i in range(1, 30)}
 
 
+def burst(svc, bodies):
+    """Queue every body before the service's engine loop starts (one scheduling window), start it,
+    answer them all, stop it. The answers, in order."""
+    got = {}
+    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+    client.start()
+    while len(svc.scheduler) < len(bodies):
+        time.sleep(0.01)
+    svc.start()
+    client.join()
+    svc.stop()
+    return got["outs"]
+
+
 def _state(histories=None):
     """A state database of its own (a fresh SQLite file) seeded with these histories."""
     import tempfile
@@ -330,15 +344,8 @@ def test_windows_run_as_serving_steps_of_every_shard():
         eng = MockEngine()
         svc = RecommenderService(eng, ITEMS, _state({}), scheduler=Scheduler(2, "affinity", window=8), max_candidates=5,
                                  serving_step=step, max_batch=2)
-        got = {}
-        client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
-        client.start()
-        while len(svc.scheduler) < len(bodies):  # the six requests queue first: one window
-            time.sleep(0.01)
-        svc.start()
-        client.join()
-        svc.stop()
-        answers[step] = [[r["item_id"] for r in out["ranking"]] for out in got["outs"]]
+        outs = burst(svc, bodies)  # the six requests queue first: one window
+        answers[step] = [[r["item_id"] for r in out["ranking"]] for out in outs]
         if step == "batched":  # items 2, 4, 6, 8 on shard 0, odd ones on shard 1: 3 + 3, up to 2 each per step
             assert [sorted(s) for s in eng.steps] == [[("1", 0), ("2", 0), ("3", 1), ("4", 1)], [("5", 0), ("6", 1)]]
         else:
@@ -348,20 +355,32 @@ def test_windows_run_as_serving_steps_of_every_shard():
         RecommenderService(MockEngine(), ITEMS, _state({}), scheduler=Scheduler(2), serving_step="parallel")
 
 
-def test_a_step_ranks_each_request_with_its_own_history():
-    """Two requests of one user in one serving step, each sending its history: each is ranked with
-    the history it sent (the mock's score is -item + history length), as one at a time would."""
-    eng = MockEngine()
-    svc = RecommenderService(eng, ITEMS, _state({}), scheduler=Scheduler(2, "affinity", window=8), max_candidates=5)
-    bodies = [{"user_id": 7, "history": [1], "candidates": [2]},
-              {"user_id": 7, "history": [1, 3, 5], "candidates": [2]}]
-    got = {}
-    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
-    client.start()
-    while len(svc.scheduler) < len(bodies):
-        time.sleep(0.01)
+
+def test_queue_bound_adapts_to_the_measured_service_time():
+    """With a latency target, the bound is target / (moving average of the engine time per
+    request), at least 8 outstanding, minus the window: fast requests raise it, slow ones (new
+    users computing their prefix) bring it down; without a target it stays as configured."""
+    eng = MockEngine(delay=0.02)
+    sched = Scheduler(2, "affinity", max_queue=3, window=2)
+    svc = RecommenderService(eng, ITEMS, _state({}), scheduler=sched, max_candidates=5, latency_target_s=1.0)
     svc.start()
-    client.join()
-    svc.stop()
-    assert len(eng.steps) == 1 and len(eng.steps[0]) == 2  # one step
-    assert [out["ranking"][0]["score"] for out in got["outs"]] == [-1.0, 1.0]
+    try:
+        for u in range(5):
+            svc.recommend({"user_id": u, "candidates": [1, 2]})
+        fast = sched.max_queue
+        assert 0.02 <= svc.service_s < 0.1 and fast == int(1.0 / svc.service_s) - 2 > 8
+        eng.delay = 0.3
+        for u in range(10):
+            svc.recommend({"user_id": u, "candidates": [1, 2]})
+        assert svc.service_s > 0.15 and sched.max_queue == max(8, int(1.0 / svc.service_s)) - 2 < fast
+        assert f"\nrcllm_queue_bound {float(sched.max_queue)}\n" in svc.metrics_text().decode()
+    finally:
+        svc.stop()
+    fixed = Scheduler(2, max_queue=3)
+    plain = RecommenderService(MockEngine(), ITEMS, _state({}), scheduler=fixed, max_candidates=5)
+    plain.start()
+    try:
+        plain.recommend({"user_id": 1, "candidates": [1]})
+    finally:
+        plain.stop()
+    assert fixed.max_queue == 3

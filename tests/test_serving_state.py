@@ -21,7 +21,7 @@ from conftest import rel_err
 from rcllm_jax.serve.scheduler import Scheduler
 from rcllm_jax.serve.service import ApiError, RecommenderService, ServingEngine, count_compiles
 from rcllm_jax.serve.state import StateStore
-from test_scheduler import ITEMS, MockEngine
+from test_scheduler import ITEMS, MockEngine, burst
 from test_serve import Server, _call, _tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,19 +46,6 @@ def real(smollm2):
                  mesh=make_mesh(MeshSpec(2)), max_candidates=8, user_pages=64, prefix_pages=4)
     eng.build_store()
     return eng, {i: ds.items[i] for i in range(1, 41)}
-
-
-def _burst(svc, bodies):
-    """Queue every body before the engine loop starts (one scheduling window), then answer them."""
-    got = {}
-    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
-    client.start()
-    while len(svc.scheduler) < len(bodies):
-        time.sleep(0.01)
-    svc.start()
-    client.join()
-    svc.stop()
-    return got["outs"]
 
 
 def _state(tmp_path, histories=None, name="state.sqlite3"):
@@ -87,7 +74,7 @@ def test_one_user_twice_in_a_step_is_ranked_with_each_history(kind, step, reques
     def service(name):
         return RecommenderService(engine, items, _state(tmp_path, name=name), scheduler=Scheduler(2, window=8),
                                   max_candidates=8, serving_step=step)
-    together = _burst(service("together"), bodies)
+    together = burst(service("together"), bodies)
     if kind == "mock" and step == "batched":
         assert len(engine.steps) == 1 and len(engine.steps[0]) == 3  # one step
     if kind == "real" and step == "batched":
@@ -95,7 +82,7 @@ def test_one_user_twice_in_a_step_is_ranked_with_each_history(kind, step, reques
     for j, body in enumerate(bodies):
         if kind == "real":
             engine.reset_caches()
-        alone = _burst(service(f"alone{j}"), [body])[0]
+        alone = burst(service(f"alone{j}"), [body])[0]
         got = together[j]
         assert "ranking" in got, got
         assert [x["item_id"] for x in got["ranking"]] == [x["item_id"] for x in alone["ranking"]], j

@@ -239,24 +239,16 @@ def test_service_answers_the_recommenders_final_scores(world):
 
     def burst(step):  # every request queued before the loop starts: the same windows each time
         import tempfile
-        import threading
-        import time
 
+        import test_scheduler
         from rcllm_jax.serve.service import compiles, count_compiles
         from rcllm_jax.serve.state import StateStore
         count_compiles()
         svc = RecommenderService(sided, ds.items, StateStore(Path(tempfile.mkdtemp()) / "state.sqlite3"),
                                  scheduler=Scheduler(1), max_candidates=8, retriever=retriever, serving_step=step)
         before = compiles()
-        got = {}
-        client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
-        client.start()
-        while len(svc.scheduler) < len(bodies):
-            time.sleep(0.01)
-        svc.start()
-        client.join()
-        svc.stop()
-        return got["outs"], compiles() - before
+        outs = test_scheduler.burst(svc, bodies)
+        return outs, compiles() - before
     for step in ("batched", "serial"):
         burst(step)  # warm-up: compiles these shapes
         outs, compiles = burst(step)

@@ -108,6 +108,8 @@ class _EngineCollector:
         st = s.stats
         us = st["user_store"]
         yield GaugeMetricFamily("rcllm_queue_depth", "Requests waiting for the engine.", value=len(s.scheduler))
+        yield GaugeMetricFamily("rcllm_queue_bound", "Requests that may wait (beyond: 503); adapts to the measured "
+                                "service time under --latency_target_s.", value=s.scheduler.max_queue)
         yield GaugeMetricFamily("rcllm_users_cached", "Users whose history KV is cached.", value=st["users_cached"])
         yield CounterMetricFamily("rcllm_compiles", "XLA compilations since the start (warm-up included).",
                                   value=compiles())
@@ -175,13 +177,15 @@ class RecommenderService:
     def __init__(self, engine, items: dict, state: StateStore, *, mode: str = "rcllm",
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
                  retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
-                 max_batch: int = 8):
+                 max_batch: int = 8, latency_target_s: float | None = None):
         """engine: a `ServingEngine`; state: the user histories and event log (`StateStore`).
         retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
         modes: each scheduling window runs as serving steps, `Engine.rank_step`, every shard's
         requests batched, up to max_batch per shard and step, all shards in one program) or
-        "serial" (one request at a time, shard by shard)."""
+        "serial" (one request at a time, shard by shard). latency_target_s: adapt the queue bound to
+        the service time measured on real traffic (a moving average per request), so that the last
+        queued request waits about this long (at least 8 outstanding); None: the bound stays."""
         if serving_step not in SERVING_STEPS:
             raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
         if max_batch < 1:
@@ -197,6 +201,7 @@ class RecommenderService:
         self.item_bytes = {i: np.asarray(engine.shard_bytes([i]), np.int64) for i in items}
         self.item_table = {i: engine.item_info(i) for i in items}
         self.stats = engine.stats()
+        self.latency_target_s, self.service_s = latency_target_s, None
         self.metrics = Metrics(self)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -340,7 +345,8 @@ class RecommenderService:
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
                 "policy": dataclasses.asdict(BLOCK_MODES[self.mode]) if self.mode in BLOCK_MODES else None,
                 "canonical": self.engine.canonical, "serving_step": "batched" if self.batched else "serial",
-                "max_batch": self.max_batch,
+                "max_batch": self.max_batch, "queue_bound": self.scheduler.max_queue,
+                "service_s": self.service_s,
                 "item_blocks": st["item_blocks"], "users_cached": st["users_cached"]}
 
     def metrics_text(self) -> bytes:
@@ -408,6 +414,15 @@ class RecommenderService:
             if window:
                 self.stats = self.engine.stats()  # published for the handlers (one reference swap)
 
+    def _observe(self, seconds: float, n: int = 1):
+        """n requests took `seconds` of engine time each: update the moving average and, with a
+        latency target, the queue bound (outstanding = target / service time, >= 8, minus the window)."""
+        for _ in range(n):
+            self.service_s = seconds if self.service_s is None else 0.9 * self.service_s + 0.1 * seconds
+        if self.latency_target_s is not None:
+            outstanding = max(8, int(self.latency_target_s / max(self.service_s, 1e-3)))
+            self.scheduler.max_queue = max(1, outstanding - self.scheduler.window)
+
     def _execute_step(self, tasks: list[Task]):
         """One serving step: the window's next batch of every shard, ranked together."""
         live = []
@@ -437,6 +452,7 @@ class RecommenderService:
             for t, _ in ready:
                 t.future.set_exception(e)
             return
+        self._observe(wall / len(ready), len(ready))
         for (t, _), rec in zip(ready, recs):
             out = self._answer(rec, wall)
             out["queue_s"] = started - t.enqueued
@@ -451,6 +467,7 @@ class RecommenderService:
             if t.kind == "rank":
                 out = self._rank(t)
                 out["queue_s"] = started - t.enqueued
+                self._observe(time.perf_counter() - started)
             else:
                 out = self._event(t)
             t.future.set_result(out)
