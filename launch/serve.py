@@ -51,9 +51,13 @@ _CLIENT_CONNS = flags.DEFINE_integer("max_client_connections", 256, "Open connec
 _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink, deviation, full, prefix.")
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
 _QUEUE = flags.DEFINE_integer("max_queue", 0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized "
-                              "from the service time measured in the warm-up and --latency_target_s, then adapted "
-                              "to the service time measured on the traffic.")
+                              "from the returning users' service time measured in the warm-up and --latency_target_s "
+                              "(--adapt_queue_bound: then from the traffic's).")
 _TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may add at most (sizes --max_queue=0).")
+_ADAPT = flags.DEFINE_bool("adapt_queue_bound", False, "With --max_queue=0: keep resizing the bound from the service "
+                           "time measured on the traffic (a moving average), not only from the warm-up's. Off by "
+                           "default: after a phase of new users it shrank to 1 and cost returning users 503s "
+                           "(BENCHMARKS.md, serving state).")
 _GRACE = flags.DEFINE_float("shutdown_grace_s", 5.0, "On SIGTERM, open connections get this long after the "
                             "queue is answered and the user store saved; then they are closed.")
 _CONNS = flags.DEFINE_integer("max_connections", 1024, "Open connections at most (beyond: 503).")
@@ -207,9 +211,8 @@ def main(argv):
         service_s = max(float(sorted(warm)[len(warm) // 2]), 1e-3)
         cold_s = float(sorted(cold)[len(cold) // 2])
         engine.reset_caches()
-        logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs returning users, %.3fs new users; "
-                     "the queue bound adapts to the traffic's)", engine.num_shards, what, time.perf_counter() - t1,
-                     service_s, cold_s)
+        logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs returning users, %.3fs new users)",
+                     engine.num_shards, what, time.perf_counter() - t1, service_s, cold_s)
     # The bound covers every request waiting for the engine: the queue plus the window the loop
     # has taken from it; sized so that the last of them waits about --latency_target_s.
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))
@@ -238,7 +241,7 @@ def main(argv):
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
                                  retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=step,
                                  max_batch=_MAX_BATCH.value,
-                                 latency_target_s=None if _QUEUE.value else _TARGET.value)
+                                 latency_target_s=_TARGET.value if _ADAPT.value and not _QUEUE.value else None)
     service.start()
     server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,
                         max_connections=_CONNS.value, max_client_connections=_CLIENT_CONNS.value,
