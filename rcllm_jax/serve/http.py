@@ -21,6 +21,7 @@ events and PUT history alone. Every client error is a 4xx with {"error": message
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from typing import Annotated, Union
@@ -150,9 +151,14 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
                 return refuse(413, f"body of {int(length)} bytes exceeds the limit of {max_body}",
                               {"Connection": "close"})
             try:
-                await asyncio.wait_for(request.body(), body_timeout_s)
+                body = await asyncio.wait_for(request.body(), body_timeout_s)
             except asyncio.TimeoutError:
                 return refuse(408, f"request body not received within {body_timeout_s:g}s", {"Connection": "close"})
+            try:  # Python's int-string limit (4300 digits): FastAPI would call it a generic parse error
+                json.loads(body or b"null")
+            except (ValueError, RecursionError) as e:  # the rest is FastAPI's to answer
+                if isinstance(e, ValueError) and "digits" in str(e) and not isinstance(e, json.JSONDecodeError):
+                    return refuse(400, "a JSON number has more digits than any field takes (ids: at most 128 digits)")
             request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
                 [(b"content-type", b"application/json")]
         response = await call_next(request)
