@@ -224,12 +224,8 @@ class UserStore:
         off = 0
         for owners, (_, toks) in zip(owners_of, index):
             n = len(toks)
-            if owners:
-                for j, (u, ver) in enumerate(owners.items()):
-                    if j == 0:
-                        self.restore_user(u, tuple(toks), k[:, off:off + n], v[:, off:off + n], version=ver)
-                    else:
-                        self._link(u, tuple(int(t) for t in toks), ver)
+            for u, ver in owners.items():  # the first writes the KV, the others share its entry
+                self.restore_user(u, tuple(toks), k[:, off:off + n], v[:, off:off + n], version=ver)
             off += n
 
     def restore_user(self, user_id, tokens: tuple[int, ...], k, v, version: int | None = None):
