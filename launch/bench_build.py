@@ -38,8 +38,14 @@ _REPLICATE = flags.DEFINE_float("replicate", 0.1, "Hot-item replication budget."
 _PREFILL = flags.DEFINE_integer("prefill_requests", 5, "Full-prefill requests of the reference.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items of the reference prompts.")
 _OUT = flags.DEFINE_string("output_json", "bench_out/build.json", "Where to write the JSON.")
+_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N items of each scaled catalog (0 = all; "
+                                  "smoke tests).")
 _PREFILL_ONLY = flags.DEFINE_bool("prefill_only", False, "Only measure the full-prefill reference (the run spawns "
                                   "itself so, with --devices=1, to measure it on an unsimulated CPU).")
+
+
+def _num(x, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
 
 
 def build_rates(report: dict, wall_s: float) -> dict:
@@ -52,7 +58,9 @@ def build_rates(report: dict, wall_s: float) -> dict:
     items = [p for p in steady if p["kind"] == "item"]
     q = max(1, len(items) // 4)
 
-    def rate(ps):
+    def rate(ps):  # None: no such passes (a catalog built in one pass per kind has no steady state)
+        if not ps:
+            return None
         return sum(p["tokens"] for p in ps) / max(sum(p["seconds"] for p in ps), 1e-9)
 
     return {"encoded_tokens": tokens, "blocks": sum(p["blocks"] for p in passes), "passes": len(passes),
@@ -118,23 +126,28 @@ def main(argv):
         ds = scaled_catalog(base, scale)
         sp = LeaveOneOut(ds)
         log = fit_before(sp, 2).coaccess_requests([sp.train_sequence(u) for u in sp.users])
-        eng = Engine(model.params, model.cfg, PromptBuilder(model.tokenizer, ds.items), item_ids=sorted(ds.items),
+        item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
+        if _MAX_ITEMS.value:  # the co-access log of the items built
+            kept = set(item_ids)
+            log = [r for r in (tuple(i for i in req if i in kept) for req in log) if r]
+        eng = Engine(model.params, model.cfg, PromptBuilder(model.tokenizer, ds.items), item_ids=item_ids,
                      user_pages=16, prefix_pages=1, max_candidates=100, mesh=make_mesh(MeshSpec(_DEVICES.value)),
                      placement=_PLACEMENT.value, replicate=_REPLICATE.value, kv_dtype=_KV.value, coaccess=log)
-        logging.info("x%d: %d items, co-access log of %d lists; encoding", scale, len(ds.items), len(log))
+        logging.info("x%d: %d items, co-access log of %d lists; encoding", scale, len(item_ids), len(log))
         t0 = time.perf_counter()
         report = eng.build_store(row_tokens=_ROW.value, rows=_ROWS.value)
-        r = {"catalog_scale": scale, "catalog_items": len(ds.items), **build_rates(report, time.perf_counter() - t0)}
+        r = {"catalog_scale": scale, "catalog_items": len(item_ids), **build_rates(report, time.perf_counter() - t0)}
         st = eng.stats()
         r |= {"item_bytes": st["item_bytes"], "max_shard_gb": max(st["shard_tokens"]) * eng.kv_bytes_per_token / 1e9,
               "prefill_over_build": best / r["tokens_per_s"],
-              "prefill_over_build_steady": best / r["steady_tokens_per_s"],
-              "flatness": r["last_quarter_tokens_per_s"] / r["first_quarter_tokens_per_s"]}
+              "prefill_over_build_steady": best / r["steady_tokens_per_s"] if r["steady_tokens_per_s"] else None,
+              "flatness": (r["last_quarter_tokens_per_s"] / r["first_quarter_tokens_per_s"]
+                           if r["first_quarter_tokens_per_s"] else None)}
         rows.append(r)
         print(f"x{scale}: {r['blocks']} blocks, {r['encoded_tokens']} tokens in {r['wall_s']:.1f}s "
               f"(encode {r['encode_s']:.1f}s, first passes {r['first_passes_s']:.1f}s, lay-out {r['layout_s']:.1f}s): "
-              f"{r['tokens_per_s']:.0f} tokens/s overall, {r['steady_tokens_per_s']:.0f} steady; slots used "
-              f"{r['slot_utilisation']:.3f}; last/first quarter {r['flatness']:.3f}; full prefill / build "
+              f"{r['tokens_per_s']:.0f} tokens/s overall, {_num(r['steady_tokens_per_s'], '.0f')} steady; slots used "
+              f"{r['slot_utilisation']:.3f}; last/first quarter {_num(r['flatness'], '.3f')}; full prefill / build "
               f"{r['prefill_over_build']:.2f}x", flush=True)
         del eng
         gc.collect()

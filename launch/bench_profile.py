@@ -37,6 +37,8 @@ _USERS = flags.DEFINE_integer("num_users", 4, "Test users (one request each).")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions per step and request (median).")
 _LABEL = flags.DEFINE_string("label", "", "What code this measures (stored in the JSON).")
 _OUT = flags.DEFINE_string("output_json", None, "Where to write the JSON.")
+_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; smoke tests).")
+_SNAP = flags.DEFINE_string("snapshot_dir", None, "Item snapshot directory (default: the served one's).")
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -63,7 +65,8 @@ def main(argv):
     del argv
     from rcllm_jax.eval import floor
     from rcllm_jax.recommender import open_served
-    served = open_served(history_len=_H.value, max_candidates=max(_C.value, 52))
+    served = open_served(history_len=_H.value, max_candidates=max(_C.value, 52), max_items=_MAX_ITEMS.value,
+                         snapshot_dir=_SNAP.value)
     eng, rec, ds = served.engine, served.recommender, served.dataset
     peak, bandwidth = floor.matmul_peak_flops(), floor.memory_bandwidth()
     itemsize = np.dtype(eng.cfg.dtype).itemsize

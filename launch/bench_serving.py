@@ -38,6 +38,8 @@ _WINDOW = flags.DEFINE_integer("window", 32, "Requests per scheduling window.")
 _CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per request.")
 _HIST = flags.DEFINE_integer("history_len", 20, "History items in a prompt.")
 _OUT = flags.DEFINE_string("output_json", "bench_out/serving.json", "Where to write the JSON.")
+_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; smoke tests).")
+_SNAP = flags.DEFINE_string("snapshot_dir", None, "Item snapshot directory (default: the served one's).")
 _LOOPS = flags.DEFINE_list("loops", ["serial", "batched"], "Serving loops to measure (serial, batched).")
 
 
@@ -59,14 +61,16 @@ def main(argv):
     from rcllm_jax.serve.state import StateStore
 
     served = open_served(history_len=_HIST.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
-                         replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value)
+                         replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
+                         max_items=_MAX_ITEMS.value, snapshot_dir=_SNAP.value)
     for note in served.notes:
         logging.info("%s", note)
     engine, ds = served.engine, served.dataset
     items = {i: ds.items[i] for i in served.item_ids}
     state = StateStore(Path(tempfile.mkdtemp()) / "state.sqlite3")  # the dataset's histories, in a scratch database
     state.seed(ds.name, {str(u): list(s) for u, s in ds.sequences.items()})
-    users = sorted(ds.sequences)[:_N.value]
+    # users with enough unseen catalog items to retrieve --num_candidates from (all of them on the whole catalog)
+    users = [u for u in sorted(ds.sequences) if len(items.keys() - set(ds.sequences[u])) >= _CANDS.value][:_N.value]
     bodies = [{"user_id": u, "num_candidates": _CANDS.value} for u in users]
     count_compiles()
 
@@ -80,7 +84,14 @@ def main(argv):
         got = {}
         client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
         client.start()
+        queued_by = time.perf_counter() + 60
         while len(svc.scheduler) < len(bodies):  # the whole burst is queued before the loop starts
+            if time.perf_counter() > queued_by:  # a refused request never queues: the loop answers it
+                svc.start()
+                client.join()
+                svc.stop()
+                bad = [o for o in got["outs"] if "ranking" not in o]
+                raise RuntimeError(f"{len(bad)} of {len(bodies)} requests were refused: {bad[:1]}")
             time.sleep(0.01)
         c0, t0 = compiles(), time.perf_counter()
         svc.start()

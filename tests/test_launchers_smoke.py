@@ -1,7 +1,8 @@
 """Launchers no other test runs, each with its default flags on a small configuration (the run
 shortened, outputs in a temporary directory): they start, finish and write what they say.
 (bench.py, build_cache.py, serve.py, recommend.py, loadtest.py, train.py, train_label.py,
-bench_kv.py, bench_scaling.py and generate.py are run by their own tests.)"""
+bench_kv.py, bench_scaling.py and generate.py are run by their own tests.) The default model on
+the first catalog items (--max_items), its item snapshot in the test's directory."""
 
 import json
 import os
@@ -15,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+def _run(script, *args, timeout=600, env=None):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"} | (env or {})
     r = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], env=env, capture_output=True,
                        text=True, timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, (script, r.stderr[-3000:])
@@ -53,3 +54,31 @@ def test_bench_prefill_default_model(tmp_path):
     out = tmp_path / "prefill.json"
     _run("bench_prefill.py", "--lengths=16", "--reps=1", "--notransformers", f"--output_json={out}")
     assert json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_build_on_a_small_catalog(tmp_path):
+    out = tmp_path / "build.json"
+    _run("bench_build.py", "--catalog_scales=1", "--max_items=40", "--prefill_requests=1", "--devices=2",
+         f"--output_json={out}")
+    got = json.loads(out.read_text())
+    (row,) = got["rows"]
+    assert row["catalog_items"] == 40 and row["encoded_tokens"] > 0 and got["prefill"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_profile_and_bench_serving_on_a_small_catalog(tmp_path):
+    """Both open the served engine; the second reuses the item snapshot the first built."""
+    snap, prof, serving = tmp_path / "snap", tmp_path / "profile.json", tmp_path / "serving.json"
+    env_path = {"PYTHONPATH": str(ROOT)}  # bench_profile measures the checkout PYTHONPATH names
+    _run("bench_profile.py", "--max_items=40", f"--snapshot_dir={snap}", "--num_users=1", "--reps=1",
+         "--history_len=10", "--candidates=10", f"--output_json={prof}", env=env_path)
+    got = json.loads(prof.read_text())
+    assert set(got["median_ms"]) == {"request", "inputs", "fetch", "prefill", "floor"}
+    assert all(v > 0 for v in got["median_ms"].values())
+    _run("bench_serving.py", "--mesh=items:2", "--max_items=40", f"--snapshot_dir={snap}", "--num_requests=4",
+         "--repeats=1", "--num_candidates=10", "--history_len=10", "--window=4", "--max_batch=2",
+         f"--output_json={serving}")
+    got = json.loads(serving.read_text())
+    assert set(got["loops"]) == {"serial", "batched"} and got["agreement"]["identical_rankings"] == 1.0
+    assert all(r["compiles_timed"] == 0 for r in got["loops"].values())
