@@ -196,6 +196,33 @@ def test_event_retried_with_its_event_id_after_a_503_applies_once(tmp_path):
         svc.stop()
 
 
+@pytest.mark.slow
+def test_events_answered_503_through_http_are_not_applied_and_retries_apply_once(smollm2, tmp_path):
+    """Against a live serve.py whose requests time out after 20 ms (no warm-up: the first event
+    compiles for a second while the others wait): clients post events with event_ids and resend
+    each one answered 503 after its Retry-After. Some are answered 503 (else this tests nothing);
+    in the end every event is acknowledged and each user's stored history holds exactly its
+    acknowledged events, once each (on the main before issue 34: 503'd events applied anyway)."""
+    import json
+    tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    srv = Server([f"--model={tiny}", "--head=label", "--max_items=60", "--port=0", "--history_len=5", "--nowarmup",
+                  f"--snapshot_dir={tmp_path / 'snap'}", f"--users_dir={tmp_path / 'users'}",
+                  "--user_cache_pages=64", "--request_timeout_s=0.02"], env)
+    try:
+        out = tmp_path / "events.json"
+        r = subprocess.run([sys.executable, str(ROOT / "launch/loadtest.py"), f"--url={srv.url}", "--kind=events",
+                            "--clients=8", "--requests=40", "--num_users=5", "--retries_on_503=30",
+                            f"--output_json={out}"], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        got = json.loads(out.read_text())
+        assert got["retried_503"] > 0, got
+        assert got["sent"] == got["answered_200"] == 40 and got["lost"] == got["answered_twice"] == 0
+        assert got["users_with_other_than_acknowledged_events"] == 0
+    finally:
+        srv.stop()
+
+
 def test_a_recommend_request_never_changes_stored_state(tmp_path):
     """A request's history is for that request only: a 200, a 404 (unknown candidate) and a 413
     (a prompt too long for the model) carrying `history` leave the stored history and its
