@@ -52,7 +52,9 @@ _MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode: rcllm, stitch, sink,
 _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard assignment policy.")
 _QUEUE = flags.DEFINE_integer("max_queue", 0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized "
                               "from the returning users' service time measured in the warm-up and --latency_target_s "
-                              "(--adapt_queue_bound: then from the traffic's).")
+                              "(--adapt_queue_bound: then from the traffic's), and bounded by cost too: at most half "
+                              "the target of estimated engine time waiting and in one window, a new user's request "
+                              "(its history prefix to compute) costing what the warm-up measured for one.")
 _TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may add at most (sizes --max_queue=0).")
 _ADAPT = flags.DEFINE_bool("adapt_queue_bound", False, "With --max_queue=0: keep resizing the bound from the service "
                            "time measured on the traffic (a moving average), not only from the warm-up's. Off by "
@@ -188,7 +190,7 @@ def main(argv):
     engine, ds, item_ids, retriever = served.engine, served.dataset, served.item_ids, served.recommender.retriever
     items = {i: ds.items[i] for i in item_ids}
     users_dir = _USERS_DIR.value or served.users_dir
-    service_s = 0.25  # a request's engine time when nothing is measured (no warm-up)
+    service_s, cold_s = 0.25, None  # a request's engine time when nothing is measured (no warm-up)
     if _WARM.value:  # compile before the first user waits for it
         t1 = time.perf_counter()
         probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value, retriever, _NUM_CANDS.value)
@@ -218,8 +220,14 @@ def main(argv):
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))
     window = _WINDOW.value if _QUEUE.value else max(1, min(_WINDOW.value, outstanding // 2))
     max_queue = outstanding - window
-    logging.info("queue bound %d + window %d requests (%s)", max_queue, window, "--max_queue" if _QUEUE.value else
-                 f"--latency_target_s={_TARGET.value:g} / service time {service_s:.3f}s")
+    # and by cost: half the target of estimated engine time waiting and half in the loop's window, a
+    # new user's request (its history prefix computed) costing what the warm-up measured for one
+    cost_s = (service_s, max(cold_s, service_s)) if cold_s is not None and not _QUEUE.value else None
+    max_cost_s = _TARGET.value / 2 if cost_s else None
+    logging.info("queue bound %d + window %d requests%s (%s)", max_queue, window,
+                 f", {max_cost_s:g}s of estimated engine time each" if cost_s else "",
+                 "--max_queue" if _QUEUE.value else f"--latency_target_s={_TARGET.value:g} / service time "
+                 f"{service_s:.3f}s returning users" + (f", {cost_s[1]:.3f}s new" if cost_s else ""))
     state = StateStore(_STATE_DB.value or users_dir.rstrip("/") + "-state.sqlite3", max_history=_MAX_HIST.value)
     versions = state.versions()
     try:  # the saved KV of a prefix stays only while it stands for the user's history in the database
@@ -237,7 +245,8 @@ def main(argv):
                  "restored from %s", state, state.num_users(), state.num_events(), seeded, ds.name,
                  engine.stats()["users_cached"], users_dir)
     service = RecommenderService(engine, items, state, mode=_MODE.value,
-                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window),
+                                 scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window,
+                                                     max_cost_s=max_cost_s), cost_s=cost_s,
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
                                  retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=step,
                                  max_batch=_MAX_BATCH.value,

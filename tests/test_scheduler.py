@@ -14,8 +14,8 @@ from rcllm_jax.serve.service import ApiError, RecommenderService
 from rcllm_jax.serve.state import StateStore
 
 
-def _task(need):
-    return Task("rank", None, need=np.asarray(need, np.int64))
+def _task(need, cost=0.0):
+    return Task("rank", None, need=np.asarray(need, np.int64), cost=cost)
 
 
 def test_affinity_sends_each_request_to_its_blocks_under_a_cap():
@@ -35,6 +35,24 @@ def test_affinity_ties_go_to_the_shard_that_has_taken_fewer():
     s.assign(tasks)
     # cap = ceil(4 / 2 x 2) = 4: never binding. Equal shares: fewer taken wins, then the lower index
     assert [t.shard for t in tasks] == [0, 1, 0, 1]
+
+
+def test_cost_bound_admits_by_estimated_engine_time():
+    """Hand-counted: at most 2.5 s of estimated work waits; a task is always taken into an empty
+    queue, whatever it costs; what a window takes is freed."""
+    s = Scheduler(2, max_queue=100, window=10, max_cost_s=2.5)
+    big = s.submit(_task([1, 0], 10.0))  # alone: admitted
+    with pytest.raises(QueueFull, match="10.0s of engine time"):
+        s.submit(_task([1, 0], 0.1))
+    assert s.next_window(0) == [big] and s.queued_cost == 0.0
+    for _ in range(2):
+        s.submit(_task([1, 0], 1.0))
+    with pytest.raises(QueueFull):
+        s.submit(_task([1, 0], 1.0))  # 3.0 > 2.5
+    s.submit(_task([1, 0], 0.5))  # 2.5: fits
+    assert s.queued_cost == 2.5 and [t.cost for t in s.next_window(0)] == [1.0, 1.0, 0.5] and s.queued_cost == 0.0
+    with pytest.raises(ValueError, match="max_cost_s"):
+        Scheduler(2, max_cost_s=0)
 
 
 def test_round_robin_and_route():
@@ -95,6 +113,7 @@ class MockEngine:
 
     def __init__(self, fail_user=None, delay=0.0):
         self.calls, self.steps, self.events, self.fail_user, self.delay = [], [], [], fail_user, delay
+        self.prefixes = set()  # users whose history prefix a request or an event computed
 
         class Builder:
             def build(self, history, cands):
@@ -116,10 +135,14 @@ class MockEngine:
         return {"item_blocks": len(ITEMS), "users_cached": 0,
                 "user_store": {"hits": 0, "extensions": 0, "misses": 0, "evictions": 0}}
 
+    def cached_users(self):
+        return frozenset(self.prefixes)
+
     def rank(self, prompt, mode, user_id, shard):
         time.sleep(self.delay)
         if user_id == self.fail_user:
             raise RuntimeError("device lost")
+        self.prefixes.add(user_id)
         _, hist, cands = prompt
         self.calls.append((user_id, shard))
         local = sum(1 for c in cands if c % 2 == shard)
@@ -132,6 +155,7 @@ class MockEngine:
 
     def update_user(self, user, prompt, version=None):
         self.events.append(("user_store", user))
+        self.prefixes.add(user)
         return len(prompt[1])
 
     def warm_prefix(self, prompt):
@@ -354,6 +378,28 @@ def test_windows_run_as_serving_steps_of_every_shard():
     with pytest.raises(ValueError, match="unknown serving step"):
         RecommenderService(MockEngine(), ITEMS, _state({}), scheduler=Scheduler(2), serving_step="parallel")
 
+
+
+def test_new_users_are_admitted_by_their_cost():
+    """With costs (returning 0.1 s, new 1.0 s) and 1.5 s of queued work at most: while the loop is
+    stopped, a new user's request and a returning user's are admitted, a second new user's is
+    refused (503) although the count bound (100) is far, and returning users still fit."""
+    eng = MockEngine()
+    eng.prefixes.add("5")  # user 5's prefix is cached
+    svc = RecommenderService(eng, ITEMS, _state({5: [1, 2], 6: [3, 4], 8: [5]}),
+                             scheduler=Scheduler(2, max_queue=100, window=100, max_cost_s=1.5), max_candidates=5,
+                             cost_s=(0.1, 1.0))
+    bodies = [{"user_id": u, "candidates": [1, 2]} for u in (6, 5, 8, 5, 5)]
+    got = {}
+    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+    client.start()
+    while len(svc.scheduler) < 4:  # 6 (1.0), 5 (0.1), 5, 5 admitted; 8 (a second 1.0) refused
+        time.sleep(0.01)
+    assert svc.scheduler.queued_cost == pytest.approx(1.3)
+    svc.start()
+    client.join()
+    svc.stop()
+    assert [o.get("status", 200) for o in got["outs"]] == [200, 200, 503, 200, 200]
 
 
 def test_queue_bound_adapts_to_the_measured_service_time():

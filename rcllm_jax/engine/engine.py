@@ -469,6 +469,11 @@ class Engine:
         return {"cached": e is not None, "shard": None if e is None or e.shard == REPLICATED else e.shard,
                 "replicated": e is not None and e.shard == REPLICATED, "block_tokens": len(toks)}
 
+    def cached_users(self) -> frozenset:
+        """The users whose latest history prefix the user store holds (their next request with that
+        history computes none of it)."""
+        return frozenset(self.users.latest)
+
     def stats(self) -> dict:
         """Counts of every cache (for /healthz, /metrics and the launchers' summaries)."""
         loads = self.store.shard_loads()

@@ -46,16 +46,25 @@ class Task:
     enqueued: float = 0.0
     future: Future = dataclasses.field(default_factory=Future)
     shard: int | None = None
+    cost: float = 0.0  # estimated engine seconds (admission under `Scheduler.max_cost_s`)
 
 
 class Scheduler:
     def __init__(self, num_shards: int, policy: str = "affinity", max_queue: int = 256, window: int = 32,
-                 slack: float = 0.25):
+                 slack: float = 0.25, max_cost_s: float | None = None):
+        """max_queue: tasks waiting at most; window: tasks the engine loop takes at once. max_cost_s:
+        also at most this many estimated engine seconds (`Task.cost`) waiting, and in one window (a
+        task is always taken into an empty queue or window): a request that must compute a new
+        user's history prefix costs ~10x a returning user's, so a count bound sized for returning
+        users lets new users wait many times the latency target. None: counts only."""
         if policy not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {policy!r}: {' | '.join(SCHEDULERS)}")
         if max_queue < 1 or window < 1:
             raise ValueError("max_queue and window must be >= 1")
+        if max_cost_s is not None and not max_cost_s > 0:
+            raise ValueError("max_cost_s must be > 0")
         self.num_shards, self.policy, self.max_queue, self.window, self.slack = num_shards, policy, max_queue, window, slack
+        self.max_cost_s, self.queued_cost = max_cost_s, 0.0
         self.queue: collections.deque[Task] = collections.deque()
         self.cv = threading.Condition()
         self._seq = itertools.count()
@@ -71,8 +80,11 @@ class Scheduler:
                 raise QueueFull("the server is shutting down")
             if len(self.queue) >= self.max_queue:
                 raise QueueFull(f"request queue full ({self.max_queue} waiting)")
+            if self.max_cost_s is not None and self.queue and self.queued_cost + task.cost > self.max_cost_s:
+                raise QueueFull(f"request queue full (about {self.queued_cost:.1f}s of engine time waiting)")
             task.seq = next(self._seq)
             self.queue.append(task)
+            self.queued_cost += task.cost
             self.cv.notify()
         return task
 
@@ -89,6 +101,7 @@ class Scheduler:
             out = []
             while self.queue and len(out) < self.window:
                 out.append(self.queue.popleft())
+            self.queued_cost = sum(t.cost for t in self.queue) if self.queue else 0.0  # (no float drift)
             return out
 
     def assign(self, tasks: list[Task]) -> dict[int, list[Task]]:

@@ -34,7 +34,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 class ServingEngine(typing.Protocol):
     """What the service (and its `Recommender`) uses of an engine: exactly these members. Only the
     engine loop's thread calls the ones that touch caches; the service reads `shard_bytes`,
-    `item_info` and `stats` once when it is built, then only the loop does. `rcllm_jax.engine.
+    `item_info`, `stats` and `cached_users` once when it is built, then only the loop does. `rcllm_jax.engine.
     Engine` is one; tests/test_scheduler.py's MockEngine (answers by hand) another, and
     tests/test_serving_state.py runs the service's contract against both."""
 
@@ -44,6 +44,8 @@ class ServingEngine(typing.Protocol):
     canonical: str
 
     def stats(self) -> dict: ...
+
+    def cached_users(self) -> frozenset: ...
 
     def shard_bytes(self, item_ids) -> np.ndarray: ...
 
@@ -110,6 +112,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("rcllm_queue_depth", "Requests waiting for the engine.", value=len(s.scheduler))
         yield GaugeMetricFamily("rcllm_queue_bound", "Requests that may wait (beyond: 503); adapts to the measured "
                                 "service time under --latency_target_s.", value=s.scheduler.max_queue)
+        yield GaugeMetricFamily("rcllm_queued_cost_seconds", "Estimated engine time of the waiting requests (a new "
+                                "user's costs more: its history prefix is computed).", value=s.scheduler.queued_cost)
         yield GaugeMetricFamily("rcllm_users_cached", "Users whose history KV is cached.", value=st["users_cached"])
         yield CounterMetricFamily("rcllm_compiles", "XLA compilations since the start (warm-up included).",
                                   value=compiles())
@@ -177,7 +181,8 @@ class RecommenderService:
     def __init__(self, engine, items: dict, state: StateStore, *, mode: str = "rcllm",
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
                  retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
-                 max_batch: int = 8, latency_target_s: float | None = None):
+                 max_batch: int = 8, latency_target_s: float | None = None,
+                 cost_s: tuple[float, float] | None = None):
         """engine: a `ServingEngine`; state: the user histories and event log (`StateStore`).
         retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
@@ -185,7 +190,10 @@ class RecommenderService:
         requests batched, up to max_batch per shard and step, all shards in one program) or
         "serial" (one request at a time, shard by shard). latency_target_s: adapt the queue bound to
         the service time measured on real traffic (a moving average per request), so that the last
-        queued request waits about this long (at least 8 outstanding); None: the bound stays."""
+        queued request waits about this long (at least 8 outstanding); None: the bound stays.
+        cost_s: (returning, new) - a request's estimated engine seconds when its user's history
+        prefix is cached (as the loop last published) or must be computed, what the scheduler's
+        `max_cost_s` admits by (None: every task costs 0)."""
         if serving_step not in SERVING_STEPS:
             raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
         if max_batch < 1:
@@ -200,7 +208,8 @@ class RecommenderService:
         # the stats the engine loop publishes after each window
         self.item_bytes = {i: np.asarray(engine.shard_bytes([i]), np.int64) for i in items}
         self.item_table = {i: engine.item_info(i) for i in items}
-        self.stats = engine.stats()
+        self.stats, self.cached = engine.stats(), engine.cached_users()
+        self.cost_s = cost_s
         self.latency_target_s, self.service_s = latency_target_s, None
         self.metrics = Metrics(self)
         self.stopped = threading.Event()
@@ -360,6 +369,8 @@ class RecommenderService:
         if task.kind == "rank":
             task.need = sum((self.item_bytes[c] for c in task.payload["candidates"]),
                             np.zeros(self.engine.num_shards, np.int64))
+        if self.cost_s is not None and task.kind in ("rank", "event"):  # an event extends the user's prefix
+            task.cost = self.cost_s[0] if task.payload["user"] in self.cached else self.cost_s[1]
         try:
             self.scheduler.submit(task)
         except QueueFull as e:
@@ -411,8 +422,8 @@ class RecommenderService:
                         for t in batch:
                             self._execute(t)
                 i = j
-            if window:
-                self.stats = self.engine.stats()  # published for the handlers (one reference swap)
+            if window:  # published for the handlers (a reference swap each)
+                self.stats, self.cached = self.engine.stats(), self.engine.cached_users()
 
     def _observe(self, seconds: float, n: int = 1):
         """n requests took `seconds` of engine time each: update the moving average and, with a
