@@ -177,12 +177,13 @@ def main(argv):
     twice = [n for n in set(sent) if len(answers[n]) > 1]
     lat = [a[2] for a in ok]
     if _KIND.value == "events":  # exactly the acknowledged events are stored, once each
-        ttft, ids = [], []
+        ttft, ids, served = [], [], []
         acked = collections.Counter(bodies[n]["user_id"] for n in sorted(set(sent)) for a in answers[n]
                                     if a[0] == 200)
         mismatched = sum(_stored_events(_URL.value, u) != acked[u] for u in sorted({b["user_id"] for b in bodies}))
     else:
         ttft = [a[1]["timings"]["ttft_s"] for a in ok]
+        served = [a[1]["timings"]["total_s"] for a in ok]  # the server's own: arrival of the answered try to answer
         ids = [a[1]["request_id"] for a in ok]
         mismatched = None
     report = {"kind": _KIND.value, "clients": _CLIENTS.value, "users": len({b["user_id"] for b in bodies}),
@@ -199,6 +200,8 @@ def main(argv):
               "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
               "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
               "latency_p99_s": float(np.percentile(lat, 99)) if lat else None,
+              "server_latency_p50_s": float(np.percentile(served, 50)) if served else None,
+              "server_latency_p99_s": float(np.percentile(served, 99)) if served else None,
               "shards": dict(collections.Counter(a[1].get("shard") for a in ok)),
               "users_with_other_than_acknowledged_events": mismatched, "server_rss_gib_after": rss1}
     print(json.dumps(report, indent=2))

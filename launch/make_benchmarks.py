@@ -606,6 +606,40 @@ def _state_section(out: Path) -> list[str]:
         if (out / "state_server_save.txt").exists():
             lines.append(f"- Its shutdown save (the server's log): `{(out / 'state_server_save.txt').read_text().strip()}`.")
         lines.append("")
+    return lines + _admission_section(out)
+
+
+def _admission_section(out: Path) -> list[str]:
+    """Admission by count (before) and by estimated engine time (after, new users costing the
+    warm-up's new-user time), one server per commit and traffic, in one session:
+    admission_{before,after}_{new,warm}.json (loadtest reports) and admission_{...}.txt (the
+    server's queue-bound log line)."""
+    runs = {(c, t): out / f"admission_{c}_{t}.json" for c in ("before", "after") for t in ("new", "warm")}
+    if not all(f.exists() for f in runs.values()):
+        return []
+    d = {k: json.loads(f.read_text()) for k, f in runs.items()}
+    lines = ["## Admission: new users against the latency target (one session, same machine)", "",
+             "| traffic | admission | answered/s | server latency p50 | p99 | client latency p50 | p99 | 503 resent | "
+             "compiles |", "|---|---|---|---|---|---|---|---|---|"]
+    for t, what in (("new", "every request a new user"), ("warm", "50 returning users")):
+        for c, how in (("before", "count"), ("after", "count + cost")):
+            r = d[(c, t)]
+            lines.append(f"| {what} | {how} | {r['throughput_rps']:.2f} | {_fmt(r.get('server_latency_p50_s'))} s | "
+                         f"{_fmt(r.get('server_latency_p99_s'))} s | {_fmt(r['latency_p50_s'])} s | "
+                         f"{_fmt(r['latency_p99_s'])} s | {r['retried_503']} | "
+                         f"{_fmt(r.get('compiles_during_run'), 'd')} |")
+    a = d[("after", "new")]
+    argv = " ".join(x for x in a["argv"] if not x.startswith(("--url", "--output_json")))
+    lines += ["", f"- `python launch/serve.py --mesh=items:2` (default model, slot head, history 20, 20 retrieved "
+                  f"candidates; the warm-up measures a returning and a new user's request) + `python launch/loadtest.py "
+                  f"{argv}` ({a['date']}); the warm rows with `--num_users=50 --warm_users`. Server latency: from the "
+                  "answered try's arrival to its answer (what the target bounds); client latency: from the first "
+                  "try, a resent request's wait for its Retry-After included."]
+    for c in ("before", "after"):
+        f = out / f"admission_{c}.txt"
+        if f.exists():
+            lines.append(f"- {c}: `{f.read_text().strip()}`")
+    lines.append("")
     return lines
 
 
