@@ -28,7 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
 
 from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
-from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
 _ROOT = Path(__file__).resolve().parents[1]
 _CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
@@ -140,7 +140,7 @@ def _placement_locality(engine, requests):
     """Locality of this stream's candidates under each placement of the same stored blocks, without
     and (named "<placement>+replicate<r>") with the run's hot-item replication budget (affinity
     routing: each request on the shard holding most of its candidate tokens)."""
-    from rcllm_jax.dist.placement import PLACEMENTS
+    from rcllm_jax.parallel.placement import PLACEMENTS
     logged = engine.store.coaccess is not None
     budgets = [0.0] + ([engine.store.replicate] if engine.store.replicate and logged else [])
     cands = [q.candidates for q in requests]
@@ -229,7 +229,7 @@ def _retriever_scores(retriever, q):
 def _collaborative_scores(collab: dict, retriever, q):
     """The stage-0 scorer a head was trained over (its card): position and collaborative features."""
     import numpy as np
-    from rcllm_jax.train.slot_head import Collaborative
+    from rcllm_jax.train.head_fit import Collaborative
     scorer = Collaborative(float(collab["position_weight"]), np.asarray(collab["side_weights"], np.float32))
     return scorer.logits(retriever.candidate_features(q.history, q.candidates)[None])[0].tolist()
 
@@ -365,7 +365,7 @@ def main(argv):
     cut = max(positions) if positions else 2
     train_retriever = (retrievers[cut] if retrievers else retriever) or fit_before(split, 2)
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    from rcllm_jax.engine.slot_head import HeadError, ranking_head
+    from rcllm_jax.engine.ranking_head import HeadError, ranking_head
     try:
         head = ranking_head(_HEAD.value, _HEAD_PATH.value)
     except ValueError as e:  # a missing or damaged head file (HeadError), --ranking_head with --head=label
@@ -577,7 +577,7 @@ def main(argv):
                      "prompt_tokens_p50": None, "prompt_tokens_max": None, **all_metrics(ranks),
                      **(vs_retriever(ranks) if name == "collaborative" else {})})
 
-    from rcllm_jax.fetch import portable_path
+    from rcllm_jax.downloads import portable_path
     argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
             for a in sys.argv[1:]]
     config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests) + skipped,

@@ -74,7 +74,7 @@ def build_rates(report: dict, wall_s: float) -> dict:
 
 def main(argv):
     del argv
-    from rcllm_jax.dist.mesh import simulate_cpu_devices
+    from rcllm_jax.parallel.mesh import simulate_cpu_devices
     note = simulate_cpu_devices(_DEVICES.value) if _DEVICES.value > 1 else None
     if note:
         logging.info(note)
@@ -83,7 +83,7 @@ def main(argv):
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, scaled_catalog
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import fit_before

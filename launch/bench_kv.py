@@ -43,7 +43,7 @@ def main(argv):
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.engine.slot_head import ranking_head
+    from rcllm_jax.engine.ranking_head import ranking_head
     from rcllm_jax.eval.fidelity import fidelity
     from rcllm_jax.eval.metrics import bootstrap_ci, per_request_metrics, target_rank
     from rcllm_jax.model import load_model

@@ -54,7 +54,7 @@ _OUT = flags.DEFINE_string("output_json", "bench_out/scaling.json", "Where to wr
 
 def main(argv):
     del argv
-    from rcllm_jax.dist.mesh import simulate_cpu_devices
+    from rcllm_jax.parallel.mesh import simulate_cpu_devices
     counts = sorted(int(x) for x in _DEVICES.value)
     note = simulate_cpu_devices(max(counts))
     if note:
@@ -65,7 +65,7 @@ def main(argv):
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, scaled_catalog
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.retrieval import fit_before
     from rcllm_jax.serve.scheduler import Scheduler

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, --replicate, --kv_dtype)
+from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, --replicate, --kv_dtype)
 
 _N = flags.DEFINE_integer("num_requests", 96, "Requests per burst (distinct users).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed bursts per serving loop (alternating).")

@@ -22,7 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from rcllm_jax.data.prompt import SERVED_HEAD  # noqa: E402  (the shared default prompt)
 
-from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
 _SNAP = flags.DEFINE_string("snapshot_dir", None, "Where the snapshot goes (a new step in an Orbax directory).",
                             required=True)

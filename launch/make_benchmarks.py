@@ -293,7 +293,7 @@ def _default_rcllm_row(d: dict):
 
 
 def _shipped_head_digest() -> str:
-    from rcllm_jax.engine.slot_head import DEFAULT_HEAD, SlotHead
+    from rcllm_jax.engine.ranking_head import DEFAULT_HEAD, SlotHead
     return SlotHead.load(DEFAULT_HEAD).digest()
 
 

@@ -21,7 +21,7 @@ from absl import app, flags  # noqa: E402
 
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
 
-from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement)
+from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement)
 
 _USERS = flags.DEFINE_list("user_id", ["1"], "Users to recommend for (MovieLens user ids).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes per user.")
@@ -60,7 +60,7 @@ def main(argv):
     except ValueError:
         raise app.UsageError(f"--user_id takes MovieLens user ids (integers), got {_USERS.value}") from None
     mesh = dist_cli.setup()
-    from rcllm_jax.engine.slot_head import HeadError
+    from rcllm_jax.engine.ranking_head import HeadError
     from rcllm_jax.recommender import Recommender, open_served
 
     t0 = time.perf_counter()

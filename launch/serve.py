@@ -25,7 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
 
-from rcllm_jax.dist import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 from rcllm_jax.serve.scheduler import SCHEDULERS  # noqa: E402
 from rcllm_jax.serve.service import SERVING_STEPS  # noqa: E402
 
@@ -169,7 +169,7 @@ def main(argv):
     count_compiles()  # /metrics counts every compile of this process, the warm-up's included
     step = _STEP.value if _STEP.value != "auto" else ("serial" if jax.default_backend() == "cpu" else "batched")
     from rcllm_jax.cache.snapshot import SnapshotError, SnapshotMismatchError
-    from rcllm_jax.engine.slot_head import HeadError
+    from rcllm_jax.engine.ranking_head import HeadError
     try:
         served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
                              data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,

@@ -11,7 +11,7 @@ candidates, listed in its order); validation: the targets at --validation_positi
 the examples whose target was retrieved train (the listwise loss needs it among the candidates).
 
 Stage 0 fits the collaborative scorer (the retriever's features of each candidate: kNN score,
-follow score, position; `train/slot_head.py::fit_collaborative`) on the targets at
+follow score, position; `train/head_fit.py::fit_collaborative`) on the targets at
 --collaborative_positions, which cost no model pass; it is the baseline without the LLM, and
 the head learns what to add to it (`--collaborative=false`: the head alone, as before).
 Stage 1 serves every example once in rcllm mode with the base model, keeps its prefix KV in
@@ -118,12 +118,12 @@ def main(argv):
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.engine.selective_recompute import BLOCK_MODES
-    from rcllm_jax.engine.slot_head import SlotHead
+    from rcllm_jax.engine.ranking_head import SlotHead
     from rcllm_jax.eval.metrics import per_request_metrics
-    from rcllm_jax.fetch import portable_path
+    from rcllm_jax.downloads import portable_path
     from rcllm_jax.model import load_model
     from rcllm_jax.train import ranker as rk
-    from rcllm_jax.train import slot_head as sh
+    from rcllm_jax.train import head_fit as sh
 
     t0 = time.perf_counter()
     out = Path(_OUT.value)

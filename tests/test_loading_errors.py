@@ -89,10 +89,10 @@ def test_gguf_sentencepiece_tokenizer_is_refused_clearly(tmp_path):
 
 
 def test_tampered_asset_is_refused_and_cache_left_alone(tmp_path, monkeypatch):
-    from rcllm_jax import fetch
+    from rcllm_jax import downloads
     monkeypatch.setenv("RCLLM_JAX_CACHE", str(tmp_path))
-    bad = fetch.WheelAsset(name="tampered", package="recbole", version="1.2.1",
-                           wheel_sha256="0" * 64, members=fetch.ML_100K.members)
-    with pytest.raises(fetch.AssetError, match="sha256"):
-        fetch.fetch(bad)
+    bad = downloads.WheelAsset(name="tampered", package="recbole", version="1.2.1",
+                           wheel_sha256="0" * 64, members=downloads.ML_100K.members)
+    with pytest.raises(downloads.AssetError, match="sha256"):
+        downloads.download(bad)
     assert not (tmp_path / "tampered").exists()

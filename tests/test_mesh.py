@@ -18,8 +18,8 @@ from rcllm_jax.cache import snapshot
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.pipeline import stream_requests
 from rcllm_jax.data.prompt import PromptBuilder
-from rcllm_jax.dist.mesh import MeshError, MeshSpec, make_mesh, parse_mesh
-from rcllm_jax.dist.placement import hash_placement, similarity_placement
+from rcllm_jax.parallel.mesh import MeshError, MeshSpec, make_mesh, parse_mesh
+from rcllm_jax.parallel.placement import hash_placement, similarity_placement
 from rcllm_jax.engine.engine import Engine
 from rcllm_jax.model import ModelConfig, init_params
 
@@ -51,7 +51,7 @@ def test_placements_are_balanced(n):
     emb = centers[member] + 0.3 * rng.normal(size=(1500, 32))
     lengths = rng.integers(4, 40, size=1500)
     keys = [f"{rng.integers(1 << 62):016x}" for _ in range(1500)]
-    from rcllm_jax.dist.placement import coaccess_placement
+    from rcllm_jax.parallel.placement import coaccess_placement
     near = np.argsort(-(emb @ emb[:300].T), axis=0)[:8]  # a co-access graph: each of 300 items' 8 nearest
     edges = (np.repeat(np.arange(300), 8), near.T.ravel(), np.ones(2400))
     for shards in (similarity_placement(emb, lengths, n), hash_placement(keys, lengths, n),
@@ -78,7 +78,7 @@ def test_coaccess_placement_keeps_co_requested_items_together():
     """Hand-made co-access graph: 4 cliques of 6 items (strong edges inside, one weak edge between
     neighbouring cliques); 4 shards get one clique each. Capacity holds with uneven lengths; no
     graph is a clear error."""
-    from rcllm_jax.dist.placement import coaccess_placement, place
+    from rcllm_jax.parallel.placement import coaccess_placement, place
     clique = np.repeat(np.arange(4), 6)
     pairs = [(a, b, 1.0) for a in range(24) for b in range(a + 1, 24) if clique[a] == clique[b]]
     pairs += [(5, 6, 0.05), (11, 12, 0.05), (17, 18, 0.05)]
@@ -95,7 +95,7 @@ def test_coaccess_placement_keeps_co_requested_items_together():
 
 
 def test_coaccess_edges_count_requests_holding_both():
-    from rcllm_jax.dist.placement import coaccess_edges
+    from rcllm_jax.parallel.placement import coaccess_edges
     i, j, w = coaccess_edges([[0, 1, 2], [2, 1], [3, 0, 0]], 4)  # a repeated item counts once
     assert {(a, b): c for a, b, c in zip(i.tolist(), j.tolist(), w.tolist())} == {
         (0, 1): 1, (0, 2): 1, (1, 2): 2, (0, 3): 1}
@@ -106,7 +106,7 @@ def test_replication_stays_in_budget_and_picks_the_remote_hubs():
     items that every group requests. Without replication a hub lives on one shard and is remote for
     3 groups in 4; replicated (budget 10% of a shard: room for both hubs, not a third block) every
     request is local. The budget is never exceeded, at any budget."""
-    from rcllm_jax.dist.placement import REPLICATED, locality, place, replication_budget
+    from rcllm_jax.parallel.placement import REPLICATED, locality, place, replication_budget
     n_items, lengths = 26, np.full(26, 10)
     lengths[24:] = 3  # the hubs: 24, 25
     reqs = [[g * 6 + k for k in range(6) if k != skip] + [24 + (g + skip) % 2] for g in range(4) for skip in range(6)]
@@ -620,9 +620,9 @@ from test_mesh import CFG
 from rcllm_jax.cache import snapshot
 from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
 from rcllm_jax.data.prompt import PromptBuilder
-from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
 from rcllm_jax.engine.engine import Engine
-from rcllm_jax.fetch import default_model_path
+from rcllm_jax.downloads import default_model_path
 from rcllm_jax.model import init_params, load_model
 tok = load_model(default_model_path(), with_tokenizer=True).tokenizer
 split = LeaveOneOut(load_dataset("ml-100k"))
@@ -674,7 +674,7 @@ def test_similarity_placement_is_more_local_than_hash_on_ml100k(smollm2):
     tokens of both, and leaves hash >= 3x co-access's."""
     from rcllm_jax.cache.block_store import BlockStore
     from rcllm_jax.data.pipeline import eval_requests
-    from rcllm_jax.dist.placement import locality
+    from rcllm_jax.parallel.placement import locality
     split = LeaveOneOut(load_dataset("ml-100k"))
     builder = PromptBuilder(smollm2.tokenizer, split.dataset.items)
     store = BlockStore(make_mesh(MeshSpec(8)), smollm2.cfg, "fp",

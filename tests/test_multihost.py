@@ -13,7 +13,7 @@ import pytest
 
 from conftest import rel_err
 from multihost_case import MODES, case, engine_for
-from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
 
 
 def _free_port() -> int:

@@ -15,12 +15,12 @@ from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
 from rcllm_jax.engine.engine import Engine
 from rcllm_jax.engine.plan import query_rows, stitch_plan
-from rcllm_jax.engine.slot_head import HeadError, SlotHead
+from rcllm_jax.engine.ranking_head import HeadError, SlotHead
 from rcllm_jax.model import forward, init_params
 from rcllm_jax.model.decoder import KVCache
 from rcllm_jax.model.lora import LoraConfig, init_lora, merge
 from rcllm_jax.train import ranker as rk
-from rcllm_jax.train.slot_head import Example
+from rcllm_jax.train.head_fit import Example
 
 CFG = tiny_config()
 LCFG = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "wo", "w_up"), first_layer=1)

@@ -36,7 +36,7 @@ def real(smollm2):
     from conftest import tiny_config
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.dist.mesh import MeshSpec, make_mesh
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import init_params
     cfg = tiny_config()

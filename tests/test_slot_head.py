@@ -15,7 +15,7 @@ from rcllm_jax.data.pipeline import eval_requests
 from rcllm_jax.data.prompt import PromptBuilder
 from rcllm_jax.engine.engine import Engine
 from rcllm_jax.engine.selective_recompute import Policy
-from rcllm_jax.engine.slot_head import HeadError, SlotHead
+from rcllm_jax.engine.ranking_head import HeadError, SlotHead
 from rcllm_jax.model import forward, init_params
 
 CFG = tiny_config()
@@ -61,7 +61,7 @@ def test_slot_prompts_in_every_mode(world):
         # the cached modes recompute the slots: one per candidate, plus the last token
         res = eng.rank(p, "rcllm", user_id=r.user_id)
         assert np.isfinite(res.scores).all() and abs(np.exp(res.scores).sum() - 1) < 1e-5
-        lay, _ = eng._stitch(p, r.user_id, Policy(cached_glue=True))
+        _, lay, _ = eng.prefill_inputs(p, Policy(cached_glue=True), r.user_id)
         slots = p.slot_positions - lay.n_prefix
         assert lay.forced[slots].all() and not lay.cached[slots].any()
         assert int(lay.forced[:lay.n_suffix].sum()) == len(p.candidates) + 1
@@ -135,7 +135,7 @@ def test_head_round_trip_and_refusals(world, tmp_path):
 def test_training_examples_use_only_data_before_each_target():
     from rcllm_jax.data.pipeline import retrieved_candidates
     from rcllm_jax.retrieval import ItemKNN
-    from rcllm_jax.train.slot_head import training_examples, validation_examples
+    from rcllm_jax.train.head_fit import training_examples, validation_examples
     split = LeaveOneOut(load_dataset("ml-100k"))
     split.users = split.users[:80]
     ex, stats = training_examples(split, positions=(4, 3), num_candidates=20)
@@ -157,7 +157,7 @@ def test_training_reads_the_serving_computation(world, tmp_path):
     those states gives the engine's rcllm scores. Saved states come back only for the same
     examples; the loss falls."""
     from rcllm_jax.train import ranker as rk
-    from rcllm_jax.train import slot_head as sh
+    from rcllm_jax.train import head_fit as sh
     eng, reqs, prompts, _ = world
     examples = [sh.Example(r.user_id, tuple(r.history), tuple(r.candidates), i % len(r.candidates))
                 for i, r in enumerate(reqs)]
@@ -196,7 +196,7 @@ def test_training_reads_the_serving_computation(world, tmp_path):
 def test_shipped_head_serves_the_default_model(smollm2):
     """The head in the package is the default model's: the engine accepts it, and its card says
     how it was made; any other weights are refused."""
-    from rcllm_jax.engine.slot_head import DEFAULT_HEAD, ranking_head
+    from rcllm_jax.engine.ranking_head import DEFAULT_HEAD, ranking_head
     head = ranking_head("slot")
     assert (DEFAULT_HEAD / "README.md").exists() and head.theta.shape == (smollm2.cfg.hidden_size + 1,)
     assert head.card["base_fingerprint"] == head.base_fingerprint and head.card["val_examples"] > 0

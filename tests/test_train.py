@@ -70,7 +70,7 @@ def test_block_attention_is_the_engines_stitching(world, cached_glue):
         assert np.abs(stitched - full).max() > 1e-2  # stitching really differs here
 
         # the engine's layout and the training arrays come from one plan
-        lay, _ = eng._stitch(p, r.user_id, Policy(cached_glue=cached_glue))
+        _, lay, _ = eng.prefill_inputs(p, Policy(cached_glue=cached_glue), r.user_id)
         a, n, s = rows[0], lay.n_prefix, lay.n_suffix
         assert np.array_equal(lay.canon_pos[:s] - lay.canon_pos[:s] * 0, a["canon_pos"][n:n + s])
         assert np.array_equal(lay.cached[:s], a["seg"][n:n + s] > 0)

@@ -66,7 +66,7 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     curve = log["stage2"]["curve"]
     assert [c["step"] for c in curve] == [0, 1, 2] and "val_ndcg@10" in curve[-1]
     assert log["card"]["train_examples"] > 0 and log["stage1"][0]["l2"] == 0.01
-    from rcllm_jax.engine.slot_head import SlotHead
+    from rcllm_jax.engine.ranking_head import SlotHead
     ranker, head = SlotHead.load(out / "ranker"), SlotHead.load(out / "head")
     assert ranker.adapter_cfg.targets == ("wq", "wv") and head.adapter is None
     assert ranker.base_fingerprint == head.base_fingerprint == log["card"]["base_fingerprint"]

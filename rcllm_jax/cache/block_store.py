@@ -6,7 +6,7 @@ Layout: k, v [L, N * S, K, H] (N items-shards of S slots each); shard s holds sl
 [s * S, (s + 1) * S). Where a block lives is a property of its kind:
   replicated (glue)  one copy in every shard, at the same offsets [0, R) (R: the replicated
                      region, a multiple of PAD), so a request reads it locally whatever its shard;
-  sharded (items)    one copy, in the shard the placement chose (`rcllm_jax.dist.placement`),
+  sharded (items)    one copy, in the shard the placement chose (`rcllm_jax.parallel.placement`),
                      at an offset >= R; except the hot items that replication chose, which are
                      held like glue, in [0, R) of every shard.
 Blocks occupy `length` consecutive slots starting at a PAD-aligned offset.
@@ -39,11 +39,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.gather_rerotate import rotate_cs
 from rcllm_jax import kernels
-from rcllm_jax.buckets import bucket
+from rcllm_jax.buckets import bucket, coarse_bucket
 from rcllm_jax.cache.keys import block_key
 from rcllm_jax.cache.quant import dequantize, quantize
-from rcllm_jax.dist import placement as placement_lib
-from rcllm_jax.dist.mesh import partition_specs
+from rcllm_jax.parallel import placement as placement_lib
+from rcllm_jax.parallel.mesh import partition_specs
 from rcllm_jax.model.config import ModelConfig, kv_bytes_per_token
 from rcllm_jax.model.decoder import forward
 from rcllm_jax.model.rope import inv_freq
@@ -126,7 +126,7 @@ class BlockStore:
     def __init__(self, mesh, cfg: ModelConfig, fingerprint: str, contexts: dict[str, tuple[int, ...]], *,
                  placement: str = "similarity", replicate: float = 0.0, dtype=None):
         """contexts: block kind -> the canonical context its blocks are encoded after; replicate:
-        hot-item replication budget (`rcllm_jax.dist.placement`)."""
+        hot-item replication budget (`rcllm_jax.parallel.placement`)."""
         if placement not in placement_lib.PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}: {' | '.join(placement_lib.PLACEMENTS)}")
         if set(contexts) != set(KINDS):
@@ -430,7 +430,7 @@ class BlockStore:
         moved = 0
         for j in np.unique(owner[(owner >= 0) & ~own]).tolist():
             pos = np.flatnonzero(owner == j)
-            b = remote_bucket(len(pos))
+            b = coarse_bucket(len(pos))
             idx, tgt = np.zeros(b, np.int32), np.full(b, t, np.int32)  # padding rows land past the end: dropped
             idx[:len(pos)], tgt[:len(pos)] = slots[pos] - j * ss, pos
             src = self.mesh.devices[j, 0]
@@ -457,7 +457,7 @@ class BlockStore:
             for dest in range(self.num_shards):  # nothing remote: the own-row gather and the arrival
                 jax.block_until_ready(self.fetch_exact(np.full(t, -1), np.zeros(t, np.int32), dest, impl)[:2])
             b = 16
-            while b <= remote_bucket(t):
+            while b <= coarse_bucket(t):
                 for src in devs:
                     rows = _gather_rows(tuple(a[src] for a in local), jax.device_put(np.zeros(b, np.int32), src))
                     for dest in devs:
@@ -470,12 +470,6 @@ class BlockStore:
                         done += 1
                 b *= 2
         return done
-
-
-def remote_bucket(n: int) -> int:
-    """Rows of one source shard's compact buffer: a power of two, at least 16 (few programs per
-    request shape whatever the placement sends; the padding is at most 2x a small count)."""
-    return 1 << max(int(n) - 1, 15).bit_length()
 
 
 @jax.jit

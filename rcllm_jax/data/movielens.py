@@ -142,8 +142,8 @@ def load_dataset(name: str = "ml-100k", data_dir: str | Path | None = None) -> D
     if data_dir is None:
         if name != "ml-100k":
             raise ValueError(f"dataset {name!r} needs --data_dir (only ml-100k is fetched automatically)")
-        from rcllm_jax.fetch import ML_100K, fetch
-        return read_recbole_atomic(fetch(ML_100K), "ml-100k")
+        from rcllm_jax.downloads import ML_100K, download
+        return read_recbole_atomic(download(ML_100K), "ml-100k")
     d = Path(data_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"data directory {d} does not exist")

@@ -12,7 +12,7 @@ concatenation of the blocks' tokens, in every mode:
 With the score-slot head (`PromptBuilder(head="slot")`) candidates carry no label: a list
 "Candidates:\n- <item>\n- <item>\n...", each item block followed by a one-token `slot` block
 ("\n", ending its line; the "-" before the next item is glue) that every mode recomputes; the
-candidate's score is read from the slot's final hidden state by a trained head (`engine/slot_head.py`), all candidates in the same prefill. The slot attends to
+candidate's score is read from the slot's final hidden state by a trained head (`engine/ranking_head.py`), all candidates in the same prefill. The slot attends to
 the history, the earlier candidates and its own item, so no label has to be bound to an item.
 
 Item text is request-independent (no label, no numbering), so one item block serves every prompt.

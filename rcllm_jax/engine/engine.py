@@ -30,13 +30,13 @@ from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
-from rcllm_jax.dist.mesh import MeshSpec, make_mesh, shardings
+from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, shardings
 from rcllm_jax.engine.plan import (Layout, device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
                                   span_entries, stitch_plan, store_spans)
 from rcllm_jax.engine import serving_step
 from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
-from rcllm_jax.engine.slot_head import HeadError
+from rcllm_jax.engine.ranking_head import HeadError
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import AdapterMismatchError, check_fits
@@ -94,7 +94,7 @@ class Engine:
     """Ranks prompts in any mode. Item blocks are encoded after `canonical_context` tokens, glue
     blocks after the instruction.
 
-    On a mesh (`rcllm_jax.dist.mesh`): item blocks are sharded along `items` and placed by
+    On a mesh (`rcllm_jax.parallel.mesh`): item blocks are sharded along `items` and placed by
     `placement`; weights, glue, the user store and the prefix cache are on every device. A request
     runs on one items-shard (`shard=`, else the one holding most of its item-block bytes), which
     fetches its remote blocks through a collective. Without a mesh: one device (items:1).
@@ -113,7 +113,7 @@ class Engine:
         the `coaccess` placement's graph and what hot-item replication ranks items by
         (`set_coaccess`; without it such a store refuses to place blocks). replicate: up to this
         fraction of a shard's item tokens more per shard for items held on every shard
-        (`rcllm_jax.dist.placement`). kv_dtype: how the block store holds cached KV (default: the
+        (`rcllm_jax.parallel.placement`). kv_dtype: how the block store holds cached KV (default: the
         model's dtype; "bfloat16" halves its bytes, "int8" with a scale per token and KV head about
         quarters them; each request reads it back into the model's
         dtype). exact_fetch: remote rows move device to device in compact buffers (one process;
@@ -296,7 +296,7 @@ class Engine:
                     jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
                     done += 1
             b = 1
-            while max_batch and b <= serving_step.batch_bucket(max_batch):
+            while max_batch and b <= coarse_bucket(max_batch, 1):
                 for pb, tb in sorted(sizes):
                     self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
                                    pad_to=(pb, tb, ns))
@@ -450,7 +450,7 @@ class Engine:
         item blocks with hot-item `replicate` (default: the store's own), each request on the
         shard holding most of its candidates' bytes: mean local fraction, remote blocks and
         remote bytes per request."""
-        from rcllm_jax.dist.placement import locality
+        from rcllm_jax.parallel.placement import locality
         key_of = {i: self.store.key("item", t) for i, t in self.item_blocks.items()}
         key_of = {i: k for i, k in key_of.items() if k in self.store.entries}
         if not key_of:
@@ -601,7 +601,7 @@ class Engine:
         c_len = max(len(outs_of[i]) for i in batched)
         n = self.num_shards
         counts = np.bincount([stitched[i][0].shard for i in batched], minlength=n)
-        b = serving_step.batch_bucket(counts.max())
+        b = coarse_bucket(counts.max(), 1)
         host = [np.stack([a] * n * b) for a in serving_step.filler(p_len, t_len)]
         outs = np.full((n * b, c_len), -1 if slots else 0, np.int32)
         keep = np.ones(n * b, np.int32)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import merge_attention
-from pallas_kernels.selective_attention import masked_attention
+from pallas_kernels.masked_attention import masked_attention
 from rcllm_jax import kernels
 from rcllm_jax.buckets import bucket
 from rcllm_jax.cache.block_store import PAD as STORE_PAGE

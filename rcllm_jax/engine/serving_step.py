@@ -33,11 +33,6 @@ from rcllm_jax.engine.selective_recompute import blended_prefill
 from rcllm_jax.model.config import ModelConfig
 
 
-def batch_bucket(n: int) -> int:
-    """Requests per shard in a step, rounded up to a power of two (one program per bucket)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
 def filler(prefix: int, suffix: int) -> tuple:
     """The layout arrays (`Layout.arrays`) of a request that fills an empty batch row: one valid,
     forced token at position 0 that attends only itself (no prefix, nothing cached); its outputs

@@ -32,7 +32,7 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", with_toke
     was trained on exactly these weights."""
     t0 = time.perf_counter()
     if path is None:
-        from rcllm_jax.fetch import default_model_path
+        from rcllm_jax.downloads import default_model_path
         path = default_model_path()
     path = Path(path)
     if not path.exists():

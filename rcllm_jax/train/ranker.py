@@ -15,7 +15,7 @@ training and serving share one definition (tested). Requests are padded to fixed
 (`PrefillInputs.padded`: padding is never attended), so one program is compiled for the run.
 
 Stage 1 (`fit_initial_head`): the head alone, fitted on the base model's slot states of the
-training examples (`train/slot_head.py`, L2 chosen on validation); stage 2 (`RankerTrainer`):
+training examples (`train/head_fit.py`, L2 chosen on validation); stage 2 (`RankerTrainer`):
 the head and the adapter together from there, AdamW with warm-up and cosine decay, gradients
 accumulated over `batch_size` examples, Orbax checkpoints with exact resume (trainable weights,
 optimizer state, step; the data order is a function of the seed and the step).
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax.engine.selective_recompute import PrefillInputs
-from rcllm_jax.engine.slot_head import SlotHead, head_scores, slot_features
+from rcllm_jax.engine.ranking_head import SlotHead, head_scores, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
 from rcllm_jax.model.lora import PROJECTIONS, LoraConfig, init_lora, merge
 from rcllm_jax.train.checkpoints import CheckpointMismatchError, open_manager  # noqa: F401 (re-exported)
-from rcllm_jax.train.slot_head import Example
+from rcllm_jax.train.head_fit import Example
 from rcllm_jax.train.step import make_optimizer
 
 CHECKPOINT_FORMAT = 1

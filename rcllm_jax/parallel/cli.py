@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from rcllm_jax.dist.placement import PLACEMENTS
+from rcllm_jax.parallel.placement import PLACEMENTS
 
 MESH = flags.DEFINE_string("mesh", "items:1", "Device mesh: items:N[,model:M] (item caches sharded over items).")
 PLACEMENT = flags.DEFINE_enum("placement", "coaccess", list(PLACEMENTS),
@@ -31,14 +31,14 @@ PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-host: this process's i
 
 def setup():
     """Join the job, make sure the devices exist, return the `jax.sharding.Mesh` of --mesh."""
-    from rcllm_jax.dist.mesh import make_mesh, parse_mesh, simulate_cpu_devices
+    from rcllm_jax.parallel.mesh import make_mesh, parse_mesh, simulate_cpu_devices
     spec = parse_mesh(MESH.value)
     per_process = -(-spec.size // max(1, NUM_PROCESSES.value))
     note = simulate_cpu_devices(per_process)
     if note:
         logging.info(note)
     if COORDINATOR.value:
-        from rcllm_jax.dist.multihost import initialize
+        from rcllm_jax.parallel.multihost import initialize
         initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     elif NUM_PROCESSES.value != 1:
         raise flags.ValidationError("--num_processes > 1 needs --coordinator_address")
