@@ -41,6 +41,9 @@ _OUT = flags.DEFINE_string("output_json", "bench_out/loadtest.json", "Where to w
 _KIND = flags.DEFINE_enum("kind", "recommend", ["recommend", "events"], "What the clients send.")
 _RETRIES = flags.DEFINE_integer("retries_on_503", 0, "Resend a request answered 503 after its Retry-After (1 s), "
                                 "up to this many times (a client that backs off); latency counts from the first try.")
+_BACKOFF = flags.DEFINE_enum("backoff", "fixed", ["fixed", "jittered"], "How a client waits before resending a 503: "
+                              "fixed (the Retry-After, 1 s) or jittered (uniform in 0.5..1.5 x the Retry-After, so "
+                              "clients refused together do not all come back together).")
 _WARM = flags.DEFINE_bool("warm_users", False, "First send one untimed request per distinct user, one at a time, so "
                           "the timed ones come from returning users (history prefixes cached, as after their "
                           "events in production).")
@@ -137,6 +140,7 @@ def main(argv):
     sent, retried = [], [0]
 
     def client():
+        rng = np.random.default_rng()  # a client's own jitter
         while time.perf_counter() < t_end:
             with lock:
                 n = next(nxt, None)
@@ -157,7 +161,7 @@ def main(argv):
                     break
                 with lock:
                     retried[0] += 1
-                time.sleep(1.0)  # the server's Retry-After
+                time.sleep(1.0 if _BACKOFF.value == "fixed" else rng.uniform(0.5, 1.5))  # the server's Retry-After
             with lock:
                 sent.append(n)
                 answers[n].append((status, body, time.perf_counter() - t0))

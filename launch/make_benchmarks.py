@@ -621,9 +621,12 @@ def _admission_section(out: Path) -> list[str]:
     lines = ["## Admission: new users against the latency target (one session, same machine)", "",
              "| traffic | admission | answered/s | server latency p50 | p99 | client latency p50 | p99 | 503 resent | "
              "compiles |", "|---|---|---|---|---|---|---|---|---|"]
+    jittered = out / "admission_after_new_jittered.json"  # the same, clients resending after a jittered wait
     for t, what in (("new", "every request a new user"), ("warm", "50 returning users")):
-        for c, how in (("before", "count"), ("after", "count + cost")):
-            r = d[(c, t)]
+        rows = [(d[(c, t)], how) for c, how in (("before", "count"), ("after", "count + cost"))]
+        if t == "new" and jittered.exists():
+            rows.append((json.loads(jittered.read_text()), "count + cost, clients `--backoff=jittered`"))
+        for r, how in rows:
             lines.append(f"| {what} | {how} | {r['throughput_rps']:.2f} | {_fmt(r.get('server_latency_p50_s'))} s | "
                          f"{_fmt(r.get('server_latency_p99_s'))} s | {_fmt(r['latency_p50_s'])} s | "
                          f"{_fmt(r['latency_p99_s'])} s | {r['retried_503']} | "
