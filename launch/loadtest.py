@@ -139,7 +139,9 @@ def main(argv):
     t_end = time.perf_counter() + _DURATION.value
     sent, retried = [], [0]
 
-    def client():
+    per_client = [0] * _CLIENTS.value  # answers (200) each client got: a closed loop's fairness
+
+    def client(c: int):
         rng = np.random.default_rng()  # a client's own jitter
         while time.perf_counter() < t_end:
             with lock:
@@ -165,10 +167,11 @@ def main(argv):
             with lock:
                 sent.append(n)
                 answers[n].append((status, body, time.perf_counter() - t0))
+                per_client[c] += status == 200
 
     compiles0 = _compiles(_URL.value)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(_CLIENTS.value)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(_CLIENTS.value)]
     for t in threads:
         t.start()
     for t in threads:
@@ -207,6 +210,7 @@ def main(argv):
               "server_latency_p50_s": float(np.percentile(served, 50)) if served else None,
               "server_latency_p99_s": float(np.percentile(served, 99)) if served else None,
               "shards": dict(collections.Counter(a[1].get("shard") for a in ok)),
+              "answered_per_client": per_client,
               "users_with_other_than_acknowledged_events": mismatched, "server_rss_gib_after": rss1}
     print(json.dumps(report, indent=2))
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)

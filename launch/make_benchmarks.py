@@ -638,6 +638,10 @@ def _admission_section(out: Path) -> list[str]:
                   f"{argv}` ({a['date']}); the warm rows with `--num_users=50 --warm_users`. Server latency: from the "
                   "answered try's arrival to its answer (what the target bounds); client latency: from the first "
                   "try, a resent request's wait for its Retry-After included."]
+    for r, how in ((d[("after", "new")], "count + cost"),) + (
+            ((json.loads(jittered.read_text()), "count + cost, jittered"),) if jittered.exists() else ()):
+        if r.get("answered_per_client"):
+            lines.append(f"- Answers per client ({how}, new users): {r['answered_per_client']}.")
     for c in ("before", "after"):
         f = out / f"admission_{c}.txt"
         if f.exists():
