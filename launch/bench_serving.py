@@ -84,15 +84,9 @@ def main(argv):
         got = {}
         client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
         client.start()
-        queued_by = time.perf_counter() + 60
-        while len(svc.scheduler) < len(bodies):  # the whole burst is queued before the loop starts
-            if time.perf_counter() > queued_by:  # a refused request never queues: the loop answers it
-                svc.start()
-                client.join()
-                svc.stop()
-                bad = [o for o in got["outs"] if "ranking" not in o]
-                raise RuntimeError(f"{len(bad)} of {len(bodies)} requests were refused: {bad[:1]}")
-            time.sleep(0.01)
+        queued_by = time.perf_counter() + 60  # a refused request never queues: the check below names it
+        while len(svc.scheduler) < len(bodies) and time.perf_counter() < queued_by:
+            time.sleep(0.01)  # the whole burst is queued before the loop starts
         c0, t0 = compiles(), time.perf_counter()
         svc.start()
         try:

@@ -621,11 +621,12 @@ def _admission_section(out: Path) -> list[str]:
     lines = ["## Admission: new users against the latency target (one session, same machine)", "",
              "| traffic | admission | answered/s | server latency p50 | p99 | client latency p50 | p99 | 503 resent | "
              "compiles |", "|---|---|---|---|---|---|---|---|---|"]
-    jittered = out / "admission_after_new_jittered.json"  # the same, clients resending after a jittered wait
+    f = out / "admission_after_new_jittered.json"  # the same, clients resending after a jittered wait
+    jittered = json.loads(f.read_text()) if f.exists() else None
     for t, what in (("new", "every request a new user"), ("warm", "50 returning users")):
         rows = [(d[(c, t)], how) for c, how in (("before", "count"), ("after", "count + cost"))]
-        if t == "new" and jittered.exists():
-            rows.append((json.loads(jittered.read_text()), "count + cost, clients `--backoff=jittered`"))
+        if t == "new" and jittered:
+            rows.append((jittered, "count + cost, clients `--backoff=jittered`"))
         for r, how in rows:
             lines.append(f"| {what} | {how} | {r['throughput_rps']:.2f} | {_fmt(r.get('server_latency_p50_s'))} s | "
                          f"{_fmt(r.get('server_latency_p99_s'))} s | {_fmt(r['latency_p50_s'])} s | "
@@ -638,8 +639,7 @@ def _admission_section(out: Path) -> list[str]:
                   f"{argv}` ({a['date']}); the warm rows with `--num_users=50 --warm_users`. Server latency: from the "
                   "answered try's arrival to its answer (what the target bounds); client latency: from the first "
                   "try, a resent request's wait for its Retry-After included."]
-    for r, how in ((d[("after", "new")], "count + cost"),) + (
-            ((json.loads(jittered.read_text()), "count + cost, jittered"),) if jittered.exists() else ()):
+    for r, how in ((d[("after", "new")], "count + cost"), (jittered or {}, "count + cost, jittered")):
         if r.get("answered_per_client"):
             lines.append(f"- Answers per client ({how}, new users): {r['answered_per_client']}.")
     for c in ("before", "after"):

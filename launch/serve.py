@@ -53,8 +53,8 @@ _SCHED = flags.DEFINE_enum("scheduler", "affinity", list(SCHEDULERS), "Shard ass
 _QUEUE = flags.DEFINE_integer("max_queue", 0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized "
                               "from the returning users' service time measured in the warm-up and --latency_target_s "
                               "(--adapt_queue_bound: then from the traffic's), and bounded by cost too: at most half "
-                              "the target of estimated engine time waiting and in one window, a new user's request "
-                              "(its history prefix to compute) costing what the warm-up measured for one.")
+                              "the target of estimated engine time waiting (the other half: the window in flight), a "
+                              "new user's request (its history prefix to compute) costing what the warm-up measured.")
 _TARGET = flags.DEFINE_float("latency_target_s", 5.0, "Queueing a request may add at most (sizes --max_queue=0).")
 _ADAPT = flags.DEFINE_bool("adapt_queue_bound", False, "With --max_queue=0: keep resizing the bound from the service "
                            "time measured on the traffic (a moving average), not only from the warm-up's. Off by "

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from rcllm_jax.serve.service import ApiError, RecommenderService
 
 MAX_BODY = 64 * 1024
+TOO_MANY_DIGITS = "a JSON number has more digits than any field takes (ids: at most 128 digits)"  # Python's int-string limit (4300 digits)
 UserId = Union[StrictInt, Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]]
 ItemIds = list[StrictInt]
 
@@ -90,7 +91,7 @@ def _message(err: dict) -> str:
     if kind == "json_invalid":
         detail = str(err.get('ctx', {}).get('error', err.get('msg')))
         if "digits" in detail:  # Python's int-string limit (4300 digits) hit while parsing
-            return "a JSON number has more digits than any field takes (ids: at most 128 digits)"
+            return TOO_MANY_DIGITS
         return f"malformed JSON: {detail}"
     if kind == "extra_forbidden":
         return f"unknown field {where!r}"
@@ -120,9 +121,7 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
     async def http_error(request, e: StarletteHTTPException):  # no route (404/405), an unparsable body (400)
         detail = str(e.detail)
         msg = (f"no route for {request.method} {request.url.path}" if e.status_code in (404, 405)
-               else "a JSON number has more digits than any field takes (ids: at most 128 digits)"
-               if e.status_code == 400 and "digits" in detail
-               else f"malformed JSON: {detail}" if e.status_code == 400 else detail)
+               else f"malformed JSON: {detail}" if e.status_code == 400 else detail)  # (digits: the middleware's)
         return answer(e.status_code, {"error": msg, "status": e.status_code}, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -158,7 +157,7 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
                 json.loads(body or b"null")
             except (ValueError, RecursionError) as e:  # the rest is FastAPI's to answer
                 if isinstance(e, ValueError) and "digits" in str(e) and not isinstance(e, json.JSONDecodeError):
-                    return refuse(400, "a JSON number has more digits than any field takes (ids: at most 128 digits)")
+                    return refuse(400, TOO_MANY_DIGITS)
             request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
                 [(b"content-type", b"application/json")]
         response = await call_next(request)

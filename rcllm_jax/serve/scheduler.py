@@ -53,8 +53,8 @@ class Scheduler:
     def __init__(self, num_shards: int, policy: str = "affinity", max_queue: int = 256, window: int = 32,
                  slack: float = 0.25, max_cost_s: float | None = None):
         """max_queue: tasks waiting at most; window: tasks the engine loop takes at once. max_cost_s:
-        also at most this many estimated engine seconds (`Task.cost`) waiting, and in one window (a
-        task is always taken into an empty queue or window): a request that must compute a new
+        also at most this many estimated engine seconds (`Task.cost`) waiting (a task is always taken
+        into an empty queue), so a window taken from the queue holds no more either: a request that must compute a new
         user's history prefix costs ~10x a returning user's, so a count bound sized for returning
         users lets new users wait many times the latency target. None: counts only."""
         if policy not in SCHEDULERS:
