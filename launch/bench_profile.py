@@ -77,10 +77,7 @@ def main(argv):
         eng.rank(prompt, "rcllm", user_id=user)  # caches the user's prefix: a returning user from here on
         res = eng.rank(prompt, "rcllm", user_id=user)
         inputs, lay, _ = eng.prefill_inputs(prompt, "rcllm", user)
-        if hasattr(eng, "weights"):
-            weights = eng.weights(lay.shard, query=True)
-        else:  # a checkout from before Engine.weights (a "before" profile): the same weights
-            weights = eng._params_on(eng.device(lay.shard), query=True)  # noqa: SLF001
+        weights = eng.weights(lay.shard, query=True)
         steps = {
             "request": _median_ms(lambda: eng.rank(prompt, "rcllm", user_id=user).scores, _REPS.value),
             "inputs": _median_ms(lambda: eng.prefill_inputs(prompt, "rcllm", user)[0].arrays, _REPS.value),

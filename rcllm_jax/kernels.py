@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gather_rerotate import gather_rerotate as _gather_kernel
+from pallas_kernels.gather_rerotate import gather_rerotate as gather_kernel
 from pallas_kernels.gather_rerotate import gather_rerotate_reference
-from pallas_kernels.paged_attention import paged_attention as _paged_kernel
+from pallas_kernels.paged_attention import paged_attention as paged_kernel
 from pallas_kernels.paged_attention import paged_attention_reference
 
 IMPLS = ("auto", "pallas", "xla")
@@ -45,12 +45,12 @@ def paged_attention(q, k_rows, v_rows, q_pos, table, span_start, span_len, span_
     kp, vp = (a.reshape(-1, page, *a.shape[1:]) for a in (k_rows, v_rows))
     args = (q, kp, vp, q_pos, table, span_start, span_len, span_pos, span_delta, inv)
     if impl == "interpret" or (impl == "pallas" and jax.default_backend() == "tpu"):
-        return _paged_kernel(*args, window=window, interpret=impl == "interpret")
+        return paged_kernel(*args, window=window, interpret=impl == "interpret")
     return paged_attention_reference(*args, window=window)
 
 
 def gather_rerotate(rows, slots, delta, inv, *, impl: str):
     """rows [L, P, K, H] at `slots` [T], rotated by `delta` [T] -> [L, T, K, H]."""
     if impl == "interpret" or (impl == "pallas" and jax.default_backend() == "tpu"):
-        return _gather_kernel(rows, slots, delta, inv, interpret=impl == "interpret")
+        return gather_kernel(rows, slots, delta, inv, interpret=impl == "interpret")
     return gather_rerotate_reference(rows, slots, delta, inv)

@@ -91,6 +91,40 @@ def test_prefix_is_read_in_place_from_its_pool_pages_only(world, impl):
         eng.pool.k, eng.pool.v, eng.impl = saved
 
 
+PATHS = [(impl, in_place, deviation, batched) for impl, in_place in (("xla", False), ("pallas", False), ("pallas", True))
+         for deviation in (False, True) for batched in (False, True)]
+
+
+@pytest.mark.parametrize("impl,in_place,deviation,batched", PATHS)
+def test_every_attention_path_equals_full_prefill(world, impl, in_place, deviation, batched):
+    """The path matrix: kernels (XLA references, Pallas interpreted) x cached rows fetched into a
+    suffix buffer or read in place in the block store x selection by a deviation check or by the
+    forced rows x one request at a time (`rank`) or a serving step of every request (`rank_step`).
+    Recomputing every cached row, each path's scores equal the full prefill's. A deviation check
+    needs the cached rows in a buffer: asking for in place then fetches."""
+    from rcllm_jax import kernels
+    eng, reqs, prompts = world
+    policy = Policy(ratio=1.0, check_layer=1) if deviation else Policy(sink=10 ** 6)
+    for req, p in zip(reqs, prompts):
+        eng.update_user(req.user_id, p)
+    want = [eng.rank(p, "full").scores for p in prompts]
+    saved = eng.impl
+    try:
+        eng.impl, eng.read_in_place = kernels.resolve(impl), in_place
+        inputs = eng.prefill_inputs(prompts[0], policy, reqs[0].user_id, shard=0)[0]
+        assert (inputs.store is not None) == (in_place and impl != "xla" and not deviation)
+        if batched:
+            got = [r.scores for r in eng.rank_step([(p, r.user_id, 0) for r, p in zip(reqs, prompts)], policy)]
+            assert eng.last_step["requests"] == len(prompts) and eng.last_step["in_place"] == (inputs.store is not None)
+        else:
+            got = [eng.rank(p, policy, r.user_id, shard=0).scores for r, p in zip(reqs, prompts)]
+    finally:
+        eng.impl, eng.read_in_place = saved, True
+    for g, w in zip(got, want):
+        assert np.isfinite(g).all()
+        assert np.abs(np.asarray(g) - np.asarray(w)).max() <= 1e-4
+
+
 def _blocks_encoded_where_they_land(eng, prompt, lay):
     """k, v [L, T, K, H] of the suffix with each block the store serves encoded again: its canonical
     context then the block, run at positions that put the block where it lands in the prompt (no
@@ -358,7 +392,7 @@ def test_prefix_cache_pages_hold_their_rows_and_new_offsets_compile_nothing():
     pc.insert(toks, kv, kv, start=16, n=50, row0=3)  # pages at 16, 32, 48 (64 + 16 > 16 + 50: not full)
     pages, hit = pc.lookup(np.append(toks[:64], 0))
     assert hit == 0  # page 0 (tokens 0..15) was never given: no chain from the start
-    hashes = pc._hashes(toks)
+    hashes = pc.page_hashes(toks)
     assert set(pc.pages) == set(hashes[1:4])
     for i, src in ((1, 3), (2, 19), (3, 35)):
         slot = pc.alloc.first_slot + pc.pages[hashes[i]] * PAGE
@@ -367,7 +401,7 @@ def test_prefix_cache_pages_hold_their_rows_and_new_offsets_compile_nothing():
     with CompileCounter() as compiles:
         pc.insert(toks + 1000, kv, kv, start=0, n=41, row0=9)  # pages at 0 and 16, from rows 9 and 25
     assert compiles.count == 0
-    h2 = pc._hashes(toks + 1000)
+    h2 = pc.page_hashes(toks + 1000)
     assert pc.lookup(np.append(toks[:40] + 1000, 0))[1] == 32
     slot = pc.alloc.first_slot + pc.pages[h2[1]] * PAGE
     assert np.array_equal(np.asarray(pool.k[:, slot:slot + PAGE]), np.asarray(kv[:, 25:25 + PAGE]))

@@ -185,8 +185,8 @@ def test_engine_impl_switch_reaches_the_block_store_gather(smollm2, monkeypatch)
                  user_pages=32, prefix_pages=1, max_candidates=4)
     eng.build_store()
     calls = []
-    real = kernels._gather_kernel
-    monkeypatch.setattr(kernels, "_gather_kernel", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = kernels.gather_kernel
+    monkeypatch.setattr(kernels, "gather_kernel", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     p = builder.build(r.history, r.candidates)
     xla = {mode: eng.rank(p, mode, r.user_id).scores for mode in ("stitch", "deviation")}
     assert calls == []

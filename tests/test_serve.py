@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 120
 
 
-def _call(url, body=None, raw=None, method=None):
+def http_call(url, body=None, raw=None, method=None):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
     try:
@@ -37,7 +37,7 @@ def _call(url, body=None, raw=None, method=None):
 
 def _compiles(url) -> int:
     """XLA compilations the server counted so far (its /metrics)."""
-    metrics = _call(url + "/metrics")[1]
+    metrics = http_call(url + "/metrics")[1]
     return int(float(re.search(r"\nrcllm_compiles_total (\S+)\n", metrics).group(1)))
 
 
@@ -73,7 +73,7 @@ class Server:
         return code, "".join(self.lines)
 
 
-def _tiny_model(path, tokenizer, max_position: int = 512):
+def tiny_model(path, tokenizer, max_position: int = 512):
     """A 2-layer random model with the real tokenizer, saved as an HF directory."""
     from rcllm_jax.model import ModelConfig, init_params
     from rcllm_jax.model.export import save_hf_dir
@@ -85,7 +85,7 @@ def _tiny_model(path, tokenizer, max_position: int = 512):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2):
-    return _tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2.tokenizer)
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2.tokenizer)
 
 
 def _reference(tiny, history, cands, user):
@@ -114,7 +114,7 @@ def test_server_end_to_end(tiny, tmp_path):
         compiled = _compiles(url)  # after the warm-up: no request below may compile (any accepted shape)
         assert compiled > 0  # the counter includes the warm-up's compiles
         cands = [50, 1, 100, 7, 12, 98, 117, 64]
-        code, out = _call(url + "/v1/recommend", {"user_id": 1, "candidates": cands, "top_k": 5})
+        code, out = http_call(url + "/v1/recommend", {"user_id": 1, "candidates": cands, "top_k": 5})
         assert code == 200, out
         from rcllm_jax.data.movielens import load_dataset
         ds = load_dataset("ml-100k")
@@ -128,7 +128,7 @@ def test_server_end_to_end(tiny, tmp_path):
         # no candidates: retrieved from the served histories (an item-kNN saved with the snapshot), reranked
         served = set(range(1, N_ITEMS + 1))
         user = next(u for u in sorted(ds.sequences) if len(served - set(ds.sequences[u])) >= 6)
-        code, out = _call(url + "/v1/recommend", {"user_id": user, "num_candidates": 6})
+        code, out = http_call(url + "/v1/recommend", {"user_id": user, "num_candidates": 6})
         assert code == 200 and out["retrieved"] is True and len(out["ranking"]) == 6, out
         from rcllm_jax.retrieval import ItemKNN
         r = ItemKNN.load(tmp_path / "snap" / "retriever.npz")
@@ -137,9 +137,9 @@ def test_server_end_to_end(tiny, tmp_path):
         # a user who has seen every served item: a clear 400, not a 500
         full = next((u for u in sorted(ds.sequences) if served <= set(ds.sequences[u])), None)
         if full is not None:
-            code, out = _call(url + "/v1/recommend", {"user_id": full})
+            code, out = http_call(url + "/v1/recommend", {"user_id": full})
             assert code == 400 and "cannot retrieve" in out["error"], out
-        code, out = _call(url + "/v1/recommend", {"user_id": 987654, "num_candidates": 3})  # unknown, no history
+        code, out = http_call(url + "/v1/recommend", {"user_id": 987654, "num_candidates": 3})  # unknown, no history
         assert code == 200 and len(out["ranking"]) == 3, out
 
         bad = [({"raw": b"{not json"}, 400, "malformed JSON"),
@@ -156,39 +156,39 @@ def test_server_end_to_end(tiny, tmp_path):
                 ({"body": {"user_id": "u 1", "candidates": [1]}}, 400, "user_id"),
                 ({"body": {"user_id": 1, "candidates": [2**70]}}, 400, "")]
         for kw, status, msg in bad:
-            code, body = _call(url + "/v1/recommend", kw.get("body"), kw.get("raw"))
+            code, body = http_call(url + "/v1/recommend", kw.get("body"), kw.get("raw"))
             assert code == status and msg in body["error"], (kw, code, body)
         for length in ("-1", "abc"):  # a Content-Length that is not a length: 400 at once, nothing read
             assert _raw_http(url, f"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
                              ).startswith("HTTP/1.1 400")
         # opaque string ids: "1" is MovieLens user 1; any other string is a new user
-        code, out = _call(url + "/v1/recommend", {"user_id": "1", "candidates": cands, "top_k": 5})
+        code, out = http_call(url + "/v1/recommend", {"user_id": "1", "candidates": cands, "top_k": 5})
         assert code == 200 and out["user_id"] == "1" and [r["item_id"] for r in out["ranking"]] == [cands[i] for i in want]
-        code, out = _call(url + "/v1/recommend", {"user_id": "u-abc", "history": [1, 50], "candidates": [7, 100]})
+        code, out = http_call(url + "/v1/recommend", {"user_id": "u-abc", "history": [1, 50], "candidates": [7, 100]})
         assert code == 200 and out["user_id"] == "u-abc", out
         # many users at once: one answer per request, in order, a bad one answered on its own
-        code, out = _call(url + "/v1/recommend/batch", {"requests": [
+        code, out = http_call(url + "/v1/recommend/batch", {"requests": [
             {"user_id": 1, "candidates": cands, "top_k": 5}, {"user_id": 2, "candidates": [99999]},
             {"user_id": "u-abc", "num_candidates": 3}]})
         assert code == 200 and len(out["results"]) == 3, out
         assert [r["item_id"] for r in out["results"][0]["ranking"]] == [cands[i] for i in want]
         assert out["results"][1]["status"] == 404 and len(out["results"][2]["ranking"]) == 3
-        code, schema = _call(url + "/openapi.json")
+        code, schema = http_call(url + "/openapi.json")
         assert code == 200 and {"/v1/recommend", "/v1/recommend/batch", "/v1/users/{user_id}/events"} <= set(schema["paths"])
-        assert _call(url + "/v1/nothing", {"a": 1})[0] == 404
-        health = _call(url + "/healthz")[1]
+        assert http_call(url + "/v1/nothing", {"a": 1})[0] == 404
+        health = http_call(url + "/healthz")[1]
         assert health["status"] == "ok" and health["mode"] == "rcllm" and health["policy"]["sink"] >= 0
         assert health["canonical"] == "candidate"
-        code, item = _call(url + "/v1/items/50")
+        code, item = http_call(url + "/v1/items/50")
         assert code == 200 and item["title"] == "Star Wars" and item["cached"] and item["shard"] in (0, 1)
-        assert _call(url + "/v1/items/5000")[0] == 404
+        assert http_call(url + "/v1/items/5000")[0] == 404
 
         # concurrent clients: every request answered once
         got, lock = [], threading.Lock()
 
         def client(u):
             for j in range(3):
-                r = _call(url + "/v1/recommend", {"user_id": u, "candidates": [u, u + 10, u + 20, 60 + j]})
+                r = http_call(url + "/v1/recommend", {"user_id": u, "candidates": [u, u + 10, u + 20, 60 + j]})
                 with lock:
                     got.append(r)
         threads = [threading.Thread(target=client, args=(u,)) for u in range(2, 8)]
@@ -207,10 +207,10 @@ def test_server_end_to_end(tiny, tmp_path):
         load = json.loads((tmp_path / "load.json").read_text())
         assert load["sent"] == 9 and load["answered_200"] == 9 and load["lost"] == 0 and load["ttft_p50_s"] > 0
 
-        code, ev = _call(url + "/v1/users/5/events", {"items": [10, 20]})
+        code, ev = http_call(url + "/v1/users/5/events", {"items": [10, 20]})
         assert code == 200 and ev["history_length"] == len(ds.sequences[5]) + 2
-        assert _call(url + "/v1/users/5/events", {"items": [99999]})[0] == 404
-        metrics = _call(url + "/metrics")[1]
+        assert http_call(url + "/v1/users/5/events", {"items": [99999]})[0] == 404
+        metrics = http_call(url + "/metrics")[1]
         assert "rcllm_ttft_seconds_count" in metrics and "\nrcllm_queue_depth 0.0\n" in metrics
         # + the two retrieved requests, two string-id requests and the two of the batch that were valid
         assert re.search(r"\nrcllm_requests_total (\d+)\.0\n", metrics).group(1) == str(1 + 2 + 2 + 2 + 18 + 9)
@@ -235,13 +235,13 @@ def test_server_end_to_end(tiny, tmp_path):
     try:
         assert "restored item caches" in "".join(srv.lines)
         cands = [10, 33, 64, 2]
-        code, out = _call(srv.url + "/v1/recommend", {"user_id": 5, "candidates": cands})
+        code, out = http_call(srv.url + "/v1/recommend", {"user_id": 5, "candidates": cands})
         assert code == 200
         ref, _ = _reference(tiny, list(ds.sequences[5]) + [10, 20], cands, 5)
         assert rel_err([r["score"] for r in out["ranking"]], np.sort(ref)[::-1]) <= 1e-5
         # the history prefix came back from the snapshot: the first request computes no more than a
         # repeat of it (only the fresh glue and the last token)
-        again = _call(srv.url + "/v1/recommend", {"user_id": 5, "candidates": cands})[1]
+        again = http_call(srv.url + "/v1/recommend", {"user_id": 5, "candidates": cands})[1]
         assert out["cache"]["computed_tokens"] == again["cache"]["computed_tokens"] < out["cache"]["prompt_tokens"] // 2
     finally:
         code, log = srv.stop()
@@ -298,7 +298,7 @@ def test_readme_curl_examples(smollm2, tmp_path):
     block = re.search(r"```bash\n(curl .*?)```", section, re.S).group(1)
     lines = [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.startswith("curl ")]
     assert len(lines) >= 8, lines
-    tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer, 2048)  # room for 20 candidates with label prompts
+    tiny = tiny_model(tmp_path / "model", smollm2.tokenizer, 2048)  # room for 20 candidates with label prompts
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     srv = Server(["--mesh=items:2", f"--model={tiny}", "--head=label", "--port=0", "--history_len=5",
                   f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup"], env)
@@ -344,26 +344,26 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
         batch = [{"user_id": "u1", "history": [1, 2, 3], "candidates": cands},
                  {"user_id": "u1", "history": [1, 2, 3, 9, 10], "candidates": cands},
                  {"user_id": "u2", "history": [11, 12], "candidates": [13, 5]}]
-        code, out = _call(url + "/v1/recommend/batch", {"requests": batch})
+        code, out = http_call(url + "/v1/recommend/batch", {"requests": batch})
         assert code == 200 and all("ranking" in r for r in out["results"]), out
         for body, got in zip(batch, out["results"]):
-            code, alone = _call(url + "/v1/recommend", body)
+            code, alone = http_call(url + "/v1/recommend", body)
             assert code == 200 and [x["item_id"] for x in got["ranking"]] == [x["item_id"] for x in alone["ranking"]]
             assert rel_err([x["score"] for x in got["ranking"]], [x["score"] for x in alone["ranking"]]) <= 1e-5
-        assert _call(url + "/v1/users/u1")[0] == 404  # a recommend request stores nothing
+        assert http_call(url + "/v1/users/u1")[0] == 404  # a recommend request stores nothing
 
-        seven = _call(url + "/v1/users/7")[1]
+        seven = http_call(url + "/v1/users/7")[1]
         assert seven["history"] == list(ds.sequences[7]) and seven["version"] == 0
-        code, a = _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
-        code2, b = _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
+        code, a = http_call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
+        code2, b = http_call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})
         assert code == code2 == 200 and (a["replay"], b["replay"]) == (False, True)
         assert a["history_length"] == b["history_length"] == 2 and a["version"] == b["version"] == 1
-        assert _call(url + "/v1/users/007/events", {"items": [13], "event_id": "e-1"})[0] == 409
+        assert http_call(url + "/v1/users/007/events", {"items": [13], "event_id": "e-1"})[0] == 409
         for body, status in (({"user_id": "7", "history": [1, 2], "candidates": [99999]}, 404),
                              ({"user_id": "7", "history": [1, 2], "candidates": list(range(1, 41))}, 413)):
-            assert _call(url + "/v1/recommend", body)[0] == status
-        assert _call(url + "/v1/users/7")[1] == seven
-        code, ev = _call(url + "/v1/users/7/events", {"items": [20]})
+            assert http_call(url + "/v1/recommend", body)[0] == status
+        assert http_call(url + "/v1/users/7")[1] == seven
+        code, ev = http_call(url + "/v1/users/7/events", {"items": [20]})
         assert code == 200 and ev["version"] == 1
 
         # connections beyond the per-client cap: a JSON 503 with Retry-After, the server unharmed
@@ -376,11 +376,11 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
             s.close()
         time.sleep(0.5)
         assert _raw_http(url, "POST /v1/recommend HTTP/1.1\r\nHost: x\r\n\r\n").startswith("HTTP/1.1 411")
-        metrics = _call(url + "/metrics")[1]
+        metrics = http_call(url + "/metrics")[1]
         assert re.search(r'\nrcllm_http_responses_total\{status="411"\} 1\.0', metrics)
         assert re.search(r'\nrcllm_http_responses_total\{status="503"\} 1\.0', metrics)
-        assert _call(url + "/v1/items/+50")[0] == _call(url + "/v1/items/5_0")[0] == 400
-        assert _call(url + "/v1/items/%D9%A5%D9%A0")[0] == 400  # Arabic-Indic digits
+        assert http_call(url + "/v1/items/+50")[0] == http_call(url + "/v1/items/5_0")[0] == 400
+        assert http_call(url + "/v1/items/%D9%A5%D9%A0")[0] == 400  # Arabic-Indic digits
     finally:
         srv.proc.kill()  # kill -9 right after the acknowledged events
         srv.proc.wait(60)
@@ -388,16 +388,16 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
     srv = Server(args, env)
     try:
         url = srv.url
-        got = _call(url + "/v1/users/007")[1]
+        got = http_call(url + "/v1/users/007")[1]
         assert got == {"user_id": "007", "history": [11, 12], "version": 1}
-        assert _call(url + "/v1/users/7")[1]["history"] == list(ds.sequences[7]) + [20]
-        assert _call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})[1]["replay"] is True
+        assert http_call(url + "/v1/users/7")[1]["history"] == list(ds.sequences[7]) + [20]
+        assert http_call(url + "/v1/users/007/events", {"items": [11, 12], "event_id": "e-1"})[1]["replay"] is True
         # SIGTERM while the engine is busy: every queued request answered, the store saved whole
         answers = []
 
         def ask(u):
             try:
-                answers.append(_call(url + "/v1/recommend", {"user_id": u, "candidates": [u + 1, u + 2, u + 3]})[0])
+                answers.append(http_call(url + "/v1/recommend", {"user_id": u, "candidates": [u + 1, u + 2, u + 3]})[0])
             except OSError:  # sent after the server stopped accepting: refused, never half-answered
                 answers.append(-1)
         threads = [threading.Thread(target=ask, args=(u,)) for u in range(20, 28)]
@@ -413,7 +413,7 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
     srv = Server(args, env)
     try:
         assert re.search(r"[1-9]\d* cached user prefixes restored", "".join(srv.lines)), "".join(srv.lines)[-3000:]
-        assert _call(srv.url + "/v1/users/007")[1]["history"] == [11, 12]
+        assert http_call(srv.url + "/v1/users/007")[1]["history"] == [11, 12]
     finally:
         srv.stop()
 

@@ -22,7 +22,7 @@ from rcllm_jax.serve.scheduler import Scheduler
 from rcllm_jax.serve.service import ApiError, RecommenderService, ServingEngine, count_compiles
 from rcllm_jax.serve.state import StateStore
 from test_scheduler import ITEMS, MockEngine, burst
-from test_serve import Server, _call, _tiny_model
+from test_serve import Server, http_call, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +204,7 @@ def test_events_answered_503_through_http_are_not_applied_and_retries_apply_once
     in the end every event is acknowledged and each user's stored history holds exactly its
     acknowledged events, once each (on the main before issue 34: 503'd events applied anyway)."""
     import json
-    tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer)
+    tiny = tiny_model(tmp_path / "model", smollm2.tokenizer)
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     srv = Server([f"--model={tiny}", "--head=label", "--max_items=60", "--port=0", "--history_len=5", "--nowarmup",
                   f"--snapshot_dir={tmp_path / 'snap'}", f"--users_dir={tmp_path / 'users'}",
@@ -389,7 +389,7 @@ def test_two_servers_share_one_postgres_state(postgres, smollm2, tmp_path):
     an event acknowledged by one is in the other's GET and ranking at once; an event_id retried
     on the other replica is a replay; both seed once."""
     url_db = _fresh_database(postgres, "replicas")
-    tiny = _tiny_model(tmp_path / "model", smollm2.tokenizer)
+    tiny = tiny_model(tmp_path / "model", smollm2.tokenizer)
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     base = [f"--model={tiny}", "--head=label", "--max_items=40", "--port=0", "--history_len=5", "--nowarmup",
             f"--snapshot_dir={tmp_path / 'snap'}", f"--state_db={url_db}", "--user_cache_pages=64"]
@@ -397,19 +397,19 @@ def test_two_servers_share_one_postgres_state(postgres, smollm2, tmp_path):
     b = None
     try:
         b = Server(base + [f"--users_dir={tmp_path / 'ub'}"], env)
-        assert _call(a.url + "/v1/users/r-1")[0] == 404
-        code, ev = _call(a.url + "/v1/users/r-1/events", {"items": [1, 2], "event_id": "x"})
+        assert http_call(a.url + "/v1/users/r-1")[0] == 404
+        code, ev = http_call(a.url + "/v1/users/r-1/events", {"items": [1, 2], "event_id": "x"})
         assert code == 200 and ev["version"] == 1
-        assert _call(b.url + "/v1/users/r-1")[1] == {"user_id": "r-1", "history": [1, 2], "version": 1}
-        code, again = _call(b.url + "/v1/users/r-1/events", {"items": [1, 2], "event_id": "x"})
+        assert http_call(b.url + "/v1/users/r-1")[1] == {"user_id": "r-1", "history": [1, 2], "version": 1}
+        code, again = http_call(b.url + "/v1/users/r-1/events", {"items": [1, 2], "event_id": "x"})
         assert code == 200 and again["replay"] is True and again["version"] == 1
-        _call(b.url + "/v1/users/r-1/events", {"items": [3]})
+        http_call(b.url + "/v1/users/r-1/events", {"items": [3]})
         body = {"user_id": "r-1", "candidates": [4, 5, 6]}
-        ra, rb = _call(a.url + "/v1/recommend", body)[1], _call(b.url + "/v1/recommend", body)[1]
+        ra, rb = http_call(a.url + "/v1/recommend", body)[1], http_call(b.url + "/v1/recommend", body)[1]
         assert [x["item_id"] for x in ra["ranking"]] == [x["item_id"] for x in rb["ranking"]]
-        want = _call(a.url + "/v1/recommend", body | {"history": [1, 2, 3]})[1]
+        want = http_call(a.url + "/v1/recommend", body | {"history": [1, 2, 3]})[1]
         assert [x["score"] for x in ra["ranking"]] == [x["score"] for x in want["ranking"]]  # B's event, seen by A
-        assert _call(a.url + "/v1/users/1")[1]["version"] == 0  # MovieLens seeded once, by the first
+        assert http_call(a.url + "/v1/users/1")[1]["version"] == 0  # MovieLens seeded once, by the first
     finally:
         a.stop()
         if b is not None:

@@ -277,7 +277,8 @@ class PrefixCache:
         self.pages: collections.OrderedDict[str, int] = collections.OrderedDict()  # hash -> page
         self.stats = collections.Counter()
 
-    def _hashes(self, tokens):
+    def page_hashes(self, tokens):
+        """The chain hash of each full page of `tokens` (a page's key: it and every page before it)."""
         h, out = self.root, []
         for s in range(0, len(tokens) - len(tokens) % PAGE, PAGE):
             h = chain_hash(h, tuple(int(t) for t in tokens[s:s + PAGE]))
@@ -289,7 +290,7 @@ class PrefixCache:
         token is never served from cache (its logits must be computed). count=False: a look that
         is not a request (event-time warming), left out of the hit statistics."""
         pages = []
-        for h in self._hashes(tokens[:len(tokens) - 1]):
+        for h in self.page_hashes(tokens[:len(tokens) - 1]):
             page = self.pages.get(h)
             if page is None:
                 break
@@ -308,7 +309,7 @@ class PrefixCache:
         baselines)."""
         n = kv_k.shape[1] - row0 if n is None else n
         new = {}  # page -> first row of kv_k holding it
-        for i, h in enumerate(self._hashes(tokens)):
+        for i, h in enumerate(self.page_hashes(tokens)):
             s = i * PAGE
             if h in self.pages or s < start or s + PAGE > start + n:
                 continue

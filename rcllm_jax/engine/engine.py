@@ -2,18 +2,17 @@
 
 An `Engine` owns the caches — the block store (item and glue blocks; items sharded over the mesh's
 `items` axis, glue replicated), the user store and the prefix cache (pages of one replicated KV
-pool) — and ranks prompts in any mode: `full` (reference), `prefix` (vLLM-style prefix caching)
-and the block modes `stitch`, `sink`, `deviation`, `rcllm`, each a selective-recompute `Policy`.
-
-The service, the snapshot code's callers and every launcher use only the public methods: `rank`, `rank_step`,
-`update_user`, `shard_bytes`, `item_info`, `stats`, `build_store`, `reset_caches`, `save` /
-`restore`, `save_users` / `restore_users`.
+pool) — and ranks prompts in any mode: `full` (reference), `prefix` (vLLM-style prefix caching,
+`engine/prefix_baseline.py`) and the block modes `stitch`, `sink`, `deviation`, `rcllm`, each a
+selective-recompute `Policy`. Warm-up is `engine/warm_up.py`, snapshot I/O `cache/snapshot.py`;
+both, like the service and every launcher, use only the public methods: `rank`, `rank_step`,
+`update_user`, `prefill_inputs`, `weights`, `pool_on`, `answer_scores`, `shard_bytes`, `item_info`,
+`stats`, `build_store`, `reset_caches`, `warm_up`, `save` / `restore`, `save_users` / `restore_users`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import time
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax import kernels
-from rcllm_jax.buckets import buckets_between, coarse_bucket, coarse_buckets
+from rcllm_jax.buckets import coarse_bucket
 from rcllm_jax.cache import snapshot
 from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.block_store import PASS_ROWS, REPLICATED, ROW_TOKENS, BlockStore
@@ -30,33 +29,20 @@ from rcllm_jax.cache.keys import model_fingerprint
 from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
-from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, shardings
-from rcllm_jax.engine.plan import (Layout, device_layout, fresh_layout, pad_arrays, query_rows, served_from_cache,
-                                  span_entries, stitch_plan, store_spans)
-from rcllm_jax.engine import serving_step
-from rcllm_jax.engine.ranking import RankResult, answer_logit_ids, candidate_scores, query_pass, rank_full, slot_rows
-from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, blended_prefill, selection_size
+from rcllm_jax.engine import prefix_baseline, serving_step, warm_up
+from rcllm_jax.engine.plan import (Layout, device_layout, pad_arrays, served_from_cache, span_entries, stitch_plan,
+                                  store_spans)
+from rcllm_jax.engine.ranking import EngineResult, answer_logit_ids, candidate_scores, rank_full, slot_rows
 from rcllm_jax.engine.ranking_head import HeadError
+from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, block_policy, selection_size
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import AdapterMismatchError, check_fits
+from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, shardings
 
 # prefix_warm: prefix caching whose instruction + history pages are computed at event time
 # (`warm_prefix`, like the user store of the block modes), the strongest prefix baseline
 MODES = ("full", "prefix", "prefix_warm") + tuple(BLOCK_MODES)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineResult(RankResult):
-    recomputed_block_tokens: int = 0  # cached block tokens recomputed (sink + deviation picks)
-    cached_block_tokens: int = 0  # suffix tokens served from the block store
-    cache_hit_tokens: int = 0  # prompt tokens whose KV came from a cache and was not computed now
-    selected: np.ndarray | None = None  # [n] suffix indices recomputed (block modes)
-    shard: int = 0  # items-shard that served the request
-    local_item_blocks: int = 0  # cached item blocks held by that shard (hot replicas included)
-    remote_item_blocks: int = 0  # cached item blocks fetched from other shards
-    local_item_bytes: int = 0
-    remote_item_bytes: int = 0
 
 
 class _States:
@@ -136,7 +122,9 @@ class Engine:
         self.query_params = (jax.device_put(_adapted(head, params, cfg), self.replicated) if self.has_query_adapter
                              else self.params)
         self._replicas = {}  # (device, query?) -> that device's copy of the weights
-        self._fetch_only = False  # warm_up: compile the fetching programs of the Pallas paths too
+        # the Pallas paths read a request's cached rows in place when they all lie on its shard;
+        # False: fetch them as a request with remote rows does (warm-up compiles both programs)
+        self.read_in_place = True
         self.canonical = canonical
         self.item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
         self.glue_blocks = self._glue_blocks(max_candidates)
@@ -179,15 +167,17 @@ class Engine:
         return jax.tree.map(one, tree)
 
     def weights(self, shard: int, query: bool = False):
-        """The weights a request served on `shard` runs with (query: those that compute its rows):
-        what `PrefillInputs.run` takes."""
-        return self._params_on(self.device(shard), query)
-
-    def _params_on(self, dev, query: bool = False):
-        """`dev`'s copy of the base weights, or (query) of the weights that compute the query rows."""
+        """The weights a request served on `shard` runs with, on that shard's device (query: those
+        that compute its rows: the base + the head's query adapter, if any): what
+        `PrefillInputs.run` takes. Leaves are None in a process that does not hold the device."""
+        dev = self.device(shard)
         if (dev, query) not in self._replicas:
             self._replicas[dev, query] = self._on(self.query_params if query else self.params, dev)
         return self._replicas[dev, query]
+
+    def pool_on(self, shard: int):
+        """(k, v) of the KV pool (user store and prefix cache pages) on `shard`'s device."""
+        return self._on((self.pool.k, self.pool.v), self.device(shard))
 
     def warm_fetch(self) -> int:
         """Compile the remote fetches of every suffix length served so far, for every pair of
@@ -196,113 +186,14 @@ class Engine:
         return self.store.warm_fetch(self.impl)
 
     def serving_shapes(self, mode="rcllm", max_candidates: int | None = None) -> dict:
-        """Every shape a block-mode request of this engine's prompts can take: {(output rows,
-        recompute rows): {(prefix rows, suffix rows), ...}} for histories of up to the builder's
-        history_len items and 1..max_candidates candidates among the served items, prompts that
-        fit the model. Bounds come from the catalog's shortest and longest blocks, so the set is a
-        (small) superset of what traffic reaches; every dimension is a power of two but the recompute
-        rows (`buckets.bucket`, four per octave)."""
-        policy = self._block_policy(mode, "")
-        b, (ids, _, p_lo, p_hi) = self.builder, self._shape_bounds
-        k_max = min(max_candidates or len(ids), len(ids))
-        limit = min(self.cfg.max_position, b.max_prompt_tokens or self.cfg.max_position)
-
-        def lowest(bk, lo):  # the shortest length >= lo in bucket bk
-            return max(lo, bk // 2 + 1) if bk > 16 else lo
-
-        out = {}
-        for k in range(1, k_max + 1):
-            ends = []
-            for cands in (ids[:k], ids[-k:]):  # the shortest and the longest item blocks
-                p = b.build([], cands, check_length=False)
-                plan = stitch_plan(p, [0 if j >= 2 and served_from_cache(x, policy.cached_glue) else None
-                                       for j, x in enumerate(p.blocks)], sink=policy.sink)
-                t = slice(plan.n_prefix, len(p))
-                forced, cached = plan.forced[t], plan.cached[t]
-                want = int(forced.sum()) + int(np.ceil(policy.ratio * int((cached & ~forced).sum())))
-                ends.append((len(p) - plan.n_prefix, want))
-            (s_lo, w_lo), (s_hi, w_hi) = ends
-            ob = coarse_bucket(k, 16)
-            for tb in coarse_buckets(s_lo, s_hi):
-                for pb in coarse_buckets(p_lo, p_hi):
-                    if lowest(pb, p_lo) + lowest(tb, s_lo) > limit:
-                        continue
-                    for ns in buckets_between(max(1, min(w_lo, w_hi)), max(w_lo, w_hi)):
-                        out.setdefault((ob, min(ns, tb)), set()).add((pb, tb))
-        return out
-
-    @functools.cached_property
-    def _shape_bounds(self) -> tuple[list[int], list[int], int, int]:
-        """(the served items, shortest block first; the history whose prompt prefix is shortest:
-        none or one item; the shortest and the longest instruction + history prefix in tokens).
-        Any catalog item may stand in a history (a user's stored sequence), not only the served
-        ones; the longest is the history_len items with the longest lines, plus a token a line
-        (slack). Computed once (a prompt per catalog item): the blocks and the builder are fixed."""
-        b = self.builder
-        ids = sorted(self.item_blocks, key=lambda i: (len(self.item_blocks[i]), i))
-
-        def prefix(history):
-            return sum(len(x.tokens) for x in b.build(history, ids[:1], check_length=False).blocks[:2])
-        lines = sorted(b.items, key=lambda i: (prefix([i]), i))
-        shortest = [] if prefix([]) <= prefix(lines[:1]) else lines[:1]
-        longest = lines[-b.history_len:] if b.history_len else []
-        return ids, shortest, prefix(shortest), prefix(longest) + len(longest)
+        """Every shape a block-mode request can take (`engine.warm_up.serving_shapes`)."""
+        return warm_up.serving_shapes(self, mode, max_candidates)
 
     def warm_up(self, mode="rcllm", max_candidates: int | None = None, max_batch: int = 0) -> int:
-        """Compile every program a block-mode request can need (`serving_shapes`), on every
-        items-shard, before serving: the blended prefill of each shape (one request at a time,
-        and with max_batch > 0 each serving-step batch bucket up to max_batch), the cached rows'
-        fetch of each suffix length from and to every shard, the user store's chunked prefix
-        computation. Then no request of an accepted shape compiles (`tests/test_serve.py`). Runs
-        a probe per output-row class padded to each shape; nothing stored changes but the
-        warm-up user's prefix (`reset_caches` drops it). Returns the number of shapes run."""
-        policy = self._block_policy(mode, "")
-        shapes = self.serving_shapes(policy, max_candidates)
-        ids, shortest, _, _ = self._shape_bounds
-        done, user = 0, "__warmup__"
-        probes = {}
-        for ob in {ob for ob, _ in shapes}:  # the smallest prompt with ob output rows: below every shape of its class
-            k = next(k for k in range(1, len(ids) + 1) if coarse_bucket(k, 16) == ob)
-            probes[ob] = self.builder.build(shortest, ids[:k], check_length=False)
-        self.users.warm(self.params, self.cfg, max(pb for v in shapes.values() for pb, _ in v))
-        # the Pallas paths read cached rows in place; a request with rows on another shard fetches
-        # them: on a mesh both programs are compiled
-        for fetch_only in (False, True) if self.impl != "xla" and self.num_shards > 1 else (False,):
-            self._fetch_only = fetch_only
-            try:
-                done += self._warm_shapes(shapes, probes, policy, user, max_batch)
-            finally:
-                self._fetch_only = False
-        for tb in {tb for sizes in shapes.values() for _, tb in sizes}:  # every suffix length's fetch
-            self.store.fetch(np.full(tb, -1), np.zeros(tb, np.int32), 0, self.impl)  # (warm_fetch: every shard pair)
-        self.warm_fetch()
-        return done
-
-    def _warm_shapes(self, shapes: dict, probes: dict, policy: Policy, user, max_batch: int) -> int:
-        """`warm_up`'s blended prefills: each (output, recompute) class's probe padded to each of its
-        (prefix, suffix) shapes, one request at a time on every shard and, with max_batch > 0, in
-        each serving-step batch bucket. Returns the number of shapes run."""
-        done = 0
-        for (ob, ns), sizes in sorted(shapes.items()):
-            probe = probes[ob]
-            self.update_user(user, probe)
-            for shard in range(self.num_shards):
-                inputs, _, _ = self.prefill_inputs(probe, policy, user, shard)
-                if inputs is None:
-                    continue
-                params = self._params_on(self.device(shard), query=True)
-                inputs = dataclasses.replace(inputs, n_select=ns)  # exactly the shape's (a compile, not a ranking)
-                for pb, tb in sorted(sizes):
-                    jax.block_until_ready(inputs.padded(pb, tb, ns).run(params)[0])
-                    done += 1
-            b = 1
-            while max_batch and b <= coarse_bucket(max_batch, 1):
-                for pb, tb in sorted(sizes):
-                    self.rank_step([(probe, user, s) for s in range(self.num_shards) for _ in range(b)], policy,
-                                   pad_to=(pb, tb, ns))
-                    done += 1
-                b *= 2
-        return done
+        """Compile every program a block-mode request can need before serving
+        (`engine.warm_up.warm_up`); `reset_caches` drops the warm-up user's prefix. Returns the
+        number of shapes run."""
+        return warm_up.warm_up(self, mode, max_candidates, max_batch)
 
     def reset_caches(self):
         """Empty the user store and the prefix cache (the block store stays): a fresh serving state."""
@@ -396,28 +287,9 @@ class Engine:
         self.users.restore_user(user_id, tuple(int(t) for t in tokens), jnp.asarray(k), jnp.asarray(v))
 
     def warm_prefix(self, prompt: Prompt, shard: int = 0) -> int:
-        """Event-time warming of the prefix cache (the prefix_warm baseline, vLLM / SGLang with a
-        warmed radix tree): the full pages of the prompt's instruction + history that are not cached
-        yet are computed and inserted now, so a request computes only what follows. Returns the
-        number of tokens computed (0 on a hit)."""
-        b0, b1 = prompt.blocks[0], prompt.blocks[1]
-        if (b0.kind, b1.kind) != ("instruction", "history"):
-            raise ValueError("prompt does not start with instruction + history blocks")
-        toks = np.asarray(b0.tokens + b1.tokens, np.int32)
-        n_full = len(toks) // PAGE * PAGE
-        pages, hit = self.prefix.lookup(np.append(toks[:n_full], 0), count=False)  # the pages a request can hit
-        if hit >= n_full:
-            return 0
-        dev = self.device(shard)
-        lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32), toks[hit:n_full],
-                           hit, shard)
-        pk, pv = self._on((self.pool.k, self.pool.v), dev)
-        _, _, _, kv = blended_prefill(self._params_on(dev), pk, pv, *lay.arrays(), cfg=self.cfg, n_select=len(lay.tokens),
-                                      all_fresh=True, return_kv=True)
-        pb = len(lay.prefix_slots)
-        self.prefix.insert(toks[:n_full], kv.k[:, 0], kv.v[:, 0], hit, n=lay.n_suffix, row0=pb)
-        jax.block_until_ready((self.pool.k, self.pool.v))
-        return n_full - hit
+        """Event-time warming of the prefix cache (the prefix_warm baseline,
+        `engine.prefix_baseline.warm_prefix`); returns the tokens computed (0 on a hit)."""
+        return prefix_baseline.warm_prefix(self, prompt, shard)
 
     def _item_entries(self, item_ids):
         out = []
@@ -529,8 +401,8 @@ class Engine:
         check_prompt_length(len(prompt), self.cfg.max_position, "the model's context")
         if mode == "full":
             s = shard or 0
-            params = self._params_on(self.device(s))
-            qp = self._params_on(self.device(s), query=True) if self.has_query_adapter else None
+            params = self.weights(s)
+            qp = self.weights(s, query=True) if self.has_query_adapter else None
             r = rank_full(params, self.cfg, prompt, self.head, qp) if params["embed"] is not None else None
             fields = None if r is None else (r.scores, np.float64(r.ttft_s), np.int64(r.computed_tokens))
             scores, ttft, computed = self._from_owner(s, fields, (
@@ -538,24 +410,13 @@ class Engine:
             return EngineResult(scores=scores, ttft_s=float(ttft), prompt_tokens=len(prompt),
                                 computed_tokens=int(computed), shard=s)
         if mode in ("prefix", "prefix_warm"):  # the same computation; prefix_warm callers warm at event time
-            return self._rank_prefix(prompt, shard or 0)
+            return prefix_baseline.rank_prefix(self, prompt, shard or 0)
         policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
         if policy is None:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         if user_id is None:
             raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
         return self._rank_policy(prompt, policy, user_id, shard=shard)
-
-    @staticmethod
-    def _block_policy(mode, *user_ids) -> Policy:
-        """The policy of block-mode requests (a mode name or a `Policy`) by these users; a ValueError
-        naming the problem when it is not a block mode or a user id is missing."""
-        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
-        if policy is None:
-            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
-        if any(u is None for u in user_ids):
-            raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
-        return policy
 
     def rank_step(self, requests, mode="rcllm", pad_to: tuple[int, int, int] | None = None) -> list[EngineResult]:
         """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
@@ -566,7 +427,7 @@ class Engine:
         (multi-token labels), and every request of a multi-process run, are ranked one by one.
         pad_to: (prefix, suffix, recompute rows): pad the step's prefix and suffix to at least these
         and run it with exactly this many recompute rows (`warm_up` compiles a shape so)."""
-        policy = self._block_policy(mode, *(user_id for _, user_id, _ in requests))
+        policy = block_policy(mode, *(user_id for _, user_id, _ in requests))
         heads = {prompt.head for prompt, _, _ in requests}
         if len(heads) > 1:
             raise ValueError(f"a serving step takes prompts of one head, got {sorted(heads)}")
@@ -641,8 +502,7 @@ class Engine:
         scores = {}
         for i in batched:
             prompt, row = requests[i][0], row_of[i]
-            sc, extra = self._scores(self._params_on(self.device(stitched[i][0].shard)), prompt,
-                                     logits[row][:len(prompt.candidates)], None)
+            sc, extra = self.answer_scores(prompt, logits[row][:len(prompt.candidates)], None, stitched[i][0].shard)
             scores[i] = (np.asarray(sc), int(extra))
         ttft = time.perf_counter() - t0
         for i in batched:
@@ -679,13 +539,14 @@ class Engine:
                             [None if e is None else self.store.slot(e, shard) for e in entries], shard)
         return lay, items
 
-    def _scores(self, params, prompt: Prompt, out, kv):
-        """(candidate scores [K], label tokens computed) from the prefill's output."""
+    def answer_scores(self, prompt: Prompt, out, kv, shard: int = 0):
+        """(candidate scores [K], label tokens computed) from a prefill's output on `shard`: the
+        ranking head's scores of the slot states, or the label log-probabilities."""
         if prompt.head == "slot":
             if self.head is None:
                 raise ValueError("slot prompts need a trained ranking head (Engine(head=SlotHead.load(...)))")
             return self.head.scores(np.asarray(out)[:len(prompt.candidates)]), 0
-        return candidate_scores(params, self.cfg, prompt, out, kv)
+        return candidate_scores(self.weights(shard), self.cfg, prompt, out, kv)
 
     def prefill_inputs(self, prompt: Prompt, mode="rcllm", user_id=None, shard: int | None = None):
         """(PrefillInputs, Layout, cached item entries) of a block-mode request: the user's prefix
@@ -693,10 +554,9 @@ class Engine:
         (remote ones through the block store's collective). `inputs.run(weights)` is the blended
         prefill `rank` runs (with the query weights); training differentiates through the same
         call. inputs is None in a process that does not hold the shard's device."""
-        policy = self._block_policy(mode, user_id)
+        policy = block_policy(mode, user_id)
         lay, items = self._stitch(prompt, user_id, policy, shard)
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
-        dev = self.device(lay.shard)
         return_kv = prompt.head == "label" and not prompt.single_token_labels
         spans = self._store_spans(lay, policy, return_kv)
         store = None
@@ -705,9 +565,9 @@ class Engine:
         else:
             ck = cv = None
             store = (*self.store.local_arrays(lay.shard), *spans)
-        if self._params_on(dev)["embed"] is None:
+        if self.weights(lay.shard)["embed"] is None:
             return None, lay, items
-        pk, pv = self._on((self.pool.k, self.pool.v), dev)
+        pk, pv = self.pool_on(lay.shard)
         inputs = PrefillInputs(
             (pk, pv, *lay.arrays(), answer_logit_ids(prompt), ck, cv, slot_rows(prompt, lay.n_prefix)),
             n_select=n_select, cfg=self.cfg, check_layer=policy.check_layer, deviation_on=policy.deviation_on,
@@ -725,7 +585,7 @@ class Engine:
         paged read gathers whole pages, and on the CPU rotating each query per span costs more than
         rotating each cached row once (at history 50 / 50 candidates: 64 queries x 9 heads x ~170
         spans against ~900 rows x 3 KV heads)."""
-        if (self.impl == "xla" or self._fetch_only or policy.check_layer is not None or return_kv
+        if (self.impl == "xla" or not self.read_in_place or policy.check_layer is not None or return_kv
                 or self.store.quantized or jax.process_count() > 1 or self.mesh.shape.get("model", 1) > 1):
             return None
         return store_spans(lay, self.store.shard_slots, STORE_PAGE)
@@ -751,8 +611,8 @@ class Engine:
         n_select = inputs.n_select if inputs is not None else selection_size(lay.forced, lay.cached, lay.valid, policy)
         value = None
         if inputs is not None:
-            logits, r, sel, kv = inputs.run(self._params_on(self.device(lay.shard), query=True))
-            scores, extra = self._scores(self._params_on(self.device(lay.shard)), prompt, logits, kv)
+            logits, r, sel, kv = inputs.run(self.weights(lay.shard, query=True))
+            scores, extra = self.answer_scores(prompt, logits, kv, lay.shard)
             value = (np.asarray(scores), np.asarray(r), np.asarray(sel), np.int64(extra))
         scores, r, sel, extra = self._from_owner(lay.shard, value, (
             np.zeros(len(prompt.candidates), np.float32), np.zeros(n_select, np.int32), np.zeros(n_select, bool),
@@ -779,42 +639,3 @@ class Engine:
                             remote_item_blocks=len(items) - n_local,
                             local_item_bytes=int(need[lay.shard]) + replica_bytes,
                             remote_item_bytes=int(need.sum() - need[lay.shard]))
-
-    def _rank_prefix(self, prompt: Prompt, shard: int = 0) -> EngineResult:
-        if jax.process_count() > 1:
-            raise ValueError("prefix mode is a single-process baseline (its pages are written from one device)")
-        dev = self.device(shard)
-        t0 = time.perf_counter()
-        toks = prompt.tokens
-        pages, hit = self.prefix.lookup(toks)
-        if prompt.head == "slot":  # every score slot must be computed: no hit beyond the first slot
-            # (with a query adapter, none beyond the first query row: those rows are the adapter's)
-            first = int(np.argmax(query_rows(prompt))) if self.has_query_adapter else int(prompt.slot_positions[0])
-            keep = min(len(pages), first // PAGE)
-            pages, hit = pages[:keep], keep * PAGE
-        lay = fresh_layout(self.prefix.alloc.slots(pages, hit) if pages else np.zeros(0, np.int32),
-                           np.asarray(toks[hit:]), hit, shard)
-        params = self._params_on(dev)
-        pk, pv = self._on((self.pool.k, self.pool.v), dev)
-        logits, _, _, kv = blended_prefill(
-            params, pk, pv, *lay.arrays(), answer_logit_ids(prompt), out_rows=slot_rows(prompt, hit),
-            cfg=self.cfg, n_select=len(lay.tokens), all_fresh=True, return_kv=True)
-        requeried = 0
-        if prompt.head == "slot" and self.has_query_adapter:  # the query rows again, adapted, over that KV
-            pb = len(lay.prefix_slots)
-            query = np.zeros(len(lay.tokens), bool)
-            query[:lay.n_suffix] = query_rows(prompt)[hit:]
-            logits = query_pass(self._params_on(dev, query=True), self.cfg, pk, pv, lay.prefix_slots, lay.prefix_valid,
-                                lay.tokens, lay.real_pos, kv.k[:, 0, pb:], kv.v[:, 0, pb:], query, lay.valid,
-                                slot_rows(prompt, hit))
-            requeried = int(query.sum())
-        scores, extra = self._scores(params, prompt, logits, kv)
-        extra += requeried
-        scores = np.asarray(scores)
-        ttft = time.perf_counter() - t0
-        # store the new full pages (vLLM writes them during prefill; here after the answer)
-        pb = len(lay.prefix_slots)
-        self.prefix.insert(toks, kv.k[:, 0], kv.v[:, 0], hit, n=lay.n_suffix, row0=pb)
-        return EngineResult(scores=scores, ttft_s=ttft,
-                            prompt_tokens=len(prompt), computed_tokens=len(prompt) - hit + extra,
-                            cache_hit_tokens=hit, shard=shard)

@@ -23,7 +23,14 @@ from rcllm_jax.data.prompt import Prompt, check_prompt_length
 from rcllm_jax.engine.plan import query_rows
 from rcllm_jax.engine.selective_recompute import blended_prefill
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import SEG_SHARED, KVCache, Params, forward, lm_head, rms_norm
+from rcllm_jax.model.decoder import (
+    SEG_SHARED,
+    KVCache,
+    Params,
+    forward,
+    lm_head,
+    rms_norm,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,21 @@ class RankResult:
     def order(self) -> np.ndarray:
         """[K] candidate indices, best first (ties keep prompt order)."""
         return np.argsort(-self.scores, kind="stable")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineResult(RankResult):
+    """An `Engine`'s ranking: the scores and what the request computed, read from caches, fetched."""
+
+    recomputed_block_tokens: int = 0  # cached block tokens recomputed (sink + deviation picks)
+    cached_block_tokens: int = 0  # suffix tokens served from the block store
+    cache_hit_tokens: int = 0  # prompt tokens whose KV came from a cache and was not computed now
+    selected: np.ndarray | None = None  # [n] suffix indices recomputed (block modes)
+    shard: int = 0  # items-shard that served the request
+    local_item_blocks: int = 0  # cached item blocks held by that shard (hot replicas included)
+    remote_item_blocks: int = 0  # cached item blocks fetched from other shards
+    local_item_bytes: int = 0
+    remote_item_bytes: int = 0
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_kv"))

@@ -14,10 +14,14 @@ fresh K/V written over the cached ones before attention:
         fresh computation at layer c (CacheBlend); layers < c then run over the whole suffix.
 
 Queries in R attend with the exact causal mask by global position (`attention_mask`, with the
-model's sliding window), so with R = the whole suffix the result is a full prefill. They read the
-prefix where it lies in the pool (by slot, one layer at a time; the Pallas path: the pool's pages
-by page table) and the suffix buffer, one softmax over both without a stitched copy. `all_fresh`
+model's sliding window), so with R = the whole suffix the result is a full prefill. They read
+each key set where it lies (`engine/key_sets.py`: the prefix in the pool, the suffix buffer or the
+block store's spans, the fresh rows), merged by log-sum-exp, without a stitched copy. `all_fresh`
 runs the suffix as a plain prefill (full and prefix modes: nothing to gather or select).
+
+`blended_prefill` composes the steps: the selection (`_top_rows`, or `_deviation_rows` with a
+check layer), the recompute layers over the request's key sets (`_recompute_layers`), the answer's
+readout (`_readout`).
 """
 
 from __future__ import annotations
@@ -29,16 +33,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import merge_attention
-from pallas_kernels.masked_attention import masked_attention
-from rcllm_jax import kernels
 from rcllm_jax.buckets import bucket
 from rcllm_jax.cache.block_store import PAD as STORE_PAGE
 from rcllm_jax.cache.pool import PAGE
+from rcllm_jax.engine.key_sets import RequestKeys, attend, prefix_page_table, suffix_page_table
 from rcllm_jax.engine.plan import pad_arrays, span_entries
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, _layer, attend_parts, attention_mask,
-                                     attn_mlp, forward, lm_head, out_mlp, qkv, rms_norm)
+from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, attention_mask,
+                                     attn_mlp, decoder_layer, forward, lm_head, out_mlp, qkv, rms_norm)
 from rcllm_jax.model.rope import inv_freq
 
 
@@ -78,6 +80,17 @@ BLOCK_MODES = {
     # prompt changes.
     "rcllm": Policy(cached_glue=True),
 }
+
+
+def block_policy(mode, *user_ids) -> Policy:
+    """The policy of block-mode requests (a mode name or a `Policy`) by these users; a ValueError
+    naming the problem when it is not a block mode or a user id is missing."""
+    policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+    if policy is None:
+        raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+    if any(u is None for u in user_ids):
+        raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
+    return policy
 
 
 def selection_size(forced, cached, valid, policy: Policy) -> int:
@@ -130,29 +143,6 @@ class PrefillInputs:
         return dataclasses.replace(self, arrays=arrays, n_select=n_select, store=store)
 
 
-def _page_spans(pages, n_rows, first_pos):
-    """(table, span_start, span_len, span_pos, span_delta) [1, M] of rows stored as whole pages in
-    order (`pages` [M]), the `n_rows` valid rows first, consecutive in position from each page's
-    `first_pos` [M]; stored at their real positions (no offset)."""
-    zero = jnp.zeros(pages.shape[0], jnp.int32)
-    rows = jnp.clip(n_rows - jnp.arange(pages.shape[0]) * PAGE, 0, PAGE)
-    return tuple(a[None].astype(jnp.int32) for a in (pages, zero, rows, first_pos, zero))
-
-
-def _prefix_page_table(prefix_slots, prefix_valid):
-    """`_page_spans` of a request's prefix in the pool: its slots are whole pages in order
-    (`PageAllocator.slots`); padding slots point at the scratch page and have no rows."""
-    n = -(-prefix_slots.shape[0] // PAGE)
-    slots = jnp.pad(prefix_slots, (0, n * PAGE - prefix_slots.shape[0]))
-    return _page_spans(slots[::PAGE] // PAGE, jnp.sum(prefix_valid), jnp.arange(n) * PAGE)
-
-
-def _suffix_page_table(q_pos, valid):
-    """`_page_spans` of a request's suffix buffer [T, K, H], read in pages of PAGE rows (padded to
-    whole pages by `kernels.paged_attention`)."""
-    return _page_spans(jnp.arange(-(-valid.shape[0] // PAGE)), jnp.sum(valid), q_pos[0, ::PAGE])
-
-
 def _layer_params(layers, i):
     """One layer's weights, read by (traced) index inside a scan: no copy of the whole stack."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
@@ -186,135 +176,134 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     impl: a resolved `rcllm_jax.kernels` implementation of the recomputed tokens' attention
     ("xla", "pallas", "interpret").
     """
+    if all_fresh:
+        return _fresh_prefill(params, cfg, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos, valid,
+                              logit_ids, out_rows, return_kv)
+    if store is not None and (check_layer is not None or return_kv):
+        raise ValueError("cached rows read in place (store=...) serve neither a deviation check nor return_kv")
     inv = inv_freq(cfg)
     p_len, t_len = prefix_slots.shape[0], tokens.shape[0]
-    p_pos = jnp.arange(p_len, dtype=jnp.int32)[None]
-    seg_p = jnp.full((1, p_len), SEG_SHARED, jnp.int32)
-    seg_t = jnp.full((1, t_len), SEG_SHARED, jnp.int32)
-    q_pos = real_pos[None]
-    last = jnp.maximum(jnp.sum(valid) - 1, 0)
-
-    if all_fresh:
-        prefix = KVCache(k=pool_k[:, prefix_slots][:, None], v=pool_v[:, prefix_slots][:, None], pos=p_pos,
-                         seg=seg_p, valid=prefix_valid[None])
-        hidden, kv = forward(params, tokens[None], q_pos, cfg=cfg, valid=valid[None], cache=prefix,
-                             return_hidden=True if out_rows is None else "all")
-        idx = jnp.arange(t_len, dtype=jnp.int32)
-        if out_rows is None:
-            logits = lm_head(params, cfg, hidden[0], logit_ids)
-        else:
-            logits = rms_norm(hidden[0, jnp.maximum(out_rows, 0)], params["final_norm"], cfg.rms_eps)
-        return logits, idx, valid, (prefix.concat(kv) if return_kv else None)
-
-    k_pos = jnp.concatenate([p_pos, q_pos], axis=1)
-    k_valid = jnp.concatenate([prefix_valid, valid])[None]
-    mask = attention_mask(q_pos, seg_t, k_pos, jnp.concatenate([seg_p, seg_t], 1), k_valid,
-                          cfg.sliding_window)  # [1, T, P+T]
-    if store is not None:
-        if check_layer is not None or return_kv:
-            raise ValueError("cached rows read in place (store=...) serve neither a deviation check nor return_kv")
-        store_k, store_v, *spans = store
-        spans = tuple(a[None].astype(jnp.int32) for a in spans)  # [1, T]
-        ck = cv = None
-    else:
-        ck = cached_k[:, None].astype(pool_k.dtype)  # [L, 1, T, K, H]
-        cv = cached_v[:, None].astype(pool_v.dtype)
+    p_pos, q_pos = jnp.arange(p_len, dtype=jnp.int32)[None], real_pos[None]
+    seg = jnp.full((1, p_len + t_len), SEG_SHARED, jnp.int32)
+    k_pos, k_valid = jnp.concatenate([p_pos, q_pos], axis=1), jnp.concatenate([prefix_valid, valid])[None]
+    mask = attention_mask(q_pos, seg[:, p_len:], k_pos, seg, k_valid, cfg.sliding_window)  # [1, T, P+T]
+    buf = None if store is not None else (cached_k[:, None].astype(pool_k.dtype),  # [L, 1, T, K, H]
+                                          cached_v[:, None].astype(pool_v.dtype))
     x = params["embed"][tokens][None]  # [1, T, D]
-    layers = params["layers"]
-    neg = jnp.float32(-jnp.inf)
-    full_k = full_v = None
-
-    if check_layer is not None:
-        c = check_layer
-        pk, pv = (pool[:c + 1, prefix_slots][:, None] for pool in (pool_k, pool_v))  # [c+1, 1, P, K, H]
-
-        def full_body(x, xs):
-            i, lk, lv = xs
-            x, k, v = _layer(cfg, inv, x, _layer_params(layers, i), q_pos, lk, lv, mask)
-            return x, (k, v)
-
-        x, (full_k, full_v) = jax.lax.scan(full_body, x, (jnp.arange(c), pk[:c], pv[:c]))
-        p_c = _layer_params(layers, c)
-        q, k, v = qkv(cfg, inv, x, p_c, q_pos)
-        fresh, old = (k, ck[c]) if deviation_on == "k" else (v, cv[c])
-        dev = jnp.sum(jnp.square((fresh - old).astype(jnp.float32)), axis=(0, 2, 3))  # [T]
-        score = jnp.where(forced, jnp.inf, jnp.where(cached & valid, dev, neg))
-        top, r = jax.lax.top_k(score, n_select)
-        if n_keep is not None:  # only the best n_keep of the n_select rows (a request padded into a batch)
-            top = jnp.where(jnp.arange(n_select) < n_keep, top, neg)
-        order = jnp.argsort(r)
-        r, sel = r[order], top[order] > neg
-        keys = jnp.concatenate([pk[c], k], axis=1)
-        vals = jnp.concatenate([pv[c], v], axis=1)
-        x_r = attn_mlp(cfg, x[:, r], p_c, q[:, r], keys, vals, mask[:, r])
-        full_k = jnp.concatenate([full_k, k[None]], axis=0)  # layers 0..c are fresh for the whole suffix
-        full_v = jnp.concatenate([full_v, v[None]], axis=0)
-        start = c + 1
+    if check_layer is None:
+        r, sel = _top_rows(jnp.where(forced & valid, jnp.inf, -jnp.inf), n_select, n_keep)
+        x_r, below = x[:, r], None
     else:
-        score = jnp.where(forced & valid, jnp.inf, neg)
-        top, r = jax.lax.top_k(score, n_select)
-        if n_keep is not None:  # only the best n_keep of the n_select rows (a request padded into a batch)
-            top = jnp.where(jnp.arange(n_select) < n_keep, top, neg)
-        order = jnp.argsort(r)
-        r, sel = r[order], top[order] > neg
-        x_r = x[:, r]
-        start = 0
+        x_r, r, sel, below = _deviation_rows(params, cfg, inv, x, q_pos, mask, pool_k, pool_v, prefix_slots,
+                                             cached, forced, valid, buf, n_select, n_keep, check_layer, deviation_on)
+    mask_r = mask[:, r]
+    pages = impl != "xla" or store is not None
+    keys = RequestKeys(
+        impl=impl, pool_k=pool_k, pool_v=pool_v, prefix_slots=prefix_slots,
+        prefix_pages=prefix_page_table(prefix_slots, prefix_valid, PAGE) if pages else None, page=PAGE,
+        mask_p=mask_r[..., :p_len], mask_t=mask_r[..., p_len:],
+        suffix_pages=suffix_page_table(q_pos, valid, PAGE) if pages and store is None else None,
+        store=None if store is None else (store[0], store[1], tuple(a[None].astype(jnp.int32) for a in store[2:]),
+                                          STORE_PAGE))
+    start = 0 if below is None else check_layer + 1
+    x_r, fresh = _recompute_layers(params, cfg, inv, x_r, r, sel, q_pos[:, r], keys, buf, start, return_kv)
+    logits = _readout(params, cfg, x_r, r, valid, logit_ids, out_rows)
+    if not return_kv:
+        return logits, r, sel, None
+    sk, sv = fresh
+    if below is not None:  # layers 0..c are fresh for the whole suffix
+        sk, sv = jnp.concatenate([below[0], sk], 0), jnp.concatenate([below[1], sv], 0)
+    kv = KVCache(k=jnp.concatenate([pool_k[:, prefix_slots][:, None], sk], 2),
+                 v=jnp.concatenate([pool_v[:, prefix_slots][:, None], sv], 2), pos=k_pos, seg=seg, valid=k_valid)
+    return logits, r, sel, kv
 
-    pos_r, mask_r = q_pos[:, r], mask[:, r]
-    mask_p, mask_t = mask_r[..., :p_len], mask_r[..., p_len:]
+
+def _fresh_prefill(params, cfg, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos, valid, logit_ids,
+                   out_rows, return_kv):
+    """`blended_prefill(all_fresh=True)`: the suffix as a plain prefill over the prefix's pool rows."""
+    p_len = prefix_slots.shape[0]
+    prefix = KVCache(k=pool_k[:, prefix_slots][:, None], v=pool_v[:, prefix_slots][:, None],
+                     pos=jnp.arange(p_len, dtype=jnp.int32)[None], seg=jnp.full((1, p_len), SEG_SHARED, jnp.int32),
+                     valid=prefix_valid[None])
+    hidden, kv = forward(params, tokens[None], real_pos[None], cfg=cfg, valid=valid[None], cache=prefix,
+                         return_hidden=True if out_rows is None else "all")
+    if out_rows is None:
+        logits = lm_head(params, cfg, hidden[0], logit_ids)
+    else:
+        logits = rms_norm(hidden[0, jnp.maximum(out_rows, 0)], params["final_norm"], cfg.rms_eps)
+    return logits, jnp.arange(tokens.shape[0], dtype=jnp.int32), valid, (prefix.concat(kv) if return_kv else None)
+
+
+def _top_rows(score, n_select: int, n_keep):
+    """(the suffix indices of the n_select best scores, ascending; which of them are real: a score
+    above -inf and, with n_keep, among the best n_keep — a request padded into a batch keeps its own
+    selection)."""
+    neg = jnp.float32(-jnp.inf)
+    top, r = jax.lax.top_k(score, n_select)
+    if n_keep is not None:
+        top = jnp.where(jnp.arange(n_select) < n_keep, top, neg)
+    order = jnp.argsort(r)
+    return r[order], top[order] > neg
+
+
+def _deviation_rows(params, cfg, inv, x, q_pos, mask, pool_k, pool_v, prefix_slots, cached, forced, valid, buf,
+                    n_select: int, n_keep, c: int, deviation_on: str):
+    """The CacheBlend selection: layers 0..c-1 run over the whole suffix, layer c's fresh K (or V)
+    is compared with the cached rows', the forced rows plus the most deviating cached ones are kept
+    and layer c finishes for them. Returns (their residual stream after layer c, r, sel, (k, v)
+    [c+1, 1, T, K, H] of layers 0..c for the whole suffix)."""
+    layers = params["layers"]
+    pk, pv = (pool[:c + 1, prefix_slots][:, None] for pool in (pool_k, pool_v))  # [c+1, 1, P, K, H]
+
+    def full_body(x, xs):
+        i, lk, lv = xs
+        x, k, v = decoder_layer(cfg, inv, x, _layer_params(layers, i), q_pos, lk, lv, mask)
+        return x, (k, v)
+
+    x, (full_k, full_v) = jax.lax.scan(full_body, x, (jnp.arange(c), pk[:c], pv[:c]))
+    p_c = _layer_params(layers, c)
+    q, k, v = qkv(cfg, inv, x, p_c, q_pos)
+    fresh, old = (k, buf[0][c]) if deviation_on == "k" else (v, buf[1][c])
+    dev = jnp.sum(jnp.square((fresh - old).astype(jnp.float32)), axis=(0, 2, 3))  # [T]
+    r, sel = _top_rows(jnp.where(forced, jnp.inf, jnp.where(cached & valid, dev, -jnp.inf)), n_select, n_keep)
+    keys, vals = jnp.concatenate([pk[c], k], axis=1), jnp.concatenate([pv[c], v], axis=1)
+    x_r = attn_mlp(cfg, x[:, r], p_c, q[:, r], keys, vals, mask[:, r])
+    return x_r, r, sel, (jnp.concatenate([full_k, k[None]], axis=0), jnp.concatenate([full_v, v[None]], axis=0))
+
+
+def _recompute_layers(params, cfg, inv, x_r, r, sel, pos_r, keys: RequestKeys, buf, start: int, return_kv: bool):
+    """Layers start..L-1 for the recompute rows r (real where sel): each layer's fresh K/V written
+    over the cached rows in the suffix buffer `buf` (None: the cached rows are read in place and
+    the fresh rows are a key set of their own), then attention over the request's key sets.
+    Returns (x_r, the buffer's layers [L-start, 1, T, K, H] after the writes, or None)."""
+    layers = params["layers"]
     write = sel[None, :, None, None]
-    if impl != "xla" or store is not None:  # the pool's pages of the prefix, by page table
-        prefix_pages = _prefix_page_table(prefix_slots, prefix_valid)
-    if impl != "xla" and store is None:  # the suffix buffer's pages
-        suffix_pages = _suffix_page_table(q_pos, valid)
 
     def body(x_r, xs):
         (i, p), lck, lcv = xs
         if p is None:  # from a check layer on the weights are read by index (slicing the stack would copy it)
             p = _layer_params(layers, i)
         q, k, v = qkv(cfg, inv, x_r, p, pos_r)
-        if store is None:
+        if lck is not None:
             lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
             lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
-        # each key set read where it lies: no stitched [prefix + suffix] copy
-        if impl == "xla" and store is None:  # this layer's stored prefix rows by slot, the suffix buffer
-            lpool_k, lpool_v = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (pool_k, pool_v))
-            parts = ((lpool_k[prefix_slots][None], lpool_v[prefix_slots][None], mask_p), (lck, lcv, mask_t))
-            return out_mlp(cfg, x_r, p, attend_parts(cfg, q, parts)), ((lck, lcv) if return_kv else None)
-        if store is None:  # the suffix buffer through its page table
-            o, lse = kernels.paged_attention(q, lck[0], lcv[0], pos_r, *suffix_pages, inv, impl=impl,
-                                             window=cfg.sliding_window, page=PAGE)
-            paged = []
-        else:  # the fresh rows (dense), then the store's spans
-            o, lse = masked_attention(q, k, v, sel[None], pos_r, pos_r, cfg.sliding_window)
-            paged = [(store_k, store_v, spans, STORE_PAGE)]
-        if p_len:  # the prefix's pool pages (no prefix: nothing to merge)
-            paged.append((pool_k, pool_v, prefix_pages, PAGE))
-        for rows_k, rows_v, table, page in paged:  # merged by log-sum-exp
-            lk, lv = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (rows_k, rows_v))
-            o_s, lse_s = kernels.paged_attention(q, lk, lv, pos_r, *table, inv, impl=impl,
-                                                 window=cfg.sliding_window, page=page)
-            o, lse = merge_attention(o_s, lse_s, o.astype(o_s.dtype), lse)
+        o = attend(cfg, q, pos_r, inv, keys.impl, keys.layer(i, lck, lcv, k, v, sel))
         x_r = out_mlp(cfg, x_r, p, o.astype(x_r.dtype).reshape(*o.shape[:2], -1))
         return x_r, ((lck, lcv) if return_kv else None)
 
     sl = slice(start, cfg.num_layers)
-    idx = jnp.arange(start, cfg.num_layers)
     # from layer 0 the weights are scanned over as they are stacked (no copy; a differentiated call
     # then accumulates one layer's cotangent per step, not the whole stack's)
-    x_r, out = jax.lax.scan(body, x_r, ((idx, None if start else layers), None if ck is None else ck[sl],
-                                        None if cv is None else cv[sl]))
+    xs = ((jnp.arange(start, cfg.num_layers), None if start else layers),
+          None if buf is None else buf[0][sl], None if buf is None else buf[1][sl])
+    return jax.lax.scan(body, x_r, xs)
+
+
+def _readout(params, cfg, x_r, r, valid, logit_ids, out_rows):
+    """The answer's logits at the last valid suffix row (only `logit_ids`, if given), or the
+    final-normed hidden states of the `out_rows` (score slots)."""
     if out_rows is None:
-        logits = lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
-    else:
-        rows = jnp.argmax(r[None, :] == out_rows[:, None], axis=1)  # where each slot sits in the recompute set
-        logits = rms_norm(x_r[0, rows], params["final_norm"], cfg.rms_eps)
-    kv = None
-    if return_kv:
-        sk, sv = out
-        if full_k is not None:
-            sk, sv = jnp.concatenate([full_k, sk], 0), jnp.concatenate([full_v, sv], 0)
-        kv = KVCache(k=jnp.concatenate([pool_k[:, prefix_slots][:, None], sk], 2),
-                     v=jnp.concatenate([pool_v[:, prefix_slots][:, None], sv], 2), pos=k_pos,
-                     seg=jnp.concatenate([seg_p, seg_t], 1), valid=k_valid)
-    return logits, r, sel, kv
+        last = jnp.maximum(jnp.sum(valid) - 1, 0)
+        return lm_head(params, cfg, x_r[0, jnp.argmax(r == last)], logit_ids)
+    rows = jnp.argmax(r[None, :] == out_rows[:, None], axis=1)  # where each slot sits in the recompute set
+    return rms_norm(x_r[0, rows], params["final_norm"], cfg.rms_eps)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcllm_jax.engine.engine import EngineResult
+from rcllm_jax.engine.ranking import EngineResult
 
 PEER_MODES = ("hf_full", "hf_prefix")
 

@@ -97,10 +97,11 @@ def rms_norm(x, w, eps):
 ATTN_Q_CHUNK = 128
 
 
-def _attend_dense(q, parts, cfg: ModelConfig):
+def _attend_dense(q, parts, cfg: ModelConfig, with_lse: bool = False):
     """q [B, T, K, G, H] over one or more key sets parts = ((k, v, mask), ...): k, v [B, S_i, K, H],
     mask [B, T, S_i] -> [B, T, K, G, H]: one softmax over the union of the sets, without
     concatenating them (each set's scores, a shared running max, the summed denominators).
+    with_lse: also its log-sum-exp [B, T, K, G] (about _NEG_INF where a row sees no key).
 
     Head-major batched matmuls ([B, K, T*G, H] x [B, K, S, H]): 1.4-1.8x faster on the CPU than
     contracting in the token-major layout (WORKSPACE_NOTES.md)."""
@@ -118,18 +119,21 @@ def _attend_dense(q, parts, cfg: ModelConfig):
         den = den + jnp.sum(e, axis=-1, keepdims=True)
         out = out + jnp.einsum("bkqs,bskh->bkqh", e.astype(v.dtype).reshape(b, kh, t * g, -1), v,
                                preferred_element_type=jnp.float32).reshape(b, kh, t, g, h)
-    out = (out / den).astype(q.dtype)
-    return out.transpose(0, 2, 1, 3, 4)
+    out = (out / den).astype(q.dtype).transpose(0, 2, 1, 3, 4)
+    if not with_lse:
+        return out
+    return out, (m + jnp.log(den))[..., 0].transpose(0, 2, 1, 3)
 
 
-def _attend(q, parts, cfg: ModelConfig):
-    """q [B, T, N, H] over key sets ((k, v, mask [B, T, S_i]), ...) -> [B, T, N*H]."""
+def _attend(q, parts, cfg: ModelConfig, with_lse: bool = False):
+    """q [B, T, N, H] over key sets ((k, v, mask [B, T, S_i]), ...) -> [B, T, N*H]; with_lse:
+    (out [B, T, N, H], log-sum-exp [B, T, N])."""
     parts = tuple(x for x in parts if x[0].shape[1]) or parts[:1]  # an empty set adds nothing
     b, t = q.shape[:2]
     qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
     c = ATTN_Q_CHUNK
     if t <= c:
-        out = _attend_dense(qg, parts, cfg)
+        out = _attend_dense(qg, parts, cfg, with_lse)
     else:
         n = -(-t // c)
         pad = n * c - t  # padded query rows see nothing and are dropped
@@ -137,9 +141,12 @@ def _attend(q, parts, cfg: ModelConfig):
         qc = qg.reshape(b, n, c, *qg.shape[2:]).swapaxes(0, 1)
         mc = tuple(jnp.pad(m, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, m.shape[-1]).swapaxes(0, 1)
                    for _, _, m in parts)
-        out = jax.lax.map(lambda x: _attend_dense(x[0], [(k, v, m) for (k, v, _), m in zip(parts, x[1])], cfg),
-                          (qc, mc))
-        out = out.swapaxes(0, 1).reshape(b, n * c, *out.shape[3:])[:, :t]
+        out = jax.lax.map(lambda x: _attend_dense(x[0], [(k, v, m) for (k, v, _), m in zip(parts, x[1])], cfg,
+                                                  with_lse), (qc, mc))
+        out = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(b, n * c, *a.shape[3:])[:, :t], out)
+    if with_lse:
+        o, lse = out
+        return o.reshape(b, t, cfg.num_heads, cfg.head_dim), lse.reshape(b, t, cfg.num_heads)
     return out.reshape(b, t, cfg.num_heads * cfg.head_dim)
 
 
@@ -165,10 +172,11 @@ def attend(cfg: ModelConfig, q, keys, vals, mask):
     return _attend(q, ((keys, vals, mask),), cfg)
 
 
-def attend_parts(cfg: ModelConfig, q, parts):
+def attend_parts(cfg: ModelConfig, q, parts, with_lse: bool = False):
     """Attention of q [B, T, N, H] over the union of key sets ((keys, vals, mask [B, T, S_i]), ...)
-    read where each lies (no concatenated copy) -> [B, T, N*H]."""
-    return _attend(q, tuple(parts), cfg)
+    read where each lies (no concatenated copy) -> [B, T, N*H]; with_lse: (out [B, T, N, H],
+    log-sum-exp [B, T, N]), to merge with attention over other key sets."""
+    return _attend(q, tuple(parts), cfg, with_lse)
 
 
 def out_mlp(cfg: ModelConfig, x, p, attn):
@@ -178,7 +186,7 @@ def out_mlp(cfg: ModelConfig, x, p, attn):
     return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
 
 
-def _layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
+def decoder_layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
     """One decoder layer. Returns the new residual stream and this layer's fresh k, v."""
     q, k, v = qkv(cfg, inv, x, p, positions)
     keys = k if past_k is None else jnp.concatenate([past_k, k], axis=1)
@@ -226,7 +234,7 @@ def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=Non
 
     def body(x, xs):
         p, pk, pv = xs
-        x, k, v = _layer(cfg, inv, x, p, positions, pk, pv, mask)
+        x, k, v = decoder_layer(cfg, inv, x, p, positions, pk, pv, mask)
         return x, (k, v)
 
     past = (None, None) if cache is None else (cache.k, cache.v)
