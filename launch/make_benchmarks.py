@@ -836,22 +836,33 @@ def _plot_links(json_path: Path, plots) -> list[str]:
 def _report(out: Path) -> str:
     lines = ["# BENCHMARKS", "", "Regenerate everything: `python launch/make_benchmarks.py "
              "[--tuned_model=runs/block/merged]` (`--norun` rewrites this file from the JSON in "
-             f"`{_OUT_DIR.value}`). Every figure below is read from those files.", "",
+             f"`{_OUT_DIR.value}`). Every figure below is read from those files: the current figures first, "
+             "earlier prompt formats and placements in the appendix.", "",
              ]
+    lines += _glance_section(out)
     lines += _ranker_section(out)
     lines += _served_section(out)
-    lines += ["## TTFT and fidelity per mode (label prompts, sampled candidates)", ""]
-    for name, f in (("zero-shot", "zeroshot.json"), ("tuned block-aware", "tuned.json")):
-        if (out / f).exists():
-            lines += _bench_section(name, out / f)
-        else:
-            lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
     lines += _grid_section(out)
     lines += _profile_section(out)
     lines += _load_section(out)
     lines += _load_modes_section(out)
     lines += _ab_section(out)
     lines += _state_section(out)
+    lines += _coaccess_section(out)
+    for name in SCALING_RUNS:
+        lines += _scaling_section(out / f"{name}.json")
+    lines += _kv_section(out / "kv_dtype.json")
+    lines += _build_section(out / "build.json")
+    lines += _serving_section(out / "serving.json")
+    lines += _scaling_model_section(out / "scaling_model.json")
+    lines += ["## Appendix: earlier prompt formats and placements", "",
+              "Runs kept for comparison; the figures above supersede them.", "",
+              "## TTFT and fidelity per mode (label prompts, sampled candidates)", ""]
+    for name, f in (("zero-shot", "zeroshot.json"), ("tuned block-aware", "tuned.json")):
+        if (out / f).exists():
+            lines += _bench_section(name, out / f)
+        else:
+            lines += [f"### {name}", "", f"not measured in this report (`{out / f}` absent)", ""]
     lines += ["## Sharded item store: placement on a 4-shard mesh (retrieval candidates)", "",
               "| placement | rcllm TTFT p50 | local fraction | remote blocks / request | remote MB / request |",
               "|---|---|---|---|---|"]
@@ -862,14 +873,45 @@ def _report(out: Path) -> str:
             lines.append(f"| {p} | {r['ttft_p50_s']:.3f} s | {r['local_fraction']:.3f} | "
                          f"{r['remote_blocks_per_request']:.2f} | {r['remote_bytes_per_request'] / 1e6:.2f} |")
     lines.append("")
-    lines += _coaccess_section(out)
-    for name in SCALING_RUNS:
-        lines += _scaling_section(out / f"{name}.json")
-    lines += _kv_section(out / "kv_dtype.json")
-    lines += _build_section(out / "build.json")
-    lines += _serving_section(out / "serving.json")
-    lines += _scaling_model_section(out / "scaling_model.json")
     return "\n".join(lines)
+
+
+def _glance_section(out: Path) -> list[str]:
+    """The headline figures, each read from the run its section below reports in full."""
+    lines = []
+    sweep, grid = out / "served_sweep.json", out / "grid_h50_c50.json"
+    if sweep.exists():
+        d = json.loads(sweep.read_text())
+        rows = {r["mode"]: r for r in d["results"]}
+        rc = next((r for r in (_default_rcllm_row(json.loads((out / n).read_text()))
+                               for n, _ in SERVED_SWEEPS.values() if (out / n).exists()) if r is not None), None)
+        if rc and "full" in rows and "retriever" in rows:
+            lines.append(f"- Ranking ({d['config']['num_requests']} ML-100k test users, {d['config']['num_candidates']} "
+                         f"retrieved candidates, history {d['config']['history_len']}): NDCG@10 within the retrieved "
+                         f"rcllm {rc['ndcg@10_retrieved']:.3f}, full prefill {rows['full']['ndcg@10_retrieved']:.3f}, "
+                         f"the retriever's own order {rows['retriever']['ndcg@10_retrieved']:.3f}"
+                         + (f", the collaborative features alone (no LLM) {rows['collaborative']['ndcg@10_retrieved']:.3f}"
+                            if "collaborative" in rows else "") + "; rcllm agrees with "
+                         f"full prefill on the top candidate for {100 * rc['top1_agreement']:.1f}% of requests "
+                         "(\"The served model\").")
+    if grid.exists():
+        d = json.loads(grid.read_text())
+        t = {r["mode"]: r["ttft_p50_s"] for r in d["results"] if r.get("ttft_p50_s")}
+        c = d["config"]
+        if {"rcllm", "prefix", "prefix_warm", "full"} <= set(t):
+            lines.append(f"- TTFT p50 at history {c['history_len']} / {c['num_candidates']} retrieved candidates "
+                         f"({c['prompt_tokens']['p50']:.0f}-token prompts, {c['dtype']}, {c['cpu_cores']} CPU cores, "
+                         f"{c['devices']} device, {c['date']}): rcllm {1e3 * t['rcllm']:.0f} ms; "
+                         f"**{t['prefix_warm'] / t['rcllm']:.1f}x** sooner than a warmed prefix cache, "
+                         f"**{t['prefix'] / t['rcllm']:.1f}x** than prefix caching, {t['full'] / t['rcllm']:.1f}x than "
+                         "full prefill (\"TTFT grid\").")
+    runs = {f.stem[len("load_mode_"):]: json.loads(f.read_text()) for f in sorted(out.glob("load_mode_*.json"))}
+    if {"rcllm_serial", "prefix_warm"} <= set(runs):
+        a, b = runs["rcllm_serial"], runs["prefix_warm"]
+        lines.append(f"- Served under load (8 clients, `serve.py --mesh=items:2`): rcllm {a['throughput_rps']:.2f} "
+                     f"requests/s at latency p99 {a['latency_p99_s']:.2f} s, prefix_warm {b['throughput_rps']:.2f} at "
+                     f"{b['latency_p99_s']:.2f} s (\"Throughput under load per mode\").")
+    return (["## At a glance", ""] + lines + [""]) if lines else []
 
 
 def _scaling_section(f: Path) -> list[str]:
