@@ -6,7 +6,7 @@ small. `coarse_bucket` (powers of two) pads the other dimensions the block modes
 are shaped by — rows that are only read (the user's cached prefix, the stitched suffix whose
 cached rows are attended, not computed) and the answer's output rows: few buckets per dimension
 keep the whole set of shapes a server accepts small enough to compile before serving
-(`Engine.warm_up`). The same powers of two size a remote shard's fetch buffer (at least 16 rows)
+(`engine/warm_up.py`). The same powers of two size a remote shard's fetch buffer (at least 16 rows)
 and a serving step's requests per shard (`coarse_bucket(n, 1)`).
 """
 

@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.gather_rerotate import rotate_cs
 from rcllm_jax import kernels
@@ -43,7 +42,7 @@ from rcllm_jax.buckets import bucket, coarse_bucket
 from rcllm_jax.cache.keys import block_key
 from rcllm_jax.cache.quant import dequantize, quantize
 from rcllm_jax.parallel import placement as placement_lib
-from rcllm_jax.parallel.mesh import partition_specs
+from rcllm_jax.parallel.mesh import by_device, on_device, partition_specs, shardings
 from rcllm_jax.model.config import ModelConfig, kv_bytes_per_token
 from rcllm_jax.model.decoder import forward
 from rcllm_jax.model.rope import inv_freq
@@ -141,8 +140,7 @@ class BlockStore:
         self.quantized = self.dtype == jnp.int8
         self.host_dtype = np.dtype(np.float32) if self.quantized else self.dtype  # of blocks on the host
         self.bytes_per_token = kv_bytes_per_token(cfg, self.dtype)
-        self.sharding = NamedSharding(mesh, partition_specs()["block_store"])
-        self.scale_sharding = NamedSharding(mesh, P(*partition_specs()["block_store"][:3]))
+        self.sharding, self.scale_sharding = (shardings(mesh)[n] for n in ("block_store", "block_scales"))
         self.entries: dict[str, BlockEntry] = {}
         self.embeddings: dict[str, np.ndarray] = {}  # item key -> mean final hidden state (placement)
         self._coaccess = None  # co-access log (block keys of each request), or a function computing it
@@ -252,7 +250,7 @@ class BlockStore:
             return {"passes": [], "layout_s": 0.0}
         host, passes = self.host_blocks(), []
         kinds = {k: e.kind for k, e in self.entries.items()}
-        rows_sharding = NamedSharding(self.mesh, P("items"))
+        rows_sharding = shardings(self.mesh)["per_shard"]
         per_pass = int(rows) * self.num_shards
         for kind in KINDS:
             keys = sorted(k for k in todo if todo[k][0] == kind)
@@ -399,17 +397,15 @@ class BlockStore:
         ok, ov = fn(jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32), jnp.asarray(dest, jnp.int32),
                     *self.arrays)
         dev = self.mesh.devices[dest, 0]
-        for sk, sv in zip(ok.addressable_shards, ov.addressable_shards):
-            if sk.device == dev:
-                return sk.data[0], sv.data[0]
-        return None, None
+        if on_device(ok, dev) is None:
+            return None, None
+        return on_device(ok, dev)[0], on_device(ov, dev)[0]
 
     def local_arrays(self, shard: int):
         """(k, v) [L, shard_slots, K, H] of items-shard `shard`: its rows as stored, on its first
         device (what attention over the store in place reads; None in a process without it)."""
         dev = self.mesh.devices[shard, 0]
-        return tuple(next((sh.data for sh in a.addressable_shards if sh.device == dev), None)
-                     for a in (self.k, self.v))
+        return on_device(self.k, dev), on_device(self.v, dev)
 
     def fetch_exact(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str):
         """`fetch` moving only the rows the request needs: every shard holding some gathers them
@@ -421,7 +417,7 @@ class BlockStore:
         self.fetched_lengths.add(t)
         owner = np.where(slots >= 0, slots // ss, -1)
         dev = self.mesh.devices[dest, 0]
-        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
+        local = tuple(by_device(a) for a in self.arrays)
         # the destination's own rows: one gather over all t rows (zero where not its own), so the
         # programs depend on t only, not on how many rows happen to be local
         own = owner == dest
@@ -450,7 +446,7 @@ class BlockStore:
         destination) combinations were run."""
         if not self.exact_fetch or jax.process_count() > 1:
             return 0
-        local = tuple({sh.device: sh.data for sh in a.addressable_shards} for a in self.arrays)
+        local = tuple(by_device(a) for a in self.arrays)
         devs = [self.mesh.devices[j, 0] for j in range(self.num_shards)]
         done = 0
         for t in sorted(self.fetched_lengths):
@@ -535,10 +531,11 @@ def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str, 
         rows = jnp.arange(want.shape[0], dtype=jnp.int32)
         return kernels.gather_rerotate(rk, rows, delta, inv, impl=impl)[None], rv[None]
 
-    store = partition_specs()["block_store"]
-    specs = (store, store) + ((P(*store[:3]),) * 2 if quantized else ())
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + specs,
-                                 out_specs=(P("items"), P("items")), check_vma=False))
+    spec = partition_specs()
+    store, rep, rows = spec["block_store"], spec["replicated"], spec["per_shard"]
+    specs = (store, store) + ((spec["block_scales"],) * 2 if quantized else ())
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep) + specs,
+                                 out_specs=(rows, rows), check_vma=False))
 
 
 def to_host(a) -> np.ndarray:

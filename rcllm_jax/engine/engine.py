@@ -38,7 +38,7 @@ from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInp
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import AdapterMismatchError, check_fits
-from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, shardings
+from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, on_device, shardings
 
 # prefix_warm: prefix caching whose instruction + history pages are computed at event time
 # (`warm_prefix`, like the user store of the block modes), the strongest prefix baseline
@@ -157,27 +157,19 @@ class Engine:
             raise ValueError(f"shard {shard} outside the mesh's {self.num_shards} items-shards")
         return self.mesh.devices[shard, 0]
 
-    def _on(self, tree, dev):
-        """`dev`'s copy of replicated arrays (None where this process does not hold `dev`)."""
-        def one(a):
-            for s in a.addressable_shards:
-                if s.device == dev:
-                    return s.data
-            return None
-        return jax.tree.map(one, tree)
-
     def weights(self, shard: int, query: bool = False):
         """The weights a request served on `shard` runs with, on that shard's device (query: those
         that compute its rows: the base + the head's query adapter, if any): what
         `PrefillInputs.run` takes. Leaves are None in a process that does not hold the device."""
         dev = self.device(shard)
         if (dev, query) not in self._replicas:
-            self._replicas[dev, query] = self._on(self.query_params if query else self.params, dev)
+            tree = self.query_params if query else self.params
+            self._replicas[dev, query] = jax.tree.map(lambda a: on_device(a, dev), tree)
         return self._replicas[dev, query]
 
     def pool_on(self, shard: int):
         """(k, v) of the KV pool (user store and prefix cache pages) on `shard`'s device."""
-        return self._on((self.pool.k, self.pool.v), self.device(shard))
+        return on_device(self.pool.k, self.device(shard)), on_device(self.pool.v, self.device(shard))
 
     def warm_fetch(self) -> int:
         """Compile the remote fetches of every suffix length served so far, for every pair of

@@ -26,11 +26,10 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from rcllm_jax.engine.selective_recompute import blended_prefill
 from rcllm_jax.model.config import ModelConfig
+from rcllm_jax.parallel.mesh import partition_specs, shardings
 
 
 def filler(prefix: int, suffix: int) -> tuple:
@@ -71,21 +70,22 @@ def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None,
         axes = (0,) * 9 + ((0,) * 5 if in_place else (1, 1))
         return jax.vmap(one, in_axes=axes)(ps, pvd, tok, pos, cached, forced, valid, outs, keep, *per)
 
-    rows, kv = P("items"), P(None, "items")
+    spec = partition_specs()
+    rep, rows, kv = spec["replicated"], spec["per_shard"], spec["step_rows"]
     extra = (kv, kv) + (rows,) * 5 if in_place else (kv, kv)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P()) + (rows,) * 9 + extra,
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep) + (rows,) * 9 + extra,
                                  out_specs=(rows, rows, rows), check_vma=False))
 
 
 def stack_rows(mesh, host: np.ndarray):
     """[N x B, ...] host array -> a global array sharded along `items`."""
-    return jax.device_put(host, NamedSharding(mesh, P("items")))
+    return jax.device_put(host, shardings(mesh)["per_shard"])
 
 
 def stack_device_rows(mesh, per_shard: list):
     """Per items-shard arrays [L, B, ...] already on that shard's device -> one global
     [L, N x B, ...] array sharded along `items` on its second axis (nothing moves)."""
     shape = per_shard[0].shape
-    sharding = NamedSharding(mesh, P(None, "items"))
+    sharding = shardings(mesh)["step_rows"]
     return jax.make_array_from_single_device_arrays((shape[0], len(per_shard) * shape[1]) + shape[2:], sharding,
                                                     per_shard)

@@ -83,12 +83,20 @@ def make_mesh(spec: MeshSpec, devices=None):
     return jax.sharding.Mesh(np.asarray(devices[:spec.size]).reshape(spec.items, spec.model), AXES)
 
 
-# The one table of named shardings. Shapes: the block store's KV [L, slots, K, H].
+# The one table of named shardings: every array the engine places on a mesh.
 def partition_specs():
+    """{name: PartitionSpec}. Shapes: the block store's KV [L, slots, K, H] and its int8 scales
+    [L, slots, K]; a serving step's per-request arrays [N x B, ...] (N items-shards of B requests)
+    and its cached rows [L, N x B, T, K, H]; a fetch's rows [N, ...] (one per items-shard); a build
+    pass's packed rows [N x rows, ...]."""
     from jax.sharding import PartitionSpec as P
     return {
         "block_store": P(None, "items", "model", None),  # slots along items, kv heads along model
+        "block_scales": P(None, "items", "model"),  # an int8 store's scale per token and KV head
         "replicated": P(),  # weights, the KV pool (user store, prefix cache): on every device
+        "per_shard": P("items"),  # one leading row block per items-shard: step inputs and outputs,
+        #                           fetched rows, a build pass's rows
+        "step_rows": P(None, "items"),  # a serving step's cached rows: the batch axis after the layers
     }
 
 
@@ -96,3 +104,14 @@ def shardings(mesh):
     """Named shardings of the table on `mesh`."""
     from jax.sharding import NamedSharding
     return {name: NamedSharding(mesh, spec) for name, spec in partition_specs().items()}
+
+
+def on_device(a, device):
+    """The part of global array `a` that `device` holds (its shard's data), or None where this
+    process does not hold `device`."""
+    return next((s.data for s in a.addressable_shards if s.device == device), None)
+
+
+def by_device(a) -> dict:
+    """{device: the part of global array `a` it holds} over this process's devices."""
+    return {s.device: s.data for s in a.addressable_shards}
