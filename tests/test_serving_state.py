@@ -147,6 +147,89 @@ def test_a_restore_that_fails_leaves_the_old_state_serving(real, tmp_path):
     eng.reset_caches()
 
 
+def _user_kv(eng, user):
+    """(tokens, k, v) of a user's cached prefix, or None."""
+    return eng.user_prefix(user) if eng.has_user(user) else None
+
+
+def test_user_snapshot_streams_and_restores_exactly(real, tmp_path):
+    """`save_users` writes the KV a page at a time (the host holds one page, not the store) and a
+    restore puts back exactly the prefixes a fresh computation gives (the reference: each user's
+    prefix computed again); a prefix whose history moved on (keep) is not restored; a step whose
+    KV file is damaged or missing (a save killed before the file moved in) is skipped for the
+    newest intact one, and a damaged newest of one step is refused with the stores unchanged."""
+    from rcllm_jax.cache.pool import PAGE
+    from rcllm_jax.cache.snapshot import USER_KV_FILE, SnapshotError
+    eng, _ = real
+    eng.reset_caches()
+    prompts = {f"u{j}": eng.builder.build(list(range(1, 4 + 3 * j)), [30]) for j in range(3)}
+    for u, p in prompts.items():
+        eng.update_user(u, p, version=7)
+    _, pages = eng.users.export_pages()
+    assert all(pk.shape[1] <= PAGE and pv.shape == pk.shape for pk, pv in pages)
+    want = {u: _user_kv(eng, u) for u in prompts}
+    step = eng.save_users(tmp_path / "users")
+    assert (tmp_path / "users" / str(step) / USER_KV_FILE).is_file()
+    assert not list((tmp_path / "users").glob(".*partial"))
+    eng.reset_caches()
+    for u, p in prompts.items():  # the reference: computed again from scratch
+        eng.update_user(u, p)
+        t, k, v = _user_kv(eng, u)
+        assert t == want[u][0] and rel_err(k, want[u][1]) <= 1e-6 and rel_err(v, want[u][2]) <= 1e-6
+    eng.reset_caches()
+    eng.restore_users(tmp_path / "users", keep=lambda u, ver: u != "u1" and ver == 7)
+    assert sorted(eng.cached_users()) == ["u0", "u2"]
+    for u in ("u0", "u2"):
+        t, k, v = _user_kv(eng, u)
+        assert t == want[u][0] and np.array_equal(k, want[u][1]) and np.array_equal(v, want[u][2])
+    assert eng.update_user("u0", prompts["u0"]) == 0  # served from the restored prefix
+    # a newer step with a damaged KV file, then one whose file never moved in: both skipped
+    eng.update_user("u9", eng.builder.build([5, 6], [30]), version=1)
+    s2 = eng.save_users(tmp_path / "users")
+    f = tmp_path / "users" / str(s2) / USER_KV_FILE
+    with open(f, "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x7f" * 8)
+    eng.reset_caches()
+    eng.restore_users(tmp_path / "users")
+    assert sorted(eng.cached_users()) == ["u0", "u1", "u2"]  # step `step` (no keep): u9 was in the damaged one
+    s3 = eng.save_users(tmp_path / "users")
+    (tmp_path / "users" / str(s3) / USER_KV_FILE).unlink()
+    eng.update_user("keep", eng.builder.build([8], [30]))
+    held = set(eng.cached_users())
+    with pytest.raises(SnapshotError, match="no intact step"):  # max_to_keep=2: s2 and s3, both damaged
+        eng.restore_users(tmp_path / "users")
+    assert set(eng.cached_users()) == held
+    eng.reset_caches()
+
+
+def test_user_snapshot_of_the_earlier_format_restores(real, tmp_path):
+    """A user snapshot saved before streaming (the KV an Orbax item [L, u, K, H], digests in its
+    metadata) restores as before."""
+    import hashlib
+
+    import orbax.checkpoint as ocp
+    eng, _ = real
+    eng.reset_caches()
+    p = eng.builder.build([3, 4, 5], [30])
+    eng.update_user("old", p, version=2)
+    toks, k, v = eng.user_prefix("old")
+    digest = {n: hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).hexdigest()
+              for n, a in (("k", k), ("v", v))}
+    meta = dict(eng.identity(), users=[[{"old": 2}, [int(t) for t in toks]]],
+                digests={f"users.{n}": d for n, d in digest.items()})
+    mngr = ocp.CheckpointManager(tmp_path / "old", options=ocp.CheckpointManagerOptions(create=True),
+                                 item_names=("users", "meta"))
+    mngr.save(1, args=ocp.args.Composite(users=ocp.args.StandardSave({"k": k, "v": v}),
+                                         meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    eng.reset_caches()
+    eng.restore_users(tmp_path / "old")
+    t2, k2, v2 = eng.user_prefix("old")
+    assert t2 == toks and np.array_equal(k2, k) and np.array_equal(v2, v)
+    eng.reset_caches()
+
+
 # --- events, state, ids (mock engine: answers by hand) -----------------------------------------------
 
 class SlowEvents(MockEngine):

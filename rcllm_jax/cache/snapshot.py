@@ -7,6 +7,8 @@ Layout: an Orbax `CheckpointManager` directory, one step per snapshot, three ite
   meta   JSON: identity (format version, fingerprint, tokenizer hash, each block kind's context),
          placement, replication budget, mesh, shard size, block index (key, kind, shard (-1 = replicated), offset,
          length), the keys of the embeddings in order, user index (LRU order), sha256 of every array.
+A user-store snapshot (what a server saves on shutdown, `save_users`) is a step with only meta,
+and its KV in a raw file `user_kv.bin` [u, 2, L, K, H] in the step, written a page at a time.
 Orbax writes a step into a temporary directory and renames it when complete, so a save killed at
 any point leaves the previous snapshot the latest usable one. Restore checks identity and every
 array's digest before touching a store; a refused or damaged snapshot leaves the stores as they
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 from pathlib import Path
 
 import jax
@@ -216,7 +220,7 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
             g = max(e.shard, 0) * s_old + e.offset
             host[k] = (hk[:, g:g + e.length], hv[:, g:g + e.length])
         store.load_blocks(host, {k: e.kind for k, e in entries.items()}, embeddings)
-    users.load(meta["users"], user_arrays["k"], user_arrays["v"])
+    users.load(meta["users"], _array_rows(user_arrays["k"], user_arrays["v"]))
     jax.block_until_ready((users.pool.k, users.pool.v, store.k, store.v))
     return meta
 
@@ -253,20 +257,75 @@ def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replic
 
 # --- the user store alone (what a serving process saves on shutdown) ---------------------------
 
+def _array_rows(k, v):
+    """rows(off, n) over saved user KV [L, u, K, H] (`UserStore.load`)."""
+    return lambda off, n: (k[:, off:off + n], v[:, off:off + n])
+
+
+USER_KV_FILE = "user_kv.bin"  # in a user snapshot step: the saved prefixes' KV, raw, row-major [u, 2, L, K, H]
+_HASH_CHUNK = 1 << 26  # bytes read per digest update
+
+
 def save_users(directory, ident: dict, users) -> int:
     """Save every cached user prefix (KV, tokens, LRU order, the history version each was computed
     from) as a new step of `directory` (refused if it holds another model's state). The histories
-    themselves live in the state database (`rcllm_jax.serve.state`): this is a cache of their KV."""
+    themselves live in the state database (`rcllm_jax.serve.state`): this is a cache of their KV.
+
+    Streamed: the KV is written a page at a time to a file beside the step (its sha256 computed on
+    the way), never held on the host whole; the step's metadata (Orbax) records the file's shape,
+    dtype and digest, then the file moves into the step. A save killed at any point leaves no step,
+    or a step whose KV file is missing or short: a restore skips it for the newest intact one."""
     import orbax.checkpoint as ocp
-    _refuse_other(directory, ident, "users")
-    user_index, uk, uv = users.export()  # host arrays, digested and written from there
-    user_arrays = {"k": uk, "v": uv}
-    meta = dict(ident, users=user_index, digests={f"users.{n}": _digest(a) for n, a in user_arrays.items()})
-    mngr = _manager(directory, create=True, items=("users", "meta"))
-    step = (mngr.latest_step() or 0) + 1
-    mngr.save(step, args=ocp.args.Composite(users=ocp.args.StandardSave(user_arrays), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
+    path = Path(directory).resolve()
+    _refuse_other(path, ident, "users")
+    path.mkdir(parents=True, exist_ok=True)
+    index, pages = users.export_pages()
+    pool = users.pool.k
+    shape = [sum(len(toks) for _, toks in index), 2, pool.shape[0], *pool.shape[2:]]
+    partial = path / f".{USER_KV_FILE}.{os.getpid()}.{threading.get_ident()}.partial"
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as f:
+            for pk, pv in pages:  # [L, rows, K, H] each -> rows [rows, 2, L, K, H]
+                chunk = np.ascontiguousarray(np.stack([pk, pv]).transpose(2, 0, 1, 3, 4))
+                digest.update(chunk.data)
+                f.write(chunk.data)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = dict(ident, users=index, user_kv={"file": USER_KV_FILE, "shape": shape, "dtype": str(pool.dtype),
+                                                 "sha256": digest.hexdigest()})
+        mngr = _manager(path, create=True, items=("users", "meta"))
+        step = (mngr.latest_step() or 0) + 1
+        mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+        step_dir = path / str(step)
+        if not step_dir.is_dir():
+            raise SnapshotError(f"saved user snapshot step {step} is not at {step_dir}")
+        os.replace(partial, step_dir / USER_KV_FILE)
+    finally:
+        partial.unlink(missing_ok=True)
     return step
+
+
+def _user_kv_rows(step_dir: Path, spec: dict, where: str):
+    """rows(off, n) over a step's streamed user KV file (read through a memory map, a prefix at a
+    time), after its size and sha256 are checked (a SnapshotError when they do not match)."""
+    f = step_dir / spec["file"]
+    dt = jax.numpy.dtype(spec["dtype"])
+    shape = tuple(int(x) for x in spec["shape"])
+    want = int(np.prod(shape)) * dt.itemsize
+    if not f.is_file() or f.stat().st_size != want:
+        raise SnapshotError(f"{where} is damaged or incomplete: {f.name} missing or not {want} bytes")
+    digest = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != spec["sha256"]:
+        raise SnapshotError(f"{where} is damaged: {f.name} does not match its saved digest")
+    if not shape[0]:
+        return lambda off, n: (None, None)
+    kv = np.memmap(f, dtype=dt, mode="r", shape=shape)
+    return lambda off, n: tuple(np.ascontiguousarray(kv[off:off + n, j].transpose(1, 0, 2, 3)) for j in (0, 1))
 
 
 def restore_users(directory, ident: dict, users, replicated, keep=None) -> dict:
@@ -274,7 +333,8 @@ def restore_users(directory, ident: dict, users, replicated, keep=None) -> dict:
     keep(user, version): whether a saved prefix still stands for the user's history (a prefix
     computed from another version is dropped, never served). Returns the histories a snapshot
     of the format before the state database carried (user id string -> item ids; {} otherwise).
-    A missing directory is an empty state, not an error."""
+    A missing directory is an empty state, not an error. Reads the streamed format (`save_users`)
+    a prefix at a time, and the earlier one (the KV an Orbax item, loaded whole)."""
     import orbax.checkpoint as ocp
     path = Path(directory).resolve()
     if not path.is_dir():
@@ -287,17 +347,19 @@ def restore_users(directory, ident: dict, users, replicated, keep=None) -> dict:
         where = f"user snapshot {path} step {step}"
         meta = _read_meta(mngr, step, where)
         _check_identity(meta, ident, where)
+        if "user_kv" in meta:
+            return meta, _user_kv_rows(path / str(step), meta["user_kv"], where)
         target = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
         try:
             arrays = dict(mngr.restore(step, args=ocp.args.Composite(users=ocp.args.StandardRestore(target)))["users"])
         except Exception as e:  # noqa: BLE001
             raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
         _verify(meta, "users", arrays, where)
-        return meta, arrays
+        return meta, _array_rows(arrays["k"], arrays["v"])
 
-    _, (meta, arrays) = _newest_intact(mngr, path, load, None, "user snapshot")
+    _, (meta, rows) = _newest_intact(mngr, path, load, None, "user snapshot")
     try:
-        users.load(meta["users"], arrays["k"], arrays["v"], keep=keep)
+        users.load(meta["users"], rows, keep=keep)
     except MemoryError as e:
         raise SnapshotError(f"user snapshot {path}: {e}") from None
     return {str(u): [int(i) for i in h] for u, h in meta.get("histories", {}).items()}

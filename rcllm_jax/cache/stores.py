@@ -181,38 +181,51 @@ class UserStore:
     def export(self):
         """([[{user id: history version or None}, prefix tokens]] in LRU order (oldest first), k, v:
         their KV concatenated [L, u, K, H] on the host; u >= 1: an empty store exports the scratch
-        slot). Only prefixes that are some user's latest are exported. Copied out a page at a time
-        (one compiled slice) into one host array each: memory is the store's size once, never a
-        device-side gather of the whole store besides."""
+        slot). Only prefixes that are some user's latest are exported (`export_pages`, gathered into
+        one host array each)."""
+        index, pages = self.export_pages()
+        shape = list(self.pool.k.shape)
+        shape[1] = max(1, sum(len(toks) for _, toks in index))
+        k, v = np.zeros(shape, self.pool.k.dtype), np.zeros(shape, self.pool.v.dtype)
+        off = 0
+        for pk, pv in pages:
+            rows = pk.shape[1]
+            k[:, off:off + rows], v[:, off:off + rows] = pk, pv
+            off += rows
+        return index, k, v
+
+    def export_pages(self):
+        """(the index `export` returns, an iterator of host (k, v) [L, rows, K, H]: every exported
+        prefix's rows in index order, a page at a time). A streamed save holds one page on the host,
+        never the store; copied out by one compiled slice per page."""
         index, held = [], []
         for key, e in self.entries.items():
             owners = {str(u): self.versions.get(u) for u in sorted(e.users, key=str) if self.latest.get(u) == key}
             if owners:
                 index.append([owners, [int(t) for t in e.tokens]])
                 held.append(e)
-        shape = list(self.pool.k.shape)
-        shape[1] = max(1, sum(len(e.tokens) for e in held))
-        k, v = np.zeros(shape, self.pool.k.dtype), np.zeros(shape, self.pool.v.dtype)
-        off = 0
-        for e in held:
-            for j, page in enumerate(e.pages):
-                rows = min(PAGE, len(e.tokens) - j * PAGE)
-                if rows <= 0:
-                    break
-                pk, pv = jax.device_get(_page(self.pool.k, self.pool.v, self.alloc.first_slot + page * PAGE))
-                k[:, off:off + rows], v[:, off:off + rows] = pk[:, :rows], pv[:, :rows]
-                off += rows
-        return index, k, v
+
+        def pages():
+            for e in held:
+                for j, page in enumerate(e.pages):
+                    rows = min(PAGE, len(e.tokens) - j * PAGE)
+                    if rows <= 0:
+                        break
+                    pk, pv = jax.device_get(_page(self.pool.k, self.pool.v, self.alloc.first_slot + page * PAGE))
+                    yield pk[:, :rows], pv[:, :rows]
+        return index, pages()
 
     def pages_needed(self, index) -> int:
         """Pages `load` of this exported index takes."""
         return sum(-(-len(toks) // PAGE) for _, toks in index)
 
-    def load(self, index, k, v, keep=None):
-        """Replace the whole store by exported prefixes (`export`'s output; an entry's owners are a
-        {user: version} map, or one user id in snapshots before content keys). keep(user, version):
-        whether a saved owner still stands (its history unchanged); a prefix nobody keeps is not
-        loaded. Refused (MemoryError, nothing changed) when the budget cannot hold them."""
+    def load(self, index, rows, keep=None):
+        """Replace the whole store by exported prefixes (`export`'s index; an entry's owners are a
+        {user: version} map, or one user id in snapshots before content keys). rows(off, n): (k, v)
+        [L, n, K, H] of the n saved rows from row `off` (the prefixes concatenated in index order).
+        keep(user, version): whether a saved owner still stands (its history unchanged); a prefix
+        nobody keeps is not loaded (nor read). Refused (MemoryError, nothing changed) when the budget
+        cannot hold them."""
         owners_of = [{str(o): None} if not isinstance(o, dict) else o for o, _ in index]
         if keep is not None:
             owners_of = [{u: ver for u, ver in o.items() if keep(u, ver)} for o in owners_of]
@@ -224,8 +237,10 @@ class UserStore:
         off = 0
         for owners, (_, toks) in zip(owners_of, index):
             n = len(toks)
-            for u, ver in owners.items():  # the first writes the KV, the others share its entry
-                self.restore_user(u, tuple(toks), k[:, off:off + n], v[:, off:off + n], version=ver)
+            if owners:
+                k, v = rows(off, n)
+                for u, ver in owners.items():  # the first writes the KV, the others share its entry
+                    self.restore_user(u, tuple(toks), k, v, version=ver)
             off += n
 
     def restore_user(self, user_id, tokens: tuple[int, ...], k, v, version: int | None = None):
