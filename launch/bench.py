@@ -273,50 +273,58 @@ def run_stream(engine, mode, requests, prompts, policies, peer=None):
     return out
 
 
-def main(argv):
-    del argv
-    if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, _TOML_KEYS)
-    from rcllm_jax.engine.engine import MODES
-    unknown = [m for m in _MODES.value if m not in MODES]
-    if unknown:
-        raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
-    modes = list(_MODES.value) + [f"blend@{float(r):g}" for r in _SWEEP.value]
-    mesh = dist_cli.setup()
-    import jax
+@dataclasses.dataclass
+class Workload:
+    """The request stream and what proposed each request's candidates."""
+
+    ds: object
+    split: object
+    requests: list
+    req_pos: list  # each request's held-back test position (--test_positions), else None
+    retr_of: list  # the retriever that proposed each request's candidates (None: sampled)
+    retriever: object = None
+    retrievers: dict | None = None  # one per test position
+    positions: tuple | None = None
+    retriever_info: dict | None = None
+    skipped_users: list = dataclasses.field(default_factory=list)  # not run (--rank_retrieved_only): misses
+    clustered: bool = False  # several requests per user: intervals resample users
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_users)
+
+
+def _retrievers(split, positions):
+    """(the retriever, one per test position or None, its description) with --candidates=retrieved."""
+    from rcllm_jax.retrieval import fit_before
+    t1 = time.perf_counter()
+    if positions:  # one retriever per held-back position, each fitted strictly before it
+        retrievers = {p: fit_before(split, p) for p in positions}
+        retriever = retrievers[positions[0]]
+    else:
+        retrievers, retriever = None, fit_before(split, 2)
+    return retriever, retrievers, {"kind": "item-knn (cosine co-occurrence, training split only)",
+                                   "neighbours": int(retriever.neighbours.shape[1]), "recent": retriever.recent,
+                                   "decay": retriever.decay, "fit_s": time.perf_counter() - t1}
+
+
+def _workload() -> Workload:
+    """The requests of the flags: generated from MovieLens (test targets, held-back positions, a
+    stream with growing histories) or replayed from a log; their candidates sampled or retrieved."""
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests, heldout_requests, stream_requests
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.eval.fidelity import fidelity
-    from rcllm_jax.eval.metrics import (MISS, bootstrap_ci, per_request_metrics, popularity_scores,
-                                       random_scores, target_rank)
-    from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import fit_before
-
-    jax.monitoring.register_event_duration_secs_listener(_count_compiles)
-    t0 = time.perf_counter()
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
     split = LeaveOneOut(ds)
     positions = _test_positions(_TEST_POS.value) if _TEST_POS.value else None
     if positions and (_REQS.value or _RPU.value > 1):
         raise app.UsageError("--test_positions makes its own requests: drop --requests / --requests_per_user")
-    retriever, retriever_info, retrievers = None, None, None
+    retriever = retrievers = info = None
     if _CAND_SRC.value == "retrieved":
-        t1 = time.perf_counter()
-        if positions:  # one retriever per held-back position, each fitted strictly before it
-            retrievers = {p: fit_before(split, p) for p in positions}
-            retriever = retrievers[positions[0]]
-        else:
-            retriever = fit_before(split, 2)
-        retriever_info = {"kind": "item-knn (cosine co-occurrence, training split only)",
-                          "neighbours": int(retriever.neighbours.shape[1]), "recent": retriever.recent,
-                          "decay": retriever.decay,
-                          "fit_s": time.perf_counter() - t1}
+        retriever, retrievers, info = _retrievers(split, positions)
     pick = dict(num_candidates=_CANDS.value, negatives=_NEG.value, seed=_SEED.value, retriever=retriever,
                 order=_ORDER.value)
+    req_pos = None
     if _REQS.value:
         from rcllm_jax.data.pipeline import read_request_log
         try:
@@ -333,100 +341,95 @@ def main(argv):
                                              order=_ORDER.value)
     else:
         requests = list(eval_requests(split, stage=_STAGE.value, num_users=_USERS.value, **pick))
-    if not positions:
-        req_pos = [None] * len(requests)
-    # the retriever that proposed each request's candidates (its order and features are read back)
-    retr_of = [retrievers[p] for p in req_pos] if retrievers else [retriever] * len(requests)
+    req_pos = req_pos or [None] * len(requests)
+    w = Workload(ds, split, requests, req_pos, [retrievers[p] for p in req_pos] if retrievers
+                 else [retriever] * len(requests), retriever, retrievers, positions, info,
+                 clustered=len({q.user_id for q in requests}) < len(requests))
     if retriever is not None:
         t1 = time.perf_counter()
-        for q, r in zip(requests, retr_of):
+        for q, r in zip(requests, w.retr_of):
             r.retrieve(q.history, _CANDS.value)
         hit = np.array([q.target_index is not None for q in requests])
-        retriever_info.update({f"recall@{_CANDS.value}": float(hit.mean()),
-                               "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
+        info.update({f"recall@{_CANDS.value}": float(hit.mean()),
+                     "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
         if positions:
-            retriever_info["kind"] = "item-knn (cosine co-occurrence), one per test position, fitted before it"
-            retriever_info[f"recall@{_CANDS.value}_by_position"] = {
-                p: float(hit[np.asarray(req_pos) == p].mean()) for p in positions}
-    # a user's requests are resampled together in the intervals when a user makes several
-    clustered = len({q.user_id for q in requests}) < len(requests)
-    skipped_users = []  # requests not run (--rank_retrieved_only): each a miss in the all-user metrics
+            info["kind"] = "item-knn (cosine co-occurrence), one per test position, fitted before it"
+            info[f"recall@{_CANDS.value}_by_position"] = {p: float(hit[np.asarray(req_pos) == p].mean())
+                                                         for p in positions}
     if _ONLY_HITS.value:
         if retriever is None:
             raise app.UsageError("--rank_retrieved_only needs --candidates=retrieved")
         keep = [q.target_index is not None for q in requests]
-        skipped_users = [q.user_id for q, k in zip(requests, keep) if not k]
-        requests, req_pos, retr_of = ([x for x, k in zip(xs, keep) if k] for xs in (requests, req_pos, retr_of))
-        if not requests:
+        w.skipped_users = [q.user_id for q, k in zip(requests, keep) if not k]
+        w.requests, w.req_pos, w.retr_of = ([x for x, k in zip(xs, keep) if k] for xs in (requests, w.req_pos, w.retr_of))
+        if not w.requests:
             raise app.UsageError("no request has its target among the retrieved candidates")
-    skipped = len(skipped_users)
-    # the training split's retriever (before the earliest test position): the coaccess placement's
-    # graph and, without --test_positions, a head's collaborative features
-    cut = max(positions) if positions else 2
-    train_retriever = (retrievers[cut] if retrievers else retriever) or fit_before(split, 2)
-    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    from rcllm_jax.engine.ranking_head import HeadError, ranking_head
+    return w
+
+
+def _head():
+    """The ranking head of --head / --ranking_head (None for label prompts); a UsageError naming
+    the problem."""
+    from rcllm_jax.engine.ranking_head import ranking_head
     try:
-        head = ranking_head(_HEAD.value, _HEAD_PATH.value)
+        return ranking_head(_HEAD.value, _HEAD_PATH.value)
     except ValueError as e:  # a missing or damaged head file (HeadError), --ranking_head with --head=label
         raise app.UsageError(str(e)) from None
-    val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
-    if head is not None and positions and max(positions) >= val_pos:
-        raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
-                             f"--test_positions must be below {val_pos}, got {_TEST_POS.value!r}")
-    builder = PromptBuilder(model.tokenizer, ds.items, history_len=_HIST.value, head=_HEAD.value,
-                            max_prompt_tokens=model.cfg.max_position)
-    prompts = [builder.build(r.history, r.candidates) for r in requests]
-    lengths = [len(p) for p in prompts]
-    logging.info("%d requests ready in %.1fs", len(requests), time.perf_counter() - t0)
 
+
+def _engine(model, builder, w: Workload, modes, mesh, head, train_retriever, cut: int):
+    """The engine over the stream's candidates, with the co-access log of the training split."""
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.engine.ranking_head import HeadError
+    ds, split = w.ds, w.split
     try:
-        engine = Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in requests for i in r.candidates}),
-                        **({} if _CANON.value is None else {"canonical": _CANON.value}), user_pages=_USER_PAGES.value,
-                        prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # per device
-                        attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
-                        replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
-                        head=head,  # the co-access log below: placement and replicas
-                        coaccess=train_retriever.coaccess_requests(
-                            [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut],
-                            k=_CANDS.value))
+        return Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in w.requests for i in r.candidates}),
+                      **({} if _CANON.value is None else {"canonical": _CANON.value}), user_pages=_USER_PAGES.value,
+                      prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # per device
+                      attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
+                      replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
+                      head=head,  # the co-access log below: placement and replicas
+                      coaccess=train_retriever.coaccess_requests(
+                          [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut],
+                          k=_CANDS.value))
     except HeadError as e:
         raise app.UsageError(f"{e}: train a head for these weights (launch/train.py --model=...) and pass "
                              "--ranking_head, or score with the base model alone: --head=label") from None
-    policies = _policies()
-    impl_of = {m: engine.impl for m in modes}
-    if _COMPARE.value:
-        from rcllm_jax.kernels import resolve
-        other = "xla" if engine.impl != "xla" else resolve("pallas")
-        for m in [m for m in modes if m in policies]:
-            name = f"{m}@{'xla' if other == 'xla' else 'pallas'}"
-            policies[name], impl_of[name] = policies[m], other
-            modes.append(name)
-    build = {}
-    if any(m in policies for m in modes):
-        t0 = time.perf_counter()
-        if _SNAP.value:
-            engine.restore(_SNAP.value)
-            logging.info("restored the item store from %s", _SNAP.value)
-        engine.build_store()
-        n_tok = sum(len(t) for t in engine.item_blocks.values())
-        build = {"item_blocks": len(engine.item_blocks), "item_tokens": n_tok,
-                 "build_s": time.perf_counter() - t0}
-        logging.info("item store: %d blocks, %d tokens in %.1fs", len(engine.item_blocks), n_tok, build["build_s"])
 
-    peer, peer_note = None, "not requested (--peers=)"
-    if "transformers" in _PEERS.value:
-        from rcllm_jax.eval.peers import PEER_MODES, load_peer
-        if _HEAD.value == "label" and not all(p.single_token_labels for p in prompts):
-            peer_note = "skipped: the transformers rows score single-token labels only (<= 52 candidates)"
-        else:
-            peer, why = load_peer(model.source, head if _HEAD.value == "slot" else None)
-            peer_note = f"loaded in {peer.load_s:.1f}s" if peer is not None else f"skipped: {why}"
-            if peer is not None:
-                modes += list(PEER_MODES)
-                impl_of.update({m: "torch" for m in PEER_MODES})
-        print(f"transformers peer: {peer_note}")
 
+def _build_store(engine) -> dict:
+    """Restore (--snapshot_dir) and build the item store; its counts and build time."""
+    t0 = time.perf_counter()
+    if _SNAP.value:
+        engine.restore(_SNAP.value)
+        logging.info("restored the item store from %s", _SNAP.value)
+    engine.build_store()
+    n_tok = sum(len(t) for t in engine.item_blocks.values())
+    build = {"item_blocks": len(engine.item_blocks), "item_tokens": n_tok, "build_s": time.perf_counter() - t0}
+    logging.info("item store: %d blocks, %d tokens in %.1fs", len(engine.item_blocks), n_tok, build["build_s"])
+    return build
+
+
+def _peer(model, head, prompts, modes, impl_of):
+    """The transformers peer (--peers), its rows added to modes; (peer or None, a note)."""
+    if "transformers" not in _PEERS.value:
+        return None, "not requested (--peers=)"
+    from rcllm_jax.eval.peers import PEER_MODES, load_peer
+    if _HEAD.value == "label" and not all(p.single_token_labels for p in prompts):
+        note, peer = "skipped: the transformers rows score single-token labels only (<= 52 candidates)", None
+    else:
+        peer, why = load_peer(model.source, head if _HEAD.value == "slot" else None)
+        note = f"loaded in {peer.load_s:.1f}s" if peer is not None else f"skipped: {why}"
+        if peer is not None:
+            modes += list(PEER_MODES)
+            impl_of.update({m: "torch" for m in PEER_MODES})
+    print(f"transformers peer: {note}")
+    return peer, note
+
+
+def _run_modes(engine, modes, requests, prompts, policies, peer, impl_of) -> dict:
+    """Every mode's pass over the stream (after an untimed warm-up pass, --warmup), stores reset
+    between modes: {mode: [(result, history update s)], mode/compiles: compiles while timed}."""
     results = {}
     default_impl = engine.impl
     for mode in modes:
@@ -444,84 +447,92 @@ def main(argv):
         if peer is not None:
             peer.reset()
     engine.impl = default_impl
-    side_source, engine_scores = None, None
-    if head is not None and head.side_weights is not None:  # the head adds the retriever's features
-        engine_scores = {m: [r.scores for r, _ in results[m]] for m in modes}  # fidelity of the model's part too
-        from rcllm_jax.recommender import check_side_features, final_scores
-        side_source = train_retriever
-        check_side_features(head, side_source)
-        for mode in modes:  # each request's features from the retriever that proposed its candidates
-            results[mode] = [(dataclasses.replace(r, scores=final_scores(head, rq or side_source, q.history,
-                                                                         q.candidates, r.scores)), u)
-                             for (r, u), q, rq in zip(results[mode], requests, retr_of)]
+    return results
 
-    from rcllm_jax.eval.floor import (matmul_peak_flops, memory_bandwidth, prompt_weight_bytes, request_floor_s,
-                                      selective_flops)
-    peak, bw = matmul_peak_flops(), memory_bandwidth()
-    itemsize = jax.numpy.dtype(model.cfg.dtype).itemsize
-    kvb = engine.kv_bytes_per_token
 
-    def floor_s(r, prompt):
-        return request_floor_s(model.cfg, r.computed_tokens, r.prompt_tokens,
-                               r.cache_hit_tokens * kvb + prompt_weight_bytes(model.cfg, prompt, itemsize), peak, bw)
+class _Metrics:
+    """Accuracy of a score list over the stream: every request (a target not among the candidates
+    is a miss), with retrieved candidates also within the retrieved (suffix _retrieved); 95%
+    bootstrap intervals (suffix _ci), over users when a user makes several requests; with
+    --test_positions NDCG@10 within the retrieved per position too."""
 
-    rows = []
-    ref = [r.scores for r, _ in results["full"]] if "full" in results else None
-    full_metrics = None
-    retrieved = np.array([q.target_index is not None for q in requests])
-    # a replayed log scores only its lines with a target; generated requests all have one
-    scored = np.array([q.target is not None for q in requests])
+    def __init__(self, w: Workload):
+        import numpy as np
+        from rcllm_jax.eval.metrics import target_rank
+        self.w = w
+        self.retrieved = np.array([q.target_index is not None for q in w.requests])
+        self.scored = np.array([q.target is not None for q in w.requests])  # a replayed log: lines with a target
+        self.users = np.asarray([str(q.user_id) for q in w.requests])
+        self.pos = np.asarray([-1 if p is None else p for p in w.req_pos])
+        self.retriever_ranks = None if w.retriever is None else [
+            target_rank(_retriever_scores(r, q), q.target_index) for q, r in zip(w.requests, w.retr_of)]
 
-    users = np.asarray([str(q.user_id) for q in requests])
-    pos_arr = np.asarray([-1 if p is None else p for p in req_pos])
+    def ci(self, values, groups):
+        from rcllm_jax.eval.metrics import bootstrap_ci
+        return bootstrap_ci(values, seed=_SEED.value, groups=groups if self.w.clustered else None)
 
-    def ci(values, groups):
-        return bootstrap_ci(values, seed=_SEED.value, groups=groups if clustered else None)
+    def _with_ci(self, ranks, groups, suffix=""):
+        from rcllm_jax.eval.metrics import per_request_metrics
+        per = per_request_metrics(ranks)
+        return ({f"{k}{suffix}": float(v.mean()) for k, v in per.items()}
+                | {f"{k}{suffix}_ci": self.ci(per[k], groups) for k in ("hr@10", "ndcg@10")})
 
-    def all_metrics(ranks):
-        """Over every request (a target not among the candidates is a miss), and with retrieved
-        candidates also over the requests whose target was retrieved (suffix _retrieved); 95%
-        bootstrap intervals of HR@10 and NDCG@10 (suffix _ci), over users when a user makes
-        several requests; with --test_positions NDCG@10 within the retrieved per position too."""
-        def with_ci(rk, groups, suffix=""):
-            per = per_request_metrics(rk)
-            out = {f"{k}{suffix}": float(v.mean()) for k, v in per.items()}
-            out |= {f"{k}{suffix}_ci": ci(per[k], groups) for k in ("hr@10", "ndcg@10")}
-            return out
-        if not scored.any():
+    def of(self, ranks) -> dict:
+        import numpy as np
+        from rcllm_jax.eval.metrics import MISS, per_request_metrics
+        if not self.scored.any():
             return {}
-        out = with_ci(np.r_[np.asarray(ranks, np.float64)[scored], np.full(skipped, MISS)],
-                      np.r_[users[scored], np.asarray([str(u) for u in skipped_users])])
-        if retriever is not None and retrieved.any():
-            out |= with_ci(np.asarray(ranks)[retrieved], users[retrieved], "_retrieved")
-            if positions:
-                per = per_request_metrics(np.asarray(ranks)[retrieved])["ndcg@10"]
-                out["ndcg@10_retrieved_by_position"] = {p: float(per[pos_arr[retrieved] == p].mean())
-                                                        for p in positions if (pos_arr[retrieved] == p).any()}
+        w, got = self.w, self.retrieved
+        out = self._with_ci(np.r_[np.asarray(ranks, np.float64)[self.scored], np.full(w.skipped, MISS)],
+                            np.r_[self.users[self.scored], np.asarray([str(u) for u in w.skipped_users])])
+        if w.retriever is not None and got.any():
+            out |= self._with_ci(np.asarray(ranks)[got], self.users[got], "_retrieved")
+            if w.positions:
+                per = per_request_metrics(np.asarray(ranks)[got])["ndcg@10"]
+                out["ndcg@10_retrieved_by_position"] = {p: float(per[self.pos[got] == p].mean())
+                                                        for p in w.positions if (self.pos[got] == p).any()}
         return out
 
-    def vs_retriever(ranks) -> dict:
+    def vs_retriever(self, ranks) -> dict:
         """Paired 95% bootstrap interval of the mean NDCG@10 difference to the retriever's own
         order over the requests whose target was retrieved (> 0: better than the retriever)."""
-        if retriever is None or not retrieved.any():
+        import numpy as np
+        from rcllm_jax.eval.metrics import per_request_metrics
+        got = self.retrieved
+        if self.w.retriever is None or not got.any():
             return {}
-        d = (per_request_metrics(np.asarray(ranks)[retrieved])["ndcg@10"]
-             - per_request_metrics(np.asarray(retriever_ranks)[retrieved])["ndcg@10"])
+        d = (per_request_metrics(np.asarray(ranks)[got])["ndcg@10"]
+             - per_request_metrics(np.asarray(self.retriever_ranks)[got])["ndcg@10"])
         return {"ndcg@10_retrieved_minus_retriever": float(d.mean()),
-                "ndcg@10_retrieved_minus_retriever_ci": ci(d, users[retrieved])}
+                "ndcg@10_retrieved_minus_retriever_ci": self.ci(d, self.users[got])}
 
-    retriever_ranks = None
-    if retriever is not None:
-        retriever_ranks = [target_rank(_retriever_scores(r, q), q.target_index) for q, r in zip(requests, retr_of)]
 
+def _mode_rows(engine, model, modes, results, w: Workload, prompts, policies, impl_of, metrics: _Metrics,
+               engine_scores, machine) -> list[dict]:
+    """One row per mode: TTFT, tokens, the floor and its parts, accuracy, fidelity vs full,
+    locality."""
+    import jax
+    import numpy as np
+    from rcllm_jax.eval.fidelity import fidelity
+    from rcllm_jax.eval.floor import prompt_weight_bytes, request_floor_s, selective_flops
+    from rcllm_jax.eval.metrics import target_rank
+    peak, bw = machine
+    itemsize = jax.numpy.dtype(model.cfg.dtype).itemsize
+    kvb = engine.kv_bytes_per_token
+    lengths = [len(p) for p in prompts]
+    ref = [r.scores for r, _ in results["full"]] if "full" in results else None
+    rows, full_metrics = [], None
     for mode in modes:
         res = [r for r, _ in results[mode]]
-        ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, requests)]
-        metrics = all_metrics(ranks) | vs_retriever(ranks)
+        ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, w.requests)]
+        acc = metrics.of(ranks) | metrics.vs_retriever(ranks)
         if mode == "full":
-            full_metrics = metrics
+            full_metrics = acc
         recomputed = sum(r.recomputed_block_tokens for r in res)
         cached_total = sum(r.cached_block_tokens for r in res)
+        floors = [request_floor_s(model.cfg, r.computed_tokens, r.prompt_tokens,
+                                  r.cache_hit_tokens * kvb + prompt_weight_bytes(model.cfg, p, itemsize), peak, bw)
+                  for r, p in zip(res, prompts)]
         row = {"mode": mode, "impl": impl_of[mode] if mode in policies or mode.startswith("hf_") else "xla",
                "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
                "ttft_p99_s": _pct([r.ttft_s for r in res], 99),
@@ -531,11 +542,11 @@ def main(argv):
                "recompute_fraction": float(recomputed / max(1, cached_total)) if mode in policies else None,
                "history_update_s_p50": _pct([u for _, u in results[mode] if u is not None], 50),
                "compiles_during_timing": results[mode + "/compiles"],
-               "floor_s_p50": _pct([floor_s(r, p) for r, p in zip(res, prompts)], 50),
+               "floor_s_p50": _pct(floors, 50),
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
                **_open_loop([r.ttft_s + (u or 0.0) for r, u in results[mode]], _SEED.value,
-                            [q.arrival_s for q in requests] if requests[0].arrival_s is not None else None),
-               **metrics}
+                            [q.arrival_s for q in w.requests] if w.requests[0].arrival_s is not None else None),
+               **acc}
         row["ttft_over_floor"] = row["ttft_p50_s"] / row["floor_s_p50"]
         # the floor's parts: FLOPs that must be computed, bytes that must be read (cached KV +
         # weights), and the achieved fraction of the measured peak / bandwidth at the median
@@ -548,7 +559,7 @@ def main(argv):
             row.update(fidelity(ref, [r.scores for r in res]))
             if engine_scores is not None:  # the engine's own scores, before the collaborative term
                 row.update({f"engine_{k}": v for k, v in fidelity(engine_scores["full"], engine_scores[mode]).items()})
-            row.update({f"{k}_minus_full": metrics[k] - full_metrics[k] for k in ("hr@1", "hr@5", "hr@10")}
+            row.update({f"{k}_minus_full": acc[k] - full_metrics[k] for k in ("hr@1", "hr@5", "hr@10")}
                        if full_metrics else {})
         if mode in policies:
             row["policy"] = dataclasses.asdict(policies[mode])
@@ -558,55 +569,43 @@ def main(argv):
                        local_fraction=float(local_b / max(1, local_b + remote_b)),
                        shard_requests=np.bincount([r.shard for r in res], minlength=engine.num_shards).tolist())
         rows.append(row)
-    rng = np.random.default_rng(_SEED.value)
+    return rows
+
+
+def _baseline_rows(w: Workload, metrics: _Metrics, head, side_source) -> list[dict]:
+    """Rows without a model: popularity (before each test position), random, the retriever's own
+    order, and the head's collaborative part alone (what the LLM adds over it)."""
     import collections
-    popularity = {p: (split.popularity if p is None else  # interactions strictly before each test position
-                      collections.Counter(i for u in split.users for i in ds.sequences[u][:-p]))
-                  for p in set(req_pos)}
-    baselines = {"popularity": [popularity_scores(q.candidates, popularity[p]) for q, p in zip(requests, req_pos)],
-                 "random": [random_scores(len(q.candidates), rng) for q in requests]}
-    if retriever is not None:  # the retriever's own order of the same candidates
-        baselines = {"retriever": [_retriever_scores(r, q) for q, r in zip(requests, retr_of)]} | baselines
+
+    import numpy as np
+    from rcllm_jax.eval.metrics import popularity_scores, random_scores, target_rank
+    rng = np.random.default_rng(_SEED.value)
+    popularity = {p: (w.split.popularity if p is None else  # interactions strictly before each test position
+                      collections.Counter(i for u in w.split.users for i in w.ds.sequences[u][:-p]))
+                  for p in set(w.req_pos)}
+    baselines = {"popularity": [popularity_scores(q.candidates, popularity[p]) for q, p in zip(w.requests, w.req_pos)],
+                 "random": [random_scores(len(q.candidates), rng) for q in w.requests]}
+    if w.retriever is not None:  # the retriever's own order of the same candidates
+        baselines = {"retriever": [_retriever_scores(r, q) for q, r in zip(w.requests, w.retr_of)]} | baselines
     collab = (head.card.get("collaborative") if side_source is not None else None)
-    if collab:  # the head's collaborative part alone (no LLM): what the model adds over it
+    if collab:
         baselines = {"collaborative": [_collaborative_scores(collab, r or side_source, q)
-                                       for q, r in zip(requests, retr_of)]} | baselines
+                                       for q, r in zip(w.requests, w.retr_of)]} | baselines
+    rows = []
     for name, scores in baselines.items():
-        ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, requests)]
+        ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, w.requests)]
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
-                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **all_metrics(ranks),
-                     **(vs_retriever(ranks) if name == "collaborative" else {})})
+                     "prompt_tokens_p50": None, "prompt_tokens_max": None, **metrics.of(ranks),
+                     **(metrics.vs_retriever(ranks) if name == "collaborative" else {})})
+    return rows
 
-    from rcllm_jax.downloads import portable_path
-    argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
-            for a in sys.argv[1:]]
-    config = {"argv": argv, "dataset": ds.name, "num_users": _USERS.value, "num_requests": len(requests) + skipped,
-              "requests_run": len(requests), "rank_retrieved_only": _ONLY_HITS.value,
-              "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
-              "negatives": _NEG.value if retriever is None else "retrieved", "candidates": _CAND_SRC.value,
-              "candidate_order": _ORDER.value if retriever is not None else None, "retriever": retriever_info,
-              "stage": _STAGE.value if not positions else None, "test_positions": list(positions or []),
-              "head_validation_position": val_pos if head is not None else None,
-              "intervals": "bootstrap over users" if clustered else "bootstrap over requests",
-              "seed": _SEED.value, "model": portable_path(model.source),
-              "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
-              "dtype": _DTYPE.value, "canonical": engine.canonical, "cpu_cores": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d"),
-              "devices": len(jax.devices()), "matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bw,
-              "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
-              "head_digest": None if head is None else head.digest(),
-              "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
-              "replicate": dist_cli.REPLICATE.value, "kv_dtype": dist_cli.KV_DTYPE.value, "scheduler": _SCHED.value,
-              "arrival_rate": _RATE.value,
-              "processes": jax.process_count(), "placement_locality": _placement_locality(engine, requests),
-              "peers": {"transformers": peer_note},
-              "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
-                                "max": int(max(lengths)), "min": int(min(lengths))}}
 
+def _print_table(w: Workload, model, rows, metrics: _Metrics, locality: dict):
     def fmt(v, f):
         return format("-", ">" + f.split(".")[0].rstrip("df")) if v is None else format(v, f)
 
-    print(f"{ds.name}, {len(requests)} requests ({_USERS.value} users x {_RPU.value}), {_CANDS.value} candidates, "
+    n = len(w.requests)
+    print(f"{w.ds.name}, {n} requests ({_USERS.value} users x {_RPU.value}), {_CANDS.value} candidates, "
           f"history {_HIST.value}, {Path(model.source).name} ({_DTYPE.value}), {os.cpu_count()} cores")
     print(f"{'mode':<13} {'ttft p50':>9} {'ttft p99':>9} {'tok p50':>8} {'computed':>8} {'top1agr':>7} "
           f"{'KL':>7} {'tau':>6} {'recomp':>6} {'/floor':>6} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7} {'MRR':>6}")
@@ -617,10 +616,11 @@ def main(argv):
               f"{fmt(r.get('kendall_tau'), '6.3f')} {fmt(r.get('recompute_fraction'), '6.3f')} "
               f"{fmt(r.get('ttft_over_floor'), '6.1f')} "
               f"{r['hr@1']:6.3f} {r['hr@5']:6.3f} {r['hr@10']:6.3f} {r['ndcg@10']:7.3f} {r['mrr']:6.3f}")
-    if retriever_info is not None:
-        print(f"retriever: recall@{_CANDS.value} {retriever_info[f'recall@{_CANDS.value}']:.3f} "
-              f"({int(retrieved.sum())} of {len(requests) + skipped} targets retrieved), "
-              f"{retriever_info['retrieve_ms_mean']:.2f} ms per request; metrics above count a target not "
+    info = w.retriever_info
+    if info is not None:
+        print(f"retriever: recall@{_CANDS.value} {info[f'recall@{_CANDS.value}']:.3f} "
+              f"({int(metrics.retrieved.sum())} of {n + w.skipped} targets retrieved), "
+              f"{info['retrieve_ms_mean']:.2f} ms per request; metrics above count a target not "
               "retrieved as a miss")
         print(f"{'within retrieved':<17} {'HR@1':>6} {'HR@5':>6} {'HR@10':>6} {'NDCG@10':>7}  NDCG@10 95% CI   "
               "minus retriever (paired 95% CI)")
@@ -632,16 +632,113 @@ def main(argv):
                     d, *r["ndcg@10_retrieved_minus_retriever_ci"])
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
                       f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]   {vs}")
-    for name, loc in config["placement_locality"].items():
+    for name, loc in locality.items():
         print(f"placement {name:<22} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
               f"remote MB/request {loc['remote_bytes_per_request'] / 1e6:.2f}")
+
+
+def _config(w: Workload, model, engine, modes, head, val_pos, build, machine, peer_note, lengths) -> dict:
+    """The run's configuration, as the JSON records it."""
+    import jax
+    from rcllm_jax.downloads import portable_path
+    argv = [a if "=" not in a or "/" not in a else a.split("=", 1)[0] + "=" + portable_path(a.split("=", 1)[1])
+            for a in sys.argv[1:]]
+    return {"argv": argv, "dataset": w.ds.name, "num_users": _USERS.value, "num_requests": len(w.requests) + w.skipped,
+            "requests_run": len(w.requests), "rank_retrieved_only": _ONLY_HITS.value,
+            "requests_per_user": _RPU.value, "num_candidates": _CANDS.value, "history_len": _HIST.value,
+            "negatives": _NEG.value if w.retriever is None else "retrieved", "candidates": _CAND_SRC.value,
+            "candidate_order": _ORDER.value if w.retriever is not None else None, "retriever": w.retriever_info,
+            "stage": _STAGE.value if not w.positions else None, "test_positions": list(w.positions or []),
+            "head_validation_position": val_pos if head is not None else None,
+            "intervals": "bootstrap over users" if w.clustered else "bootstrap over requests",
+            "seed": _SEED.value, "model": portable_path(model.source),
+            "model_fingerprint": engine.fingerprint, "attention_impl": engine.impl,
+            "dtype": _DTYPE.value, "canonical": engine.canonical, "cpu_cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+            "devices": len(jax.devices()), "matmul_peak_flops": machine[0], "memory_bandwidth_bytes_s": machine[1],
+            "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
+            "head_digest": None if head is None else head.digest(),
+            "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
+            "replicate": dist_cli.REPLICATE.value, "kv_dtype": dist_cli.KV_DTYPE.value, "scheduler": _SCHED.value,
+            "arrival_rate": _RATE.value,
+            "processes": jax.process_count(), "placement_locality": _placement_locality(engine, w.requests),
+            "peers": {"transformers": peer_note},
+            "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
+                              "max": int(max(lengths)), "min": int(min(lengths))}}
+
+
+def main(argv):
+    del argv
+    if _CONFIG.value:
+        from rcllm_jax.config_files import apply_toml
+        apply_toml(_CONFIG.value, _TOML_KEYS)
+    from rcllm_jax.engine.engine import MODES
+    unknown = [m for m in _MODES.value if m not in MODES]
+    if unknown:
+        raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
+    modes = list(_MODES.value) + [f"blend@{float(r):g}" for r in _SWEEP.value]
+    mesh = dist_cli.setup()
+    import jax
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth
+    from rcllm_jax.model import load_model
+    from rcllm_jax.retrieval import fit_before
+
+    jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+    t0 = time.perf_counter()
+    w = _workload()
+    # the training split's retriever (before the earliest test position): the coaccess placement's
+    # graph and, without --test_positions, a head's collaborative features
+    cut = max(w.positions) if w.positions else 2
+    train_retriever = (w.retrievers[cut] if w.retrievers else w.retriever) or fit_before(w.split, 2)
+    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
+    head = _head()
+    val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
+    if head is not None and w.positions and max(w.positions) >= val_pos:
+        raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
+                             f"--test_positions must be below {val_pos}, got {_TEST_POS.value!r}")
+    builder = PromptBuilder(model.tokenizer, w.ds.items, history_len=_HIST.value, head=_HEAD.value,
+                            max_prompt_tokens=model.cfg.max_position)
+    prompts = [builder.build(r.history, r.candidates) for r in w.requests]
+    lengths = [len(p) for p in prompts]
+    logging.info("%d requests ready in %.1fs", len(w.requests), time.perf_counter() - t0)
+
+    engine = _engine(model, builder, w, modes, mesh, head, train_retriever, cut)
+    policies = _policies()
+    impl_of = {m: engine.impl for m in modes}
+    if _COMPARE.value:
+        from rcllm_jax.kernels import resolve
+        other = "xla" if engine.impl != "xla" else resolve("pallas")
+        for m in [m for m in modes if m in policies]:
+            name = f"{m}@{'xla' if other == 'xla' else 'pallas'}"
+            policies[name], impl_of[name] = policies[m], other
+            modes.append(name)
+    build = _build_store(engine) if any(m in policies for m in modes) else {}
+    peer, peer_note = _peer(model, head, prompts, modes, impl_of)
+    results = _run_modes(engine, modes, w.requests, prompts, policies, peer, impl_of)
+    side_source, engine_scores = None, None
+    if head is not None and head.side_weights is not None:  # the head adds the retriever's features
+        engine_scores = {m: [r.scores for r, _ in results[m]] for m in modes}  # fidelity of the model's part too
+        from rcllm_jax.recommender import check_side_features, final_scores
+        side_source = train_retriever
+        check_side_features(head, side_source)
+        for mode in modes:  # each request's features from the retriever that proposed its candidates
+            results[mode] = [(dataclasses.replace(r, scores=final_scores(head, rq or side_source, q.history,
+                                                                         q.candidates, r.scores)), u)
+                             for (r, u), q, rq in zip(results[mode], w.requests, w.retr_of)]
+
+    machine = (matmul_peak_flops(), memory_bandwidth())
+    metrics = _Metrics(w)
+    rows = _mode_rows(engine, model, modes, results, w, prompts, policies, impl_of, metrics, engine_scores, machine)
+    rows += _baseline_rows(w, metrics, head, side_source)
+    config = _config(w, model, engine, modes, head, val_pos, build, machine, peer_note, lengths)
+    _print_table(w, model, rows, metrics, config["placement_locality"])
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     plots_dir = Path(_PLOTS.value or str(Path(_OUT.value).with_suffix("")) + "_plots")
     config["plots"] = _plots(plots_dir, modes, results, rows, lengths)
     Path(_OUT.value).write_text(json.dumps({"config": config, "results": rows}, indent=2, default=str))
     print(f"wrote {_OUT.value} and {len(config['plots'])} plots in {plots_dir}")
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -147,87 +147,83 @@ def _peak_rss_during(fn):
         t.join()
 
 
-def main(argv):
-    del argv
-    mesh = dist_cli.setup()
-    import jax
-
-    from rcllm_jax.engine.engine import MODES
-    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
-    from rcllm_jax.recommender import open_served
-    from rcllm_jax.serve.http import HttpServer, make_app
-    from rcllm_jax.serve.scheduler import Scheduler
-    from rcllm_jax.serve.service import RecommenderService, count_compiles
-    from rcllm_jax.serve.state import StateStore
-
-    if _MODE.value not in MODES:
-        raise app.UsageError(f"unknown --mode {_MODE.value!r}; modes: {', '.join(MODES)}")
-    if jax.process_count() > 1:
-        raise app.UsageError("serve.py runs as one process (multi-host serving is not implemented; "
-                             "launch/build_cache.py and bench.py take the multi-host flags)")
-    t0 = time.perf_counter()
-    count_compiles()  # /metrics counts every compile of this process, the warm-up's included
-    step = _STEP.value if _STEP.value != "auto" else ("serial" if jax.default_backend() == "cpu" else "batched")
-    from rcllm_jax.cache.snapshot import SnapshotError, SnapshotMismatchError
+def _open(mesh):
+    """The served engine and its catalog (`open_served`), a UsageError naming what to do when the
+    snapshot is refused or the head does not fit the model."""
+    from rcllm_jax.cache.snapshot import SnapshotError
     from rcllm_jax.engine.ranking_head import HeadError
+    from rcllm_jax.recommender import open_served
     try:
-        served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
-                             data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
-                             history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_mb=_USER_MB.value, user_pages=_USER_PAGES.value,
-                             max_items=_MAX_ITEMS.value,
-                             mesh=mesh, placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
-                             kv_dtype=dist_cli.KV_DTYPE.value,
-                             snapshot_dir=_SNAP.value,
-                             mode=_MODE.value, rebuild_on_damage=_REBUILD.value)
+        return open_served(model=_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value, dataset=_DATASET.value,
+                           data_dir=_DATA_DIR.value, head=_HEAD.value, ranking_head=_HEAD_PATH.value,
+                           history_len=_HIST.value, max_candidates=_MAX_CANDS.value, user_mb=_USER_MB.value,
+                           user_pages=_USER_PAGES.value, max_items=_MAX_ITEMS.value,
+                           mesh=mesh, placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
+                           kv_dtype=dist_cli.KV_DTYPE.value, snapshot_dir=_SNAP.value,
+                           mode=_MODE.value, rebuild_on_damage=_REBUILD.value)
     except SnapshotError as e:
         raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None
     except HeadError as e:
         raise app.UsageError(f"the ranking head {_HEAD_PATH.value or 'shipped with rcllm_jax'} was trained for other "
                              f"weights than --model ({e}): train one (launch/train.py --model=...) and pass "
                              "--ranking_head, or serve with --head=label") from None
-    for note in served.notes:
-        logging.info("%s", note)
-    engine, ds, item_ids, retriever = served.engine, served.dataset, served.item_ids, served.recommender.retriever
-    items = {i: ds.items[i] for i in item_ids}
-    users_dir = _USERS_DIR.value or served.users_dir
-    service_s, cold_s = 0.25, None  # a request's engine time when nothing is measured (no warm-up)
-    if _WARM.value:  # compile before the first user waits for it
-        t1 = time.perf_counter()
-        probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value, retriever, _NUM_CANDS.value)
-        if _MODE.value in BLOCK_MODES:  # every shape a request can take, on every shard (and batch bucket)
-            n_shapes = engine.warm_up(_MODE.value, _MAX_CANDS.value, _MAX_BATCH.value if step == "batched" else 0)
-            what = f"every accepted request shape ({n_shapes} shard x shape programs)"
-        else:  # the baselines: requests shaped like traffic (a shape outside their buckets still compiles)
-            for s in range(engine.num_shards):
-                for j, probe in enumerate(probes):
-                    engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
-            n_fetch = engine.warm_fetch()
-            what = f"{len(probes)} prompt shapes (+ {n_fetch} remote-fetch shapes)"
-        warm = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
-        engine.reset_caches()
-        cold = []  # a new user's request: its history prefix computed too
-        for j, p in enumerate(probes):
-            t2 = time.perf_counter()
-            engine.rank(p, _MODE.value, user_id=f"warmup-cold-{j}", shard=0)
-            cold.append(time.perf_counter() - t2)
-        service_s = max(float(sorted(warm)[len(warm) // 2]), 1e-3)
-        cold_s = float(sorted(cold)[len(cold) // 2])
-        engine.reset_caches()
-        logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs returning users, %.3fs new users)",
-                     engine.num_shards, what, time.perf_counter() - t1, service_s, cold_s)
-    # The bound covers every request waiting for the engine: the queue plus the window the loop
-    # has taken from it; sized so that the last of them waits about --latency_target_s.
+
+
+def _warm_up(served, step: str) -> tuple[float, float | None]:
+    """Compile before the first user waits (block modes: every accepted request shape on every
+    shard); returns the measured engine time of a returning user's and a new user's request (p50)."""
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
+    engine, ds, item_ids = served.engine, served.dataset, served.item_ids
+    t1 = time.perf_counter()
+    probes = _warmup_prompts(engine.builder, ds, item_ids, _WARM_N.value, served.recommender.retriever,
+                             _NUM_CANDS.value)
+    if _MODE.value in BLOCK_MODES:  # every shape a request can take, on every shard (and batch bucket)
+        n_shapes = engine.warm_up(_MODE.value, _MAX_CANDS.value, _MAX_BATCH.value if step == "batched" else 0)
+        what = f"every accepted request shape ({n_shapes} shard x shape programs)"
+    else:  # the baselines: requests shaped like traffic (a shape outside their buckets still compiles)
+        for s in range(engine.num_shards):
+            for j, probe in enumerate(probes):
+                engine.rank(probe, _MODE.value, user_id=f"warmup-{j}", shard=s)
+        n_fetch = engine.warm_fetch()
+        what = f"{len(probes)} prompt shapes (+ {n_fetch} remote-fetch shapes)"
+    warm = [engine.rank(p, _MODE.value, user_id=f"warmup-{j}", shard=0).ttft_s for j, p in enumerate(probes)]
+    engine.reset_caches()
+    cold = []  # a new user's request: its history prefix computed too
+    for j, p in enumerate(probes):
+        t2 = time.perf_counter()
+        engine.rank(p, _MODE.value, user_id=f"warmup-cold-{j}", shard=0)
+        cold.append(time.perf_counter() - t2)
+    service_s = max(float(sorted(warm)[len(warm) // 2]), 1e-3)
+    cold_s = float(sorted(cold)[len(cold) // 2])
+    engine.reset_caches()
+    logging.info("warmed up %d shards x %s in %.1fs (service time p50 %.3fs returning users, %.3fs new users)",
+                 engine.num_shards, what, time.perf_counter() - t1, service_s, cold_s)
+    return service_s, cold_s
+
+
+def _admission(service_s: float, cold_s: float | None):
+    """(max_queue, window, cost_s, max_cost_s) of the scheduler. The count bound covers every
+    request waiting for the engine: the queue plus the window the loop has taken from it, sized so
+    that the last of them waits about --latency_target_s. The cost bound: half the target of
+    estimated engine time waiting, a new user's request (its history prefix computed) costing what
+    the warm-up measured for one."""
     outstanding = _QUEUE.value + _WINDOW.value if _QUEUE.value else max(8, int(_TARGET.value / service_s))
     window = _WINDOW.value if _QUEUE.value else max(1, min(_WINDOW.value, outstanding // 2))
-    max_queue = outstanding - window
-    # and by cost: half the target of estimated engine time waiting and half in the loop's window, a
-    # new user's request (its history prefix computed) costing what the warm-up measured for one
     cost_s = (service_s, max(cold_s, service_s)) if cold_s is not None and not _QUEUE.value else None
     max_cost_s = _TARGET.value / 2 if cost_s else None
-    logging.info("queue bound %d + window %d requests%s (%s)", max_queue, window,
+    logging.info("queue bound %d + window %d requests%s (%s)", outstanding - window, window,
                  f", {max_cost_s:g}s of estimated engine time each" if cost_s else "",
                  "--max_queue" if _QUEUE.value else f"--latency_target_s={_TARGET.value:g} / service time "
                  f"{service_s:.3f}s returning users" + (f", {cost_s[1]:.3f}s new" if cost_s else ""))
+    return outstanding - window, window, cost_s, max_cost_s
+
+
+def _state(served, users_dir: str):
+    """The state database (seeded with the dataset's histories), the saved user prefixes that still
+    stand for their users' histories restored into the engine."""
+    from rcllm_jax.cache.snapshot import SnapshotError, SnapshotMismatchError
+    from rcllm_jax.serve.state import StateStore
+    engine, ds = served.engine, served.dataset
     state = StateStore(_STATE_DB.value or users_dir.rstrip("/") + "-state.sqlite3", max_history=_MAX_HIST.value)
     versions = state.versions()
     try:  # the saved KV of a prefix stays only while it stands for the user's history in the database
@@ -244,12 +240,57 @@ def main(argv):
     logging.info("state database %s: %d users, %d events (%d seeded from %s now); %d cached user prefixes "
                  "restored from %s", state, state.num_users(), state.num_events(), seeded, ds.name,
                  engine.stats()["users_cached"], users_dir)
+    return state
+
+
+def _shut_down(service, engine, users_dir: str):
+    """Refuse new work, answer what is queued, save the user store (before anything a slow client
+    could delay; the connections get at most --shutdown_grace_s afterwards)."""
+    logging.info("stopping: draining %d queued requests", len(service.scheduler))
+    if service.stop():  # every queued request answered; later submissions get 503
+        rss = _rss_bytes()
+        step, peak = _peak_rss_during(lambda: engine.save_users(users_dir))  # the engine loop has ended
+        print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step}; RSS "
+              f"{rss / 2**30:.2f} GiB serving, peak {peak / 2**30:.2f} GiB while saving)", flush=True)
+    else:  # never export a store the engine thread may still be writing; the database holds every history
+        print("engine still busy after the drain timeout: user prefixes not saved (histories are in the database)",
+              flush=True)
+
+
+def main(argv):
+    del argv
+    mesh = dist_cli.setup()
+    import jax
+
+    from rcllm_jax.engine.engine import MODES
+    from rcllm_jax.serve.http import HttpServer, make_app
+    from rcllm_jax.serve.scheduler import Scheduler
+    from rcllm_jax.serve.service import RecommenderService, count_compiles
+
+    if _MODE.value not in MODES:
+        raise app.UsageError(f"unknown --mode {_MODE.value!r}; modes: {', '.join(MODES)}")
+    if jax.process_count() > 1:
+        raise app.UsageError("serve.py runs as one process (multi-host serving is not implemented; "
+                             "launch/build_cache.py and bench.py take the multi-host flags)")
+    t0 = time.perf_counter()
+    count_compiles()  # /metrics counts every compile of this process, the warm-up's included
+    step = _STEP.value if _STEP.value != "auto" else ("serial" if jax.default_backend() == "cpu" else "batched")
+    served = _open(mesh)
+    for note in served.notes:
+        logging.info("%s", note)
+    engine, ds = served.engine, served.dataset
+    items = {i: ds.items[i] for i in served.item_ids}
+    users_dir = _USERS_DIR.value or served.users_dir
+    # a request's engine time when nothing is measured (no warm-up)
+    service_s, cold_s = _warm_up(served, step) if _WARM.value else (0.25, None)
+    max_queue, window, cost_s, max_cost_s = _admission(service_s, cold_s)
+    state = _state(served, users_dir)
     service = RecommenderService(engine, items, state, mode=_MODE.value,
                                  scheduler=Scheduler(engine.num_shards, _SCHED.value, max_queue, window,
                                                      max_cost_s=max_cost_s), cost_s=cost_s,
                                  max_candidates=_MAX_CANDS.value, request_timeout_s=_TIMEOUT.value,
-                                 retriever=retriever, num_candidates=_NUM_CANDS.value, serving_step=step,
-                                 max_batch=_MAX_BATCH.value,
+                                 retriever=served.recommender.retriever, num_candidates=_NUM_CANDS.value,
+                                 serving_step=step, max_batch=_MAX_BATCH.value,
                                  latency_target_s=_TARGET.value if _ADAPT.value and not _QUEUE.value else None)
     service.start()
     server = HttpServer(make_app(service, _MAX_BODY.value), _HOST.value, _PORT.value,
@@ -264,21 +305,10 @@ def main(argv):
     print(f"serving on http://{host}:{port} ({len(items)} items, {_MODE.value} mode, {mesh.shape['items']} "
           f"items-shards, {_SCHED.value} scheduler; ready in {time.perf_counter() - t0:.1f}s)", flush=True)
     stop.wait()
-    # Shutdown order: refuse new work, answer what is queued, save the user store (before anything a
-    # slow client could delay), then give open connections at most --shutdown_grace_s.
-    logging.info("stopping: draining %d queued requests", len(service.scheduler))
-    if service.stop():  # every queued request answered; later submissions get 503
-        rss = _rss_bytes()
-        step, peak = _peak_rss_during(lambda: engine.save_users(users_dir))  # the engine loop has ended
-        print(f"saved {engine.stats()['users_cached']} user prefixes to {users_dir} (step {step}; RSS "
-              f"{rss / 2**30:.2f} GiB serving, peak {peak / 2**30:.2f} GiB while saving)", flush=True)
-    else:  # never export a store the engine thread may still be writing; the database holds every history
-        print("engine still busy after the drain timeout: user prefixes not saved (histories are in the database)",
-              flush=True)
+    _shut_down(service, engine, users_dir)
     state.close()
     server.close()
     print("bye", flush=True)
-
 
 if __name__ == "__main__":
     app.run(main)
