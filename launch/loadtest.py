@@ -95,13 +95,14 @@ def _rss_gib(url) -> float | None:
     return None if b is None else b / 2**30
 
 
-def main(argv):
-    del argv
-    import numpy as np
+def _bodies() -> list[dict]:
+    """The requests the clients send: events on this run's own users, or recommend requests of
+    ML-100k users with sampled candidates."""
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, sample_candidates
-    host = urllib.parse.urlparse(_URL.value).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise app.UsageError(f"load tests run against loopback only, not {host!r}")
+    if _KIND.value == "events":
+        run = f"load-{os.getpid()}-{int(time.time())}"
+        return [{"user_id": f"{run}-u{n % _USERS.value}", "items": [1 + n % 50], "event_id": f"{run}-e{n}"}
+                for n in range(_REQUESTS.value)]
     split = LeaveOneOut(load_dataset("ml-100k"))
     if _MAX_ITEM.value:
         keep = {i: it for i, it in split.dataset.items.items() if i <= _MAX_ITEM.value}
@@ -109,11 +110,7 @@ def main(argv):
         split = LeaveOneOut(type(split.dataset)(split.dataset.name, keep, {u: s for u, s in seqs.items() if len(s) >= 3}))
     users = list(split.users)
     bodies, n = [], 0
-    run = f"load-{os.getpid()}-{int(time.time())}"  # --kind=events: this run's own users
-    while _KIND.value == "events" and len(bodies) < _REQUESTS.value:
-        bodies.append({"user_id": f"{run}-u{len(bodies) % _USERS.value}", "items": [1 + len(bodies) % 50],
-                       "event_id": f"{run}-e{len(bodies)}"})
-    while _KIND.value == "recommend" and len(bodies) < _REQUESTS.value and n < 100 * _REQUESTS.value:
+    while len(bodies) < _REQUESTS.value and n < 100 * _REQUESTS.value:
         u = users[n % min(len(users), _USERS.value)]
         n += 1
         try:
@@ -121,24 +118,40 @@ def main(argv):
         except ValueError:  # a user who rated (nearly) the whole catalog: no negatives to draw
             continue
         bodies.append({"user_id": int(u), "candidates": [int(c) for c in cands]})
-    try:  # what the server runs (mode, shards, scheduler), recorded with the figures
-        with urllib.request.urlopen(_URL.value + "/healthz", timeout=30) as r:
-            server = json.loads(r.read())
-    except (OSError, ValueError) as e:
-        raise app.UsageError(f"no server answering at {_URL.value}/healthz: {e}") from None
-    if _WARM.value and _KIND.value == "recommend":
-        t_warm = time.perf_counter()
-        for u in sorted({b["user_id"] for b in bodies}):
-            first = next(b for b in bodies if b["user_id"] == u)
-            status, body = _post(_URL.value + "/v1/recommend", first)
-            if status != 200:
-                raise app.UsageError(f"warm-up request for user {u} answered {status}: {body}")
-        print(f"warmed {len({b['user_id'] for b in bodies})} users in {time.perf_counter() - t_warm:.1f}s", flush=True)
+    return bodies
+
+
+def _warm_users(bodies):
+    """One untimed request per distinct user first, one at a time (their prefixes cached)."""
+    t_warm = time.perf_counter()
+    for u in sorted({b["user_id"] for b in bodies}):
+        first = next(b for b in bodies if b["user_id"] == u)
+        status, body = _post(_URL.value + "/v1/recommend", first)
+        if status != 200:
+            raise app.UsageError(f"warm-up request for user {u} answered {status}: {body}")
+    print(f"warmed {len({b['user_id'] for b in bodies})} users in {time.perf_counter() - t_warm:.1f}s", flush=True)
+
+
+def _send(b: dict):
+    """(status, body) of one request (-1 and the error for a dropped connection)."""
+    try:
+        if _KIND.value == "events":
+            return _post(f"{_URL.value}/v1/users/{b['user_id']}/events", {"items": b["items"], "event_id": b["event_id"]})
+        return _post(_URL.value + "/v1/recommend", b)
+    except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
+        return -1, {"error": str(e)}
+
+
+def _drive(bodies):
+    """The closed loop: --clients threads, each sending the next body, resending a 503 after its
+    Retry-After (--retries_on_503, --backoff), until the bodies or --duration_s run out. Returns
+    (sent indices, {index: [(status, body, latency from the first try)]}, 503s resent, answers per
+    client, wall seconds)."""
+    import numpy as np
     answers = collections.defaultdict(list)  # tag -> responses (must be exactly one each)
     lock, nxt = threading.Lock(), iter(range(len(bodies)))
     t_end = time.perf_counter() + _DURATION.value
     sent, retried = [], [0]
-
     per_client = [0] * _CLIENTS.value  # answers (200) each client got: a closed loop's fairness
 
     def client(c: int):
@@ -150,15 +163,7 @@ def main(argv):
                 return
             t0 = time.perf_counter()
             for attempt in range(_RETRIES.value + 1):
-                try:
-                    if _KIND.value == "events":
-                        b = bodies[n]
-                        status, body = _post(f"{_URL.value}/v1/users/{b['user_id']}/events",
-                                             {"items": b["items"], "event_id": b["event_id"]})
-                    else:
-                        status, body = _post(_URL.value + "/v1/recommend", bodies[n])
-                except Exception as e:  # noqa: BLE001 - a dropped connection is an error, not a crash
-                    status, body = -1, {"error": str(e)}
+                status, body = _send(bodies[n])
                 if status != 503 or attempt == _RETRIES.value:
                     break
                 with lock:
@@ -169,14 +174,35 @@ def main(argv):
                 answers[n].append((status, body, time.perf_counter() - t0))
                 per_client[c] += status == 200
 
-    compiles0 = _compiles(_URL.value)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(_CLIENTS.value)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return sent, answers, retried[0], per_client, time.perf_counter() - t0
+
+
+def _pct(xs, q):
+    import numpy as np
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def main(argv):
+    del argv
+    host = urllib.parse.urlparse(_URL.value).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise app.UsageError(f"load tests run against loopback only, not {host!r}")
+    bodies = _bodies()
+    try:  # what the server runs (mode, shards, scheduler), recorded with the figures
+        with urllib.request.urlopen(_URL.value + "/healthz", timeout=30) as r:
+            server = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        raise app.UsageError(f"no server answering at {_URL.value}/healthz: {e}") from None
+    if _WARM.value and _KIND.value == "recommend":
+        _warm_users(bodies)
+    compiles0 = _compiles(_URL.value)
+    sent, answers, retried, per_client, wall = _drive(bodies)
     compiles1, rss1 = _compiles(_URL.value), _rss_gib(_URL.value)
     ok = [a for n in sorted(set(sent)) for a in answers[n] if a[0] == 200]
     statuses = collections.Counter(a[0] for n in set(sent) for a in answers[n])
@@ -199,16 +225,13 @@ def main(argv):
                                                     "serving_step", "max_batch")},
               "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d", time.gmtime()),
               "sent": len(sent), "answered_200": len(ok), "status_counts": dict(statuses),
-              "errors": len(sent) - len(ok), "retried_503": retried[0], "lost": len(lost), "answered_twice": len(twice),
+              "errors": len(sent) - len(ok), "retried_503": retried, "lost": len(lost), "answered_twice": len(twice),
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
               "compiles_during_run": None if compiles0 is None or compiles1 is None else compiles1 - compiles0,
               "throughput_rps": len(ok) / wall if wall else 0.0,
-              "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
-              "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
-              "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
-              "latency_p99_s": float(np.percentile(lat, 99)) if lat else None,
-              "server_latency_p50_s": float(np.percentile(served, 50)) if served else None,
-              "server_latency_p99_s": float(np.percentile(served, 99)) if served else None,
+              "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+              "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
+              "server_latency_p50_s": _pct(served, 50), "server_latency_p99_s": _pct(served, 99),
               "shards": dict(collections.Counter(a[1].get("shard") for a in ok)),
               "answered_per_client": per_client,
               "users_with_other_than_acknowledged_events": mismatched, "server_rss_gib_after": rss1}
@@ -217,7 +240,6 @@ def main(argv):
     Path(_OUT.value).write_text(json.dumps(report, indent=2))
     if lost or twice or mismatched:
         sys.exit(1)
-
 
 if __name__ == "__main__":
     app.run(main)

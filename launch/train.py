@@ -106,31 +106,9 @@ def _positions(spec: str, flag: str = "collaborative_positions") -> tuple[int, .
     return tuple(sorted(out, reverse=True))
 
 
-def main(argv):
-    del argv
-    if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, _TOML)
-    import numpy as np
-    from tqdm import tqdm
-
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
-    from rcllm_jax.engine.ranking_head import SlotHead
-    from rcllm_jax.eval.metrics import per_request_metrics
-    from rcllm_jax.downloads import portable_path
-    from rcllm_jax.model import load_model
-    from rcllm_jax.train import ranker as rk
+def _examples(split):
+    """(training examples, their stats, validation examples, validation requests, positions)."""
     from rcllm_jax.train import head_fit as sh
-
-    t0 = time.perf_counter()
-    out = Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    split = LeaveOneOut(load_dataset("ml-100k"))
-    if _MAX_USERS.value:
-        split.users = split.users[:_MAX_USERS.value]
     if _VAL_POS.value < 1:
         raise app.UsageError(f"--validation_position must be >= 1, got {_VAL_POS.value}")
     positions = _positions(",".join(_POS.value), "positions")
@@ -145,38 +123,39 @@ def main(argv):
                              "the retrieved candidates: use more users (--max_users) or candidates")
     logging.info("%d training examples (%s), %d validation examples (%d requests)", len(train), train_stats,
                  len(val), val_requests)
-    model = load_model(_MODEL.value)
-    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=_HIST.value, head="slot",
-                            max_prompt_tokens=model.cfg.max_position)
-    items = sorted({i for e in train + val for i in e.candidates})
-    engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
-                    max_candidates=_CANDS.value)
-    engine.build_store()
-    logging.info("block store: %d item blocks in %.0fs", len(items), time.perf_counter() - t0)
-    cfg = rk.RankerConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value, warmup=_WARMUP.value,
-                          lora_rank=_RANK.value, lora_alpha=_ALPHA.value, targets=tuple(_TARGETS.value),
-                          first_layer=_FIRST.value, seed=_SEED.value, checkpoint_every=_CKPT.value,
-                          val_every=_VAL_EVERY.value)
-    prefixes = rk.PrefixBank(out / "prefixes")
+    return train, train_stats, val, val_requests, positions
 
-    val_side = np.stack([e.side for e in val])
-    val_targets = np.asarray([e.target_index for e in val])
 
-    # --- stage 0: the collaborative scorer (no model pass) -----------------------------------------
-    collab, collab_log = None, None
-    if _COLLAB.value:
-        c_train, c_stats = sh.training_examples(split, positions=_positions(_COLLAB_POS.value),
-                                                num_candidates=_CANDS.value, order=_ORDER.value)
-        collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
-                                               np.asarray([e.target_index for e in c_train]),
-                                               val=(val_side, val_targets))
-        collab_log = {"examples": len(c_train), "positions": _COLLAB_POS.value, "stats": c_stats,
-                      "position_weight": collab.position, "side_weights": collab.side.tolist(),
-                      "val_ndcg@10": c_curve[-1]["val_ndcg@10"], "curve": c_curve}
-        logging.info("stage 0: collaborative scorer on %d examples: validation NDCG@10 %.4f", len(c_train),
-                     collab_log["val_ndcg@10"])
+def _stage0(split, val):
+    """Stage 0: the collaborative scorer on the retriever's features (no model pass); (scorer, log)
+    or (None, None) without --collaborative."""
+    import numpy as np
+    from rcllm_jax.train import head_fit as sh
+    if not _COLLAB.value:
+        return None, None
+    c_train, c_stats = sh.training_examples(split, positions=_positions(_COLLAB_POS.value),
+                                            num_candidates=_CANDS.value, order=_ORDER.value)
+    collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
+                                           np.asarray([e.target_index for e in c_train]),
+                                           val=(np.stack([e.side for e in val]),
+                                                np.asarray([e.target_index for e in val])))
+    log = {"examples": len(c_train), "positions": _COLLAB_POS.value, "stats": c_stats,
+           "position_weight": collab.position, "side_weights": collab.side.tolist(),
+           "val_ndcg@10": c_curve[-1]["val_ndcg@10"], "curve": c_curve}
+    logging.info("stage 0: collaborative scorer on %d examples: validation NDCG@10 %.4f", len(c_train),
+                 log["val_ndcg@10"])
+    return collab, log
 
-    # --- stage 1: the head on the base model's slot states --------------------------------------
+
+def _stage1(engine, builder, train, val, cfg, prefixes, out: Path, collab):
+    """Stage 1: the head over the base model's slot states (collected once, resumable), one fit
+    per --l2. Returns (the fits, the best on validation, the seconds collecting took, the
+    validation examples' states)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from rcllm_jax.train import head_fit as sh
+    from rcllm_jax.train import ranker as rk
     t1 = time.perf_counter()
     collected = {}
     for name, examples in (("train", train), ("val", val)):
@@ -197,10 +176,13 @@ def main(argv):
         runs.append({"l2": l2, "theta": theta, "bias": bias, "side_weights": side_w, "curve": curve,
                      "val_ndcg@10": curve[-1]["val_ndcg@10"]})
         logging.info("stage 1, l2 %g: validation NDCG@10 %.4f", l2, runs[-1]["val_ndcg@10"])
-    best = max(runs, key=lambda r: r["val_ndcg@10"])
-    retr = float(per_request_metrics(collected["val"][1])["ndcg@10"].mean()) if _ORDER.value == "retriever" else None
-    k = _CANDS.value
-    rand = float(np.mean(1 / np.log2(np.arange(k) + 2) * (np.arange(k) < 10)))
+    return runs, max(runs, key=lambda r: r["val_ndcg@10"]), stage1_s, collected["val"]
+
+
+def _card(engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log) -> dict:
+    """The head's card: what it was trained on and how it compares on validation."""
+    from rcllm_jax.downloads import portable_path
+    from rcllm_jax.engine.selective_recompute import BLOCK_MODES
     card = {"base_fingerprint": engine.fingerprint, "base_model": portable_path(model.source),
             "command": "python launch/train.py " + " ".join(sys.argv[1:]),
             "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
@@ -208,7 +190,7 @@ def main(argv):
                     f"with an item-kNN retriever fitted strictly before it; validation: the targets at position "
                     f"{_VAL_POS.value}, likewise; test positions 1-{_VAL_POS.value - 1} never used.",
             "mode": "rcllm", "policy": dataclasses.asdict(BLOCK_MODES["rcllm"]),
-            "history_len": _HIST.value, "num_candidates": k, "candidate_order": _ORDER.value,
+            "history_len": _HIST.value, "num_candidates": _CANDS.value, "candidate_order": _ORDER.value,
             "positions": list(positions), "validation_position": _VAL_POS.value,
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
@@ -218,46 +200,95 @@ def main(argv):
                                    "side_weights": collab.side.tolist(), "examples": collab_log["examples"],
                                    "positions": _COLLAB_POS.value})
         card["val_collaborative_ndcg@10_within_retrieved"] = collab_log["val_ndcg@10"]
+    return card
+
+
+def _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out: Path) -> dict:
+    """Stage 2: head + query adapter trained on the serving path (resumed from its checkpoints);
+    saves the ranker; returns its log."""
+    from rcllm_jax.train import ranker as rk
+    cfg = dataclasses.replace(cfg, l2=best["l2"])
+    trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
+                               data_key=_key(engine.fingerprint, train), prefixes=prefixes)
+    curve_path = out / "curve.jsonl"
+    if trainer.step == 0:
+        curve_path.write_text(json.dumps({"step": 0, "val_ndcg@10": best["val_ndcg@10"], "wall_s": 0.0}) + "\n")
+    start, t2 = trainer.step, time.perf_counter()
+    wall0 = _last_wall(curve_path)
+
+    def progress(row):
+        row["wall_s"] = wall0 + time.perf_counter() - t2
+        with open(curve_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        logging.info("step %d loss %.4f%s (%.1fs)", row["step"], row["loss"],
+                     f" val NDCG@10 {row['val_ndcg@10']:.4f}" if "val_ndcg@10" in row else "", row["s"])
+
+    trainer.run(val, progress=progress)
+    curve = [json.loads(x) for x in curve_path.read_text().splitlines()]
+    final = next((r["val_ndcg@10"] for r in reversed(curve) if "val_ndcg@10" in r), None)
+    if final is None or curve[-1]["step"] != trainer.step:
+        final = trainer.validate(val)
+    tuned = trainer.head({**card, "stage": "head + query adapter (stage 2)", "l2": cfg.l2, "steps": trainer.step,
+                          "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.targets),
+                                   "first_layer": cfg.first_layer},
+                          "val_ndcg@10_within_retrieved": final,
+                          "val_ndcg@10_within_retrieved_stage1": best["val_ndcg@10"]})
+    _save(tuned, out / "ranker", "Ranker: score-slot head + query adapter (LoRA on the rows computed per request)")
+    return {"config": dataclasses.asdict(cfg), "resumed_from": start, "curve": curve, "val_ndcg@10": final}
+
+
+def main(argv):
+    del argv
+    if _CONFIG.value:
+        from rcllm_jax.config_files import apply_toml
+        apply_toml(_CONFIG.value, _TOML)
+    import numpy as np
+
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.engine.ranking_head import SlotHead
+    from rcllm_jax.eval.metrics import per_request_metrics
+    from rcllm_jax.model import load_model
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    from rcllm_jax.train import ranker as rk
+
+    t0 = time.perf_counter()
+    out = Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    split = LeaveOneOut(load_dataset("ml-100k"))
+    if _MAX_USERS.value:
+        split.users = split.users[:_MAX_USERS.value]
+    train, train_stats, val, val_requests, positions = _examples(split)
+    model = load_model(_MODEL.value)
+    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=_HIST.value, head="slot",
+                            max_prompt_tokens=model.cfg.max_position)
+    items = sorted({i for e in train + val for i in e.candidates})
+    engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
+                    max_candidates=_CANDS.value)
+    engine.build_store()
+    logging.info("block store: %d item blocks in %.0fs", len(items), time.perf_counter() - t0)
+    cfg = rk.RankerConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value, warmup=_WARMUP.value,
+                          lora_rank=_RANK.value, lora_alpha=_ALPHA.value, targets=tuple(_TARGETS.value),
+                          first_layer=_FIRST.value, seed=_SEED.value, checkpoint_every=_CKPT.value,
+                          val_every=_VAL_EVERY.value)
+    prefixes = rk.PrefixBank(out / "prefixes")
+    collab, collab_log = _stage0(split, val)
+    runs, best, stage1_s, val_collected = _stage1(engine, builder, train, val, cfg, prefixes, out, collab)
+    retr = float(per_request_metrics(val_collected[1])["ndcg@10"].mean()) if _ORDER.value == "retriever" else None
+    k = _CANDS.value
+    rand = float(np.mean(1 / np.log2(np.arange(k) + 2) * (np.arange(k) < 10)))
+    card = _card(engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log)
     head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
                      "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},
                     side_weights=best["side_weights"],
                     side_features=() if collab is None else CANDIDATE_FEATURES)
     _save(head, out / "head", "Score-slot ranking head (stage 1: the head alone, base model frozen)")
-
-    # --- stage 2: head + query adapter on the serving path --------------------------------------
     log = {"card": card, "train_stats": train_stats, "stage0": collab_log, "stage1_s": stage1_s,
            "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias", "side_weights")} for r in runs]}
     if _STEPS.value:
-        cfg = dataclasses.replace(cfg, l2=best["l2"])
-        trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
-                                   data_key=_key(engine.fingerprint, train), prefixes=prefixes)
-        curve_path = out / "curve.jsonl"
-        if trainer.step == 0:
-            curve_path.write_text(json.dumps({"step": 0, "val_ndcg@10": best["val_ndcg@10"], "wall_s": 0.0}) + "\n")
-        start, t2 = trainer.step, time.perf_counter()
-        wall0 = _last_wall(curve_path)
-
-        def progress(row):
-            row["wall_s"] = wall0 + time.perf_counter() - t2
-            with open(curve_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            logging.info("step %d loss %.4f%s (%.1fs)", row["step"], row["loss"],
-                         f" val NDCG@10 {row['val_ndcg@10']:.4f}" if "val_ndcg@10" in row else "", row["s"])
-
-        trainer.run(val, progress=progress)
-        curve = [json.loads(x) for x in curve_path.read_text().splitlines()]
-        final = next((r["val_ndcg@10"] for r in reversed(curve) if "val_ndcg@10" in r), None)
-        if final is None or curve[-1]["step"] != trainer.step:
-            final = trainer.validate(val)
-        tuned = trainer.head({**card, "stage": "head + query adapter (stage 2)", "l2": cfg.l2, "steps": trainer.step,
-                              "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.targets),
-                                       "first_layer": cfg.first_layer},
-                              "val_ndcg@10_within_retrieved": final,
-                              "val_ndcg@10_within_retrieved_stage1": best["val_ndcg@10"]})
-        _save(tuned, out / "ranker", "Ranker: score-slot head + query adapter (LoRA on the rows computed per request)")
-        log.update(stage2={"config": dataclasses.asdict(cfg), "resumed_from": start, "curve": curve,
-                           "val_ndcg@10": final})
+        log["stage2"] = _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out)
     log["wall_s_this_run"] = time.perf_counter() - t0
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     if "stage2" in log:
@@ -267,7 +298,6 @@ def main(argv):
                       "stage1_val_ndcg@10": best["val_ndcg@10"],
                       "stage2_val_ndcg@10": log.get("stage2", {}).get("val_ndcg@10")}, indent=1))
     print(f"wrote {out} in {log['wall_s_this_run'] / 60:.1f} min")
-
 
 def _plot(log: dict, path: Path):
     """Stage 2's learning curve: training loss and validation NDCG@10 vs wall time, with the
