@@ -52,6 +52,92 @@ _FETCH = flags.DEFINE_list("fetch", ["exact"], "Remote fetch paths to measure: e
 _OUT = flags.DEFINE_string("output_json", "bench_out/scaling.json", "Where to write the JSON.")
 
 
+def _timed_rows(eng, reqs, prompts, n: int) -> list[tuple[str, list]]:
+    """Each scheduler's results over the requests on `eng` (a warm pass compiles, then the timed one)."""
+    from rcllm_jax.serve.scheduler import Scheduler
+    out = []
+    for sched in ("affinity", "round_robin"):
+        for _timed in (False, True):  # warm pass (compiles), then the timed one
+            eng.reset_caches()
+            route = Scheduler(n, sched).route
+            res = []
+            for r, p in zip(reqs, prompts):
+                eng.update_user(r.user_id, p)
+                res.append(eng.rank(p, _MODE.value, user_id=r.user_id, shard=route(eng.shard_bytes(r.candidates))))
+        out.append((sched, res))
+    return out
+
+
+def _row(res, base: dict, st: dict, n: int) -> dict:
+    """One grid point's figures: TTFT, locality, shard loads, replication."""
+    import numpy as np
+    loads = np.asarray(st["shard_tokens"])
+    local = sum(x.local_item_bytes for x in res)
+    remote = sum(x.remote_item_bytes for x in res)
+    return {**base, "ttft_p50_s": float(np.median([x.ttft_s for x in res])),
+            "ttft_p99_s": float(np.percentile([x.ttft_s for x in res], 99)),
+            "local_fraction": local / max(1, local + remote),
+            "remote_blocks_per_request": float(np.mean([x.remote_item_blocks for x in res])),
+            "remote_bytes_per_request": float(np.mean([x.remote_item_bytes for x in res])),
+            "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
+            "replicated_item_tokens": st["replicated_item_tokens"],
+            "max_shard_tokens_over_mean": float((loads.max() + st["replicated_item_tokens"])
+                                                / max(st["item_tokens"] / n, 1))}
+
+
+def _catalog_rows(params, cfg, tok, base_ds, scale: int, counts) -> tuple[list, object, int]:
+    """Every (devices, placement, budget, fetch, scheduler) point of one catalog scale: (rows, the
+    one-device engine, the co-access log's length)."""
+    import jax
+
+    from rcllm_jax.data.movielens import LeaveOneOut, scaled_catalog
+    from rcllm_jax.data.pipeline import eval_requests
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
+    from rcllm_jax.retrieval import fit_before
+    t0 = time.perf_counter()
+    ds = scaled_catalog(base_ds, scale)
+    split = LeaveOneOut(ds)
+    retriever = fit_before(split, 2)
+    log = retriever.coaccess_requests([split.train_sequence(u) for u in split.users], k=_CANDS.value)
+    builder = PromptBuilder(tok, ds.items, history_len=_HIST.value)
+    pick = (dict(retriever=retriever) if _CAND_SRC.value == "retrieved" else dict(negatives=_NEG.value))
+    reqs = list(eval_requests(split, num_candidates=_CANDS.value, seed=0, num_users=_REQUESTS.value, **pick))
+    prompts = [builder.build(r.history, r.candidates) for r in reqs]
+    one = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
+                 max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(1), devices=jax.devices()[:1]))
+    one.build_store()
+    build_s = time.perf_counter() - t0
+    logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
+                 one.stats()["item_blocks"], build_s)
+    rows = []
+    budgets = sorted({float(x) for x in _REPLICATE.value})
+    for n in counts:
+        for placement, budget, fetch in itertools.product(_PLACEMENTS.value, budgets, _FETCH.value):
+            if n == 1 and budget:
+                continue  # one device holds everything: nothing to replicate
+            eng = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
+                         max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
+                         replicate=budget, coaccess=log, fingerprint=one.fingerprint, exact_fetch=fetch == "exact")
+            t1 = time.perf_counter()
+            eng.copy_blocks_from(one)  # placed and laid out on this mesh, nothing re-encoded
+            place_s = time.perf_counter() - t1
+            st = eng.stats()
+            for sched, res in _timed_rows(eng, reqs, prompts, n):
+                rows.append(_row(res, {"catalog_scale": scale, "catalog_items": len(ds.items), "devices": n,
+                                       "placement": placement, "replicate": budget, "fetch": fetch,
+                                       "scheduler": sched}, st, n) | {"placement_s": place_s,
+                                                                       "catalog_build_s": build_s})
+                r_ = rows[-1]
+                print(f"x{scale:<4} {len(ds.items):>7} items  {n} dev  {placement:<10} r={budget:<4g} {fetch:<10} "
+                      f"{sched:<11} "
+                      f"ttft p50 {r_['ttft_p50_s'] * 1e3:7.1f} ms  local {r_['local_fraction']:.3f}  "
+                      f"remote {r_['remote_blocks_per_request']:5.2f} blocks {r_['remote_bytes_per_request'] / 1e3:8.1f} KB"
+                      f"  load max/mean {r_['max_over_mean_load']:.3f}", flush=True)
+    return rows, one, len(log)
+
+
 def main(argv):
     del argv
     from rcllm_jax.parallel.mesh import simulate_cpu_devices
@@ -60,15 +146,8 @@ def main(argv):
     if note:
         logging.info(note)
     import jax
-    import numpy as np
 
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, scaled_catalog
-    from rcllm_jax.data.pipeline import eval_requests
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
-    from rcllm_jax.engine.engine import Engine
-    from rcllm_jax.retrieval import fit_before
-    from rcllm_jax.serve.scheduler import Scheduler
+    from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.model import ModelConfig, init_params, load_model
 
     tok = load_model(with_tokenizer=True).tokenizer
@@ -80,64 +159,8 @@ def main(argv):
     base = load_dataset("ml-100k")
     rows = []
     for scale in (int(x) for x in _SCALES.value):
-        t0 = time.perf_counter()
-        ds = scaled_catalog(base, scale)
-        split = LeaveOneOut(ds)
-        retriever = fit_before(split, 2)
-        log = retriever.coaccess_requests([split.train_sequence(u) for u in split.users], k=_CANDS.value)
-        builder = PromptBuilder(tok, ds.items, history_len=_HIST.value)
-        pick = (dict(retriever=retriever) if _CAND_SRC.value == "retrieved" else dict(negatives=_NEG.value))
-        reqs = list(eval_requests(split, num_candidates=_CANDS.value, seed=0, num_users=_REQUESTS.value, **pick))
-        prompts = [builder.build(r.history, r.candidates) for r in reqs]
-        one = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
-                     max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(1), devices=jax.devices()[:1]))
-        one.build_store()
-        build_s = time.perf_counter() - t0
-        logging.info("catalog x%d: %d items, %d blocks encoded in %.1fs", scale, len(ds.items),
-                     one.stats()["item_blocks"], build_s)
-        for n in counts:
-            budgets = sorted({float(x) for x in _REPLICATE.value})
-            for placement, budget, fetch in itertools.product(_PLACEMENTS.value, budgets, _FETCH.value):
-                if n == 1 and budget:
-                    continue  # one device holds everything: nothing to replicate
-                eng = Engine(params, cfg, builder, item_ids=sorted(ds.items), user_pages=256, prefix_pages=1,
-                             max_candidates=_CANDS.value, mesh=make_mesh(MeshSpec(n)), placement=placement,
-                             replicate=budget, coaccess=log, fingerprint=one.fingerprint,
-                             exact_fetch=fetch == "exact")
-                t1 = time.perf_counter()
-                eng.copy_blocks_from(one)  # placed and laid out on this mesh, nothing re-encoded
-                place_s = time.perf_counter() - t1
-                st = eng.stats()
-                loads = np.asarray(st["shard_tokens"])
-                for sched in ("affinity", "round_robin"):
-                    for timed in (False, True):  # warm pass (compiles), then the timed one
-                        eng.reset_caches()
-                        route = Scheduler(n, sched).route
-                        res = []
-                        for r, p in zip(reqs, prompts):
-                            eng.update_user(r.user_id, p)
-                            res.append(eng.rank(p, _MODE.value, user_id=r.user_id,
-                                                shard=route(eng.shard_bytes(r.candidates))))
-                    local = sum(x.local_item_bytes for x in res)
-                    remote = sum(x.remote_item_bytes for x in res)
-                    rows.append({"catalog_scale": scale, "catalog_items": len(ds.items), "devices": n,
-                                 "placement": placement, "replicate": budget, "fetch": fetch, "scheduler": sched,
-                                 "ttft_p50_s": float(np.median([x.ttft_s for x in res])),
-                                 "ttft_p99_s": float(np.percentile([x.ttft_s for x in res], 99)),
-                                 "local_fraction": local / max(1, local + remote),
-                                 "remote_blocks_per_request": float(np.mean([x.remote_item_blocks for x in res])),
-                                 "remote_bytes_per_request": float(np.mean([x.remote_item_bytes for x in res])),
-                                 "max_over_mean_load": float(loads.max() / max(loads.mean(), 1)),
-                                 "replicated_item_tokens": st["replicated_item_tokens"],
-                                 "max_shard_tokens_over_mean": float((loads.max() + st["replicated_item_tokens"])
-                                                                     / max(st["item_tokens"] / n, 1)),
-                                 "placement_s": place_s, "catalog_build_s": build_s})
-                    r_ = rows[-1]
-                    print(f"x{scale:<4} {len(ds.items):>7} items  {n} dev  {placement:<10} r={budget:<4g} {fetch:<10} "
-                          f"{sched:<11} "
-                          f"ttft p50 {r_['ttft_p50_s'] * 1e3:7.1f} ms  local {r_['local_fraction']:.3f}  "
-                          f"remote {r_['remote_blocks_per_request']:5.2f} blocks {r_['remote_bytes_per_request'] / 1e3:8.1f} KB"
-                          f"  load max/mean {r_['max_over_mean_load']:.3f}", flush=True)
+        got, one, n_log = _catalog_rows(params, cfg, tok, base, scale, counts)
+        rows += got
     targets = remote_ratios(rows)
     for t in targets:
         print(f"x{t['catalog_scale']} {t['devices']} dev: remote bytes/request {t['best']} "
@@ -147,14 +170,13 @@ def main(argv):
               "kv_bytes_per_token": one.kv_bytes_per_token, "num_requests": _REQUESTS.value,
               "num_candidates": _CANDS.value, "history_len": _HIST.value, "candidates": _CAND_SRC.value,
               "negatives": _NEG.value if _CAND_SRC.value == "sampled" else None,
-              "coaccess_log_requests": len(log), "remote_ratios": targets, "argv": sys.argv[1:],
+              "coaccess_log_requests": n_log, "remote_ratios": targets, "argv": sys.argv[1:],
               "mode": _MODE.value, "cpu_cores": os.cpu_count(), "simulated_devices": len(jax.devices())}
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     config["plots"] = _plots(Path(str(out.with_suffix("")) + "_plots"), rows)
     out.write_text(json.dumps({"config": config, "results": rows}, indent=2))
     print(f"wrote {out} and {len(config['plots'])} plots")
-
 
 def _ratio(x) -> str:
     return "nothing remote to compare" if x is None else f"{x:.1f}x more"

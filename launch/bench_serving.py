@@ -49,17 +49,80 @@ def percentiles(xs) -> dict:
     return {"p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99))}
 
 
+def _burst(served, items, state, bodies, step: str):
+    """Every body queued at once, then one engine loop (`step`) answers them all: (answers, wall s,
+    compiles while it ran). A failed request raises, naming it."""
+    from rcllm_jax.serve.scheduler import Scheduler
+    from rcllm_jax.serve.service import RecommenderService, compiles
+    engine = served.engine
+    svc = RecommenderService(engine, items, state, scheduler=Scheduler(engine.num_shards, "affinity",
+                                                                       max_queue=10 * len(bodies),
+                                                                       window=_WINDOW.value),
+                             max_candidates=_CANDS.value, retriever=served.recommender.retriever,
+                             num_candidates=_CANDS.value, serving_step=step, max_batch=_MAX_BATCH.value,
+                             request_timeout_s=3600)
+    got = {}
+    client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
+    client.start()
+    queued_by = time.perf_counter() + 60  # a refused request never queues: the check below names it
+    while len(svc.scheduler) < len(bodies) and time.perf_counter() < queued_by:
+        time.sleep(0.01)  # the whole burst is queued before the loop starts
+    c0, t0 = compiles(), time.perf_counter()
+    svc.start()
+    try:
+        client.join()
+    finally:
+        wall = time.perf_counter() - t0
+        svc.stop()
+    outs = got["outs"]
+    bad = [o for o in outs if "ranking" not in o]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed in the {step} loop: {bad[0]}")
+    return outs, wall, compiles() - c0
+
+
+def _loop_figures(runs, step: str, n: int) -> dict:
+    """Throughput, engine vs host time, latency and TTFT percentiles of one loop's bursts."""
+    import numpy as np
+    walls = [w for _, w, _ in runs]
+    outs = [o for os_, _, _ in runs for o in os_]
+    # device time: one prefill_s per serving step (every answer of a step carries the step's), the
+    # rest of a burst is the loop's host work
+    engine_s = [sum(set(o["timings"]["prefill_s"] for o in os_)) if step == "batched" else
+                sum(o["timings"]["prefill_s"] for o in os_) for os_, _, _ in runs]
+    return {"requests_per_s": float(n / np.median(walls)), "burst_s": [float(w) for w in walls],
+            "engine_s_per_request": float(np.median(engine_s) / n),
+            "host_s_per_request": float((np.median(walls) - np.median(engine_s)) / n),
+            "remote_bytes_per_request": float(np.mean([o["cache"]["remote_item_bytes"] for o in outs])),
+            "latency_s": percentiles([o["timings"]["total_s"] for o in outs]),
+            "ttft_s": percentiles([o["timings"]["ttft_s"] for o in outs]),
+            "prompt_tokens_p50": float(np.median([o["cache"]["prompt_tokens"] for o in outs])),
+            "compiles_timed": int(sum(c for _, _, c in runs))}
+
+
+def _agreement(serial, batched) -> dict:
+    """The largest score difference and the share of identical rankings between two loops' answers."""
+    diff, same = 0.0, 0
+    for a, b in zip(serial, batched):
+        sa = {x["item_id"]: x["score"] for x in a["ranking"]}
+        sb = {x["item_id"]: x["score"] for x in b["ranking"]}
+        diff = max(diff, max(abs(sa[i] - sb[i]) for i in sa))
+        same += [x["item_id"] for x in a["ranking"]] == [x["item_id"] for x in b["ranking"]]
+    return {"max_abs_score_diff": diff, "identical_rankings": same / len(serial)}
+
+
 def main(argv):
     del argv
     mesh = dist_cli.setup()
     import jax
-    import numpy as np
 
     from rcllm_jax.recommender import open_served
-    from rcllm_jax.serve.scheduler import Scheduler
-    from rcllm_jax.serve.service import RecommenderService, compiles, count_compiles
+    from rcllm_jax.serve.service import count_compiles
     from rcllm_jax.serve.state import StateStore
 
+    loops = tuple(_LOOPS.value)
+    if not loops or set(loops) - {"serial", "batched"}:
+        raise app.UsageError(f"--loops takes serial and/or batched, not {loops}")
     served = open_served(history_len=_HIST.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
                          replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
                          max_items=_MAX_ITEMS.value, snapshot_dir=_SNAP.value)
@@ -73,43 +136,13 @@ def main(argv):
     users = [u for u in sorted(ds.sequences) if len(items.keys() - set(ds.sequences[u])) >= _CANDS.value][:_N.value]
     bodies = [{"user_id": u, "num_candidates": _CANDS.value} for u in users]
     count_compiles()
-
-    def burst(step: str):
-        svc = RecommenderService(engine, items, state, scheduler=Scheduler(engine.num_shards, "affinity",
-                                                                               max_queue=10 * len(bodies),
-                                                                               window=_WINDOW.value),
-                                 max_candidates=_CANDS.value, retriever=served.recommender.retriever,
-                                 num_candidates=_CANDS.value, serving_step=step, max_batch=_MAX_BATCH.value,
-                                 request_timeout_s=3600)
-        got = {}
-        client = threading.Thread(target=lambda: got.update(outs=svc.recommend_many(bodies)))
-        client.start()
-        queued_by = time.perf_counter() + 60  # a refused request never queues: the check below names it
-        while len(svc.scheduler) < len(bodies) and time.perf_counter() < queued_by:
-            time.sleep(0.01)  # the whole burst is queued before the loop starts
-        c0, t0 = compiles(), time.perf_counter()
-        svc.start()
-        try:
-            client.join()
-        finally:
-            wall = time.perf_counter() - t0
-            svc.stop()
-        outs = got["outs"]
-        bad = [o for o in outs if "ranking" not in o]
-        if bad:
-            raise RuntimeError(f"{len(bad)} requests failed in the {step} loop: {bad[0]}")
-        return outs, wall, compiles() - c0
-
-    loops = tuple(_LOOPS.value)
-    if not loops or set(loops) - {"serial", "batched"}:
-        raise app.UsageError(f"--loops takes serial and/or batched, not {loops}")
     for step in loops:  # warm-up: compiles, history prefixes
-        _, wall, n = burst(step)
+        _, wall, n = _burst(served, items, state, bodies, step)
         logging.info("warm-up %s: %d requests in %.1fs, %d compiles", step, len(bodies), wall, n)
     runs = {s: [] for s in loops}
     for _ in range(_REPEATS.value):
         for step in loops:
-            outs, wall, n = burst(step)
+            outs, wall, n = _burst(served, items, state, bodies, step)
             runs[step].append((outs, wall, n))
             logging.info("%s: %d requests in %.2fs (%.2f req/s), %d compiles", step, len(bodies), wall,
                          len(bodies) / wall, n)
@@ -119,31 +152,9 @@ def main(argv):
                          "num_requests": len(bodies), "num_candidates": _CANDS.value, "history_len": _HIST.value,
                          "max_batch": _MAX_BATCH.value, "window": _WINDOW.value, "repeats": _REPEATS.value,
                          "backend": jax.default_backend()},
-              "loops": {}}
-    for step in loops:
-        walls = [w for _, w, _ in runs[step]]
-        outs = [o for os_, _, _ in runs[step] for o in os_]
-        # device time: one prefill_s per serving step (every answer of a step carries the step's), the
-        # rest of a burst is the loop's host work
-        engine_s = [sum(set(o["timings"]["prefill_s"] for o in os_)) if step == "batched" else
-                    sum(o["timings"]["prefill_s"] for o in os_) for os_, _, _ in runs[step]]
-        result["loops"][step] = {
-            "requests_per_s": float(len(bodies) / np.median(walls)), "burst_s": [float(w) for w in walls],
-            "engine_s_per_request": float(np.median(engine_s) / len(bodies)),
-            "host_s_per_request": float((np.median(walls) - np.median(engine_s)) / len(bodies)),
-            "remote_bytes_per_request": float(np.mean([o["cache"]["remote_item_bytes"] for o in outs])),
-            "latency_s": percentiles([o["timings"]["total_s"] for o in outs]),
-            "ttft_s": percentiles([o["timings"]["ttft_s"] for o in outs]),
-            "prompt_tokens_p50": float(np.median([o["cache"]["prompt_tokens"] for o in outs])),
-            "compiles_timed": int(sum(n for _, _, n in runs[step]))}
+              "loops": {step: _loop_figures(runs[step], step, len(bodies)) for step in loops}}
     if len(loops) == 2:
-        diff, same = 0.0, 0
-        for a, b in zip(runs["serial"][-1][0], runs["batched"][-1][0]):
-            sa = {x["item_id"]: x["score"] for x in a["ranking"]}
-            sb = {x["item_id"]: x["score"] for x in b["ranking"]}
-            diff = max(diff, max(abs(sa[i] - sb[i]) for i in sa))
-            same += [x["item_id"] for x in a["ranking"]] == [x["item_id"] for x in b["ranking"]]
-        result["agreement"] = {"max_abs_score_diff": diff, "identical_rankings": same / len(bodies)}
+        result["agreement"] = _agreement(runs["serial"][-1][0], runs["batched"][-1][0])
         result["speedup"] = result["loops"]["batched"]["requests_per_s"] / result["loops"]["serial"]["requests_per_s"]
     print(f"{'loop':<8} {'req/s':>7} {'latency p50':>12} {'p99':>7} {'TTFT p50':>9} {'p99':>7} {'compiles':>8}")
     for step in loops:
@@ -152,11 +163,11 @@ def main(argv):
               f"{r['ttft_s']['p50']:8.3f}s {r['ttft_s']['p99']:6.3f}s {r['compiles_timed']:8d}")
     if "speedup" in result:
         print(f"batched / serial throughput {result['speedup']:.2f}x on {dict(mesh.shape)}; rankings identical "
-              f"{result['agreement']['identical_rankings']:.3f}, max |score diff| {diff:.2e}")
+              f"{result['agreement']['identical_rankings']:.3f}, max |score diff| "
+              f"{result['agreement']['max_abs_score_diff']:.2e}")
     out = Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-
 
 if __name__ == "__main__":
     app.run(main)
