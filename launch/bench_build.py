@@ -72,6 +72,58 @@ def build_rates(report: dict, wall_s: float) -> dict:
             "pass_s_p50": float(np.median([p["seconds"] for p in steady])) if steady else None}
 
 
+def _prefill_one_device() -> dict:
+    """The full-prefill reference measured in a subprocess on one unsimulated CPU device."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "prefill.json"
+        env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--prefill_only", "--devices=1",
+                        f"--prefill_requests={_PREFILL.value}", f"--history_len={_HIST.value}",
+                        f"--output_json={f}"], check=True, env=env)
+        one = json.loads(f.read_text())
+    print(f"full prefill on one unsimulated device: {one['tokens_per_s']:.0f} tokens/s", flush=True)
+    return one
+
+
+def _build_row(model, base, scale: int, best: float) -> dict:
+    """Build one catalog scale's item store from scratch; its rates, sizes and ratio to full prefill."""
+    from rcllm_jax.data.movielens import LeaveOneOut, scaled_catalog
+    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.engine.engine import Engine
+    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
+    from rcllm_jax.retrieval import fit_before
+    ds = scaled_catalog(base, scale)
+    sp = LeaveOneOut(ds)
+    log = fit_before(sp, 2).coaccess_requests([sp.train_sequence(u) for u in sp.users])
+    item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
+    if _MAX_ITEMS.value:  # the co-access log of the items built
+        kept = set(item_ids)
+        log = [r for r in (tuple(i for i in req if i in kept) for req in log) if r]
+    eng = Engine(model.params, model.cfg, PromptBuilder(model.tokenizer, ds.items), item_ids=item_ids,
+                 user_pages=16, prefix_pages=1, max_candidates=100, mesh=make_mesh(MeshSpec(_DEVICES.value)),
+                 placement=_PLACEMENT.value, replicate=_REPLICATE.value, kv_dtype=_KV.value, coaccess=log)
+    logging.info("x%d: %d items, co-access log of %d lists; encoding", scale, len(item_ids), len(log))
+    t0 = time.perf_counter()
+    report = eng.build_store(row_tokens=_ROW.value, rows=_ROWS.value)
+    r = {"catalog_scale": scale, "catalog_items": len(item_ids), **build_rates(report, time.perf_counter() - t0)}
+    st = eng.stats()
+    r |= {"item_bytes": st["item_bytes"], "max_shard_gb": max(st["shard_tokens"]) * eng.kv_bytes_per_token / 1e9,
+          "prefill_over_build": best / r["tokens_per_s"],
+          "prefill_over_build_steady": best / r["steady_tokens_per_s"] if r["steady_tokens_per_s"] else None,
+          "flatness": (r["last_quarter_tokens_per_s"] / r["first_quarter_tokens_per_s"]
+                       if r["first_quarter_tokens_per_s"] else None)}
+    print(f"x{scale}: {r['blocks']} blocks, {r['encoded_tokens']} tokens in {r['wall_s']:.1f}s "
+          f"(encode {r['encode_s']:.1f}s, first passes {r['first_passes_s']:.1f}s, lay-out {r['layout_s']:.1f}s): "
+          f"{r['tokens_per_s']:.0f} tokens/s overall, {_num(r['steady_tokens_per_s'], '.0f')} steady; slots used "
+          f"{r['slot_utilisation']:.3f}; last/first quarter {_num(r['flatness'], '.3f')}; full prefill / build "
+          f"{r['prefill_over_build']:.2f}x", flush=True)
+    del eng
+    gc.collect()
+    return r
+
+
 def main(argv):
     del argv
     from rcllm_jax.parallel.mesh import simulate_cpu_devices
@@ -80,10 +132,9 @@ def main(argv):
         logging.info(note)
     import numpy as np
 
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, scaled_catalog
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.pipeline import eval_requests
     from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.parallel.mesh import MeshSpec, make_mesh
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import fit_before
@@ -108,49 +159,9 @@ def main(argv):
     if _PREFILL_ONLY.value:
         Path(_OUT.value).write_text(json.dumps(prefill))
         return
-    one = None
-    if _DEVICES.value > 1:
-        import subprocess
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            f = Path(tmp) / "prefill.json"
-            env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--prefill_only", "--devices=1",
-                            f"--prefill_requests={_PREFILL.value}", f"--history_len={_HIST.value}",
-                            f"--output_json={f}"], check=True, env=env)
-            one = json.loads(f.read_text())
-        print(f"full prefill on one unsimulated device: {one['tokens_per_s']:.0f} tokens/s", flush=True)
+    one = _prefill_one_device() if _DEVICES.value > 1 else None
     best = max(prefill["tokens_per_s"], one["tokens_per_s"] if one else 0.0)
-    rows = []
-    for scale in (int(x) for x in _SCALES.value):
-        ds = scaled_catalog(base, scale)
-        sp = LeaveOneOut(ds)
-        log = fit_before(sp, 2).coaccess_requests([sp.train_sequence(u) for u in sp.users])
-        item_ids = sorted(ds.items)[:_MAX_ITEMS.value or None]
-        if _MAX_ITEMS.value:  # the co-access log of the items built
-            kept = set(item_ids)
-            log = [r for r in (tuple(i for i in req if i in kept) for req in log) if r]
-        eng = Engine(model.params, model.cfg, PromptBuilder(model.tokenizer, ds.items), item_ids=item_ids,
-                     user_pages=16, prefix_pages=1, max_candidates=100, mesh=make_mesh(MeshSpec(_DEVICES.value)),
-                     placement=_PLACEMENT.value, replicate=_REPLICATE.value, kv_dtype=_KV.value, coaccess=log)
-        logging.info("x%d: %d items, co-access log of %d lists; encoding", scale, len(item_ids), len(log))
-        t0 = time.perf_counter()
-        report = eng.build_store(row_tokens=_ROW.value, rows=_ROWS.value)
-        r = {"catalog_scale": scale, "catalog_items": len(item_ids), **build_rates(report, time.perf_counter() - t0)}
-        st = eng.stats()
-        r |= {"item_bytes": st["item_bytes"], "max_shard_gb": max(st["shard_tokens"]) * eng.kv_bytes_per_token / 1e9,
-              "prefill_over_build": best / r["tokens_per_s"],
-              "prefill_over_build_steady": best / r["steady_tokens_per_s"] if r["steady_tokens_per_s"] else None,
-              "flatness": (r["last_quarter_tokens_per_s"] / r["first_quarter_tokens_per_s"]
-                           if r["first_quarter_tokens_per_s"] else None)}
-        rows.append(r)
-        print(f"x{scale}: {r['blocks']} blocks, {r['encoded_tokens']} tokens in {r['wall_s']:.1f}s "
-              f"(encode {r['encode_s']:.1f}s, first passes {r['first_passes_s']:.1f}s, lay-out {r['layout_s']:.1f}s): "
-              f"{r['tokens_per_s']:.0f} tokens/s overall, {_num(r['steady_tokens_per_s'], '.0f')} steady; slots used "
-              f"{r['slot_utilisation']:.3f}; last/first quarter {_num(r['flatness'], '.3f')}; full prefill / build "
-              f"{r['prefill_over_build']:.2f}x", flush=True)
-        del eng
-        gc.collect()
+    rows = [_build_row(model, base, scale, best) for scale in (int(x) for x in _SCALES.value)]
     out = {"config": {"model": "SmolLM2-135M-Instruct", "dtype": str(model.cfg.dtype), "devices": _DEVICES.value,
                       "row_tokens": _ROW.value, "rows": _ROWS.value, "kv_dtype": _KV.value,
                       "placement": _PLACEMENT.value, "replicate": _REPLICATE.value, "argv": sys.argv[1:]},

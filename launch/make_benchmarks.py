@@ -112,6 +112,45 @@ def _ranker_runs(out: Path) -> dict:
                              f"--output_json={out / f'served_ranker_h{h}.json'}"] for h in RANKER_HISTORY}
 
 
+def _ranker_test_table(h: int, d: dict) -> list[str]:
+    """The served ranker's test run at history h: every row with intervals, per position, checks."""
+    c = d["config"]
+    k = c["num_candidates"]
+    recall = (c.get("retriever") or {}).get(f"recall@{k}", float("nan"))
+    pos = c.get("test_positions") or []
+    who = (f"{c['num_users']} test users x positions {pos[0]}-{pos[-1]} from the end of each sequence = "
+           f"{c['num_requests']} requests, each with a retriever fitted before its target, intervals "
+           "resampling users" if pos else f"{c['num_requests']} test users")
+    head = ("the shipped head" if c.get("head_digest") == _shipped_head_digest() else
+            f"an earlier head ({c.get('head_digest')}), not the shipped one")
+    lines = [f"**Test, history {h}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; {head}; "
+              f"{who}; retriever recall@{k} {recall:.3f}, the model run on the "
+              f"{c.get('requests_run', c['num_requests'])} whose target was retrieved):", "",
+              "| row | NDCG@10 within retrieved [95% CI] | minus retriever [paired 95% CI] | HR@10 within | "
+              "HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |"
+              + "".join(f" within, pos. {p} |" for p in pos),
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(pos)]
+    for r in d["results"]:
+        ci = r.get("ndcg@10_retrieved_ci") or [None, None]
+        dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
+        vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
+        by = r.get("ndcg@10_retrieved_by_position") or {}
+        name = r["mode"] if not r.get("policy") else f"{r['mode']} ({_policy_text(r['policy'], _canonical(c))}" + (
+            ")" if r is _default_rcllm_row(d) else ": not today's rcllm default)")
+        lines.append(f"| {name} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
+                     f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
+                     f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |"
+                     + "".join(f" {_fmt(by.get(str(p)))} |" for p in pos))
+    if pos:
+        rec = c["retriever"].get(f"recall@{k}_by_position") or {}
+        lines.append("")
+        lines.append("Retriever recall@" + f"{k} by position: "
+                     + ", ".join(f"{p}: {_fmt(rec.get(str(p)))}" for p in pos) + ".")
+    lines.append("")
+    lines += [f"- {x}" for x in _ranker_checks(d)] + [""]
+    return lines
+
+
 def _ranker_section(out: Path) -> list[str]:
     """The served ranker: how it was trained (stage 0 / 1 / 2 on validation), and its test
     accuracy and fidelity at each history length."""
@@ -171,43 +210,8 @@ def _ranker_section(out: Path) -> list[str]:
     lines.append("")
     for h in RANKER_HISTORY:
         f = out / f"served_ranker_h{h}.json"
-        if not f.exists():
-            continue
-        d = json.loads(f.read_text())
-        c = d["config"]
-        k = c["num_candidates"]
-        recall = (c.get("retriever") or {}).get(f"recall@{k}", float("nan"))
-        pos = c.get("test_positions") or []
-        who = (f"{c['num_users']} test users x positions {pos[0]}-{pos[-1]} from the end of each sequence = "
-               f"{c['num_requests']} requests, each with a retriever fitted before its target, intervals "
-               "resampling users" if pos else f"{c['num_requests']} test users")
-        head = ("the shipped head" if c.get("head_digest") == _shipped_head_digest() else
-                f"an earlier head ({c.get('head_digest')}), not the shipped one")
-        lines += [f"**Test, history {h}** (`python launch/bench.py {' '.join(c.get('argv', []))}`; {head}; "
-                  f"{who}; retriever recall@{k} {recall:.3f}, the model run on the "
-                  f"{c.get('requests_run', c['num_requests'])} whose target was retrieved):", "",
-                  "| row | NDCG@10 within retrieved [95% CI] | minus retriever [paired 95% CI] | HR@10 within | "
-                  "HR@10 all | NDCG@10 all | top-1 agr. vs full | KL |"
-                  + "".join(f" within, pos. {p} |" for p in pos),
-                  "|---|---|---|---|---|---|---|---|" + "---|" * len(pos)]
-        for r in d["results"]:
-            ci = r.get("ndcg@10_retrieved_ci") or [None, None]
-            dv, dci = r.get("ndcg@10_retrieved_minus_retriever"), r.get("ndcg@10_retrieved_minus_retriever_ci")
-            vs = "-" if dv is None else f"{dv:+.3f} [{dci[0]:+.3f}, {dci[1]:+.3f}]"
-            by = r.get("ndcg@10_retrieved_by_position") or {}
-            name = r["mode"] if not r.get("policy") else f"{r['mode']} ({_policy_text(r['policy'], _canonical(c))}" + (
-                ")" if r is _default_rcllm_row(d) else ": not today's rcllm default)")
-            lines.append(f"| {name} | {_fmt(r.get('ndcg@10_retrieved'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] | {vs} | "
-                         f"{_fmt(r.get('hr@10_retrieved'))} | {_fmt(r.get('hr@10'))} | {_fmt(r.get('ndcg@10'))} | "
-                         f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |"
-                         + "".join(f" {_fmt(by.get(str(p)))} |" for p in pos))
-        if pos:
-            rec = c["retriever"].get(f"recall@{k}_by_position") or {}
-            lines.append("")
-            lines.append("Retriever recall@" + f"{k} by position: "
-                         + ", ".join(f"{p}: {_fmt(rec.get(str(p)))}" for p in pos) + ".")
-        lines.append("")
-        lines += [f"- {x}" for x in _ranker_checks(d)] + [""]
+        if f.exists():
+            lines += _ranker_test_table(h, json.loads(f.read_text()))
     return lines
 
 
@@ -400,6 +404,16 @@ def _served_section(out: Path) -> list[str]:
             checks.append(f"cheapest block row with top-1 agreement >= {top1}: "
                           + ("none" if mode is None else f"{mode} at {100 * frac:.1f}% of block tokens recomputed")
                           + (f" (target <= 10%: {'met' if ok else 'not met'})" if top1 == 0.95 else ""))
+    checks += _served_ttft_checks(out)
+    lines += [f"- {x}" for x in checks] + [""]
+    lines += _plot_links(f, c.get("plots", []))
+    return lines + [""]
+
+
+def _served_ttft_checks(out: Path) -> list[str]:
+    """The served model's TTFT at history 50 / 50 retrieved candidates against the targets, and
+    the other block policies and prefix_warm of the same run."""
+    checks = []
     t = out / "served_ttft_h50_c50.json"
     if t.exists():
         dt = json.loads(t.read_text())
@@ -439,9 +453,7 @@ def _served_section(out: Path) -> list[str]:
                               f"rcllm's TTFT (target >= 5x: {'met' if xw >= 5 else 'not met'}); event-time cost "
                               f"p50 {_fmt(w.get('history_update_s_p50'), '.2f')} s (rcllm's user store: "
                               f"{_fmt(tr['rcllm'].get('history_update_s_p50'), '.2f')} s)")
-    lines += [f"- {x}" for x in checks] + [""]
-    lines += _plot_links(f, c.get("plots", []))
-    return lines + [""]
+    return checks
 
 
 def _coaccess_section(out: Path) -> list[str]:

@@ -103,33 +103,46 @@ def _message(err: dict) -> str:
 
 
 def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout_s: float = 10.0) -> FastAPI:
+    """The HTTP API over a service: its error answers, the request-body checks, the routes."""
     app = FastAPI(title="rcllm-jax", summary="Ranked recommendations: retrieve, then rerank over cached KV blocks.")
+    _error_handlers(app, service)
+    _body_checks(app, service, max_body, body_timeout_s)
+    _routes(app, service)
+    return app
 
-    def answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(body, status, headers=headers)
 
+def _answer(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(body, status, headers=headers)
+
+
+def _error_handlers(app: FastAPI, service: RecommenderService):
+    """Every error as {"error", "status"}: the service's, validation (400), routing and parsing, a
+    handler bug (500 with an id, the server keeps serving)."""
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return answer(e.status, {"error": e.message, "status": e.status}, e.headers)
+        return _answer(e.status, {"error": e.message, "status": e.status}, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         errs = e.errors()
-        return answer(400, {"error": "; ".join(_message(x) for x in errs[:5]), "status": 400})
+        return _answer(400, {"error": "; ".join(_message(x) for x in errs[:5]), "status": 400})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):  # no route (404/405), an unparsable body (400)
         detail = str(e.detail)
         msg = (f"no route for {request.method} {request.url.path}" if e.status_code in (404, 405)
                else f"malformed JSON: {detail}" if e.status_code == 400 else detail)  # (digits: the middleware's)
-        return answer(e.status_code, {"error": msg, "status": e.status_code}, getattr(e, "headers", None))
+        return _answer(e.status_code, {"error": msg, "status": e.status_code}, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):  # a handler bug: 500 with an id, the server keeps serving
         rid = uuid.uuid4().hex[:12]
         service.metrics.responses.labels("500").inc()  # outside the middleware that counts the others
-        return answer(500, {"error": f"internal error {rid}: {type(e).__name__}", "status": 500})
+        return _answer(500, {"error": f"internal error {rid}: {type(e).__name__}", "status": 500})
 
+
+def _body_checks(app: FastAPI, service: RecommenderService, max_body: int, body_timeout_s: float):
+    """The middleware that reads and checks every POST / PUT body, and counts every answer."""
     @app.middleware("http")
     async def checked_body(request: Request, call_next):
         """A POST body is read here, whole and in time: 411 without a Content-Length (chunked
@@ -138,7 +151,7 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
         Content-Type says (curl -d sends a form type)."""
         def refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
             service.metrics.responses.labels(str(status)).inc()  # answered here, before the counting below
-            return answer(status, {"error": message, "status": status}, headers)
+            return _answer(status, {"error": message, "status": status}, headers)
 
         if request.method in ("POST", "PUT"):
             length = request.headers.get("content-length")
@@ -164,6 +177,9 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
         service.metrics.responses.labels(str(response.status_code)).inc()
         return response
 
+
+def _routes(app: FastAPI, service: RecommenderService):
+    """The API's routes, each a call of the service (blocking ones in a worker thread)."""
     async def run(request: Request, fn, *args):
         """Run a blocking service call in a worker thread; the client going away cancels it
         (a queued request is then dropped, not computed)."""
@@ -210,8 +226,6 @@ def make_app(service: RecommenderService, max_body: int = MAX_BODY, body_timeout
     @app.get("/metrics")
     def metrics():
         return Response(service.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return app
 
 
 def _guarded_h11(head_timeout_s: float, max_connections: int, per_client: int, retry_after_s: int, count):
