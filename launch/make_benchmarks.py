@@ -24,6 +24,7 @@ from pathlib import Path
 from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the report reads the shipped head of this checkout, installed or not
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/benchmarks", "Where the JSON files and plots go (committed "
                                "with BENCHMARKS.md, which links the plots).")
 _TUNED = flags.DEFINE_string("tuned_model", None, "The tuned, block-aware model (launch/train.py <dir>/merged).")
