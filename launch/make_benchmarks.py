@@ -457,6 +457,21 @@ def _served_ttft_checks(out: Path) -> list[str]:
     return checks
 
 
+def _shutdown_save_section(f: Path) -> list[str]:
+    """The server's memory while it saves the user store at shutdown, before / after streaming."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    lines = ["## Serving state: memory of the shutdown save (one session, same machine)", "",
+             "| code | save | user prefixes | RSS serving | peak RSS while saving | added by the save |",
+             "|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        lines.append(f"| {r['label']} ({r['commit']}) | {r['save']} | {r['prefixes']} | {r['rss_serving_gib']:.2f} GiB | "
+                     f"{r['rss_peak_saving_gib']:.2f} GiB | {r['rss_peak_saving_gib'] - r['rss_serving_gib']:+.2f} GiB |")
+    return lines + ["", f"- Server: `{d['server']}`; load: `{d['load']}`; then SIGTERM. {d['what']} (sampled every "
+                        f"20 ms). The saved KV: {d['user_kv_bytes_after'] / 2**30:.2f} GiB on disk.", ""]
+
+
 def _coaccess_section(out: Path) -> list[str]:
     """Placements on the retrieval stage's candidates: every placement's locality on the same stored
     blocks and stream (affinity routing), and what the run's own placement moved."""
@@ -861,6 +876,7 @@ def _report(out: Path) -> str:
     lines += _load_modes_section(out)
     lines += _ab_section(out)
     lines += _state_section(out)
+    lines += _shutdown_save_section(out / "shutdown_save.json")
     lines += _coaccess_section(out)
     for name in SCALING_RUNS:
         lines += _scaling_section(out / f"{name}.json")
