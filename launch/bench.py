@@ -28,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
 
 from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
+from rcllm_jax.eval.metrics import percentile  # noqa: E402
 from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -114,11 +115,6 @@ _COMPILES = [0]
 def _count_compiles(event, duration, **kw):
     if event == "/jax/core/compile/backend_compile_duration":
         _COMPILES[0] += 1
-
-
-def _pct(xs, q):
-    import numpy as np
-    return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else None
 
 
 def _policies():
@@ -215,7 +211,7 @@ def _open_loop(service_s, seed: int, arrivals=None) -> dict:
         end = max(a, end) + s
         resp.append(end - a)
     rate = _RATE.value if arrivals is None else len(arrive) / max(arrive[-1] - arrive[0], 1e-9)
-    return {"arrival_rate": rate, "response_p50_s": _pct(resp, 50), "response_p99_s": _pct(resp, 99),
+    return {"arrival_rate": rate, "response_p50_s": percentile(resp, 50), "response_p99_s": percentile(resp, 99),
             "utilization": float(sum(service_s) / max(end, 1e-9))}
 
 
@@ -534,15 +530,15 @@ def _mode_rows(engine, model, modes, results, w: Workload, prompts, policies, im
                                   r.cache_hit_tokens * kvb + prompt_weight_bytes(model.cfg, p, itemsize), peak, bw)
                   for r, p in zip(res, prompts)]
         row = {"mode": mode, "impl": impl_of[mode] if mode in policies or mode.startswith("hf_") else "xla",
-               "ttft_p50_s": _pct([r.ttft_s for r in res], 50),
-               "ttft_p99_s": _pct([r.ttft_s for r in res], 99),
-               "prompt_tokens_p50": _pct(lengths, 50), "prompt_tokens_max": int(max(lengths)),
-               "computed_tokens_p50": _pct([r.computed_tokens for r in res], 50),
+               "ttft_p50_s": percentile([r.ttft_s for r in res], 50),
+               "ttft_p99_s": percentile([r.ttft_s for r in res], 99),
+               "prompt_tokens_p50": percentile(lengths, 50), "prompt_tokens_max": int(max(lengths)),
+               "computed_tokens_p50": percentile([r.computed_tokens for r in res], 50),
                "cache_hit_tokens": float(np.mean([r.cache_hit_tokens for r in res])),
                "recompute_fraction": float(recomputed / max(1, cached_total)) if mode in policies else None,
-               "history_update_s_p50": _pct([u for _, u in results[mode] if u is not None], 50),
+               "history_update_s_p50": percentile([u for _, u in results[mode] if u is not None], 50),
                "compiles_during_timing": results[mode + "/compiles"],
-               "floor_s_p50": _pct(floors, 50),
+               "floor_s_p50": percentile(floors, 50),
                "first_slot_share": float(np.mean([r.order[0] == 0 for r in res])),
                **_open_loop([r.ttft_s + (u or 0.0) for r, u in results[mode]], _SEED.value,
                             [q.arrival_s for q in w.requests] if w.requests[0].arrival_s is not None else None),
@@ -552,9 +548,9 @@ def _mode_rows(engine, model, modes, results, w: Workload, prompts, policies, im
         # weights), and the achieved fraction of the measured peak / bandwidth at the median
         flops = [selective_flops(model.cfg, r.computed_tokens, r.prompt_tokens) for r in res]
         kv_read = [r.cache_hit_tokens * kvb for r in res]
-        row.update(flops_p50=_pct(flops, 50), kv_bytes_read_p50=_pct(kv_read, 50),
-                   achieved_flops_fraction=_pct([f / r.ttft_s / peak for f, r in zip(flops, res)], 50),
-                   achieved_kv_bandwidth_fraction=_pct([b / r.ttft_s / bw for b, r in zip(kv_read, res)], 50))
+        row.update(flops_p50=percentile(flops, 50), kv_bytes_read_p50=percentile(kv_read, 50),
+                   achieved_flops_fraction=percentile([f / r.ttft_s / peak for f, r in zip(flops, res)], 50),
+                   achieved_kv_bandwidth_fraction=percentile([b / r.ttft_s / bw for b, r in zip(kv_read, res)], 50))
         if ref is not None:
             row.update(fidelity(ref, [r.scores for r in res]))
             if engine_scores is not None:  # the engine's own scores, before the collaborative term
@@ -664,7 +660,7 @@ def _config(w: Workload, model, engine, modes, head, val_pos, build, machine, pe
             "arrival_rate": _RATE.value,
             "processes": jax.process_count(), "placement_locality": _placement_locality(engine, w.requests),
             "peers": {"transformers": peer_note},
-            "prompt_tokens": {"p10": _pct(lengths, 10), "p50": _pct(lengths, 50), "p90": _pct(lengths, 90),
+            "prompt_tokens": {"p10": percentile(lengths, 10), "p50": percentile(lengths, 50), "p90": percentile(lengths, 90),
                               "max": int(max(lengths)), "min": int(min(lengths))}}
 
 

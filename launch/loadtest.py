@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from rcllm_jax.eval.metrics import percentile  # noqa: E402
+
 _URL = flags.DEFINE_string("url", "http://127.0.0.1:8000", "Server address (loopback only).")
 _CLIENTS = flags.DEFINE_integer("clients", 8, "Concurrent clients.")
 _REQUESTS = flags.DEFINE_integer("requests", 200, "Requests in total (upper bound).")
@@ -183,11 +185,6 @@ def _drive(bodies):
     return sent, answers, retried[0], per_client, time.perf_counter() - t0
 
 
-def _pct(xs, q):
-    import numpy as np
-    return float(np.percentile(xs, q)) if xs else None
-
-
 def main(argv):
     del argv
     host = urllib.parse.urlparse(_URL.value).hostname
@@ -229,9 +226,9 @@ def main(argv):
               "duplicate_request_ids": len(ids) - len(set(ids)), "wall_s": wall,
               "compiles_during_run": None if compiles0 is None or compiles1 is None else compiles1 - compiles0,
               "throughput_rps": len(ok) / wall if wall else 0.0,
-              "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-              "latency_p50_s": _pct(lat, 50), "latency_p99_s": _pct(lat, 99),
-              "server_latency_p50_s": _pct(served, 50), "server_latency_p99_s": _pct(served, 99),
+              "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+              "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
+              "server_latency_p50_s": percentile(served, 50), "server_latency_p99_s": percentile(served, 99),
               "shards": dict(collections.Counter(a[1].get("shard") for a in ok)),
               "answered_per_client": per_client,
               "users_with_other_than_acknowledged_events": mismatched, "server_rss_gib_after": rss1}

@@ -334,6 +334,15 @@ def _ranker_checks(d: dict) -> list[str]:
     return out
 
 
+def _served_default(out: Path, d: dict):
+    """(every served sweep over the requests of `d`, the main sweep: the same history; the row run
+    with today's rcllm default among them, or None). The default may be in any of them."""
+    same = [d] + [dg for dg in (json.loads((out / n).read_text()) for n, _ in SERVED_SWEEPS.values()
+                                if n != "served_sweep.json" and (out / n).exists())
+                  if dg["config"]["history_len"] == d["config"]["history_len"]]
+    return same, next((r for r in (_default_rcllm_row(dg) for dg in same) if r is not None), None)
+
+
 def _served_section(out: Path) -> list[str]:
     """The served model on retrieved candidates: accuracy with intervals, fidelity vs budget,
     TTFT at history 50 / 50 candidates, and the recommender issue's targets checked."""
@@ -377,12 +386,8 @@ def _served_section(out: Path) -> list[str]:
                          f"{_fmt(r.get('top1_agreement'))} | {_fmt(r.get('kl_mean'), '.4f')} |")
     lines.append("")
     checks = []
-    # the block rows of every sweep over these requests (same history): the default may be in any of them
-    same = [d] + [dg for dg in (json.loads((out / n).read_text()) for n, _ in SERVED_SWEEPS.values()
-                                if n != f.name and (out / n).exists())
-                  if dg["config"]["history_len"] == c["history_len"]]
+    same, rc = _served_default(out, d)
     block_rows = [r for dg in same for r in dg["results"] if r.get("policy")]
-    rc = next((r for r in (_default_rcllm_row(dg) for dg in same) if r is not None), None)
     full, ret = rows.get("full"), rows.get("retriever")
     if rc:
         where = next(dg for dg in same if any(r is rc for r in dg["results"]))
@@ -912,8 +917,7 @@ def _glance_section(out: Path) -> list[str]:
     if sweep.exists():
         d = json.loads(sweep.read_text())
         rows = {r["mode"]: r for r in d["results"]}
-        rc = next((r for r in (_default_rcllm_row(json.loads((out / n).read_text()))
-                               for n, _ in SERVED_SWEEPS.values() if (out / n).exists()) if r is not None), None)
+        _, rc = _served_default(out, d)
         if rc and "full" in rows and "retriever" in rows:
             lines.append(f"- Ranking ({d['config']['num_requests']} ML-100k test users, {d['config']['num_candidates']} "
                          f"retrieved candidates, history {d['config']['history_len']}): NDCG@10 within the retrieved "

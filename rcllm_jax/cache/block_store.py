@@ -397,9 +397,8 @@ class BlockStore:
         ok, ov = fn(jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32), jnp.asarray(dest, jnp.int32),
                     *self.arrays)
         dev = self.mesh.devices[dest, 0]
-        if on_device(ok, dev) is None:
-            return None, None
-        return on_device(ok, dev)[0], on_device(ov, dev)[0]
+        k, v = on_device(ok, dev), on_device(ov, dev)
+        return (None, None) if k is None else (k[0], v[0])
 
     def local_arrays(self, shard: int):
         """(k, v) [L, shard_slots, K, H] of items-shard `shard`: its rows as stored, on its first

@@ -30,7 +30,7 @@ from rcllm_jax.cache.pool import PAGE, KVPool, PageAllocator
 from rcllm_jax.cache.stores import PrefixCache, UserStore
 from rcllm_jax.data.prompt import Prompt, PromptBuilder, check_prompt_length
 from rcllm_jax.engine import prefix_baseline, serving_step, warm_up
-from rcllm_jax.engine.plan import (Layout, device_layout, pad_arrays, served_from_cache, span_entries, stitch_plan,
+from rcllm_jax.engine.plan import (Layout, device_layout, history_prefix, pad_arrays, served_from_cache, span_entries, stitch_plan,
                                   store_spans)
 from rcllm_jax.engine.ranking import EngineResult, answer_logit_ids, candidate_scores, rank_full, slot_rows
 from rcllm_jax.engine.ranking_head import HeadError
@@ -229,19 +229,11 @@ class Engine:
         return self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
                                 row_tokens=row_tokens, rows=rows, progress=progress)
 
-    @staticmethod
-    def _prefix_tokens(prompt: Prompt) -> tuple[int, ...]:
-        """The user-store key of a prompt: its instruction + history block tokens."""
-        b0, b1 = prompt.blocks[0], prompt.blocks[1]
-        if (b0.kind, b1.kind) != ("instruction", "history"):
-            raise ValueError("prompt does not start with instruction + history blocks")
-        return b0.tokens + b1.tokens
-
     def update_user(self, user_id, prompt: Prompt, version: int | None = None) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
         number of tokens computed (0 on a hit). version: the stored history's version it stands
         for (saved with it: a restore drops a prefix whose history has moved on)."""
-        computed = self.users.ensure(self.params, self.cfg, user_id, self._prefix_tokens(prompt), version=version)
+        computed = self.users.ensure(self.params, self.cfg, user_id, history_prefix(prompt), version=version)
         jax.block_until_ready((self.pool.k, self.pool.v))  # an event handler finishes its writes
         return computed
 
@@ -253,7 +245,7 @@ class Engine:
         held, computed = [], []
         try:
             for prompt, user_id in requests:
-                key = self._prefix_tokens(prompt)
+                key = history_prefix(prompt)
                 computed.append(self.users.ensure(self.params, self.cfg, user_id, key, pin=True))
                 held.append(key)
             jax.block_until_ready((self.pool.k, self.pool.v))
@@ -403,12 +395,9 @@ class Engine:
                                 computed_tokens=int(computed), shard=s)
         if mode in ("prefix", "prefix_warm"):  # the same computation; prefix_warm callers warm at event time
             return prefix_baseline.rank_prefix(self, prompt, shard or 0)
-        policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
-        if policy is None:
+        if not isinstance(mode, Policy) and mode not in BLOCK_MODES:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        if user_id is None:
-            raise ValueError(f"mode {mode!r} needs the user id (the user store keys history blocks by user)")
-        return self._rank_policy(prompt, policy, user_id, shard=shard)
+        return self._rank_policy(prompt, block_policy(mode, user_id), user_id, shard=shard)
 
     def rank_step(self, requests, mode="rcllm", pad_to: tuple[int, int, int] | None = None) -> list[EngineResult]:
         """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
@@ -527,7 +516,7 @@ class Engine:
         if shard is None:  # affinity: the shard holding most of the request's item bytes (lowest on ties)
             shard = int(np.argmax(self.store.shard_bytes(items)))
         self.device(shard)
-        lay = device_layout(prompt, plan, self.users.slots_of(self._prefix_tokens(prompt)),
+        lay = device_layout(prompt, plan, self.users.slots_of(history_prefix(prompt)),
                             [None if e is None else self.store.slot(e, shard) for e in entries], shard)
         return lay, items
 

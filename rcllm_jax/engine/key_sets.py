@@ -13,7 +13,7 @@ log-sum-exp (`pallas_kernels.paged_attention.merge_attention`).
 - `FreshRows`: the recomputed rows' own K/V, when the cached rows are read in place instead of
   being overwritten in a suffix buffer.
 
-Which sets a request reads is decided by `request_key_sets` from the engine's kernel choice (made
+Which sets a request reads is decided by `RequestKeys.layer` from the engine's kernel choice (made
 once, `Engine(attention_impl=)`) and whether the request's cached rows are read in place.
 """
 

@@ -58,6 +58,15 @@ class StitchPlan:
         return (self.seg > 0) & (self.real_pos >= self.n_prefix)
 
 
+def history_prefix(prompt: Prompt) -> tuple[int, ...]:
+    """A prompt's instruction + history block tokens: the exact prefix the user store and the
+    prefix cache's event-time warming key by; a ValueError when the prompt does not start so."""
+    b0, b1 = prompt.blocks[0], prompt.blocks[1]
+    if (b0.kind, b1.kind) != ("instruction", "history"):
+        raise ValueError("prompt does not start with instruction + history blocks")
+    return b0.tokens + b1.tokens
+
+
 def stitch_plan(prompt: Prompt, canon_starts: Sequence[int | None], sink: int = 0) -> StitchPlan:
     """canon_starts[j]: the position block j's first token was encoded at if its KV comes from a
     cache (a lookup made before), None if the block is computed fresh (entries 0 and 1 are

@@ -15,7 +15,7 @@ import numpy as np
 
 from rcllm_jax.cache.pool import PAGE
 from rcllm_jax.data.prompt import Prompt
-from rcllm_jax.engine.plan import fresh_layout, query_rows
+from rcllm_jax.engine.plan import fresh_layout, history_prefix, query_rows
 from rcllm_jax.engine.ranking import (
     EngineResult,
     answer_logit_ids,
@@ -25,18 +25,11 @@ from rcllm_jax.engine.ranking import (
 from rcllm_jax.engine.selective_recompute import blended_prefill
 
 
-def _history_tokens(prompt: Prompt) -> np.ndarray:
-    b0, b1 = prompt.blocks[0], prompt.blocks[1]
-    if (b0.kind, b1.kind) != ("instruction", "history"):
-        raise ValueError("prompt does not start with instruction + history blocks")
-    return np.asarray(b0.tokens + b1.tokens, np.int32)
-
-
 def warm_prefix(engine, prompt: Prompt, shard: int = 0) -> int:
     """Event-time warming of the prefix cache: the full pages of the prompt's instruction + history
     that are not cached yet are computed and inserted now, so a request computes only what follows.
     Returns the number of tokens computed (0 on a hit)."""
-    toks = _history_tokens(prompt)
+    toks = np.asarray(history_prefix(prompt), np.int32)
     n_full = len(toks) // PAGE * PAGE
     cache = engine.prefix
     pages, hit = cache.lookup(np.append(toks[:n_full], 0), count=False)  # the pages a request can hit

@@ -13,6 +13,11 @@ CUTOFFS_NDCG = (5, 10)
 MISS = float("inf")  # the rank of a target that is not among the candidates (a retrieval miss)
 
 
+def percentile(xs, q: float) -> float | None:
+    """The q-th percentile of the values, or None when there are none."""
+    return float(np.percentile(np.asarray(xs, float), q)) if len(xs) else None
+
+
 def target_rank(scores: Sequence[float], target_index: int | None, rng: np.random.Generator | None = None) -> float:
     """0-based rank of candidate `target_index` when sorting by descending score; MISS when the
     target is not a candidate (None): a miss at every cutoff, as LlamaRec counts it.
