@@ -25,18 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
-
 from rcllm_jax.data.movielens import NEGATIVES  # noqa: E402  (no JAX import: --mesh may still set devices)
 from rcllm_jax.eval.metrics import percentile  # noqa: E402
 from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.settings import CatalogSettings, ModelSettings, define_flags, preset_section, read  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
-_CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "ml100k_rank.toml"), "TOML preset.")
 _MODES = flags.DEFINE_list("modes", ["full"], "Prefill modes: full, prefix, prefix_warm (prefix caching with the "
                            "user's instruction + history pages computed at event time), stitch, sink, deviation, rcllm.")
-_DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Dataset.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
 _USERS = flags.DEFINE_integer("num_users", 100, "Users in the stream.")
 _REQS = flags.DEFINE_string("requests", None, "Replay a request log instead of MovieLens test requests: JSON lines "
                             "{user_id, history, candidates[, target][, arrival_s]} (README); accuracy over the "
@@ -53,13 +49,6 @@ _ONLY_HITS = flags.DEFINE_bool("rank_retrieved_only", False, "With --candidates=
                                 "those requests only (for accuracy runs over many users).")
 _ORDER = flags.DEFINE_enum("candidate_order", "shuffled", ["shuffled", "retriever"],
                            "Prompt order of retrieved candidates: seeded shuffle or the retriever's order.")
-_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "How candidates are scored: score slots read by a "
-                          "trained head (default: the shipped one, what serve.py serves; --ranking_head another), "
-                          "or the base model alone through its answer-label logits (label: for --model / --adapter "
-                          "weights the shipped head was not trained on).")
-_HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default with --head=slot: the shipped "
-                                 "rcllm_jax/assets/slot_head, trained for the default model).")
-_HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in the prompt (the most recent).")
 _NEG = flags.DEFINE_enum("negatives", "uniform", list(NEGATIVES), "Negative sampling (retrieval: genre-matched, like a retrieval stage).")
 _STAGE = flags.DEFINE_enum("stage", "test", ["test", "valid"], "Leave-one-out target (1 request/user).")
 _TEST_POS = flags.DEFINE_string("test_positions", None, "Evaluate the targets held back at these positions from "
@@ -68,10 +57,6 @@ _TEST_POS = flags.DEFINE_string("test_positions", None, "Evaluate the targets he
                                 "before that position (retrieval.fit_before), intervals resampling users. A "
                                 "head must have been validated above them (its card's validation_position).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of user order, negatives and tie-breaking.")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct); "
-                             "a tuned model: <train output_dir>/merged.")
-_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory (<train output_dir>/adapter) for --model.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
                            "Context item blocks are encoded after: the instruction + the glue before a first "
                            "candidate, or the instruction alone (default: the engine's, candidate).")
@@ -103,11 +88,13 @@ _RATE = flags.DEFINE_float("arrival_rate", 0.0, "Open-loop arrivals (requests/s,
 _PLOTS = flags.DEFINE_string("plots_dir", None, "Where the PNG plots go (default: <output_json without .json>_plots).")
 _OUT = flags.DEFINE_string("output_json", "bench_out/bench.json", "Where to write the JSON.")
 
-_TOML_KEYS = {"workload.dataset": "dataset", "workload.num_users": "num_users",
-              "workload.num_candidates": "num_candidates", "workload.history_len": "history_len",
-              "workload.negatives": "negatives", "workload.stage": "stage", "workload.seed": "seed",
-              "workload.requests_per_user": "requests_per_user", "workload.candidates": "candidates",
-              "model.dtype": "dtype", "model.path": "model"}
+flags.FLAGS.set_default("config", str(_ROOT / "configs" / "ml100k_rank.toml"))  # --config (settings)
+define_flags(ModelSettings)  # --model, --adapter, --dtype, --head, --ranking_head
+define_flags(CatalogSettings, exclude=("max_items",))  # --dataset, --data_dir, --history_len
+_MODEL, _ADAPTER, _DTYPE, _HEAD, _HEAD_PATH, _DATASET, _DATA_DIR, _HIST = (
+    flags.FLAGS[n] for n in ("model", "adapter", "dtype", "head", "ranking_head", "dataset", "data_dir", "history_len"))
+preset_section("workload", ("num_users", "num_candidates", "negatives", "stage", "seed", "requests_per_user",
+                            "candidates"))
 
 _COMPILES = [0]
 
@@ -373,7 +360,7 @@ def _head():
         raise app.UsageError(str(e)) from None
 
 
-def _engine(model, builder, w: Workload, modes, mesh, head, train_retriever, cut: int):
+def _engine(model, builder, w: Workload, modes, mesh, layout, head, train_retriever, cut: int):
     """The engine over the stream's candidates, with the co-access log of the training split."""
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.engine.ranking_head import HeadError
@@ -382,8 +369,8 @@ def _engine(model, builder, w: Workload, modes, mesh, head, train_retriever, cut
         return Engine(model.params, model.cfg, builder, item_ids=sorted({i for r in w.requests for i in r.candidates}),
                       **({} if _CANON.value is None else {"canonical": _CANON.value}), user_pages=_USER_PAGES.value,
                       prefix_pages=_PREFIX_PAGES.value if {"prefix", "prefix_warm"} & set(modes) else 1,  # per device
-                      attention_impl=_IMPL.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
-                      replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
+                      attention_impl=_IMPL.value, mesh=mesh, placement=layout.placement,
+                      replicate=layout.replicate, kv_dtype=layout.kv_dtype,
                       head=head,  # the co-access log below: placement and replicas
                       coaccess=train_retriever.coaccess_requests(
                           [ds.sequences[u][:-cut] for u in split.users if len(ds.sequences[u]) > cut],
@@ -596,7 +583,7 @@ def _baseline_rows(w: Workload, metrics: _Metrics, head, side_source) -> list[di
     return rows
 
 
-def _print_table(w: Workload, model, rows, metrics: _Metrics, locality: dict):
+def _print_table(w: Workload, model, rows, metrics: _Metrics, config: dict):
     def fmt(v, f):
         return format("-", ">" + f.split(".")[0].rstrip("df")) if v is None else format(v, f)
 
@@ -628,13 +615,13 @@ def _print_table(w: Workload, model, rows, metrics: _Metrics, locality: dict):
                     d, *r["ndcg@10_retrieved_minus_retriever_ci"])
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
                       f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]   {vs}")
-    for name, loc in locality.items():
-        print(f"placement {name:<22} on {dist_cli.MESH.value}: local fraction {loc['local_fraction']:.3f}, "
+    for name, loc in config["placement_locality"].items():
+        print(f"placement {name:<22} on {config['mesh']}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
               f"remote MB/request {loc['remote_bytes_per_request'] / 1e6:.2f}")
 
 
-def _config(w: Workload, model, engine, modes, head, val_pos, build, machine, peer_note, lengths) -> dict:
+def _config(w: Workload, model, engine, layout, modes, head, val_pos, build, machine, peer_note, lengths) -> dict:
     """The run's configuration, as the JSON records it."""
     import jax
     from rcllm_jax.downloads import portable_path
@@ -655,8 +642,8 @@ def _config(w: Workload, model, engine, modes, head, val_pos, build, machine, pe
             "devices": len(jax.devices()), "matmul_peak_flops": machine[0], "memory_bandwidth_bytes_s": machine[1],
             "modes": modes, "cached_glue": _GLUE.value, "item_store": build,
             "head_digest": None if head is None else head.digest(),
-            "mesh": str(dist_cli.MESH.value), "placement": dist_cli.PLACEMENT.value,
-            "replicate": dist_cli.REPLICATE.value, "kv_dtype": dist_cli.KV_DTYPE.value, "scheduler": _SCHED.value,
+            "mesh": layout.mesh, "placement": layout.placement,
+            "replicate": layout.replicate, "kv_dtype": layout.kv_dtype, "scheduler": _SCHED.value,
             "arrival_rate": _RATE.value,
             "processes": jax.process_count(), "placement_locality": _placement_locality(engine, w.requests),
             "peers": {"transformers": peer_note},
@@ -666,15 +653,13 @@ def _config(w: Workload, model, engine, modes, head, val_pos, build, machine, pe
 
 def main(argv):
     del argv
-    if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, _TOML_KEYS)
+    read(ModelSettings)  # applies the --config preset (flags given on the command line win)
     from rcllm_jax.engine.engine import MODES
     unknown = [m for m in _MODES.value if m not in MODES]
     if unknown:
         raise app.UsageError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
     modes = list(_MODES.value) + [f"blend@{float(r):g}" for r in _SWEEP.value]
-    mesh = dist_cli.setup()
+    mesh, layout = dist_cli.setup()
     import jax
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth
@@ -683,24 +668,24 @@ def main(argv):
 
     jax.monitoring.register_event_duration_secs_listener(_count_compiles)
     t0 = time.perf_counter()
+    head = _head()  # checked before the workload and the model load: a refused run fails at once
+    val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
+    if head is not None and _TEST_POS.value and max(_test_positions(_TEST_POS.value)) >= val_pos:
+        raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
+                             f"--test_positions must be below {val_pos}, got {_TEST_POS.value!r}")
     w = _workload()
     # the training split's retriever (before the earliest test position): the coaccess placement's
     # graph and, without --test_positions, a head's collaborative features
     cut = max(w.positions) if w.positions else 2
     train_retriever = (w.retrievers[cut] if w.retrievers else w.retriever) or fit_before(w.split, 2)
     model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    head = _head()
-    val_pos = 2 if head is None else int(head.card.get("validation_position", 2))
-    if head is not None and w.positions and max(w.positions) >= val_pos:
-        raise app.UsageError(f"the ranking head was validated at held-back position {val_pos} and trained above it: "
-                             f"--test_positions must be below {val_pos}, got {_TEST_POS.value!r}")
     builder = PromptBuilder(model.tokenizer, w.ds.items, history_len=_HIST.value, head=_HEAD.value,
                             max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in w.requests]
     lengths = [len(p) for p in prompts]
     logging.info("%d requests ready in %.1fs", len(w.requests), time.perf_counter() - t0)
 
-    engine = _engine(model, builder, w, modes, mesh, head, train_retriever, cut)
+    engine = _engine(model, builder, w, modes, mesh, layout, head, train_retriever, cut)
     policies = _policies()
     impl_of = {m: engine.impl for m in modes}
     if _COMPARE.value:
@@ -728,8 +713,8 @@ def main(argv):
     metrics = _Metrics(w)
     rows = _mode_rows(engine, model, modes, results, w, prompts, policies, impl_of, metrics, engine_scores, machine)
     rows += _baseline_rows(w, metrics, head, side_source)
-    config = _config(w, model, engine, modes, head, val_pos, build, machine, peer_note, lengths)
-    _print_table(w, model, rows, metrics, config["placement_locality"])
+    config = _config(w, model, engine, layout, modes, head, val_pos, build, machine, peer_note, lengths)
+    _print_table(w, model, rows, metrics, config)
     Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
     plots_dir = Path(_PLOTS.value or str(Path(_OUT.value).with_suffix("")) + "_plots")
     config["plots"] = _plots(plots_dir, modes, results, rows, lengths)

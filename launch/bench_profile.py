@@ -65,8 +65,9 @@ def main(argv):
     del argv
     from rcllm_jax.eval import floor
     from rcllm_jax.recommender import open_served
-    served = open_served(history_len=_H.value, max_candidates=max(_C.value, 52), max_items=_MAX_ITEMS.value,
-                         snapshot_dir=_SNAP.value)
+    from rcllm_jax.settings import CatalogSettings, EngineSettings
+    served = open_served(catalog=CatalogSettings(history_len=_H.value, max_items=_MAX_ITEMS.value),
+                         engine=EngineSettings(max_candidates=max(_C.value, 52), snapshot_dir=_SNAP.value))
     eng, rec, ds = served.engine, served.recommender, served.dataset
     peak, bandwidth = floor.matmul_peak_flops(), floor.memory_bandwidth()
     itemsize = np.dtype(eng.cfg.dtype).itemsize

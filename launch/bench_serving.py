@@ -113,19 +113,19 @@ def _agreement(serial, batched) -> dict:
 
 def main(argv):
     del argv
-    mesh = dist_cli.setup()
+    mesh, layout = dist_cli.setup()
     import jax
 
     from rcllm_jax.recommender import open_served
+    from rcllm_jax.settings import CatalogSettings, EngineSettings
     from rcllm_jax.serve.service import count_compiles
     from rcllm_jax.serve.state import StateStore
 
     loops = tuple(_LOOPS.value)
     if not loops or set(loops) - {"serial", "batched"}:
         raise app.UsageError(f"--loops takes serial and/or batched, not {loops}")
-    served = open_served(history_len=_HIST.value, mesh=mesh, placement=dist_cli.PLACEMENT.value,
-                         replicate=dist_cli.REPLICATE.value, kv_dtype=dist_cli.KV_DTYPE.value,
-                         max_items=_MAX_ITEMS.value, snapshot_dir=_SNAP.value)
+    served = open_served(catalog=CatalogSettings(history_len=_HIST.value, max_items=_MAX_ITEMS.value),
+                         engine=EngineSettings(snapshot_dir=_SNAP.value), layout=layout, mesh=mesh)
     for note in served.notes:
         logging.info("%s", note)
     engine, ds = served.engine, served.dataset

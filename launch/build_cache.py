@@ -20,31 +20,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from rcllm_jax.data.prompt import SERVED_HEAD  # noqa: E402  (the shared default prompt)
-
 from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
+from rcllm_jax.settings import CatalogSettings, EngineSettings, ModelSettings, define_flags, read  # noqa: E402
 
-_SNAP = flags.DEFINE_string("snapshot_dir", None, "Where the snapshot goes (a new step in an Orbax directory).",
-                            required=True)
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
-_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --model.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
-_DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "Catalog.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset files (default: fetch ml-100k).")
+define_flags(ModelSettings, exclude=("ranking_head",))  # --head: the prompt format the blocks are encoded for
+define_flags(CatalogSettings, exclude=("history_len",))
+define_flags(EngineSettings, exclude=("mode", "user_cache_mb", "user_cache_pages", "prefix_cache_pages",
+                                      "rebuild_on_damage"), max_candidates=100)  # label glue built for 100
+flags.mark_flag_as_required("snapshot_dir")
 _CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
                            "Context item blocks are encoded after: the instruction + the glue before a first "
                            "candidate, or the instruction alone (default: the engine's, candidate).")
-_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"], "The prompt's head format the blocks are encoded "
-                          "for (their canonical context): what serve.py / bench.py will serve (the same default).")
-_MAX_CANDS = flags.DEFINE_integer("max_candidates", 100, "Largest candidate list served (label glue built for it).")
-_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; for smoke tests).")
 _ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
 _ROWS = flags.DEFINE_integer("rows", 1, "Packed rows per items-shard in a build pass (one SPMD program over the mesh).")
 
 
 def main(argv):
     del argv
-    mesh = dist_cli.setup()
+    mesh, layout = dist_cli.setup()
+    model_cfg, catalog, eng = read(ModelSettings, CatalogSettings, EngineSettings)
+    snap_dir = eng.snapshot_dir
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -56,25 +51,24 @@ def main(argv):
     from rcllm_jax.model import load_model
 
     t0 = time.perf_counter()
-    ds = load_dataset(_DATASET.value, _DATA_DIR.value)
-    items = sorted(ds.items)[:_MAX_ITEMS.value or None]
-    model = load_model(_MODEL.value, dtype=_DTYPE.value, adapter=_ADAPTER.value)
-    builder = PromptBuilder(model.tokenizer, ds.items, head=_HEAD.value)
+    ds = load_dataset(catalog.dataset, catalog.data_dir)
+    items = sorted(ds.items)[:catalog.max_items or None]
+    model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter)
+    builder = PromptBuilder(model.tokenizer, ds.items, head=model_cfg.head)
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
     engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
-                    max_candidates=_MAX_CANDS.value, mesh=mesh,
-                    placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
-                    kv_dtype=dist_cli.KV_DTYPE.value)
-    prev = snapshot.latest_meta(_SNAP.value)
+                    max_candidates=eng.max_candidates, mesh=mesh,
+                    placement=layout.placement, replicate=layout.replicate, kv_dtype=layout.kv_dtype)
+    prev = snapshot.latest_meta(snap_dir)
     if prev is not None:
         problem = snapshot.identity_problem(prev[1], engine.identity())
         if problem:
-            raise app.UsageError(f"{_SNAP.value} holds a snapshot of {problem}; choose another --snapshot_dir "
+            raise app.UsageError(f"{snap_dir} holds a snapshot of {problem}; choose another --snapshot_dir "
                                  "(nothing was changed)")
     from rcllm_jax.retrieval import ItemKNN, load_or_fit
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
     if jax.process_index() == 0:  # the retrieval stage is persisted with the item cache
-        retriever, how = load_or_fit(os.path.join(_SNAP.value, "retriever.npz"), seqs, items)
+        retriever, how = load_or_fit(os.path.join(snap_dir, "retriever.npz"), seqs, items)
         logging.info("retriever: %s", how)
     else:  # the same deterministic fit: every process places the blocks alike
         retriever = ItemKNN.fit(seqs, items)
@@ -87,11 +81,11 @@ def main(argv):
     build_s = time.perf_counter() - t1
     encoded = sum(p["tokens"] for p in report["passes"])
     t2 = time.perf_counter()
-    step = engine.save(_SNAP.value)
+    step = engine.save(snap_dir)
     save_s = time.perf_counter() - t2
     st = engine.stats()
     loads = np.asarray(st["shard_tokens"])
-    summary = {"snapshot_dir": os.path.abspath(_SNAP.value), "step": step, "mesh": str(dist_cli.MESH.value),
+    summary = {"snapshot_dir": os.path.abspath(snap_dir), "step": step, "mesh": layout.mesh,
                "placement": st["placement"], "replicate": st["replicate"], "kv_dtype": st["kv_dtype"],
                "replicated_item_blocks": st["replicated_item_blocks"],
                "replicated_item_tokens": st["replicated_item_tokens"], "item_blocks": st["item_blocks"],

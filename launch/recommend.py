@@ -11,6 +11,7 @@ each took (TTFT, measured on a second run of the same request: the first one com
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,23 +20,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN  # noqa: E402  (the shared default prompt)
-
 from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement)
+from rcllm_jax.settings import CatalogSettings, EngineSettings, ModelSettings, define_flags, read  # noqa: E402
 
+define_flags(ModelSettings, CatalogSettings)
+define_flags(EngineSettings, exclude=("max_candidates", "user_cache_mb", "user_cache_pages", "prefix_cache_pages",
+                                      "rebuild_on_damage"))
 _USERS = flags.DEFINE_list("user_id", ["1"], "Users to recommend for (MovieLens user ids).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes per user.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Recommendations printed per user.")
-_MODE = flags.DEFINE_string("mode", "rcllm", "Prefill mode of the recommendations.")
 _COMPARE = flags.DEFINE_string("compare", "full", "Mode run on the same prompts for comparison ('' for none).")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
-_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapter directory for --model.")
-_HEAD = flags.DEFINE_enum("head", SERVED_HEAD, ["label", "slot"],
-                          "Score slots read by the shipped head, or label logits.")
-_HEAD_PATH = flags.DEFINE_string("ranking_head", None, "Slot-head directory (default: the shipped one).")
-_HIST = flags.DEFINE_integer("history_len", SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
-_SNAP = flags.DEFINE_string("snapshot_dir", None, "Item-cache snapshot (default: as serve.py).")
-_MAX_ITEMS = flags.DEFINE_integer("max_items", 0, "Only the first N catalog items (0 = all; smoke tests).")
 
 
 def _title(item) -> str:
@@ -51,27 +45,24 @@ def _timed(rec, user, history, candidates):
 
 def main(argv):
     del argv
+    model, catalog, eng = read(ModelSettings, CatalogSettings, EngineSettings)
     from rcllm_jax.engine.engine import MODES
-    for m in filter(None, (_MODE.value, _COMPARE.value)):
+    for m in filter(None, (eng.mode, _COMPARE.value)):
         if m not in MODES:
             raise app.UsageError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
     try:
         users = [int(u) for u in _USERS.value]
     except ValueError:
         raise app.UsageError(f"--user_id takes MovieLens user ids (integers), got {_USERS.value}") from None
-    mesh = dist_cli.setup()
+    mesh, layout = dist_cli.setup()
     from rcllm_jax.engine.ranking_head import HeadError
     from rcllm_jax.recommender import Recommender, open_served
 
     t0 = time.perf_counter()
     try:
-        served = open_served(model=_MODEL.value, adapter=_ADAPTER.value, head=_HEAD.value,
-                             ranking_head=_HEAD_PATH.value, history_len=_HIST.value, mesh=mesh,
-                             placement=dist_cli.PLACEMENT.value, replicate=dist_cli.REPLICATE.value,
-                             kv_dtype=dist_cli.KV_DTYPE.value,
-                             snapshot_dir=_SNAP.value, mode=_MODE.value, max_items=_MAX_ITEMS.value,
-                             prefix_pages=256 if "prefix" in (_MODE.value, _COMPARE.value) else 1,
-                             user_pages=64 * len(users))  # room for these users' history prefixes
+        eng = dataclasses.replace(eng, prefix_cache_pages=256 if "prefix" in (eng.mode, _COMPARE.value) else 1,
+                                  user_cache_pages=64 * len(users))  # room for these users' history prefixes
+        served = open_served(model, catalog, eng, layout, mesh=mesh)
     except HeadError as e:
         raise app.UsageError(f"the ranking head does not fit --model ({e}): pass --head=label or a "
                              "--ranking_head trained for it") from None
@@ -99,11 +90,11 @@ def main(argv):
         recent = "; ".join(_title(ds.items[i]) for i in history[-3:])
         print(f"user {u}: {len(history)} ratings, latest: {recent}")
         print(f"  {len(cands)} candidates retrieved from {len(served.item_ids)} items in {retrieve_ms:.1f} ms; "
-              f"reranked in {_MODE.value} mode:")
+              f"reranked in {eng.mode} mode:")
         print(f"  {'rank':>4} {'item':>5} {'score':>8}  title")
         for r, (item, score) in enumerate(zip(got.ranking[:_TOP_K.value], got.scores[:_TOP_K.value]), 1):
             print(f"  {r:4d} {item:5d} {score:8.3f}  {_title(ds.items[item])}")
-        line = (f"  TTFT {_MODE.value} {1e3 * ttft:.1f} ms ({res.computed_tokens} of {res.prompt_tokens} prompt "
+        line = (f"  TTFT {eng.mode} {1e3 * ttft:.1f} ms ({res.computed_tokens} of {res.prompt_tokens} prompt "
                 f"tokens computed, {res.cache_hit_tokens} from caches)")
         if other is not None:
             ref, ref_ttft = _timed(other, u, history, cands)

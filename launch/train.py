@@ -240,8 +240,8 @@ def _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out: P
 def main(argv):
     del argv
     if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, _TOML)
+        from rcllm_jax.settings import apply_preset
+        apply_preset(_CONFIG.value, _TOML)
     import numpy as np
 
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset

@@ -71,8 +71,8 @@ def main(argv):
     # every TrainConfig field with a flag of the same name is settable from [train] in the TOML
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name in flags.FLAGS]
     if _CONFIG.value:
-        from rcllm_jax.config_files import apply_toml
-        apply_toml(_CONFIG.value, {**{f"train.{k}": k for k in fields}, **_OTHER_TOML_KEYS})
+        from rcllm_jax.settings import apply_preset
+        apply_preset(_CONFIG.value, {**{f"train.{k}": k for k in fields}, **_OTHER_TOML_KEYS})
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.model import load_model
 

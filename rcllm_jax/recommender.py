@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from rcllm_jax.settings import CatalogSettings, EngineSettings, MeshSettings, ModelSettings
+
 
 @dataclasses.dataclass(frozen=True)
 class Recommendation:
@@ -100,19 +102,18 @@ class Served:
         return self.recommender.engine
 
 
-def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: str = "ml-100k", data_dir=None,
-                head: str = "slot", ranking_head=None, history_len: int = 20, max_candidates: int = 52,
-                user_mb: float = 2048, user_pages: int = 0, prefix_pages: int = 1, max_items: int = 0, mesh=None,
-                placement: str = "coaccess", replicate: float = 0.1, kv_dtype: str = "bfloat16", snapshot_dir=None,
-                mode: str = "rcllm",
-                rebuild_on_damage: bool | None = None) -> Served:
-    """The served recommender as `launch/serve.py` and `launch/recommend.py` run it: the model
-    (default SmolLM2-135M-Instruct) with its ranking head, the catalog's item caches restored from
-    the snapshot for this model (built and saved there when absent or incomplete), and the
-    item-kNN retriever over the catalog's histories (loaded from the snapshot directory, refitted
-    when the data changed). A snapshot with no intact step is rebuilt when `rebuild_on_damage`
-    (default: only at the default location, where nothing else could be lost), else raises
-    `SnapshotError`. Raises `slot_head.HeadError` when the head is for other weights."""
+def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | None = None,
+                engine: EngineSettings | None = None, layout: MeshSettings | None = None, *, mesh=None) -> Served:
+    """The served recommender as `launch/serve.py` and `launch/recommend.py` run it, from their
+    settings (`rcllm_jax.settings`; each defaults to the launchers' defaults): the model (default
+    SmolLM2-135M-Instruct) with its ranking head, the catalog's item caches restored from the
+    snapshot for this model (built and saved there when absent or incomplete), and the item-kNN
+    retriever over the catalog's histories (loaded from the snapshot directory, refitted when the
+    data changed). `mesh`: the `jax.sharding.Mesh` the item caches are sharded over (default: one
+    device), laid out as `layout` says. A snapshot with no intact step is rebuilt when
+    `engine.rebuild_on_damage` (default: only at the default location, where nothing else could be
+    lost), else raises `SnapshotError`. Raises `slot_head.HeadError` when the head is for other
+    weights."""
     from pathlib import Path
 
     from rcllm_jax.cache import snapshot
@@ -124,21 +125,24 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import load_or_fit
 
-    ds = load_dataset(dataset, data_dir)
-    item_ids = sorted(ds.items)[:max_items or None]
-    lm = load_model(model, dtype=dtype, adapter=adapter)
-    builder = PromptBuilder(lm.tokenizer, ds.items, history_len=history_len, max_prompt_tokens=lm.cfg.max_position,
-                            head=head)
+    m, c = model or ModelSettings(), catalog or CatalogSettings()
+    e, lay = engine or EngineSettings(), layout or MeshSettings()
+    ds = load_dataset(c.dataset, c.data_dir)
+    item_ids = sorted(ds.items)[:c.max_items or None]
+    lm = load_model(m.model, dtype=m.dtype, adapter=m.adapter)
+    builder = PromptBuilder(lm.tokenizer, ds.items, history_len=c.history_len, max_prompt_tokens=lm.cfg.max_position,
+                            head=m.head)
     from rcllm_jax.cache.pool import PAGE
     from rcllm_jax.model.config import kv_bytes_per_token
+    user_pages, prefix_pages = e.user_cache_pages, e.prefix_cache_pages
     if not user_pages:  # the user store's budget in MB (per device: it is replicated)
-        user_pages = max(16, int(user_mb * 2**20 / (PAGE * kv_bytes_per_token(lm.cfg, lm.cfg.dtype))))
-    if mode in ("prefix", "prefix_warm"):  # the prefix cache gets the user store's budget: it holds the same
+        user_pages = max(16, int(e.user_cache_mb * 2**20 / (PAGE * kv_bytes_per_token(lm.cfg, lm.cfg.dtype))))
+    if e.mode in ("prefix", "prefix_warm"):  # the prefix cache gets the user store's budget: it holds the same
         prefix_pages = max(prefix_pages, user_pages)  # prefixes (the user store stays: its snapshot holds histories)
     engine = Engine(lm.params, lm.cfg, builder, item_ids=item_ids, user_pages=user_pages, prefix_pages=prefix_pages,
-                    max_candidates=max_candidates, mesh=mesh, placement=placement, replicate=replicate,
-                    kv_dtype=kv_dtype,
-                    head=load_head(head, ranking_head))
+                    max_candidates=e.max_candidates, mesh=mesh, placement=lay.placement, replicate=lay.replicate,
+                    kv_dtype=lay.kv_dtype, head=load_head(m.head, m.ranking_head))
+    snapshot_dir, rebuild_on_damage = e.snapshot_dir, e.rebuild_on_damage
     snap = str(snapshot_dir or cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     retriever_path = Path(snap) / "retriever.npz"
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
@@ -168,5 +172,5 @@ def open_served(*, model=None, adapter=None, dtype: str = "float32", dataset: st
         retriever.save(retriever_path)
         how += " and saved"
     notes.append(f"retriever (item-kNN over the catalog's histories): {how}")
-    return Served(Recommender(engine, retriever, mode), ds, item_ids, snap, snap.rstrip("/") + "-users",
+    return Served(Recommender(engine, retriever, e.mode), ds, item_ids, snap, snap.rstrip("/") + "-users",
                   rebuild_on_damage, notes)

@@ -105,8 +105,12 @@ def _reference(tiny, history, cands, user):
 @pytest.mark.slow
 def test_server_end_to_end(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
-    args = ["--mesh=items:2", f"--model={tiny}", "--head=label", f"--max_items={N_ITEMS}", "--port=0", "--history_len=5",
-            f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128"]
+    preset = tmp_path / "serve.toml"  # the settings through a preset; the command line wins over it (history 5)
+    snap = tmp_path / "snap"
+    preset.write_text(f'[mesh]\nmesh = "items:2"\n[catalog]\nmax_items = {N_ITEMS}\nhistory_len = 9\n'
+                      f'[engine]\nuser_cache_pages = 128\nsnapshot_dir = "{snap}"\n'
+                      '[model]\nhead = "label"\n[serving]\nport = 0\n')
+    args = [f"--config={preset}", f"--model={tiny}", "--history_len=5"]
     srv = Server(args, env)
     try:
         url = srv.url

@@ -31,6 +31,8 @@ from concurrent.futures import Future
 import numpy as np
 
 SCHEDULERS = ("affinity", "round_robin")
+# how the engine loop runs a window: one serving step per shard batch, or one request at a time
+SERVING_STEPS = ("batched", "serial")
 
 
 class QueueFull(RuntimeError):

@@ -23,10 +23,9 @@ import numpy as np
 from rcllm_jax.data.prompt import check_candidates
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES
 from rcllm_jax.recommender import Recommender
-from rcllm_jax.serve.scheduler import QueueFull, Scheduler, Task
+from rcllm_jax.serve.scheduler import SERVING_STEPS, QueueFull, Scheduler, Task
 from rcllm_jax.serve.state import EventConflict, StateStore
 
-SERVING_STEPS = ("batched", "serial")
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 

@@ -1,0 +1,257 @@
+"""The launchers' configuration in one place: typed settings per concern, TOML presets, absl flags.
+
+Each concern is a frozen dataclass whose fields carry their help text (and choices / bounds):
+`ModelSettings` (weights, adapter, head), `CatalogSettings` (items and histories, prompt length),
+`MeshSettings` (devices, item placement, cache dtype, multi-host), `EngineSettings` (prefill mode,
+cache budgets, snapshot) and `ServingSettings` (HTTP, admission, warm-up). A launcher calls
+`define_flags(ModelSettings, ...)` at import (one absl flag per field, named after it, plus
+`--config`), and `read(ModelSettings, ...)` in `main`: the `--config` TOML preset is applied first
+(`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]` sections, keys = field names), flags given
+on the command line win over it, and the settings come back typed. A launcher's own flags join a
+preset through `preset_section`. The library takes the dataclasses
+(`recommender.open_served(model=ModelSettings(...), ...)`), so a program sets the same fields a
+command line does. Importing this module starts no JAX backend (`--mesh` may still have to set
+the device count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN
+from rcllm_jax.parallel.placement import PLACEMENTS
+from rcllm_jax.serve.scheduler import SCHEDULERS, SERVING_STEPS
+
+
+def _opt(default, help: str, *, choices=None, lower=None, upper=None, flag_type=None):
+    """A settings field: its default, its help text, optional choices and bounds of its flag."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "lower": lower,
+                                                        "upper": upper, "flag_type": flag_type})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The model that ranks and how it scores candidates."""
+    SECTION: typing.ClassVar[str] = "model"
+    model: str | None = _opt(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
+    adapter: str | None = _opt(None, "LoRA adapter directory for --model (<train output_dir>/adapter).")
+    dtype: str = _opt("float32", "Compute dtype.", choices=("float32", "bfloat16"))
+    head: str = _opt(SERVED_HEAD, "How candidates are scored: score slots read by a trained head (--ranking_head; "
+                     "default: the head shipped for the default model), or the answer's label logits (any model, "
+                     "no head).", choices=("label", "slot"))
+    ranking_head: str | None = _opt(None, "Slot-head directory (default with --head=slot: the shipped "
+                                    "rcllm_jax/assets/slot_head, trained for the default model).")
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogSettings:
+    """The items and user histories, and how much of a history a prompt holds."""
+    SECTION: typing.ClassVar[str] = "catalog"
+    dataset: str = _opt("ml-100k", "Catalog and user histories.", choices=("ml-100k", "ml-1m"))
+    data_dir: str | None = _opt(None, "Directory with the dataset files (default: fetch ml-100k).")
+    history_len: int = _opt(SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
+    max_items: int = _opt(0, "Only the first N catalog items (0 = all; smoke tests).")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """The devices, how item caches are laid out over them, and the multi-host job."""
+    SECTION: typing.ClassVar[str] = "mesh"
+    mesh: str = _opt("items:1", "Device mesh: items:N[,model:M] (item caches sharded over items).")
+    placement: str = _opt("coaccess", "Item block placement over the items axis: coaccess (METIS partition of the "
+                          "retriever's item co-access graph), similarity (balanced k-means of the model's item "
+                          "embeddings) or hash (baseline).", choices=tuple(PLACEMENTS))
+    replicate: float = _opt(0.1, "Hot-item replication: up to this fraction of a shard's item tokens more per shard "
+                            "for the items requests would fetch remotely most (held by every shard; 0 = off).",
+                            lower=0.0, upper=1.0)
+    kv_dtype: str = _opt("bfloat16", "How the item and glue caches hold KV (read back into the model's dtype per "
+                         "request): bfloat16 halves their memory and the bytes moved between shards; int8 (a "
+                         "scale per token and KV head) about quarters them.",
+                         choices=("bfloat16", "float32", "int8"))
+    coordinator_address: str | None = _opt(None, "Multi-host: host:port of process 0 (with --num_processes and "
+                                           "--process_id; omit for one process).")
+    num_processes: int = _opt(1, "Multi-host: number of processes.")
+    process_id: int = _opt(0, "Multi-host: this process's index.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """The prefill mode, the engine's cache budgets and the item-cache snapshot."""
+    SECTION: typing.ClassVar[str] = "engine"
+    mode: str = _opt("rcllm", "Prefill mode: rcllm, stitch, sink, deviation, full, prefix, prefix_warm.")
+    max_candidates: int = _opt(52, "Most candidates per request (52: single-token labels).")
+    user_cache_mb: float = _opt(2048.0, "User-store budget per device in MB (it is replicated on every device): "
+                                "2048 MB hold ~120 users' prefixes at history 20 for the default model (~375 "
+                                "tokens, 17 MB each in f32).")
+    user_cache_pages: int = _opt(0, "User-store budget in 16-token pages (overrides --user_cache_mb).")
+    prefix_cache_pages: int = _opt(1, "Prefix-cache budget in 16-token pages (the prefix modes get at least the "
+                                   "user store's).")
+    snapshot_dir: str | None = _opt(None, "Item-cache snapshot (default: <cache>/snapshots/<model "
+                                    "fingerprint>-<dataset>); built and saved there when absent.")
+    rebuild_on_damage: bool | None = _opt(None, "When no step of the item-cache snapshot is intact, rebuild it "
+                                          "(default: yes at the default location, no for --snapshot_dir).",
+                                          flag_type=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSettings:
+    """The HTTP server: address, admission, batching, warm-up, state."""
+    SECTION: typing.ClassVar[str] = "serving"
+    host: str = _opt("127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
+    port: int = _opt(8000, "Port (0: any free port; the log says which).")
+    users_dir: str | None = _opt(None, "User-store KV snapshot (default: <snapshot_dir>-users).")
+    state_db: str | None = _opt(None, "State database (user histories, event log): a SQLite file (default: "
+                                "<users_dir>-state.sqlite3), or postgresql://... shared by several server replicas "
+                                "(pip install 'rcllm-jax[postgres]').")
+    max_history: int = _opt(1000, "Items a stored history keeps at most (the most recent; the event log keeps "
+                            "every event).")
+    num_candidates: int = _opt(20, "Candidates the retriever proposes for a request that sends none (its "
+                               "num_candidates field overrides).")
+    scheduler: str = _opt("affinity", "Shard assignment policy.", choices=tuple(SCHEDULERS))
+    max_queue: int = _opt(0, "Requests waiting at most (beyond: 503 + Retry-After); 0: sized from the returning "
+                          "users' service time measured in the warm-up and --latency_target_s "
+                          "(--adapt_queue_bound: then from the traffic's), and bounded by cost too: at most half "
+                          "the target of estimated engine time waiting (the other half: the window in flight), a "
+                          "new user's request (its history prefix to compute) costing what the warm-up measured.")
+    latency_target_s: float = _opt(5.0, "Queueing a request may add at most (sizes --max_queue=0).")
+    adapt_queue_bound: bool = _opt(False, "With --max_queue=0: keep resizing the bound from the service time "
+                                   "measured on the traffic (a moving average), not only from the warm-up's. Off by "
+                                   "default: after a phase of new users it shrank to 1 and cost returning users "
+                                   "503s (BENCHMARKS.md, serving state).")
+    window: int = _opt(32, "Requests per scheduling window (at most half the bound when the bound is sized from "
+                       "--latency_target_s).")
+    serving_step: str = _opt("auto", "batched: block-mode requests of a scheduling window run as serving steps, "
+                             "each shard's requests one batch, every shard in one program (Engine.rank_step); "
+                             "serial: one request at a time; auto: serial on CPU devices (they share the host's "
+                             "cores: a step's padding is real work there; BENCHMARKS.md), batched on GPU / TPU "
+                             "(unmeasured).", choices=("auto", *SERVING_STEPS))
+    max_batch: int = _opt(8, "Requests per shard in one serving step at most (batched).")
+    request_timeout_s: float = _opt(30.0, "A request not answered after this long gets 503 + Retry-After and is "
+                                    "dropped, not computed.")
+    max_body_bytes: int = _opt(64 * 1024, "Larger request bodies get 413.")
+    max_connections: int = _opt(1024, "Open connections at most (beyond: 503).")
+    max_client_connections: int = _opt(256, "Open connections one client address may hold (beyond: 503 + "
+                                       "Retry-After).")
+    shutdown_grace_s: float = _opt(5.0, "On SIGTERM, open connections get this long after the queue is answered "
+                                   "and the user store saved; then they are closed.")
+    warmup: bool = _opt(True, "Compile before serving: in the block modes every request shape the server accepts "
+                        "(--history_len, --max_candidates, the served items; Engine.warm_up), on every shard; in "
+                        "the baselines typical requests' shapes.")
+    warmup_prompts: int = _opt(6, "Prompts shaped like traffic (distinct history-length buckets) timed in the "
+                               "warm-up (the service time that sizes --max_queue; the baselines' warm-up).")
+
+
+SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings)
+
+
+def _types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(hint):
+    """int for `int`, str for `str | None`, ..."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+_DEFINED: set[tuple] = set()  # (settings class, field, FlagValues): the fields `define_flags` made flags
+
+
+def define_flags(*classes, exclude: tuple[str, ...] = (), flag_values=flags.FLAGS, **defaults) -> None:
+    """One absl flag per field of `classes` (named after the field; `defaults` overrides a field's
+    default for this launcher, `exclude` leaves fields out), and `--config` (a TOML preset) once."""
+    unknown = set(defaults) - {f.name for c in classes for f in dataclasses.fields(c)}
+    if unknown:
+        raise ValueError(f"defaults for no field: {sorted(unknown)}")
+    fv = flag_values
+    if "config" not in fv:
+        flags.DEFINE_string("config", None, "TOML preset: [model], [catalog], [mesh], [engine], [serving] sections "
+                            "(keys = flag names); flags given on the command line win.",
+                            flag_values=fv)
+    for cls in classes:
+        hints = _types(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            m, default = f.metadata, defaults.get(f.name, f.default)
+            _DEFINED.add((cls, f.name, fv))
+            kind = m["flag_type"] or _base_type(hints[f.name])
+            if m["choices"]:
+                flags.DEFINE_enum(f.name, default, list(m["choices"]), m["help"], flag_values=fv)
+            elif kind is bool:
+                flags.DEFINE_bool(f.name, default, m["help"], flag_values=fv)
+            elif kind is int:
+                flags.DEFINE_integer(f.name, default, m["help"], lower_bound=m["lower"], upper_bound=m["upper"],
+                                     flag_values=fv)
+            elif kind is float:
+                flags.DEFINE_float(f.name, default, m["help"], lower_bound=m["lower"], upper_bound=m["upper"],
+                                   flag_values=fv)
+            elif kind is str:
+                flags.DEFINE_string(f.name, default, m["help"], flag_values=fv)
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: no flag type for {hints[f.name]}")
+
+
+def preset_keys(*classes, flag_values=flags.FLAGS) -> dict[str, str]:
+    """`section.key` -> flag name for the fields of `classes` that `define_flags` made flags."""
+    return {f"{c.SECTION}.{f.name}": f.name for c in classes for f in dataclasses.fields(c)
+            if (c, f.name, flag_values) in _DEFINED}
+
+
+def apply_preset(path: str | Path, allowed: dict[str, str], flag_values=flags.FLAGS) -> dict[str, Any]:
+    """Set absl flags from a TOML preset unless given on the command line.
+
+    `allowed` maps `section.key` -> flag name; an unknown key is an error naming the file and the
+    known keys (a typo must not pass silently). Returns the values applied."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"preset {path}: {e}") from None
+    applied = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            name = allowed.get(f"{section}.{key}")
+            if name is None:
+                raise ValueError(f"{path}: unknown key {section}.{key}; known: {', '.join(sorted(allowed))}")
+            fl = flag_values[name]
+            if not fl.present:  # the command line wins
+                try:
+                    fl.value = fl.parser.parse(value)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{path}: {section}.{key} = {value!r}: {e}") from None
+                applied[name] = fl.value
+    return applied
+
+
+_APPLIED: set[tuple] = set()  # (preset, FlagValues) applied (a second `read` must not apply it again)
+_LAUNCHER_KEYS: dict[str, str] = {}  # a launcher's own flags a preset may set: `section.key` -> flag name
+
+
+def preset_section(section: str, names) -> None:
+    """Let a preset's `[section]` set these launcher flags (`key` = flag name, or a dict key -> flag)."""
+    pairs = names.items() if isinstance(names, dict) else ((n, n) for n in names)
+    _LAUNCHER_KEYS.update({f"{section}.{k}": v for k, v in pairs})
+
+
+def read(*classes, flag_values=flags.FLAGS):
+    """The settings of `classes` from the flags, after applying `--config` (once per process):
+    one instance per class, in order (a single instance for a single class)."""
+    fv = flag_values
+    path = fv["config"].value if "config" in fv else None
+    if path and (path, fv) not in _APPLIED:
+        try:
+            apply_preset(path, {**preset_keys(*SETTINGS, flag_values=fv), **_LAUNCHER_KEYS}, fv)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+        _APPLIED.add((path, fv))
+    out = tuple(cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls) if (cls, f.name, fv) in _DEFINED})
+                for cls in classes)
+    return out[0] if len(out) == 1 else out

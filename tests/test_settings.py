@@ -1,0 +1,77 @@
+"""The launchers' configuration (rcllm_jax/settings.py): flags generated from the settings
+dataclasses, TOML presets under them, the command line winning, typos and bad values refused."""
+
+import dataclasses
+
+import pytest
+from absl import app, flags
+
+from rcllm_jax.settings import (SETTINGS, CatalogSettings, EngineSettings, MeshSettings, ModelSettings,
+                                ServingSettings, define_flags, read)
+
+
+def _flags(*classes, argv=(), **defaults):
+    fv = flags.FlagValues()
+    define_flags(*classes, flag_values=fv, **defaults)
+    fv(["prog", *argv])
+    return fv
+
+
+def test_every_field_is_a_flag_with_its_default():
+    fv = _flags(*SETTINGS)
+    for cls in SETTINGS:
+        got = read(cls, flag_values=fv)
+        assert got == cls()  # nothing given: the dataclass defaults
+        for f in dataclasses.fields(cls):
+            assert fv[f.name].help.endswith(f.metadata["help"])
+    assert set(fv["placement"].parser.enum_values) == {"coaccess", "similarity", "hash"}
+    assert fv["serving_step"].parser.enum_values == ["auto", "batched", "serial"]
+
+
+def test_command_line_values_are_typed_and_bounded():
+    fv = _flags(MeshSettings, EngineSettings, argv=["--mesh=items:4", "--replicate=0.25", "--norebuild_on_damage",
+                                                    "--user_cache_mb=512"])
+    layout, eng = read(MeshSettings, EngineSettings, flag_values=fv)
+    assert layout == MeshSettings(mesh="items:4", replicate=0.25)
+    assert eng.rebuild_on_damage is False and eng.user_cache_mb == 512.0
+    with pytest.raises(flags.IllegalFlagValueError, match="replicate"):
+        _flags(MeshSettings, argv=["--replicate=1.5"])
+    with pytest.raises(flags.IllegalFlagValueError, match="kv_dtype"):
+        _flags(MeshSettings, argv=["--kv_dtype=fp8"])
+
+
+def test_a_launcher_overrides_a_default_and_leaves_fields_out():
+    fv = _flags(EngineSettings, exclude=("mode",), max_candidates=100)
+    assert "mode" not in fv
+    eng = read(EngineSettings, flag_values=fv)
+    assert eng.max_candidates == 100 and eng.mode == "rcllm"  # left out: the dataclass default
+    with pytest.raises(ValueError, match="no field"):
+        define_flags(EngineSettings, flag_values=flags.FlagValues(), max_candiates=100)
+
+
+def test_preset_sets_what_the_command_line_does_not(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[mesh]\nmesh = "items:2"\nreplicate = 0\n[catalog]\nhistory_len = 9\nmax_items = 40\n'
+                      '[serving]\nmax_batch = 4\nadapt_queue_bound = true\n[model]\nhead = "label"\n')
+    fv = _flags(*SETTINGS, argv=[f"--config={preset}", "--history_len=5"])
+    model, catalog, layout, _, srv = read(*SETTINGS, flag_values=fv)
+    assert catalog == CatalogSettings(history_len=5, max_items=40)  # the command line wins
+    assert layout.mesh == "items:2" and layout.replicate == 0.0 and isinstance(layout.replicate, float)
+    assert srv == ServingSettings(max_batch=4, adapt_queue_bound=True)
+    assert model == ModelSettings(head="label")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[catalog]\nhistory_lenn = 5\n', "unknown key catalog.history_lenn"),
+    ('[mesh]\nkv_dtype = "fp8"\n', "mesh.kv_dtype = 'fp8'"),
+    ('[serving]\nport = "eighty"\n', "serving.port"),
+    ('mesh = "items:2"\n', "must be a [section]"),
+    ('[mesh\n', "p.toml"),
+])
+def test_bad_presets_are_refused_naming_the_key(tmp_path, text, message):
+    preset = tmp_path / "p.toml"
+    preset.write_text(text)
+    fv = _flags(*SETTINGS, argv=[f"--config={preset}"])
+    with pytest.raises(app.UsageError) as e:
+        read(ModelSettings, flag_values=fv)
+    assert message in str(e.value) and str(preset) in str(e.value)
