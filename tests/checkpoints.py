@@ -13,7 +13,7 @@ ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def hf_model(arch: str, *, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=160,
-             tie=False, rope=None, seed=0, sliding_window=None):
+             tie=False, rope=None, seed=0, sliding_window=None, head_dim=None):
     """A random transformers model of the given family (float32, eval mode)."""
     import torch
     import transformers as tf
@@ -26,6 +26,9 @@ def hf_model(arch: str, *, hidden=64, intermediate=96, layers=2, heads=4, kv_hea
         cfg, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
     elif arch == "qwen2":
         cfg, cls = tf.Qwen2Config(**common, use_sliding_window=False), tf.Qwen2ForCausalLM
+    elif arch == "qwen3":  # q/k RMS norms; head_dim need not be hidden / heads
+        cfg, cls = tf.Qwen3Config(**common, head_dim=head_dim or hidden // heads, use_sliding_window=False), \
+            tf.Qwen3ForCausalLM
     elif arch == "mistral":
         cfg, cls = tf.MistralConfig(**common, sliding_window=sliding_window), tf.MistralForCausalLM
     else:
@@ -93,7 +96,10 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_file_type(0)
     names = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
@@ -101,7 +107,8 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
              "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-             "self_attn.v_proj.bias": "attn_v.bias"}
+             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+             "self_attn.k_norm.weight": "attn_k_norm.weight"}
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     for k, v in sd.items():
         if k == "model.embed_tokens.weight":

@@ -439,6 +439,30 @@ def test_sliding_window_block_modes_equal_full_prefill(world):
         assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
 
 
+def test_qwen3_block_modes_equal_full_prefill(world):
+    """A Qwen3-shaped model (q/k RMS norms per head before RoPE, heads wider than hidden / heads;
+    its decoder matches transformers in test_decoder_parity): the block modes recomputing
+    everything, stitching cached item blocks re-rotated to their positions, equal its full prefill."""
+    eng0, reqs, prompts = world
+    cfg = dataclasses.replace(CFG, arch="qwen3", qk_norm=True, head_dim=32)
+    params = init_params(cfg, jax.random.key(3), scale=0.1)
+    k1, k2 = jax.random.split(jax.random.key(4))
+    layers = dict(params["layers"], q_norm=1 + 0.3 * jax.random.normal(k1, params["layers"]["q_norm"].shape),
+                  k_norm=1 + 0.3 * jax.random.normal(k2, params["layers"]["k_norm"].shape))
+    params = dict(params, layers=layers)
+    eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
+                 user_pages=128, prefix_pages=8)
+    eng.build_store()
+    for req, p in zip(reqs[:2], prompts[:2]):
+        toks = jnp.asarray(p.tokens)[None]
+        ref = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None], cfg=cfg)[0][0])
+        eng.update_user(req.user_id, p)
+        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1)):
+            got, _, _ = run(eng, p, req.user_id, policy)
+            assert rel_err(got, ref) <= 1e-5, policy
+        assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+
+
 def test_coarse_buckets_by_hand():
     from rcllm_jax.buckets import coarse_bucket, coarse_buckets
     assert [coarse_bucket(n) for n in (1, 16, 17, 32, 33, 600)] == [16, 16, 32, 32, 64, 1024]

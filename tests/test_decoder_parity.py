@@ -37,6 +37,7 @@ FAMILIES = {
     "llama_llama3rope_gqa_untied": dict(arch="llama", rope=ROPE_LLAMA3, tie=False),
     "qwen2_bias_tied": dict(arch="qwen2", tie=True, kv_heads=1),
     "mistral_mha": dict(arch="mistral", kv_heads=4),
+    "qwen3_qknorm_wide_heads": dict(arch="qwen3", head_dim=32),  # head_dim 32 != hidden 64 / 4 heads
 }
 
 
@@ -141,6 +142,32 @@ def test_gguf_qwen2_with_bias_matches_transformers(tmp_path):
     assert m.cfg.qkv_bias and m.cfg.tie_embeddings
     toks = random_tokens(m.cfg.vocab_size)
     assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
+
+
+def test_gguf_qwen3_matches_transformers(tmp_path):
+    """A Qwen3 GGUF as llama.cpp writes it (q/k norm tensors, no Q/K row permutation). head_dim 128:
+    transformers' GGUF reader ignores attention.key_length and takes Qwen3's default 128."""
+    import transformers as tf
+    model = hf_model("qwen3", hidden=256, heads=2, kv_heads=1, head_dim=128)
+    path = save_gguf(model, tmp_path / "qwen3.gguf", "Q8_0")
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    m = load_model(path, with_tokenizer=False)
+    assert m.cfg.arch == "qwen3" and m.cfg.qk_norm and m.cfg.head_dim == 128 and not m.cfg.qkv_bias
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
+
+
+def test_qwen3_export_round_trips_through_transformers(tmp_path):
+    """Our HF export of a Qwen3 model (what train.py writes as merged/) loads in transformers with
+    the same logits."""
+    import transformers as tf
+    from rcllm_jax.model.export import save_hf_dir
+    model = hf_model("qwen3", head_dim=32)
+    m = load_model(save_hf(model, tmp_path / "src"), with_tokenizer=False)
+    save_hf_dir(tmp_path / "out", m.params, m.cfg)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(hf_logits(back, toks), hf_logits(model, toks)) <= TOL
 
 
 def test_bfloat16_close_to_float32_reference(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,6 +44,7 @@ class ModelConfig:
     max_position: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMS norm over each head's query and key (weights [H]) before RoPE
     sliding_window: int | None = None
     dtype: str = "float32"
 
@@ -99,7 +100,7 @@ class ModelConfig:
         n = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
         window = c.get("sliding_window")
-        if model_type == "qwen2" and not c.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
             window = None
         return cls(
             arch=model_type,
@@ -116,6 +117,7 @@ class ModelConfig:
             max_position=int(c.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
             qkv_bias=(model_type == "qwen2") or bool(c.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
             sliding_window=int(window) if window else None,
             dtype=dtype,
         )

@@ -157,8 +157,10 @@ def qkv(cfg: ModelConfig, inv, x, p, positions):
     q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
     if cfg.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv)
-    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv)
+    q, k = q.reshape(b, t, cfg.num_heads, cfg.head_dim), k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # per head, before RoPE (Qwen3)
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_eps), rms_norm(k, p["k_norm"], cfg.rms_eps)
+    q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
     return q, k, v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
 
 
@@ -264,6 +266,8 @@ def init_params(cfg: ModelConfig, key, scale: float = 0.02) -> Params:
     layers = {n: (scale * jax.random.normal(kk, s)).astype(dt) for kk, (n, s) in zip(keys, shapes.items())}
     layers["attn_norm"] = jnp.ones((l, d), dt)
     layers["mlp_norm"] = jnp.ones((l, d), dt)
+    if cfg.qk_norm:
+        layers["q_norm"] = layers["k_norm"] = jnp.ones((l, cfg.head_dim), dt)
     params = {"embed": (scale * jax.random.normal(keys[-1], (cfg.vocab_size, d))).astype(dt),
               "layers": layers, "final_norm": jnp.ones((d,), dt)}
     if not cfg.tie_embeddings:
@@ -278,6 +282,8 @@ def params_from_numpy(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> Param
     names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
     if cfg.qkv_bias:
         names += ["bq", "bk", "bv"]
+    if cfg.qk_norm:
+        names += ["q_norm", "k_norm"]
     layers = {}
     for n in names:
         missing = [i for i in range(cfg.num_layers) if f"layers.{i}.{n}" not in tensors]

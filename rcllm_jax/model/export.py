@@ -19,8 +19,10 @@ _HF_NAMES = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weig
              "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight",
              "mlp_norm": "post_attention_layernorm.weight", "w_gate": "mlp.gate_proj.weight",
              "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "bq": "self_attn.q_proj.bias",
-             "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
-_ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+             "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
+             "k_norm": "self_attn.k_norm.weight"}
+_ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -39,11 +41,11 @@ def hf_config(cfg: ModelConfig) -> dict:
         if rs.rope_type == "llama3":
             c["rope_scaling"].update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
                                      original_max_position_embeddings=rs.original_max_position)
-    if cfg.arch == "llama":
+    if cfg.arch in ("llama", "qwen3"):
         c["attention_bias"] = cfg.qkv_bias
     if cfg.sliding_window is not None:
         c["sliding_window"] = cfg.sliding_window
-        if cfg.arch == "qwen2":
+        if cfg.arch in ("qwen2", "qwen3"):
             c["use_sliding_window"] = True
     return c
 

@@ -65,6 +65,7 @@ _GGUF_LAYER_NAMES = {
     "attn_v.weight": "wv", "attn_output.weight": "wo", "ffn_norm.weight": "mlp_norm",
     "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
 }
 
 
@@ -75,14 +76,18 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_GGUF_PERMUTED = ("llama", "mistral")  # llama.cpp permutes these families' Q/K rows (interleaved RoPE pairs)
+
+
 def _gguf_config(reader, dtype: str, rope_freqs: np.ndarray | None) -> ModelConfig:
     def get(key, default=None):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
     arch = get("general.architecture")
-    if arch not in ("llama", "qwen2", "mistral"):
-        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: llama, mistral, qwen2")
+    if arch not in _GGUF_ARCHS:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
     n = int(get(f"{arch}.attention.head_count"))
     d = int(get(f"{arch}.embedding_length"))
     head_dim = int(get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", d // n)))
@@ -108,7 +113,7 @@ def _gguf_config(reader, dtype: str, rope_freqs: np.ndarray | None) -> ModelConf
         rope_freq_factors=None if rope_freqs is None else tuple(float(x) for x in rope_freqs),
         max_position=int(get(f"{arch}.context_length", 4096)),
         tie_embeddings=False,  # decided below from the presence of output.weight
-        qkv_bias=False, sliding_window=int(window) if window else None, dtype=dtype)
+        qkv_bias=False, qk_norm=arch == "qwen3", sliding_window=int(window) if window else None, dtype=dtype)
 
 
 def _dequantize(t) -> np.ndarray:
@@ -140,7 +145,7 @@ def load_gguf(reader, dtype: str = "float32") -> tuple[ModelConfig, Params]:
             if rest not in _GGUF_LAYER_NAMES:
                 raise UnsupportedModelError(f"unexpected GGUF tensor {name!r} for architecture {cfg.arch}")
             ours = _GGUF_LAYER_NAMES[rest]
-            if cfg.arch != "qwen2" and ours in ("wq", "bq", "wk", "bk"):
+            if cfg.arch in _GGUF_PERMUTED and ours in ("wq", "bq", "wk", "bk"):
                 w = _unpermute_rope_rows(w, cfg.num_heads if ours in ("wq", "bq") else cfg.num_kv_heads)
             tensors[f"layers.{idx}.{ours}"] = w.T if w.ndim == 2 else w
         else:
@@ -159,6 +164,7 @@ _HF_LAYER_NAMES = {
     "self_attn.o_proj.weight": "wo", "post_attention_layernorm.weight": "mlp_norm",
     "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up", "mlp.down_proj.weight": "w_down",
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
 }
 
 
