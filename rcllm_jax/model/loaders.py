@@ -28,8 +28,9 @@ class LoadedModel:
 def load_model(path: str | Path | None = None, dtype: str = "float32", with_tokenizer: bool = True,
                adapter: str | Path | None = None) -> LoadedModel:
     """Load a GGUF file or a HF model directory; None means the default model (fetched on first use).
-    adapter: a LoRA adapter directory (launch/train.py) merged into the weights; refused unless it
-    was trained on exactly these weights."""
+    adapter: a LoRA adapter directory merged into the weights: a Hugging Face PEFT adapter
+    (`peft_adapter`), or one of launch/train.py's, refused unless it was trained on exactly these
+    weights."""
     t0 = time.perf_counter()
     if path is None:
         from rcllm_jax.downloads import default_model_path
@@ -49,9 +50,13 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", with_toke
         raise ValueError(f"{path}: expected a .gguf file or a HF model directory")
     source = str(path)
     if adapter is not None:
-        from rcllm_jax.cache.keys import model_fingerprint
-        from rcllm_jax.model.lora import apply_adapter
-        params = apply_adapter(params, cfg, adapter, model_fingerprint(params, cfg))
+        from rcllm_jax.model.peft_adapter import is_peft_adapter, merge_peft_adapter
+        if is_peft_adapter(adapter):  # a Hugging Face PEFT LoRA (adapter_model.safetensors)
+            params = merge_peft_adapter(params, cfg, adapter)
+        else:  # this project's own (launch/train.py), bound to the base weights' fingerprint
+            from rcllm_jax.cache.keys import model_fingerprint
+            from rcllm_jax.model.lora import apply_adapter
+            params = apply_adapter(params, cfg, adapter, model_fingerprint(params, cfg))
         source = f"{path} + adapter {adapter}"
     dt = time.perf_counter() - t0
     logging.info("loaded %s (%s, %d layers, %s) in %.2fs", path, cfg.arch, cfg.num_layers, dtype, dt)
