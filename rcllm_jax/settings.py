@@ -3,12 +3,12 @@
 Each concern is a frozen dataclass whose fields carry their help text (and choices / bounds):
 `ModelSettings` (weights, adapter, head), `CatalogSettings` (items and histories, prompt length),
 `MeshSettings` (devices, item placement, cache dtype, multi-host), `EngineSettings` (prefill mode,
-cache budgets, snapshot) and `ServingSettings` (HTTP, admission, warm-up). A launcher calls
+cache budgets, snapshot), `ServingSettings` (HTTP, admission, warm-up) and `BenchSettings` (the
+ranking benchmark's workload). A launcher calls
 `define_flags(ModelSettings, ...)` at import (one absl flag per field, named after it, plus
 `--config`), and `read(ModelSettings, ...)` in `main`: the `--config` TOML preset is applied first
-(`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]` sections, keys = field names), flags given
-on the command line win over it, and the settings come back typed. A launcher's own flags join a
-preset through `preset_section`. The library takes the dataclasses
+(`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]`, `[bench]` sections, keys = field names), flags given
+on the command line win over it, and the settings come back typed. The library takes the dataclasses
 (`recommender.open_served(model=ModelSettings(...), ...)`), so a program sets the same fields a
 command line does. Importing this module starts no JAX backend (`--mesh` may still have to set
 the device count).
@@ -24,6 +24,7 @@ from typing import Any
 
 from absl import app, flags
 
+from rcllm_jax.data.movielens import NEGATIVES
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN
 from rcllm_jax.parallel.placement import PLACEMENTS
 from rcllm_jax.serve.scheduler import SCHEDULERS, SERVING_STEPS
@@ -147,7 +148,68 @@ class ServingSettings:
                                "warm-up (the service time that sizes --max_queue; the baselines' warm-up).")
 
 
-SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings)
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The ranking benchmark's workload and rows (`rcllm_jax.eval.ranking_bench`, launch/bench.py)."""
+    SECTION: typing.ClassVar[str] = "bench"
+    modes: tuple[str, ...] = _opt(("full",), "Prefill modes: full, prefix, prefix_warm (prefix caching with the "
+                                  "user's instruction + history pages computed at event time), stitch, sink, "
+                                  "deviation, rcllm.")
+    num_users: int = _opt(100, "Users in the stream.")
+    requests: str | None = _opt(None, "Replay a request log instead of MovieLens test requests: JSON lines "
+                                "{user_id, history, candidates[, target][, arrival_s]} (README); accuracy over the "
+                                "lines with a target, open-loop response times from arrival_s.")
+    requests_per_user: int = _opt(1, "Requests per user (histories grow between them).")
+    num_candidates: int = _opt(20, "Candidates per request (held-out item + negatives, or the retriever's top-K).")
+    candidates: str = _opt("sampled", "sampled: the target + --negatives; retrieved: an item-kNN retriever's top-K "
+                           "from the whole catalog (the target may be missing: a miss), evaluated the LlamaRec way.",
+                           choices=("sampled", "retrieved"))
+    rank_retrieved_only: bool = _opt(False, "With --candidates=retrieved: run the modes only on the requests whose "
+                                     "target was retrieved. The others are misses whatever the model does, so the "
+                                     "all-user metrics are unchanged; TTFT and fidelity then describe those requests "
+                                     "only (for accuracy runs over many users).")
+    candidate_order: str = _opt("shuffled", "Prompt order of retrieved candidates: seeded shuffle or the "
+                                "retriever's order.", choices=("shuffled", "retriever"))
+    negatives: str = _opt("uniform", "Negative sampling (retrieval: genre-matched, like a retrieval stage).",
+                          choices=tuple(NEGATIVES))
+    stage: str = _opt("test", "Leave-one-out target (1 request/user).", choices=("test", "valid"))
+    test_positions: str | None = _opt(None, "Evaluate the targets held back at these positions from the end of each "
+                                      "sequence ('1-3' or '1,2'; 1 = the last item) instead of --stage: one request "
+                                      "per user and position, candidates from a retriever fitted strictly before "
+                                      "that position (retrieval.fit_before), intervals resampling users. A head "
+                                      "must have been validated above them (its card's validation_position).")
+    seed: int = _opt(0, "Seed of user order, negatives and tie-breaking.")
+    canonical: str | None = _opt(None, "Context item blocks are encoded after: the instruction + the glue before a "
+                                 "first candidate, or the instruction alone (default: the engine's, candidate).",
+                                 choices=("candidate", "instruction"))
+    sink: int | None = _opt(None, "Override: first tokens of each block recomputed (sink, rcllm).", flag_type=int)
+    ratio: float | None = _opt(None, "Override: deviation recompute ratio (deviation, rcllm).", flag_type=float)
+    check_layer: int | None = _opt(None, "Override: deviation check layer.", flag_type=int)
+    cached_glue: bool = _opt(False, "Block modes serve label/question glue from the block store.")
+    sweep: tuple[str, ...] = _opt((), "Extra rows blend@r: sink (--sink, default 2) + deviation at ratio r (check "
+                                  "layer --check_layer, default 1), glue as --cached_glue says.")
+    prefix_cache_pages: int = _opt(4096, "Prefix-cache budget in 16-token pages.")
+    user_cache_pages: int = _opt(2048, "User-store budget in 16-token pages.")
+    attention_impl: str = _opt("auto", "Kernels of the block modes: Pallas where they compile (auto), always "
+                               "(pallas; interpreted on CPU), or the XLA reference.", choices=("auto", "pallas", "xla"))
+    compare_impl: bool = _opt(False, "Also run every block mode through the other kernel implementation (rows "
+                              "'mode@pallas' / 'mode@xla'): kernel vs XLA path in one run.")
+    warmup: bool = _opt(True, "Run each mode's stream once before timing it (compiles every shape). --nowarmup "
+                        "halves an accuracy run; TTFT then includes compiles (compiles_during_timing says how many).")
+    snapshot_dir: str | None = _opt(None, "Restore the item store from this snapshot (launch/build_cache.py) instead "
+                                    "of building it; blocks it lacks are built.")
+    peers: tuple[str, ...] = _opt(("transformers",), "External peers in the same run: transformers (rows hf_full, "
+                                  "hf_prefix: same weights and prompts on CPU torch); --peers= for none.")
+    scheduler: str = _opt("affinity", "Which items-shard serves a block-mode request on a mesh: the one holding most "
+                          "of its item bytes, or request i -> i mod N.", choices=tuple(SCHEDULERS))
+    arrival_rate: float = _opt(0.0, "Open-loop arrivals (requests/s, Poisson, seeded): rows add response_p50/p99_s = "
+                               "queueing + history update + TTFT of one engine serving the stream in arrival order "
+                               "(simulated from the measured service times). 0: back to back.")
+    plots_dir: str | None = _opt(None, "Where the PNG plots go (default: <output_json without .json>_plots).")
+    output_json: str = _opt("bench_out/bench.json", "Where to write the JSON.")
+
+
+SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings, BenchSettings)
 
 
 def _types(cls) -> dict[str, Any]:
@@ -171,8 +233,8 @@ def define_flags(*classes, exclude: tuple[str, ...] = (), flag_values=flags.FLAG
         raise ValueError(f"defaults for no field: {sorted(unknown)}")
     fv = flag_values
     if "config" not in fv:
-        flags.DEFINE_string("config", None, "TOML preset: [model], [catalog], [mesh], [engine], [serving] sections "
-                            "(keys = flag names); flags given on the command line win.",
+        flags.DEFINE_string("config", None, "TOML preset: [model], [catalog], [mesh], [engine], [serving], [bench] "
+                            "sections (keys = flag names); flags given on the command line win.",
                             flag_values=fv)
     for cls in classes:
         hints = _types(cls)
@@ -184,6 +246,8 @@ def define_flags(*classes, exclude: tuple[str, ...] = (), flag_values=flags.FLAG
             kind = m["flag_type"] or _base_type(hints[f.name])
             if m["choices"]:
                 flags.DEFINE_enum(f.name, default, list(m["choices"]), m["help"], flag_values=fv)
+            elif typing.get_origin(hints[f.name]) is tuple:
+                flags.DEFINE_list(f.name, list(default), m["help"], flag_values=fv)
             elif kind is bool:
                 flags.DEFINE_bool(f.name, default, m["help"], flag_values=fv)
             elif kind is int:
@@ -231,16 +295,11 @@ def apply_preset(path: str | Path, allowed: dict[str, str], flag_values=flags.FL
     return applied
 
 
+def _typed(value):
+    return tuple(value) if isinstance(value, list) else value  # list flags -> the dataclasses' tuples
+
+
 _APPLIED: set[tuple] = set()  # (preset, FlagValues) applied (a second `read` must not apply it again)
-_LAUNCHER_KEYS: dict[str, str] = {}  # a launcher's own flags a preset may set: `section.key` -> flag name
-
-
-def preset_section(section: str, names) -> None:
-    """Let a preset's `[section]` set these launcher flags (`key` = flag name, or a dict key -> flag)."""
-    pairs = names.items() if isinstance(names, dict) else ((n, n) for n in names)
-    _LAUNCHER_KEYS.update({f"{section}.{k}": v for k, v in pairs})
-
-
 def read(*classes, flag_values=flags.FLAGS):
     """The settings of `classes` from the flags, after applying `--config` (once per process):
     one instance per class, in order (a single instance for a single class)."""
@@ -248,10 +307,10 @@ def read(*classes, flag_values=flags.FLAGS):
     path = fv["config"].value if "config" in fv else None
     if path and (path, fv) not in _APPLIED:
         try:
-            apply_preset(path, {**preset_keys(*SETTINGS, flag_values=fv), **_LAUNCHER_KEYS}, fv)
+            apply_preset(path, preset_keys(*SETTINGS, flag_values=fv), fv)
         except ValueError as e:
             raise app.UsageError(str(e)) from None
         _APPLIED.add((path, fv))
-    out = tuple(cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls) if (cls, f.name, fv) in _DEFINED})
-                for cls in classes)
+    out = tuple(cls(**{f.name: _typed(fv[f.name].value) for f in dataclasses.fields(cls)
+                       if (cls, f.name, fv) in _DEFINED}) for cls in classes)
     return out[0] if len(out) == 1 else out

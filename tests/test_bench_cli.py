@@ -71,10 +71,10 @@ def test_unknown_mode_is_a_usage_error(tmp_path):
 
 def test_unknown_toml_key_is_refused(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("[workload]\nnum_userz = 3\n")
+    cfg.write_text("[bench]\nnum_userz = 3\n")
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--config={cfg}"],
                        capture_output=True, text=True, timeout=900)
-    assert r.returncode != 0 and "unknown key workload.num_userz" in r.stderr
+    assert r.returncode != 0 and "unknown key bench.num_userz" in r.stderr
 
 
 def test_replay_a_request_log_with_prefix_warm(tmp_path):

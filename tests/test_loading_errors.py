@@ -96,3 +96,17 @@ def test_tampered_asset_is_refused_and_cache_left_alone(tmp_path, monkeypatch):
     with pytest.raises(downloads.AssetError, match="sha256"):
         downloads.download(bad)
     assert not (tmp_path / "tampered").exists()
+
+
+def test_model_identity_text_keeps_shipped_fingerprints():
+    """The text the model fingerprint hashes is the configuration as it was written before
+    `qk_norm` existed (the shipped head and every saved cache are bound to it), written out by
+    hand here; a Qwen3 configuration names its q/k norms."""
+    cfg = ModelConfig(arch="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=4)
+    assert cfg.identity_text() == (
+        "ModelConfig(arch='llama', vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, "
+        "num_kv_heads=1, head_dim=4, rms_eps=1e-05, rope_theta=10000.0, rope_scaling=RopeScaling(rope_type='default', "
+        "factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192), rope_freq_factors=None, "
+        "max_position=4096, tie_embeddings=False, qkv_bias=False, sliding_window=None, dtype='float32')")
+    assert "qk_norm=True" in cfg.replace(arch="qwen3", qk_norm=True).identity_text()

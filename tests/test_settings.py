@@ -6,8 +6,11 @@ import dataclasses
 import pytest
 from absl import app, flags
 
-from rcllm_jax.settings import (SETTINGS, CatalogSettings, EngineSettings, MeshSettings, ModelSettings,
+from rcllm_jax.settings import (BenchSettings, CatalogSettings, EngineSettings, MeshSettings, ModelSettings,
                                 ServingSettings, define_flags, read)
+
+SERVED = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings)  # serve.py's
+BENCH = (BenchSettings, ModelSettings, CatalogSettings, MeshSettings)  # bench.py's (its own cache budgets)
 
 
 def _flags(*classes, argv=(), **defaults):
@@ -17,13 +20,17 @@ def _flags(*classes, argv=(), **defaults):
     return fv
 
 
-def test_every_field_is_a_flag_with_its_default():
-    fv = _flags(*SETTINGS)
-    for cls in SETTINGS:
+@pytest.mark.parametrize("group", [SERVED, BENCH])
+def test_every_field_is_a_flag_with_its_default(group):
+    fv = _flags(*group)
+    for cls in group:
         got = read(cls, flag_values=fv)
         assert got == cls()  # nothing given: the dataclass defaults
         for f in dataclasses.fields(cls):
             assert fv[f.name].help.endswith(f.metadata["help"])
+    if BenchSettings in group:
+        assert fv["modes"].value == ["full"] and read(BenchSettings, flag_values=fv).modes == ("full",)
+        return
     assert set(fv["placement"].parser.enum_values) == {"coaccess", "similarity", "hash"}
     assert fv["serving_step"].parser.enum_values == ["auto", "batched", "serial"]
 
@@ -53,8 +60,8 @@ def test_preset_sets_what_the_command_line_does_not(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('[mesh]\nmesh = "items:2"\nreplicate = 0\n[catalog]\nhistory_len = 9\nmax_items = 40\n'
                       '[serving]\nmax_batch = 4\nadapt_queue_bound = true\n[model]\nhead = "label"\n')
-    fv = _flags(*SETTINGS, argv=[f"--config={preset}", "--history_len=5"])
-    model, catalog, layout, _, srv = read(*SETTINGS, flag_values=fv)
+    fv = _flags(*SERVED, argv=[f"--config={preset}", "--history_len=5"])
+    model, catalog, layout, _, srv = read(*SERVED, flag_values=fv)
     assert catalog == CatalogSettings(history_len=5, max_items=40)  # the command line wins
     assert layout.mesh == "items:2" and layout.replicate == 0.0 and isinstance(layout.replicate, float)
     assert srv == ServingSettings(max_batch=4, adapt_queue_bound=True)
@@ -71,7 +78,15 @@ def test_preset_sets_what_the_command_line_does_not(tmp_path):
 def test_bad_presets_are_refused_naming_the_key(tmp_path, text, message):
     preset = tmp_path / "p.toml"
     preset.write_text(text)
-    fv = _flags(*SETTINGS, argv=[f"--config={preset}"])
+    fv = _flags(*SERVED, argv=[f"--config={preset}"])
     with pytest.raises(app.UsageError) as e:
         read(ModelSettings, flag_values=fv)
     assert message in str(e.value) and str(preset) in str(e.value)
+
+
+def test_bench_preset_sets_list_flags(tmp_path):
+    preset = tmp_path / "b.toml"
+    preset.write_text('[bench]\nmodes = ["full", "rcllm"]\nsweep = ["0.3"]\nnum_users = 7\n')
+    fv = _flags(*BENCH, argv=[f"--config={preset}", "--num_candidates=9"])
+    bench = read(BenchSettings, flag_values=fv)
+    assert bench == BenchSettings(modes=("full", "rcllm"), sweep=("0.3",), num_users=7, num_candidates=9)

@@ -10,7 +10,7 @@ import numpy as np
 
 def model_fingerprint(params, cfg) -> str:
     """Digest of the configuration and every parameter byte: caches of other weights never match."""
-    h = hashlib.blake2b(repr(cfg).encode(), digest_size=16)
+    h = hashlib.blake2b(cfg.identity_text().encode(), digest_size=16)
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda t: str(t[0])):
         h.update(str(path).encode())
         h.update(np.asarray(leaf).tobytes())

@@ -9,6 +9,10 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# ModelConfig fields added after the first fingerprints were shipped (`identity_text`)
+_LATER_FIELDS = ("qk_norm",)
+
+
 class UnsupportedModelError(ValueError):
     """A checkpoint whose architecture, tensor type or option this engine does not implement."""
 
@@ -73,6 +77,14 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    def identity_text(self) -> str:
+        """The configuration as the model fingerprint hashes it: the dataclass repr, with fields
+        added after fingerprints were first shipped left out while at their defaults, so a model's
+        fingerprint (and the heads, adapters and caches bound to it) does not change with the code."""
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if not (f.name in _LATER_FIELDS and getattr(self, f.name) == f.default)]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     @classmethod
     def from_hf_config(cls, c: Mapping[str, Any], dtype: str = "float32") -> "ModelConfig":

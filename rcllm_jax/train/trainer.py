@@ -62,7 +62,7 @@ class TrainConfig:
 
 def _identity(cfg: TrainConfig, model_cfg: ModelConfig, fingerprint: str) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    return {"format": CHECKPOINT_FORMAT, "base_fingerprint": fingerprint, "model": repr(model_cfg),
+    return {"format": CHECKPOINT_FORMAT, "base_fingerprint": fingerprint, "model": model_cfg.identity_text(),
             "train": dataclasses.asdict(cfg)}
 
 
