@@ -38,58 +38,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from rcllm_jax.settings import ModelSettings, TrainSettings, define_flags, read  # noqa: E402
+
 _ROOT = Path(__file__).resolve().parents[1]
-_CONFIG = flags.DEFINE_string("config", str(_ROOT / "configs" / "train_cpu.toml"), "TOML preset (flags override).")
-_OUT = flags.DEFINE_string("output_dir", "runs/ranker", "Where prefixes, states, checkpoints, heads and the log go.")
-_MODEL = flags.DEFINE_string("model", None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct).")
-_POS = flags.DEFINE_list("positions", ["4", "3"], "Stage 1: held-back positions from the end of each sequence "
-                         "(each > --validation_position).")
-_VAL_POS = flags.DEFINE_integer("validation_position", 2, "Held-back position of the validation targets (2: the "
-                                "leave-one-out one); the positions below it are the test positions (bench.py "
-                                "--test_positions), those above it the training ones.")
-_CANDS = flags.DEFINE_integer("num_candidates", 20, "Retrieved candidates per prompt.")
-_HIST = flags.DEFINE_integer("history_len", 20, "History items in the prompt.")
-_ORDER = flags.DEFINE_enum("candidate_order", "retriever", ["retriever", "shuffled"],
-                           "Prompt order of the candidates (the head's position feature reads it).")
-_COLLAB = flags.DEFINE_bool("collaborative", True, "Stage 0: the head adds to a collaborative scorer over the "
-                            "retriever's features (kNN and follow scores), fitted first.")
-_COLLAB_POS = flags.DEFINE_string("collaborative_positions", "3-20", "Stage 0: held-back positions (a range "
-                                  "'a-b' or a list) of the collaborative scorer's examples (no model pass needed).")
-_L2 = flags.DEFINE_list("l2", ["1e-2", "1e-1", "1", "10"], "Stage 1: L2 strengths of the head (best validation wins).")
-_HEAD_STEPS = flags.DEFINE_integer("head_steps", 300, "Stage 1: full-batch Adam steps per L2 strength.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Stage 2: optimizer steps of head + query adapter (0: none, the CPU default).")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Stage 2: examples per step (gradients accumulated).")
-_LR = flags.DEFINE_float("lr", 1e-3, "Stage 2: peak learning rate (AdamW, warm-up, cosine decay to 10%).")
-_WARMUP = flags.DEFINE_integer("warmup", 20, "Stage 2: warm-up steps.")
-_RANK = flags.DEFINE_integer("lora_rank", 8, "Query adapter: LoRA rank.")
-_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "Query adapter: LoRA alpha (scale = alpha / rank).")
-_TARGETS = flags.DEFINE_list("lora_targets", ["wq", "wk", "wv", "wo"], "Query adapter: adapted projections.")
-_FIRST = flags.DEFINE_integer("first_layer", 0, "Query adapter: layers first_layer.. carry it (the gradient "
-                              "runs through those only).")
-_VAL_N = flags.DEFINE_integer("val_examples", 0, "Validation examples used (0 = every retrieved one).")
-_VAL_EVERY = flags.DEFINE_integer("val_every", 40, "Stage 2: steps between validation runs.")
-_CKPT = flags.DEFINE_integer("checkpoint_every", 25, "Stage 2: steps between Orbax checkpoints.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order and the adapter's initialisation.")
-_MAX_USERS = flags.DEFINE_integer("max_users", 0, "Use only the first N users (0 = all; smoke tests).")
-
-_TOML = {"train.positions": "positions", "train.validation_position": "validation_position",
-         "train.collaborative": "collaborative",
-         "train.collaborative_positions": "collaborative_positions", "train.num_candidates": "num_candidates", "train.history_len": "history_len",
-         "train.l2": "l2", "train.head_steps": "head_steps", "train.steps": "steps", "train.batch_size": "batch_size",
-         "train.lr": "lr", "train.warmup": "warmup", "train.lora_rank": "lora_rank", "train.lora_alpha": "lora_alpha",
-         "train.lora_targets": "lora_targets", "train.first_layer": "first_layer", "train.val_examples": "val_examples",
-         "train.val_every": "val_every", "train.checkpoint_every": "checkpoint_every"}
+define_flags(TrainSettings)
+define_flags(ModelSettings, exclude=("adapter", "dtype", "head", "ranking_head"))  # --model: the base
+flags.FLAGS.set_default("config", str(_ROOT / "configs" / "train_cpu.toml"))
 
 
-def _key(fingerprint, examples) -> str:
+def _key(t: TrainSettings, fingerprint, examples) -> str:
     h = hashlib.blake2b(fingerprint.encode(), digest_size=16)
-    h.update(f"{_HIST.value}|{_ORDER.value}".encode())
+    h.update(f"{t.history_len}|{t.candidate_order}".encode())
     for e in examples:
         h.update(repr((e.user, e.history, e.candidates)).encode())
     return h.hexdigest()
 
 
-def _positions(spec: str, flag: str = "collaborative_positions") -> tuple[int, ...]:
+def _positions(t: TrainSettings, spec: str, flag: str = "collaborative_positions") -> tuple[int, ...]:
     """'3-20' or '3,4,5' -> positions, largest first; all above the validation position."""
     try:
         if "-" in spec:
@@ -99,25 +64,26 @@ def _positions(spec: str, flag: str = "collaborative_positions") -> tuple[int, .
             out = [int(x) for x in spec.split(",")]
     except ValueError:
         raise app.UsageError(f"--{flag}: expected 'a-b' or a comma list, got {spec!r}") from None
-    v = _VAL_POS.value
+    v = t.validation_position
     if not out or min(out) <= v:
         raise app.UsageError(f"--{flag} must be > {v} ({v} is the validation position"
                              f"{f', 1-{v - 1} the test ones' if v > 1 else ''}), got {spec!r}")
     return tuple(sorted(out, reverse=True))
 
 
-def _examples(split):
+def _examples(t: TrainSettings, split):
     """(training examples, their stats, validation examples, validation requests, positions)."""
     from rcllm_jax.train import head_fit as sh
-    if _VAL_POS.value < 1:
-        raise app.UsageError(f"--validation_position must be >= 1, got {_VAL_POS.value}")
-    positions = _positions(",".join(_POS.value), "positions")
-    train, train_stats = sh.training_examples(split, positions=positions, num_candidates=_CANDS.value,
-                                              order=_ORDER.value)
-    val, val_requests = sh.validation_examples(split, position=_VAL_POS.value, num_candidates=_CANDS.value,
-                                               order=_ORDER.value)
-    if _VAL_N.value:
-        val = val[:_VAL_N.value]
+    if t.validation_position < 1:
+        raise app.UsageError(f"--validation_position must be >= 1, got {t.validation_position}")
+    positions = _positions(t, ",".join(t.positions), "positions")
+    train, train_stats = sh.training_examples(split, positions=positions, num_candidates=t.num_candidates,
+                                              order=t.candidate_order)
+    val, val_requests = sh.validation_examples(split, position=t.validation_position,
+                                               num_candidates=t.num_candidates,
+                                               order=t.candidate_order)
+    if t.val_examples:
+        val = val[:t.val_examples]
     if not train or not val:
         raise app.UsageError(f"{len(train)} training and {len(val)} validation examples have their target among "
                              "the retrieved candidates: use more users (--max_users) or candidates")
@@ -126,20 +92,20 @@ def _examples(split):
     return train, train_stats, val, val_requests, positions
 
 
-def _stage0(split, val):
+def _stage0(t: TrainSettings, split, val):
     """Stage 0: the collaborative scorer on the retriever's features (no model pass); (scorer, log)
     or (None, None) without --collaborative."""
     import numpy as np
     from rcllm_jax.train import head_fit as sh
-    if not _COLLAB.value:
+    if not t.collaborative:
         return None, None
-    c_train, c_stats = sh.training_examples(split, positions=_positions(_COLLAB_POS.value),
-                                            num_candidates=_CANDS.value, order=_ORDER.value)
+    c_train, c_stats = sh.training_examples(split, positions=_positions(t, t.collaborative_positions),
+                                            num_candidates=t.num_candidates, order=t.candidate_order)
     collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
                                            np.asarray([e.target_index for e in c_train]),
                                            val=(np.stack([e.side for e in val]),
                                                 np.asarray([e.target_index for e in val])))
-    log = {"examples": len(c_train), "positions": _COLLAB_POS.value, "stats": c_stats,
+    log = {"examples": len(c_train), "positions": t.collaborative_positions, "stats": c_stats,
            "position_weight": collab.position, "side_weights": collab.side.tolist(),
            "val_ndcg@10": c_curve[-1]["val_ndcg@10"], "curve": c_curve}
     logging.info("stage 0: collaborative scorer on %d examples: validation NDCG@10 %.4f", len(c_train),
@@ -147,7 +113,7 @@ def _stage0(split, val):
     return collab, log
 
 
-def _stage1(engine, builder, train, val, cfg, prefixes, out: Path, collab):
+def _stage1(t: TrainSettings, engine, builder, train, val, cfg, prefixes, out: Path, collab):
     """Stage 1: the head over the base model's slot states (collected once, resumable), one fit
     per --l2. Returns (the fits, the best on validation, the seconds collecting took, the
     validation examples' states)."""
@@ -159,7 +125,7 @@ def _stage1(engine, builder, train, val, cfg, prefixes, out: Path, collab):
     t1 = time.perf_counter()
     collected = {}
     for name, examples in (("train", train), ("val", val)):
-        path, key = out / f"states_{name}.npz", _key(engine.fingerprint, examples)
+        path, key = out / f"states_{name}.npz", _key(t, engine.fingerprint, examples)
         states = sh.load_states(path, key) or []
         with tqdm(total=len(examples), initial=len(states), desc=f"stage 1: {name} slot states") as bar:
             for i in range(len(states), len(examples), 50):
@@ -170,8 +136,8 @@ def _stage1(engine, builder, train, val, cfg, prefixes, out: Path, collab):
                            np.stack([e.side for e in examples]))
     stage1_s = time.perf_counter() - t1
     runs = []
-    for l2 in (float(x) for x in _L2.value):
-        theta, bias, side_w, curve = sh.fit_head(*collected["train"], base=collab, l2=l2, steps=_HEAD_STEPS.value,
+    for l2 in (float(x) for x in t.l2):
+        theta, bias, side_w, curve = sh.fit_head(*collected["train"], base=collab, l2=l2, steps=t.head_steps,
                                                  val=collected["val"])
         runs.append({"l2": l2, "theta": theta, "bias": bias, "side_weights": side_w, "curve": curve,
                      "val_ndcg@10": curve[-1]["val_ndcg@10"]})
@@ -179,7 +145,8 @@ def _stage1(engine, builder, train, val, cfg, prefixes, out: Path, collab):
     return runs, max(runs, key=lambda r: r["val_ndcg@10"]), stage1_s, collected["val"]
 
 
-def _card(engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log) -> dict:
+def _card(t: TrainSettings, engine, model, positions, train, val, val_requests, retr, rand, collab,
+          collab_log) -> dict:
     """The head's card: what it was trained on and how it compares on validation."""
     from rcllm_jax.downloads import portable_path
     from rcllm_jax.engine.selective_recompute import BLOCK_MODES
@@ -188,28 +155,28 @@ def _card(engine, model, positions, train, val, val_requests, retr, rand, collab
             "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
                     f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
                     f"with an item-kNN retriever fitted strictly before it; validation: the targets at position "
-                    f"{_VAL_POS.value}, likewise; test positions 1-{_VAL_POS.value - 1} never used.",
+                    f"{t.validation_position}, likewise; test positions 1-{t.validation_position - 1} never used.",
             "mode": "rcllm", "policy": dataclasses.asdict(BLOCK_MODES["rcllm"]),
-            "history_len": _HIST.value, "num_candidates": _CANDS.value, "candidate_order": _ORDER.value,
-            "positions": list(positions), "validation_position": _VAL_POS.value,
+            "history_len": t.history_len, "num_candidates": t.num_candidates, "candidate_order": t.candidate_order,
+            "positions": list(positions), "validation_position": t.validation_position,
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
     if collab is not None:
         from rcllm_jax.retrieval import CANDIDATE_FEATURES
         card.update(collaborative={"features": list(CANDIDATE_FEATURES), "position_weight": collab.position,
                                    "side_weights": collab.side.tolist(), "examples": collab_log["examples"],
-                                   "positions": _COLLAB_POS.value})
+                                   "positions": t.collaborative_positions})
         card["val_collaborative_ndcg@10_within_retrieved"] = collab_log["val_ndcg@10"]
     return card
 
 
-def _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out: Path) -> dict:
+def _stage2(t: TrainSettings, engine, builder, train, val, cfg, head, card, best, prefixes, out: Path) -> dict:
     """Stage 2: head + query adapter trained on the serving path (resumed from its checkpoints);
     saves the ranker; returns its log."""
     from rcllm_jax.train import ranker as rk
     cfg = dataclasses.replace(cfg, l2=best["l2"])
     trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
-                               data_key=_key(engine.fingerprint, train), prefixes=prefixes)
+                               data_key=_key(t, engine.fingerprint, train), prefixes=prefixes)
     curve_path = out / "curve.jsonl"
     if trainer.step == 0:
         curve_path.write_text(json.dumps({"step": 0, "val_ndcg@10": best["val_ndcg@10"], "wall_s": 0.0}) + "\n")
@@ -239,9 +206,7 @@ def _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out: P
 
 def main(argv):
     del argv
-    if _CONFIG.value:
-        from rcllm_jax.settings import apply_preset
-        apply_preset(_CONFIG.value, _TOML)
+    t, model_s = read(TrainSettings, ModelSettings)  # the --config preset first; the command line wins
     import numpy as np
 
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
@@ -254,31 +219,31 @@ def main(argv):
     from rcllm_jax.train import ranker as rk
 
     t0 = time.perf_counter()
-    out = Path(_OUT.value)
+    out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = LeaveOneOut(load_dataset("ml-100k"))
-    if _MAX_USERS.value:
-        split.users = split.users[:_MAX_USERS.value]
-    train, train_stats, val, val_requests, positions = _examples(split)
-    model = load_model(_MODEL.value)
-    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=_HIST.value, head="slot",
+    if t.max_users:
+        split.users = split.users[:t.max_users]
+    train, train_stats, val, val_requests, positions = _examples(t, split)
+    model = load_model(model_s.model)
+    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=t.history_len, head="slot",
                             max_prompt_tokens=model.cfg.max_position)
     items = sorted({i for e in train + val for i in e.candidates})
     engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
-                    max_candidates=_CANDS.value)
+                    max_candidates=t.num_candidates)
     engine.build_store()
     logging.info("block store: %d item blocks in %.0fs", len(items), time.perf_counter() - t0)
-    cfg = rk.RankerConfig(steps=_STEPS.value, batch_size=_BATCH.value, lr=_LR.value, warmup=_WARMUP.value,
-                          lora_rank=_RANK.value, lora_alpha=_ALPHA.value, targets=tuple(_TARGETS.value),
-                          first_layer=_FIRST.value, seed=_SEED.value, checkpoint_every=_CKPT.value,
-                          val_every=_VAL_EVERY.value)
+    cfg = rk.RankerConfig(steps=t.steps, batch_size=t.batch_size, lr=t.lr, warmup=t.warmup,
+                          lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, targets=tuple(t.lora_targets),
+                          first_layer=t.first_layer, seed=t.seed, checkpoint_every=t.checkpoint_every,
+                          val_every=t.val_every)
     prefixes = rk.PrefixBank(out / "prefixes")
-    collab, collab_log = _stage0(split, val)
-    runs, best, stage1_s, val_collected = _stage1(engine, builder, train, val, cfg, prefixes, out, collab)
-    retr = float(per_request_metrics(val_collected[1])["ndcg@10"].mean()) if _ORDER.value == "retriever" else None
-    k = _CANDS.value
+    collab, collab_log = _stage0(t, split, val)
+    runs, best, stage1_s, val_collected = _stage1(t, engine, builder, train, val, cfg, prefixes, out, collab)
+    retr = float(per_request_metrics(val_collected[1])["ndcg@10"].mean()) if t.candidate_order == "retriever" else None
+    k = t.num_candidates
     rand = float(np.mean(1 / np.log2(np.arange(k) + 2) * (np.arange(k) < 10)))
-    card = _card(engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log)
+    card = _card(t, engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log)
     head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
                      "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},
@@ -287,8 +252,8 @@ def main(argv):
     _save(head, out / "head", "Score-slot ranking head (stage 1: the head alone, base model frozen)")
     log = {"card": card, "train_stats": train_stats, "stage0": collab_log, "stage1_s": stage1_s,
            "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias", "side_weights")} for r in runs]}
-    if _STEPS.value:
-        log["stage2"] = _stage2(engine, builder, train, val, cfg, head, card, best, prefixes, out)
+    if t.steps:
+        log["stage2"] = _stage2(t, engine, builder, train, val, cfg, head, card, best, prefixes, out)
     log["wall_s_this_run"] = time.perf_counter() - t0
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     if "stage2" in log:

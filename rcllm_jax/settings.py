@@ -3,11 +3,12 @@
 Each concern is a frozen dataclass whose fields carry their help text (and choices / bounds):
 `ModelSettings` (weights, adapter, head), `CatalogSettings` (items and histories, prompt length),
 `MeshSettings` (devices, item placement, cache dtype, multi-host), `EngineSettings` (prefill mode,
-cache budgets, snapshot), `ServingSettings` (HTTP, admission, warm-up) and `BenchSettings` (the
-ranking benchmark's workload). A launcher calls
+cache budgets, snapshot), `ServingSettings` (HTTP, admission, warm-up), `BenchSettings` (the
+ranking benchmark's workload) and `TrainSettings` (the served ranker's training schedule). A launcher calls
 `define_flags(ModelSettings, ...)` at import (one absl flag per field, named after it, plus
 `--config`), and `read(ModelSettings, ...)` in `main`: the `--config` TOML preset is applied first
-(`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]`, `[bench]` sections, keys = field names), flags given
+(`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]`, `[bench]`, `[train]` sections, keys =
+field names), flags given
 on the command line win over it, and the settings come back typed. The library takes the dataclasses
 (`recommender.open_served(model=ModelSettings(...), ...)`), so a program sets the same fields a
 command line does. Importing this module starts no JAX backend (`--mesh` may still have to set
@@ -209,7 +210,44 @@ class BenchSettings:
     output_json: str = _opt("bench_out/bench.json", "Where to write the JSON.")
 
 
-SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings, BenchSettings)
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The served ranker's training schedule (launch/train.py; presets: configs/train_*.toml)."""
+    SECTION: typing.ClassVar[str] = "train"
+    output_dir: str = _opt("runs/ranker", "Where prefixes, states, checkpoints, heads and the log go.")
+    positions: tuple[str, ...] = _opt(("4", "3"), "Stage 1: held-back positions from the end of each sequence "
+                                      "(each > --validation_position).")
+    validation_position: int = _opt(2, "Held-back position of the validation targets (2: the leave-one-out one); "
+                                    "the positions below it are the test positions (bench.py --test_positions), "
+                                    "those above it the training ones.")
+    num_candidates: int = _opt(20, "Retrieved candidates per prompt.")
+    history_len: int = _opt(SERVED_HISTORY_LEN, "History items in the prompt (what the head is trained for).")
+    candidate_order: str = _opt("retriever", "Prompt order of the candidates (the head's position feature reads "
+                                "it).", choices=("retriever", "shuffled"))
+    collaborative: bool = _opt(True, "Stage 0: the head adds to a collaborative scorer over the retriever's "
+                               "features (kNN and follow scores), fitted first.")
+    collaborative_positions: str = _opt("3-20", "Stage 0: held-back positions (a range 'a-b' or a list) of the "
+                                        "collaborative scorer's examples (no model pass needed).")
+    l2: tuple[str, ...] = _opt(("1e-2", "1e-1", "1", "10"), "Stage 1: L2 strengths of the head (best validation "
+                               "wins).")
+    head_steps: int = _opt(300, "Stage 1: full-batch Adam steps per L2 strength.")
+    steps: int = _opt(0, "Stage 2: optimizer steps of head + query adapter (0: none, the CPU default).")
+    batch_size: int = _opt(4, "Stage 2: examples per step (gradients accumulated).")
+    lr: float = _opt(1e-3, "Stage 2: peak learning rate (AdamW, warm-up, cosine decay to 10%).")
+    warmup: int = _opt(20, "Stage 2: warm-up steps.")
+    lora_rank: int = _opt(8, "Query adapter: LoRA rank.")
+    lora_alpha: float = _opt(16.0, "Query adapter: LoRA alpha (scale = alpha / rank).")
+    lora_targets: tuple[str, ...] = _opt(("wq", "wk", "wv", "wo"), "Query adapter: adapted projections.")
+    first_layer: int = _opt(0, "Query adapter: layers first_layer.. carry it (the gradient runs through those only).")
+    val_examples: int = _opt(0, "Validation examples used (0 = every retrieved one).")
+    val_every: int = _opt(40, "Stage 2: steps between validation runs.")
+    checkpoint_every: int = _opt(25, "Stage 2: steps between Orbax checkpoints.")
+    seed: int = _opt(0, "Seed of the data order and the adapter's initialisation.")
+    max_users: int = _opt(0, "Use only the first N users (0 = all; smoke tests).")
+
+
+SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings, BenchSettings,
+            TrainSettings)
 
 
 def _types(cls) -> dict[str, Any]:
@@ -233,8 +271,8 @@ def define_flags(*classes, exclude: tuple[str, ...] = (), flag_values=flags.FLAG
         raise ValueError(f"defaults for no field: {sorted(unknown)}")
     fv = flag_values
     if "config" not in fv:
-        flags.DEFINE_string("config", None, "TOML preset: [model], [catalog], [mesh], [engine], [serving], [bench] "
-                            "sections (keys = flag names); flags given on the command line win.",
+        flags.DEFINE_string("config", None, "TOML preset: [model], [catalog], [mesh], [engine], [serving], [bench], "
+                            "[train] sections (keys = flag names); flags given on the command line win.",
                             flag_values=fv)
     for cls in classes:
         hints = _types(cls)

@@ -7,10 +7,11 @@ import pytest
 from absl import app, flags
 
 from rcllm_jax.settings import (BenchSettings, CatalogSettings, EngineSettings, MeshSettings, ModelSettings,
-                                ServingSettings, define_flags, read)
+                                ServingSettings, TrainSettings, define_flags, read)
 
 SERVED = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings)  # serve.py's
 BENCH = (BenchSettings, ModelSettings, CatalogSettings, MeshSettings)  # bench.py's (its own cache budgets)
+TRAIN = (TrainSettings, ModelSettings)  # train.py's
 
 
 def _flags(*classes, argv=(), **defaults):
@@ -20,7 +21,7 @@ def _flags(*classes, argv=(), **defaults):
     return fv
 
 
-@pytest.mark.parametrize("group", [SERVED, BENCH])
+@pytest.mark.parametrize("group", [SERVED, BENCH, TRAIN])
 def test_every_field_is_a_flag_with_its_default(group):
     fv = _flags(*group)
     for cls in group:
@@ -30,6 +31,7 @@ def test_every_field_is_a_flag_with_its_default(group):
             assert fv[f.name].help.endswith(f.metadata["help"])
     if BenchSettings in group:
         assert fv["modes"].value == ["full"] and read(BenchSettings, flag_values=fv).modes == ("full",)
+    if group is not SERVED:
         return
     assert set(fv["placement"].parser.enum_values) == {"coaccess", "similarity", "hash"}
     assert fv["serving_step"].parser.enum_values == ["auto", "batched", "serial"]
@@ -90,3 +92,13 @@ def test_bench_preset_sets_list_flags(tmp_path):
     fv = _flags(*BENCH, argv=[f"--config={preset}", "--num_candidates=9"])
     bench = read(BenchSettings, flag_values=fv)
     assert bench == BenchSettings(modes=("full", "rcllm"), sweep=("0.3",), num_users=7, num_candidates=9)
+
+
+def test_the_shipped_training_presets_read(tmp_path):
+    """configs/train_cpu.toml and train_gpu.toml set only TrainSettings fields, typed."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for name in ("train_cpu.toml", "train_gpu.toml"):
+        fv = _flags(*TRAIN, argv=[f"--config={root / 'configs' / name}"])
+        t = read(TrainSettings, flag_values=fv)
+        assert isinstance(t.l2, tuple) and all(float(x) > 0 for x in t.l2) and t.validation_position == 4
