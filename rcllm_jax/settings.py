@@ -250,10 +250,6 @@ SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, Servin
             TrainSettings)
 
 
-def _types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _base_type(hint):
     """int for `int`, str for `str | None`, ..."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -275,7 +271,7 @@ def define_flags(*classes, exclude: tuple[str, ...] = (), flag_values=flags.FLAG
                             "[train] sections (keys = flag names); flags given on the command line win.",
                             flag_values=fv)
     for cls in classes:
-        hints = _types(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in exclude:
                 continue
@@ -338,6 +334,8 @@ def _typed(value):
 
 
 _APPLIED: set[tuple] = set()  # (preset, FlagValues) applied (a second `read` must not apply it again)
+
+
 def read(*classes, flag_values=flags.FLAGS):
     """The settings of `classes` from the flags, after applying `--config` (once per process):
     one instance per class, in order (a single instance for a single class)."""

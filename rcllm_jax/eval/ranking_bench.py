@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from rcllm_jax.eval.metrics import percentile
+from rcllm_jax.serve.service import compiles, count_compiles  # the process's one compile counter
 from rcllm_jax.settings import BenchSettings, CatalogSettings, MeshSettings, ModelSettings
 
 
@@ -39,14 +40,6 @@ class RunSettings:
     catalog: CatalogSettings = CatalogSettings()
     layout: MeshSettings = MeshSettings()
     argv: tuple[str, ...] = ()
-
-
-_COMPILES = [0]  # XLA compiles in this process (a JAX monitoring listener; run_benchmark registers it)
-
-
-def _count_compiles(event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-        _COMPILES[0] += 1
 
 
 def _policies(run: RunSettings):
@@ -370,9 +363,9 @@ def _run_modes(run: RunSettings, engine, modes, requests, prompts, policies, pee
             engine.reset_caches()
             if peer is not None:
                 peer.reset()
-        before = _COMPILES[0]
+        before = compiles()
         results[mode] = run_stream(run, engine, mode, requests, prompts, policies, peer)
-        results[mode + "/compiles"] = _COMPILES[0] - before
+        results[mode + "/compiles"] = compiles() - before
         logging.info("mode %s: %d requests done", mode, len(requests))
         engine.reset_caches()
         if peer is not None:
@@ -615,13 +608,12 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
         raise BenchError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
     modes = list(run.bench.modes) + [f"blend@{float(r):g}" for r in run.bench.sweep]
     layout = run.layout
-    import jax
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import fit_before
 
-    jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+    count_compiles()  # the process's one compile listener (idempotent)
     t0 = time.perf_counter()
     head = _head(run)  # checked before the workload and the model load: a refused run fails at once
     val_pos = 2 if head is None else int(head.card.get("validation_position", 2))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcllm_jax.model.config import ModelConfig, RopeScaling, UnsupportedModelError
+from rcllm_jax.model.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling, UnsupportedModelError
 from rcllm_jax.model.decoder import Params, params_from_numpy
 from rcllm_jax.model.tokenizer import Tokenizer
 
@@ -81,7 +81,6 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 _GGUF_PERMUTED = ("llama", "mistral")  # llama.cpp permutes these families' Q/K rows (interleaved RoPE pairs)
 
 
@@ -91,8 +90,8 @@ def _gguf_config(reader, dtype: str, rope_freqs: np.ndarray | None) -> ModelConf
         return default if f is None else f.contents()
 
     arch = get("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
     n = int(get(f"{arch}.attention.head_count"))
     d = int(get(f"{arch}.embedding_length"))
     head_dim = int(get(f"{arch}.attention.key_length", get(f"{arch}.rope.dimension_count", d // n)))
