@@ -4,7 +4,8 @@ Each concern is a frozen dataclass whose fields carry their help text (and choic
 `ModelSettings` (weights, adapter, head), `CatalogSettings` (items and histories, prompt length),
 `MeshSettings` (devices, item placement, cache dtype, multi-host), `EngineSettings` (prefill mode,
 cache budgets, snapshot), `ServingSettings` (HTTP, admission, warm-up), `BenchSettings` (the
-ranking benchmark's workload) and `TrainSettings` (the served ranker's training schedule). A launcher calls
+ranking benchmark's workload), `TrainSettings` (the served ranker's training schedule) and
+`FineTuneSettings` (label fine-tuning of the model). A launcher calls
 `define_flags(ModelSettings, ...)` at import (one absl flag per field, named after it, plus
 `--config`), and `read(ModelSettings, ...)` in `main`: the `--config` TOML preset is applied first
 (`[model]`, `[catalog]`, `[mesh]`, `[engine]`, `[serving]`, `[bench]`, `[train]` sections, keys =
@@ -246,8 +247,49 @@ class TrainSettings:
     max_users: int = _opt(0, "Use only the first N users (0 = all; smoke tests).")
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTuneSettings:
+    """The label fine-tuning schedule of the whole model (launch/train_label.py, `train.trainer.Trainer`;
+    presets: configs/label_*.toml). Its fields are the training run's identity: a checkpoint is resumed
+    only under the same values."""
+    SECTION: typing.ClassVar[str] = "train"
+    steps: int = _opt(250, "Optimizer steps.")
+    batch_size: int = _opt(4, "Examples per optimizer step.")
+    micro_batch: int = _opt(2, "Examples per forward/backward (batch_size / micro_batch accumulated).")
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
+    warmup: int = _opt(20, "Warm-up steps.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    lora_rank: int = _opt(16, "LoRA rank; 0 = full fine-tuning of the trained layers.")
+    lora_alpha: float = _opt(32.0, "LoRA alpha (scale = alpha / rank).")
+    train_layers: int = _opt(8, "Top layers trained (0 = all); the rest stay frozen.")
+    history_len: int = _opt(SERVED_HISTORY_LEN, "History items in the prompt.")
+    num_candidates: int = _opt(20, "Candidates per prompt (<= 52: single-token labels).", upper=52)
+    negatives: str = _opt("uniform", "Negative sampling (retrieval: genre-matched, like a retrieval stage).",
+                          choices=tuple(NEGATIVES))
+    max_len: int = _opt(832, "Padded prompt length (longer histories are shortened).")
+    min_history: int = _opt(3, "Shortest history a training example may have.")
+    block_attention_prob: float = _opt(0.0, "Probability that an example uses the engine's stitched attention.",
+                                       lower=0.0, upper=1.0)
+    block_glue: str = _opt("mixed", "Block-aware examples: glue computed fresh, cached like items, or either.",
+                           choices=("fresh", "cached", "mixed"))
+    teacher_weight: float = _opt(0.0, "Weight of a soft target over the candidates from training-split popularity "
+                                 "(dense signal for short schedules); 0 = the label's cross-entropy only.")
+    teacher_temperature: float = _opt(2.0, "Teacher: p ~ (1 + count)^(1/temperature).")
+    seed: int = _opt(0, "Seed of data order, negatives and initialisation.")
+    checkpoint_every: int = _opt(50, "Steps between Orbax checkpoints (0 = none).")
+    keep_checkpoints: int = _opt(2, "Orbax checkpoints kept.", lower=1)
+    val_every: int = _opt(100, "Steps between validation runs (0 = never).")
+    val_users: int = _opt(64, "Users in each validation run.")
+
+    def __post_init__(self):
+        if self.batch_size % self.micro_batch:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch={self.micro_batch}")
+        if self.num_candidates > 52:
+            raise ValueError("training uses single-token labels: at most 52 candidates")
+
+
 SETTINGS = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings, BenchSettings,
-            TrainSettings)
+            TrainSettings, FineTuneSettings)
 
 
 def _base_type(hint):
@@ -347,6 +389,9 @@ def read(*classes, flag_values=flags.FLAGS):
         except ValueError as e:
             raise app.UsageError(str(e)) from None
         _APPLIED.add((path, fv))
-    out = tuple(cls(**{f.name: _typed(fv[f.name].value) for f in dataclasses.fields(cls)
-                       if (cls, f.name, fv) in _DEFINED}) for cls in classes)
+    try:
+        out = tuple(cls(**{f.name: _typed(fv[f.name].value) for f in dataclasses.fields(cls)
+                           if (cls, f.name, fv) in _DEFINED}) for cls in classes)
+    except ValueError as e:  # a combination of values a settings class refuses
+        raise app.UsageError(str(e)) from None
     return out[0] if len(out) == 1 else out

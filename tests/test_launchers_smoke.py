@@ -82,3 +82,21 @@ def test_bench_profile_and_bench_serving_on_a_small_catalog(tmp_path):
     got = json.loads(serving.read_text())
     assert set(got["loops"]) == {"serial", "batched"} and got["agreement"]["identical_rankings"] == 1.0
     assert all(r["compiles_timed"] == 0 for r in got["loops"].values())
+
+
+def test_benchmark_suite_jobs_follow_the_sizes(tmp_path):
+    """make_benchmarks.py's runs: the sizes reach the launchers' flags, the grid and the tuned model
+    add their runs only when asked, and every run writes its own JSON under the output directory."""
+    from rcllm_jax.eval.benchmarks_report import SuiteSizes, suite_jobs
+    plain = suite_jobs(tmp_path, SuiteSizes())
+    assert not any(n.startswith(("grid", "tuned")) for n in plain)
+    jobs = suite_jobs(tmp_path, SuiteSizes(served_users=7, grid_history_lens=("20",), grid_candidates=("50",),
+                                           catalog_scales=("1", "3"), tuned_model="m"))
+    assert set(jobs) - set(plain) == {"grid h20 c50", "tuned block-aware"}
+    script, args = jobs["grid h20 c50"]
+    assert script == "bench.py" and {"--num_candidates=50", "--history_len=20"} <= set(args)
+    assert "--model=m" in jobs["tuned block-aware"][1] and "--num_users=7" in jobs["served sweep"][1]
+    assert "--catalog_scales=1,3" in jobs["scaling"][1]
+    outputs = [a.split("=", 1)[1] for _, args in jobs.values() for a in args if a.startswith("--output_json=")]
+    assert len(outputs) == len(set(outputs)) == len(jobs)
+    assert all(Path(o).parent == tmp_path for o in outputs)

@@ -6,12 +6,13 @@ import dataclasses
 import pytest
 from absl import app, flags
 
-from rcllm_jax.settings import (BenchSettings, CatalogSettings, EngineSettings, MeshSettings, ModelSettings,
-                                ServingSettings, TrainSettings, define_flags, read)
+from rcllm_jax.settings import (BenchSettings, CatalogSettings, EngineSettings, FineTuneSettings, MeshSettings,
+                                ModelSettings, ServingSettings, TrainSettings, define_flags, read)
 
 SERVED = (ModelSettings, CatalogSettings, MeshSettings, EngineSettings, ServingSettings)  # serve.py's
 BENCH = (BenchSettings, ModelSettings, CatalogSettings, MeshSettings)  # bench.py's (its own cache budgets)
 TRAIN = (TrainSettings, ModelSettings)  # train.py's
+FINE_TUNE = (FineTuneSettings, ModelSettings)  # train_label.py's (less the head fields)
 
 
 def _flags(*classes, argv=(), **defaults):
@@ -21,7 +22,7 @@ def _flags(*classes, argv=(), **defaults):
     return fv
 
 
-@pytest.mark.parametrize("group", [SERVED, BENCH, TRAIN])
+@pytest.mark.parametrize("group", [SERVED, BENCH, TRAIN, FINE_TUNE])
 def test_every_field_is_a_flag_with_its_default(group):
     fv = _flags(*group)
     for cls in group:
@@ -102,3 +103,19 @@ def test_the_shipped_training_presets_read(tmp_path):
         fv = _flags(*TRAIN, argv=[f"--config={root / 'configs' / name}"])
         t = read(TrainSettings, flag_values=fv)
         assert isinstance(t.l2, tuple) and all(float(x) > 0 for x in t.l2) and t.validation_position == 4
+
+
+def test_the_shipped_label_presets_read_and_bad_combinations_are_refused():
+    """configs/label_cpu.toml and label_gpu.toml set FineTuneSettings fields (the values written in
+    them come back typed); a batch that micro-batches do not divide is a usage error naming both."""
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    for name in ("label_cpu.toml", "label_gpu.toml"):
+        path = root / "configs" / name
+        fv = _flags(*FINE_TUNE, argv=[f"--config={path}"])
+        got = dataclasses.asdict(read(FineTuneSettings, flag_values=fv))
+        assert tomllib.loads(path.read_text())["train"].items() <= got.items()
+    fv = _flags(*FINE_TUNE, argv=["--batch_size=6", "--micro_batch=4"])
+    with pytest.raises(app.UsageError, match="batch_size=6 is not a multiple of micro_batch=4"):
+        read(FineTuneSettings, flag_values=fv)

@@ -23,12 +23,12 @@ from rcllm_jax.model import ModelConfig, forward, init_params, load_model
 from rcllm_jax.model.lora import AdapterMismatchError, apply_adapter
 from rcllm_jax.train.data import prompt_arrays
 from rcllm_jax.train.step import Spec, loss_fn, make_eval_step, trainable_init
-from rcllm_jax.train.trainer import CheckpointMismatchError, TrainConfig, Trainer
+from rcllm_jax.train.trainer import CheckpointMismatchError, FineTuneSettings, Trainer
 
 CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=4,
                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096,
                   tie_embeddings=True)
-SMALL = TrainConfig(steps=6, batch_size=2, micro_batch=1, lr=3e-3, warmup=2, lora_rank=4, train_layers=2,
+SMALL = FineTuneSettings(steps=6, batch_size=2, micro_batch=1, lr=3e-3, warmup=2, lora_rank=4, train_layers=2,
                     history_len=4, num_candidates=6, max_len=256, block_attention_prob=0.5,
                     checkpoint_every=2, val_every=0, val_users=0)
 

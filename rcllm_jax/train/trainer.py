@@ -20,6 +20,7 @@ from rcllm_jax.eval.metrics import ranking_metrics, target_rank
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import LoraConfig
+from rcllm_jax.settings import FineTuneSettings
 from rcllm_jax.train.data import ExampleMaker, fit_prompt, prompt_arrays, train_dataset, training_pairs
 from rcllm_jax.train.checkpoints import CheckpointMismatchError, open_manager  # noqa: F401 (re-exported)
 from rcllm_jax.train.step import Spec, make_eval_step, make_optimizer, make_train_step, merged_params, trainable_init
@@ -27,47 +28,14 @@ from rcllm_jax.train.step import Spec, make_eval_step, make_optimizer, make_trai
 CHECKPOINT_FORMAT = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 4  # examples per optimizer step
-    micro_batch: int = 1  # examples per forward/backward (batch_size / micro_batch accumulated)
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.0
-    lora_rank: int = 16  # 0: full fine-tuning of the trained layers
-    lora_alpha: float = 32.0
-    train_layers: int = 0  # top layers trained (0: all)
-    history_len: int = 20
-    num_candidates: int = 20
-    negatives: str = "uniform"
-    max_len: int = 1024
-    min_history: int = 3
-    block_attention_prob: float = 0.0
-    block_glue: str = "mixed"
-    teacher_weight: float = 0.0  # soft popularity target over the candidates (train/data.py)
-    teacher_temperature: float = 2.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    val_every: int = 100
-    val_users: int = 64
-
-    def __post_init__(self):
-        if self.batch_size % self.micro_batch:
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch={self.micro_batch}")
-        if self.num_candidates > 52:
-            raise ValueError("training uses single-token labels: at most 52 candidates")
-
-
-def _identity(cfg: TrainConfig, model_cfg: ModelConfig, fingerprint: str) -> dict:
+def _identity(cfg: FineTuneSettings, model_cfg: ModelConfig, fingerprint: str) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {"format": CHECKPOINT_FORMAT, "base_fingerprint": fingerprint, "model": model_cfg.identity_text(),
             "train": dataclasses.asdict(cfg)}
 
 
 class Trainer:
-    def __init__(self, params: Params, model_cfg: ModelConfig, tokenizer, split: LeaveOneOut, cfg: TrainConfig,
+    def __init__(self, params: Params, model_cfg: ModelConfig, tokenizer, split: LeaveOneOut, cfg: FineTuneSettings,
                  *, checkpoint_dir: str | Path | None = None, fingerprint: str | None = None,
                  pairs: list[tuple[int, int]] | None = None):
         """pairs: (user, t) training examples to draw from (default: every one of the split)."""
