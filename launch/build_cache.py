@@ -47,6 +47,7 @@ def main(argv):
     from rcllm_jax.cache import snapshot
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
 
@@ -54,7 +55,7 @@ def main(argv):
     ds = load_dataset(catalog.dataset, catalog.data_dir)
     items = sorted(ds.items)[:catalog.max_items or None]
     model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter)
-    builder = PromptBuilder(model.tokenizer, ds.items, head=model_cfg.head)
+    builder = PromptBuilder(model.tokenizer, ds.items, head=model_cfg.head, template=load_template(catalog.prompt))
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
     engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
                     max_candidates=eng.max_candidates, mesh=mesh,

@@ -91,8 +91,8 @@ def _open(mesh, layout, model: ModelSettings, catalog: CatalogSettings, eng: Eng
     except SnapshotError as e:
         raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None
     except HeadError as e:
-        raise app.UsageError(f"the ranking head {model.ranking_head or 'shipped with rcllm_jax'} was trained for other "
-                             f"weights than --model ({e}): train one (launch/train.py --model=...) and pass "
+        raise app.UsageError(f"the ranking head {model.ranking_head or 'shipped with rcllm_jax'} does not fit --model "
+                             f"and --prompt ({e}): train one (launch/train.py --model=... --prompt=...) and pass "
                              "--ranking_head, or serve with --head=label") from None
 
 

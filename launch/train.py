@@ -38,17 +38,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from rcllm_jax.settings import ModelSettings, TrainSettings, define_flags, read  # noqa: E402
+from rcllm_jax.settings import CatalogSettings, ModelSettings, TrainSettings, define_flags, read  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 define_flags(TrainSettings)
 define_flags(ModelSettings, exclude=("adapter", "dtype", "head", "ranking_head"))  # --model: the base
+define_flags(CatalogSettings, exclude=("dataset", "data_dir", "history_len", "max_items"))  # --prompt
 flags.FLAGS.set_default("config", str(_ROOT / "configs" / "train_cpu.toml"))
 
 
-def _key(t: TrainSettings, fingerprint, examples) -> str:
-    h = hashlib.blake2b(fingerprint.encode(), digest_size=16)
+def _key(t: TrainSettings, engine, examples) -> str:
+    """What the slot states and a checkpoint were computed from: weights, prompt, examples."""
+    from rcllm_jax.data.prompt_template import DEFAULT_TEMPLATE
+    h = hashlib.blake2b(engine.fingerprint.encode(), digest_size=16)
     h.update(f"{t.history_len}|{t.candidate_order}".encode())
+    if engine.builder.template != DEFAULT_TEMPLATE:  # (keys made before templates existed stay valid)
+        h.update(engine.builder.template.digest().encode())
     for e in examples:
         h.update(repr((e.user, e.history, e.candidates)).encode())
     return h.hexdigest()
@@ -125,7 +130,7 @@ def _stage1(t: TrainSettings, engine, builder, train, val, cfg, prefixes, out: P
     t1 = time.perf_counter()
     collected = {}
     for name, examples in (("train", train), ("val", val)):
-        path, key = out / f"states_{name}.npz", _key(t, engine.fingerprint, examples)
+        path, key = out / f"states_{name}.npz", _key(t, engine, examples)
         states = sh.load_states(path, key) or []
         with tqdm(total=len(examples), initial=len(states), desc=f"stage 1: {name} slot states") as bar:
             for i in range(len(states), len(examples), 50):
@@ -151,6 +156,7 @@ def _card(t: TrainSettings, engine, model, positions, train, val, val_requests, 
     from rcllm_jax.downloads import portable_path
     from rcllm_jax.engine.selective_recompute import BLOCK_MODES
     card = {"base_fingerprint": engine.fingerprint, "base_model": portable_path(model.source),
+            "prompt_digest": engine.builder.template.digest(),
             "command": "python launch/train.py " + " ".join(sys.argv[1:]),
             "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
                     f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
@@ -176,7 +182,7 @@ def _stage2(t: TrainSettings, engine, builder, train, val, cfg, head, card, best
     from rcllm_jax.train import ranker as rk
     cfg = dataclasses.replace(cfg, l2=best["l2"])
     trainer = rk.RankerTrainer(engine, builder, train, cfg, head, checkpoint_dir=out / "checkpoints",
-                               data_key=_key(t, engine.fingerprint, train), prefixes=prefixes)
+                               data_key=_key(t, engine, train), prefixes=prefixes)
     curve_path = out / "curve.jsonl"
     if trainer.step == 0:
         curve_path.write_text(json.dumps({"step": 0, "val_ndcg@10": best["val_ndcg@10"], "wall_s": 0.0}) + "\n")
@@ -206,11 +212,12 @@ def _stage2(t: TrainSettings, engine, builder, train, val, cfg, head, card, best
 
 def main(argv):
     del argv
-    t, model_s = read(TrainSettings, ModelSettings)  # the --config preset first; the command line wins
+    t, model_s, catalog = read(TrainSettings, ModelSettings, CatalogSettings)  # the preset first; flags win
     import numpy as np
 
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.engine.ranking_head import SlotHead
     from rcllm_jax.eval.metrics import per_request_metrics
@@ -227,7 +234,7 @@ def main(argv):
     train, train_stats, val, val_requests, positions = _examples(t, split)
     model = load_model(model_s.model)
     builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=t.history_len, head="slot",
-                            max_prompt_tokens=model.cfg.max_position)
+                            max_prompt_tokens=model.cfg.max_position, template=load_template(catalog.prompt))
     items = sorted({i for e in train + val for i in e.candidates})
     engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
                     max_candidates=t.num_candidates)

@@ -123,6 +123,7 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     from rcllm_jax.engine.ranking_head import ranking_head as load_head
     from rcllm_jax.downloads import cache_dir
     from rcllm_jax.model import load_model
+    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.retrieval import load_or_fit
 
     m, c = model or ModelSettings(), catalog or CatalogSettings()
@@ -131,7 +132,7 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     item_ids = sorted(ds.items)[:c.max_items or None]
     lm = load_model(m.model, dtype=m.dtype, adapter=m.adapter)
     builder = PromptBuilder(lm.tokenizer, ds.items, history_len=c.history_len, max_prompt_tokens=lm.cfg.max_position,
-                            head=m.head)
+                            head=m.head, template=load_template(c.prompt))
     from rcllm_jax.cache.pool import PAGE
     from rcllm_jax.model.config import kv_bytes_per_token
     user_pages, prefix_pages = e.user_cache_pages, e.prefix_cache_pages

@@ -60,6 +60,14 @@ class CatalogSettings:
     data_dir: str | None = _opt(None, "Directory with the dataset files (default: fetch ml-100k).")
     history_len: int = _opt(SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
     max_items: int = _opt(0, "Only the first N catalog items (0 = all; smoke tests).")
+    prompt: str | None = _opt(None, "Prompt template preset: a TOML [prompt] table of block texts (configs/prompts/; "
+                              "default: the built-in one, configs/prompts/movielens.toml, which the shipped head "
+                              "was trained on; a slot head refuses another).")
+
+    def __post_init__(self):
+        if self.prompt is not None:
+            from rcllm_jax.data.prompt_template import load_template
+            load_template(self.prompt)  # a preset that cannot be used is refused before anything loads
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,14 +88,16 @@ def tiny(tmp_path_factory, smollm2):
     return tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2.tokenizer)
 
 
-def _reference(tiny, history, cands, user):
+def _reference(tiny, history, cands, user, prompt=None):
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
     m = load_model(tiny)
     ds = load_dataset("ml-100k")
-    b = PromptBuilder(m.tokenizer, ds.items, history_len=5, max_prompt_tokens=m.cfg.max_position)
+    b = PromptBuilder(m.tokenizer, ds.items, history_len=5, max_prompt_tokens=m.cfg.max_position,
+                      template=load_template(prompt))
     e = Engine(m.params, m.cfg, b, item_ids=sorted(ds.items)[:N_ITEMS], max_candidates=52, user_pages=64,
                prefix_pages=1, kv_dtype="bfloat16")  # the server's default cache dtype
     e.build_store()
@@ -259,19 +261,28 @@ def test_default_head_refuses_other_weights(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     r = subprocess.run([sys.executable, str(ROOT / "launch/serve.py"), f"--model={tiny}", "--port=0",
                         f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "trained for other weights than --model" in r.stderr and "--head=label" in r.stderr
+    assert r.returncode != 0 and "trained on other weights" in r.stderr and "--head=label" in r.stderr
     assert not (tmp_path / "snap").exists()
     r = subprocess.run([sys.executable, str(ROOT / "launch/bench.py"), f"--model={tiny}", "--modes=rcllm",
                         "--num_users=1", "--num_candidates=3", "--nowarmup", "--peers=",
                         f"--output_json={tmp_path / 'b.json'}"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "trained on other weights" in r.stderr and "--head=label" in r.stderr
     assert not re.search(r"\] item store: \d+ blocks", r.stderr) and not (tmp_path / "b.json").exists()
+    # the shipped head was trained on the default prompt: another template is refused the same way
+    r = subprocess.run([sys.executable, str(ROOT / "launch/serve.py"), "--port=0",
+                        f"--snapshot_dir={tmp_path / 'snap'}",
+                        f"--prompt={ROOT / 'configs' / 'prompts' / 'candidate_pool.toml'}"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "trained on another prompt template" in r.stderr and "--head=label" in r.stderr
+    assert not (tmp_path / "snap").exists()
 
 
 @pytest.mark.slow
 def test_recommend_cli(tiny, tmp_path):
     """launch/recommend.py (the README's main job): the retriever's candidates, reranked, printed
-    best first with titles; the ranking and scores equal an in-process engine's on the same prompt."""
+    best first with titles; the ranking and scores equal an in-process engine's on the same prompt
+    (another prompt template than the default: --prompt reaches the engine)."""
+    prompt = ROOT / "configs" / "prompts" / "candidate_pool.toml"
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.retrieval import ItemKNN
     ds = load_dataset("ml-100k")
@@ -279,13 +290,14 @@ def test_recommend_cli(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     r = subprocess.run([sys.executable, str(ROOT / "launch/recommend.py"), f"--user_id={user}", f"--model={tiny}",
                         "--head=label", f"--max_items={N_ITEMS}", "--history_len=5", "--num_candidates=6",
-                        "--top_k=3", f"--snapshot_dir={tmp_path / 'snap'}"], env=env, capture_output=True,
+                        "--top_k=3", f"--snapshot_dir={tmp_path / 'snap'}", f"--prompt={prompt}"], env=env,
+                       capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [m.groups() for m in re.finditer(r"^\s+(\d) +(\d+) +(-?[\d.]+)  (.+)$", r.stdout, re.M)]
     assert [int(x[0]) for x in rows] == [1, 2, 3], r.stdout
     cands = list(ItemKNN.load(tmp_path / "snap" / "retriever.npz").retrieve(ds.sequences[user], 6)[0])
-    ref, _ = _reference(tiny, ds.sequences[user], cands, user)
+    ref, _ = _reference(tiny, ds.sequences[user], cands, user, prompt)
     want = np.argsort(-ref, kind="stable")[:3]
     assert [int(x[1]) for x in rows] == [cands[i] for i in want]
     np.testing.assert_allclose([float(x[2]) for x in rows], ref[want], atol=2e-3)

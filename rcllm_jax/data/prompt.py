@@ -1,7 +1,8 @@
 """Block-structured ranking prompts.
 
 A prompt is a sequence of typed blocks, each tokenized on its own; the model always sees the
-concatenation of the blocks' tokens, in every mode:
+concatenation of the blocks' tokens, in every mode. The text of each kind of block comes from a
+`PromptTemplate` (`data/prompt_template.py`; `--prompt=FILE.toml`); the default template's:
 
   instruction  chat header + system text + "Movies I watched, oldest first:\n"   (one per template)
   history      one line per history item                                      (one per user)
@@ -32,24 +33,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rcllm_jax.data.movielens import Item
+from rcllm_jax.data.prompt_template import DEFAULT_TEMPLATE, PromptTemplate, TemplateError
 from rcllm_jax.model.tokenizer import Tokenizer
 
 BLOCK_KINDS = ("instruction", "history", "item", "glue", "slot")
 HEADS = ("label", "slot")
 _MARK = "\x00USER_CONTENT\x00"
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptTemplate:
-    system: str = ("You are a movie recommender. From the movies a user watched, pick the one movie "
-                   "from a list of candidates that they will watch next.")
-    history_intro: str = "Movies I watched, oldest first:\n"
-    empty_history: str = "(none)\n"
-    candidates_intro: str = "Candidates:"
-    question: str = "Which candidate will I watch next? Answer with its label."
-    slot_question: str = "Which candidate will I watch next?"
-    slot: str = "\n"
-    bullet: str = "-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +106,7 @@ class PromptBuilder:
     """Builds the typed blocks of a ranking prompt for a tokenizer and an item catalog."""
 
     def __init__(self, tokenizer: Tokenizer, items: Mapping[int, Item], *, history_len: int = 20,
-                 max_prompt_tokens: int | None = None, template: PromptTemplate = PromptTemplate(),
+                 max_prompt_tokens: int | None = None, template: PromptTemplate = DEFAULT_TEMPLATE,
                  head: str = "label"):
         if history_len < 0:
             raise ValueError("history_len must be >= 0")
@@ -134,13 +123,15 @@ class PromptBuilder:
         else:
             self.chat_head, self.chat_tail = template.system + "\n\n", "\n"
         self._item_tokens: dict[int, tuple[int, ...]] = {}
-        self.instruction = self._block("instruction", self.chat_head + template.history_intro)
-        self.close_token = self._single(")")
+        self.instruction = self._block("instruction", self.chat_head + template.instruction)
+        self.close_token = self._single(template.label_close, "label_close")
+        self._single(template.slot, "slot")
 
-    def _single(self, text: str) -> int:
+    def _single(self, text: str, field: str) -> int:
         ids = self.tok.encode(text)
         if len(ids) != 1:
-            raise ValueError(f"{text!r} is not a single token for this tokenizer")
+            raise TemplateError(f"prompt field {field!r} = {text!r} must be one token for this tokenizer "
+                                f"(it is {len(ids)})")
         return ids[0]
 
     def _block(self, kind: str, text: str, item_id: int | None = None) -> Block:
@@ -161,21 +152,22 @@ class PromptBuilder:
         return f"{item.title} ({meta})" if meta else item.title
 
     def item_block(self, item_id: int) -> Block:
-        text = " " + self.item_text(self._item(item_id))
+        text = self.template.fill("item", item=self.item_text(self._item(item_id)))
         if item_id not in self._item_tokens:
             self._item_tokens[item_id] = tuple(self.tok.encode(text))
         return Block("item", text, self._item_tokens[item_id], item_id)
 
     def history_block(self, history: Sequence[int]) -> Block:
         recent = list(history)[-self.history_len:] if self.history_len else []
-        text = "".join(self.item_text(self._item(i)) + "\n" for i in recent) or self.template.empty_history
+        line = self.template.history_item
+        text = "".join(line.format(item=self.item_text(self._item(i))) for i in recent) or self.template.empty_history
         return self._block("history", text)
 
     def first_lead(self) -> str:
         """The glue text that stands right before a prompt's first candidate in this head's format
-        ("Candidates:\n(A)" with labels, "Candidates:\n-" with score slots)."""
+        (the default: "Candidates:\n(A)" with labels, "Candidates:\n-" with score slots)."""
         t = self.template
-        return t.candidates_intro + ("\n" + t.bullet if self.head == "slot" else "\n(" + labels_for(1)[0] + ")")
+        return t.first_slot if self.head == "slot" else t.fill("first_label", label=labels_for(1)[0])
 
     def build(self, history: Sequence[int], candidates: Sequence[int], check_length: bool = True) -> Prompt:
         """The prompt that asks which of `candidates` follows `history` (item ids)."""
@@ -186,9 +178,10 @@ class PromptBuilder:
         labels = labels_for(len(candidates))
         blocks = [self.instruction, self.history_block(history)]
         for j, (label, item) in enumerate(zip(labels, candidates)):
-            blocks.append(self._block("glue", self.first_lead() if j == 0 else f"\n({label})"))
+            lead = "first_label" if j == 0 else "next_label"
+            blocks.append(self._block("glue", self.template.fill(lead, label=label)))
             blocks.append(self.item_block(item))
-        blocks.append(self._block("glue", "\n" + self.template.question + self.chat_tail + "("))
+        blocks.append(self._block("glue", self.template.fill("label_question", chat_tail=self.chat_tail)))
         prompt = Prompt(tuple(blocks), candidates, labels,
                         tuple(tuple(self.tok.encode(lb)) for lb in labels), self.close_token)
         return self._checked(prompt, check_length)
@@ -202,12 +195,10 @@ class PromptBuilder:
         t = self.template
         blocks = [self.instruction, self.history_block(history),
                   self._block("glue", self.first_lead())]
-        slot, bullet = self._block("slot", t.slot), self._block("glue", t.bullet)
-        if len(slot.tokens) != 1:
-            raise ValueError(f"the slot text {t.slot!r} must be one token for this tokenizer")
+        slot, lead = self._block("slot", t.slot), self._block("glue", t.next_slot)
         for j, item in enumerate(candidates):
-            blocks += [self.item_block(item), slot] + ([bullet] if j + 1 < len(candidates) else [])
-        blocks.append(self._block("glue", t.slot_question + self.chat_tail))
+            blocks += [self.item_block(item), slot] + ([lead] if j + 1 < len(candidates) else [])
+        blocks.append(self._block("glue", t.fill("slot_question", chat_tail=self.chat_tail)))
         return self._checked(Prompt(tuple(blocks), candidates, (), (), self.close_token, head="slot"), check_length)
 
 

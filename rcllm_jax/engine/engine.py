@@ -33,7 +33,7 @@ from rcllm_jax.engine import prefix_baseline, serving_step, warm_up
 from rcllm_jax.engine.plan import (Layout, device_layout, history_prefix, pad_arrays, served_from_cache, span_entries, stitch_plan,
                                   store_spans)
 from rcllm_jax.engine.ranking import EngineResult, answer_logit_ids, candidate_scores, rank_full, slot_rows
-from rcllm_jax.engine.ranking_head import HeadError
+from rcllm_jax.engine.ranking_head import HeadError, head_prompt
 from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInputs, block_policy, selection_size
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
@@ -114,6 +114,10 @@ class Engine:
         if head is not None and head.base_fingerprint != self.fingerprint:
             raise HeadError(f"the ranking head was trained on other weights ({head.base_fingerprint[:12]}…) than "
                             f"this model ({self.fingerprint[:12]}…)")
+        if head is not None and head_prompt(head) != builder.template.digest():
+            raise HeadError(f"the ranking head was trained on another prompt template (digest {head_prompt(head)}) "
+                            f"than this one ({builder.template.digest()}): train a head on it (launch/train.py "
+                            "--prompt=...)")
         self.head = head
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)

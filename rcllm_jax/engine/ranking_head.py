@@ -88,6 +88,13 @@ class HeadError(ValueError):
     """A head file that is missing, damaged or made for other base weights."""
 
 
+def head_prompt(head) -> str:
+    """Digest of the prompt template `head` reads slot states of (its card's `prompt_digest`; a
+    head whose card has none was trained on the default template)."""
+    from rcllm_jax.data.prompt_template import DEFAULT_TEMPLATE
+    return (getattr(head, "card", None) or {}).get("prompt_digest", DEFAULT_TEMPLATE.digest())
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotHead:
     theta: np.ndarray  # [D + 1]

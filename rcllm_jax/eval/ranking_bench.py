@@ -609,6 +609,7 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
     modes = list(run.bench.modes) + [f"blend@{float(r):g}" for r in run.bench.sweep]
     layout = run.layout
     from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import fit_before
@@ -627,7 +628,7 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
     train_retriever = (w.retrievers[cut] if w.retrievers else w.retriever) or fit_before(w.split, 2)
     model = load_model(run.model.model, dtype=run.model.dtype, adapter=run.model.adapter)
     builder = PromptBuilder(model.tokenizer, w.ds.items, history_len=run.catalog.history_len, head=run.model.head,
-                            max_prompt_tokens=model.cfg.max_position)
+                            max_prompt_tokens=model.cfg.max_position, template=load_template(run.catalog.prompt))
     prompts = [builder.build(r.history, r.candidates) for r in w.requests]
     lengths = [len(p) for p in prompts]
     logging.info("%d requests ready in %.1fs", len(w.requests), time.perf_counter() - t0)
