@@ -45,17 +45,18 @@ def main(argv):
     from tqdm import tqdm
 
     from rcllm_jax.cache import snapshot
-    from rcllm_jax.data.movielens import load_dataset
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.data.prompt_template import load_template
+    from rcllm_jax.data.catalog import CatalogError, load_catalog, prompt_builder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.model import load_model
 
     t0 = time.perf_counter()
-    ds = load_dataset(catalog.dataset, catalog.data_dir)
+    try:
+        ds = load_catalog(catalog)
+    except CatalogError as e:
+        raise app.UsageError(str(e)) from None
     items = sorted(ds.items)[:catalog.max_items or None]
     model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter)
-    builder = PromptBuilder(model.tokenizer, ds.items, head=model_cfg.head, template=load_template(catalog.prompt))
+    builder = prompt_builder(model.tokenizer, ds, catalog, head=model_cfg.head)
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
     engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
                     max_candidates=eng.max_candidates, mesh=mesh,

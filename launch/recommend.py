@@ -26,13 +26,15 @@ from rcllm_jax.settings import CatalogSettings, EngineSettings, ModelSettings, d
 define_flags(ModelSettings, CatalogSettings)
 define_flags(EngineSettings, exclude=("max_candidates", "user_cache_mb", "user_cache_pages", "prefix_cache_pages",
                                       "rebuild_on_damage"))
-_USERS = flags.DEFINE_list("user_id", ["1"], "Users to recommend for (MovieLens user ids).")
+_USERS = flags.DEFINE_list("user_id", ["1"], "Users to recommend for (as the catalog names them; MovieLens: 1..943).")
 _NUM_CANDS = flags.DEFINE_integer("num_candidates", 20, "Candidates the retriever proposes per user.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Recommendations printed per user.")
 _COMPARE = flags.DEFINE_string("compare", "full", "Mode run on the same prompts for comparison ('' for none).")
 
 
 def _title(item) -> str:
+    if item.text is not None:  # a catalog directory's item: its templated text
+        return item.text
     return f"{item.title} ({item.year})" if item.year else item.title
 
 
@@ -50,11 +52,9 @@ def main(argv):
     for m in filter(None, (eng.mode, _COMPARE.value)):
         if m not in MODES:
             raise app.UsageError(f"unknown mode {m!r}; modes: {', '.join(MODES)}")
-    try:
-        users = [int(u) for u in _USERS.value]
-    except ValueError:
-        raise app.UsageError(f"--user_id takes MovieLens user ids (integers), got {_USERS.value}") from None
+    users = list(_USERS.value)
     mesh, layout = dist_cli.setup()
+    from rcllm_jax.data.catalog import CatalogError
     from rcllm_jax.engine.ranking_head import HeadError
     from rcllm_jax.recommender import Recommender, open_served
 
@@ -66,17 +66,20 @@ def main(argv):
     except HeadError as e:
         raise app.UsageError(f"the ranking head does not fit --model ({e}): pass --head=label or a "
                              "--ranking_head trained for it") from None
+    except CatalogError as e:
+        raise app.UsageError(str(e)) from None
     ds, engine, rec = served.dataset, served.engine, served.recommender
-    unknown = [u for u in users if u not in ds.sequences]
+    unknown = [u for u in users if ds.user_of(u) is None]
     if unknown:
-        raise app.UsageError(f"unknown user {unknown[0]} (MovieLens users are 1..{max(ds.sequences)})")
+        some = ", ".join(repr(ds.user_key(u)) for u in sorted(ds.sequences)[:3])
+        raise app.UsageError(f"unknown user {unknown[0]!r} (this catalog's users are e.g. {some})")
     for note in served.notes:
         print(note)
     print(f"ready in {time.perf_counter() - t0:.1f}s: {len(served.item_ids)} items cached "
           f"({engine.stats()['item_bytes'] / 2**20:.0f} MiB of KV)\n")
     other = Recommender(engine, rec.retriever, _COMPARE.value) if _COMPARE.value else None
     for u in users:
-        history = list(ds.sequences[u])
+        history = list(ds.sequences[ds.user_of(u)])
         t1 = time.perf_counter()
         try:
             cands = rec.candidates(history, _NUM_CANDS.value)
@@ -93,7 +96,7 @@ def main(argv):
               f"reranked in {eng.mode} mode:")
         print(f"  {'rank':>4} {'item':>5} {'score':>8}  title")
         for r, (item, score) in enumerate(zip(got.ranking[:_TOP_K.value], got.scores[:_TOP_K.value]), 1):
-            print(f"  {r:4d} {item:5d} {score:8.3f}  {_title(ds.items[item])}")
+            print(f"  {r:4d} {str(ds.items[item].id):>5} {score:8.3f}  {_title(ds.items[item])}")
         line = (f"  TTFT {eng.mode} {1e3 * ttft:.1f} ms ({res.computed_tokens} of {res.prompt_tokens} prompt "
                 f"tokens computed, {res.cache_hit_tokens} from caches)")
         if other is not None:

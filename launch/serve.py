@@ -84,10 +84,13 @@ def _open(mesh, layout, model: ModelSettings, catalog: CatalogSettings, eng: Eng
     """The served engine and its catalog (`open_served`), a UsageError naming what to do when the
     snapshot is refused or the head does not fit the model."""
     from rcllm_jax.cache.snapshot import SnapshotError
+    from rcllm_jax.data.catalog import CatalogError
     from rcllm_jax.engine.ranking_head import HeadError
     from rcllm_jax.recommender import open_served
     try:
         return open_served(model, catalog, eng, layout, mesh=mesh)
+    except CatalogError as e:
+        raise app.UsageError(str(e)) from None
     except SnapshotError as e:
         raise app.UsageError(f"{e} (--rebuild_on_damage rebuilds it)") from None
     except HeadError as e:
@@ -164,7 +167,8 @@ def _state(served, users_dir: str, srv: ServingSettings):
     if legacy:  # a user snapshot from before the state database carried the histories
         logging.info("moved %d histories of %s into the state database", state.seed(f"{users_dir}", legacy),
                      users_dir)
-    seeded = state.seed(f"dataset:{ds.name}", {str(u): s for u, s in ds.sequences.items()})
+    seeded = state.seed(f"dataset:{ds.name}", {ds.user_key(u): [ds.items[i].id for i in s]  # as the catalog names them
+                                              for u, s in ds.sequences.items()})
     logging.info("state database %s: %d users, %d events (%d seeded from %s now); %d cached user prefixes "
                  "restored from %s", state, state.num_users(), state.num_events(), seeded, ds.name,
                  engine.stats()["users_cached"], users_dir)
@@ -191,7 +195,7 @@ def _service(served, step: str, eng: EngineSettings, srv: ServingSettings, state
     from rcllm_jax.serve.service import RecommenderService
     engine, ds = served.engine, served.dataset
     max_queue, window, cost_s, max_cost_s = _admission(service_s, cold_s, srv)
-    return RecommenderService(engine, {i: ds.items[i] for i in served.item_ids}, state, mode=eng.mode,
+    return RecommenderService(engine, {i: ds.items[i] for i in served.item_ids}, state, catalog=ds.items, mode=eng.mode,
                               scheduler=Scheduler(engine.num_shards, srv.scheduler, max_queue, window,
                                                   max_cost_s=max_cost_s), cost_s=cost_s,
                               max_candidates=eng.max_candidates, request_timeout_s=srv.request_timeout_s,

@@ -43,7 +43,7 @@ from rcllm_jax.settings import CatalogSettings, ModelSettings, TrainSettings, de
 _ROOT = Path(__file__).resolve().parents[1]
 define_flags(TrainSettings)
 define_flags(ModelSettings, exclude=("adapter", "dtype", "head", "ranking_head"))  # --model: the base
-define_flags(CatalogSettings, exclude=("dataset", "data_dir", "history_len", "max_items"))  # --prompt
+define_flags(CatalogSettings, exclude=("history_len", "max_items"))  # --catalog / --dataset, --prompt
 flags.FLAGS.set_default("config", str(_ROOT / "configs" / "train_cpu.toml"))
 
 
@@ -151,16 +151,15 @@ def _stage1(t: TrainSettings, engine, builder, train, val, cfg, prefixes, out: P
 
 
 def _card(t: TrainSettings, engine, model, positions, train, val, val_requests, retr, rand, collab,
-          collab_log) -> dict:
+          collab_log, data: str) -> dict:
     """The head's card: what it was trained on and how it compares on validation."""
     from rcllm_jax.downloads import portable_path
     from rcllm_jax.engine.selective_recompute import BLOCK_MODES
     card = {"base_fingerprint": engine.fingerprint, "base_model": portable_path(model.source),
             "prompt_digest": engine.builder.template.digest(),
             "command": "python launch/train.py " + " ".join(sys.argv[1:]),
-            "data": "MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed). "
-                    f"Training: targets held back at positions {list(positions)} from the end of each sequence, each "
-                    f"with an item-kNN retriever fitted strictly before it; validation: the targets at position "
+            "data": f"{data}. Training: targets held back at positions {list(positions)} from the end of each "
+                    f"sequence, each with an item-kNN retriever fitted strictly before it; validation: the targets at position "
                     f"{t.validation_position}, likewise; test positions 1-{t.validation_position - 1} never used.",
             "mode": "rcllm", "policy": dataclasses.asdict(BLOCK_MODES["rcllm"]),
             "history_len": t.history_len, "num_candidates": t.num_candidates, "candidate_order": t.candidate_order,
@@ -215,9 +214,8 @@ def main(argv):
     t, model_s, catalog = read(TrainSettings, ModelSettings, CatalogSettings)  # the preset first; flags win
     import numpy as np
 
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.data.prompt_template import load_template
+    from rcllm_jax.data.movielens import LeaveOneOut
+    from rcllm_jax.data.catalog import CatalogError, load_catalog, prompt_builder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.engine.ranking_head import SlotHead
     from rcllm_jax.eval.metrics import per_request_metrics
@@ -228,13 +226,16 @@ def main(argv):
     t0 = time.perf_counter()
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = LeaveOneOut(load_dataset("ml-100k"))
+    try:
+        split = LeaveOneOut(load_catalog(catalog))
+    except CatalogError as e:
+        raise app.UsageError(str(e)) from None
     if t.max_users:
         split.users = split.users[:t.max_users]
     train, train_stats, val, val_requests, positions = _examples(t, split)
     model = load_model(model_s.model)
-    builder = PromptBuilder(model.tokenizer, split.dataset.items, history_len=t.history_len, head="slot",
-                            max_prompt_tokens=model.cfg.max_position, template=load_template(catalog.prompt))
+    builder = prompt_builder(model.tokenizer, split.dataset, catalog, history_len=t.history_len, head="slot",
+                             max_prompt_tokens=model.cfg.max_position)
     items = sorted({i for e in train + val for i in e.candidates})
     engine = Engine(model.params, model.cfg, builder, item_ids=items, user_pages=256, prefix_pages=1,
                     max_candidates=t.num_candidates)
@@ -250,7 +251,11 @@ def main(argv):
     retr = float(per_request_metrics(val_collected[1])["ndcg@10"].mean()) if t.candidate_order == "retriever" else None
     k = t.num_candidates
     rand = float(np.mean(1 / np.log2(np.arange(k) + 2) * (np.arange(k) < 10)))
-    card = _card(t, engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log)
+    ds = split.dataset
+    data = ("MovieLens-100k (GroupLens; research use, not redistributed: the data is never committed)"
+            if ds.name == "ml-100k" and not catalog.catalog else
+            f"the catalog {ds.name} ({len(ds.items)} items, {ds.num_interactions} interactions)")
+    card = _card(t, engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log, data)
     head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
                      "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},

@@ -117,22 +117,19 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     from pathlib import Path
 
     from rcllm_jax.cache import snapshot
-    from rcllm_jax.data.movielens import load_dataset
-    from rcllm_jax.data.prompt import PromptBuilder
+    from rcllm_jax.data.catalog import load_catalog, prompt_builder
     from rcllm_jax.engine.engine import Engine
     from rcllm_jax.engine.ranking_head import ranking_head as load_head
     from rcllm_jax.downloads import cache_dir
     from rcllm_jax.model import load_model
-    from rcllm_jax.data.prompt_template import load_template
     from rcllm_jax.retrieval import load_or_fit
 
     m, c = model or ModelSettings(), catalog or CatalogSettings()
     e, lay = engine or EngineSettings(), layout or MeshSettings()
-    ds = load_dataset(c.dataset, c.data_dir)
+    ds = load_catalog(c)
     item_ids = sorted(ds.items)[:c.max_items or None]
     lm = load_model(m.model, dtype=m.dtype, adapter=m.adapter)
-    builder = PromptBuilder(lm.tokenizer, ds.items, history_len=c.history_len, max_prompt_tokens=lm.cfg.max_position,
-                            head=m.head, template=load_template(c.prompt))
+    builder = prompt_builder(lm.tokenizer, ds, c, max_prompt_tokens=lm.cfg.max_position, head=m.head)
     from rcllm_jax.cache.pool import PAGE
     from rcllm_jax.model.config import kv_bytes_per_token
     user_pages, prefix_pages = e.user_cache_pages, e.prefix_cache_pages

@@ -56,6 +56,9 @@ class ModelSettings:
 class CatalogSettings:
     """The items and user histories, and how much of a history a prompt holds."""
     SECTION: typing.ClassVar[str] = "catalog"
+    catalog: str | None = _opt(None, "Catalog directory: items.jsonl|csv|parquet (an id column and text fields), "
+                               "interactions.csv|parquet or a RecBole .inter file (user, item, timestamp) and "
+                               "catalog.toml (item_template, ...; docs/launchers.md). Replaces --dataset.")
     dataset: str = _opt("ml-100k", "Catalog and user histories.", choices=("ml-100k", "ml-1m"))
     data_dir: str | None = _opt(None, "Directory with the dataset files (default: fetch ml-100k).")
     history_len: int = _opt(SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")

@@ -62,8 +62,8 @@ def test_request_log_is_checked_line_by_line(split, tmp_path):
     import json
 
     from rcllm_jax.data.pipeline import read_request_log
-    items = split.dataset.items
-    good = [{"user_id": "a", "history": [1, 2], "candidates": [3, 4], "target": 4},
+    items = split.dataset
+    good = [{"user_id": "a", "history": [1, "2"], "candidates": [3, 4], "target": 4},  # "2": item 2
             {"user_id": 7, "history": [], "candidates": [5]}]
     p = tmp_path / "log.jsonl"
     p.write_text("\n".join(json.dumps(x) for x in good) + "\n")
@@ -75,7 +75,8 @@ def test_request_log_is_checked_line_by_line(split, tmp_path):
              '[1, 2]': "a request is a JSON object",
              '{"user_id": 1, "history": [1], "candidates": [2, 2]}': "duplicate candidates: [2]",
              '{"user_id": 1, "history": [99999], "candidates": [2]}': "unknown item 99999 in history",
-             '{"user_id": 1, "history": [1], "candidates": ["2"]}': "candidates must be a list of integer item ids",
+             '{"user_id": 1, "history": ["x-1"], "candidates": [2]}': "unknown item 'x-1' in history",
+             '{"user_id": 1, "history": [1], "candidates": [2.0]}': "candidates must be a list of item ids",
              '{"user_id": 1, "history": [1], "candidates": [2], "score": 1}': "unknown fields ['score']",
              '{"user_id": true, "history": [1], "candidates": [2]}': "user_id must be",
              '{"user_id": 1, "history": [1], "candidates": [2], "target": 99999}': "target must be a known item"}

@@ -217,7 +217,7 @@ def test_service_answers_by_hand_and_routes_by_affinity():
                 ({"user_id": 7, "candidates": [1, 999]}, 404, "unknown item"),
                 ({"user_id": 7, "candidates": [1, 2, 3, 4, 5, 6]}, 400, "at most 5"),
                 ({"user_id": 1.5, "candidates": [1]}, 400, "user_id must be a string or an integer"),
-                ({"user_id": "a b", "candidates": [1]}, 400, "printable ASCII characters without spaces"),
+                ({"user_id": "a b", "candidates": [1]}, 400, "printable characters without spaces"),
                 ({"user_id": 10**200, "candidates": [1]}, 400, "at most 128 digits"),
                 ({"user_id": 7, "candidates": [2**70]}, 400, "out of range"),
                 ({"candidates": [1]}, 400, "user_id is required"),

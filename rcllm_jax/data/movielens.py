@@ -22,10 +22,18 @@ _YEAR_SUFFIX = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    item_id: int
+    item_id: int  # the engine's index of the item (MovieLens: its id)
     title: str
     year: int | None
     genres: tuple[str, ...]
+    key: str | None = None  # the catalog's own id, opaque (a catalog directory's); None: item_id is the id
+    text: str | None = None  # the prompt's text of the item (a catalog's item_template); None: title (year; genres)
+
+    @property
+    def id(self) -> int | str:
+        """The item's id as its catalog names it (what the API, request logs and the state database
+        carry): the catalog's string key, or MovieLens's integer id."""
+        return self.item_id if self.key is None else self.key
 
 
 @dataclasses.dataclass
@@ -33,12 +41,33 @@ class Dataset:
     name: str
     items: dict[int, Item]
     sequences: dict[int, tuple[int, ...]]  # user -> item ids, oldest first
+    user_keys: dict[int, str] | None = None  # user -> the catalog's own user id (None: str(user))
+    prompt: str | None = None  # the catalog's prompt preset (catalog.toml), used unless --prompt says otherwise
+    max_item_tokens: int | None = None  # an item's text is cut to this many tokens in a prompt
 
     def __post_init__(self):
         unknown = {i for s in self.sequences.values() for i in s} - self.items.keys()
         if unknown:
             raise ValueError(f"{self.name}: interactions name {len(unknown)} items absent from the item "
                              f"file, e.g. {sorted(unknown)[:5]}")
+        self._item_index = {str(it.id): i for i, it in self.items.items()}
+        self._user_index = ({str(u): u for u in self.sequences} if self.user_keys is None
+                            else {k: u for u, k in self.user_keys.items()})
+
+    def item_of(self, item_id) -> int | None:
+        """The engine's index of the item the catalog calls `item_id` (a string, or an integer
+        for catalogs with integer ids: 7 and "7" are the same item), None if unknown."""
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+            return None
+        return self._item_index.get(str(item_id))
+
+    def user_of(self, user_id) -> int | None:
+        """The dataset's user the catalog calls `user_id` (its string form), None if unknown."""
+        return self._user_index.get(str(user_id))
+
+    def user_key(self, user: int) -> str:
+        """The catalog's own id of a dataset user (what the state database and the API call it)."""
+        return str(user) if self.user_keys is None else self.user_keys[user]
 
     @property
     def num_interactions(self) -> int:
@@ -169,8 +198,11 @@ def scaled_catalog(ds: Dataset, scale: int) -> Dataset:
     stride = 10 ** len(str(max(ds.items)))
     for j in range(1, scale):
         for i, it in ds.items.items():
-            items[i + j * stride] = dataclasses.replace(it, item_id=i + j * stride, title=f"{it.title} #{j + 1}")
-    return Dataset(f"{ds.name}x{scale}", items, ds.sequences)
+            items[i + j * stride] = dataclasses.replace(
+                it, item_id=i + j * stride, title=f"{it.title} #{j + 1}",
+                key=None if it.key is None else f"{it.key}#{j + 1}",
+                text=None if it.text is None else f"{it.text} #{j + 1}")
+    return dataclasses.replace(ds, name=f"{ds.name}x{scale}", items=items)
 
 
 @dataclasses.dataclass

@@ -121,13 +121,14 @@ def stream_requests(split: LeaveOneOut, *, num_users: int, requests_per_user: in
 REQUEST_LOG_FIELDS = {"user_id", "history", "candidates", "target", "arrival_s"}
 
 
-def read_request_log(path, items, max_candidates: int | None = None) -> list[RankRequest]:
+def read_request_log(path, dataset, max_candidates: int | None = None) -> list[RankRequest]:
     """A request log to replay (`bench.py --requests`): JSON lines, one request each,
     {"user_id": id, "history": [item ids, oldest first], "candidates": [item ids],
     "target": item id (optional: what the user chose, for accuracy), "arrival_s": seconds
-    (optional: open-loop replay)}. Blank lines are skipped. Every line is checked before any is
-    run: a malformed line, an unknown item or a bad candidate list is a ValueError naming the
-    line."""
+    (optional: open-loop replay)}, item ids as the dataset's catalog names them (strings, or
+    integers for integer ids; `Dataset.item_of`). Blank lines are skipped. Every line is checked
+    before any is run: a malformed line, an unknown item or a bad candidate list is a ValueError
+    naming the line. The requests carry the engine's item indices."""
     from rcllm_jax.data.prompt import check_candidates
     out = []
     with open(path, encoding="utf-8") as f:
@@ -151,12 +152,13 @@ def read_request_log(path, items, max_candidates: int | None = None) -> list[Ran
             lists = {}
             for key in ("history", "candidates"):
                 v = d[key]
-                if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-                    raise ValueError(f"{where}: {key} must be a list of integer item ids")
-                unknown = [i for i in v if i not in items]
+                if not isinstance(v, list) or not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in v):
+                    raise ValueError(f"{where}: {key} must be a list of item ids (strings or integers)")
+                found = [dataset.item_of(i) for i in v]
+                unknown = [i for i, f in zip(v, found) if f is None]
                 if unknown:
-                    raise ValueError(f"{where}: unknown item {unknown[0]} in {key}")
-                lists[key] = tuple(v)
+                    raise ValueError(f"{where}: unknown item {unknown[0]!r} in {key}")
+                lists[key] = tuple(found)
             try:
                 check_candidates(lists["candidates"])
             except ValueError as e:
@@ -164,8 +166,10 @@ def read_request_log(path, items, max_candidates: int | None = None) -> list[Ran
             if max_candidates is not None and len(lists["candidates"]) > max_candidates:
                 raise ValueError(f"{where}: {len(lists['candidates'])} candidates, at most {max_candidates}")
             target, arrival = d.get("target"), d.get("arrival_s")
-            if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target not in items):
-                raise ValueError(f"{where}: target must be a known item id")
+            if target is not None:
+                target = dataset.item_of(target)
+                if target is None:
+                    raise ValueError(f"{where}: target must be a known item id")
             if arrival is not None and (not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or arrival < 0):
                 raise ValueError(f"{where}: arrival_s must be a number >= 0")
             out.append(RankRequest(uid, lists["history"], lists["candidates"], target,

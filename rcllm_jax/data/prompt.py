@@ -107,7 +107,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Tokenizer, items: Mapping[int, Item], *, history_len: int = 20,
                  max_prompt_tokens: int | None = None, template: PromptTemplate = DEFAULT_TEMPLATE,
-                 head: str = "label"):
+                 head: str = "label", max_item_tokens: int | None = None):
         if history_len < 0:
             raise ValueError("history_len must be >= 0")
         if head not in HEADS:
@@ -123,6 +123,7 @@ class PromptBuilder:
         else:
             self.chat_head, self.chat_tail = template.system + "\n\n", "\n"
         self._item_tokens: dict[int, tuple[int, ...]] = {}
+        self.max_item_tokens, self._capped = max_item_tokens, {}
         self.instruction = self._block("instruction", self.chat_head + template.instruction)
         self.close_token = self._single(template.label_close, "label_close")
         self._single(template.slot, "slot")
@@ -143,13 +144,19 @@ class PromptBuilder:
         except KeyError:
             raise KeyError(f"unknown item id {item_id}") from None
 
-    @staticmethod
-    def item_text(item: Item) -> str:
-        """Request-independent text of one item: title, year, genres."""
-        meta = ", ".join(item.genres)
-        if item.year is not None:
-            meta = f"{item.year}; {meta}" if meta else str(item.year)
-        return f"{item.title} ({meta})" if meta else item.title
+    def item_text(self, item: Item) -> str:
+        """Request-independent text of one item: its catalog's templated text (cut to
+        `max_item_tokens`), else title (year; genres)."""
+        if item.text is not None:
+            if self.max_item_tokens is None:
+                return item.text
+            if item.item_id not in self._capped:
+                ids = self.tok.encode(item.text)
+                # (a cut inside a character's bytes leaves a replacement character: dropped)
+                cut = self.tok.decode(ids[:self.max_item_tokens]).rstrip("\ufffd").rstrip()
+                self._capped[item.item_id] = item.text if len(ids) <= self.max_item_tokens else cut
+            return self._capped[item.item_id]
+        return movielens_text(item)
 
     def item_block(self, item_id: int) -> Block:
         text = self.template.fill("item", item=self.item_text(self._item(item_id)))
@@ -200,6 +207,14 @@ class PromptBuilder:
             blocks += [self.item_block(item), slot] + ([lead] if j + 1 < len(candidates) else [])
         blocks.append(self._block("glue", t.fill("slot_question", chat_tail=self.chat_tail)))
         return self._checked(Prompt(tuple(blocks), candidates, (), (), self.close_token, head="slot"), check_length)
+
+
+def movielens_text(item: Item) -> str:
+    """The built-in readers' item text: title (year; genres)."""
+    meta = ", ".join(item.genres)
+    if item.year is not None:
+        meta = f"{item.year}; {meta}" if meta else str(item.year)
+    return f"{item.title} ({meta})" if meta else item.title
 
 
 def check_candidates(candidates: Sequence) -> None:

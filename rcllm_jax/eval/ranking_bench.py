@@ -233,9 +233,13 @@ def _workload(run: RunSettings) -> Workload:
     """The requests of the flags: generated from MovieLens (test targets, held-back positions, a
     stream with growing histories) or replayed from a log; their candidates sampled or retrieved."""
     import numpy as np
-    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.catalog import CatalogError, load_catalog
+    from rcllm_jax.data.movielens import LeaveOneOut
     from rcllm_jax.data.pipeline import eval_requests, heldout_requests, stream_requests
-    ds = load_dataset(run.catalog.dataset, run.catalog.data_dir)
+    try:
+        ds = load_catalog(run.catalog)
+    except CatalogError as e:
+        raise BenchError(str(e)) from None
     split = LeaveOneOut(ds)
     positions = _test_positions(run.bench.test_positions) if run.bench.test_positions else None
     if positions and (run.bench.requests or run.bench.requests_per_user > 1):
@@ -250,7 +254,7 @@ def _workload(run: RunSettings) -> Workload:
     if run.bench.requests:
         from rcllm_jax.data.pipeline import read_request_log
         try:
-            requests = read_request_log(run.bench.requests, ds.items)
+            requests = read_request_log(run.bench.requests, ds)
         except (OSError, ValueError) as e:
             raise BenchError(f"--requests: {e}") from None
         if retriever is not None:
@@ -608,8 +612,7 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
         raise BenchError(f"unknown mode {unknown[0]!r}; available: {', '.join(MODES)}")
     modes = list(run.bench.modes) + [f"blend@{float(r):g}" for r in run.bench.sweep]
     layout = run.layout
-    from rcllm_jax.data.prompt import PromptBuilder
-    from rcllm_jax.data.prompt_template import load_template
+    from rcllm_jax.data.catalog import prompt_builder
     from rcllm_jax.eval.floor import matmul_peak_flops, memory_bandwidth
     from rcllm_jax.model import load_model
     from rcllm_jax.retrieval import fit_before
@@ -627,8 +630,8 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
     cut = max(w.positions) if w.positions else 2
     train_retriever = (w.retrievers[cut] if w.retrievers else w.retriever) or fit_before(w.split, 2)
     model = load_model(run.model.model, dtype=run.model.dtype, adapter=run.model.adapter)
-    builder = PromptBuilder(model.tokenizer, w.ds.items, history_len=run.catalog.history_len, head=run.model.head,
-                            max_prompt_tokens=model.cfg.max_position, template=load_template(run.catalog.prompt))
+    builder = prompt_builder(model.tokenizer, w.ds, run.catalog, head=run.model.head,
+                             max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in w.requests]
     lengths = [len(p) for p in prompts]
     logging.info("%d requests ready in %.1fs", len(w.requests), time.perf_counter() - t0)

@@ -36,8 +36,8 @@ from rcllm_jax.serve.service import ApiError, RecommenderService
 
 MAX_BODY = 64 * 1024
 TOO_MANY_DIGITS = "a JSON number has more digits than any field takes (ids: at most 128 digits)"  # Python's int-string limit (4300 digits)
-UserId = Union[StrictInt, Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]]
-ItemIds = list[StrictInt]
+UserId = Union[StrictInt, Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^\S+$")]]
+ItemIds = list[StrictInt | StrictStr]  # as the catalog names its items
 
 
 class RecommendRequest(BaseModel):
@@ -69,7 +69,7 @@ class HistoryRequest(BaseModel):
 
 
 class RankedItem(BaseModel):
-    item_id: int
+    item_id: int | str
     score: float
     title: str
 

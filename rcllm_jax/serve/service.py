@@ -155,8 +155,8 @@ def _user(v) -> str:
     if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and not -10**127 < v < 10**127):
         raise ApiError(400, f"user_id must be a string or an integer of at most 128 digits, got {str(type(v).__name__)}")
     s = str(v)
-    if not 1 <= len(s) <= 128 or not all(33 <= ord(c) <= 126 for c in s):
-        raise ApiError(400, "user_id must be 1..128 printable ASCII characters without spaces")
+    if not 1 <= len(s) <= 128 or not s.isprintable() or any(c.isspace() for c in s):
+        raise ApiError(400, "user_id must be 1..128 printable characters without spaces (any script)")
     return s
 
 
@@ -181,7 +181,7 @@ class RecommenderService:
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
                  retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
                  max_batch: int = 8, latency_target_s: float | None = None,
-                 cost_s: tuple[float, float] | None = None):
+                 cost_s: tuple[float, float] | None = None, catalog: dict | None = None):
         """engine: a `ServingEngine`; state: the user histories and event log (`StateStore`).
         retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
@@ -192,7 +192,8 @@ class RecommenderService:
         queued request waits about this long (at least 8 outstanding); None: the bound stays.
         cost_s: (returning, new) - a request's estimated engine seconds when its user's history
         prefix is cached (as the loop last published) or must be computed, what the scheduler's
-        `max_cost_s` admits by (None: every task costs 0)."""
+        `max_cost_s` admits by (None: every task costs 0). items: the served items (candidates);
+        catalog: every item a history may name (default: the served ones)."""
         if serving_step not in SERVING_STEPS:
             raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
         if max_batch < 1:
@@ -200,6 +201,10 @@ class RecommenderService:
         self.batched = serving_step == "batched" and mode in BLOCK_MODES
         self.max_batch = max_batch
         self.engine, self.items, self.mode, self.scheduler, self.state = engine, items, mode, scheduler, state
+        # the catalog's id of each item (`Item.id`: what the API and the state database carry) and back
+        self.ids = {i: getattr(it, "id", i) for i, it in (catalog or items).items()}
+        self.by_id = {str(self.ids[i]): i for i in items}  # what may be ranked
+        self.in_catalog = {str(v): i for i, v in self.ids.items()}  # what a history may name
         self.recommender = Recommender(engine, retriever, mode)
         self.num_candidates = min(num_candidates, max_candidates)
         self.max_candidates, self.timeout, self.retry_after_s = max_candidates, request_timeout_s, retry_after_s
@@ -220,14 +225,27 @@ class RecommenderService:
 
     # --- API ---------------------------------------------------------------------------------
 
-    def _item_ids(self, values, what: str) -> list[int]:
+    def _item_ids(self, values, what: str, served: bool = True) -> list[int]:
+        """The engine's indices of the items a request names (as the catalog does: strings, or
+        integers for integer ids; 7 and "7" are the same item): served items (candidates), or
+        any of the catalog's (histories)."""
         if not isinstance(values, list):
             raise ApiError(400, f"{what} must be a list of item ids")
-        ids = [_int(v, f"every entry of {what}") for v in values]
-        unknown = [i for i in ids if i not in self.items]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ApiError(400, f"every entry of {what} must be an item id (a string or an integer), "
+                                    f"got {repr(v)[:40]}")
+            if isinstance(v, int) and not -2**63 <= v < 2**63:
+                raise ApiError(400, f"an entry of {what} is out of range (a 64-bit integer)")
+        ids = [(self.by_id if served else self.in_catalog).get(str(v)) for v in values]
+        unknown = [v for v, i in zip(values, ids) if i is None]
         if unknown:
             raise ApiError(404, f"unknown item id(s) in {what}: {unknown[:10]}")
         return ids
+
+    def _known(self, stored) -> list[int]:
+        """The engine's indices of a stored history's items (ones the catalog no longer has are left out)."""
+        return [i for i in (self.in_catalog.get(str(v)) for v in stored) if i is not None]
 
     def _rank_task(self, body) -> tuple[Task, dict]:
         """Validate a recommend body into an engine task (ApiError: a 4xx naming the problem)."""
@@ -241,7 +259,8 @@ class RecommenderService:
         user = _user(body["user_id"])
         # the history this request is ranked with: the one it sends (for this request only), else the
         # stored one as the database holds it now (its candidates are retrieved for the same)
-        history = self._item_ids(body["history"], "history") if "history" in body else self.state.history(user)
+        history = (self._item_ids(body["history"], "history", served=False) if "history" in body
+                   else self._known(self.state.history(user)))
         retrieved = "candidates" not in body
         if retrieved:  # retrieve -> rerank, from the history known now
             if "num_candidates" in body:
@@ -274,7 +293,7 @@ class RecommenderService:
         cands = task.payload["candidates"]
         order = np.argsort(-res["scores"], kind="stable")[:meta["top_k"]]
         return {"user_id": meta["user_id"], "request_id": task.payload["request_id"],
-                "ranking": [{"item_id": cands[i], "score": float(res["scores"][i]),
+                "ranking": [{"item_id": self.ids[cands[i]], "score": float(res["scores"][i]),
                              "title": self.items[cands[i]].title} for i in order],
                 "shard": res["shard"], "mode": self.mode, "retrieved": meta["retrieved"],
                 "timings": {"queue_s": res["queue_s"], "ttft_s": res["ttft_s"], "prefill_s": res["prefill_s"],
@@ -313,10 +332,11 @@ class RecommenderService:
         user = _user(user_id)
         if not isinstance(body, dict) or "items" not in body or set(body) - {"items", "event_id"}:
             raise ApiError(400, 'body must be {"items": [item ids], "event_id"?: string}')
-        new = self._item_ids(body["items"], "items")
+        new = self._item_ids(body["items"], "items", served=False)
         if not new:
             raise ApiError(400, "items is empty")
-        task = Task("event", {"user": user, "items": new, "event_id": _event_id(body.get("event_id"))})
+        task = Task("event", {"user": user, "items": [self.ids[i] for i in new],
+                              "event_id": _event_id(body.get("event_id"))})
         self._submit(task)
         return self._wait(task, gone) | {"user_id": user}
 
@@ -325,7 +345,8 @@ class RecommenderService:
         user = _user(user_id)
         if not isinstance(body, dict) or set(body) != {"items"}:
             raise ApiError(400, 'body must be {"items": [item ids]}')
-        task = Task("history", {"user": user, "items": self._item_ids(body["items"], "items")})
+        items = [self.ids[i] for i in self._item_ids(body["items"], "items", served=False)]
+        task = Task("history", {"user": user, "items": items})
         self._submit(task)
         return self._wait(task, gone) | {"user_id": user}
 
@@ -338,13 +359,13 @@ class RecommenderService:
         return {"user_id": user, "history": got[0], "version": got[1]}
 
     def item(self, item_id: str) -> dict:
-        if not (item_id.isascii() and item_id.isdigit() and len(item_id) <= 18):
-            raise ApiError(400, f"item id must be a decimal integer, got {item_id[:40]!r}")
-        i = int(item_id)
-        if i not in self.items:
-            raise ApiError(404, f"unknown item id {i}")
+        i = self.by_id.get(item_id)
+        if i is None:
+            raise ApiError(404, f"unknown item id {item_id[:128]!r}")
         it = self.items[i]
-        return {"item_id": i, "title": it.title, "year": it.year, "genres": list(it.genres)} | self.item_table[i]
+        text = getattr(it, "text", None)
+        return ({"item_id": self.ids[i], "title": it.title, "year": it.year, "genres": list(it.genres)}
+                | ({} if text is None else {"text": text}) | self.item_table[i])
 
     def health(self) -> dict:
         alive = self.thread.is_alive() and not self.stopped.is_set()
@@ -527,8 +548,8 @@ class RecommenderService:
         p = t.payload
         probe = []  # the new history's prompt (with one candidate), built inside the transaction
 
-        def check(history):
-            probe.append(self._prompt(list(history), [next(iter(self.items))]))
+        def check(history):  # the stored ids (as the catalog names them)
+            probe.append(self._prompt(self._known(history), [next(iter(self.items))]))
         try:
             if t.kind == "event":
                 applied = self.state.append(p["user"], p["items"], p["event_id"], check=check)

@@ -11,7 +11,8 @@ applied again and gets the first answer back (marked as a replay); the same id w
 is refused (`EventConflict`). Events of one user are serialised across processes (SQLite: the
 database write lock; PostgreSQL: a transaction-scoped advisory lock on the user id).
 
-User ids are opaque strings ("007" and "7" are two users). Histories are capped at `max_history`
+User ids are opaque strings ("007" and "7" are two users); item ids are stored as the catalog
+names them (MovieLens: integers; a catalog directory's: strings). Histories are capped at `max_history`
 items (the most recent are kept: a prompt reads only the latest few; the log keeps every event).
 
 Tables:
@@ -136,7 +137,7 @@ class StateStore:
         row = self._db().execute("SELECT history, version FROM users WHERE user_id = ?", (str(user_id),)).fetchone()
         return None if row is None else (json.loads(row[0]), int(row[1]))
 
-    def history(self, user_id: str) -> list[int]:
+    def history(self, user_id: str) -> list:
         """The user's history ([] for an unknown user)."""
         got = self.user(user_id)
         return [] if got is None else got[0]
@@ -160,7 +161,7 @@ class StateStore:
             if db.execute("SELECT 1 FROM seeded WHERE name = ?", (name,)).fetchone():
                 return 0
             have = {u for (u,) in db.execute("SELECT user_id FROM users").fetchall()}
-            rows = [(str(u), json.dumps([int(i) for i in h][-self.max_history:])) for u, h in histories.items()
+            rows = [(str(u), json.dumps([_item(i) for i in h][-self.max_history:])) for u, h in histories.items()
                     if str(u) not in have]
             if rows:
                 db.executemany("INSERT INTO users (user_id, history, version) VALUES (?, ?, 0)", rows)
@@ -171,7 +172,7 @@ class StateStore:
         """Apply one event: the items appended to the user's history, logged, in one transaction.
         check(new history): raises to refuse the event (nothing is written). With an event_id
         already applied for this user, nothing is written and the first answer comes back."""
-        user_id, items = str(user_id), [int(i) for i in items]
+        user_id, items = str(user_id), [_item(i) for i in items]
         with self._tx(user_id) as db:
             if event_id is not None:
                 row = db.execute("SELECT items, version, history_length FROM events WHERE user_id = ? AND event_id = ?",
@@ -194,7 +195,7 @@ class StateStore:
 
     def put_history(self, user_id: str, items, check=None) -> Applied:
         """Replace a user's history (logged as an event with no event_id and the whole history)."""
-        user_id, items = str(user_id), [int(i) for i in items][-self.max_history:]
+        user_id, items = str(user_id), [_item(i) for i in items][-self.max_history:]
         with self._tx(user_id) as db:
             if check is not None:
                 check(items)
@@ -203,6 +204,11 @@ class StateStore:
             db.execute(UPSERT_USER, (user_id, json.dumps(items), version))
             db.execute(LOG_EVENT, (user_id, None, json.dumps({"replace": items}), version, len(items), time.time()))
         return Applied(tuple(items), version, len(items), replay=False)
+
+
+def _item(i):
+    """An item id as stored: a string stays one, an integer (numpy's too) becomes a Python int."""
+    return i if isinstance(i, str) else int(i)
 
 
 class _Postgres:
