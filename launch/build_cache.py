@@ -6,7 +6,8 @@ glue), placed over the items axis (--placement; hot items on every shard: --repl
 with the user store, the block index, the model fingerprint and the tokenizer hash
 (rcllm_jax/cache/snapshot.py). launch/serve.py and launch/bench.py --snapshot_dir restore it on
 any items mesh. A directory holding another model's
-snapshots is refused (nothing is overwritten).
+snapshots is refused (nothing is overwritten). --calibrate also chooses rcllm's policy for the model,
+head and prompt by measurement (rcllm_jax/engine/calibration.py) and saves it with the snapshot.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from absl import app, flags, logging  # noqa: E402
 from rcllm_jax.parallel import cli as dist_cli  # noqa: E402  (--mesh, --placement, multi-host flags)
 from rcllm_jax.settings import CatalogSettings, EngineSettings, ModelSettings, define_flags, read  # noqa: E402
 
-define_flags(ModelSettings, exclude=("ranking_head",))  # --head: the prompt format the blocks are encoded for
-define_flags(CatalogSettings, exclude=("history_len",))
+define_flags(ModelSettings)  # --head: the prompt format the blocks are encoded for (+ --ranking_head: --calibrate)
+define_flags(CatalogSettings)  # --history_len: what --calibrate calibrates for
 define_flags(EngineSettings, exclude=("mode", "user_cache_mb", "user_cache_pages", "prefix_cache_pages",
                                       "rebuild_on_damage"), max_candidates=100)  # label glue built for 100
 flags.mark_flag_as_required("snapshot_dir")
@@ -33,6 +34,9 @@ _CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
                            "candidate, or the instruction alone (default: the engine's, candidate).")
 _ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
 _ROWS = flags.DEFINE_integer("rows", 1, "Packed rows per items-shard in a build pass (one SPMD program over the mesh).")
+_CALIBRATE = flags.DEFINE_bool("calibrate", False, "Also calibrate rcllm's policy for --model, --head / --ranking_head, "
+                               "--prompt, --history_len and --calibration_candidates (engine/calibration.py) and save "
+                               "it with the snapshot: a server or benchmark with the same settings uses it.")
 
 
 def main(argv):
@@ -56,11 +60,17 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     items = sorted(ds.items)[:catalog.max_items or None]
     model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter)
-    builder = prompt_builder(model.tokenizer, ds, catalog, head=model_cfg.head)
+    builder = prompt_builder(model.tokenizer, ds, catalog, head=model_cfg.head, max_prompt_tokens=model.cfg.max_position)
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
-    engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, user_pages=16, prefix_pages=1,
-                    max_candidates=eng.max_candidates, mesh=mesh,
-                    placement=layout.placement, replicate=layout.replicate, kv_dtype=layout.kv_dtype)
+    from rcllm_jax.engine.ranking_head import ranking_head
+    try:  # --calibrate: the head whose scores are calibrated (a HeadError when it does not fit --model)
+        head = ranking_head(model_cfg.head, model_cfg.ranking_head) if _CALIBRATE.value else None
+        engine = Engine(model.params, model.cfg, builder, item_ids=items, **canon, head=head,
+                        user_pages=256 if _CALIBRATE.value else 16, prefix_pages=1,
+                        max_candidates=eng.max_candidates, mesh=mesh,
+                        placement=layout.placement, replicate=layout.replicate, kv_dtype=layout.kv_dtype)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     prev = snapshot.latest_meta(snap_dir)
     if prev is not None:
         problem = snapshot.identity_problem(prev[1], engine.identity())
@@ -85,6 +95,10 @@ def main(argv):
     t2 = time.perf_counter()
     step = engine.save(snap_dir)
     save_s = time.perf_counter() - t2
+    if _CALIBRATE.value and eng.calibration_requests:
+        from rcllm_jax.recommender import Recommender, calibrated
+        logging.info("%s", calibrated(Recommender(engine, retriever, "rcllm"), ds, items, snap_dir,
+                                      eng.calibration_requests, min(eng.calibration_candidates, eng.max_candidates)))
     st = engine.stats()
     loads = np.asarray(st["shard_tokens"])
     summary = {"snapshot_dir": os.path.abspath(snap_dir), "step": step, "mesh": layout.mesh,

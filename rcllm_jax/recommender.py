@@ -170,5 +170,55 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
         retriever.save(retriever_path)
         how += " and saved"
     notes.append(f"retriever (item-kNN over the catalog's histories): {how}")
-    return Served(Recommender(engine, retriever, e.mode), ds, item_ids, snap, snap.rstrip("/") + "-users",
-                  rebuild_on_damage, notes)
+    rec = Recommender(engine, retriever, e.mode)
+    if e.calibration_requests and e.mode == "rcllm":
+        notes.append(calibrated(rec, ds, item_ids, snap, e.calibration_requests,
+                                min(e.calibration_candidates, e.max_candidates)))
+    return Served(rec, ds, item_ids, snap, snap.rstrip("/") + "-users", rebuild_on_damage, notes)
+
+
+def calibration_requests(ds, retriever, item_ids, n: int, k: int, builder=None) -> list:
+    """n requests shaped like retrieve -> rerank traffic for calibration: every few users of the
+    catalog (their ids as the catalog names them), their history, the retriever's top-k (halved
+    until the prompt fits `builder`'s length limit)."""
+    served, users = set(item_ids), sorted(u for u, s in ds.sequences.items() if len(s) >= 2)
+    out = []
+    for u in users[::max(1, len(users) // max(n, 1))]:
+        seq = list(ds.sequences[u])
+        try:
+            cands = [i for i in retriever.retrieve(seq, k)[0] if i in served]
+        except ValueError:  # nothing left to retrieve
+            continue
+        while builder is not None and len(cands) >= 2:  # as many as fit the prompt's length limit
+            try:
+                builder.build(seq, cands)
+                break
+            except ValueError:
+                cands = cands[:len(cands) // 2]
+        if len(cands) >= 2:
+            out.append((ds.user_key(u), seq, cands))
+        if len(out) == n:
+            break
+    return out
+
+
+def calibrated(rec: Recommender, ds, item_ids, snapshot_dir, n: int, k: int) -> str:
+    """Set rcllm's policy from the calibration saved in `snapshot_dir` for this engine (weights,
+    head, prompt, ...), else calibrate it now on n requests and save it there. Returns a line
+    saying which policy and how faithful."""
+    from rcllm_jax.engine import calibration as cal
+    engine = rec.engine
+    got = cal.load(snapshot_dir, cal.calibration_key(engine, k))
+    how = "saved with the snapshot"
+    if got is None:
+        requests = calibration_requests(ds, rec.retriever, item_ids, n, k, engine.builder)
+        if not requests:
+            return "rcllm policy: the built-in default (no request to calibrate on)"
+        got = cal.calibrate(rec, requests, num_candidates=k)
+        cal.save(snapshot_dir, got)
+        engine.reset_caches()  # the calibration users' prefixes go
+        how = f"calibrated now on {got.requests} requests"
+    engine.set_policy("rcllm", got.policy, got)
+    m = got.measured[got.name]
+    return (f"rcllm policy: {got.name} ({how}; vs full prefill top-1 {m['top1_agreement']:.3f}, Kendall tau "
+            f"{m['kendall_tau']:.3f}, KL {m['kl_mean']:.4f}: target {'met' if got.met else 'NOT met, exact policy'})")

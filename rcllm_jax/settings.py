@@ -111,6 +111,12 @@ class EngineSettings:
     rebuild_on_damage: bool | None = _opt(None, "When no step of the item-cache snapshot is intact, rebuild it "
                                           "(default: yes at the default location, no for --snapshot_dir).",
                                           flag_type=bool)
+    calibration_requests: int = _opt(16, "rcllm's policy is calibrated for the model, head and prompt in use on this "
+                                     "many sampled requests (the cheapest policy meeting top-1 >= 0.95, Kendall tau "
+                                     ">= 0.9, KL <= 0.01 vs full prefill; saved with the snapshot and reused); 0: the "
+                                     "built-in default policy.", lower=0)
+    calibration_candidates: int = _opt(20, "Candidates per calibration request (the retriever's top-K, as a "
+                                       "request without candidates gets).", lower=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +205,10 @@ class BenchSettings:
     ratio: float | None = _opt(None, "Override: deviation recompute ratio (deviation, rcllm).", flag_type=float)
     check_layer: int | None = _opt(None, "Override: deviation check layer.", flag_type=int)
     cached_glue: bool = _opt(False, "Block modes serve label/question glue from the block store.")
+    calibration_requests: int = _opt(16, "rcllm's policy is calibrated for the model, head and prompt on this many "
+                                     "requests of users outside the measured ones (engine/calibration.py; reused from "
+                                     "--snapshot_dir when saved there); 0, or --sink / --ratio / --check_layer / "
+                                     "--cached_glue given: the built-in policy with those overrides.", lower=0)
     sweep: tuple[str, ...] = _opt((), "Extra rows blend@r: sink (--sink, default 2) + deviation at ratio r (check "
                                   "layer --check_layer, default 1), glue as --cached_glue says.")
     prefix_cache_pages: int = _opt(4096, "Prefix-cache budget in 16-token pages.")

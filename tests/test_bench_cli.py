@@ -15,7 +15,7 @@ def test_bench_writes_table_and_json(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,prefix,stitch,rcllm",
                         "--head=label", "--num_users=3", "--requests_per_user=2", "--num_candidates=5",
-                        "--history_len=4",
+                        "--history_len=4", "--calibration_requests=8",
                         "--dataset=ml-100k", f"--output_json={out}"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -45,6 +45,12 @@ def test_bench_writes_table_and_json(tmp_path):
     assert 0 < full["ttft_p50_s"] <= full["ttft_p99_s"]
     assert all(0.0 <= rows[m][k] <= 1.0 for m in rows for k in ("hr@1", "hr@5", "hr@10", "ndcg@10", "mrr"))
     assert full["hr@5"] == 1.0  # 5 candidates: the target is always in the top 5
+    # rcllm ran the policy calibrated for this model's own answer labels (other users than the measured)
+    cal = data["config"]["calibration"]
+    assert cal["requests"] == 8 and cal["target_met"] == (cal["policy"] != "exact") and "rcllm policy:" in r.stderr
+    assert {k: rows["rcllm"]["policy"][k] for k in ("sink", "ratio", "cached_glue")} == {
+        k: cal[k] for k in ("sink", "ratio", "cached_glue")}
+    assert cal["measured"]["kl_mean"] <= 0.01 or not cal["target_met"]
 
 
 def test_compare_impl_rows(tmp_path):
@@ -52,6 +58,7 @@ def test_compare_impl_rows(tmp_path):
     interpreter, so the smallest workload)."""
     out = tmp_path / "c.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full,rcllm", "--num_users=1",
+                        "--calibration_requests=0",
                         "--head=label", "--num_candidates=2", "--history_len=1", "--nowarmup", "--compare_impl",
                         "--peers=",
                         f"--output_json={out}"], capture_output=True, text=True, timeout=1500)
@@ -90,6 +97,7 @@ def test_replay_a_request_log_with_prefix_warm(tmp_path):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), f"--requests={log}", "--head=label",
                         "--modes=full,prefix,prefix_warm,rcllm", "--history_len=4", "--peers=", "--nowarmup",
+                        "--calibration_requests=0",
                         f"--output_json={out}"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -232,13 +232,15 @@ def test_a_catalog_end_to_end(shop, smollm2, tmp_path):
         assert r.returncode == 0, (script, r.stderr[-3000:])
         return r
 
-    run("build_cache.py", *common, "--max_candidates=20")
+    built = run("build_cache.py", *common, "--max_candidates=20", "--calibrate", "--history_len=4")
+    assert "rcllm policy: " in built.stderr and "(calibrated now on 16 requests;" in built.stderr
     ds = read_catalog(d)
     srv = Server([*common, "--history_len=4", "--port=0", "--nowarmup", "--max_candidates=20", "--user_cache_pages=64",
                   f"--state_db={tmp_path / 'state.sqlite3'}"], env)
     try:
         url = srv.url
         assert "restored item caches" in "".join(srv.lines)
+        assert "(saved with the snapshot;" in "".join(srv.lines)  # build_cache.py --calibrate's
         user = ds.user_key(1)
         cands = [item_key(i) for i in (4, 9, 15, 22)]
         code, out = http_call(url + "/v1/recommend", {"user_id": user, "candidates": cands})
@@ -260,6 +262,7 @@ def test_a_catalog_end_to_end(shop, smollm2, tmp_path):
         assert srv.stop()[0] == 0
     r = run("recommend.py", *common, "--history_len=4", f"--user_id={user}", "--num_candidates=6", "--top_k=3")
     assert "user user-ü-0:" in r.stdout and r.stdout.count(" by ") >= 3, r.stdout
+    assert "(saved with the snapshot;" in r.stdout  # the server's calibration, reused
     out = tmp_path / "bench.json"
     run("bench.py", *common[:-1], "--history_len=4", "--modes=full,rcllm", "--num_users=3", "--num_candidates=5",
         "--nowarmup", "--peers=", f"--output_json={out}")
@@ -269,3 +272,38 @@ def test_a_catalog_end_to_end(shop, smollm2, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "recommend.py"), *common, "--user_id=nobody"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode != 0 and "unknown user 'nobody'" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_head_for_your_own_model_and_catalog_in_one_command(shop, smollm2, tmp_path):
+    """docs/your_own_model.md: launch/train.py --catalog --model fits a score-slot head for that
+    model on that catalog (its card names the catalog and the prompt); bench.py serves it on the
+    catalog's test positions, and the shipped head is refused there (other weights)."""
+    from test_serve import tiny_model
+
+    from rcllm_jax.data.prompt_template import DEFAULT_TEMPLATE
+    from rcllm_jax.engine.ranking_head import SlotHead
+    d, _, _ = shop
+    tiny = tiny_model(tmp_path / "model", smollm2.tokenizer)
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    out = tmp_path / "ranker"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), f"--catalog={d}", f"--model={tiny}",
+                        f"--output_dir={out}", "--positions=4", "--validation_position=3", "--collaborative_positions=4",
+                        "--num_candidates=10", "--history_len=4", "--head_steps=20", "--l2=1e-2", "--steps=0"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = SlotHead.load(out / "head")
+    assert head.card["prompt_digest"] == DEFAULT_TEMPLATE.digest() and "the catalog shop (2000 items" in head.card["data"]
+    assert head.card["train_examples"] > 0
+    js = tmp_path / "b.json"
+    bench = [sys.executable, str(ROOT / "launch" / "bench.py"), f"--catalog={d}", f"--model={tiny}", "--head=slot",
+             "--candidates=retrieved", "--candidate_order=retriever", "--num_candidates=10", "--history_len=4",
+             "--modes=full,rcllm", "--num_users=20", "--test_positions=1-2", "--nowarmup", "--peers=",
+             f"--output_json={js}"]
+    b = subprocess.run([*bench, f"--ranking_head={out / 'head'}"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert b.returncode == 0, b.stderr[-3000:]
+    rows = {x["mode"]: x for x in json.loads(js.read_text())["results"]}
+    assert {"full", "rcllm", "retriever", "collaborative"} <= set(rows)
+    b = subprocess.run(bench, env=env, capture_output=True, text=True, timeout=900)
+    assert b.returncode != 0 and "trained on other weights" in b.stderr

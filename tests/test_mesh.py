@@ -757,7 +757,8 @@ def test_build_cache_then_bench_on_the_mesh(tmp_path, smollm2_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "full.json").read_text())["results"][0]["mode"] == "full"
     from test_serve import Server, http_call
-    srv = Server(["--mesh=items:4", f"--snapshot_dir={snap}", "--max_items=60", "--nowarmup", "--port=0"], env)
+    srv = Server(["--mesh=items:4", f"--snapshot_dir={snap}", "--max_items=60", "--nowarmup", "--port=0",
+                  "--calibration_requests=0"], env)
     try:
         assert "restored item caches" in "".join(srv.lines)
         code, out = http_call(srv.url + "/v1/recommend", {"user_id": 1, "candidates": [2, 3, 5]})

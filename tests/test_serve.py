@@ -88,7 +88,7 @@ def tiny(tmp_path_factory, smollm2):
     return tiny_model(tmp_path_factory.mktemp("tiny") / "model", smollm2.tokenizer)
 
 
-def _reference(tiny, history, cands, user, prompt=None):
+def _reference(tiny, history, cands, user, prompt=None, policy="rcllm"):
     from rcllm_jax.data.movielens import load_dataset
     from rcllm_jax.data.prompt import PromptBuilder
     from rcllm_jax.data.prompt_template import load_template
@@ -101,7 +101,7 @@ def _reference(tiny, history, cands, user, prompt=None):
     e = Engine(m.params, m.cfg, b, item_ids=sorted(ds.items)[:N_ITEMS], max_candidates=52, user_pages=64,
                prefix_pages=1, kv_dtype="bfloat16")  # the server's default cache dtype
     e.build_store()
-    return e.rank(b.build(history, cands), "rcllm", user_id=user).scores, ds
+    return e.rank(b.build(history, cands), policy, user_id=user).scores, ds
 
 
 @pytest.mark.slow
@@ -119,12 +119,20 @@ def test_server_end_to_end(tiny, tmp_path):
         assert "every accepted request shape" in "".join(srv.lines)
         compiled = _compiles(url)  # after the warm-up: no request below may compile (any accepted shape)
         assert compiled > 0  # the counter includes the warm-up's compiles
+        # rcllm's policy was calibrated at start for this model and prompt (no calibration in the snapshot)
+        from rcllm_jax.engine.selective_recompute import Policy
+        health = http_call(url + "/healthz")[1]
+        calibration, policy = health["calibration"], Policy(**health["policy"])
+        assert "(calibrated now on 16 requests;" in "".join(srv.lines) and calibration["requests"] == 16
+        assert calibration["target_met"] == (calibration["policy"] != "exact")
+        assert calibration["measured"]["top1_agreement"] >= 0.95 or not calibration["target_met"]
+        assert list(snap.glob("calibration/*.json"))
         cands = [50, 1, 100, 7, 12, 98, 117, 64]
         code, out = http_call(url + "/v1/recommend", {"user_id": 1, "candidates": cands, "top_k": 5})
         assert code == 200, out
         from rcllm_jax.data.movielens import load_dataset
         ds = load_dataset("ml-100k")
-        ref, _ = _reference(tiny, ds.sequences[1], cands, 1)
+        ref, _ = _reference(tiny, ds.sequences[1], cands, 1, policy=policy)  # the policy the server runs
         want = np.argsort(-ref, kind="stable")[:5]
         assert [r["item_id"] for r in out["ranking"]] == [cands[i] for i in want]
         assert rel_err([r["score"] for r in out["ranking"]], ref[want]) <= 1e-5
@@ -240,10 +248,11 @@ def test_server_end_to_end(tiny, tmp_path):
     srv = Server(args + ["--nowarmup"], env)
     try:
         assert "restored item caches" in "".join(srv.lines)
+        assert "(saved with the snapshot;" in "".join(srv.lines)  # the calibration, not made again
         cands = [10, 33, 64, 2]
         code, out = http_call(srv.url + "/v1/recommend", {"user_id": 5, "candidates": cands})
         assert code == 200
-        ref, _ = _reference(tiny, list(ds.sequences[5]) + [10, 20], cands, 5)
+        ref, _ = _reference(tiny, list(ds.sequences[5]) + [10, 20], cands, 5, policy=policy)
         assert rel_err([r["score"] for r in out["ranking"]], np.sort(ref)[::-1]) <= 1e-5
         # the history prefix came back from the snapshot: the first request computes no more than a
         # repeat of it (only the fresh glue and the last token)
@@ -290,7 +299,8 @@ def test_recommend_cli(tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     r = subprocess.run([sys.executable, str(ROOT / "launch/recommend.py"), f"--user_id={user}", f"--model={tiny}",
                         "--head=label", f"--max_items={N_ITEMS}", "--history_len=5", "--num_candidates=6",
-                        "--top_k=3", f"--snapshot_dir={tmp_path / 'snap'}", f"--prompt={prompt}"], env=env,
+                        "--top_k=3", f"--snapshot_dir={tmp_path / 'snap'}", f"--prompt={prompt}",
+                        "--calibration_requests=0"], env=env,
                        capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -317,7 +327,8 @@ def test_readme_curl_examples(smollm2, tmp_path):
     tiny = tiny_model(tmp_path / "model", smollm2.tokenizer, 2048)  # room for 20 candidates with label prompts
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     srv = Server(["--mesh=items:2", f"--model={tiny}", "--head=label", "--port=0", "--history_len=5",
-                  f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup"], env)
+                  f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup",
+                  "--calibration_requests=0"], env)
     try:
         port = srv.url.rsplit(":", 1)[1]
         for line in lines:
@@ -351,6 +362,7 @@ def test_server_state_is_exact_and_survives_kill_9(tiny, tmp_path):
     ds = load_dataset("ml-100k")
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     args = ["--mesh=items:2", f"--model={tiny}", "--head=label", f"--max_items={N_ITEMS}", "--port=0",
+            "--calibration_requests=0",
             "--history_len=5", f"--snapshot_dir={tmp_path / 'snap'}", "--user_cache_pages=128", "--nowarmup",
             "--serving_step=batched", "--window=8", "--max_client_connections=4"]
     srv = Server(args, env)

@@ -290,6 +290,7 @@ def test_events_answered_503_through_http_are_not_applied_and_retries_apply_once
     tiny = tiny_model(tmp_path / "model", smollm2.tokenizer)
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     srv = Server([f"--model={tiny}", "--head=label", "--max_items=60", "--port=0", "--history_len=5", "--nowarmup",
+                  "--calibration_requests=0",
                   f"--snapshot_dir={tmp_path / 'snap'}", f"--users_dir={tmp_path / 'users'}",
                   "--user_cache_pages=64", "--request_timeout_s=0.02"], env)
     try:
@@ -475,6 +476,7 @@ def test_two_servers_share_one_postgres_state(postgres, smollm2, tmp_path):
     tiny = tiny_model(tmp_path / "model", smollm2.tokenizer)
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     base = [f"--model={tiny}", "--head=label", "--max_items=40", "--port=0", "--history_len=5", "--nowarmup",
+            "--calibration_requests=0",
             f"--snapshot_dir={tmp_path / 'snap'}", f"--state_db={url_db}", "--user_cache_pages=64"]
     a = Server(base + [f"--users_dir={tmp_path / 'ua'}"], env)
     b = None

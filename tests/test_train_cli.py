@@ -40,6 +40,7 @@ def test_train_then_bench_with_adapter(tmp_path):
     for model_args in (["--adapter", str(out / "adapter")], ["--model", str(out / "merged")]):
         js = tmp_path / f"b{len(fps)}.json"
         b = _run(["launch/bench.py", "--modes=full,rcllm", "--head=label", "--num_users=2", "--num_candidates=4",
+                  "--calibration_requests=0",
                   "--nowarmup",
                   "--history_len=2", "--peers=", f"--output_json={js}", *model_args])
         assert b.returncode == 0, b.stderr[-3000:]
@@ -84,6 +85,7 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     assert all((again.adapter[n]["b"] == ranker.adapter[n]["b"]).all() for n in ranker.adapter)
     js = tmp_path / "b.json"
     bench = ["launch/bench.py", "--head=slot", f"--ranking_head={out / 'ranker'}", "--candidates=retrieved",
+             "--calibration_requests=0",
              "--candidate_order=retriever", "--modes=full,rcllm", "--num_users=2", "--history_len=3", "--peers=",
              "--nowarmup", f"--output_json={js}"]
     b = _run(bench + ["--test_positions=1-3"])  # the test positions below the head's validation one

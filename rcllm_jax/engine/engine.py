@@ -119,6 +119,9 @@ class Engine:
                             f"than this one ({builder.template.digest()}): train a head on it (launch/train.py "
                             "--prompt=...)")
         self.head = head
+        # mode -> the Policy it runs; `rcllm` is replaced by a calibrated one (`set_policy`,
+        # `engine/calibration.py`), which `calibration` then describes
+        self.policies, self.calibration = dict(BLOCK_MODES), None
         self.replicated = shardings(self.mesh)["replicated"]
         self.params = jax.device_put(params, self.replicated)
         # the weights of the rows computed per request: the base, or the base + the head's query adapter
@@ -145,6 +148,20 @@ class Engine:
         self.pool = KVPool(cfg, (1 + user_pages + prefix_pages) * PAGE, sharding=self.replicated)
         self._pages = (user_pages, prefix_pages)
         self.reset_caches()
+
+    def policy(self, mode) -> Policy:
+        """The `Policy` a block mode (a name or a Policy) runs with on this engine."""
+        return block_policy(mode, policies=self.policies)
+
+    def set_policy(self, mode: str, policy: Policy, calibration=None):
+        """Run block mode `mode` with `policy` from now on (before `warm_up`: the recompute rows
+        it compiles depend on it); `calibration`: the measurement that chose it (reported by the
+        server's /healthz and the benchmark)."""
+        if mode not in BLOCK_MODES:
+            raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
+        self.policies[mode] = policy
+        if mode == "rcllm":
+            self.calibration = calibration
 
     @property
     def num_shards(self) -> int:
@@ -401,7 +418,7 @@ class Engine:
             return prefix_baseline.rank_prefix(self, prompt, shard or 0)
         if not isinstance(mode, Policy) and mode not in BLOCK_MODES:
             raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
-        return self._rank_policy(prompt, block_policy(mode, user_id), user_id, shard=shard)
+        return self._rank_policy(prompt, block_policy(mode, user_id, policies=self.policies), user_id, shard=shard)
 
     def rank_step(self, requests, mode="rcllm", pad_to: tuple[int, int, int] | None = None) -> list[EngineResult]:
         """Rank block-mode requests in one serving step (`engine/serving_step.py`): each on its
@@ -412,7 +429,7 @@ class Engine:
         (multi-token labels), and every request of a multi-process run, are ranked one by one.
         pad_to: (prefix, suffix, recompute rows): pad the step's prefix and suffix to at least these
         and run it with exactly this many recompute rows (`warm_up` compiles a shape so)."""
-        policy = block_policy(mode, *(user_id for _, user_id, _ in requests))
+        policy = block_policy(mode, *(user_id for _, user_id, _ in requests), policies=self.policies)
         heads = {prompt.head for prompt, _, _ in requests}
         if len(heads) > 1:
             raise ValueError(f"a serving step takes prompts of one head, got {sorted(heads)}")
@@ -539,7 +556,7 @@ class Engine:
         (remote ones through the block store's collective). `inputs.run(weights)` is the blended
         prefill `rank` runs (with the query weights); training differentiates through the same
         call. inputs is None in a process that does not hold the shard's device."""
-        policy = block_policy(mode, user_id)
+        policy = block_policy(mode, user_id, policies=self.policies)
         lay, items = self._stitch(prompt, user_id, policy, shard)
         n_select = selection_size(lay.forced, lay.cached, lay.valid, policy)
         return_kv = prompt.head == "label" and not prompt.single_token_labels

@@ -82,10 +82,11 @@ BLOCK_MODES = {
 }
 
 
-def block_policy(mode, *user_ids) -> Policy:
-    """The policy of block-mode requests (a mode name or a `Policy`) by these users; a ValueError
+def block_policy(mode, *user_ids, policies=None) -> Policy:
+    """The policy of block-mode requests (a mode name or a `Policy`) by these users, from
+    `policies` (an engine's: `rcllm` may be calibrated; default `BLOCK_MODES`); a ValueError
     naming the problem when it is not a block mode or a user id is missing."""
-    policy = mode if isinstance(mode, Policy) else BLOCK_MODES.get(mode)
+    policy = mode if isinstance(mode, Policy) else (BLOCK_MODES if policies is None else policies).get(mode)
     if policy is None:
         raise ValueError(f"{mode!r} is not a block mode ({', '.join(BLOCK_MODES)})")
     if any(u is None for u in user_ids):

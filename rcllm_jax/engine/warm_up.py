@@ -16,7 +16,7 @@ import numpy as np
 
 from rcllm_jax.buckets import buckets_between, coarse_bucket, coarse_buckets
 from rcllm_jax.engine.plan import served_from_cache, stitch_plan
-from rcllm_jax.engine.selective_recompute import Policy, block_policy
+from rcllm_jax.engine.selective_recompute import Policy
 
 WARM_UP_USER = "__warmup__"  # the user whose prefix the probes use (`Engine.reset_caches` drops it)
 
@@ -64,7 +64,7 @@ def serving_shapes(engine, mode="rcllm", max_candidates: int | None = None) -> d
     Bounds come from the catalog's shortest and longest blocks, so the set is a (small) superset of
     what traffic reaches; every dimension is a power of two but the recompute rows
     (`buckets.bucket`, four per octave)."""
-    policy = block_policy(mode, "")
+    policy = engine.policy(mode)
     b, bounds = engine.builder, shape_bounds(engine)
     ids, p_lo, p_hi = bounds.items, bounds.prefix_lo, bounds.prefix_hi
     k_max = min(max_candidates or len(ids), len(ids))
@@ -102,7 +102,7 @@ def warm_up(engine, mode="rcllm", max_candidates: int | None = None, max_batch: 
     from and to every shard, the user store's chunked prefix computation. Runs a probe per
     output-row class padded to each shape; nothing stored changes but the warm-up user's prefix.
     Returns the number of shapes run."""
-    policy = block_policy(mode, "")
+    policy = engine.policy(mode)
     shapes = serving_shapes(engine, policy, max_candidates)
     bounds = shape_bounds(engine)
     probes = {}

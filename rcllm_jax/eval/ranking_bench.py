@@ -57,6 +57,45 @@ def _policies(run: RunSettings):
     return out
 
 
+def _calibrate(run: RunSettings, engine, w, retriever):
+    """rcllm's calibrated policy for this run's model, head and prompt (`engine/calibration.py`):
+    from --snapshot_dir when saved there, else measured on requests of users the run does not
+    measure (and saved there); None when not asked for or the policy is set by flags."""
+    b = run.bench
+    if not b.calibration_requests or b.cached_glue or any(v is not None for v in (b.sink, b.ratio, b.check_layer)):
+        return None
+    from rcllm_jax.engine import calibration as cal
+    from rcllm_jax.recommender import Recommender
+    k = b.num_candidates
+    got = cal.load(b.snapshot_dir, cal.calibration_key(engine, k)) if b.snapshot_dir else None
+    if got is None:
+        # users the run does not measure, each with the candidates of a measured request (the
+        # served items, the traffic's shapes) less its own history
+        measured = {q.user_id for q in w.requests}
+        others = [u for u in sorted(w.ds.sequences) if u not in measured and len(w.ds.sequences[u]) >= 2]
+        requests = []
+        for j, u in enumerate(others[::max(1, len(others) // b.calibration_requests)][:b.calibration_requests]):
+            seq = list(w.ds.sequences[u])
+            cands = [c for c in w.requests[j % len(w.requests)].candidates if c not in set(seq)]
+            if len(cands) >= 2:
+                try:
+                    engine.builder.build(seq, cands)
+                except ValueError:  # beyond the prompt's length limit
+                    continue
+                requests.append((f"calibration-{u}", seq, cands))
+        if not requests:
+            return None
+        got = cal.calibrate(Recommender(engine, retriever, "rcllm"), requests, num_candidates=k)
+        engine.reset_caches()  # the calibration users' prefixes go
+        if b.snapshot_dir:
+            cal.save(b.snapshot_dir, got)
+    m = got.measured[got.name]
+    logging.info("rcllm policy: %s (top-1 %.3f, Kendall tau %.3f, KL %.4f vs full prefill on %d requests: target %s)",
+                 got.name, m["top1_agreement"], m["kendall_tau"], m["kl_mean"], got.requests,
+                 "met" if got.met else "NOT met, exact policy")
+    return got
+
+
 def _placement_locality(engine, requests):
     """Locality of this stream's candidates under each placement of the same stored blocks, without
     and (named "<placement>+replicate<r>") with the run's hot-item replication budget (affinity
@@ -638,6 +677,10 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
 
     engine = _engine(run, model, builder, w, modes, mesh, layout, head, train_retriever, cut)
     policies = _policies(run)
+    build = _build_store(run, engine) if any(m in policies for m in modes) else {}
+    calibration = _calibrate(run, engine, w, train_retriever) if "rcllm" in modes else None
+    if calibration is not None:
+        policies["rcllm"] = calibration.policy
     impl_of = {m: engine.impl for m in modes}
     if run.bench.compare_impl:
         from rcllm_jax.kernels import resolve
@@ -646,7 +689,6 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
             name = f"{m}@{'xla' if other == 'xla' else 'pallas'}"
             policies[name], impl_of[name] = policies[m], other
             modes.append(name)
-    build = _build_store(run, engine) if any(m in policies for m in modes) else {}
     peer, peer_note = _peer(run, model, head, prompts, modes, impl_of)
     results = _run_modes(run, engine, modes, w.requests, prompts, policies, peer, impl_of)
     side_source, engine_scores = None, None
@@ -666,6 +708,7 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
                       machine)
     rows += _baseline_rows(run, w, metrics, head, side_source)
     config = _config(run, w, model, engine, layout, modes, head, val_pos, build, machine, peer_note, lengths)
+    config["calibration"] = None if calibration is None else calibration.summary()
     _print_table(run, w, model, rows, metrics, config)
     Path(run.bench.output_json).parent.mkdir(parents=True, exist_ok=True)
     plots_dir = Path(run.bench.plots_dir or str(Path(run.bench.output_json).with_suffix("")) + "_plots")

@@ -370,9 +370,12 @@ class RecommenderService:
     def health(self) -> dict:
         alive = self.thread.is_alive() and not self.stopped.is_set()
         st = self.stats
+        # the policy each block mode runs (rcllm's calibrated for this model, head and prompt, if it was)
+        policies, calibration = getattr(self.engine, "policies", BLOCK_MODES), getattr(self.engine, "calibration", None)
         return {"status": "ok" if alive else "stopping", "queue_depth": len(self.scheduler),
                 "shards": self.engine.num_shards, "mode": self.mode, "scheduler": self.scheduler.policy,
-                "policy": dataclasses.asdict(BLOCK_MODES[self.mode]) if self.mode in BLOCK_MODES else None,
+                "policy": dataclasses.asdict(policies[self.mode]) if self.mode in policies else None,
+                "calibration": None if calibration is None or self.mode != "rcllm" else calibration.summary(),
                 "canonical": self.engine.canonical, "serving_step": "batched" if self.batched else "serial",
                 "max_batch": self.max_batch, "queue_bound": self.scheduler.max_queue,
                 "service_s": self.service_s,
