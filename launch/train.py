@@ -4,8 +4,8 @@ python launch/train.py --output_dir=runs/ranker                                 
 python launch/train.py --config=configs/train_gpu.toml --output_dir=runs/ranker_gpu  # longer, GPU
 python launch/train.py --output_dir=runs/ranker2 --steps=120                      # + stage 2 (adapter)
 
-Examples: targets held back at --positions from the end of each ML-100k sequence (training data
-strictly before each; an item-kNN retriever fitted on every sequence cut there proposes the
+Examples: targets held back at --positions from the end of each user's sequence (ML-100k, or the
+--catalog's; training data strictly before each; an item-kNN retriever fitted on every sequence cut there proposes the
 candidates, listed in its order); validation: the targets at --validation_position, likewise
 (the default config holds out 4: positions 1-3 stay for `bench.py --test_positions=1-3`). Only
 the examples whose target was retrieved train (the listwise loss needs it among the candidates).
