@@ -208,8 +208,10 @@ def calibrated(rec: Recommender, ds, item_ids, snapshot_dir, n: int, k: int) -> 
     saying which policy and how faithful."""
     from rcllm_jax.engine import calibration as cal
     engine = rec.engine
-    got = cal.load(snapshot_dir, cal.calibration_key(engine, k))
-    how = "saved with the snapshot"
+    key = cal.calibration_key(engine, k)
+    got, how = cal.load(snapshot_dir, key), "saved with the snapshot"
+    if got is None:  # the default model and head's, as shipped (measured once, like the head itself)
+        got, how = cal.load(cal.SHIPPED, key), "shipped with the default head"
     if got is None:
         requests = calibration_requests(ds, rec.retriever, item_ids, n, k, engine.builder)
         if not requests:

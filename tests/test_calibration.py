@@ -90,3 +90,21 @@ def test_a_saved_calibration_is_reused_only_under_its_key(world, tmp_path):
     assert cal.load(tmp_path, got.key) is None
     with pytest.raises(ValueError, match="at least one request"):
         cal.calibrate(rec, [])
+
+
+def test_the_default_setup_ships_its_calibration(smollm2):
+    """The default model, shipped head and default prompt, as serve.py and recommend.py set them up,
+    find their calibration among the head's assets (measured once: the README's first command
+    does not pay for it); it chose the built-in policy, within the target."""
+    from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN
+    from rcllm_jax.engine.ranking_head import DEFAULT_HEAD, SlotHead
+    from rcllm_jax.settings import EngineSettings, MeshSettings
+    ds = load_dataset("ml-100k")
+    builder = PromptBuilder(smollm2.tokenizer, ds.items, history_len=SERVED_HISTORY_LEN, head=SERVED_HEAD,
+                            max_prompt_tokens=smollm2.cfg.max_position)
+    eng = Engine(smollm2.params, smollm2.cfg, builder, item_ids=[1, 2], user_pages=8, prefix_pages=1,
+                 kv_dtype=MeshSettings().kv_dtype, head=SlotHead.load(DEFAULT_HEAD))
+    e = EngineSettings()
+    got = cal.load(cal.SHIPPED, cal.calibration_key(eng, min(e.calibration_candidates, e.max_candidates)))
+    assert got is not None and got.met and got.requests == 16
+    assert got.policy == cal.BLOCK_MODES["rcllm"] and cal.FidelityTarget().met(got.measured[got.name])
