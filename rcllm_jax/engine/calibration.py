@@ -71,7 +71,7 @@ class Calibration:
         """What /healthz and the benchmark JSON report."""
         return {"policy": self.name, **dataclasses.asdict(self.policy), "target_met": self.met,
                 "target": dataclasses.asdict(self.target), "requests": self.requests,
-                "measured": self.measured[self.name]}
+                "measured": self.measured[self.name], "candidates": self.measured}
 
     def to_json(self) -> dict:
         return {"name": self.name, "policy": dataclasses.asdict(self.policy), "met": self.met,
