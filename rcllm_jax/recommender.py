@@ -207,20 +207,9 @@ def calibrated(rec: Recommender, ds, item_ids, snapshot_dir, n: int, k: int) -> 
     head, prompt, ...), else calibrate it now on n requests and save it there. Returns a line
     saying which policy and how faithful."""
     from rcllm_jax.engine import calibration as cal
-    engine = rec.engine
-    key = cal.calibration_key(engine, k)
-    got, how = cal.load(snapshot_dir, key), "saved with the snapshot"
-    if got is None:  # the default model and head's, as shipped (measured once, like the head itself)
-        got, how = cal.load(cal.SHIPPED, key), "shipped with the default head"
+    got, how = cal.load_or_calibrate(rec, snapshot_dir, k, lambda: calibration_requests(
+        ds, rec.retriever, item_ids, n, k, rec.engine.builder))
     if got is None:
-        requests = calibration_requests(ds, rec.retriever, item_ids, n, k, engine.builder)
-        if not requests:
-            return "rcllm policy: the built-in default (no request to calibrate on)"
-        got = cal.calibrate(rec, requests, num_candidates=k)
-        cal.save(snapshot_dir, got)
-        engine.reset_caches()  # the calibration users' prefixes go
-        how = f"calibrated now on {got.requests} requests"
-    engine.set_policy("rcllm", got.policy, got)
-    m = got.measured[got.name]
-    return (f"rcllm policy: {got.name} ({how}; vs full prefill top-1 {m['top1_agreement']:.3f}, Kendall tau "
-            f"{m['kendall_tau']:.3f}, KL {m['kl_mean']:.4f}: target {'met' if got.met else 'NOT met, exact policy'})")
+        return f"rcllm policy: the built-in default ({how})"
+    rec.engine.set_policy("rcllm", got.policy, got)
+    return got.describe(how)

@@ -73,6 +73,13 @@ class Calibration:
                 "target": dataclasses.asdict(self.target), "requests": self.requests,
                 "measured": self.measured[self.name], "candidates": self.measured}
 
+    def describe(self, how: str) -> str:
+        """One line: the policy, where it came from (`how`) and how faithful it measured."""
+        m = self.measured[self.name]
+        return (f"rcllm policy: {self.name} ({how}; vs full prefill top-1 {m['top1_agreement']:.3f}, Kendall tau "
+                f"{m['kendall_tau']:.3f}, KL {m['kl_mean']:.4f}: target "
+                f"{'met' if self.met else 'NOT met, exact policy'})")
+
     def to_json(self) -> dict:
         return {"name": self.name, "policy": dataclasses.asdict(self.policy), "met": self.met,
                 "target": dataclasses.asdict(self.target), "requests": self.requests, "measured": self.measured,
@@ -152,6 +159,26 @@ def calibrate(recommender, requests, target: FidelityTarget = FidelityTarget(), 
         measure("exact")
     k = num_candidates or max(len(c) for _, _, c in requests)
     return Calibration(chosen[0], chosen[1], met, target, len(requests), measured, calibration_key(engine, k))
+
+
+def load_or_calibrate(recommender, snapshot_dir, num_candidates: int, make_requests) -> tuple:
+    """(calibration, how it was obtained) for the recommender's engine: the one saved in
+    `snapshot_dir` (None: none) for its key, else the default setup's shipped one, else measured
+    now on `make_requests()` (saved in `snapshot_dir`; the requests' prefixes leave the user
+    store). (None, reason) when there is no request to calibrate on."""
+    key = calibration_key(recommender.engine, num_candidates)
+    for where, how in ((snapshot_dir, "saved with the snapshot"), (SHIPPED, "shipped with the default head")):
+        got = load(where, key) if where else None
+        if got is not None:
+            return got, how
+    requests = make_requests()
+    if not requests:
+        return None, "no request to calibrate on"
+    got = calibrate(recommender, requests, num_candidates=num_candidates)
+    recommender.engine.reset_caches()
+    if snapshot_dir:
+        save(snapshot_dir, got)
+    return got, f"calibrated now on {got.requests} requests"
 
 
 def save(directory, calibration: Calibration) -> Path:

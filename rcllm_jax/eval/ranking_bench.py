@@ -59,40 +59,35 @@ def _policies(run: RunSettings):
 
 def _calibrate(run: RunSettings, engine, w, retriever):
     """rcllm's calibrated policy for this run's model, head and prompt (`engine/calibration.py`):
-    from --snapshot_dir when saved there, else measured on requests of users the run does not
-    measure (and saved there); None when not asked for or the policy is set by flags."""
+    from --snapshot_dir (or the default setup's shipped one) when saved there, else measured on
+    requests of users the run does not measure (and saved there); None when not asked for, the
+    policy is set by flags or no request could be made."""
     b = run.bench
     if not b.calibration_requests or b.cached_glue or any(v is not None for v in (b.sink, b.ratio, b.check_layer)):
         return None
     from rcllm_jax.engine import calibration as cal
     from rcllm_jax.recommender import Recommender
-    k = b.num_candidates
-    got = cal.load(b.snapshot_dir, cal.calibration_key(engine, k)) if b.snapshot_dir else None
-    if got is None:
-        # users the run does not measure, each with the candidates of a measured request (the
-        # served items, the traffic's shapes) less its own history
+
+    def requests():
+        """Users the run does not measure, each with the candidates of a measured request (the
+        served items, the traffic's shapes) less its own history."""
         measured = {q.user_id for q in w.requests}
         others = [u for u in sorted(w.ds.sequences) if u not in measured and len(w.ds.sequences[u]) >= 2]
-        requests = []
+        out = []
         for j, u in enumerate(others[::max(1, len(others) // b.calibration_requests)][:b.calibration_requests]):
             seq = list(w.ds.sequences[u])
-            cands = [c for c in w.requests[j % len(w.requests)].candidates if c not in set(seq)]
+            seen = set(seq)
+            cands = [c for c in w.requests[j % len(w.requests)].candidates if c not in seen]
             if len(cands) >= 2:
                 try:
                     engine.builder.build(seq, cands)
                 except ValueError:  # beyond the prompt's length limit
                     continue
-                requests.append((f"calibration-{u}", seq, cands))
-        if not requests:
-            return None
-        got = cal.calibrate(Recommender(engine, retriever, "rcllm"), requests, num_candidates=k)
-        engine.reset_caches()  # the calibration users' prefixes go
-        if b.snapshot_dir:
-            cal.save(b.snapshot_dir, got)
-    m = got.measured[got.name]
-    logging.info("rcllm policy: %s (top-1 %.3f, Kendall tau %.3f, KL %.4f vs full prefill on %d requests: target %s)",
-                 got.name, m["top1_agreement"], m["kendall_tau"], m["kl_mean"], got.requests,
-                 "met" if got.met else "NOT met, exact policy")
+                out.append((f"calibration-{u}", seq, cands))
+        return out
+    got, how = cal.load_or_calibrate(Recommender(engine, retriever, "rcllm"), b.snapshot_dir, b.num_candidates,
+                                     requests)
+    logging.info("%s", f"rcllm policy: the built-in default ({how})" if got is None else got.describe(how))
     return got
 
 
