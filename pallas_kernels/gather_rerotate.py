@@ -10,7 +10,8 @@ Rotation by delta composes with the rotation already in the key (RoPE is a rotat
 pair), so this equals rotating the gathered keys from their canonical to their real positions.
 The rotation is computed in f32 (angles, cos/sin and the product) and rounded to the KV dtype
 once, in both implementations. `inv` [H/2]: the model's RoPE inverse frequencies (the caller's;
-this package depends on nothing of the engine's). `gather_rerotate_reference` is
+this package depends on nothing of the engine's), or [L, H/2], one row per layer (a model whose
+layers differ in RoPE base, e.g. Gemma 3's sliding and global layers). `gather_rerotate_reference` is
 that XLA path; `gather_rerotate` the Pallas kernel: scalar-prefetched slots and deltas drive the
 block index of the pool (one row per grid step, so only the rows used are read, once), the
 rotation happens on the row in VMEM and the rotated row is written once. Values (V) need no
@@ -44,8 +45,9 @@ def rotate_cs(x, cos, sin):
 def gather_rerotate_reference(pool, slots, delta, inv):
     """XLA: gather, then rotate by delta in f32, one rounding to the pool's dtype."""
     g = pool[:, slots].astype(jnp.float32)  # [L, T, K, H]
-    ang = delta.astype(jnp.float32)[:, None] * jnp.asarray(inv, jnp.float32)[None]  # [T, H/2]
-    return rotate_by(g, ang[None, :, None, :]).astype(pool.dtype)
+    inv = jnp.asarray(inv, jnp.float32).reshape(-1, pool.shape[-1] // 2)  # [1 or L, H/2]
+    ang = delta.astype(jnp.float32)[None, :, None] * inv[:, None, :]  # [1 or L, T, H/2]
+    return rotate_by(g, ang[:, :, None, :]).astype(pool.dtype)
 
 
 def _kernel(slots_ref, delta_ref, inv_ref, k_ref, o_ref):
@@ -60,13 +62,14 @@ def gather_rerotate(pool, slots, delta, inv, *, interpret: bool = False):
     """Pallas kernel; same contract as `gather_rerotate_reference`."""
     n_layers, _, kh, h = pool.shape
     t = slots.shape[0]
+    inv = jnp.asarray(inv, jnp.float32).reshape(-1, h // 2)  # [1 or L, H/2]
+    per_layer = int(inv.shape[0] > 1)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(n_layers, t),
-        in_specs=[pl.BlockSpec((1, h // 2), lambda l, i, s, d: (0, 0)),
+        in_specs=[pl.BlockSpec((1, h // 2), lambda l, i, s, d: (l * per_layer, 0)),
                   pl.BlockSpec((None, None, kh, h), lambda l, i, s, d: (l, s[i], 0, 0))],
         out_specs=pl.BlockSpec((None, None, kh, h), lambda l, i, s, d: (l, i, 0, 0)),
     )
     return pl.pallas_call(_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n_layers, t, kh, h), pool.dtype),
-                          interpret=interpret)(slots.astype(jnp.int32), delta.astype(jnp.int32),
-                                               jnp.asarray(inv, jnp.float32).reshape(1, h // 2), pool)
+                          interpret=interpret)(slots.astype(jnp.int32), delta.astype(jnp.int32), inv, pool)

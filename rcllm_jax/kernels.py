@@ -34,6 +34,19 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return "interpret" if platform == "cpu" else "pallas"
 
 
+def check_model(cfg, impl: str) -> None:
+    """Refuse a Pallas attention path for a model the paged kernel does not compute: it takes one
+    static window, one RoPE table and 1/sqrt(head_dim) scores (Gemma 3 runs on the XLA path)."""
+    if impl == "xla":
+        return
+    missing = [what for what, on in (("per-layer sliding / global attention", cfg.mixed_layers),
+                                     ("query_pre_attn_scalar scaling", cfg.query_scale is not None)) if on]
+    if missing:
+        from rcllm_jax.model.config import UnsupportedModelError
+        raise UnsupportedModelError(f"the Pallas attention kernels do not implement {' or '.join(missing)} "
+                                    f"({cfg.arch}): use --attention_impl=xla")
+
+
 def paged_attention(q, k_rows, v_rows, q_pos, table, span_start, span_len, span_pos, span_delta, inv, *,
                     impl: str, window: int | None = None, page: int = 16):
     """q [B, T, N, H] over one layer's stored rows k_rows, v_rows [S, K, H], read in place as pages

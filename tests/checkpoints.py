@@ -13,7 +13,8 @@ ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def hf_model(arch: str, *, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=160,
-             tie=False, rope=None, seed=0, sliding_window=None, head_dim=None):
+             tie=False, rope=None, seed=0, sliding_window=None, head_dim=None, layer_types=None,
+             query_scale=None):
     """A random transformers model of the given family (float32, eval mode)."""
     import torch
     import transformers as tf
@@ -29,6 +30,12 @@ def hf_model(arch: str, *, hidden=64, intermediate=96, layers=2, heads=4, kv_hea
     elif arch == "qwen3":  # q/k RMS norms; head_dim need not be hidden / heads
         cfg, cls = tf.Qwen3Config(**common, head_dim=head_dim or hidden // heads, use_sliding_window=False), \
             tf.Qwen3ForCausalLM
+    elif arch == "gemma3":  # GeGLU, sandwich norms, sliding/global layers with two RoPE bases
+        common["rope_parameters"] = {"full_attention": rope or {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        cfg = tf.Gemma3TextConfig(**common, head_dim=head_dim or hidden // heads, sliding_window=sliding_window or 8,
+                                  layer_types=layer_types, query_pre_attn_scalar=query_scale or 24)
+        cls = tf.Gemma3ForCausalLM
     elif arch == "mistral":
         cfg, cls = tf.MistralConfig(**common, sliding_window=sliding_window), tf.MistralForCausalLM
     else:
@@ -37,8 +44,8 @@ def hf_model(arch: str, *, hidden=64, intermediate=96, layers=2, heads=4, kv_hea
     model = cls(cfg).eval()
     with torch.no_grad():  # larger-than-default weights so that the logits are far from uniform
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if "norm" in name:  # Gemma's norms multiply by 1 + w
+                p.copy_((0.0 if arch == "gemma3" else 1.0) + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     return model
@@ -83,7 +90,8 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
     import gguf
     cfg = model.config
     arch = arch or cfg.model_type
-    gg_arch = "llama" if arch in ("llama", "mistral") else arch
+    gg_arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(arch, arch)
+    gemma = gg_arch == "gemma3"  # llama.cpp's Gemma 3: norms stored as 1 + w, a window in the metadata
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), gg_arch)
     w.add_name(f"tiny-{arch}")
@@ -93,7 +101,10 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    if gemma:
+        w.add_sliding_window(cfg.sliding_window)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -109,6 +120,10 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight"}
+    if gemma:
+        names.update({"post_attention_layernorm.weight": "post_attention_norm.weight",
+                      "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                      "post_feedforward_layernorm.weight": "post_ffw_norm.weight"})
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     for k, v in sd.items():
         if k == "model.embed_tokens.weight":
@@ -125,6 +140,8 @@ def save_gguf(model, path: Path, qtype: str = "F32", *, arch: str | None = None,
             if gg_arch == "llama" and rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
                 heads = cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads
                 v = _permute(v, heads)
+        if gemma and "norm" in name:
+            v = v + 1.0
         if v.ndim == 2 and "norm" not in name:
             data, t = _encode(v, qtype, rng)
             w.add_tensor(name, data, raw_dtype=t)

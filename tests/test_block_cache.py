@@ -463,6 +463,44 @@ def test_qwen3_block_modes_equal_full_prefill(world):
         assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
 
 
+def test_gemma3_block_modes_equal_full_prefill(world):
+    """A Gemma 3-shaped model (embedding scale, GeGLU, norms before and after attention and the MLP,
+    q/k norms, query_pre_attn_scalar, sliding layers with window 24 and RoPE base 10^4 between
+    global ones at 10^6; its decoder matches transformers in test_decoder_parity): the block modes
+    recomputing everything, stitching cached item blocks re-rotated per layer, equal its full
+    prefill; the Pallas attention path is refused with the missing feature named."""
+    from rcllm_jax.model.config import UnsupportedModelError
+    eng0, reqs, prompts = world
+    cfg = dataclasses.replace(CFG, arch="gemma3", qk_norm=True, embed_scale=True, hidden_act="gelu_tanh",
+                              sandwich_norm=True, query_scale=24.0, sliding_window=24, rope_theta=1e6,
+                              sliding_layers=(True, True, False, True), local_rope_theta=1e4, tie_embeddings=True)
+    params = init_params(cfg, jax.random.key(5), scale=0.1)
+    norms = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
+    keys = jax.random.split(jax.random.key(6), len(norms))
+    layers = dict(params["layers"], **{n: 1 + 0.3 * jax.random.normal(k, params["layers"][n].shape)
+                                       for n, k in zip(norms, keys)})
+    params = dict(params, layers=layers)
+    eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
+                 user_pages=128, prefix_pages=8)
+    eng.build_store()
+    for req, p in zip(reqs[:2], prompts[:2]):
+        assert len(p) > 4 * cfg.sliding_window
+        toks = jnp.asarray(p.tokens)[None]
+        pos = jnp.arange(toks.shape[1])[None]
+        ref = np.asarray(forward(params, toks, pos, cfg=cfg)[0][0])
+        for other in (dict(sliding_layers=None, local_rope_theta=None, sliding_window=None),  # the window matters
+                      dict(local_rope_theta=1e6)):  # and so does the sliding layers' own RoPE base
+            assert rel_err(np.asarray(forward(params, toks, pos, cfg=dataclasses.replace(cfg, **other))[0][0]),
+                           ref) > 1e-3
+        eng.update_user(req.user_id, p)
+        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1), Policy(ratio=1.0, check_layer=2)):
+            got, _, _ = run(eng, p, req.user_id, policy)
+            assert rel_err(got, ref) <= 1e-5, policy
+        assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+    with pytest.raises(UnsupportedModelError, match="per-layer sliding / global attention"):
+        Engine(params, cfg, eng0.builder, item_ids=[1], attention_impl="pallas")
+
+
 def test_coarse_buckets_by_hand():
     from rcllm_jax.buckets import coarse_bucket, coarse_buckets
     assert [coarse_bucket(n) for n in (1, 16, 17, 32, 33, 600)] == [16, 16, 32, 32, 64, 1024]

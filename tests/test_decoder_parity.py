@@ -38,6 +38,10 @@ FAMILIES = {
     "qwen2_bias_tied": dict(arch="qwen2", tie=True, kv_heads=1),
     "mistral_mha": dict(arch="mistral", kv_heads=4),
     "qwen3_qknorm_wide_heads": dict(arch="qwen3", head_dim=32),  # head_dim 32 != hidden 64 / 4 heads
+    # sliding (window 8, RoPE base 1e4) and global (1e6, linear x4) layers, GeGLU, sandwich norms
+    "gemma3_sliding_global_scaled_rope": dict(
+        arch="gemma3", layers=4, tie=True, rope={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]),
 }
 
 
@@ -157,12 +161,54 @@ def test_gguf_qwen3_matches_transformers(tmp_path):
     assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
 
 
-def test_qwen3_export_round_trips_through_transformers(tmp_path):
-    """Our HF export of a Qwen3 model (what train.py writes as merged/) loads in transformers with
-    the same logits."""
+def test_gguf_gemma3_matches_transformers(tmp_path):
+    """A Gemma 3 GGUF as llama.cpp writes it (norms as 1 + w, only the window in the metadata: every
+    6th layer global, sliding layers at RoPE base 1e4, scores by 1/sqrt(head_dim)). head_dim 256:
+    transformers' GGUF reader takes Gemma 3's default query_pre_attn_scalar, 256."""
+    import transformers as tf
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    model = hf_model("gemma3", layers=6, heads=2, kv_heads=1, head_dim=256, query_scale=256, tie=True,
+                     layer_types=types)
+    path = save_gguf(model, tmp_path / "gemma3.gguf", "Q8_0")
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert ref_model.config.layer_types == types
+    m = load_model(path, with_tokenizer=False)
+    assert m.cfg.arch == "gemma3" and m.cfg.sliding_layers == (True,) * 5 + (False,) and m.cfg.query_scale == 256
+    toks = random_tokens(m.cfg.vocab_size)
+    assert rel_err(ours(m, toks)[0], hf_logits(ref_model, toks)) <= TOL
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration directory (4B and up): the language model's tensors under
+    `model.language_model.` or `language_model.model.`, its config under text_config, the vision
+    tower's tensors skipped: the same logits as the text model in transformers."""
+    import json
+    from safetensors.numpy import load_file, save_file
+    model = hf_model("gemma3", layers=2, tie=True)
+    src = save_hf(model, tmp_path / "text")
+    text_cfg = json.loads((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    for prefix in ("model.language_model.", "language_model.model."):
+        out = tmp_path / prefix.strip(".")
+        out.mkdir()
+        moved = {prefix + k[len("model."):]: v for k, v in tensors.items()}
+        moved["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
+        save_file(moved, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text_cfg,
+                                                     "architectures": ["Gemma3ForConditionalGeneration"]}))
+        m = load_model(out, with_tokenizer=False)
+        toks = random_tokens(m.cfg.vocab_size)
+        assert rel_err(ours(m, toks)[0], hf_logits(model, toks)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_export_round_trips_through_transformers(tmp_path, family):
+    """Our HF export of a Qwen3 / Gemma 3 model (what train.py writes as merged/) loads in
+    transformers with the same logits."""
     import transformers as tf
     from rcllm_jax.model.export import save_hf_dir
-    model = hf_model("qwen3", head_dim=32)
+    model = hf_model(**FAMILIES["gemma3_sliding_global_scaled_rope" if family == "gemma3" else
+                                "qwen3_qknorm_wide_heads"])
     m = load_model(save_hf(model, tmp_path / "src"), with_tokenizer=False)
     save_hf_dir(tmp_path / "out", m.params, m.cfg)
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()

@@ -110,3 +110,26 @@ def test_model_identity_text_keeps_shipped_fingerprints():
         "factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192), rope_freq_factors=None, "
         "max_position=4096, tie_embeddings=False, qkv_bias=False, sliding_window=None, dtype='float32')")
     assert "qk_norm=True" in cfg.replace(arch="qwen3", qk_norm=True).identity_text()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0 .*soft-capping"),
+    (dict(hidden_activation="relu"), "unsupported activation 'relu'"),
+    (dict(layer_types=["sliding_attention", "chunked_attention"]), "chunked_attention"),
+    (dict(model_type="gemma2"), "unsupported architecture model_type='gemma2'"),
+])
+def test_gemma_features_not_implemented_are_named(change, match):
+    """A Gemma-family config asking for what the decoder does not compute is refused, naming it;
+    a Gemma 3 config's own features land in the configuration (and its fingerprint text)."""
+    from rcllm_jax.model.config import UnsupportedModelError
+    c = dict(model_type="gemma3_text", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=4, query_pre_attn_scalar=8,
+             layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh",
+             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    cfg = ModelConfig.from_hf_config(c)
+    assert (cfg.sliding_layers, cfg.rope_theta, cfg.local_rope_theta, cfg.query_scale, cfg.hidden_act) == \
+        ((True, False), 1e6, 1e4, 8.0, "gelu_tanh")
+    assert "sliding_layers=(True, False)" in cfg.identity_text()
+    with pytest.raises(UnsupportedModelError, match=match):
+        ModelConfig.from_hf_config({**c, **change})

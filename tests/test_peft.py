@@ -48,6 +48,7 @@ def _logits_hf(model, toks):
     ("llama", dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     ("qwen3", dict(target_modules="all-linear", use_rslora=True, rank_pattern={"o_proj": 2})),
     ("qwen2", dict(target_modules=["k_proj", "o_proj", "up_proj"], layers_to_transform=[1])),
+    ("gemma3", dict(target_modules="all-linear", lora_alpha=24)),
 ])
 def test_peft_adapter_logits_equal_peft_and_transformers(tmp_path, family, kw):
     base = hf_model(family, **({"head_dim": 32} if family == "qwen3" else {}))

@@ -110,6 +110,7 @@ class Engine:
                              "tensor parallelism inside an items-shard is not implemented: use --mesh=items:N")
         self.cfg, self.builder = cfg, builder
         self.impl = kernels.resolve(attention_impl)  # kernels of the block modes, read on every request
+        kernels.check_model(cfg, self.impl)
         self.fingerprint = fingerprint or model_fingerprint(params, cfg)
         if head is not None and head.base_fingerprint != self.fingerprint:
             raise HeadError(f"the ranking head was trained on other weights ({head.base_fingerprint[:12]}…) than "

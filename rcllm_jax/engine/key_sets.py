@@ -28,7 +28,7 @@ from pallas_kernels.masked_attention import masked_attention
 from pallas_kernels.paged_attention import merge_attention
 from rcllm_jax import kernels
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import attend_parts
+from rcllm_jax.model.decoder import attend_parts, layer_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +90,19 @@ class RequestKeys:
     prefix_slots: jax.Array  # [P]
     prefix_pages: tuple | None  # the prefix's page table (paged reads), else None
     page: int  # rows per page of the pool and of the suffix buffer
-    mask_p: jax.Array  # [1, n, P] the recompute rows' mask over the prefix (dense reads)
-    mask_t: jax.Array  # [1, n, T] ... over the suffix buffer
+    mask_p: jax.Array  # [1, n, P] the recompute rows' mask over the prefix (dense reads; per layer
+    mask_t: jax.Array  # [1, n, T] ... over the suffix buffer           kind: `decoder.layer_masks`)
     suffix_pages: tuple | None  # the suffix buffer's page table (paged reads without a store)
     store: tuple | None  # (store_k, store_v [L, S, K, H], spans [1, M] x 5, page): rows read in place
 
-    def layer(self, i, buf_k, buf_v, k, v, sel) -> list:
+    def layer(self, cfg: ModelConfig, i, buf_k, buf_v, k, v, sel) -> list:
         """Layer i's key sets: buf_k/v [1, T, K, H] the suffix buffer (fresh rows written over
         cached ones; None when the cached rows are read in place), k, v [1, n, K, H] the recompute
         rows' own, sel [n] which of them are real."""
         pk, pv = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (self.pool_k, self.pool_v))
         if self.impl == "xla" and self.store is None:
-            return [DenseRows(((pk[self.prefix_slots][None], pv[self.prefix_slots][None], self.mask_p),
-                               (buf_k, buf_v, self.mask_t)))]
+            return [DenseRows(((pk[self.prefix_slots][None], pv[self.prefix_slots][None],
+                                layer_mask(self.mask_p, cfg, i)), (buf_k, buf_v, layer_mask(self.mask_t, cfg, i))))]
         if self.store is None:
             sets = [PagedRows(buf_k[0], buf_v[0], self.suffix_pages, self.page)]
         else:

@@ -30,7 +30,9 @@ import numpy as np
 from rcllm_jax.buckets import bucket, coarse_bucket
 
 from rcllm_jax.data.prompt import Block, Prompt
-from rcllm_jax.model.decoder import SEG_GLOBAL, SEG_SHARED, attention_mask
+import jax
+
+from rcllm_jax.model.decoder import SEG_GLOBAL, SEG_SHARED, attention_mask, layer_masks
 
 HISTORY_SEG = 1
 
@@ -112,14 +114,16 @@ def query_rows(prompt: Prompt) -> np.ndarray:
     return rows
 
 
-def stitched_masks(real_pos, canon_pos, seg, forced, valid, sliding_window: int | None = None):
-    """[B, T, S] masks of one forward pass that reproduces stitching, all through `attention_mask`:
+def stitched_masks(real_pos, canon_pos, seg, forced, valid, cfg=None):
+    """[B, T, S] masks of one forward pass that reproduces stitching, all through `attention_mask`
+    (under `cfg`'s windows, per layer kind as `decoder.layer_masks` gives them; None: no window):
     (block_mask: queries that are not forced vs keys at canonical positions,
      global_mask: forced queries vs keys at real positions). Arrays [B, T]."""
-    block = attention_mask(canon_pos, seg, canon_pos, seg, valid, sliding_window) & ~forced[:, :, None]
-    glob = attention_mask(real_pos, jnp.full_like(seg, SEG_GLOBAL), real_pos, seg, valid,
-                          sliding_window) & forced[:, :, None]
-    return block, glob
+    masks = attention_mask if cfg is None else (lambda *a: layer_masks(*a, cfg))
+    block = masks(canon_pos, seg, canon_pos, seg, valid)
+    glob = masks(real_pos, jnp.full_like(seg, SEG_GLOBAL), real_pos, seg, valid)
+    return (jax.tree.map(lambda m: m & ~forced[:, :, None], block),
+            jax.tree.map(lambda m: m & forced[:, :, None], glob))
 
 
 @dataclasses.dataclass(frozen=True)

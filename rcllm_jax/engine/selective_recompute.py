@@ -39,9 +39,9 @@ from rcllm_jax.cache.pool import PAGE
 from rcllm_jax.engine.key_sets import RequestKeys, attend, prefix_page_table, suffix_page_table
 from rcllm_jax.engine.plan import pad_arrays, span_entries
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, attention_mask,
-                                     attn_mlp, decoder_layer, forward, lm_head, out_mlp, qkv, rms_norm)
-from rcllm_jax.model.rope import inv_freq
+from rcllm_jax.model.decoder import (SEG_SHARED, KVCache, Params, attn_mlp, decoder_layer, embed, forward,
+                                     layer_mask, layer_masks, lm_head, out_mlp, qkv, rms_norm)
+from rcllm_jax.model.rope import inv_freq, layer_inv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,22 +187,22 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     p_pos, q_pos = jnp.arange(p_len, dtype=jnp.int32)[None], real_pos[None]
     seg = jnp.full((1, p_len + t_len), SEG_SHARED, jnp.int32)
     k_pos, k_valid = jnp.concatenate([p_pos, q_pos], axis=1), jnp.concatenate([prefix_valid, valid])[None]
-    mask = attention_mask(q_pos, seg[:, p_len:], k_pos, seg, k_valid, cfg.sliding_window)  # [1, T, P+T]
+    masks = layer_masks(q_pos, seg[:, p_len:], k_pos, seg, k_valid, cfg)  # [1, T, P+T] (per layer kind)
     buf = None if store is not None else (cached_k[:, None].astype(pool_k.dtype),  # [L, 1, T, K, H]
                                           cached_v[:, None].astype(pool_v.dtype))
-    x = params["embed"][tokens][None]  # [1, T, D]
+    x = embed(params, cfg, tokens)[None]  # [1, T, D]
     if check_layer is None:
         r, sel = _top_rows(jnp.where(forced & valid, jnp.inf, -jnp.inf), n_select, n_keep)
         x_r, below = x[:, r], None
     else:
-        x_r, r, sel, below = _deviation_rows(params, cfg, inv, x, q_pos, mask, pool_k, pool_v, prefix_slots,
+        x_r, r, sel, below = _deviation_rows(params, cfg, inv, x, q_pos, masks, pool_k, pool_v, prefix_slots,
                                              cached, forced, valid, buf, n_select, n_keep, check_layer, deviation_on)
-    mask_r = mask[:, r]
+    mask_r = jax.tree.map(lambda m: m[:, r], masks)
     pages = impl != "xla" or store is not None
     keys = RequestKeys(
         impl=impl, pool_k=pool_k, pool_v=pool_v, prefix_slots=prefix_slots,
         prefix_pages=prefix_page_table(prefix_slots, prefix_valid, PAGE) if pages else None, page=PAGE,
-        mask_p=mask_r[..., :p_len], mask_t=mask_r[..., p_len:],
+        mask_p=jax.tree.map(lambda m: m[..., :p_len], mask_r), mask_t=jax.tree.map(lambda m: m[..., p_len:], mask_r),
         suffix_pages=suffix_page_table(q_pos, valid, PAGE) if pages and store is None else None,
         store=None if store is None else (store[0], store[1], tuple(a[None].astype(jnp.int32) for a in store[2:]),
                                           STORE_PAGE))
@@ -247,7 +247,7 @@ def _top_rows(score, n_select: int, n_keep):
     return r[order], top[order] > neg
 
 
-def _deviation_rows(params, cfg, inv, x, q_pos, mask, pool_k, pool_v, prefix_slots, cached, forced, valid, buf,
+def _deviation_rows(params, cfg, inv, x, q_pos, masks, pool_k, pool_v, prefix_slots, cached, forced, valid, buf,
                     n_select: int, n_keep, c: int, deviation_on: str):
     """The CacheBlend selection: layers 0..c-1 run over the whole suffix, layer c's fresh K (or V)
     is compared with the cached rows', the forced rows plus the most deviating cached ones are kept
@@ -258,17 +258,18 @@ def _deviation_rows(params, cfg, inv, x, q_pos, mask, pool_k, pool_v, prefix_slo
 
     def full_body(x, xs):
         i, lk, lv = xs
-        x, k, v = decoder_layer(cfg, inv, x, _layer_params(layers, i), q_pos, lk, lv, mask)
+        x, k, v = decoder_layer(cfg, layer_inv(inv, i), x, _layer_params(layers, i), q_pos, lk, lv,
+                                layer_mask(masks, cfg, i))
         return x, (k, v)
 
     x, (full_k, full_v) = jax.lax.scan(full_body, x, (jnp.arange(c), pk[:c], pv[:c]))
     p_c = _layer_params(layers, c)
-    q, k, v = qkv(cfg, inv, x, p_c, q_pos)
+    q, k, v = qkv(cfg, layer_inv(inv, c), x, p_c, q_pos)
     fresh, old = (k, buf[0][c]) if deviation_on == "k" else (v, buf[1][c])
     dev = jnp.sum(jnp.square((fresh - old).astype(jnp.float32)), axis=(0, 2, 3))  # [T]
     r, sel = _top_rows(jnp.where(forced, jnp.inf, jnp.where(cached & valid, dev, -jnp.inf)), n_select, n_keep)
     keys, vals = jnp.concatenate([pk[c], k], axis=1), jnp.concatenate([pv[c], v], axis=1)
-    x_r = attn_mlp(cfg, x[:, r], p_c, q[:, r], keys, vals, mask[:, r])
+    x_r = attn_mlp(cfg, x[:, r], p_c, q[:, r], keys, vals, layer_mask(masks, cfg, c)[:, r])
     return x_r, r, sel, (jnp.concatenate([full_k, k[None]], axis=0), jnp.concatenate([full_v, v[None]], axis=0))
 
 
@@ -284,11 +285,12 @@ def _recompute_layers(params, cfg, inv, x_r, r, sel, pos_r, keys: RequestKeys, b
         (i, p), lck, lcv = xs
         if p is None:  # from a check layer on the weights are read by index (slicing the stack would copy it)
             p = _layer_params(layers, i)
-        q, k, v = qkv(cfg, inv, x_r, p, pos_r)
+        inv_i = layer_inv(inv, i)
+        q, k, v = qkv(cfg, inv_i, x_r, p, pos_r)
         if lck is not None:
             lck = lck.at[:, r].set(jnp.where(write, k, lck[:, r]))
             lcv = lcv.at[:, r].set(jnp.where(write, v, lcv[:, r]))
-        o = attend(cfg, q, pos_r, inv, keys.impl, keys.layer(i, lck, lcv, k, v, sel))
+        o = attend(cfg, q, pos_r, inv_i, keys.impl, keys.layer(cfg, i, lck, lcv, k, v, sel))
         x_r = out_mlp(cfg, x_r, p, o.astype(x_r.dtype).reshape(*o.shape[:2], -1))
         return x_r, ((lck, lcv) if return_kv else None)
 

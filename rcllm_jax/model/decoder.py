@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.rope import apply_rope, inv_freq
+from rcllm_jax.model.rope import apply_rope, inv_freq, layer_inv
 
 Params = dict[str, Any]
 
@@ -85,6 +85,31 @@ def attention_mask(q_pos, q_seg, k_pos, k_seg, k_valid, sliding_window: int | No
     return ok
 
 
+def layer_masks(q_pos, q_seg, k_pos, k_seg, k_valid, cfg: ModelConfig):
+    """`attention_mask` under the model's windows: one [B, T, S] mask for every layer, or for a model
+    whose layers differ (`cfg.mixed_layers`) the pair (global layers', sliding layers') that
+    `layer_mask` picks from."""
+    if not cfg.mixed_layers:
+        return attention_mask(q_pos, q_seg, k_pos, k_seg, k_valid, cfg.sliding_window)
+    glob = attention_mask(q_pos, q_seg, k_pos, k_seg, k_valid)
+    return glob, glob & ((q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window)
+
+
+def layer_mask(masks, cfg: ModelConfig, i):
+    """Layer i's mask from `layer_masks` (i may be traced)."""
+    if not isinstance(masks, tuple):
+        return masks
+    if isinstance(i, int):
+        return masks[1] if cfg.sliding_layers[i] else masks[0]
+    return jnp.where(jnp.asarray(cfg.sliding_layers)[i], masks[1], masks[0])
+
+
+def embed(params: Params, cfg: ModelConfig, tokens):
+    """Token embeddings [..., D] (Gemma: times sqrt(D), rounded to the weights' dtype first)."""
+    x = params["embed"][tokens]
+    return x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype) if cfg.embed_scale else x
+
+
 def rms_norm(x, w, eps):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -110,7 +135,7 @@ def _attend_dense(q, parts, cfg: ModelConfig, with_lse: bool = False):
     scores = []
     for k, _, mask in parts:
         s = jnp.einsum("bkqh,bskh->bkqs", qq, k, preferred_element_type=jnp.float32)
-        s = s.reshape(b, kh, t, g, -1) * (cfg.head_dim ** -0.5)
+        s = s.reshape(b, kh, t, g, -1) * cfg.attn_scale
         scores.append(jnp.where(mask[:, None, :, None, :], s, _NEG_INF))
     m = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
     den, out = 0.0, 0.0
@@ -183,9 +208,13 @@ def attend_parts(cfg: ModelConfig, q, parts, with_lse: bool = False):
 
 def out_mlp(cfg: ModelConfig, x, p, attn):
     """Output projection of an attention result [B, T, N*H] into the residual stream, then the MLP."""
-    x = x + attn @ p["wo"]
+    o = attn @ p["wo"]
+    x = x + (rms_norm(o, p["post_attn_norm"], cfg.rms_eps) if cfg.sandwich_norm else o)
     h = rms_norm(x, p["mlp_norm"], cfg.rms_eps)
-    return x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+    gate = h @ p["w_gate"]
+    gate = jax.nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    m = (gate * (h @ p["w_up"])) @ p["w_down"]
+    return x + (rms_norm(m, p["post_mlp_norm"], cfg.rms_eps) if cfg.sandwich_norm else m)
 
 
 def decoder_layer(cfg: ModelConfig, inv, x, p, positions, past_k, past_v, mask):
@@ -230,17 +259,17 @@ def forward(params: Params, tokens, positions, *, cfg: ModelConfig, segments=Non
         k_pos = jnp.concatenate([cache.pos, positions], axis=1)
         k_seg = jnp.concatenate([cache.seg, segments], axis=1)
         k_valid = jnp.concatenate([cache.valid, valid], axis=1)
-    mask = attention_mask(positions, segments, k_pos, k_seg, k_valid, cfg.sliding_window)
+    masks = layer_masks(positions, segments, k_pos, k_seg, k_valid, cfg)
 
-    x = params["embed"][tokens]  # [B, T, D]
+    x = embed(params, cfg, tokens)  # [B, T, D]
 
     def body(x, xs):
-        p, pk, pv = xs
-        x, k, v = decoder_layer(cfg, inv, x, p, positions, pk, pv, mask)
+        i, p, pk, pv = xs
+        x, k, v = decoder_layer(cfg, layer_inv(inv, i), x, p, positions, pk, pv, layer_mask(masks, cfg, i))
         return x, (k, v)
 
     past = (None, None) if cache is None else (cache.k, cache.v)
-    x, (k, v) = jax.lax.scan(body, x, (params["layers"], *past))
+    x, (k, v) = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), params["layers"], *past))
     if return_hidden == "all":
         logits = x
     elif all_logits:
@@ -264,8 +293,8 @@ def init_params(cfg: ModelConfig, key, scale: float = 0.02) -> Params:
     keys = jax.random.split(key, len(shapes) + 2)
     dt = jnp.dtype(cfg.dtype)
     layers = {n: (scale * jax.random.normal(kk, s)).astype(dt) for kk, (n, s) in zip(keys, shapes.items())}
-    layers["attn_norm"] = jnp.ones((l, d), dt)
-    layers["mlp_norm"] = jnp.ones((l, d), dt)
+    for n in ("attn_norm", "mlp_norm") + (("post_attn_norm", "post_mlp_norm") if cfg.sandwich_norm else ()):
+        layers[n] = jnp.ones((l, d), dt)
     if cfg.qk_norm:
         layers["q_norm"] = layers["k_norm"] = jnp.ones((l, cfg.head_dim), dt)
     params = {"embed": (scale * jax.random.normal(keys[-1], (cfg.vocab_size, d))).astype(dt),
@@ -284,6 +313,8 @@ def params_from_numpy(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> Param
         names += ["bq", "bk", "bv"]
     if cfg.qk_norm:
         names += ["q_norm", "k_norm"]
+    if cfg.sandwich_norm:
+        names += ["post_attn_norm", "post_mlp_norm"]
     layers = {}
     for n in names:
         missing = [i for i in range(cfg.num_layers) if f"layers.{i}.{n}" not in tensors]

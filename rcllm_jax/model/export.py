@@ -21,14 +21,19 @@ _HF_NAMES = {"attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weig
              "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "bq": "self_attn.q_proj.bias",
              "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
              "k_norm": "self_attn.k_norm.weight"}
+_GEMMA_NAMES = dict(_HF_NAMES, mlp_norm="pre_feedforward_layernorm.weight",
+                    post_attn_norm="post_attention_layernorm.weight",
+                    post_mlp_norm="post_feedforward_layernorm.weight")
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_MODEL_TYPE = {"gemma3": "gemma3_text"}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
     if cfg.rope_freq_factors is not None:
         raise UnsupportedModelError("per-frequency rope factors (GGUF rope_freqs) have no HF config form")
-    c = {"architectures": [_ARCH_CLASS[cfg.arch]], "model_type": cfg.arch, "vocab_size": cfg.vocab_size,
+    c = {"architectures": [_ARCH_CLASS[cfg.arch]], "model_type": _MODEL_TYPE.get(cfg.arch, cfg.arch),
+         "vocab_size": cfg.vocab_size,
          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -47,7 +52,23 @@ def hf_config(cfg: ModelConfig) -> dict:
         c["sliding_window"] = cfg.sliding_window
         if cfg.arch in ("qwen2", "qwen3"):
             c["use_sliding_window"] = True
+    if cfg.arch == "gemma3":
+        c.update(_gemma_config(cfg, c.pop("rope_theta"), c.pop("rope_scaling", None)))
     return c
+
+
+def _gemma_config(cfg: ModelConfig, theta: float, scaling: dict | None) -> dict:
+    """Gemma 3's own fields: the layer pattern with one RoPE entry per layer type."""
+    sliding = cfg.sliding_layers or (cfg.sliding_window is not None,) * cfg.num_layers
+    local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or theta}
+    scale = cfg.query_scale or cfg.head_dim
+    return {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": int(scale) if float(scale).is_integer() else scale,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "sliding_window": cfg.sliding_window or cfg.max_position,
+            "rope_parameters": {"full_attention": {**(scaling or {"rope_type": "default"}), "rope_theta": theta},
+                                "sliding_attention": local},
+            "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
 def save_hf_dir(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: Tokenizer | None = None,
@@ -59,15 +80,18 @@ def save_hf_dir(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: T
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        gemma = cfg.arch == "gemma3"  # Gemma's norms multiply by 1 + w (stored here as the factor)
+        shift = np.float32(1.0 if gemma else 0.0)
+        names = _GEMMA_NAMES if gemma else _HF_NAMES
         t = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
-             "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
+             "model.norm.weight": np.asarray(params["final_norm"], np.float32) - shift}
         if not cfg.tie_embeddings:
             t["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"], np.float32).T)
         for name, stacked in params["layers"].items():
-            arr = np.asarray(stacked, np.float32)
+            arr = np.asarray(stacked, np.float32) - (shift if name.endswith("norm") else 0)
             for i in range(cfg.num_layers):
                 w = arr[i].T if arr[i].ndim == 2 else arr[i]
-                t[f"model.layers.{i}.{_HF_NAMES[name]}"] = np.ascontiguousarray(w)
+                t[f"model.layers.{i}.{names[name]}"] = np.ascontiguousarray(w)
         save_file(t, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
         if tokenizer is not None:

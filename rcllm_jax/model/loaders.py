@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rcllm_jax.model.config import SUPPORTED_ARCHS, ModelConfig, RopeScaling, UnsupportedModelError
+from rcllm_jax.model.config import (SUPPORTED_ARCHS, ModelConfig, RopeScaling, UnsupportedModelError,
+                                    sliding_pattern)
 from rcllm_jax.model.decoder import Params, params_from_numpy
 from rcllm_jax.model.tokenizer import Tokenizer
 
@@ -71,6 +72,7 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "w_gate", "ffn_up.weight": "w_up", "ffn_down.weight": "w_down",
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
     "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_mlp_norm",  # Gemma 3
 }
 
 
@@ -107,17 +109,29 @@ def _gguf_config(reader, dtype: str, rope_freqs: np.ndarray | None) -> ModelConf
     tokens = get("tokenizer.ggml.tokens")
     vocab = int(get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
     window = get(f"{arch}.attention.sliding_window")
+    layers = int(get(f"{arch}.block_count"))
+    theta = float(get(f"{arch}.rope.freq_base", 10000.0))
+    gemma = {}
+    if arch == "gemma3":  # what llama.cpp assumes for Gemma 3 (not in the file): every 6th layer
+        # global, sliding layers at RoPE base 10000 unscaled, scores scaled by 1/sqrt(head_dim)
+        # (by 1/sqrt(D / N) for the 62-layer 27B); norms are stored as 1 + w already
+        gemma = sliding_pattern([(i + 1) % 6 != 0 for i in range(layers)], int(window) if window else None,
+                                theta, 10000.0)
+        window, theta = gemma.pop("sliding_window"), gemma.pop("rope_theta")
+        gemma.update(embed_scale=True, sandwich_norm=True, hidden_act="gelu_tanh",
+                     query_scale=float(d // n if layers == 62 else head_dim))
     return ModelConfig(
         arch=arch, vocab_size=vocab, hidden_size=d,
         intermediate_size=int(get(f"{arch}.feed_forward_length")),
-        num_layers=int(get(f"{arch}.block_count")), num_heads=n,
+        num_layers=layers, num_heads=n,
         num_kv_heads=int(get(f"{arch}.attention.head_count_kv", n)), head_dim=head_dim,
         rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling,
         rope_freq_factors=None if rope_freqs is None else tuple(float(x) for x in rope_freqs),
         max_position=int(get(f"{arch}.context_length", 4096)),
         tie_embeddings=False,  # decided below from the presence of output.weight
-        qkv_bias=False, qk_norm=arch == "qwen3", sliding_window=int(window) if window else None, dtype=dtype)
+        qkv_bias=False, qk_norm=arch in ("qwen3", "gemma3"), sliding_window=int(window) if window else None,
+        dtype=dtype, **gemma)
 
 
 def _dequantize(t) -> np.ndarray:
@@ -170,6 +184,14 @@ _HF_LAYER_NAMES = {
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
     "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
 }
+# Gemma 3 names its norms after where they sit: a norm after attention and one each side of the MLP
+_HF_GEMMA_NAMES = dict(_HF_LAYER_NAMES, **{
+    "post_attention_layernorm.weight": "post_attn_norm", "pre_feedforward_layernorm.weight": "mlp_norm",
+    "post_feedforward_layernorm.weight": "post_mlp_norm"})
+# Where a multimodal Gemma 3 (Gemma3ForConditionalGeneration) keeps its language model's tensors
+_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -191,12 +213,20 @@ def load_hf_dir(path: Path, dtype: str = "float32") -> tuple[ModelConfig, Params
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    cfg = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()), dtype=dtype)
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal: its language model only
+        hf = dict(hf["text_config"], model_type="gemma3_text")
+    cfg = ModelConfig.from_hf_config(hf, dtype=dtype)
+    layer_names = _HF_GEMMA_NAMES if cfg.arch == "gemma3" else _HF_LAYER_NAMES
     tensors: dict[str, np.ndarray] = {}
     for f in _safetensors_files(path):
         with safe_open(str(f), framework="flax") as sf:
-            for name in sf.keys():
-                w = np.asarray(sf.get_tensor(name).astype("float32"))
+            for stored in sf.keys():
+                if stored.startswith(_VISION_PREFIXES):
+                    continue
+                name = next((new + stored[len(old):] for old, new in _TEXT_PREFIXES.items()
+                             if stored.startswith(old)), stored)
+                w = np.asarray(sf.get_tensor(stored).astype("float32"))
                 if name == "model.embed_tokens.weight":
                     tensors["embed"] = w
                 elif name == "model.norm.weight":
@@ -207,11 +237,13 @@ def load_hf_dir(path: Path, dtype: str = "float32") -> tuple[ModelConfig, Params
                     idx, rest = name[len("model.layers."):].split(".", 1)
                     if rest.endswith("rotary_emb.inv_freq"):
                         continue
-                    if rest not in _HF_LAYER_NAMES:
-                        raise UnsupportedModelError(f"unexpected tensor {name!r} for {cfg.arch}")
-                    tensors[f"layers.{idx}.{_HF_LAYER_NAMES[rest]}"] = w.T if w.ndim == 2 else w
+                    if rest not in layer_names:
+                        raise UnsupportedModelError(f"unexpected tensor {stored!r} for {cfg.arch}")
+                    tensors[f"layers.{idx}.{layer_names[rest]}"] = w.T if w.ndim == 2 else w
                 else:
-                    raise UnsupportedModelError(f"unexpected tensor {name!r}")
+                    raise UnsupportedModelError(f"unexpected tensor {stored!r}")
+    if cfg.arch == "gemma3":  # Gemma's norms multiply by 1 + w: stored here as the factor itself
+        tensors = {n: w + np.float32(1.0) if n == "final_norm" or n.endswith("norm") else w for n, w in tensors.items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head", None)
     return cfg, params_from_numpy(tensors, cfg)

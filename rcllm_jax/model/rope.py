@@ -11,15 +11,30 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from rcllm_jax.model.config import ModelConfig
+from rcllm_jax.model.config import ModelConfig, RopeScaling
 
 
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] in float32, computed the way transformers computes them."""
+    """Inverse frequencies in float32, computed the way transformers computes them: [H/2], or
+    [L, H/2] for a model whose layers differ in RoPE base (Gemma 3's sliding layers use
+    `local_rope_theta`, unscaled); `layer_inv` picks one layer's."""
+    glob = _inv(cfg, cfg.rope_theta, scaled=True)
+    if not cfg.mixed_layers:
+        return glob
+    local = _inv(cfg, cfg.local_rope_theta or cfg.rope_theta, scaled=False)
+    return np.stack([local if s else glob for s in cfg.sliding_layers])
+
+
+def layer_inv(inv, i):
+    """Layer i's inverse frequencies [H/2] from `inv_freq`'s table (i may be traced)."""
+    return inv if np.ndim(inv) == 1 else jnp.asarray(inv)[i]
+
+
+def _inv(cfg: ModelConfig, theta: float, scaled: bool) -> np.ndarray:
     h = cfg.head_dim
     exps = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
-    inv = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exps)).astype(np.float32)
-    rs = cfg.rope_scaling
+    inv = (np.float32(1.0) / np.power(np.float32(theta), exps)).astype(np.float32)
+    rs = cfg.rope_scaling if scaled else RopeScaling()
     if rs.rope_type == "linear":
         inv = (inv / np.float32(rs.factor)).astype(np.float32)
     elif rs.rope_type == "llama3":

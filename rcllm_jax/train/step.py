@@ -18,9 +18,9 @@ import optax
 
 from rcllm_jax.engine.plan import stitched_masks
 from rcllm_jax.model.config import ModelConfig
-from rcllm_jax.model.decoder import Params, attend, lm_head, out_mlp, qkv
+from rcllm_jax.model.decoder import Params, attend, embed, layer_mask, lm_head, out_mlp, qkv
 from rcllm_jax.model.lora import LoraConfig, merge, merge_layers
-from rcllm_jax.model.rope import inv_freq, rerotate
+from rcllm_jax.model.rope import inv_freq, layer_inv, rerotate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ def merged_params(base: Params, trainable, spec: Spec) -> Params:
     return {**base, "layers": layers}
 
 
-def stitched_hidden(params_lo, layers_hi, embed, batch, cfg: ModelConfig, global_rows: int):
+def stitched_hidden(params_lo, layers_hi, embed_table, batch, cfg: ModelConfig, global_rows: int):
     """Final residual stream at each example's answer position [B, D].
 
     Every query attends along the block path (canonical positions, block mask); the forced ones
@@ -70,25 +70,29 @@ def stitched_hidden(params_lo, layers_hi, embed, batch, cfg: ModelConfig, global
     real = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     forced = batch["forced"]
     cpos = jnp.where(forced, real, batch["canon_pos"])
-    block, glob = stitched_masks(real, cpos, batch["seg"], forced, batch["valid"], cfg.sliding_window)
+    block, glob = stitched_masks(real, cpos, batch["seg"], forced, batch["valid"], cfg)
     f = min(global_rows, t)
     rows = jnp.argsort(~forced, axis=1, stable=True)[:, :f]  # forced rows first, in order  [B, F]
     take = lambda a: jnp.take_along_axis(a, rows.reshape(b, f, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
-    glob_f, sel = take(glob), take(forced)[:, :, None]
+    glob_f, sel = jax.tree.map(take, glob), take(forced)[:, :, None]
     bi = jnp.arange(b)[:, None]
 
-    def layer(x, p):
-        q, k, v = qkv(cfg, inv, x, p, cpos)
-        out = attend(cfg, q, k, v, block)
-        out_f = attend(cfg, take(q), rerotate(k, cpos, real, inv), v, glob_f)
+    def layer(x, xs):
+        i, p = xs
+        inv_i = layer_inv(inv, i)
+        q, k, v = qkv(cfg, inv_i, x, p, cpos)
+        out = attend(cfg, q, k, v, layer_mask(block, cfg, i))
+        out_f = attend(cfg, take(q), rerotate(k, cpos, real, inv_i), v, layer_mask(glob_f, cfg, i))
         out = out.at[bi, rows].set(jnp.where(sel, out_f, out[bi, rows]))
         return out_mlp(cfg, x, p, out), None
 
-    x = embed[batch["tokens"]]
+    x = embed({"embed": embed_table}, cfg, batch["tokens"])
+    lo = 0
     if params_lo is not None:
-        x, _ = jax.lax.scan(layer, x, params_lo)
+        lo = jax.tree.leaves(params_lo)[0].shape[0]
+        x, _ = jax.lax.scan(layer, x, (jnp.arange(lo), params_lo))
         x = jax.lax.stop_gradient(x)
-    x, _ = jax.lax.scan(layer, x, layers_hi)
+    x, _ = jax.lax.scan(layer, x, (jnp.arange(lo, cfg.num_layers), layers_hi))
     return x[jnp.arange(b), batch["answer_index"]]
 
 
