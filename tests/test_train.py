@@ -28,6 +28,11 @@ from rcllm_jax.train.trainer import CheckpointMismatchError, FineTuneSettings, T
 CFG = ModelConfig(arch="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=4,
                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=4096,
                   tie_embeddings=True)
+# Gemma 3-shaped: sliding layers (window 24, RoPE base 1e4) around a global one (1e6), GeGLU,
+# sandwich norms, q/k norms, query_pre_attn_scalar
+GEMMA = dataclasses.replace(CFG, arch="gemma3", qk_norm=True, embed_scale=True, hidden_act="gelu_tanh",
+                            sandwich_norm=True, query_scale=24.0, sliding_window=24, rope_theta=1e6,
+                            sliding_layers=(True, False, True, True), local_rope_theta=1e4)
 SMALL = FineTuneSettings(steps=6, batch_size=2, micro_batch=1, lr=3e-3, warmup=2, lora_rank=4, train_layers=2,
                     history_len=4, num_candidates=6, max_len=256, block_attention_prob=0.5,
                     checkpoint_every=2, val_every=0, val_users=0)
@@ -44,19 +49,22 @@ def _batch(rows):
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
-@pytest.mark.parametrize("cached_glue", [False, True])
-def test_block_attention_is_the_engines_stitching(world, cached_glue):
+@pytest.mark.parametrize("cached_glue, cfg", [(False, CFG), (True, CFG), (False, GEMMA)],
+                         ids=["llama", "llama-cached-glue", "gemma3"])
+def test_block_attention_is_the_engines_stitching(world, cached_glue, cfg):
     """One training pass with the block-aware mask gives the candidate scores of the engine's
     stitched prefill (block stores, re-rotation, selective recompute) with item blocks encoded
     after the instruction alone, the context the label trainer's block path models; plain examples
-    give full prefill."""
+    give full prefill. Gemma 3: per layer, the window and the RoPE base of that layer."""
     tok, split, params = world
+    if cfg is not CFG:
+        params = init_params(cfg, jax.random.key(0), scale=0.1)
     builder = PromptBuilder(tok, split.dataset.items, history_len=6)
     reqs = list(eval_requests(split, num_users=3, num_candidates=8, seed=11))
-    eng = Engine(params, CFG, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
+    eng = Engine(params, cfg, builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
                  canonical="instruction", user_pages=256, prefix_pages=64)
     eng.build_store()
-    spec = Spec(CFG, 2, None, 128)  # frozen lower layers on the path too
+    spec = Spec(cfg, 2, None, 128)  # frozen lower layers on the path too
     ev = make_eval_step(spec)
     tr = trainable_init(params, spec, jax.random.key(1))
     for r in reqs:
