@@ -8,6 +8,9 @@ with the user store, the block index, the model fingerprint and the tokenizer ha
 any items mesh. A directory holding another model's
 snapshots is refused (nothing is overwritten). --calibrate also chooses rcllm's policy for the model,
 head and prompt by measurement (rcllm_jax/engine/calibration.py) and saves it with the snapshot.
+--update brings the newest snapshot to the catalog as it is now, encoding only the items whose text
+is new or changed (a block's key is its content), dropping removed ones and leaving every kept
+block on its shard; a running server picks the new step up with POST /admin/reload.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ _CANON = flags.DEFINE_enum("canonical", None, ["candidate", "instruction"],
                            "candidate, or the instruction alone (default: the engine's, candidate).")
 _ROW = flags.DEFINE_integer("row_tokens", 512, "Tokens per packed row of a build pass (blocks packed many to a row).")
 _ROWS = flags.DEFINE_integer("rows", 1, "Packed rows per items-shard in a build pass (one SPMD program over the mesh).")
+_UPDATE = flags.DEFINE_bool("update", False, "Update the newest snapshot in --snapshot_dir to the catalog as it is "
+                             "now: encode only new or changed items, drop removed ones, keep every other block "
+                             "where it is, save a new step (a server takes it with POST /admin/reload).")
 _CALIBRATE = flags.DEFINE_bool("calibrate", False, "Also calibrate rcllm's policy for --model, --head / --ranking_head, "
                                "--prompt, --history_len and --calibration_candidates (engine/calibration.py) and save "
                                "it with the snapshot: a server or benchmark with the same settings uses it.")
@@ -72,6 +78,8 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     prev = snapshot.latest_meta(snap_dir)
+    if prev is None and _UPDATE.value:
+        raise app.UsageError(f"--update: {snap_dir} holds no snapshot to update; build one without --update first")
     if prev is not None:
         problem = snapshot.identity_problem(prev[1], engine.identity())
         if problem:
@@ -87,9 +95,15 @@ def main(argv):
     engine.set_coaccess(retriever.coaccess_requests(seqs))  # the co-access log: placement and replication
     logging.info("model and %s catalog (%d items) ready in %.1fs", ds.name, len(items), time.perf_counter() - t0)
     t1 = time.perf_counter()
+    restore_s = None
+    if _UPDATE.value:  # the previous step's blocks, then only what changed
+        engine.restore(snap_dir)
+        restore_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
     with tqdm(total=len(engine.item_blocks) + len(engine.glue_blocks), desc="encode blocks", unit="block",
               disable=jax.process_index() != 0) as bar:
-        report = engine.build_store(row_tokens=_ROW.value, rows=_ROWS.value, progress=bar.update)
+        build = engine.update_store if _UPDATE.value else engine.build_store
+        report = build(row_tokens=_ROW.value, rows=_ROWS.value, progress=bar.update)
     build_s = time.perf_counter() - t1
     encoded = sum(p["tokens"] for p in report["passes"])
     t2 = time.perf_counter()
@@ -110,8 +124,16 @@ def main(argv):
                "build_s": round(build_s, 2), "encoded_tokens": encoded,
                "build_tokens_per_s": round(encoded / max(build_s, 1e-9), 1), "layout_s": round(report["layout_s"], 2),
                "save_s": round(save_s, 2), "model_fingerprint": engine.fingerprint}
+    if _UPDATE.value:
+        summary.update(update={n: report[n] for n in ("kept", "added", "dropped", "moved")}, from_step=prev[0],
+                       restore_s=round(restore_s, 2), total_s=round(restore_s + build_s + save_s, 2))
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
+        if _UPDATE.value:
+            u = summary["update"]
+            print(f"updated step {prev[0]} -> {step}: {u['added']} blocks encoded, {u['dropped']} dropped, "
+                  f"{u['kept']} kept in place; restore {restore_s:.1f}s + encode/lay out {build_s:.1f}s + "
+                  f"save {save_s:.1f}s")
         print(f"built {summary['item_blocks']} item blocks ({summary['item_bytes'] / 1e9:.2f} GB of KV) on "
               f"{summary['mesh']} in {build_s:.1f}s ({summary['build_tokens_per_s']:.0f} tokens/s); "
               f"snapshot step {step} saved in {save_s:.1f}s; "

@@ -8,7 +8,8 @@ from the dataset's histories), and serves on 127.0.0.1:8000 (README: API and cur
 CPU-only machine with fewer devices than --mesh asks for, it simulates them and says so in its
 log. Every acknowledged event is committed before its answer: a kill -9 loses none. SIGTERM or
 Ctrl-C: stops accepting, answers every queued request, saves the user store's KV (a cache of the
-database's histories; a restart restores it).
+database's histories; a restart restores it). POST /admin/reload takes the newest snapshot step and
+the catalog as it is now (after launch/build_cache.py --update) without a restart.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _shut_down(service, engine, users_dir: str):
               flush=True)
 
 
-def _service(served, step: str, eng: EngineSettings, srv: ServingSettings, state, service_s, cold_s):
+def _service(served, step: str, eng: EngineSettings, srv: ServingSettings, state, service_s, cold_s, reloader):
     """The RecommenderService over the served engine, admission sized from the warm-up's times."""
     from rcllm_jax.serve.scheduler import Scheduler
     from rcllm_jax.serve.service import RecommenderService
@@ -202,7 +203,7 @@ def _service(served, step: str, eng: EngineSettings, srv: ServingSettings, state
                               retriever=served.recommender.retriever, num_candidates=srv.num_candidates,
                               serving_step=step, max_batch=srv.max_batch,
                               latency_target_s=srv.latency_target_s if srv.adapt_queue_bound and not srv.max_queue
-                              else None)
+                              else None, reloader=reloader)
 
 
 def main(argv):
@@ -231,7 +232,9 @@ def main(argv):
     # a request's engine time when nothing is measured (no warm-up)
     service_s, cold_s = _warm_up(served, step, eng, srv) if srv.warmup else (0.25, None)
     state = _state(served, users_dir, srv)
-    service = _service(served, step, eng, srv, state, service_s, cold_s)
+    from rcllm_jax.recommender import stage_reload
+    service = _service(served, step, eng, srv, state, service_s, cold_s,
+                       reloader=lambda: stage_reload(served, model, catalog))
     service.start()
     server = HttpServer(make_app(service, srv.max_body_bytes), srv.host, srv.port,
                         max_connections=srv.max_connections, max_client_connections=srv.max_client_connections,

@@ -177,6 +177,39 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     return Served(rec, ds, item_ids, snap, snap.rstrip("/") + "-users", rebuild_on_damage, notes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """A newer snapshot step and the catalog as it is now, staged beside what is served
+    (`stage_reload`); `RecommenderService.reload` swaps it in between requests."""
+    staged: object  # engine.StagedCatalog
+    dataset: object
+    item_ids: list[int]
+    retriever: object
+    note: str
+
+
+def stage_reload(served: Served, model: ModelSettings | None, catalog: CatalogSettings | None) -> Reload:
+    """What a server takes on POST /admin/reload: the catalog read again (an item keeps its engine
+    index, `catalog.keep_indices`), the newest intact step of the served snapshot directory (which
+    must hold every item's block: launch/build_cache.py --update writes it), the retriever for the
+    catalog's histories (the one saved with the step, else fitted now). Nothing served changes;
+    raises CatalogError / SnapshotError (naming the problem) when the catalog or the step is refused."""
+    from pathlib import Path
+
+    from rcllm_jax.data.catalog import keep_indices, load_catalog, prompt_builder
+    from rcllm_jax.retrieval import load_or_fit
+    m, c = model or ModelSettings(), catalog or CatalogSettings()
+    engine = served.engine
+    ds = keep_indices(load_catalog(c), engine.builder.items)
+    item_ids = sorted(ds.items)[:c.max_items or None]
+    builder = prompt_builder(engine.builder.tok, ds, c, max_prompt_tokens=engine.cfg.max_position, head=m.head)
+    staged = engine.stage_catalog(builder, item_ids, served.snapshot_dir)
+    seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
+    retriever, how = load_or_fit(Path(served.snapshot_dir) / "retriever.npz", seqs, item_ids, save=False)
+    return Reload(staged, ds, item_ids, retriever,
+                  f"step {staged.step} of {served.snapshot_dir}: {len(item_ids)} items; retriever {how}")
+
+
 def calibration_requests(ds, retriever, item_ids, n: int, k: int, builder=None) -> list:
     """n requests shaped like retrieve -> rerank traffic for calibration: every few users of the
     catalog (their ids as the catalog names them), their history, the retriever's top-k (halved

@@ -179,6 +179,27 @@ def _movielens_as_catalog(d: Path):
     return ds, read_catalog(d)
 
 
+def test_movielens_preset_reads_back_as_the_builtin_reader(tmp_path):
+    """launch/export_catalog.py (`write_catalog`) writes ML-100k as a catalog directory that reads
+    back to the built-in reader's items (ids, titles, prompt texts, genres), users and sequences;
+    an existing directory is refused, nothing written."""
+    from rcllm_jax.data.catalog import write_catalog
+    from rcllm_jax.data.movielens import load_dataset
+    from rcllm_jax.data.prompt import movielens_text
+    ref = load_dataset("ml-100k")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_catalog.py"), f"--out={tmp_path / 'ml'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "1682 items, 943 users, 100000 interactions" in r.stdout, r.stderr[-2000:]
+    gen = read_catalog(tmp_path / "ml")
+    assert gen.sequences == ref.sequences and gen.items.keys() == ref.items.keys()
+    assert all(gen.items[i].text == movielens_text(it) and gen.items[i].title == it.title
+               and gen.items[i].genres == it.genres and gen.items[i].id == str(i) for i, it in ref.items.items())
+    assert all(gen.user_key(u) == str(u) for u in ref.sequences)
+    with pytest.raises(FileExistsError, match="exists"):
+        write_catalog(ref, tmp_path / "ml")
+    assert sorted(p.name for p in (tmp_path / "ml").iterdir()) == ["catalog.toml", "interactions.csv", "items.jsonl"]
+
+
 def test_movielens_in_the_generic_format_ranks_identically(smollm2, tmp_path):
     """Same users, items, sequences and prompts as the built-in reader; the retriever proposes the
     same candidates and the engine ranks them the same, score for score."""

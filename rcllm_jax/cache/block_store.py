@@ -239,17 +239,67 @@ class BlockStore:
         (kind, blocks, tokens, slots, seconds from the previous pass's end; the first pass of a
         kind includes its compile) and the lay-out's seconds. Deterministic: every process of a
         multi-host run computes the same placement."""
-        todo = {}
+        todo = {k: kt for k, kt in self._wanted(blocks).items() if k not in self.entries}
+        if not todo:
+            return {"passes": [], "layout_s": 0.0}
+        host, kinds = self.host_blocks(), {k: e.kind for k, e in self.entries.items()}
+        passes = self._encode(params, todo, host, kinds, row_tokens, rows, progress)
+        t0 = time.perf_counter()
+        self._lay_out_host(host, kinds)
+        return {"passes": passes, "layout_s": time.perf_counter() - t0}
+
+    def update(self, params, blocks: dict[str, list], row_tokens: int = ROW_TOKENS, rows: int = PASS_ROWS,
+               progress=None) -> dict:
+        """Make the store hold exactly `blocks` (kind -> token tuples), changing only what changed:
+        stored blocks not among them are dropped, new ones (new or edited item texts: a block's key
+        is its content) are encoded as `build` encodes, and only those are placed
+        (`placement.extend`: every kept block stays on its shard, or replicated). Returns `build`'s
+        report and the counts kept / added / dropped / moved (0)."""
+        wanted = self._wanted(blocks)
+        todo = {k: kt for k, kt in wanted.items() if k not in self.entries}
+        dropped = [k for k in self.entries if k not in wanted]
+        counts = {"kept": len(wanted) - len(todo), "added": len(todo), "dropped": len(dropped), "moved": 0}
+        if not todo and not dropped:
+            return {"passes": [], "layout_s": 0.0, **counts}
+        host, kinds = self.host_blocks(), {k: e.kind for k, e in self.entries.items()}
+        shard_of = {k: e.shard for k, e in self.entries.items() if k in wanted}
+        for k in dropped:
+            host.pop(k)
+            kinds.pop(k)
+            self.embeddings.pop(k, None)
+        passes = self._encode(params, todo, host, kinds, row_tokens, rows, progress)
+        t0 = time.perf_counter()
+        new = sorted(todo)
+        for k in new:
+            if kinds[k] in REPLICATED_KINDS:
+                shard_of[k] = REPLICATED
+        new = [k for k in new if k not in shard_of]
+        if new:
+            placed = sorted(k for k, s in shard_of.items() if kinds[k] not in REPLICATED_KINDS)
+            shards = placement_lib.extend(
+                self.placement, keys=new, lengths=[host[k][0].shape[1] for k in new],
+                embeddings=np.stack([self.embeddings[k] for k in new]),
+                placed_shards=[shard_of[k] for k in placed], placed_lengths=[host[k][0].shape[1] for k in placed],
+                placed_embeddings=np.stack([self.embeddings[k] for k in placed]) if placed else np.zeros((0, 1)),
+                num_shards=self.num_shards)
+            shard_of |= {k: int(s) for k, s in zip(new, shards)}
+        self.lay_out(shard_of, host, kinds)
+        return {"passes": passes, "layout_s": time.perf_counter() - t0, **counts}
+
+    def _wanted(self, blocks: dict[str, list]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """key -> (kind, tokens) of every non-empty block in `blocks` (kind -> token tuples)."""
+        out = {}
         for kind, token_lists in blocks.items():
             for toks in token_lists:
                 toks = tuple(int(t) for t in toks)
-                k = self.key(kind, toks)
-                if toks and k not in self.entries:
-                    todo[k] = (kind, toks)
-        if not todo:
-            return {"passes": [], "layout_s": 0.0}
-        host, passes = self.host_blocks(), []
-        kinds = {k: e.kind for k, e in self.entries.items()}
+                if toks:
+                    out[self.key(kind, toks)] = (kind, toks)
+        return out
+
+    def _encode(self, params, todo: dict, host: dict, kinds: dict, row_tokens: int, rows: int, progress) -> list:
+        """Encode the blocks `todo` (key -> (kind, tokens)) into `host` (key -> host k, v), `kinds`
+        and the item embeddings, in packed passes over the mesh; returns the passes' records."""
+        passes = []
         rows_sharding = shardings(self.mesh)["per_shard"]
         per_pass = int(rows) * self.num_shards
         for kind in KINDS:
@@ -292,9 +342,7 @@ class BlockStore:
                     collect(pending)
                 pending = (chunk, outs)
             collect(pending)
-        t0 = time.perf_counter()
-        self._lay_out_host(host, kinds)
-        return {"passes": passes, "layout_s": time.perf_counter() - t0}
+        return passes
 
     def _place(self, name: str, lengths: dict[str, int], kinds: dict[str, str],
                replicate: float | None = None) -> dict[str, int]:

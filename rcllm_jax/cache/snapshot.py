@@ -194,15 +194,36 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
     mngr = _manager(path, create=False)
     _, (meta, blocks, user_arrays) = _newest_intact(
         mngr, path, lambda s: _load_checked(mngr, path, s, ident, store, users, replicated), step, "snapshot")
-    n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
-    same_layout = (n_old == store.num_shards and meta["placement"] == store.placement
-                   and float(meta.get("replicate", 0.0)) == store.replicate  # snapshots before replication: 0
-                   and jax.numpy.dtype(meta["dtype"]) == store.dtype)
     need = users.pages_needed(meta["users"])
     if need > users.budget:  # checked before anything changes: a restore is all or nothing
         raise SnapshotError(f"snapshot {path}: its user prefixes need {need} pages; this user store holds "
                             f"{users.budget} (raise the user-store budget)")
     # --- everything checked: from here on the stores change ---------------------------------
+    _install_blocks(meta, blocks, store)
+    users.load(meta["users"], _array_rows(user_arrays["k"], user_arrays["v"]))
+    jax.block_until_ready((users.pool.k, users.pool.v, store.k, store.v))
+    return meta
+
+
+def restore_blocks(directory, ident: dict, store, replicated, step: int | None = None) -> dict:
+    """`restore` of the block store alone (a serving process taking a newer step: its user store,
+    more recent than any snapshot's, stays). Returns the step's metadata and its number ("step")."""
+    path = Path(directory).resolve()
+    mngr = _manager(path, create=False)
+    at, (meta, blocks, _) = _newest_intact(
+        mngr, path, lambda s: _load_checked(mngr, path, s, ident, store, None, replicated), step, "snapshot")
+    _install_blocks(meta, blocks, store)
+    jax.block_until_ready((store.k, store.v))
+    return dict(meta, step=at)
+
+
+def _install_blocks(meta: dict, blocks: dict, store) -> None:
+    """Put a checked step's blocks into `store`: as saved when laid out alike, else laid out again
+    under the store's own placement, mesh and KV dtype."""
+    n_old, s_old = int(meta["mesh_items"]), int(meta["shard_slots"])
+    same_layout = (n_old == store.num_shards and meta["placement"] == store.placement
+                   and float(meta.get("replicate", 0.0)) == store.replicate  # snapshots before replication: 0
+                   and jax.numpy.dtype(meta["dtype"]) == store.dtype)
     entries = {k: BlockEntry(k, kind, int(s), int(o), int(n)) for k, kind, s, o, n in meta["blocks"]}
     emb = np.asarray(blocks["embeddings"])
     embeddings = {k: emb[i] for i, k in enumerate(meta["embedded"])}
@@ -214,19 +235,17 @@ def restore(directory, ident: dict, store, users, replicated, step: int | None =
         hk, hv = to_host(blocks["k"]), to_host(blocks["v"])
         if "k_scale" in blocks:  # an int8 snapshot: read back into f32 first
             hk, hv = dequantize(hk, to_host(blocks["k_scale"])), dequantize(hv, to_host(blocks["v_scale"]))
-        del blocks
+        blocks.clear()
         host = {}
         for k, e in entries.items():
             g = max(e.shard, 0) * s_old + e.offset
             host[k] = (hk[:, g:g + e.length], hv[:, g:g + e.length])
         store.load_blocks(host, {k: e.kind for k, e in entries.items()}, embeddings)
-    users.load(meta["users"], _array_rows(user_arrays["k"], user_arrays["v"]))
-    jax.block_until_ready((users.pool.k, users.pool.v, store.k, store.v))
-    return meta
 
 
 def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replicated):
-    """(meta, block arrays, user arrays) of one step, identity and digests checked."""
+    """(meta, block arrays, user arrays) of one step, identity and digests checked (users None:
+    the block arrays only)."""
     import orbax.checkpoint as ocp
     where = f"snapshot {path} step {step}"
     meta = _read_meta(mngr, step, where)
@@ -243,15 +262,17 @@ def _load_checked(mngr, path: Path, step: int, ident: dict, store, users, replic
     if dt == np.int8:
         ssh = store.scale_sharding if kv_shape[1] % store.num_shards == 0 else replicated
         blocks_t |= {n: jax.ShapeDtypeStruct(kv_shape[:3], np.float32, sharding=ssh) for n in ("k_scale", "v_scale")}
-    users_t = _kv_target(users, replicated, sum(len(t) for _, t in meta["users"]))
+    args = {"blocks": ocp.args.StandardRestore(blocks_t)}
+    if users is not None:  # None: the blocks alone
+        args["users"] = ocp.args.StandardRestore(_kv_target(users, replicated, sum(len(t) for _, t in meta["users"])))
     try:
-        got = mngr.restore(step, args=ocp.args.Composite(blocks=ocp.args.StandardRestore(blocks_t),
-                                                         users=ocp.args.StandardRestore(users_t)))
-        blocks, user_arrays = dict(got["blocks"]), dict(got["users"])
+        got = mngr.restore(step, args=ocp.args.Composite(**args))
+        blocks, user_arrays = dict(got["blocks"]), dict(got["users"]) if users is not None else None
     except Exception as e:  # noqa: BLE001
         raise SnapshotError(f"{where} is damaged or incomplete ({type(e).__name__}: {e})") from e
     _verify(meta, "blocks", blocks, where)
-    _verify(meta, "users", user_arrays, where)
+    if users is not None:
+        _verify(meta, "users", user_arrays, where)
     return meta, blocks, user_arrays
 
 

@@ -251,6 +251,61 @@ def load_catalog(catalog) -> Dataset:
     return load_dataset(catalog.dataset, catalog.data_dir)
 
 
+def write_catalog(ds: Dataset, directory: str | Path) -> Path:
+    """Write a dataset as a catalog directory that `read_catalog` reads back to the same items,
+    users, sequences and item texts (how the MovieLens readers become presets of this format):
+    items.jsonl (id, title, text: the prompt's item text, genres "|"-joined), interactions.csv
+    (user, item, timestamp: a dataset holds each user's order, not times, so the timestamp is the
+    position in the sequence) and catalog.toml (item_template "{text}"). Written into a temporary
+    directory beside `directory` and renamed into place; an existing `directory` is refused."""
+    import os
+    import shutil
+    import tempfile
+
+    from rcllm_jax.data.prompt import movielens_text
+    out = Path(directory)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new directory (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
+            for _, it in sorted(ds.items.items()):
+                f.write(json.dumps({"id": str(it.id), "title": it.title, "text": it.text or movielens_text(it),
+                                    "genres": "|".join(it.genres)}, ensure_ascii=False) + "\n")
+        with open(tmp / "interactions.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["user", "item", "timestamp"])
+            for u, seq in sorted(ds.sequences.items()):
+                w.writerows((ds.user_key(u), str(ds.items[i].id), t) for t, i in enumerate(seq))
+        toml = [f"name = {json.dumps(ds.name)}", 'item_template = "{text}"', 'genres = "genres"']
+        if ds.max_item_tokens:
+            toml.append(f"max_item_tokens = {ds.max_item_tokens}")
+        (tmp / "catalog.toml").write_text("\n".join(toml) + "\n", encoding="utf-8")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def keep_indices(new: Dataset, old_items: dict) -> Dataset:
+    """`new` (a catalog read again) with every item of `old_items` (index -> Item) at its old
+    engine index, and new items after the largest: an index a queued request carries names the
+    same item across a reload of the catalog."""
+    import dataclasses
+    at = {str(it.id): i for i, it in old_items.items()}
+    nxt, remap = max(old_items, default=0) + 1, {}
+    for i, it in sorted(new.items.items()):
+        j = at.get(str(it.id))
+        if j is None:
+            j, nxt = nxt, nxt + 1
+        remap[i] = j
+    items = {remap[i]: dataclasses.replace(it, item_id=remap[i]) for i, it in new.items.items()}
+    return dataclasses.replace(new, items=dict(sorted(items.items())),
+                               sequences={u: tuple(remap[i] for i in s) for u, s in new.sequences.items()})
+
+
 def prompt_builder(tokenizer, ds: Dataset, catalog, **kw):
     """The `PromptBuilder` for a dataset under a launcher's `CatalogSettings`: its history length,
     the prompt preset (--prompt, else the catalog's own) and the catalog's item-text cap."""

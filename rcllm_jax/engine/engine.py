@@ -13,6 +13,7 @@ both, like the service and every launcher, use only the public methods: `rank`, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 
@@ -74,6 +75,16 @@ def _adapted(head, params, cfg: ModelConfig):
 # a recomputed sink.
 DEFAULT_CANONICAL = "candidate"
 CANONICAL_CONTEXTS = ("candidate", "instruction")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedCatalog:
+    """A catalog and its snapshot step loaded beside the served ones (`Engine.stage_catalog`)."""
+
+    builder: PromptBuilder
+    item_blocks: dict  # item -> its block's tokens
+    store: BlockStore
+    step: int
 
 
 class Engine:
@@ -251,6 +262,13 @@ class Engine:
         return self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
                                 row_tokens=row_tokens, rows=rows, progress=progress)
 
+    def update_store(self, row_tokens: int = ROW_TOKENS, rows: int = PASS_ROWS, progress=None) -> dict:
+        """Bring a restored block store to this engine's catalog, encoding only what changed: blocks
+        of items no longer in it (or whose text changed) dropped, new ones encoded and placed
+        beside the kept ones, which do not move (`BlockStore.update`)."""
+        return self.store.update(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
+                                 row_tokens=row_tokens, rows=rows, progress=progress)
+
     def update_user(self, user_id, prompt: Prompt, version: int | None = None) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
         number of tokens computed (0 on a hit). version: the stored history's version it stands
@@ -379,6 +397,35 @@ class Engine:
         meta = snapshot.restore(directory, self.identity(), self.store, self.users, self.replicated, step=step)
         self._reset_prefix()
         return meta
+
+    def stage_catalog(self, builder: PromptBuilder, item_ids, directory, step: int | None = None) -> "StagedCatalog":
+        """A newer snapshot step and the catalog it was built for, loaded beside what is served
+        (off the serving path; nothing served changes): the step's blocks (newest intact, or `step`)
+        in a new block store like this one, the catalog's item blocks, every one of which the step
+        must hold (refused otherwise: run launch/build_cache.py --update first). The prompt must
+        be this engine's (same tokenizer, template and contexts). `install` swaps it in."""
+        if builder.template.digest() != self.builder.template.digest():
+            raise ValueError("a reload keeps the prompt template: restart the server to change it")
+        item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
+        old = self.store
+        store = BlockStore(self.mesh, self.cfg, self.fingerprint, old.contexts, placement=old.placement,
+                           replicate=old.replicate, dtype=old.dtype)
+        store.exact_fetch, store.coaccess = old.exact_fetch, old._coaccess
+        meta = snapshot.restore_blocks(directory, self.identity(), store, self.replicated, step=step)
+        missing = [i for i, t in item_blocks.items() if store.lookup("item", t) is None]
+        if missing:
+            raise snapshot.SnapshotError(
+                f"snapshot {directory} step {meta['step']} lacks the blocks of {len(missing)} of the catalog's "
+                f"{len(item_blocks)} items (e.g. item {builder.items[missing[0]].id!r}): run launch/build_cache.py "
+                "--update first (nothing was changed)")
+        return StagedCatalog(builder, item_blocks, store, int(meta["step"]))
+
+    def install(self, staged: "StagedCatalog") -> None:
+        """Serve a staged catalog from now on (reference swaps: call it between requests). The user
+        store and the prefix cache stay (their prefixes are the histories' text, not the items')."""
+        self.store.fetched_lengths.clear()
+        staged.store.fetched_lengths = set()
+        self.builder, self.item_blocks, self.store = staged.builder, staged.item_blocks, staged.store
 
     def copy_blocks_from(self, other: "Engine"):
         """Take another engine's encoded blocks (same model, tokenizer and contexts; any mesh),

@@ -241,6 +241,37 @@ def place(name: str, *, keys, lengths, embeddings, num_shards: int, requests=Non
     return out
 
 
+def extend(name: str, *, keys, lengths, embeddings, placed_shards, placed_lengths, placed_embeddings,
+           num_shards: int) -> np.ndarray:
+    """Shards of blocks added to a placed store whose blocks stay where they are (an incremental
+    catalog update: nothing placed moves). Each new block, largest first, goes to its preferred
+    shard with room under the capacity of the grown store: `hash` its content hash's (then the
+    next), any other placement the shard whose placed blocks' mean embedding is nearest (cosine;
+    a co-access placement has no log for new items). Replicated blocks stay replicated; new ones
+    are not (a full build places and replicates everything again)."""
+    placed_shards = np.asarray(placed_shards, np.int64)
+    lengths, held = np.asarray(lengths, np.int64), placed_shards != REPLICATED
+    load = shard_tokens(placed_shards[held], np.asarray(placed_lengths, np.int64)[held], num_shards)
+    cap = _capacity(np.concatenate([np.asarray(placed_lengths, np.int64)[held], lengths]), num_shards)
+    out = np.zeros(len(keys), np.int32)
+    if name == "hash":
+        prefs = [[(int(k[:12], 16) + j) % num_shards for j in range(num_shards)] for k in keys]
+    else:
+        x = np.asarray(embeddings, np.float64).reshape(len(keys), -1)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        pe = np.asarray(placed_embeddings, np.float64).reshape(len(placed_shards), -1)
+        pe = pe / np.maximum(np.linalg.norm(pe, axis=1, keepdims=True), 1e-12)
+        cent = np.zeros((num_shards, x.shape[1]))
+        for s in range(num_shards):
+            if np.any(held & (placed_shards == s)):
+                cent[s] = pe[held & (placed_shards == s)].mean(0)
+        prefs = [list(np.argsort(-(cent @ row), kind="stable")) for row in x]
+    for i in np.argsort(-lengths, kind="stable"):
+        s = next((t for t in prefs[i] if load[t] + lengths[i] <= cap), int(np.argmin(load)))
+        out[i], load[s] = s, load[s] + lengths[i]
+    return out
+
+
 def shard_tokens(shards, lengths, num_shards: int) -> np.ndarray:
     """[N] tokens per shard of blocks at `shards` with `lengths` (a request's need per shard)."""
     return np.bincount(np.asarray(shards, np.int64), weights=np.asarray(lengths, np.int64),

@@ -218,6 +218,12 @@ def _routes(app: FastAPI, service: RecommenderService):
     def item(item_id: str):
         return service.item(item_id)
 
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        """Take the newest snapshot step and the catalog as it is now (after launch/build_cache.py
+        --update), without a restart: staged beside what is served, swapped in between requests."""
+        return await run(request, service.reload)
+
     @app.get("/healthz")
     def health():
         h = service.health()

@@ -181,7 +181,7 @@ class RecommenderService:
                  scheduler: Scheduler, max_candidates: int = 100, request_timeout_s: float = 60.0,
                  retriever=None, num_candidates: int = 20, retry_after_s: int = 1, serving_step: str = "batched",
                  max_batch: int = 8, latency_target_s: float | None = None,
-                 cost_s: tuple[float, float] | None = None, catalog: dict | None = None):
+                 cost_s: tuple[float, float] | None = None, catalog: dict | None = None, reloader=None):
         """engine: a `ServingEngine`; state: the user histories and event log (`StateStore`).
         retriever: proposes the candidates of a request that sends none (`rcllm_jax.retrieval`);
         num_candidates: how many it proposes unless the request says. serving_step: "batched" (block
@@ -193,25 +193,21 @@ class RecommenderService:
         cost_s: (returning, new) - a request's estimated engine seconds when its user's history
         prefix is cached (as the loop last published) or must be computed, what the scheduler's
         `max_cost_s` admits by (None: every task costs 0). items: the served items (candidates);
-        catalog: every item a history may name (default: the served ones)."""
+        catalog: every item a history may name (default: the served ones). reloader: () -> a
+        `recommender.Reload` (the newest snapshot step and catalog, staged), what POST /admin/reload
+        swaps in (None: no reloads)."""
         if serving_step not in SERVING_STEPS:
             raise ValueError(f"unknown serving step {serving_step!r}: {' | '.join(SERVING_STEPS)}")
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.batched = serving_step == "batched" and mode in BLOCK_MODES
         self.max_batch = max_batch
-        self.engine, self.items, self.mode, self.scheduler, self.state = engine, items, mode, scheduler, state
-        # the catalog's id of each item (`Item.id`: what the API and the state database carry) and back
-        self.ids = {i: getattr(it, "id", i) for i, it in (catalog or items).items()}
-        self.by_id = {str(self.ids[i]): i for i in items}  # what may be ranked
-        self.in_catalog = {str(v): i for i, v in self.ids.items()}  # what a history may name
+        self.engine, self.mode, self.scheduler, self.state = engine, mode, scheduler, state
         self.recommender = Recommender(engine, retriever, mode)
+        self.reloader, self.reloading = reloader, threading.Lock()
         self.num_candidates = min(num_candidates, max_candidates)
         self.max_candidates, self.timeout, self.retry_after_s = max_candidates, request_timeout_s, retry_after_s
-        # what handler threads read instead of the engine: the item table (fixed while serving) and
-        # the stats the engine loop publishes after each window
-        self.item_bytes = {i: np.asarray(engine.shard_bytes([i]), np.int64) for i in items}
-        self.item_table = {i: engine.item_info(i) for i in items}
+        self._set_catalog(items, catalog)
         self.stats, self.cached = engine.stats(), engine.cached_users()
         self.cost_s = cost_s
         self.latency_target_s, self.service_s = latency_target_s, None
@@ -222,6 +218,49 @@ class RecommenderService:
     def start(self):
         count_compiles()
         self.thread.start()
+
+    def _set_catalog(self, items: dict, catalog: dict | None):
+        """The item tables handler threads read instead of the engine (replaced whole by a reload)."""
+        ids = {i: getattr(it, "id", i) for i, it in (catalog or items).items()}  # `Item.id`: what the API carries
+        self.items, self.ids = items, ids
+        self.by_id = {str(ids[i]): i for i in items}  # what may be ranked
+        self.in_catalog = {str(v): i for i, v in ids.items()}  # what a history may name
+        self.item_bytes = {i: np.asarray(self.engine.shard_bytes([i]), np.int64) for i in items}
+        self.item_table = {i: self.engine.item_info(i) for i in items}
+
+    def reload(self, gone=_never) -> dict:
+        """POST /admin/reload: stage the newest snapshot step and the catalog as it is now beside
+        what is served (this thread; requests go on being answered), then swap them in inside the
+        engine loop between two requests, so none fails or sees half of each. 409, nothing changed,
+        when the step or the catalog is refused or another reload runs."""
+        if self.reloader is None:
+            raise ApiError(404, "this server has no reloadable snapshot")
+        if not self.reloading.acquire(blocking=False):
+            raise ApiError(409, "a reload is already running")
+        try:
+            t0 = time.perf_counter()
+            try:
+                r = self.reloader()
+            except (ValueError, RuntimeError, OSError) as e:  # CatalogError, SnapshotError, a missing file
+                raise ApiError(409, f"reload refused, nothing changed: {e}") from None
+            staged_s = time.perf_counter() - t0
+
+            def swap():
+                before = set(self.by_id)
+                self.engine.install(r.staged)
+                self._set_catalog({i: r.dataset.items[i] for i in r.item_ids}, r.dataset.items)
+                self.recommender.retriever = r.retriever
+                self.stats = self.engine.stats()
+                return {"step": r.staged.step, "items": len(r.item_ids), "added": len(set(self.by_id) - before),
+                        "removed": len(before - set(self.by_id)), "staged_s": staged_s, "note": r.note}
+            task = Task("call", {"fn": swap})
+            self._submit(task)
+            out = self._wait(task, gone)
+            out["swap_s"] = time.perf_counter() - t0 - staged_s
+            logging.info("reloaded: %s", out)
+            return out
+        finally:
+            self.reloading.release()
 
     # --- API ---------------------------------------------------------------------------------
 
@@ -502,6 +541,8 @@ class RecommenderService:
                 out = self._rank(t)
                 out["queue_s"] = started - t.enqueued
                 self._observe(time.perf_counter() - started)
+            elif t.kind == "call":  # an admin action run between requests (`reload`)
+                out = t.payload["fn"]()
             else:
                 out = self._event(t)
             t.future.set_result(out)
