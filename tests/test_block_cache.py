@@ -415,90 +415,74 @@ def test_mode_errors(world):
         eng.rank(prompts[0], "sink")
 
 
-def test_sliding_window_block_modes_equal_full_prefill(world):
-    """A Mistral-shaped model whose window (24) is far shorter than the prompt: the block modes
-    recomputing everything equal its full prefill (they apply the window like `forward`)."""
-    import dataclasses
+def _assert_family_exact(world, cfg, params, others=(), policies=(Policy(sink=10 ** 6),
+                                                                    Policy(ratio=1.0, check_layer=1))):
+    """The block modes of a model family recomputing everything (stitching cached item blocks
+    re-rotated to their positions) equal its full prefill on two real prompts; each configuration
+    change in `others` moves the full prefill's logits by more than 1e-3 (so the feature they
+    switch off really shapes these prompts)."""
     eng0, reqs, prompts = world
-    cfg = dataclasses.replace(CFG, arch="mistral", sliding_window=24)
-    params = init_params(cfg, jax.random.key(2), scale=0.3)
     eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
                  user_pages=128, prefix_pages=8)
     eng.build_store()
     for req, p in zip(reqs[:2], prompts[:2]):
-        assert len(p) > 4 * cfg.sliding_window
         toks = jnp.asarray(p.tokens)[None]
-        ref = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None], cfg=cfg)[0][0])
-        unwindowed = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None],
-                                        cfg=dataclasses.replace(cfg, sliding_window=None))[0][0])
-        assert rel_err(unwindowed, ref) > 1e-3  # the window really matters for this prompt
+        pos = jnp.arange(toks.shape[1])[None]
+        ref = np.asarray(forward(params, toks, pos, cfg=cfg)[0][0])
+        for other in others:
+            assert rel_err(np.asarray(forward(params, toks, pos, cfg=dataclasses.replace(cfg, **other))[0][0]),
+                           ref) > 1e-3, other
         eng.update_user(req.user_id, p)
-        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1)):
+        for policy in policies:
             got, _, _ = run(eng, p, req.user_id, policy)
             assert rel_err(got, ref) <= 1e-5, policy
         assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+
+
+def _random_norms(params, names, seed: int):
+    """`params` with the named per-layer norm weights drawn around 1 (so they matter)."""
+    keys = jax.random.split(jax.random.key(seed), len(names))
+    return dict(params, layers=dict(params["layers"], **{
+        n: 1 + 0.3 * jax.random.normal(k, params["layers"][n].shape) for n, k in zip(names, keys)}))
+
+
+def test_sliding_window_block_modes_equal_full_prefill(world):
+    """A Mistral-shaped model whose window (24) is far shorter than the prompt: the block modes
+    recomputing everything equal its full prefill (they apply the window like `forward`)."""
+    cfg = dataclasses.replace(CFG, arch="mistral", sliding_window=24)
+    assert all(len(p) > 4 * cfg.sliding_window for p in world[2][:2])
+    _assert_family_exact(world, cfg, init_params(cfg, jax.random.key(2), scale=0.3),
+                         others=[dict(sliding_window=None)])
 
 
 def test_qwen3_block_modes_equal_full_prefill(world):
     """A Qwen3-shaped model (q/k RMS norms per head before RoPE, heads wider than hidden / heads;
-    its decoder matches transformers in test_decoder_parity): the block modes recomputing
-    everything, stitching cached item blocks re-rotated to their positions, equal its full prefill."""
-    eng0, reqs, prompts = world
+    its decoder matches transformers in test_decoder_parity)."""
     cfg = dataclasses.replace(CFG, arch="qwen3", qk_norm=True, head_dim=32)
-    params = init_params(cfg, jax.random.key(3), scale=0.1)
-    k1, k2 = jax.random.split(jax.random.key(4))
-    layers = dict(params["layers"], q_norm=1 + 0.3 * jax.random.normal(k1, params["layers"]["q_norm"].shape),
-                  k_norm=1 + 0.3 * jax.random.normal(k2, params["layers"]["k_norm"].shape))
-    params = dict(params, layers=layers)
-    eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
-                 user_pages=128, prefix_pages=8)
-    eng.build_store()
-    for req, p in zip(reqs[:2], prompts[:2]):
-        toks = jnp.asarray(p.tokens)[None]
-        ref = np.asarray(forward(params, toks, jnp.arange(toks.shape[1])[None], cfg=cfg)[0][0])
-        eng.update_user(req.user_id, p)
-        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1)):
-            got, _, _ = run(eng, p, req.user_id, policy)
-            assert rel_err(got, ref) <= 1e-5, policy
-        assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+    _assert_family_exact(world, cfg, _random_norms(init_params(cfg, jax.random.key(3), scale=0.1),
+                                                   ("q_norm", "k_norm"), 4))
 
 
 def test_gemma3_block_modes_equal_full_prefill(world):
     """A Gemma 3-shaped model (embedding scale, GeGLU, norms before and after attention and the MLP,
     q/k norms, query_pre_attn_scalar, sliding layers with window 24 and RoPE base 10^4 between
-    global ones at 10^6; its decoder matches transformers in test_decoder_parity): the block modes
-    recomputing everything, stitching cached item blocks re-rotated per layer, equal its full
-    prefill; the Pallas attention path is refused with the missing feature named."""
+    global ones at 10^6; its decoder matches transformers in test_decoder_parity), deviation checks
+    on a sliding and on a global layer; the Pallas attention path is refused with the missing
+    feature named."""
     from rcllm_jax.model.config import UnsupportedModelError
-    eng0, reqs, prompts = world
     cfg = dataclasses.replace(CFG, arch="gemma3", qk_norm=True, embed_scale=True, hidden_act="gelu_tanh",
                               sandwich_norm=True, query_scale=24.0, sliding_window=24, rope_theta=1e6,
                               sliding_layers=(True, True, False, True), local_rope_theta=1e4, tie_embeddings=True)
-    params = init_params(cfg, jax.random.key(5), scale=0.1)
-    norms = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
-    keys = jax.random.split(jax.random.key(6), len(norms))
-    layers = dict(params["layers"], **{n: 1 + 0.3 * jax.random.normal(k, params["layers"][n].shape)
-                                       for n, k in zip(norms, keys)})
-    params = dict(params, layers=layers)
-    eng = Engine(params, cfg, eng0.builder, item_ids=sorted({i for r in reqs for i in r.candidates}),
-                 user_pages=128, prefix_pages=8)
-    eng.build_store()
-    for req, p in zip(reqs[:2], prompts[:2]):
-        assert len(p) > 4 * cfg.sliding_window
-        toks = jnp.asarray(p.tokens)[None]
-        pos = jnp.arange(toks.shape[1])[None]
-        ref = np.asarray(forward(params, toks, pos, cfg=cfg)[0][0])
-        for other in (dict(sliding_layers=None, local_rope_theta=None, sliding_window=None),  # the window matters
-                      dict(local_rope_theta=1e6)):  # and so does the sliding layers' own RoPE base
-            assert rel_err(np.asarray(forward(params, toks, pos, cfg=dataclasses.replace(cfg, **other))[0][0]),
-                           ref) > 1e-3
-        eng.update_user(req.user_id, p)
-        for policy in (Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1), Policy(ratio=1.0, check_layer=2)):
-            got, _, _ = run(eng, p, req.user_id, policy)
-            assert rel_err(got, ref) <= 1e-5, policy
-        assert rel_err(eng.rank(p, "full").scores, eng.rank(p, "prefix").scores) <= 1e-5
+    params = _random_norms(init_params(cfg, jax.random.key(5), scale=0.1),
+                           ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"), 6)
+    assert all(len(p) > 4 * cfg.sliding_window for p in world[2][:2])
+    _assert_family_exact(world, cfg, params,
+                         others=[dict(sliding_layers=None, local_rope_theta=None, sliding_window=None),  # window
+                                 dict(local_rope_theta=1e6)],  # the sliding layers' own RoPE base
+                         policies=(Policy(sink=10 ** 6), Policy(ratio=1.0, check_layer=1),
+                                   Policy(ratio=1.0, check_layer=2)))
     with pytest.raises(UnsupportedModelError, match="per-layer sliding / global attention"):
-        Engine(params, cfg, eng0.builder, item_ids=[1], attention_impl="pallas")
+        Engine(params, cfg, world[0].builder, item_ids=[1], attention_impl="pallas")
 
 
 def test_coarse_buckets_by_hand():

@@ -883,6 +883,8 @@ def render(out: Path, report: Path, top1: float = 0.99) -> str:
         lines += _scaling_section(out / f"{name}.json", report_dir)
     lines += _kv_section(out / "kv_dtype.json")
     lines += _build_section(out / "build.json")
+    lines += _update_section(out / "update.json")
+    lines += _reload_section(out / "reload.json")
     lines += _serving_section(out / "serving.json")
     lines += _scaling_model_section(out / "scaling_model.json")
     lines += ["## Appendix: earlier prompt formats and placements", "",
@@ -1037,6 +1039,57 @@ def _build_section(f: Path) -> list[str]:
     return lines + [""]
 
 
+def _update_section(f: Path) -> list[str]:
+    """launch/bench_update.py: an incremental catalog update against a full build."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, full, up, fl = d["config"], d["full"], d["update"], d["floor"]
+    lines = ["## Incremental catalog update (`launch/bench_update.py`)", "",
+             f"{Path(c['model']).name.split('.')[0]}, ML-100k x{c['catalog_scale']} ({c['items_before']} items), "
+             f"{c['kv_dtype']} cache on "
+             f"{c['devices']} simulated items-shards. {c['changed']:.0%} of the items changed ({c['retitled']} "
+             f"retitled, {c['removed']} removed, {c['new']} new). Full: every block encoded, placed, saved "
+             "(`build_cache.py`). Update: the step restored, only the changed blocks encoded and placed, a new "
+             "step saved (`build_cache.py --update`). Same process, one after the other. (x10, the issue's size: "
+             "saving its full build was killed for memory on this 24 GiB machine, WORKSPACE_NOTES.)", "",
+             "| path | total | encode | lay-out | restore | save | tokens encoded | blocks encoded / dropped / "
+             "kept / moved |", "|---|---|---|---|---|---|---|---|",
+             f"| full build | {full['total_s']:.1f} s | {full['encode_s']:.1f} s | {full['layout_s']:.1f} s | - | "
+             f"{full['save_s']:.1f} s | {full['encoded_tokens']} | {full['item_blocks']} items |",
+             f"| update | {up['total_s']:.1f} s | {up['encode_s']:.1f} s | {up['layout_s']:.1f} s | "
+             f"{up['restore_s']:.1f} s | {up['save_s']:.1f} s | {up['encoded_tokens']} | {up['added']} / "
+             f"{up['dropped']} / {up['kept']} / {up['moved']} |", "",
+             f"The update takes {d['speedup']:.1f}x less time than the full build (target >= "
+             f"{d['target_speedup']:.0f}x: {'met' if d['meets_target'] else 'not met'}). Its floor here: "
+             f"{fl['encode_changed_s']:.1f} s to encode the changed tokens at the full build's rate + "
+             f"{fl['rewrite_step_s']:.1f} s to read and write the whole {full['snapshot_bytes'] / 1e9:.2f} GB step "
+             f"once ({fl['speedup_at_floor']:.1f}x at that floor); a step format that shares unchanged shards "
+             f"with the previous step would leave the encode alone ({fl['speedup_without_rewrite']:.0f}x).", ""]
+    return lines
+
+
+def _reload_section(f: Path) -> list[str]:
+    """launch/bench_reload.py: a live server taking an updated step under load."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, u, r, lt = d["config"], d["update"], d["reload"], d["loadtest"]
+    return ["### A live server taking the update under load (`launch/bench_reload.py`)", "",
+            f"ML-100k as a catalog directory served on {c['mesh']} (default model); {c['retitled']} items retitled "
+            f"and {c['new']} added, `build_cache.py --update` ({u['update']['added']} blocks encoded, "
+            f"{u['update']['dropped']} dropped, {u['update']['moved']} moved, {u['total_s']:.1f} s), then "
+            f"`loadtest.py` ({c['clients']} clients, {c['duration_s']:.0f} s) with POST /admin/reload sent "
+            f"{c['reload_at_s']:.0f} s after its first answer: step {r['step']} staged in {r['staged_s']:.1f} s beside "
+            f"the served one, then queued behind the requests ahead of it and swapped in by the engine loop "
+            f"{r['swap_s']:.1f} s later ({r['answered_during']} requests answered while the reload ran, "
+            f"{r['answered_before']} before). The load test: {lt['sent']} requests sent, {lt['answered_200']} "
+            f"answered 200 (statuses {lt['status_counts']}), {lt['lost']} lost, {lt['answered_twice']} answered "
+            f"twice: {'no request failed across the switch' if d['no_request_failed'] else 'requests FAILED'}. "
+            f"Processes shared this machine's two cores and the server started without warm-up "
+            f"({lt['compiles_during_run']} compiles during the run): a correctness run, not a timing.", ""]
+
+
 def _serving_section(f: Path) -> list[str]:
     """launch/bench_serving.py: batched serving steps against the one-at-a-time loop under load."""
     if not f.exists():
@@ -1104,6 +1157,8 @@ def suite_jobs(out: Path, sizes: SuiteSizes) -> dict[str, tuple[str, list[str]]]
     jobs = {name: ("bench.py", args) for name, args in _bench_runs(out, sizes).items()}
     jobs["kv_dtype"] = ("bench_kv.py", [f"--output_json={out / 'kv_dtype.json'}"])
     jobs["build"] = ("bench_build.py", [f"--output_json={out / 'build.json'}"])
+    jobs["update"] = ("bench_update.py", [f"--output_json={out / 'update.json'}"])
+    jobs["reload"] = ("bench_reload.py", [f"--output_json={out / 'reload.json'}"])
     for name, (_, args) in SCALING_RUNS.items():
         jobs[name] = ("bench_scaling.py", [*args(sizes), f"--output_json={out / f'{name}.json'}"])
     jobs["serving"] = ("bench_serving.py", ["--mesh=items:4", f"--output_json={out / 'serving.json'}"])
