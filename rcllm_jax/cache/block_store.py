@@ -155,6 +155,14 @@ class BlockStore:
             self.k_scale = jax.device_put(jnp.zeros(shape[:3], jnp.float32), self.scale_sharding)
             self.v_scale = jax.device_put(jnp.zeros(shape[:3], jnp.float32), self.scale_sharding)
 
+    def empty_like(self) -> "BlockStore":
+        """An empty store with this one's settings (mesh, model, contexts, placement, replication,
+        KV dtype, fetch mode, co-access log): where a newer snapshot step is staged."""
+        out = BlockStore(self.mesh, self.cfg, self.fingerprint, self.contexts, placement=self.placement,
+                         replicate=self.replicate, dtype=self.dtype)
+        out.exact_fetch, out._coaccess = self.exact_fetch, self._coaccess
+        return out
+
     @property
     def coaccess(self) -> list[tuple[str, ...]] | None:
         """The co-access log (block keys of each logged request) of the coaccess placement and of

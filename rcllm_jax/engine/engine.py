@@ -407,10 +407,7 @@ class Engine:
         if builder.template.digest() != self.builder.template.digest():
             raise ValueError("a reload keeps the prompt template: restart the server to change it")
         item_blocks = {int(i): builder.item_block(int(i)).tokens for i in item_ids}
-        old = self.store
-        store = BlockStore(self.mesh, self.cfg, self.fingerprint, old.contexts, placement=old.placement,
-                           replicate=old.replicate, dtype=old.dtype)
-        store.exact_fetch, store.coaccess = old.exact_fetch, old._coaccess
+        store = self.store.empty_like()
         meta = snapshot.restore_blocks(directory, self.identity(), store, self.replicated, step=step)
         missing = [i for i, t in item_blocks.items() if store.lookup("item", t) is None]
         if missing:
@@ -423,8 +420,6 @@ class Engine:
     def install(self, staged: "StagedCatalog") -> None:
         """Serve a staged catalog from now on (reference swaps: call it between requests). The user
         store and the prefix cache stay (their prefixes are the histories' text, not the items')."""
-        self.store.fetched_lengths.clear()
-        staged.store.fetched_lengths = set()
         self.builder, self.item_blocks, self.store = staged.builder, staged.item_blocks, staged.store
 
     def copy_blocks_from(self, other: "Engine"):
