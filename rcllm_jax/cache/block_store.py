@@ -277,11 +277,8 @@ class BlockStore:
             self.embeddings.pop(k, None)
         passes = self._encode(params, todo, host, kinds, row_tokens, rows, progress)
         t0 = time.perf_counter()
-        new = sorted(todo)
-        for k in new:
-            if kinds[k] in REPLICATED_KINDS:
-                shard_of[k] = REPLICATED
-        new = [k for k in new if k not in shard_of]
+        shard_of |= {k: REPLICATED for k in todo if kinds[k] in REPLICATED_KINDS}
+        new = [k for k in sorted(todo) if kinds[k] not in REPLICATED_KINDS]
         if new:
             placed = sorted(k for k, s in shard_of.items() if kinds[k] not in REPLICATED_KINDS)
             shards = placement_lib.extend(

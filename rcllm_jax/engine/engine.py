@@ -259,15 +259,17 @@ class Engine:
         """Encode every item block and glue block not stored yet (the block store; passes of
         `rows` packed rows of `row_tokens` tokens per items-shard). Returns the per-pass timings
         (`BlockStore.build`)."""
-        return self.store.build(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
-                                row_tokens=row_tokens, rows=rows, progress=progress)
+        return self.store.build(self.params, self._blocks(), row_tokens=row_tokens, rows=rows, progress=progress)
 
     def update_store(self, row_tokens: int = ROW_TOKENS, rows: int = PASS_ROWS, progress=None) -> dict:
         """Bring a restored block store to this engine's catalog, encoding only what changed: blocks
         of items no longer in it (or whose text changed) dropped, new ones encoded and placed
         beside the kept ones, which do not move (`BlockStore.update`)."""
-        return self.store.update(self.params, {"item": list(self.item_blocks.values()), "glue": self.glue_blocks},
-                                 row_tokens=row_tokens, rows=rows, progress=progress)
+        return self.store.update(self.params, self._blocks(), row_tokens=row_tokens, rows=rows, progress=progress)
+
+    def _blocks(self) -> dict[str, list]:
+        """Every block this engine's catalog and prompt need, by kind (what the store must hold)."""
+        return {"item": list(self.item_blocks.values()), "glue": self.glue_blocks}
 
     def update_user(self, user_id, prompt: Prompt, version: int | None = None) -> int:
         """Bring the user's cached prefix (instruction + history block) up to date; returns the
