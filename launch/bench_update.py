@@ -52,7 +52,7 @@ def edited(ds, fraction: float, seed: int = 0):
         src = ds.items[ids[j]]
         items[top + j] = dataclasses.replace(src, item_id=top + j, title=f"{src.title} (sequel)")
     seqs = {u: tuple(i for i in s if i not in remove) for u, s in ds.sequences.items()}
-    return dataclasses.replace(ds, name=f"{ds.name}-edited", items=items, sequences=seqs), \
+    return dataclasses.replace(ds, name=f"{ds.name}-edited", items=items, sequences=seqs, times=None), \
         {"retitled": len(retitle), "removed": len(remove), "new": n - len(retitle) - len(remove)}
 
 

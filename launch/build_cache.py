@@ -85,13 +85,14 @@ def main(argv):
         if problem:
             raise app.UsageError(f"{snap_dir} holds a snapshot of {problem}; choose another --snapshot_dir "
                                  "(nothing was changed)")
-    from rcllm_jax.retrieval import ItemKNN, load_or_fit
+    from rcllm_jax.retrieval import ItemKNN, item_texts, load_or_fit
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
+    texts = item_texts(ds, items)
     if jax.process_index() == 0:  # the retrieval stage is persisted with the item cache
-        retriever, how = load_or_fit(os.path.join(snap_dir, "retriever.npz"), seqs, items)
+        retriever, how = load_or_fit(os.path.join(snap_dir, "retriever.npz"), seqs, items, texts=texts)
         logging.info("retriever: %s", how)
     else:  # the same deterministic fit: every process places the blocks alike
-        retriever = ItemKNN.fit(seqs, items)
+        retriever = ItemKNN.fit(seqs, items, texts=texts)
     engine.set_coaccess(retriever.coaccess_requests(seqs))  # the co-access log: placement and replication
     logging.info("model and %s catalog (%d items) ready in %.1fs", ds.name, len(items), time.perf_counter() - t0)
     t1 = time.perf_counter()

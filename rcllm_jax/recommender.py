@@ -122,7 +122,7 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     from rcllm_jax.engine.ranking_head import ranking_head as load_head
     from rcllm_jax.downloads import cache_dir
     from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import load_or_fit
+    from rcllm_jax.retrieval import item_texts, load_or_fit
 
     m, c = model or ModelSettings(), catalog or CatalogSettings()
     e, lay = engine or EngineSettings(), layout or MeshSettings()
@@ -144,7 +144,7 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     snap = str(snapshot_dir or cache_dir() / "snapshots" / f"{engine.fingerprint[:16]}-{ds.name}")
     retriever_path = Path(snap) / "retriever.npz"
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
-    retriever, how = load_or_fit(retriever_path, seqs, item_ids,
+    retriever, how = load_or_fit(retriever_path, seqs, item_ids, texts=item_texts(ds, item_ids),
                                  save=False)  # saved below, once the snapshot directory is known to be ours
     # placement and replication: computed only if blocks must be placed (not on a restore onto the saved layout)
     engine.set_coaccess(lambda: retriever.coaccess_requests(seqs))
@@ -197,7 +197,7 @@ def stage_reload(served: Served, model: ModelSettings | None, catalog: CatalogSe
     from pathlib import Path
 
     from rcllm_jax.data.catalog import keep_indices, load_catalog, prompt_builder
-    from rcllm_jax.retrieval import load_or_fit
+    from rcllm_jax.retrieval import item_texts, load_or_fit
     m, c = model or ModelSettings(), catalog or CatalogSettings()
     engine = served.engine
     ds = keep_indices(load_catalog(c), engine.builder.items)
@@ -205,7 +205,8 @@ def stage_reload(served: Served, model: ModelSettings | None, catalog: CatalogSe
     builder = prompt_builder(engine.builder.tok, ds, c, max_prompt_tokens=engine.cfg.max_position, head=m.head)
     staged = engine.stage_catalog(builder, item_ids, served.snapshot_dir)
     seqs = [ds.sequences[u] for u in sorted(ds.sequences)]
-    retriever, how = load_or_fit(Path(served.snapshot_dir) / "retriever.npz", seqs, item_ids, save=False)
+    retriever, how = load_or_fit(Path(served.snapshot_dir) / "retriever.npz", seqs, item_ids,
+                                 texts=item_texts(ds, item_ids), save=False)
     return Reload(staged, ds, item_ids, retriever,
                   f"step {staged.step} of {served.snapshot_dir}: {len(item_ids)} items; retriever {how}")
 

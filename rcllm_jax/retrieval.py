@@ -25,31 +25,67 @@ Measured on ML-100k (validation targets within the retrieved top-20, a linear li
 over these features): the follow score is what moves NDCG@10 past the retriever's own order; the
 other co-occurrence variants, popularity, genre overlap and release year added nothing.
 
-Persisted as one `.npz` (`save` / `load`) keyed by a digest of the training data it was built
-from, so a retriever of other data is refused.
+**The content path** (fitted when the items' texts are given, as every launcher does): items
+nobody interacted with in the training data (a new item) have no neighbours, so kNN cannot propose
+them. Each item's prompt text is a TF-IDF vector (words and years of its title, its genres; L2
+normalised); a user's content profile is the decayed sum of the vectors of the `content_recent`
+latest history items (decay `content_decay`), and `content_scores` is the cosine of every item to
+it. `retrieve` gives the cold items (no training interaction) some of the K slots, as many as the
+user's recent history asks for: m = ceil(cold_share * K * f), f the share of the `cold_recent`
+latest history items that are cold themselves (a user watching new items gets new items); the m
+cold items of best content score replace the tail of kNN's list. A user whose recent items are
+all known keeps kNN's list unchanged. Chosen on ML-100k's cold slices (`data/slices.py`,
+test positions 1-3, `launch/bench_retrieval.py`, BENCHMARKS.md): recall@20 on new-item targets
+0.000 -> 0.110, warm targets 0.275 -> 0.271, all 0.257 -> 0.262 (cold_share 0.5, cold_recent 10);
+reserving fixed slots or adding the two scores lost more warm recall for less (the sweep there).
+
+Persisted as one `.npz` (`save` / `load`) keyed by a digest of the training data and item texts
+it was built from, so a retriever of other data is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-FORMAT = 2
+FORMAT = 3
+COLD_SHARE = 0.5  # the content path's default: up to half of the K slots for cold items (module docstring)
 # the reranker's collaborative features of a candidate (`ItemKNN.candidate_features`), in order
 CANDIDATE_FEATURES = ("knn_relative", "knn_log", "follow_relative")
 
 
-def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int]) -> str:
-    """Digest of the training sequences and the catalog a retriever is built from."""
+def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int],
+                texts: Sequence[str] | None = None) -> str:
+    """Digest of the training sequences, the catalog and its item texts a retriever is built from."""
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(sorted(int(i) for i in item_ids), np.int64).tobytes())
     for s in sequences:
         h.update(np.asarray(list(s), np.int64).tobytes())
         h.update(b"|")
+    for t in texts or ():
+        h.update(t.encode("utf-8") + b"\x00")
     return h.hexdigest()
+
+
+def item_texts(ds, item_ids: Sequence[int] | None = None) -> list[str]:
+    """The content path's text of each item (catalog order, or `item_ids`' order): the prompt's
+    item text (a catalog's item_template, else MovieLens's title (year; genres))."""
+    from rcllm_jax.data.prompt import movielens_text
+    ids = sorted(ds.items) if item_ids is None else item_ids
+    return [ds.items[i].text or movielens_text(ds.items[i]) for i in ids]
+
+
+def content_vectors(texts: Sequence[str]):
+    """[n, V] sparse L2-normalised TF-IDF vectors of the item texts (sublinear term frequency;
+    words of two or more letters and numbers: titles, years, genres)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    if not any(t.strip() for t in texts):
+        raise ValueError("no item has text for the content path")
+    return TfidfVectorizer(sublinear_tf=True, dtype=np.float32).fit_transform(list(texts)).tocsr()
 
 
 class RetrieverError(ValueError):
@@ -59,16 +95,25 @@ class RetrieverError(ValueError):
 class ItemKNN:
     def __init__(self, item_ids, neighbours: np.ndarray, sims: np.ndarray, popularity: np.ndarray,
                  followers: np.ndarray, follow: np.ndarray, *, recent: int = 20, decay: float = 0.5,
-                 follow_recent: int = 5, digest: str = ""):
+                 follow_recent: int = 5, digest: str = "", content=None, content_recent: int = 20,
+                 content_decay: float = 0.9, cold_share: float = COLD_SHARE, cold_recent: int = 10):
         """item_ids [n] (catalog order); neighbours [n, M] indices into item_ids (-1: none);
         sims [n, M] their similarities; popularity [n] training interactions; followers [n, M]
-        and follow [n, M]: the follow table (the same layout)."""
+        and follow [n, M]: the follow table (the same layout); content: [n, V] sparse item
+        vectors of the content path (None: kNN alone)."""
         self.item_ids = np.asarray(item_ids, np.int64)
         self.neighbours, self.sims = np.asarray(neighbours, np.int32), np.asarray(sims, np.float32)
         self.followers, self.follow = np.asarray(followers, np.int32), np.asarray(follow, np.float32)
         self.follow_recent = int(follow_recent)
         self.popularity = np.asarray(popularity, np.float64)
         self.recent, self.decay, self.digest = int(recent), float(decay), digest
+        self.content = None if content is None else content.tocsr().astype(np.float32)
+        if self.content is not None and self.content.shape[0] != len(self.item_ids):
+            raise ValueError(f"{self.content.shape[0]} content vectors for {len(self.item_ids)} items")
+        if not 0 <= cold_share <= 1:
+            raise ValueError(f"cold_share must be in [0, 1], got {cold_share}")
+        self.content_recent, self.content_decay = int(content_recent), float(content_decay)
+        self.cold_share, self.cold_recent = float(cold_share), int(cold_recent)
         self.index = {int(i): j for j, i in enumerate(self.item_ids)}
         # popularity order, most popular first (ties by item id): the fill and the cold-start list
         self._by_popularity = np.lexsort((self.item_ids, -self.popularity))
@@ -76,8 +121,9 @@ class ItemKNN:
     @classmethod
     def fit(cls, sequences: Iterable[Sequence[int]], item_ids: Sequence[int], *, neighbours: int = 50,
             recent: int = 20, decay: float = 0.5, window: int = 3, smoothing: float = 5.0,
-            follow_recent: int = 5) -> "ItemKNN":
-        """Build from training sequences (oldest first); items outside `item_ids` are ignored."""
+            follow_recent: int = 5, texts: Sequence[str] | None = None, **content_kw) -> "ItemKNN":
+        """Build from training sequences (oldest first); items outside `item_ids` are ignored.
+        `texts` (one per item, in sorted `item_ids` order: `item_texts`) fits the content path."""
         import scipy.sparse as sp
         seqs = [list(s) for s in sequences]
         item_ids = sorted(int(i) for i in item_ids)
@@ -107,8 +153,11 @@ class ItemKNN:
         fo = sp.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(n, n))  # duplicates summed
         out_deg = np.asarray(fo.sum(axis=1)).ravel() + smoothing
         fnb, fw = _top_per_row(fo, m, lambda i, js, cs: cs / out_deg[i])
+        if texts is not None and len(texts) != n:
+            raise ValueError(f"{len(texts)} item texts for {n} items")
         return cls(item_ids, nb, sim, count, fnb, fw, recent=recent, decay=decay, follow_recent=follow_recent,
-                   digest=data_digest(seqs, item_ids))
+                   digest=data_digest(seqs, item_ids, texts),
+                   content=None if texts is None else content_vectors(texts), **content_kw)
 
     @property
     def num_items(self) -> int:
@@ -122,6 +171,32 @@ class ItemKNN:
         """[n] how strongly each catalog item follows the user's `follow_recent` latest items
         (follow table, the same recency decay)."""
         return self._spread(history, self.follow_recent, self.followers, self.follow)
+
+    def content_scores(self, history: Sequence[int]) -> np.ndarray:
+        """[n] cosine of every item's content vector to the user's content profile (the decayed
+        sum over the `content_recent` latest history items, newest weighing most); zeros without
+        a content path or a known history item."""
+        out = np.zeros(self.num_items, np.float64)
+        if self.content is None:
+            return out
+        newest_first = [self.index.get(int(h)) for h in list(history)[-self.content_recent:]][::-1]
+        rows = [(a, j) for a, j in enumerate(newest_first) if j is not None]
+        if not rows:
+            return out
+        age, idx = (np.asarray(x) for x in zip(*rows))
+        profile = np.asarray(self.content[idx].T @ (self.content_decay ** age)).ravel()
+        norm = np.linalg.norm(profile)
+        return out if norm == 0 else np.asarray(self.content @ (profile / norm), np.float64).ravel()
+
+    def cold_slots(self, history: Sequence[int], k: int) -> int:
+        """How many of k retrieved slots go to cold items: ceil(cold_share * k * f), f the share of
+        the `cold_recent` latest history items with no training interaction (0 without a content
+        path or a history)."""
+        if self.content is None or not len(history):
+            return 0
+        recent = [self.index.get(int(h)) for h in list(history)[-self.cold_recent:]]
+        f = float(np.mean([j is not None and self.popularity[j] == 0 for j in recent]))
+        return min(k, math.ceil(self.cold_share * k * f - 1e-9))
 
     def _spread(self, history, recent: int, table: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """sum over the `recent` newest history items h_a (a = 0 newest) of decay^a * weights[h_a, j]."""
@@ -150,8 +225,9 @@ class ItemKNN:
         return np.stack([rel(knn), np.log(knn + 1e-3), rel(fol)], axis=1).astype(np.float32)
 
     def retrieve(self, history: Sequence[int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
-        """(the top-k item ids, best first, never an item of `history`; their scores). Items with
-        no similarity follow by popularity (score 0)."""
+        """(the top-k item ids, best first, never an item of `history`; their kNN scores). Items
+        with no similarity follow by popularity (score 0); the last `cold_slots` of them go to
+        the cold items of best content score (module docstring)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         s = self.scores(history)
@@ -166,6 +242,15 @@ class ItemKNN:
         rank[self._by_popularity] = np.arange(self.num_items)  # tie-break: popularity, then id
         order = np.lexsort((rank, -s))
         order = order[~seen[order]][:k]
+        m = self.cold_slots(history, k)
+        if m:
+            c = self.content_scores(history)
+            cold = np.flatnonzero((self.popularity == 0) & ~seen)
+            cold = cold[np.lexsort((cold, -c[cold]))]
+            keep = order[:k - m]
+            extra = cold[~np.isin(cold, keep)][:m]
+            fill = order[k - m:][~np.isin(order[k - m:], extra)][:m - len(extra)]
+            order = np.concatenate([keep, extra, fill])
         return tuple(int(i) for i in self.item_ids[order]), s[order]
 
     def coaccess_requests(self, sequences: Iterable[Sequence[int]], k: int = 20,
@@ -190,11 +275,15 @@ class ItemKNN:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
+            content = {} if self.content is None else {
+                "content_data": self.content.data, "content_indices": self.content.indices,
+                "content_indptr": self.content.indptr, "content_columns": np.int64(self.content.shape[1])}
             np.savez(f, format=np.int64(FORMAT), item_ids=self.item_ids, neighbours=self.neighbours,
                      sims=self.sims, popularity=self.popularity, followers=self.followers, follow=self.follow,
                      recent=np.int64(self.recent), decay=np.float64(self.decay),
-                     follow_recent=np.int64(self.follow_recent),
-                     digest=np.asarray(self.digest))
+                     follow_recent=np.int64(self.follow_recent), content_recent=np.int64(self.content_recent),
+                     content_decay=np.float64(self.content_decay), cold_share=np.float64(self.cold_share),
+                     cold_recent=np.int64(self.cold_recent), digest=np.asarray(self.digest), **content)
         tmp.replace(path)
         return path
 
@@ -207,9 +296,16 @@ class ItemKNN:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["format"]) != FORMAT:
                     raise RetrieverError(f"retriever {path} has format {int(z['format'])}, expected {FORMAT}")
+                content = None
+                if "content_data" in z:
+                    import scipy.sparse as sp
+                    content = sp.csr_matrix((z["content_data"], z["content_indices"], z["content_indptr"]),
+                                            shape=(len(z["item_ids"]), int(z["content_columns"])))
                 r = cls(z["item_ids"], z["neighbours"], z["sims"], z["popularity"], z["followers"], z["follow"],
                         recent=int(z["recent"]), decay=float(z["decay"]), follow_recent=int(z["follow_recent"]),
-                        digest=str(z["digest"]))
+                        digest=str(z["digest"]), content=content, content_recent=int(z["content_recent"]),
+                        content_decay=float(z["content_decay"]), cold_share=float(z["cold_share"]),
+                        cold_recent=int(z["cold_recent"]))
         except RetrieverError:
             raise
         except Exception as e:  # noqa: BLE001 - any read failure: a damaged file
@@ -239,12 +335,13 @@ def _top_per_row(m, k: int, weigh) -> tuple[np.ndarray, np.ndarray]:
     return cols, vals
 
 
-def load_or_fit(path, sequences, item_ids, *, save: bool = True, **kw) -> tuple[ItemKNN, str]:
-    """The retriever saved at `path` if it was built from exactly these sequences and catalog,
-    else a new one fitted (and saved there, unless save=False: the caller saves it once the
+def load_or_fit(path, sequences, item_ids, *, save: bool = True, texts: Sequence[str] | None = None,
+                **kw) -> tuple[ItemKNN, str]:
+    """The retriever saved at `path` if it was built from exactly these sequences, catalog and item
+    texts, else a new one fitted (and saved there, unless save=False: the caller saves it once the
     directory is known to be its own). Returns (retriever, what happened)."""
     seqs = [tuple(s) for s in sequences]
-    digest = data_digest(seqs, item_ids)
+    digest = data_digest(seqs, item_ids, texts)
     path = Path(path)
     if path.exists():
         try:
@@ -253,18 +350,25 @@ def load_or_fit(path, sequences, item_ids, *, save: bool = True, **kw) -> tuple[
             why = str(e)
     else:
         why = f"no retriever at {path}"
-    r = ItemKNN.fit(seqs, item_ids, **kw)
+    r = ItemKNN.fit(seqs, item_ids, texts=texts, **kw)
     if save:
         r.save(path)
     return r, f"{why}: fitted on {len(seqs)} sequences" + (" and saved" if save else "")
 
 
-def fit_before(split, position: int, item_ids: Sequence[int] | None = None, **kw) -> ItemKNN:
+def fit_before(split, position: int, item_ids: Sequence[int] | None = None, *, content: bool = True,
+               cold=None, **kw) -> ItemKNN:
     """An ItemKNN fitted on every user's sequence cut before its `position`-th item from the end
     (2 = the leave-one-out training split, no validation or test item): the retriever of the
-    targets held back at that position, which never saw them or anything after them."""
+    targets held back at that position, which never saw them or anything after them. With the
+    content path of the items' texts unless content=False; with `cold` (`data/slices.ColdSplit`)
+    the new items' interactions and the new users' sequences are left out."""
     if position < 1:
         raise ValueError(f"a held-back position counts from the end of a sequence, >= 1; got {position}")
-    ids = sorted(split.dataset.items) if item_ids is None else item_ids
-    seqs = split.dataset.sequences
-    return ItemKNN.fit([seqs[u][:-position] for u in split.users], ids, **kw)  # empty when too short
+    ids = sorted(split.dataset.items) if item_ids is None else sorted(item_ids)
+    if cold is None:
+        seqs = [split.dataset.sequences[u][:-position] for u in split.users]  # empty when too short
+    else:
+        from rcllm_jax.data.slices import fitting_sequences
+        seqs = fitting_sequences(split.dataset, cold, position, split.users)
+    return ItemKNN.fit(seqs, ids, texts=item_texts(split.dataset, ids) if content else None, **kw)

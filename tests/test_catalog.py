@@ -181,7 +181,7 @@ def _movielens_as_catalog(d: Path):
 
 def test_movielens_preset_reads_back_as_the_builtin_reader(tmp_path):
     """launch/export_catalog.py (`write_catalog`) writes ML-100k as a catalog directory that reads
-    back to the built-in reader's items (ids, titles, prompt texts, genres), users and sequences;
+    back to the built-in reader's items (ids, titles, prompt texts, genres), users, sequences and times;
     an existing directory is refused, nothing written."""
     from rcllm_jax.data.catalog import write_catalog
     from rcllm_jax.data.movielens import load_dataset
@@ -192,6 +192,7 @@ def test_movielens_preset_reads_back_as_the_builtin_reader(tmp_path):
     assert r.returncode == 0 and "1682 items, 943 users, 100000 interactions" in r.stdout, r.stderr[-2000:]
     gen = read_catalog(tmp_path / "ml")
     assert gen.sequences == ref.sequences and gen.items.keys() == ref.items.keys()
+    assert gen.times == ref.times and gen.first_seen() == ref.first_seen()  # the cold slices' new items
     assert all(gen.items[i].text == movielens_text(it) and gen.items[i].title == it.title
                and gen.items[i].genres == it.genres and gen.items[i].id == str(i) for i, it in ref.items.items())
     assert all(gen.user_key(u) == str(u) for u in ref.sequences)

@@ -2,7 +2,8 @@
 shortened, outputs in a temporary directory): they start, finish and write what they say.
 (bench.py, build_cache.py, serve.py, recommend.py, loadtest.py, train.py, train_label.py,
 bench_kv.py, bench_scaling.py and generate.py are run by their own tests.) The default model on
-the first catalog items (--max_items), its item snapshot in the test's directory."""
+the first catalog items (--max_items), its item snapshot in the test's directory; bench_retrieval.py
+needs no model (ML-100k)."""
 
 import json
 import os
@@ -47,6 +48,21 @@ def test_scaling_model_reads_the_committed_runs(tmp_path):
     out = tmp_path / "model.json"
     _run("scaling_model.py", f"--output_json={out}")
     assert json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_retrieval_slices_and_llamarec_protocol(tmp_path):
+    """One test position, one blended setting: every slice has requests; kNN never retrieves a new
+    item (none was fitted) while the blended retriever and the content row do; the LlamaRec rows."""
+    out = tmp_path / "retrieval.json"
+    _run("bench_retrieval.py", "--test_positions=1", "--cold_shares=0.5", f"--output_json={out}")
+    d = json.loads(out.read_text())
+    slices = d["cold_slices"]["slices"]
+    assert all(s["requests"] > 0 for s in slices.values())
+    new = slices["new_items"]["rows"]
+    assert new["item-knn"]["recall@20"] == 0 and new["blended (cold_share 0.5) [default]"]["recall@20"] > 0
+    assert new["content"]["recall@20"] > 0 and new["popularity"]["recall@20"] == 0
+    assert set(d["llamarec"]["rows"]) == {"item-knn", "blended [default]"} and d["llamarec"]["users"] == 943
 
 
 @pytest.mark.slow

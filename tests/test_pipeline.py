@@ -94,8 +94,9 @@ def test_heldout_positions_use_only_data_before_each_target(split):
     target, everything before it the history, and the candidates come from a retriever fitted on
     every user's sequence cut before p, so it never saw any test target at or after p."""
     from rcllm_jax.data.pipeline import heldout_requests
-    from rcllm_jax.retrieval import ItemKNN, fit_before
+    from rcllm_jax.retrieval import ItemKNN, fit_before, item_texts
     seqs = split.dataset.sequences
+    texts = item_texts(split.dataset)
     retr = {p: fit_before(split, p) for p in (1, 2, 3)}
     reqs, pos = heldout_requests(split, (2, 1, 3), num_users=25, num_candidates=20, retrievers=retr, seed=5,
                                  order="retriever")
@@ -106,9 +107,10 @@ def test_heldout_positions_use_only_data_before_each_target(split):
         assert r.history == tuple(seqs[r.user_id][:-p]) and r.target == seqs[r.user_id][-p]
         assert r.candidates == retr[p].retrieve(r.history, 20)[0]
     for p in (1, 3):  # the same data fitted independently
-        ref = ItemKNN.fit([s[:-p] for u, s in seqs.items() if u in set(split.users)], sorted(split.dataset.items))
+        ref = ItemKNN.fit([s[:-p] for u, s in seqs.items() if u in set(split.users)], sorted(split.dataset.items),
+                          texts=texts)
         assert ref.digest == retr[p].digest
-    train = ItemKNN.fit([split.train_sequence(u) for u in split.users], sorted(split.dataset.items))
+    train = ItemKNN.fit([split.train_sequence(u) for u in split.users], sorted(split.dataset.items), texts=texts)
     assert fit_before(split, 2).digest == train.digest  # position 2 = the leave-one-out training split
     # sampled negatives at a position: the target among them
     sampled, _ = heldout_requests(split, (2,), num_users=5, num_candidates=10, seed=1)

@@ -124,3 +124,50 @@ def test_retrieved_requests_and_misses():
     assert target_rank([0.3, 0.1], None) == MISS
     m = ranking_metrics([0, MISS])
     assert m["hr@1"] == 0.5 and m["ndcg@10"] == 0.5 and m["mrr"] == 0.5
+
+
+# --- the content path (cold items) ------------------------------------------------------------
+# a hand-made catalog: items 1-6 have interactions, item 7 none; 7 shares its title words with 6
+CAT_TEXTS = ["Alpha Comedy", "Beta Drama", "Gamma Drama", "Delta Action", "Epsilon Action",
+             "Starship Voyage (1998; Sci-Fi)", "Starship Voyage II (1998; Sci-Fi)"]
+CAT_ITEMS = [1, 2, 3, 4, 5, 6, 7]
+CAT_SEQS = [[1, 2, 3], [1, 2], [2, 3], [4, 5], [4, 5, 6], [1, 6]]
+
+
+def test_content_path_proposes_an_item_nobody_interacted_with():
+    knn = ItemKNN.fit(CAT_SEQS, CAT_ITEMS)
+    blended = ItemKNN.fit(CAT_SEQS, CAT_ITEMS, texts=CAT_TEXTS)
+    assert knn.popularity[CAT_ITEMS.index(7)] == 0
+    # history [1, 6]: no cold item in it, so kNN's list unchanged
+    assert blended.retrieve([1, 6], 3)[0] == knn.retrieve([1, 6], 3)[0]
+    assert blended.cold_slots([1, 6], 3) == 0
+    # history [2, 7]: one of the 2 latest items is cold (7 itself, a new item someone just watched):
+    # ceil(0.5 * 4 * 1/2) = 1 slot; 7 is in the history, so the cold pool is empty: kNN's list stays
+    assert blended.retrieve([2, 7], 4)[0] == knn.retrieve([2, 7], 4)[0]
+    # a catalog with a second cold item 8 ("Starship Voyage III"): history [6, 7] (7 cold) asks for
+    # ceil(0.5 * 4 * 1/2) = 1 cold slot; 8 is the only cold item outside the history
+    texts = CAT_TEXTS + ["Starship Voyage III (1999; Sci-Fi)"]
+    blended = ItemKNN.fit(CAT_SEQS, CAT_ITEMS + [8], texts=texts)
+    knn = ItemKNN.fit(CAT_SEQS, CAT_ITEMS + [8])
+    got, want = blended.retrieve([6, 7], 4)[0], knn.retrieve([6, 7], 4)[0]
+    assert 8 not in want and got == want[:3] + (8,)
+    # the content score by hand: TF-IDF cosine puts 8 (sharing "starship voyage ... sci fi") above
+    # every item without those words
+    c = blended.content_scores([6, 7])
+    assert c[CAT_ITEMS.index(6)] > c[7] > max(c[:5])
+    # every history item cold: half of k goes to cold items; only 8 exists, kNN's next item fills the other
+    got, want = blended.retrieve([7], 4)[0], knn.retrieve([7], 4)[0]
+    assert blended.cold_slots([7], 4) == 2 and got == want[:2] + (8, want[2])
+    assert blended.retrieve([], 4)[0] == knn.retrieve([], 4)[0]  # a new user: popularity, as before
+
+
+def test_content_path_is_saved_and_its_texts_are_part_of_the_digest(tmp_path):
+    r = ItemKNN.fit(CAT_SEQS, CAT_ITEMS, texts=CAT_TEXTS)
+    back = ItemKNN.load(r.save(tmp_path / "r.npz"), expect_digest=r.digest)
+    assert np.allclose(back.content.toarray(), r.content.toarray())
+    assert back.retrieve([6, 7], 5)[0] == r.retrieve([6, 7], 5)[0] and back.cold_share == r.cold_share
+    retitled = CAT_TEXTS[:-1] + ["Something Else"]
+    got, how = load_or_fit(tmp_path / "r.npz", CAT_SEQS, CAT_ITEMS, texts=retitled)
+    assert "other training data" in how and got.digest != r.digest  # refitted, not the stale content
+    with pytest.raises(ValueError, match="6 item texts for 7 items"):
+        ItemKNN.fit(CAT_SEQS, CAT_ITEMS, texts=CAT_TEXTS[:-1])

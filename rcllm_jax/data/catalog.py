@@ -237,8 +237,8 @@ def read_catalog(directory: str | Path) -> Dataset:
         i = item_index[key]
         items[i] = Item(i, values.get("title") or text, None, genres, key=key, text=text)
     users = {k: n for n, k in enumerate(sorted({u for u, _, _ in rows}, key=_natural), 1)}
-    sequences = _sequences((users[u], item_index[i], ts) for u, i, ts in rows)
-    return Dataset(spec.name, dict(sorted(items.items())), sequences, user_keys={n: k for k, n in users.items()},
+    interactions = _sequences((users[u], item_index[i], ts) for u, i, ts in rows)
+    return Dataset(spec.name, dict(sorted(items.items())), **interactions, user_keys={n: k for k, n in users.items()},
                    prompt=spec.prompt, max_item_tokens=spec.max_item_tokens)
 
 
@@ -255,8 +255,8 @@ def write_catalog(ds: Dataset, directory: str | Path) -> Path:
     """Write a dataset as a catalog directory that `read_catalog` reads back to the same items,
     users, sequences and item texts (how the MovieLens readers become presets of this format):
     items.jsonl (id, title, text: the prompt's item text, genres "|"-joined), interactions.csv
-    (user, item, timestamp: a dataset holds each user's order, not times, so the timestamp is the
-    position in the sequence) and catalog.toml (item_template "{text}"). Written into a temporary
+    (user, item, timestamp: the interaction's time, or its position in the user's sequence for a
+    dataset without times) and catalog.toml (item_template "{text}"). Written into a temporary
     directory beside `directory` and renamed into place; an existing `directory` is refused."""
     import os
     import shutil
@@ -277,7 +277,8 @@ def write_catalog(ds: Dataset, directory: str | Path) -> Path:
             w = csv.writer(f)
             w.writerow(["user", "item", "timestamp"])
             for u, seq in sorted(ds.sequences.items()):
-                w.writerows((ds.user_key(u), str(ds.items[i].id), t) for t, i in enumerate(seq))
+                times = range(len(seq)) if ds.times is None else ds.times[u]
+                w.writerows((ds.user_key(u), str(ds.items[i].id), _time_text(t)) for t, i in zip(times, seq))
         toml = [f"name = {json.dumps(ds.name)}", 'item_template = "{text}"', 'genres = "genres"']
         if ds.max_item_tokens:
             toml.append(f"max_item_tokens = {ds.max_item_tokens}")
@@ -287,6 +288,11 @@ def write_catalog(ds: Dataset, directory: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _time_text(t) -> str:
+    """A time as the interactions file writes it: an integer where it is one."""
+    return str(int(t)) if float(t).is_integer() else repr(float(t))
 
 
 def keep_indices(new: Dataset, old_items: dict) -> Dataset:

@@ -44,12 +44,15 @@ class Dataset:
     user_keys: dict[int, str] | None = None  # user -> the catalog's own user id (None: str(user))
     prompt: str | None = None  # the catalog's prompt preset (catalog.toml), used unless --prompt says otherwise
     max_item_tokens: int | None = None  # an item's text is cut to this many tokens in a prompt
+    times: dict[int, tuple[float, ...]] | None = None  # user -> each interaction's time (None: unknown)
 
     def __post_init__(self):
         unknown = {i for s in self.sequences.values() for i in s} - self.items.keys()
         if unknown:
             raise ValueError(f"{self.name}: interactions name {len(unknown)} items absent from the item "
                              f"file, e.g. {sorted(unknown)[:5]}")
+        if self.times is not None and any(len(self.times.get(u, ())) != len(s) for u, s in self.sequences.items()):
+            raise ValueError(f"{self.name}: interaction times do not match the sequences")
         self._item_index = {str(it.id): i for i, it in self.items.items()}
         self._user_index = ({str(u): u for u in self.sequences} if self.user_keys is None
                             else {k: u for u, k in self.user_keys.items()})
@@ -73,17 +76,32 @@ class Dataset:
     def num_interactions(self) -> int:
         return sum(len(s) for s in self.sequences.values())
 
+    def first_seen(self) -> dict[int, float]:
+        """item -> the time of its first interaction (items nobody interacted with are absent);
+        `ValueError` for a dataset without interaction times."""
+        if self.times is None:
+            raise ValueError(f"{self.name}: no interaction times (a dataset rebuilt from sequences alone)")
+        out: dict[int, float] = {}
+        for u, s in self.sequences.items():
+            for i, t in zip(s, self.times[u]):
+                if t < out.get(i, float("inf")):
+                    out[i] = t
+        return out
+
 
 class DataFormatError(ValueError):
     """A dataset file that does not have the layout its name promises."""
 
 
-def _sequences(rows) -> dict[int, tuple[int, ...]]:
-    """rows of (user, item, timestamp) -> chronological sequences, ties broken by item id."""
+def _sequences(rows) -> dict:
+    """rows of (user, item, timestamp) -> {"sequences": chronological sequences, ties broken by
+    item id; "times": each interaction's time, in the same order} (`Dataset`'s fields)."""
     per_user: dict[int, list[tuple[float, int]]] = collections.defaultdict(list)
     for user, item, ts in rows:
         per_user[user].append((ts, item))
-    return {u: tuple(i for _, i in sorted(v)) for u, v in sorted(per_user.items())}
+    ordered = {u: sorted(v) for u, v in sorted(per_user.items())}
+    return {"sequences": {u: tuple(i for _, i in v) for u, v in ordered.items()},
+            "times": {u: tuple(float(t) for t, _ in v) for u, v in ordered.items()}}
 
 
 def _split_year(title: str) -> tuple[str, int | None]:
@@ -113,7 +131,7 @@ def read_recbole_atomic(directory: str | Path, name: str = "ml-100k") -> Dataset
         iid = int(r["item_id"])
         items[iid] = Item(iid, r["movie_title"].strip(), int(year) if year.isdigit() else None, genres)
     rows = ((int(r["user_id"]), int(r["item_id"]), float(r["timestamp"])) for r in table(d / f"{name}.inter"))
-    return Dataset(name, items, _sequences(rows))
+    return Dataset(name, items, **_sequences(rows))
 
 
 def read_grouplens_100k(directory: str | Path) -> Dataset:
@@ -140,7 +158,7 @@ def read_grouplens_100k(directory: str | Path) -> Dataset:
             if len(f) != 4:
                 raise DataFormatError(f"{d / 'u.data'}:{lineno}: expected 4 tab-separated fields")
             yield int(f[0]), int(f[1]), float(f[3])
-    return Dataset("ml-100k", items, _sequences(rows()))
+    return Dataset("ml-100k", items, **_sequences(rows()))
 
 
 def read_ml1m(directory: str | Path) -> Dataset:
@@ -162,7 +180,7 @@ def read_ml1m(directory: str | Path) -> Dataset:
             if len(f) != 4:
                 raise DataFormatError(f"{d / 'ratings.dat'}:{lineno}: expected 4 '::'-separated fields")
             yield int(f[0]), int(f[1]), float(f[3])
-    return Dataset("ml-1m", items, _sequences(rows()))
+    return Dataset("ml-1m", items, **_sequences(rows()))
 
 
 def load_dataset(name: str = "ml-100k", data_dir: str | Path | None = None) -> Dataset:

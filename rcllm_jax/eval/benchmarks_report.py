@@ -883,6 +883,7 @@ def render(out: Path, report: Path, top1: float = 0.99) -> str:
         lines += _scaling_section(out / f"{name}.json", report_dir)
     lines += _kv_section(out / "kv_dtype.json")
     lines += _build_section(out / "build.json")
+    lines += _retrieval_section(out / "retrieval.json")
     lines += _update_section(out / "update.json")
     lines += _reload_section(out / "reload.json")
     lines += _serving_section(out / "serving.json")
@@ -1039,6 +1040,44 @@ def _build_section(f: Path) -> list[str]:
     return lines + [""]
 
 
+def _retrieval_section(f: Path) -> list[str]:
+    """launch/bench_retrieval.py: recall on the cold-start slices; the retriever on the LlamaRec protocol."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c, cs, lr = d["config"], d["cold_slices"], d["llamarec"]
+    k, names = c["num_candidates"], list(cs["slices"])
+    cold = cs["cold"]
+    lines = ["## Retrieval on the cold-start slices (`launch/bench_retrieval.py`)", "",
+             f"ML-100k, test positions {c['test_positions']} (retrievers fitted strictly before each), top "
+             f"{k} retrieved. Slices (`data/slices.py`, chosen before any fit): new items = the latest "
+             f"{c['new_item_fraction']:.0%} by first interaction ({cold['new_items']} items, their interactions "
+             f"removed from every fit); new users = {cold['new_users']} seeded users left out of every fit, predicting "
+             f"item h + 1 from their first h (h = 1..{cold['new_user_history']}); few / very few = targets with <= "
+             f"{cold['few']} / <= {cold['very_few']} fitted interactions; warm = the rest. Recall@{k} (95% "
+             "bootstrap interval over users in the JSON); the blended retriever is kNN plus the content path "
+             "(`retrieval.py`: TF-IDF of the item texts; cold items get up to cold_share x K slots, as many as "
+             "the share of cold items in the user's recent history asks for).", "",
+             "| retriever | " + " | ".join(f"{n} ({cs['slices'][n]['requests']})" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for row in cs["slices"]["all"]["rows"]:
+        lines.append(f"| {row} | " + " | ".join(f"{cs['slices'][n]['rows'][row][f'recall@{k}']:.3f}"
+                                               for n in names) + " |")
+    lines += ["", f"**The LlamaRec protocol, the retriever alone** ({lr['users']} users and {lr['items']} items "
+              f"with >= 5 interactions, the last item the target, fitted on every item but the last two, its top "
+              f"{lr['retrieved']} for the history before the target, a target not retrieved = a miss; intervals "
+              "95% bootstrap). LlamaRec's figures are its paper's (Table 2, ML-100k): its retriever LRURec ranks the "
+              "full catalog, LlamaRec reranks LRURec's top 20. Our served ranker on this protocol is not measured "
+              "yet (issue 37).", "",
+              "| model | NDCG@10 | Recall@10 | source |", "|---|---|---|---|"]
+    for name, r in lr["rows"].items():
+        lines.append(f"| {name} | {r['ndcg@10']:.4f} [{r['ndcg@10_ci'][0]:.4f}, {r['ndcg@10_ci'][1]:.4f}] | "
+                     f"{r['recall@10']:.4f} [{r['recall@10_ci'][0]:.4f}, {r['recall@10_ci'][1]:.4f}] | measured |")
+    for name, r in lr["published"].items():
+        lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | published |")
+    return lines + [""]
+
+
 def _update_section(f: Path) -> list[str]:
     """launch/bench_update.py: an incremental catalog update against a full build."""
     if not f.exists():
@@ -1157,6 +1196,7 @@ def suite_jobs(out: Path, sizes: SuiteSizes) -> dict[str, tuple[str, list[str]]]
     jobs = {name: ("bench.py", args) for name, args in _bench_runs(out, sizes).items()}
     jobs["kv_dtype"] = ("bench_kv.py", [f"--output_json={out / 'kv_dtype.json'}"])
     jobs["build"] = ("bench_build.py", [f"--output_json={out / 'build.json'}"])
+    jobs["retrieval"] = ("bench_retrieval.py", [f"--output_json={out / 'retrieval.json'}"])
     jobs["update"] = ("bench_update.py", [f"--output_json={out / 'update.json'}"])
     jobs["reload"] = ("bench_reload.py", [f"--output_json={out / 'reload.json'}"])
     for name, (_, args) in SCALING_RUNS.items():

@@ -1,0 +1,56 @@
+"""The cold-start slices (`data/slices.py`) on a hand-made dataset with interaction times: which
+items are new, which users are held out, what each fitted model may see, and each request's slice,
+all worked out by hand."""
+
+import pytest
+
+from rcllm_jax.data.movielens import Dataset, Item
+from rcllm_jax.data.slices import ColdSplit, choose_cold, fitting_sequences, in_slice, slice_requests
+
+
+def _dataset():
+    items = {i: Item(i, f"item {i}", None, ()) for i in range(1, 11)}
+    # first interactions: item i at time i (items 9 and 10 last: with fraction 0.2 of 10, the new items)
+    seqs = {1: (1, 2, 3, 9, 4), 2: (2, 3, 4, 5, 10), 3: (5, 6, 7, 8, 1), 4: (1, 2, 6, 3, 7)}
+    times = {1: (1, 2, 3, 9, 12), 2: (2.5, 3.5, 4, 5, 10), 3: (5.5, 6, 7, 8, 13), 4: (1.5, 2.6, 6.5, 11, 14)}
+    return Dataset("hand", items, seqs, times=times)
+
+
+def test_new_items_are_the_latest_by_first_interaction_and_new_users_are_seeded():
+    ds = _dataset()
+    assert ds.first_seen()[9] == 9 and ds.first_seen()[1] == 1 and ds.first_seen()[3] == 3
+    cold = choose_cold(ds, new_item_fraction=0.2, new_user_fraction=0.25, seed=0)
+    assert cold.new_items == {9, 10} and len(cold.new_users) == 1
+    assert choose_cold(ds, new_item_fraction=0.2, new_user_fraction=0.25, seed=0) == cold  # deterministic
+    with pytest.raises(ValueError, match="no interaction times"):
+        choose_cold(Dataset("no times", ds.items, ds.sequences))
+    with pytest.raises(ValueError, match="very_few <= few"):
+        choose_cold(ds, few=2, very_few=3)
+
+
+def test_fitting_sequences_leave_out_new_items_and_new_users():
+    ds = _dataset()
+    cold = ColdSplit(frozenset({9, 10}), frozenset({3}), few=1, very_few=0)
+    assert fitting_sequences(ds, cold, 1) == [(1, 2, 3), (2, 3, 4, 5), (1, 2, 6, 3)]
+    assert fitting_sequences(ds, cold, 2) == [(1, 2, 3), (2, 3, 4), (1, 2, 6)]
+
+
+def test_each_request_gets_its_slice_by_hand():
+    ds = _dataset()
+    cold = ColdSplit(frozenset({9, 10}), frozenset({3}), few=1, very_few=0, new_user_history=2)
+    got = {(r.user, r.position): r for r in slice_requests(ds, cold, [1, 2])}
+    # position 2: fitted on (1,2,3), (2,3,4), (1,2,6): counts 1:2 2:3 3:2 4:1 6:1
+    assert got[1, 2].target == 9 and got[1, 2].slice == "new_items" and got[1, 2].history == (1, 2, 3)
+    assert got[2, 2].target == 5 and got[2, 2].slice == "few_items" and got[2, 2].target_interactions == 0
+    assert got[2, 2].very_few  # 0 <= very_few 0
+    assert got[4, 2].target == 3 and got[4, 2].slice == "warm" and got[4, 2].target_interactions == 2
+    # position 1: fitted on (1,2,3), (2,3,4,5), (1,2,6,3): counts 4:1 7:0
+    assert got[1, 1].target == 4 and got[1, 1].slice == "few_items" and not got[1, 1].very_few
+    assert got[2, 1].slice == "new_items" and got[4, 1].target == 7 and got[4, 1].slice == "few_items"
+    # the new user 3 predicts its 2nd and 3rd items from its first 1 and 2 (models of position 1)
+    new = [r for r in slice_requests(ds, cold, [1, 2]) if r.slice == "new_users"]
+    assert [(r.history, r.target, r.position) for r in new] == [((5,), 6, 1), ((5, 6), 7, 1)]
+    assert all(r.user != 3 for r in got.values() if r.slice != "new_users")
+    assert in_slice(got[2, 2], "very_few_items") and in_slice(got[2, 2], "all") and not in_slice(got[2, 2], "warm")
+    with pytest.raises(ValueError, match="slice must be one of"):
+        in_slice(got[2, 2], "cold")
