@@ -87,7 +87,7 @@ def _cold_slices(k: int, shares) -> dict:
     split = LeaveOneOut(ds)
     cold = choose_cold(ds, new_item_fraction=_NEW_ITEMS.value, new_user_fraction=_NEW_USERS.value, seed=_SEED.value)
     positions = _positions(_POS.value)
-    requests = slice_requests(ds, cold, positions, split.users)
+    requests = slice_requests(ds, cold, positions, split.users, split.users)
     default_share = COLD_SHARE
     t0 = time.perf_counter()
     retr = {}

@@ -28,6 +28,7 @@ from absl import app, flags
 
 from rcllm_jax.data.movielens import NEGATIVES
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN
+from rcllm_jax.data.slices import SLICES
 from rcllm_jax.parallel.placement import PLACEMENTS
 from rcllm_jax.serve.scheduler import SCHEDULERS, SERVING_STEPS
 
@@ -197,6 +198,10 @@ class BenchSettings:
                                       "per user and position, candidates from a retriever fitted strictly before "
                                       "that position (retrieval.fit_before), intervals resampling users. A head "
                                       "must have been validated above them (its card's validation_position).")
+    slice: str | None = _opt(None, "With --test_positions and --candidates=retrieved: only the requests of one "
+                             "cold-start slice (data/slices.py: new items and new users left out of every fit, "
+                             "few-interaction targets, warm) or all of them; retrievers fitted without the cold "
+                             "items and users.", choices=SLICES)
     seed: int = _opt(0, "Seed of user order, negatives and tie-breaking.")
     canonical: str | None = _opt(None, "Context item blocks are encoded after: the instruction + the glue before a "
                                  "first candidate, or the instruction alone (default: the engine's, candidate).",

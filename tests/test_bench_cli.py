@@ -132,3 +132,32 @@ def test_bench_kv_compares_bf16_with_the_f32_cache(tmp_path):
     assert 0.0 <= bf16["top1_agreement_vs_float32"] <= 1.0 and 0.0 <= bf16["kl_mean_vs_float32"] < 0.05
     assert bf16["x100_catalog_gb_per_shard"] * 2 == pytest.approx(f32["x100_catalog_gb_per_shard"])
     assert "bfloat16" in r.stdout
+
+
+def test_slice_runs_only_that_slice_with_the_content_and_ablation_rows(tmp_path):
+    """--slice=new_items: the requests are exactly the test targets (position 1) that are new items
+    of users the fits kept (counted here from the slice definition by hand), the retrievers never
+    saw a new item, and the rows a slice is judged by are there: content, the head's
+    collaborative-only ablation and every mode's paired difference to it."""
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.slices import choose_cold
+    ds = load_dataset()
+    cold = choose_cold(ds)
+    split = LeaveOneOut(ds)
+    want = sum(1 for u in split.users if u not in cold.new_users and ds.sequences[u][-1] in cold.new_items)
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "--modes=full", "--slice=new_items",
+           "--candidates=retrieved", "--test_positions=1", "--num_users=943", "--rank_retrieved_only",
+           "--nowarmup", "--peers=", f"--output_json={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["slice"] == "new_items" and data["config"]["num_requests"] == want > 0
+    assert data["config"]["cold"]["new_items"] == len(cold.new_items)
+    rows = {row["mode"]: row for row in data["results"]}
+    assert {"content", "collaborative_only", "collaborative", "retriever", "popularity"} <= set(rows)
+    assert "ndcg@10_retrieved_minus_collaborative_only_ci" in rows["full"]
+    assert "minus the head's collaborative-only ablation" in r.stdout
+    r = subprocess.run(cmd[:4] + ["--candidates=retrieved", f"--output_json={out}"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--slice needs --test_positions" in r.stderr

@@ -257,3 +257,26 @@ def test_service_answers_the_recommenders_final_scores(world):
             order = np.argsort(-z, kind="stable")
             assert [x["item_id"] for x in out["ranking"]] == [r.candidates[i] for i in order], step
             assert rel_err([x["score"] for x in out["ranking"]], z[order]) <= 1e-4, step
+
+
+def test_collaborative_only_ablation_is_the_head_without_slot_weights():
+    """The ablation bench.py reports as `collaborative_only` (what the LLM adds is the head minus it):
+    the shipped head with its slot-state weights zeroed, checked against the formula by hand."""
+    import dataclasses
+
+    from rcllm_jax.engine.ranking_head import DEFAULT_HEAD
+    head = SlotHead.load(DEFAULT_HEAD)
+    k, d = 9, len(head.theta) - 1
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(k, d)).astype(np.float32)
+    side = rng.normal(size=(k, len(head.side_weights))).astype(np.float32)
+    ablation = head.collaborative_only()
+    got = ablation.combine(ablation.scores(hidden), side)
+    raw = float(head.theta[-1]) * np.log1p(np.arange(k)) + side.astype(np.float64) @ head.side_weights
+    want = raw - np.log(np.exp(raw - raw.max()).sum()) - raw.max()  # log-softmax; the bias cancels
+    assert np.allclose(got, want, atol=1e-5)
+    assert np.allclose(ablation.combine(ablation.scores(np.zeros_like(hidden)), side), want, atol=1e-5)
+    zeroed = dataclasses.replace(head, theta=np.r_[np.zeros(d, np.float32), head.theta[-1:]])
+    assert np.allclose(zeroed.combine(zeroed.scores(hidden), side), want, atol=1e-5)
+    assert not np.allclose(head.combine(head.scores(hidden), side), want, atol=1e-3)  # the head reads the states
+    assert ablation.adapter is None and np.array_equal(head.side_weights, ablation.side_weights)

@@ -92,6 +92,24 @@ def heldout_requests(split: LeaveOneOut, positions, *, num_candidates: int = 20,
     return reqs, where
 
 
+def sliced_requests(split: LeaveOneOut, cold, positions, name: str, *, num_candidates: int = 20, seed: int = 0,
+                    num_users: int | None = None, retrievers=None, order: str = "shuffled"):
+    """The held-back requests of one cold-start slice (`data/slices.py`; `name` in SLICES) of the
+    first `num_users` users in seeded order (as `heldout_requests`), each with the top-k of the
+    retriever of its position (`retrievers[p]`, fitted without the cold items and users). Returns
+    (requests, the position of each)."""
+    from rcllm_jax.data.slices import in_slice, slice_requests
+    users = list(grain.MapDataset.source(list(split.users)).shuffle(seed=seed))
+    users = users if num_users is None else users[:num_users]
+    reqs, where = [], []
+    for q in slice_requests(split.dataset, cold, positions, users, split.users):
+        if in_slice(q, name):
+            cands = retrieved_candidates(retrievers[q.position], q.user, q.history, num_candidates, seed, order)
+            reqs.append(RankRequest(q.user, q.history, cands, q.target))
+            where.append(q.position)
+    return reqs, where
+
+
 def stream_requests(split: LeaveOneOut, *, num_users: int, requests_per_user: int, num_candidates: int = 20,
                     negatives: str = "uniform", grow_prob: float = 0.5, seed: int = 0, retriever=None,
                     order: str = "shuffled") -> list[RankRequest]:

@@ -82,17 +82,18 @@ class SliceRequest:
     very_few: bool = False  # a few-interaction target with at most `ColdSplit.very_few` of them
 
 
-def slice_requests(ds, cold: ColdSplit, positions, users=None) -> list[SliceRequest]:
+def slice_requests(ds, cold: ColdSplit, positions, users=None, fit_users=None) -> list[SliceRequest]:
     """Every request of the workload with its slice: for each test position p (largest first) and
-    each known user with history before it, the p-th item from the end; for each new user the
-    items 2..new_user_history + 1 from their first ones (fitted models of the smallest position)."""
+    each known user of `users` with history before it, the p-th item from the end; for each new
+    user the items 2..new_user_history + 1 from their first ones (fitted models of the smallest
+    position). Interactions are counted in the fitting sequences of `fit_users` (default: every user)."""
     positions = sorted({int(p) for p in positions}, reverse=True)
     if not positions or positions[-1] < 1:
         raise ValueError(f"test positions count from the end of a sequence (>= 1), got {positions}")
     users = sorted(ds.sequences) if users is None else list(users)
     out = []
     for p in positions:
-        counts = collections.Counter(i for s in fitting_sequences(ds, cold, p, users) for i in s)
+        counts = collections.Counter(i for s in fitting_sequences(ds, cold, p, fit_users) for i in s)
         for u in users:
             seq = ds.sequences[u]
             if u in cold.new_users or len(seq) <= p:
@@ -103,7 +104,7 @@ def slice_requests(ds, cold: ColdSplit, positions, users=None) -> list[SliceRequ
             out.append(SliceRequest(u, tuple(seq[:-p]), target, p, kind, n,
                                     kind == "few_items" and n <= cold.very_few))
     p = positions[-1]
-    counts = collections.Counter(i for s in fitting_sequences(ds, cold, p, users) for i in s)
+    counts = collections.Counter(i for s in fitting_sequences(ds, cold, p, fit_users) for i in s)
     for u in users:
         if u not in cold.new_users:
             continue

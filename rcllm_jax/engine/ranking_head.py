@@ -131,6 +131,14 @@ class SlotHead:
                              f"({', '.join(self.side_features)}) of {len(scores)} candidates; got {side.shape}")
         return log_softmax(scores + side @ np.asarray(self.side_weights, np.float64))
 
+    def collaborative_only(self) -> "SlotHead":
+        """The ablation that measures what the LLM adds: this head with its slot-state weights zeroed
+        (its position weight, bias, collaborative weights and card kept; no query adapter), so its
+        scores are log_softmax(theta_pos * log(1 + j) + side @ side_weights) whatever the model reads."""
+        theta = np.zeros_like(np.asarray(self.theta))
+        theta[-1] = np.asarray(self.theta)[-1]
+        return dataclasses.replace(self, theta=theta, adapter=None, adapter_cfg=None)
+
     def query_params(self, params):
         """The weights that compute the query rows: the base with the query adapter folded in
         (the base itself without one)."""

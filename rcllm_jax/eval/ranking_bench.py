@@ -243,18 +243,20 @@ class Workload:
     retriever_info: dict | None = None
     skipped_users: list = dataclasses.field(default_factory=list)  # not run (--rank_retrieved_only): misses
     clustered: bool = False  # several requests per user: intervals resample users
+    cold: object = None  # --slice: the cold items and users every fit leaves out (data/slices.ColdSplit)
 
     @property
     def skipped(self) -> int:
         return len(self.skipped_users)
 
 
-def _retrievers(split, positions):
-    """(the retriever, one per test position or None, its description) with --candidates=retrieved."""
+def _retrievers(split, positions, cold=None):
+    """(the retriever, one per test position or None, its description) with --candidates=retrieved
+    (with `cold`: fitted without the cold items and users)."""
     from rcllm_jax.retrieval import fit_before
     t1 = time.perf_counter()
     if positions:  # one retriever per held-back position, each fitted strictly before it
-        retrievers = {p: fit_before(split, p) for p in positions}
+        retrievers = {p: fit_before(split, p, cold=cold) for p in positions}
         retriever = retrievers[positions[0]]
     else:
         retrievers, retriever = None, fit_before(split, 2)
@@ -278,10 +280,19 @@ def _workload(run: RunSettings) -> Workload:
     positions = _test_positions(run.bench.test_positions) if run.bench.test_positions else None
     if positions and (run.bench.requests or run.bench.requests_per_user > 1):
         raise BenchError("--test_positions makes its own requests: drop --requests / --requests_per_user")
+    b = run.bench
+    cold = None
+    if b.slice:
+        if not positions or b.candidates != "retrieved":
+            raise BenchError("--slice needs --test_positions and --candidates=retrieved")
+        from rcllm_jax.data.slices import choose_cold
+        try:
+            cold = choose_cold(ds)
+        except ValueError as e:  # a dataset without interaction times
+            raise BenchError(f"--slice: {e}") from None
     retriever = retrievers = info = None
     if run.bench.candidates == "retrieved":
-        retriever, retrievers, info = _retrievers(split, positions)
-    b = run.bench
+        retriever, retrievers, info = _retrievers(split, positions, cold)
     pick = dict(num_candidates=b.num_candidates, negatives=b.negatives, seed=b.seed, retriever=retriever,
                 order=b.candidate_order)
     req_pos = None
@@ -295,6 +306,15 @@ def _workload(run: RunSettings) -> Workload:
             raise BenchError("--requests brings its own candidates: drop --candidates=retrieved")
     elif run.bench.requests_per_user > 1:
         requests = stream_requests(split, num_users=b.num_users, requests_per_user=b.requests_per_user, **pick)
+    elif cold is not None:
+        from rcllm_jax.data.pipeline import sliced_requests
+        requests, req_pos = sliced_requests(split, cold, positions, b.slice, num_candidates=b.num_candidates,
+                                            seed=b.seed, num_users=b.num_users, retrievers=retrievers,
+                                            order=b.candidate_order)
+        if not requests:
+            raise BenchError(f"--slice={b.slice}: no request of the first {b.num_users} users is in that slice")
+        info["kind"] += "; without the cold items and users ({})".format(
+            ", ".join(f"{k} {v}" for k, v in cold.describe().items()))
     elif positions:
         requests, req_pos = heldout_requests(split, positions, num_candidates=b.num_candidates, negatives=b.negatives,
                                              seed=b.seed, num_users=b.num_users, retrievers=retrievers,
@@ -304,7 +324,7 @@ def _workload(run: RunSettings) -> Workload:
     req_pos = req_pos or [None] * len(requests)
     w = Workload(ds, split, requests, req_pos, [retrievers[p] for p in req_pos] if retrievers
                  else [retriever] * len(requests), retriever, retrievers, positions, info,
-                 clustered=len({q.user_id for q in requests}) < len(requests))
+                 clustered=len({q.user_id for q in requests}) < len(requests), cold=cold)
     if retriever is not None:
         t1 = time.perf_counter()
         for q, r in zip(requests, w.retr_of):
@@ -458,22 +478,27 @@ class _Metrics:
     def vs_retriever(self, ranks) -> dict:
         """Paired 95% bootstrap interval of the mean NDCG@10 difference to the retriever's own
         order over the requests whose target was retrieved (> 0: better than the retriever)."""
+        return self.paired(ranks, self.retriever_ranks, "retriever")
+
+    def paired(self, ranks, ref_ranks, name: str) -> dict:
+        """The mean NDCG@10 difference to another scorer's ranks of the same requests (`name`) over
+        the requests whose target was retrieved, with its paired 95% bootstrap interval."""
         import numpy as np
         from rcllm_jax.eval.metrics import per_request_metrics
         got = self.retrieved
-        if self.w.retriever is None or not got.any():
+        if self.w.retriever is None or ref_ranks is None or not got.any():
             return {}
         d = (per_request_metrics(np.asarray(ranks)[got])["ndcg@10"]
-             - per_request_metrics(np.asarray(self.retriever_ranks)[got])["ndcg@10"])
-        return {"ndcg@10_retrieved_minus_retriever": float(d.mean()),
-                "ndcg@10_retrieved_minus_retriever_ci": self.ci(d, self.users[got])}
+             - per_request_metrics(np.asarray(ref_ranks)[got])["ndcg@10"])
+        return {f"ndcg@10_retrieved_minus_{name}": float(d.mean()),
+                f"ndcg@10_retrieved_minus_{name}_ci": self.ci(d, self.users[got])}
 
 
 def _mode_rows(run: RunSettings, engine, model, modes, results, w: Workload, prompts, policies, impl_of,
                metrics: _Metrics,
-               engine_scores, machine) -> list[dict]:
-    """One row per mode: TTFT, tokens, the floor and its parts, accuracy, fidelity vs full,
-    locality."""
+               engine_scores, machine, ablation_ranks=None) -> list[dict]:
+    """One row per mode: TTFT, tokens, the floor and its parts, accuracy (and the paired difference
+    to the head's collaborative-only ablation, `ablation_ranks`), fidelity vs full, locality."""
     import jax
     import numpy as np
     from rcllm_jax.eval.fidelity import fidelity
@@ -488,7 +513,8 @@ def _mode_rows(run: RunSettings, engine, model, modes, results, w: Workload, pro
     for mode in modes:
         res = [r for r, _ in results[mode]]
         ranks = [target_rank(r.scores, q.target_index) for r, q in zip(res, w.requests)]
-        acc = metrics.of(ranks) | metrics.vs_retriever(ranks)
+        acc = metrics.of(ranks) | metrics.vs_retriever(ranks) | metrics.paired(ranks, ablation_ranks,
+                                                                                "collaborative_only")
         if mode == "full":
             full_metrics = acc
         recomputed = sum(r.recomputed_block_tokens for r in res)
@@ -535,32 +561,62 @@ def _mode_rows(run: RunSettings, engine, model, modes, results, w: Workload, pro
     return rows
 
 
-def _baseline_rows(run: RunSettings, w: Workload, metrics: _Metrics, head, side_source) -> list[dict]:
+def _content_scores(retriever, q):
+    """The content row: each candidate's content score (`ItemKNN.content_scores`: text similarity
+    to the user's history)."""
+    s = retriever.content_scores(q.history)
+    return [float(s[retriever.index[c]]) if c in retriever.index else 0.0 for c in q.candidates]
+
+
+def _ablation_scores(ablation, retriever, q):
+    """The head's collaborative-only ablation (`SlotHead.collaborative_only`): its scores, which no
+    slot state moves (zeros stand in for them)."""
+    import numpy as np
+    from rcllm_jax.recommender import final_scores
+    own = ablation.scores(np.zeros((len(q.candidates), len(ablation.theta) - 1), np.float32))
+    return final_scores(ablation, retriever, q.history, q.candidates, own).tolist()
+
+
+def _baseline_rows(run: RunSettings, w: Workload, metrics: _Metrics, head, side_source) -> tuple[list[dict], dict]:
     """Rows without a model: popularity (before each test position), random, the retriever's own
-    order, and the head's collaborative part alone (what the LLM adds over it)."""
+    order, the content path's scores, the collaborative scorer the head was trained over (its card)
+    and the head's collaborative-only ablation (the head without its slot-state weights: what the
+    LLM adds over it). Returns (rows, {row: ranks})."""
     import collections
 
     import numpy as np
     from rcllm_jax.eval.metrics import popularity_scores, random_scores, target_rank
     rng = np.random.default_rng(run.bench.seed)
+
+    def fitted(p):  # what a model of the targets at position p was fitted on
+        if w.cold is not None:
+            from rcllm_jax.data.slices import fitting_sequences
+            return fitting_sequences(w.ds, w.cold, p, w.split.users)
+        return [w.ds.sequences[u][:-p] for u in w.split.users]
     popularity = {p: (w.split.popularity if p is None else  # interactions strictly before each test position
-                      collections.Counter(i for u in w.split.users for i in w.ds.sequences[u][:-p]))
+                      collections.Counter(i for s in fitted(p) for i in s))
                   for p in set(w.req_pos)}
     baselines = {"popularity": [popularity_scores(q.candidates, popularity[p]) for q, p in zip(w.requests, w.req_pos)],
                  "random": [random_scores(len(q.candidates), rng) for q in w.requests]}
     if w.retriever is not None:  # the retriever's own order of the same candidates
         baselines = {"retriever": [_retriever_scores(r, q) for q, r in zip(w.requests, w.retr_of)]} | baselines
+        if w.retriever.content is not None:
+            baselines["content"] = [_content_scores(r, q) for q, r in zip(w.requests, w.retr_of)]
     collab = (head.card.get("collaborative") if side_source is not None else None)
     if collab:
         baselines = {"collaborative": [_collaborative_scores(collab, r or side_source, q)
                                        for q, r in zip(w.requests, w.retr_of)]} | baselines
-    rows = []
+    if side_source is not None:
+        ablation = head.collaborative_only()
+        baselines = {"collaborative_only": [_ablation_scores(ablation, r or side_source, q)
+                                            for q, r in zip(w.requests, w.retr_of)]} | baselines
+    rows, all_ranks = [], {}
     for name, scores in baselines.items():
-        ranks = [target_rank(s, q.target_index, rng) for s, q in zip(scores, w.requests)]
+        ranks = all_ranks[name] = [target_rank(s, q.target_index, rng) for s, q in zip(scores, w.requests)]
         rows.append({"mode": name, "ttft_p50_s": None, "ttft_p99_s": None,
                      "prompt_tokens_p50": None, "prompt_tokens_max": None, **metrics.of(ranks),
-                     **(metrics.vs_retriever(ranks) if name == "collaborative" else {})})
-    return rows
+                     **(metrics.vs_retriever(ranks) if name.startswith("collaborative") else {})})
+    return rows, all_ranks
 
 
 def _print_table(run: RunSettings, w: Workload, model, rows, metrics: _Metrics, config: dict):
@@ -596,6 +652,12 @@ def _print_table(run: RunSettings, w: Workload, model, rows, metrics: _Metrics, 
                     d, *r["ndcg@10_retrieved_minus_retriever_ci"])
                 print(f"{r['mode']:<17} {r['hr@1_retrieved']:6.3f} {r['hr@5_retrieved']:6.3f} "
                       f"{r['hr@10_retrieved']:6.3f} {r['ndcg@10_retrieved']:7.3f}  [{lo:.3f}, {hi:.3f}]   {vs}")
+        for r in rows:
+            if "ndcg@10_retrieved_minus_collaborative_only" in r:
+                print("{:<17} NDCG@10 within the retrieved minus the head's collaborative-only ablation (what the "
+                      "LLM adds): {:+.3f} [{:+.3f}, {:+.3f}]".format(
+                          r["mode"], r["ndcg@10_retrieved_minus_collaborative_only"],
+                          *r["ndcg@10_retrieved_minus_collaborative_only_ci"]))
     for name, loc in config["placement_locality"].items():
         print(f"placement {name:<22} on {config['mesh']}: local fraction {loc['local_fraction']:.3f}, "
               f"remote blocks/request {loc['remote_blocks_per_request']:.2f}, "
@@ -617,6 +679,7 @@ def _config(run: RunSettings, w: Workload, model, engine, layout, modes, head, v
             "negatives": b.negatives if w.retriever is None else "retrieved", "candidates": b.candidates,
             "candidate_order": b.candidate_order if w.retriever is not None else None, "retriever": w.retriever_info,
             "stage": run.bench.stage if not w.positions else None, "test_positions": list(w.positions or []),
+            "slice": run.bench.slice, "cold": None if w.cold is None else w.cold.describe(),
             "head_validation_position": val_pos if head is not None else None,
             "intervals": "bootstrap over users" if w.clustered else "bootstrap over requests",
             "seed": run.bench.seed, "model": portable_path(model.source),
@@ -699,9 +762,9 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
 
     machine = (matmul_peak_flops(), memory_bandwidth())
     metrics = _Metrics(w, run.bench.seed)
+    base_rows, base_ranks = _baseline_rows(run, w, metrics, head, side_source)
     rows = _mode_rows(run, engine, model, modes, results, w, prompts, policies, impl_of, metrics, engine_scores,
-                      machine)
-    rows += _baseline_rows(run, w, metrics, head, side_source)
+                      machine, base_ranks.get("collaborative_only")) + base_rows
     config = _config(run, w, model, engine, layout, modes, head, val_pos, build, machine, peer_note, lengths)
     config["calibration"] = None if calibration is None else calibration.summary()
     _print_table(run, w, model, rows, metrics, config)
