@@ -41,9 +41,6 @@ _NEW_USERS = flags.DEFINE_float("new_user_fraction", 0.1, "Share of the users he
 _SHARES = flags.DEFINE_list("cold_shares", ["0.25", "0.5", "1.0"], "Blended retrievers' cold_share values.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the new users and the intervals.")
 
-# LlamaRec (Yue et al. 2023), ML-100k, its Table 2: (NDCG@10, Recall@10) over the full catalog
-LLAMAREC_PUBLISHED = {"LRURec (its retriever)": (0.0705, 0.1426), "LlamaRec (Llama-2-7B QLoRA)": (0.0759, 0.1524)}
-
 
 def _positions(spec: str) -> list[int]:
     lo, _, hi = spec.partition("-")
@@ -114,15 +111,11 @@ def _cold_slices(k: int, shares) -> dict:
 def _llamarec(k: int) -> dict:
     """The retriever on the LlamaRec protocol (module docstring)."""
     import numpy as np
-    from rcllm_jax.data.movielens import Dataset, LeaveOneOut, load_dataset
+    from rcllm_jax.data.movielens import LeaveOneOut, load_dataset, min_interactions
+    from rcllm_jax.eval.benchmarks_report import LLAMAREC_PUBLISHED
     from rcllm_jax.eval.metrics import MISS, bootstrap_ci, per_request_metrics
     from rcllm_jax.retrieval import fit_before
-    ds = load_dataset()
-    counts = collections.Counter(i for s in ds.sequences.values() for i in s)
-    keep = {i for i, c in counts.items() if c >= 5}
-    seqs = {u: tuple(i for i in s if i in keep) for u, s in ds.sequences.items()}
-    seqs = {u: s for u, s in seqs.items() if len(s) >= 5}
-    f = Dataset(ds.name + "-5core", {i: ds.items[i] for i in sorted(keep)}, seqs)
+    f = min_interactions(load_dataset(), 5)
     split = LeaveOneOut(f)
     out = {"users": len(split.users), "items": len(f.items), "retrieved": k, "rows": {}}
     for name, content in (("item-knn", False), ("blended [default]", True)):

@@ -19,14 +19,18 @@ from absl import app, flags  # noqa: E402
 _DATASET = flags.DEFINE_enum("dataset", "ml-100k", ["ml-100k", "ml-1m"], "The built-in dataset to write.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the dataset's files are (default: fetched on first use).")
 _OUT = flags.DEFINE_string("out", None, "The catalog directory to create (must not exist).")
+_MIN = flags.DEFINE_integer("min_interactions", 1, "Keep items, then users, with at least this many interactions "
+                            "(5: LlamaRec's ML-100k protocol, launch/bench_retrieval.py).", lower_bound=1)
 flags.mark_flag_as_required("out")
 
 
 def main(argv):
     del argv
     from rcllm_jax.data.catalog import write_catalog
-    from rcllm_jax.data.movielens import load_dataset
+    from rcllm_jax.data.movielens import load_dataset, min_interactions
     ds = load_dataset(_DATASET.value, _DATA_DIR.value)
+    if _MIN.value > 1:
+        ds = min_interactions(ds, _MIN.value)
     try:
         out = write_catalog(ds, _OUT.value)
     except FileExistsError as e:

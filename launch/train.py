@@ -106,6 +106,8 @@ def _stage0(t: TrainSettings, split, val):
         return None, None
     c_train, c_stats = sh.training_examples(split, positions=_positions(t, t.collaborative_positions),
                                             num_candidates=t.num_candidates, order=t.candidate_order)
+    if t.cold_dropout:
+        c_train = sh.drop_features(c_train, t.cold_dropout, t.seed)
     collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
                                            np.asarray([e.target_index for e in c_train]),
                                            val=(np.stack([e.side for e in val]),
@@ -140,14 +142,24 @@ def _stage1(t: TrainSettings, engine, builder, train, val, cfg, prefixes, out: P
         collected[name] = (np.stack(states), np.asarray([e.target_index for e in examples]),
                            np.stack([e.side for e in examples]))
     stage1_s = time.perf_counter() - t1
+    dropped_val = None
+    if t.cold_dropout:  # the head meets cold candidates: fit on dropped features, judge on both
+        st, tg, _ = collected["train"]
+        collected["train"] = (st, tg, np.stack([e.side for e in sh.drop_features(train, t.cold_dropout, t.seed)]))
+        dropped_val = np.stack([e.side for e in sh.drop_features(val, 1.0, t.seed + 1)])
     runs = []
     for l2 in (float(x) for x in t.l2):
         theta, bias, side_w, curve = sh.fit_head(*collected["train"], base=collab, l2=l2, steps=t.head_steps,
                                                  val=collected["val"])
-        runs.append({"l2": l2, "theta": theta, "bias": bias, "side_weights": side_w, "curve": curve,
-                     "val_ndcg@10": curve[-1]["val_ndcg@10"]})
-        logging.info("stage 1, l2 %g: validation NDCG@10 %.4f", l2, runs[-1]["val_ndcg@10"])
-    return runs, max(runs, key=lambda r: r["val_ndcg@10"]), stage1_s, collected["val"]
+        run = {"l2": l2, "theta": theta, "bias": bias, "side_weights": side_w, "curve": curve,
+               "val_ndcg@10": curve[-1]["val_ndcg@10"], "selection": curve[-1]["val_ndcg@10"]}
+        if dropped_val is not None:
+            run["val_dropped_ndcg@10"] = sh.head_ndcg(theta, bias, side_w, *collected["val"][:2], dropped_val)
+            run["selection"] = (run["val_ndcg@10"] + run["val_dropped_ndcg@10"]) / 2
+        runs.append(run)
+        logging.info("stage 1, l2 %g: validation NDCG@10 %.4f%s", l2, run["val_ndcg@10"],
+                     f", with dropped features {run['val_dropped_ndcg@10']:.4f}" if dropped_val is not None else "")
+    return runs, max(runs, key=lambda r: r["selection"]), stage1_s, collected["val"]
 
 
 def _card(t: TrainSettings, engine, model, positions, train, val, val_requests, retr, rand, collab,
@@ -227,9 +239,18 @@ def main(argv):
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        split = LeaveOneOut(load_catalog(catalog))
+        ds = load_catalog(catalog)
     except CatalogError as e:
         raise app.UsageError(str(e)) from None
+    cold = None
+    if t.cold_split:  # the world before the cold items and users: bench.py --slice measures on them
+        from rcllm_jax.data.slices import choose_cold, without_cold
+        try:
+            cold = choose_cold(ds)
+        except ValueError as e:
+            raise app.UsageError(f"--cold_split: {e}") from None
+        ds = without_cold(ds, cold)
+    split = LeaveOneOut(ds)
     if t.max_users:
         split.users = split.users[:t.max_users]
     train, train_stats, val, val_requests, positions = _examples(t, split)
@@ -256,6 +277,9 @@ def main(argv):
             if ds.name == "ml-100k" and not catalog.catalog else
             f"the catalog {ds.name} ({len(ds.items)} items, {ds.num_interactions} interactions)")
     card = _card(t, engine, model, positions, train, val, val_requests, retr, rand, collab, collab_log, data)
+    if cold is not None or t.cold_dropout:
+        card.update({"cold_split": None if cold is None else cold.describe(), "cold_dropout": t.cold_dropout,
+                     "val_dropped_ndcg@10_within_retrieved": best.get("val_dropped_ndcg@10")})
     head = SlotHead(best["theta"], best["bias"], engine.fingerprint,
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
                      "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},

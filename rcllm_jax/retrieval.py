@@ -56,6 +56,8 @@ FORMAT = 3
 COLD_SHARE = 0.5  # the content path's default: up to half of the K slots for cold items (module docstring)
 # the reranker's collaborative features of a candidate (`ItemKNN.candidate_features`), in order
 CANDIDATE_FEATURES = ("knn_relative", "knn_log", "follow_relative")
+# ... of a candidate no history item links to (a cold item's): what `train/head_fit.drop_features` writes
+UNLINKED_FEATURES = (0.0, float(np.log(1e-3)), 0.0)
 
 
 def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int],

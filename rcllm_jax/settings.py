@@ -64,6 +64,8 @@ class CatalogSettings:
     data_dir: str | None = _opt(None, "Directory with the dataset files (default: fetch ml-100k).")
     history_len: int = _opt(SERVED_HISTORY_LEN, "History items in a prompt (the most recent).")
     max_items: int = _opt(0, "Only the first N catalog items (0 = all; smoke tests).")
+    min_interactions: int = _opt(1, "Keep only the items, then the users, with at least this many interactions (5: "
+                                 "LlamaRec's ML-100k protocol, 943 users and 1349 items).", lower=1)
     prompt: str | None = _opt(None, "Prompt template preset: a TOML [prompt] table of block texts (configs/prompts/; "
                               "default: the built-in one, configs/prompts/movielens.toml, which the shipped head "
                               "was trained on; a slot head refuses another).")
@@ -271,6 +273,13 @@ class TrainSettings:
     checkpoint_every: int = _opt(25, "Stage 2: steps between Orbax checkpoints.")
     seed: int = _opt(0, "Seed of the data order and the adapter's initialisation.")
     max_users: int = _opt(0, "Use only the first N users (0 = all; smoke tests).")
+    cold_split: bool = _opt(False, "Train without the cold-start slices' new items and new users "
+                            "(data/slices.py): a head that bench.py --slice can measure on them honestly.")
+    cold_dropout: float = _opt(0.0, "Share of the stage 0 / 1 examples whose candidates' collaborative features "
+                               "are dropped (each with probability 0.5: as a cold item's), so the head learns to "
+                               "rank from the slot states where those features are missing; the L2 is chosen on "
+                               "the mean of clean and dropped validation (train/head_fit.drop_features).",
+                               lower=0.0, upper=1.0)
 
 
 @dataclasses.dataclass(frozen=True)

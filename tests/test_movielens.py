@@ -122,3 +122,16 @@ def test_popularity_sampling_prefers_popular_items(ml100k):
 def test_target_position_is_shuffled(ml100k):
     pos = [sample_candidates(ml100k, u, ml100k.target(u), 20).index(ml100k.target(u)) for u in ml100k.users[:200]]
     assert len(set(pos)) > 15  # not always first
+
+
+def test_min_interactions_filters_items_then_users_by_hand():
+    """LlamaRec's filter, one pass each: items with < 2 interactions go, then users left with < 2."""
+    from rcllm_jax.data.movielens import Dataset, Item, min_interactions
+    items = {i: Item(i, f"m{i}", None, ()) for i in range(1, 6)}
+    seqs = {1: (1, 2, 3), 2: (1, 4), 3: (2, 5), 4: (1, 2)}  # counts 1:3 2:3 3:1 4:1 5:1
+    times = {u: tuple(float(10 * u + j) for j in range(len(s))) for u, s in seqs.items()}
+    got = min_interactions(Dataset("hand", items, seqs, times=times), 2)
+    assert sorted(got.items) == [1, 2] and got.sequences == {1: (1, 2), 4: (1, 2)}  # users 2, 3 keep one each
+    assert got.times == {1: (10.0, 11.0), 4: (40.0, 41.0)} and got.name == "hand-min2"
+    with pytest.raises(ValueError, match=">= 1"):
+        min_interactions(got, 0)

@@ -54,3 +54,34 @@ def test_each_request_gets_its_slice_by_hand():
     assert in_slice(got[2, 2], "very_few_items") and in_slice(got[2, 2], "all") and not in_slice(got[2, 2], "warm")
     with pytest.raises(ValueError, match="slice must be one of"):
         in_slice(got[2, 2], "cold")
+
+
+def test_without_cold_is_the_world_before_the_cold_items_and_users():
+    from rcllm_jax.data.slices import without_cold
+    ds = _dataset()
+    cold = ColdSplit(frozenset({9, 10}), frozenset({3}))
+    got = without_cold(ds, cold)
+    assert got.sequences == {1: (1, 2, 3, 4), 2: (2, 3, 4, 5), 4: (1, 2, 6, 3, 7)}
+    assert got.times[1] == (1, 2, 3, 12) and got.items == ds.items  # the new items stay in the catalog, unseen
+
+
+def test_dropped_features_look_like_an_unlinked_candidate():
+    """train/head_fit.drop_features: rate 0 keeps every example; rate 1 with share 1 makes every
+    candidate's features those of a candidate no history links to; seeded; the input is not changed."""
+    import numpy as np
+
+    from rcllm_jax.retrieval import UNLINKED_FEATURES, ItemKNN
+    from rcllm_jax.train.head_fit import Example, drop_features
+    r = ItemKNN.fit([[1, 2, 3], [1, 2], [2, 3]], [1, 2, 3, 4, 5])
+    side = r.candidate_features([1], [2, 3, 4, 5])
+    assert np.allclose(side[2], UNLINKED_FEATURES)  # item 4: nothing links to it
+    ex = [Example(u, (1,), (2, 3, 4, 5), 0, side) for u in range(40)]
+    assert all(np.array_equal(a.side, b.side) for a, b in zip(drop_features(ex, 0.0), ex))
+    assert all(np.allclose(e.side, UNLINKED_FEATURES) for e in drop_features(ex, 1.0, share=1.0))
+    half = drop_features(ex, 1.0, seed=3)
+    dropped = np.array([[np.allclose(row, UNLINKED_FEATURES) for row in e.side[:2]] for e in half])
+    assert 0 < dropped.mean() < 1
+    assert all(np.array_equal(a.side, b.side) for a, b in zip(half, drop_features(ex, 1.0, seed=3)))
+    assert np.array_equal(ex[0].side, side)
+    with pytest.raises(ValueError, match="drop rate"):
+        drop_features(ex, 1.5)

@@ -98,3 +98,19 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
     assert set(data["config"]["retriever"]["recall@20_by_position"]) == {"1", "2", "3"}
     b = _run(bench + ["--test_positions=1-4"])  # position 4 validated the head: refused
     assert b.returncode != 0 and "validated at held-back position 4" in b.stderr
+
+
+def test_train_on_the_warm_world_with_dropped_features(tmp_path):
+    """--cold_split trains without the cold slices' items and users; --cold_dropout fits on dropped
+    collaborative features and judges every L2 on clean and dropped validation (its mean picks)."""
+    out = tmp_path / "cold"
+    r = _run(["launch/train.py", f"--output_dir={out}", "--max_users=20", "--steps=0", "--val_examples=4",
+              "--head_steps=10", "--l2=1e-2,10", "--cold_split", "--cold_dropout=0.5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    card = log["card"]
+    assert card["cold_split"]["new_items"] > 0 and card["cold_dropout"] == 0.5
+    runs = log["stage1"]
+    assert all("val_dropped_ndcg@10" in x for x in runs)
+    best = max(runs, key=lambda x: (x["val_ndcg@10"] + x["val_dropped_ndcg@10"]) / 2)
+    assert card["val_dropped_ndcg@10_within_retrieved"] == best["val_dropped_ndcg@10"]

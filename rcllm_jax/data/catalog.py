@@ -244,11 +244,11 @@ def read_catalog(directory: str | Path) -> Dataset:
 
 def load_catalog(catalog) -> Dataset:
     """The dataset a launcher's `CatalogSettings` names: a catalog directory (`--catalog`), else a
-    built-in MovieLens reader (`--dataset`, `--data_dir`)."""
-    if catalog.catalog:
-        return read_catalog(catalog.catalog)
-    from rcllm_jax.data.movielens import load_dataset
-    return load_dataset(catalog.dataset, catalog.data_dir)
+    built-in MovieLens reader (`--dataset`, `--data_dir`); with `--min_interactions` > 1 only the
+    items, then the users, with that many interactions (`movielens.min_interactions`)."""
+    from rcllm_jax.data.movielens import load_dataset, min_interactions
+    ds = read_catalog(catalog.catalog) if catalog.catalog else load_dataset(catalog.dataset, catalog.data_dir)
+    return min_interactions(ds, catalog.min_interactions) if catalog.min_interactions > 1 else ds
 
 
 def write_catalog(ds: Dataset, directory: str | Path) -> Path:

@@ -223,6 +223,26 @@ def scaled_catalog(ds: Dataset, scale: int) -> Dataset:
     return dataclasses.replace(ds, name=f"{ds.name}x{scale}", items=items)
 
 
+def min_interactions(ds: Dataset, n: int) -> Dataset:
+    """`ds` with the items interacted with fewer than `n` times removed, then the users left with
+    fewer than `n` interactions (one pass of each, as LlamaRec's ML-100k protocol filters; its
+    table's 943 users and 1349 items). Item ids and the remaining interactions' order and times kept."""
+    if n < 1:
+        raise ValueError(f"min_interactions must be >= 1, got {n}")
+    counts = collections.Counter(i for s in ds.sequences.values() for i in s)
+    keep = {i for i, c in counts.items() if c >= n}
+    kept, times = {}, {}
+    for u, s in ds.sequences.items():
+        idx = [j for j, i in enumerate(s) if i in keep]
+        if len(idx) >= n:
+            kept[u] = tuple(s[j] for j in idx)
+            if ds.times is not None:
+                times[u] = tuple(ds.times[u][j] for j in idx)
+    return dataclasses.replace(ds, name=f"{ds.name}-min{n}", items={i: ds.items[i] for i in sorted(keep)},
+                               sequences=kept, times=times if ds.times is not None else None,
+                               user_keys=None if ds.user_keys is None else {u: ds.user_keys[u] for u in kept})
+
+
 @dataclasses.dataclass
 class LeaveOneOut:
     """Last item = test target, second to last = validation target, the rest = training."""

@@ -71,6 +71,24 @@ def fitting_sequences(ds, cold: ColdSplit, position: int, users=None) -> list[tu
             for u in users if u not in cold.new_users]
 
 
+def without_cold(ds, cold: ColdSplit):
+    """The world a model fitted before the cold items and users existed sees: `ds` without the new
+    users and without every interaction with a new item (the items stay in the catalog, unseen).
+    What `launch/train.py --cold_split` trains on, so `bench.py --slice` measures a head that
+    never saw a cold item or user."""
+    seqs, times = {}, {} if ds.times is not None else None
+    for u, s in ds.sequences.items():
+        if u in cold.new_users:
+            continue
+        keep = [j for j, i in enumerate(s) if i not in cold.new_items]
+        if keep:
+            seqs[u] = tuple(s[j] for j in keep)
+            if times is not None:
+                times[u] = tuple(ds.times[u][j] for j in keep)
+    return dataclasses.replace(ds, name=f"{ds.name}-warm", sequences=seqs, times=times,
+                               user_keys=None if ds.user_keys is None else {u: ds.user_keys[u] for u in seqs})
+
+
 @dataclasses.dataclass(frozen=True)
 class SliceRequest:
     user: int

@@ -313,8 +313,6 @@ def _workload(run: RunSettings) -> Workload:
                                             order=b.candidate_order)
         if not requests:
             raise BenchError(f"--slice={b.slice}: no request of the first {b.num_users} users is in that slice")
-        info["kind"] += "; without the cold items and users ({})".format(
-            ", ".join(f"{k} {v}" for k, v in cold.describe().items()))
     elif positions:
         requests, req_pos = heldout_requests(split, positions, num_candidates=b.num_candidates, negatives=b.negatives,
                                              seed=b.seed, num_users=b.num_users, retrievers=retrievers,
@@ -334,8 +332,12 @@ def _workload(run: RunSettings) -> Workload:
                      "retrieve_ms_mean": 1e3 * (time.perf_counter() - t1) / len(requests)})
         if positions:
             info["kind"] = "item-knn (cosine co-occurrence), one per test position, fitted before it"
-            info[f"recall@{run.bench.num_candidates}_by_position"] = {p: float(hit[np.asarray(req_pos) == p].mean())
-                                                         for p in positions}
+            if cold is not None:
+                info["kind"] += "; without the cold items and users ({})".format(
+                    ", ".join(f"{k} {v}" for k, v in cold.describe().items()))
+            at = np.asarray(req_pos)
+            info[f"recall@{run.bench.num_candidates}_by_position"] = {p: float(hit[at == p].mean())
+                                                                      for p in positions if (at == p).any()}
     if run.bench.rank_retrieved_only:
         if retriever is None:
             raise BenchError("--rank_retrieved_only needs --candidates=retrieved")

@@ -88,6 +88,32 @@ def validation_examples(split, *, position: int = 2, num_candidates: int = 20, o
     return out, stats[f"position_{position}"]["requests"]
 
 
+def drop_features(examples, rate: float, seed: int = 0, share: float = 0.5) -> list[Example]:
+    """Examples as the head would meet cold candidates: in a `rate` share of them (seeded), each
+    candidate's collaborative features are replaced, with probability `share` and the target no
+    more or less likely than the others, by those of a candidate no history links to
+    (`retrieval.UNLINKED_FEATURES`), so a head fitted on them learns to rank such candidates from
+    the slot states (`launch/train.py --cold_dropout`)."""
+    from rcllm_jax.retrieval import UNLINKED_FEATURES
+    if not 0 <= rate <= 1 or not 0 < share <= 1:
+        raise ValueError(f"drop rate must be in [0, 1] and share in (0, 1], got {rate}, {share}")
+    rng = np.random.default_rng([seed, 41])
+    out = []
+    for e in examples:
+        side = np.array(e.side, np.float32, copy=True)
+        if rng.random() < rate:
+            side[rng.random(len(side)) < share] = UNLINKED_FEATURES
+        out.append(dataclasses.replace(e, side=side))
+    return out
+
+
+def head_ndcg(theta, bias, side_weights, states, targets, side=None) -> float:
+    """NDCG@10 of a fitted head (`fit_head`'s output: theta over [h, position], side weights or None)
+    on examples' slot states [N, K, D], targets [N] and collaborative features [N, K, C]."""
+    off = None if side_weights is None else np.asarray(side, np.float32) @ np.asarray(side_weights, np.float32)
+    return ndcg_at_10(jnp.asarray(theta), bias, head_features(states), np.asarray(targets), off)
+
+
 def head_features(states):
     """[N, K, D] slot states -> [N, K, D + 1] head features."""
     return jax.vmap(slot_features)(jnp.asarray(states))
