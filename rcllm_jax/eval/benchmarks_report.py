@@ -201,7 +201,7 @@ def _slices_section(out: Path) -> list[str]:
                      f"{v('full')} | {v('collaborative_only')} | {v('content')} | {v('popularity')} | "
                      f"{v('retriever')} | "
                      f"{_ci(rc, 'ndcg@10_retrieved_minus_collaborative_only')} | {fid} |")
-    lines += [""] + _slice_targets(have) + [""]
+    lines += [""] + _slice_targets(have) + [""] + _cold_head_lines(out)
     f = out / "llamarec_protocol.json"
     if f.exists():
         d = json.loads(f.read_text())
@@ -228,6 +228,35 @@ def _slices_section(out: Path) -> list[str]:
                              f"{_met(lo > pub)})")
             lines.append("")
     return lines
+
+
+def _cold_head_lines(out: Path) -> list[str]:
+    """The cold-aware training experiment (`train.py --cold_split --cold_dropout`): its validation per
+    L2 and the head on the cold slices (cold_head_slice_*.json), beside the shipped head's rows above."""
+    f = out / "ranker_train_cold.json"
+    if not f.exists():
+        return []
+    log = json.loads(f.read_text())
+    card = log["card"]
+    lines = [f"**Cold-aware training** (`{card['command']}`, {log['stage1_s'] / 60:.0f} min of stage 1): trained "
+             "in the world before the cold items and users; in a share "
+             f"{card['cold_dropout']:g} of the examples each candidate's collaborative features were replaced by a "
+             "cold item's with probability 0.5 (stages 0 and 1). "
+             "Validation NDCG@10 within the retrieved per L2 (clean / with dropped features): "
+             + ", ".join(f"{r['l2']:g}: {r['val_ndcg@10']:.3f} / {r['val_dropped_ndcg@10']:.3f}" for r in log["stage1"])
+             + f"; the collaborative scorer alone {log['stage0']['val_ndcg@10']:.3f} (clean). The strongest L2 wins "
+             "again: letting the slot states move the scores does worse even where the features are missing.", ""]
+    for s in ("new_items", "few_items"):
+        g = out / f"cold_head_slice_{s}.json"
+        if g.exists():
+            rows = {r["mode"]: r for r in json.loads(g.read_text())["results"]}
+            rc = rows["rcllm"]
+            lines.append(f"- {s}, this head: rcllm {rc['ndcg@10_retrieved']:.3f}, collaborative only "
+                         f"{rows['collaborative_only']['ndcg@10_retrieved']:.3f}, content "
+                         f"{rows['content']['ndcg@10_retrieved']:.3f}, "
+                         f"random {rows['random']['ndcg@10_retrieved']:.3f}; "
+                         f"rcllm minus collaborative only {_ci(rc, 'ndcg@10_retrieved_minus_collaborative_only')}")
+    return lines + [""]
 
 
 def _met(ok: bool) -> str:
