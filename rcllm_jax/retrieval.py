@@ -56,8 +56,9 @@ FORMAT = 3
 COLD_SHARE = 0.5  # the content path's default: up to half of the K slots for cold items (module docstring)
 # the reranker's collaborative features of a candidate (`ItemKNN.candidate_features`), in order
 CANDIDATE_FEATURES = ("knn_relative", "knn_log", "follow_relative")
+KNN_LOG_FLOOR = 1e-3  # the knn_log feature is log(kNN score + this)
 # ... of a candidate no history item links to (a cold item's): what `train/head_fit.drop_features` writes
-UNLINKED_FEATURES = (0.0, float(np.log(1e-3)), 0.0)
+UNLINKED_FEATURES = (0.0, float(np.log(KNN_LOG_FLOOR)), 0.0)
 
 
 def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int],
@@ -224,7 +225,7 @@ class ItemKNN:
             return np.where(ok, s[np.maximum(idx, 0)], 0.0)
         knn, fol = at(self.scores(history)), at(self.follow_scores(history))
         rel = lambda x: x / x.max() if x.max() > 0 else np.zeros_like(x)  # noqa: E731
-        return np.stack([rel(knn), np.log(knn + 1e-3), rel(fol)], axis=1).astype(np.float32)
+        return np.stack([rel(knn), np.log(knn + KNN_LOG_FLOOR), rel(fol)], axis=1).astype(np.float32)
 
     def retrieve(self, history: Sequence[int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
         """(the top-k item ids, best first, never an item of `history`; their kNN scores). Items
@@ -367,10 +368,7 @@ def fit_before(split, position: int, item_ids: Sequence[int] | None = None, *, c
     the new items' interactions and the new users' sequences are left out."""
     if position < 1:
         raise ValueError(f"a held-back position counts from the end of a sequence, >= 1; got {position}")
+    from rcllm_jax.data.slices import fitting_sequences
     ids = sorted(split.dataset.items) if item_ids is None else sorted(item_ids)
-    if cold is None:
-        seqs = [split.dataset.sequences[u][:-position] for u in split.users]  # empty when too short
-    else:
-        from rcllm_jax.data.slices import fitting_sequences
-        seqs = fitting_sequences(split.dataset, cold, position, split.users)
+    seqs = fitting_sequences(split.dataset, cold, position, split.users)  # empty when too short
     return ItemKNN.fit(seqs, ids, texts=item_texts(split.dataset, ids) if content else None, **kw)

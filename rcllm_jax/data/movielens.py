@@ -223,6 +223,24 @@ def scaled_catalog(ds: Dataset, scale: int) -> Dataset:
     return dataclasses.replace(ds, name=f"{ds.name}x{scale}", items=items)
 
 
+def keep_interactions(ds: Dataset, keep_item, *, users=None, min_len: int = 1, **changes) -> Dataset:
+    """`ds` with only the interactions whose item passes `keep_item`, of the `users` given (default:
+    all), and only the users left with at least `min_len` of them; each kept interaction's order
+    and time and each kept user's key stay; `changes`: other fields replaced (name, items)."""
+    seqs, times = {}, {} if ds.times is not None else None
+    for u, s in ds.sequences.items():
+        if users is not None and u not in users:
+            continue
+        idx = [j for j, i in enumerate(s) if keep_item(i)]
+        if len(idx) >= min_len:
+            seqs[u] = tuple(s[j] for j in idx)
+            if times is not None:
+                times[u] = tuple(ds.times[u][j] for j in idx)
+    return dataclasses.replace(ds, sequences=seqs, times=times,
+                               user_keys=None if ds.user_keys is None else {u: ds.user_keys[u] for u in seqs},
+                               **changes)
+
+
 def min_interactions(ds: Dataset, n: int) -> Dataset:
     """`ds` with the items interacted with fewer than `n` times removed, then the users left with
     fewer than `n` interactions (one pass of each, as LlamaRec's ML-100k protocol filters; its
@@ -231,16 +249,8 @@ def min_interactions(ds: Dataset, n: int) -> Dataset:
         raise ValueError(f"min_interactions must be >= 1, got {n}")
     counts = collections.Counter(i for s in ds.sequences.values() for i in s)
     keep = {i for i, c in counts.items() if c >= n}
-    kept, times = {}, {}
-    for u, s in ds.sequences.items():
-        idx = [j for j, i in enumerate(s) if i in keep]
-        if len(idx) >= n:
-            kept[u] = tuple(s[j] for j in idx)
-            if ds.times is not None:
-                times[u] = tuple(ds.times[u][j] for j in idx)
-    return dataclasses.replace(ds, name=f"{ds.name}-min{n}", items={i: ds.items[i] for i in sorted(keep)},
-                               sequences=kept, times=times if ds.times is not None else None,
-                               user_keys=None if ds.user_keys is None else {u: ds.user_keys[u] for u in kept})
+    return keep_interactions(ds, keep.__contains__, min_len=n, name=f"{ds.name}-min{n}",
+                             items={i: ds.items[i] for i in sorted(keep)})
 
 
 @dataclasses.dataclass

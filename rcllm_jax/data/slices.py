@@ -60,13 +60,16 @@ def choose_cold(ds, *, new_item_fraction: float = 0.15, new_user_fraction: float
     return ColdSplit(new_items, new_users, few, very_few, new_user_history)
 
 
-def fitting_sequences(ds, cold: ColdSplit, position: int, users=None) -> list[tuple[int, ...]]:
+def fitting_sequences(ds, cold: ColdSplit | None, position: int, users=None) -> list[tuple[int, ...]]:
     """What a model of the targets held back at `position` may be fitted on: each known user's
     sequence cut before its `position`-th item from the end, without the new items (new users'
-    sequences left out). `users`: the users considered (default every user of `ds`)."""
+    sequences left out; cold=None: every user's cut sequence). `users`: the users considered
+    (default every user of `ds`)."""
     if position < 1:
         raise ValueError(f"a held-back position counts from the end of a sequence, >= 1; got {position}")
     users = sorted(ds.sequences) if users is None else users
+    if cold is None:
+        return [tuple(ds.sequences[u][:-position]) for u in users]
     return [tuple(i for i in ds.sequences[u][:-position] if i not in cold.new_items)
             for u in users if u not in cold.new_users]
 
@@ -76,17 +79,9 @@ def without_cold(ds, cold: ColdSplit):
     users and without every interaction with a new item (the items stay in the catalog, unseen).
     What `launch/train.py --cold_split` trains on, so `bench.py --slice` measures a head that
     never saw a cold item or user."""
-    seqs, times = {}, {} if ds.times is not None else None
-    for u, s in ds.sequences.items():
-        if u in cold.new_users:
-            continue
-        keep = [j for j, i in enumerate(s) if i not in cold.new_items]
-        if keep:
-            seqs[u] = tuple(s[j] for j in keep)
-            if times is not None:
-                times[u] = tuple(ds.times[u][j] for j in keep)
-    return dataclasses.replace(ds, name=f"{ds.name}-warm", sequences=seqs, times=times,
-                               user_keys=None if ds.user_keys is None else {u: ds.user_keys[u] for u in seqs})
+    from rcllm_jax.data.movielens import keep_interactions
+    return keep_interactions(ds, lambda i: i not in cold.new_items, users=set(ds.sequences) - cold.new_users,
+                             name=f"{ds.name}-warm")
 
 
 @dataclasses.dataclass(frozen=True)

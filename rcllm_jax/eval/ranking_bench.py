@@ -590,13 +590,9 @@ def _baseline_rows(run: RunSettings, w: Workload, metrics: _Metrics, head, side_
     from rcllm_jax.eval.metrics import popularity_scores, random_scores, target_rank
     rng = np.random.default_rng(run.bench.seed)
 
-    def fitted(p):  # what a model of the targets at position p was fitted on
-        if w.cold is not None:
-            from rcllm_jax.data.slices import fitting_sequences
-            return fitting_sequences(w.ds, w.cold, p, w.split.users)
-        return [w.ds.sequences[u][:-p] for u in w.split.users]
+    from rcllm_jax.data.slices import fitting_sequences
     popularity = {p: (w.split.popularity if p is None else  # interactions strictly before each test position
-                      collections.Counter(i for s in fitted(p) for i in s))
+                      collections.Counter(i for s in fitting_sequences(w.ds, w.cold, p, w.split.users) for i in s))
                   for p in set(w.req_pos)}
     baselines = {"popularity": [popularity_scores(q.candidates, popularity[p]) for q, p in zip(w.requests, w.req_pos)],
                  "random": [random_scores(len(q.candidates), rng) for q in w.requests]}
