@@ -42,11 +42,6 @@ _SHARES = flags.DEFINE_list("cold_shares", ["0.25", "0.5", "1.0"], "Blended retr
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the new users and the intervals.")
 
 
-def _positions(spec: str) -> list[int]:
-    lo, _, hi = spec.partition("-")
-    return list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in spec.split(",")]
-
-
 def _top_k(scores, seen, k: int, tie) -> list[int]:
     """Indices of the k best scores outside `seen` (ties by `tie`, ascending)."""
     import numpy as np
@@ -65,11 +60,9 @@ def _rows_for(requests, retr, k: int, shares, default_share: float) -> dict[str,
         tgt = knn.index[q.target]
         hits["item-knn"].append(q.target in knn.retrieve(q.history, k)[0])
         for s in shares:
-            blend.cold_share = s
             name = f"blended (cold_share {s:g})" + (" [default]" if s == default_share else "")
-            hits[name].append(q.target in blend.retrieve(q.history, k)[0])
-        blend.cold_share = default_share
-        hits["content"].append(tgt in _top_k(blend.content_scores(q.history), seen, k, rank))
+            hits[name].append(q.target in blend[s].retrieve(q.history, k)[0])
+        hits["content"].append(tgt in _top_k(knn.content_scores(q.history), seen, k, rank))
         hits["popularity"].append(tgt in _top_k(knn.popularity.astype(float), seen, k, rank))
     return hits
 
@@ -77,21 +70,26 @@ def _rows_for(requests, retr, k: int, shares, default_share: float) -> dict[str,
 def _cold_slices(k: int, shares) -> dict:
     import numpy as np
     from rcllm_jax.data.movielens import LeaveOneOut, load_dataset
+    from rcllm_jax.data.pipeline import parse_positions
     from rcllm_jax.data.slices import choose_cold, in_slice, slice_requests
     from rcllm_jax.eval.metrics import bootstrap_ci
     from rcllm_jax.retrieval import COLD_SHARE, fit_before
     ds = load_dataset()
     split = LeaveOneOut(ds)
     cold = choose_cold(ds, new_item_fraction=_NEW_ITEMS.value, new_user_fraction=_NEW_USERS.value, seed=_SEED.value)
-    positions = _positions(_POS.value)
+    try:
+        positions = list(parse_positions(_POS.value))
+    except ValueError as e:
+        raise app.UsageError(f"--test_positions: {e}") from None
     requests = slice_requests(ds, cold, positions, split.users, split.users)
     default_share = COLD_SHARE
     t0 = time.perf_counter()
     retr = {}
     for p in positions:
-        blended = fit_before(split, p, cold=cold)
-        knn = fit_before(split, p, cold=cold, content=False)
-        retr[p] = {"knn": knn, "blended": blended,  # ties of the content and popularity rows: popularity, then id
+        fitted = fit_before(split, p, cold=cold)
+        knn = fitted.with_cold_share(0.0)  # item-kNN's own list (no slot for cold items)
+        retr[p] = {"knn": knn, "blended": {s: fitted.with_cold_share(s) for s in shares},
+                   # ties of the content and popularity rows: popularity, then id
                    "popularity_rank": np.argsort(np.argsort(-knn.popularity, kind="stable"), kind="stable")}
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -61,16 +61,13 @@ def _key(t: TrainSettings, engine, examples) -> str:
 
 def _positions(t: TrainSettings, spec: str, flag: str = "collaborative_positions") -> tuple[int, ...]:
     """'3-20' or '3,4,5' -> positions, largest first; all above the validation position."""
+    from rcllm_jax.data.pipeline import parse_positions
     try:
-        if "-" in spec:
-            lo, hi = (int(x) for x in spec.split("-"))
-            out = range(lo, hi + 1)
-        else:
-            out = [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise app.UsageError(f"--{flag}: expected 'a-b' or a comma list, got {spec!r}") from None
+        out = parse_positions(spec)
+    except ValueError as e:
+        raise app.UsageError(f"--{flag}: {e}") from None
     v = t.validation_position
-    if not out or min(out) <= v:
+    if min(out) <= v:
         raise app.UsageError(f"--{flag} must be > {v} ({v} is the validation position"
                              f"{f', 1-{v - 1} the test ones' if v > 1 else ''}), got {spec!r}")
     return tuple(sorted(out, reverse=True))
@@ -83,10 +80,10 @@ def _examples(t: TrainSettings, split):
         raise app.UsageError(f"--validation_position must be >= 1, got {t.validation_position}")
     positions = _positions(t, ",".join(t.positions), "positions")
     train, train_stats = sh.training_examples(split, positions=positions, num_candidates=t.num_candidates,
-                                              order=t.candidate_order)
+                                              order=t.candidate_order, features=t.side_features)
     val, val_requests = sh.validation_examples(split, position=t.validation_position,
                                                num_candidates=t.num_candidates,
-                                               order=t.candidate_order)
+                                               order=t.candidate_order, features=t.side_features)
     if t.val_examples:
         val = val[:t.val_examples]
     if not train or not val:
@@ -105,9 +102,10 @@ def _stage0(t: TrainSettings, split, val):
     if not t.collaborative:
         return None, None
     c_train, c_stats = sh.training_examples(split, positions=_positions(t, t.collaborative_positions),
-                                            num_candidates=t.num_candidates, order=t.candidate_order)
+                                            num_candidates=t.num_candidates, order=t.candidate_order,
+                                            features=t.side_features)
     if t.cold_dropout:
-        c_train = sh.drop_features(c_train, t.cold_dropout, t.seed)
+        c_train = sh.drop_features(c_train, t.cold_dropout, t.seed, features=t.side_features)
     collab, c_curve = sh.fit_collaborative(np.stack([e.side for e in c_train]),
                                            np.asarray([e.target_index for e in c_train]),
                                            val=(np.stack([e.side for e in val]),
@@ -145,8 +143,9 @@ def _stage1(t: TrainSettings, engine, builder, train, val, cfg, prefixes, out: P
     dropped_val = None
     if t.cold_dropout:  # the head meets cold candidates: fit on dropped features, judge on both
         st, tg, _ = collected["train"]
-        collected["train"] = (st, tg, np.stack([e.side for e in sh.drop_features(train, t.cold_dropout, t.seed)]))
-        dropped_val = np.stack([e.side for e in sh.drop_features(val, 1.0, t.seed + 1)])
+        dropped = sh.drop_features(train, t.cold_dropout, t.seed, features=t.side_features)
+        collected["train"] = (st, tg, np.stack([e.side for e in dropped]))
+        dropped_val = np.stack([e.side for e in sh.drop_features(val, 1.0, t.seed + 1, features=t.side_features)])
     runs = []
     for l2 in (float(x) for x in t.l2):
         theta, bias, side_w, curve = sh.fit_head(*collected["train"], base=collab, l2=l2, steps=t.head_steps,
@@ -179,8 +178,7 @@ def _card(t: TrainSettings, engine, model, positions, train, val, val_requests, 
             "train_examples": len(train), "val_examples": len(val), "val_requests": val_requests,
             "val_retriever_ndcg@10_within_retrieved": retr, "val_random_ndcg@10_within_retrieved": rand}
     if collab is not None:
-        from rcllm_jax.retrieval import CANDIDATE_FEATURES
-        card.update(collaborative={"features": list(CANDIDATE_FEATURES), "position_weight": collab.position,
+        card.update(collaborative={"features": list(t.side_features), "position_weight": collab.position,
                                    "side_weights": collab.side.tolist(), "examples": collab_log["examples"],
                                    "positions": t.collaborative_positions})
         card["val_collaborative_ndcg@10_within_retrieved"] = collab_log["val_ndcg@10"]
@@ -232,10 +230,14 @@ def main(argv):
     from rcllm_jax.engine.ranking_head import SlotHead
     from rcllm_jax.eval.metrics import per_request_metrics
     from rcllm_jax.model import load_model
-    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    from rcllm_jax.retrieval import check_features
     from rcllm_jax.train import ranker as rk
 
     t0 = time.perf_counter()
+    try:
+        check_features(t.side_features)
+    except ValueError as e:
+        raise app.UsageError(f"--side_features: {e}") from None
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -284,7 +286,7 @@ def main(argv):
                     {**card, "stage": "head only (stage 1)", "l2": best["l2"],
                      "val_ndcg@10_within_retrieved": best["val_ndcg@10"]},
                     side_weights=best["side_weights"],
-                    side_features=() if collab is None else CANDIDATE_FEATURES)
+                    side_features=() if collab is None else tuple(t.side_features))
     _save(head, out / "head", "Score-slot ranking head (stage 1: the head alone, base model frozen)")
     log = {"card": card, "train_stats": train_stats, "stage0": collab_log, "stage1_s": stage1_s,
            "stage1": [{k_: v for k_, v in r.items() if k_ not in ("theta", "bias", "side_weights")} for r in runs]}

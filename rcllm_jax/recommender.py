@@ -69,21 +69,26 @@ class Recommender:
 
 
 def check_side_features(head, retriever):
-    """A head that weighs collaborative features needs a retriever that computes those features."""
-    from rcllm_jax.retrieval import CANDIDATE_FEATURES
+    """A head that weighs the retriever's candidate features needs a retriever that computes them:
+    each a known feature (`retrieval.FEATURES`), the content one only with a content path."""
+    from rcllm_jax.retrieval import check_features
     if retriever is None:
         raise ValueError(f"the ranking head weighs the retriever's features ({', '.join(head.side_features)}): "
                          "load a retriever")
-    if tuple(head.side_features) != CANDIDATE_FEATURES:
-        raise ValueError(f"the ranking head weighs features {list(head.side_features)}; this retriever computes "
-                         f"{list(CANDIDATE_FEATURES)}: retrain the head")
+    try:
+        names = check_features(head.side_features)
+    except ValueError as e:
+        raise ValueError(f"the ranking head weighs features this retriever cannot compute ({e}): retrain the head") \
+            from None
+    if "content_relative" in names and getattr(retriever, "content", None) is None:
+        raise ValueError("the ranking head weighs the content score: fit the retriever with the item texts")
 
 
 def final_scores(head, retriever, history, candidates, scores) -> np.ndarray:
     """[K] the ranking's scores: the engine's, plus the head's collaborative term when it has one."""
     if head is None or head.side_weights is None:
         return np.asarray(scores)
-    return head.combine(scores, retriever.candidate_features(list(history), candidates))
+    return head.combine(scores, retriever.candidate_features(list(history), candidates, head.side_features))
 
 
 @dataclasses.dataclass

@@ -38,6 +38,9 @@ all known keeps kNN's list unchanged. Chosen on ML-100k's cold slices (`data/sli
 test positions 1-3, `launch/bench_retrieval.py`, BENCHMARKS.md): recall@20 on new-item targets
 0.000 -> 0.110, warm targets 0.275 -> 0.271, all 0.257 -> 0.262 (cold_share 0.5, cold_recent 10);
 reserving fixed slots or adding the two scores lost more warm recall for less (the sweep there).
+A ranking head may weigh two content features of each candidate too (`FEATURES`: its content score
+relative to the best candidate's, and whether it is cold), so a cold candidate is not ranked last
+for want of interactions (`launch/train.py --side_features`).
 
 Persisted as one `.npz` (`save` / `load`) keyed by a digest of the training data and item texts
 it was built from, so a retriever of other data is refused.
@@ -45,6 +48,7 @@ it was built from, so a retriever of other data is refused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from pathlib import Path
@@ -54,11 +58,24 @@ import numpy as np
 
 FORMAT = 3
 COLD_SHARE = 0.5  # the content path's default: up to half of the K slots for cold items (module docstring)
-# the reranker's collaborative features of a candidate (`ItemKNN.candidate_features`), in order
-CANDIDATE_FEATURES = ("knn_relative", "knn_log", "follow_relative")
+# every feature the retriever computes of a candidate for the reranker (`ItemKNN.candidate_features`);
+# a head names the ones it weighs, in its order (`SlotHead.side_features`)
+FEATURES = ("knn_relative", "knn_log", "follow_relative", "content_relative", "cold")
+CANDIDATE_FEATURES = FEATURES[:3]  # the collaborative ones: the default head's (train.py --side_features)
 KNN_LOG_FLOOR = 1e-3  # the knn_log feature is log(kNN score + this)
-# ... of a candidate no history item links to (a cold item's): what `train/head_fit.drop_features` writes
-UNLINKED_FEATURES = (0.0, float(np.log(KNN_LOG_FLOOR)), 0.0)
+# the interaction-borne features of a candidate no history item links to (a cold item's): what
+# `train/head_fit.drop_features` writes; the content score is the item's own text's, so it stays
+UNLINKED = {"knn_relative": 0.0, "knn_log": float(np.log(KNN_LOG_FLOOR)), "follow_relative": 0.0, "cold": 1.0}
+UNLINKED_FEATURES = tuple(UNLINKED[n] for n in CANDIDATE_FEATURES)
+
+
+def check_features(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` as a tuple, each one of `FEATURES` and none twice (a ValueError naming the problem)."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"candidate features must be distinct names among {', '.join(FEATURES)}; got {list(names)}")
+    return names
 
 
 def data_digest(sequences: Iterable[Sequence[int]], item_ids: Sequence[int],
@@ -191,6 +208,15 @@ class ItemKNN:
         norm = np.linalg.norm(profile)
         return out if norm == 0 else np.asarray(self.content @ (profile / norm), np.float64).ravel()
 
+    def with_cold_share(self, cold_share: float) -> "ItemKNN":
+        """This retriever (its tables shared, not copied) giving cold items `cold_share` of the slots
+        instead (0: item-kNN's own list)."""
+        if not 0 <= cold_share <= 1:
+            raise ValueError(f"cold_share must be in [0, 1], got {cold_share}")
+        other = copy.copy(self)
+        other.cold_share = float(cold_share)
+        return other
+
     def cold_slots(self, history: Sequence[int], k: int) -> int:
         """How many of k retrieved slots go to cold items: ceil(cold_share * k * f), f the share of
         the `cold_recent` latest history items with no training interaction (0 without a content
@@ -214,18 +240,32 @@ class ItemKNN:
             np.add.at(out, nb[ok], w[ok])
         return out
 
-    def candidate_features(self, history: Sequence[int], candidates: Sequence[int]) -> np.ndarray:
-        """[K, 3] the reranker's collaborative features of each candidate (`CANDIDATE_FEATURES`):
-        its kNN score over the best candidate's, log(kNN score + 1e-3), its follow score over
-        the best candidate's (0 where no candidate scores). Unknown candidates score 0."""
-        idx = np.array([self.index.get(int(c), -1) for c in candidates])
+    def candidate_features(self, history: Sequence[int], candidates: Sequence[int],
+                           names: Sequence[str] = CANDIDATE_FEATURES) -> np.ndarray:
+        """[K, len(names)] the reranker's features of each candidate (`FEATURES`, in the order of
+        `names`): knn_relative = its kNN score over the best candidate's; knn_log = log(kNN score +
+        1e-3); follow_relative = its follow score over the best candidate's; content_relative = its
+        content score (`content_scores`) over the best candidate's; cold = 1 for an item with no
+        training interaction. A relative feature is 0 where no candidate scores; an unknown
+        candidate scores 0 and is cold."""
+        names = check_features(names)
+        idx = np.array([self.index.get(int(c), -1) for c in candidates], np.int64).reshape(-1)
         ok = idx >= 0
 
         def at(s):
             return np.where(ok, s[np.maximum(idx, 0)], 0.0)
-        knn, fol = at(self.scores(history)), at(self.follow_scores(history))
-        rel = lambda x: x / x.max() if x.max() > 0 else np.zeros_like(x)  # noqa: E731
-        return np.stack([rel(knn), np.log(knn + KNN_LOG_FLOOR), rel(fol)], axis=1).astype(np.float32)
+
+        def rel(x):
+            return x / x.max() if len(x) and x.max() > 0 else np.zeros_like(x)
+        knn = at(self.scores(history)) if {"knn_relative", "knn_log"} & set(names) else None
+        columns = {
+            "knn_relative": lambda: rel(knn),
+            "knn_log": lambda: np.log(knn + KNN_LOG_FLOOR),
+            "follow_relative": lambda: rel(at(self.follow_scores(history))),
+            "content_relative": lambda: rel(np.maximum(at(self.content_scores(history)), 0.0)),
+            "cold": lambda: np.where(ok, at(self.popularity) == 0, True).astype(np.float64),
+        }
+        return np.stack([columns[n]() for n in names], axis=1).reshape(len(idx), len(names)).astype(np.float32)
 
     def retrieve(self, history: Sequence[int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
         """(the top-k item ids, best first, never an item of `history`; their kNN scores). Items

@@ -30,6 +30,7 @@ from rcllm_jax.data.movielens import NEGATIVES
 from rcllm_jax.data.prompt import SERVED_HEAD, SERVED_HISTORY_LEN
 from rcllm_jax.data.slices import SLICES
 from rcllm_jax.parallel.placement import PLACEMENTS
+from rcllm_jax.retrieval import CANDIDATE_FEATURES, FEATURES
 from rcllm_jax.serve.scheduler import SCHEDULERS, SERVING_STEPS
 
 
@@ -255,6 +256,9 @@ class TrainSettings:
                                 "it).", choices=("retriever", "shuffled"))
     collaborative: bool = _opt(True, "Stage 0: the head adds to a collaborative scorer over the retriever's "
                                "features (kNN and follow scores), fitted first.")
+    side_features: tuple[str, ...] = _opt(CANDIDATE_FEATURES, "Stage 0: the retriever's candidate features the "
+                                          f"head weighs, among {', '.join(FEATURES)} (retrieval.py; the last two "
+                                          "reach items without interactions).")
     collaborative_positions: str = _opt("3-20", "Stage 0: held-back positions (a range 'a-b' or a list) of the "
                                         "collaborative scorer's examples (no model pass needed).")
     l2: tuple[str, ...] = _opt(("1e-2", "1e-1", "1", "10"), "Stage 1: L2 strengths of the head (best validation "

@@ -117,3 +117,16 @@ def test_heldout_positions_use_only_data_before_each_target(split):
     assert all(r.target in r.candidates and len(r.candidates) == 10 for r in sampled)
     with pytest.raises(ValueError, match=">= 1"):
         heldout_requests(split, (0,), num_users=2)
+
+
+def test_parse_positions_by_hand():
+    """The one parser of held-back positions (bench.py --test_positions, train.py --positions,
+    bench_retrieval.py): a range or a list, distinct and ascending; bad specs are named."""
+    from rcllm_jax.data.pipeline import parse_positions
+    assert parse_positions("1-3") == (1, 2, 3)
+    assert parse_positions("5,3,5") == (3, 5)
+    assert parse_positions("4") == (4,)
+    for bad, msg in (("a-b", "comma list of integers"), ("1-2-3", "comma list"), ("0-2", "1 = the last item"),
+                     ("3-1", "1 = the last item"), ("", "comma list")):
+        with pytest.raises(ValueError, match=msg):
+            parse_positions(bad)

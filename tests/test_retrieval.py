@@ -158,6 +158,8 @@ def test_content_path_proposes_an_item_nobody_interacted_with():
     # every history item cold: half of k goes to cold items; only 8 exists, kNN's next item fills the other
     got, want = blended.retrieve([7], 4)[0], knn.retrieve([7], 4)[0]
     assert blended.cold_slots([7], 4) == 2 and got == want[:2] + (8, want[2])
+    # the same tables with no cold slot: item-kNN's own list; the original keeps its share
+    assert blended.with_cold_share(0.0).retrieve([7], 4)[0] == want and blended.retrieve([7], 4)[0] == got
     assert blended.retrieve([], 4)[0] == knn.retrieve([], 4)[0]  # a new user: popularity, as before
 
 
@@ -171,3 +173,45 @@ def test_content_path_is_saved_and_its_texts_are_part_of_the_digest(tmp_path):
     assert "other training data" in how and got.digest != r.digest  # refitted, not the stale content
     with pytest.raises(ValueError, match="6 item texts for 7 items"):
         ItemKNN.fit(CAT_SEQS, CAT_ITEMS, texts=CAT_TEXTS[:-1])
+
+
+def test_named_candidate_features_content_and_cold_by_hand():
+    """A head names the features it weighs: the columns come in its order; `cold` is 1 for an item
+    nobody interacted with (7 here, and an unknown id), `content_relative` the content score over the
+    best candidate's (clipped at 0); an unknown name or a content head on a retriever without the
+    texts is refused."""
+    from rcllm_jax.recommender import check_side_features
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES, FEATURES
+    r = ItemKNN.fit(CAT_SEQS, CAT_ITEMS, texts=CAT_TEXTS)
+    cands = [2, 6, 7, 999]
+    default = r.candidate_features([1, 6], cands)
+    full = r.candidate_features([1, 6], cands, FEATURES)
+    assert full.shape == (4, 5) and np.array_equal(full[:, :3], default)
+    assert np.array_equal(full[:, 4], [0, 0, 1, 1])  # 7: no training interaction; 999: unknown
+    c = np.maximum(r.content_scores([1, 6])[[CAT_ITEMS.index(2), CAT_ITEMS.index(6), CAT_ITEMS.index(7)]], 0)
+    assert np.allclose(full[:, 3], np.r_[c / c.max(), 0.0], atol=1e-6) and full[:, 3].max() == pytest.approx(1.0)
+    swapped = r.candidate_features([1, 6], cands, ("cold", "knn_log"))
+    assert np.array_equal(swapped, full[:, [4, 1]])
+    assert r.candidate_features([], [7], ("content_relative",)).tolist() == [[0.0]]  # no history: no profile
+    with pytest.raises(ValueError, match="candidate features must be distinct names"):
+        r.candidate_features([1], [2], ("knn_log", "popularity"))
+    with pytest.raises(ValueError, match="distinct"):
+        r.candidate_features([1], [2], ("cold", "cold"))
+
+    class Head:
+        side_features = CANDIDATE_FEATURES + ("content_relative",)
+    check_side_features(Head, r)
+    with pytest.raises(ValueError, match="fit the retriever with the item texts"):
+        check_side_features(Head, ItemKNN.fit(CAT_SEQS, CAT_ITEMS))
+    # the served ranking weighs the columns the head names, in its order
+    from scipy.special import log_softmax
+
+    from rcllm_jax.engine.ranking_head import SlotHead
+    from rcllm_jax.recommender import final_scores
+    head = SlotHead(np.zeros(3), 0.0, "fp", side_weights=np.array([2.0, -1.0]), side_features=("cold", "knn_log"))
+    engine_scores = np.log(np.full(4, 0.25))
+    want = log_softmax(engine_scores + 2.0 * full[:, 4] - 1.0 * full[:, 1])
+    assert np.allclose(final_scores(head, r, [1, 6], cands, engine_scores), want, atol=1e-6)
+    Head.side_features = ("knn_log", "genre")
+    with pytest.raises(ValueError, match="cannot compute.*retrain the head"):
+        check_side_features(Head, r)

@@ -85,3 +85,15 @@ def test_dropped_features_look_like_an_unlinked_candidate():
     assert np.array_equal(ex[0].side, side)
     with pytest.raises(ValueError, match="drop rate"):
         drop_features(ex, 1.5)
+    # with the content features: the kNN and follow features are dropped, cold set, the content score kept
+    texts = ["Alpha Story (1990)", "Beta Story (1991)", "Gamma Tale (1992)", "Delta Story (1993)", "Omega (1994)"]
+    r = ItemKNN.fit([[1, 2, 3], [1, 2], [2, 3]], [1, 2, 3, 4, 5], texts=texts)
+    names = ("knn_relative", "knn_log", "follow_relative", "content_relative", "cold")
+    side = r.candidate_features([1], [2, 3, 4, 5], names)
+    assert np.array_equal(side[:, 4], [0, 0, 1, 1]) and side[2, 3] > 0  # 4 "Delta Story": cold, shares "story"
+    ex = [Example(0, (1,), (2, 3, 4, 5), 0, side)]
+    (all_dropped,) = drop_features(ex, 1.0, share=1.0, features=names)
+    assert np.allclose(all_dropped.side[:, :3], UNLINKED_FEATURES) and np.array_equal(all_dropped.side[:, 4], [1] * 4)
+    assert np.array_equal(all_dropped.side[:, 3], side[:, 3])
+    with pytest.raises(ValueError, match="carry 5 features, 3 named"):
+        drop_features(ex, 1.0)

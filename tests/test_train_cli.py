@@ -102,14 +102,24 @@ def test_train_ranker_then_resume_and_serve(tmp_path):
 
 def test_train_on_the_warm_world_with_dropped_features(tmp_path):
     """--cold_split trains without the cold slices' items and users; --cold_dropout fits on dropped
-    collaborative features and judges every L2 on clean and dropped validation (its mean picks)."""
+    collaborative features and judges every L2 on clean and dropped validation (its mean picks);
+    --side_features adds the content features, which the saved head names and weighs."""
     out = tmp_path / "cold"
+    names = ("knn_relative", "knn_log", "follow_relative", "content_relative", "cold")
     r = _run(["launch/train.py", f"--output_dir={out}", "--max_users=20", "--steps=0", "--val_examples=4",
-              "--head_steps=10", "--l2=1e-2,10", "--cold_split", "--cold_dropout=0.5"])
+              "--head_steps=10", "--l2=1e-2,10", "--cold_split", "--cold_dropout=0.5",
+              f"--side_features={','.join(names)}"])
     assert r.returncode == 0, r.stderr[-3000:]
     log = json.loads((out / "train_log.json").read_text())
     card = log["card"]
     assert card["cold_split"]["new_items"] > 0 and card["cold_dropout"] == 0.5
+    from rcllm_jax.engine.ranking_head import SlotHead
+    head = SlotHead.load(out / "head")
+    assert head.side_features == names and head.side_weights.shape == (5,)
+    assert card["collaborative"]["features"] == list(names)
+    bad = _run(["launch/train.py", f"--output_dir={tmp_path / 'bad'}", "--max_users=20",
+                "--side_features=knn_log,genre"])
+    assert bad.returncode != 0 and "--side_features: candidate features must be distinct names" in bad.stderr
     runs = log["stage1"]
     assert all("val_dropped_ndcg@10" in x for x in runs)
     best = max(runs, key=lambda x: (x["val_ndcg@10"] + x["val_dropped_ndcg@10"]) / 2)

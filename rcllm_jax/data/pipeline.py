@@ -28,6 +28,22 @@ class RankRequest:
 CANDIDATE_ORDERS = ("shuffled", "retriever")
 
 
+def parse_positions(spec: str) -> tuple[int, ...]:
+    """Held-back positions (each counted from the end of a sequence, 1 = the last item) from 'a-b'
+    or a comma list: distinct, ascending; a ValueError naming the problem otherwise."""
+    try:
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            out = tuple(range(lo, hi + 1))
+        else:
+            out = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"expected 'a-b' or a comma list of integers, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"positions count from the end of a sequence (1 = the last item), got {spec!r}")
+    return tuple(sorted(set(out)))
+
+
 def retrieved_candidates(retriever, user: int, history, k: int, seed: int = 0, order: str = "shuffled"):
     """The retriever's top-k for this history, in prompt order: seeded shuffle (deterministic in
     (seed, user)), or the retriever's own order, best first."""

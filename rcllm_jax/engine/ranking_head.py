@@ -12,8 +12,9 @@ order when the prompt lists them so; `--candidate_order`).
 
 A head may also weigh **collaborative features** of each candidate (`side_features`, computed by
 the retriever: `retrieval.ItemKNN.candidate_features`, e.g. how strongly the item follows the
-user's latest items in training sequences). They do not depend on the model, so they are added
-after the engine's scores, the same in every mode:
+user's latest items in training sequences; the head names which of `retrieval.FEATURES`, which
+include the item text's similarity to the history and whether the item is cold). They do not
+depend on the model, so they are added after the engine's scores, the same in every mode:
 
   final = log_softmax(scores + side @ side_weights)     (`SlotHead.combine`)
 
@@ -104,7 +105,7 @@ class SlotHead:
     adapter: dict | None = None  # query adapter: {projection: {"a": [Lt, in, r], "b": [Lt, r, out]}}
     adapter_cfg: LoraConfig | None = None
     side_weights: np.ndarray | None = None  # [C] weights of the collaborative features (None: none)
-    side_features: tuple[str, ...] = ()  # their names (`retrieval.CANDIDATE_FEATURES` order)
+    side_features: tuple[str, ...] = ()  # their names, in order (among `retrieval.FEATURES`)
 
     def digest(self) -> str:
         """Content digest of the head's weights (theta, bias, collaborative weights, adapter): which

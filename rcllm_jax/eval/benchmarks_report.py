@@ -185,22 +185,8 @@ def _slices_section(out: Path) -> list[str]:
              f"{cold['few']} fitted interactions). NDCG@10 within the retrieved; `collaborative only` is the head "
              "with its slot-state weights zeroed (`SlotHead.collaborative_only`), so rcllm minus it is what the "
              "LLM adds (paired 95% interval over users); `content` ranks by the retriever's text similarity. "
-             "Fidelity: rcllm vs full prefill on the engine's own scores (before the collaborative term).", "",
-             "| slice | requests (target retrieved) | rcllm | full | collaborative only | content | popularity | "
-             "retriever | rcllm - collaborative only | top-1 / tau / KL vs full |", "|---" * 10 + "|"]
-    for s, d in have.items():
-        rows = {r["mode"]: r for r in d["results"]}
-        rc = rows.get("rcllm")
-        if rc is None or "ndcg@10_retrieved" not in rc:
-            continue
-        def v(m):
-            return _fmt(rows[m]["ndcg@10_retrieved"]) if "ndcg@10_retrieved" in rows.get(m, {}) else "-"
-        fid = (f"{rc['engine_top1_agreement']:.3f} / {rc['engine_kendall_tau']:.3f} / {rc['engine_kl_mean']:.4f}"
-               if "engine_top1_agreement" in rc else "-")
-        lines.append(f"| {s} | {d['config']['num_requests']} ({d['config']['requests_run']}) | {v('rcllm')} | "
-                     f"{v('full')} | {v('collaborative_only')} | {v('content')} | {v('popularity')} | "
-                     f"{v('retriever')} | "
-                     f"{_ci(rc, 'ndcg@10_retrieved_minus_collaborative_only')} | {fid} |")
+             "Fidelity: rcllm vs full prefill on the engine's own scores (before the collaborative term).",
+             ""] + _slice_table(have)
     lines += [""] + _slice_targets(have) + [""] + _cold_head_lines(out)
     f = out / "llamarec_protocol.json"
     if f.exists():
@@ -230,33 +216,80 @@ def _slices_section(out: Path) -> list[str]:
     return lines
 
 
+def _rows(d: dict) -> dict:
+    """A bench.py JSON's result rows by mode."""
+    return {r["mode"]: r for r in d["results"]}
+
+
+def _slice_table(have: dict) -> list[str]:
+    """One row per slice run (bench.py --slice JSON): NDCG@10 within the retrieved per row, what the
+    LLM adds with its interval, and rcllm's fidelity to full prefill."""
+    lines = ["| slice | requests (target retrieved) | rcllm | full | collaborative only | content | popularity | "
+             "retriever | random | rcllm - collaborative only | top-1 / tau / KL vs full |", "|---" * 11 + "|"]
+    for s, d in have.items():
+        rows = {r["mode"]: r for r in d["results"]}
+        rc = rows.get("rcllm")
+        if rc is None or "ndcg@10_retrieved" not in rc:
+            continue
+
+        def v(m):
+            return _fmt(rows[m]["ndcg@10_retrieved"]) if "ndcg@10_retrieved" in rows.get(m, {}) else "-"
+        fid = (f"{rc['engine_top1_agreement']:.3f} / {rc['engine_kendall_tau']:.3f} / {rc['engine_kl_mean']:.4f}"
+               if "engine_top1_agreement" in rc else "-")
+        lines.append(f"| {s} | {d['config']['num_requests']} ({d['config']['requests_run']}) | {v('rcllm')} | "
+                     f"{v('full')} | {v('collaborative_only')} | {v('content')} | {v('popularity')} | "
+                     f"{v('retriever')} | {v('random')} | "
+                     f"{_ci(rc, 'ndcg@10_retrieved_minus_collaborative_only')} | {fid} |")
+    return lines
+
+
+# cold-aware training experiments (launch/train.py --cold_split ...): (training log, prefix of its
+# bench.py --slice runs), each in docs/benchmarks
+COLD_HEADS = (("ranker_train_cold.json", "cold_head_slice"), ("ranker_train_cold_content.json", "content_head_slice"),
+              ("ranker_train_cold_content_p10.json", "content_p10_head_slice"))
+
+
 def _cold_head_lines(out: Path) -> list[str]:
-    """The cold-aware training experiment (`train.py --cold_split --cold_dropout`): its validation per
-    L2 and the head on the cold slices (cold_head_slice_*.json), beside the shipped head's rows above."""
-    f = out / "ranker_train_cold.json"
-    if not f.exists():
-        return []
-    log = json.loads(f.read_text())
-    card = log["card"]
-    lines = [f"**Cold-aware training** (`{card['command']}`, {log['stage1_s'] / 60:.0f} min of stage 1): trained "
-             "in the world before the cold items and users; in a share "
-             f"{card['cold_dropout']:g} of the examples each candidate's collaborative features were replaced by a "
-             "cold item's with probability 0.5 (stages 0 and 1). "
-             "Validation NDCG@10 within the retrieved per L2 (clean / with dropped features): "
-             + ", ".join(f"{r['l2']:g}: {r['val_ndcg@10']:.3f} / {r['val_dropped_ndcg@10']:.3f}" for r in log["stage1"])
-             + f"; the collaborative scorer alone {log['stage0']['val_ndcg@10']:.3f} (clean). The strongest L2 wins "
-             "again: letting the slot states move the scores does worse even where the features are missing.", ""]
-    for s in ("new_items", "few_items"):
-        g = out / f"cold_head_slice_{s}.json"
-        if g.exists():
-            rows = {r["mode"]: r for r in json.loads(g.read_text())["results"]}
-            rc = rows["rcllm"]
-            lines.append(f"- {s}, this head: rcllm {rc['ndcg@10_retrieved']:.3f}, collaborative only "
-                         f"{rows['collaborative_only']['ndcg@10_retrieved']:.3f}, content "
-                         f"{rows['content']['ndcg@10_retrieved']:.3f}, "
-                         f"random {rows['random']['ndcg@10_retrieved']:.3f}; "
-                         f"rcllm minus collaborative only {_ci(rc, 'ndcg@10_retrieved_minus_collaborative_only')}")
-    return lines + [""]
+    """The cold-aware training experiments (`train.py --cold_split`, `--cold_dropout`,
+    `--side_features`): each one's validation per L2 and its rows on the slices it was run on,
+    beside the shipped head's above."""
+    lines = []
+    for log_name, prefix in COLD_HEADS:
+        f = out / log_name
+        if not f.exists():
+            continue
+        log = json.loads(f.read_text())
+        card = log["card"]
+        features = card.get("collaborative", {}).get("features", [])
+        offered = sorted(r["l2"] for r in log["stage1"])
+        won = max(log["stage1"], key=lambda r: r["selection"])["l2"]
+        dropout = (f"in a share {card['cold_dropout']:g} of the examples each candidate's interaction-borne "
+                   "features were replaced by a cold item's with probability 0.5 (stages 0 and 1). "
+                   if card.get("cold_dropout") else "")
+        took = (f"{log['stage1_s'] / 60:.0f} min of stage 1" if log["stage1_s"] >= 60 else
+                "stage 1's slot states reused from an earlier run of the same examples")
+        lines += [f"**Cold-aware training** (`{card['command']}`, {took}): "
+                  f"trained in the world before the cold items and users, the head weighing {', '.join(features)}; "
+                  + dropout + "Validation NDCG@10 within the retrieved per L2 (clean / with dropped features): "
+                  + ", ".join(f"{r['l2']:g}: {r['val_ndcg@10']:.3f} / {r.get('val_dropped_ndcg@10', float('nan')):.3f}"
+                              for r in log["stage1"])
+                  + f"; the collaborative scorer alone {log['stage0']['val_ndcg@10']:.3f} (clean). L2 {won:g} won"
+                  + (" (the strongest offered: the less the slot states move the scores, the better)."
+                     if won == offered[-1] else f" (not the strongest offered, {offered[-1]:g})."), ""]
+        have = {s: json.loads(g.read_text()) for s in SLICE_RUNS if (g := out / f"{prefix}_{s}.json").exists()}
+        if have:
+            c = next(iter(have.values()))["config"]
+            pos = c["test_positions"]
+            warm = []
+            if "warm" in have and (out / "slice_warm.json").exists():
+                shipped = _rows(json.loads((out / "slice_warm.json").read_text()))["rcllm"]["ndcg@10_retrieved"]
+                mine = _rows(have["warm"])["rcllm"]["ndcg@10_retrieved"]
+                warm = [f"- warm targets: rcllm {mine:.3f} vs the shipped head's {shipped:.3f} on the same slice "
+                        f"(no loss: {_met(mine >= shipped)})"]
+            lines += ([f"This head (head {c['head_digest'][:8]}) on the slices at test positions "
+                       f"{min(pos)}-{max(pos)}:", ""] + _slice_table(have) + ["", "Issue 37's targets with this head:"]
+                      + _slice_targets(have) + warm + [""])
+    return lines
 
 
 def _met(ok: bool) -> str:

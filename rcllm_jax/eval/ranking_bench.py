@@ -184,21 +184,20 @@ def _retriever_scores(retriever, q):
 def _collaborative_scores(collab: dict, retriever, q):
     """The stage-0 scorer a head was trained over (its card): position and collaborative features."""
     import numpy as np
+    from rcllm_jax.retrieval import CANDIDATE_FEATURES
     from rcllm_jax.train.head_fit import Collaborative
     scorer = Collaborative(float(collab["position_weight"]), np.asarray(collab["side_weights"], np.float32))
-    return scorer.logits(retriever.candidate_features(q.history, q.candidates)[None])[0].tolist()
+    names = collab.get("features", CANDIDATE_FEATURES)
+    return scorer.logits(retriever.candidate_features(q.history, q.candidates, names)[None])[0].tolist()
 
 
 def _test_positions(spec: str) -> tuple[int, ...]:
-    """'1-3' or '1,2' -> (1, 2, 3)."""
+    """--test_positions: '1-3' or '1,2' -> (1, 2, 3)."""
+    from rcllm_jax.data.pipeline import parse_positions
     try:
-        lo_hi = [int(x) for x in spec.split("-")] if "-" in spec else None
-        out = tuple(range(lo_hi[0], lo_hi[1] + 1)) if lo_hi else tuple(int(x) for x in spec.split(","))
-    except (ValueError, IndexError):
-        raise BenchError(f"--test_positions: expected 'a-b' or a comma list of integers, got {spec!r}") from None
-    if not out or min(out) < 1:
-        raise BenchError(f"--test_positions count from the end of a sequence (1 = the last item), got {spec!r}")
-    return tuple(sorted(set(out)))
+        return parse_positions(spec)
+    except ValueError as e:
+        raise BenchError(f"--test_positions: {e}") from None
 
 
 def run_stream(run: RunSettings, engine, mode, requests, prompts, policies, peer=None):

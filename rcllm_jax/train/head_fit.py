@@ -33,7 +33,7 @@ import optax
 from rcllm_jax.data.pipeline import retrieved_candidates
 from rcllm_jax.engine.ranking_head import head_scores, position_feature, slot_features
 from rcllm_jax.eval.metrics import per_request_metrics
-from rcllm_jax.retrieval import fit_before
+from rcllm_jax.retrieval import CANDIDATE_FEATURES, UNLINKED, check_features, fit_before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +45,20 @@ class Example:
     side: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)  # [K, C] collaborative
 
 
-def _example(retr, user, hist, target, num_candidates, seed, order):
+def _example(retr, user, hist, target, num_candidates, seed, order, features):
     cands = retrieved_candidates(retr, user, hist, num_candidates, seed, order)
     if target not in cands:
         return None
-    return Example(user, hist, cands, cands.index(target), retr.candidate_features(hist, cands))
+    return Example(user, hist, cands, cands.index(target), retr.candidate_features(hist, cands, features))
 
 
 def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, order: str = "retriever",
-                      min_history: int = 3, seed: int = 0) -> tuple[list[Example], dict]:
+                      min_history: int = 3, seed: int = 0,
+                      features=CANDIDATE_FEATURES) -> tuple[list[Example], dict]:
     """Examples at held-back positions (each from the end of a user's sequence), each with a
-    retriever fitted strictly before that position (`retrieval.fit_before`). Returns (examples
-    with users in the split's order, each user's history growing; stats)."""
+    retriever fitted strictly before that position (`retrieval.fit_before`) and its `features` of
+    the candidates. Returns (examples with users in the split's order, each user's history
+    growing; stats)."""
     seqs = split.dataset.sequences
     out, stats = [], {}
     for p in sorted(positions, reverse=True):
@@ -66,7 +68,7 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
             seq = seqs[u]
             if len(seq) < p + min_history:
                 continue
-            e = _example(retr, u, tuple(seq[:-p]), seq[-p], num_candidates, seed, order)
+            e = _example(retr, u, tuple(seq[:-p]), seq[-p], num_candidates, seed, order, features)
             total += 1
             if e is not None:
                 out.append(e)
@@ -78,31 +80,38 @@ def training_examples(split, *, positions=(5, 4, 3), num_candidates: int = 20, o
 
 
 def validation_examples(split, *, position: int = 2, num_candidates: int = 20, order: str = "retriever",
-                        seed: int = 0):
+                        seed: int = 0, features=CANDIDATE_FEATURES):
     """(examples whose target held back at `position` was retrieved, number of requests there),
     users in the split's order. Position 2 is the leave-one-out validation target (retriever =
     the training split's); a head meant for an evaluation over test positions 1..k validates at
     k + 1 and trains above it."""
     out, stats = training_examples(split, positions=(position,), num_candidates=num_candidates, order=order,
-                                   min_history=1, seed=seed)
+                                   min_history=1, seed=seed, features=features)
     return out, stats[f"position_{position}"]["requests"]
 
 
-def drop_features(examples, rate: float, seed: int = 0, share: float = 0.5) -> list[Example]:
+def drop_features(examples, rate: float, seed: int = 0, share: float = 0.5,
+                  features=CANDIDATE_FEATURES) -> list[Example]:
     """Examples as the head would meet cold candidates: in a `rate` share of them (seeded), each
-    candidate's collaborative features are replaced, with probability `share` and the target no
-    more or less likely than the others, by those of a candidate no history links to
-    (`retrieval.UNLINKED_FEATURES`), so a head fitted on them learns to rank such candidates from
-    the slot states (`launch/train.py --cold_dropout`)."""
-    from rcllm_jax.retrieval import UNLINKED_FEATURES
+    candidate's interaction-borne features (the examples' `features`, in order) are replaced,
+    with probability `share` and the target no more or less likely than the others, by those of
+    a candidate no history links to (`retrieval.UNLINKED`: no kNN or follow score, cold = 1; its
+    content score stays), so a head fitted on them learns to rank such candidates from what
+    remains (`launch/train.py --cold_dropout`)."""
     if not 0 <= rate <= 1 or not 0 < share <= 1:
         raise ValueError(f"drop rate must be in [0, 1] and share in (0, 1], got {rate}, {share}")
+    features = check_features(features)
+    cols = [i for i, n in enumerate(features) if n in UNLINKED]
+    values = np.asarray([UNLINKED[features[i]] for i in cols], np.float32)
     rng = np.random.default_rng([seed, 41])
     out = []
     for e in examples:
         side = np.array(e.side, np.float32, copy=True)
+        if side.shape[-1] != len(features):
+            raise ValueError(f"examples carry {side.shape[-1]} features, {len(features)} named: {list(features)}")
         if rng.random() < rate:
-            side[rng.random(len(side)) < share] = UNLINKED_FEATURES
+            rows = np.flatnonzero(rng.random(len(side)) < share)
+            side[np.ix_(rows, cols)] = values
         out.append(dataclasses.replace(e, side=side))
     return out
 
