@@ -263,7 +263,7 @@ class ItemKNN:
             "knn_log": lambda: np.log(knn + KNN_LOG_FLOOR),
             "follow_relative": lambda: rel(at(self.follow_scores(history))),
             "content_relative": lambda: rel(np.maximum(at(self.content_scores(history)), 0.0)),
-            "cold": lambda: np.where(ok, at(self.popularity) == 0, True).astype(np.float64),
+            "cold": lambda: (at(self.popularity) == 0).astype(np.float64),  # an unknown id scores 0: cold
         }
         return np.stack([columns[n]() for n in names], axis=1).reshape(len(idx), len(names)).astype(np.float32)
 

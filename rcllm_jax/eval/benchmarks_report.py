@@ -191,7 +191,7 @@ def _slices_section(out: Path) -> list[str]:
     f = out / "llamarec_protocol.json"
     if f.exists():
         d = json.loads(f.read_text())
-        rows = {r["mode"]: r for r in d["results"]}
+        rows = _rows(d)
         c = d["config"]
         lines += [f"**The LlamaRec protocol, the served ranker** ({c['dataset']}: users and items with >= 5 "
                   f"interactions, {c['num_requests']} test users, the last item, {c['num_candidates']} retrieved by "
@@ -227,7 +227,7 @@ def _slice_table(have: dict) -> list[str]:
     lines = ["| slice | requests (target retrieved) | rcllm | full | collaborative only | content | popularity | "
              "retriever | random | rcllm - collaborative only | top-1 / tau / KL vs full |", "|---" * 11 + "|"]
     for s, d in have.items():
-        rows = {r["mode"]: r for r in d["results"]}
+        rows = _rows(d)
         rc = rows.get("rcllm")
         if rc is None or "ndcg@10_retrieved" not in rc:
             continue
@@ -298,7 +298,7 @@ def _met(ok: bool) -> str:
 
 def _slice_targets(have: dict) -> list[str]:
     """Issue 37's targets per slice, read off the runs."""
-    rows = {s: {r["mode"]: r for r in d["results"]} for s, d in have.items()}
+    rows = {s: _rows(d) for s, d in have.items()}
 
     def ndcg(s, m):
         return rows[s].get(m, {}).get("ndcg@10_retrieved")
@@ -479,7 +479,7 @@ def _shipped_head_digest() -> str:
 
 def _ranker_checks(d: dict) -> list[str]:
     """The recommender issue's accuracy and fidelity targets, checked on one ranker test run."""
-    rows = {r["mode"]: r for r in d["results"]}
+    rows = _rows(d)
     rc, full, ret = rows.get("rcllm"), rows.get("full"), rows.get("retriever")
     out = []
     if rc and ret:
@@ -525,7 +525,7 @@ def _served_section(out: Path, report_dir: Path) -> list[str]:
     if not f.exists():
         return []
     d = json.loads(f.read_text())
-    c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+    c, rows = d["config"], _rows(d)
     r0 = c.get("retriever") or {}
     k = c["num_candidates"]
     shipped = c.get("head_digest") is not None and c["head_digest"] == _shipped_head_digest()
@@ -598,7 +598,7 @@ def _served_ttft_checks(out: Path) -> list[str]:
     t = out / "served_ttft_h50_c50.json"
     if t.exists():
         dt = json.loads(t.read_text())
-        tr = {r["mode"]: r for r in dt["results"]}
+        tr = _rows(dt)
         if "rcllm" in tr and "prefix" in tr:
             x = tr["prefix"]["ttft_p50_s"] / tr["rcllm"]["ttft_p50_s"]
             checks.append(f"TTFT p50 at history {dt['config']['history_len']} / {dt['config']['num_candidates']} "
@@ -950,7 +950,7 @@ def _grid_section(out: Path) -> list[str]:
              "| rcllm top-1 | rcllm KL | NDCG@10 within: full / rcllm [95% CI] |",
              "|" + "---|" * (len(modes) + 13)]
     for d in data.values():
-        c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+        c, rows = d["config"], _rows(d)
         t = {m: rows[m]["ttft_p50_s"] for m in modes if m in rows}
         rc = rows.get("rcllm", {})
         ratio = lambda m: f"{t[m] / t['rcllm']:.1f}x" if m in t and "rcllm" in t else "-"  # noqa: E731
@@ -965,7 +965,7 @@ def _grid_section(out: Path) -> list[str]:
                      f"{_fmt(rows.get('full', {}).get('ndcg@10_retrieved'))} / {_fmt(rc.get('ndcg@10_retrieved'))} "
                      f"[{_fmt(ci[0])}, {_fmt(ci[1])}] |")
     if "grid_h50_c50" in data:
-        rows = {r["mode"]: r for r in data["grid_h50_c50"]["results"]}
+        rows = _rows(data["grid_h50_c50"])
         t = {m: r["ttft_p50_s"] for m, r in rows.items() if r.get("ttft_p50_s")}
         lines.append("")
         for peer, want in (("prefix_warm", 5), ("prefix", 10), ("hf_full", 20)):
@@ -990,7 +990,7 @@ def _fmt(v, f=".3f"):
 
 def _bench_section(name, path: Path, report_dir: Path, top1: float) -> list[str]:
     d = json.loads(path.read_text())
-    c, rows = d["config"], {r["mode"]: r for r in d["results"]}
+    c, rows = d["config"], _rows(d)
     lines = [f"### {name}: {Path(c['model']).name}", "",
              f"Command: `python launch/bench.py {' '.join(c.get('argv', []))}`" if c.get("argv") else "",
              f"{c['dataset']}, {c['num_requests']} requests ({c['num_users']} users x {c['requests_per_user']}), "
@@ -1098,7 +1098,7 @@ def _glance_section(out: Path) -> list[str]:
     sweep, grid = out / "served_sweep.json", out / "grid_h50_c50.json"
     if sweep.exists():
         d = json.loads(sweep.read_text())
-        rows = {r["mode"]: r for r in d["results"]}
+        rows = _rows(d)
         _, rc = _served_default(out, d)
         if rc and "full" in rows and "retriever" in rows:
             lines.append(f"- Ranking ({d['config']['num_requests']} ML-100k test users, {d['config']['num_candidates']} "
