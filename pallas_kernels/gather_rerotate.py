@@ -12,10 +12,14 @@ The rotation is computed in f32 (angles, cos/sin and the product) and rounded to
 once, in both implementations. `inv` [H/2]: the model's RoPE inverse frequencies (the caller's;
 this package depends on nothing of the engine's), or [L, H/2], one row per layer (a model whose
 layers differ in RoPE base, e.g. Gemma 3's sliding and global layers). `gather_rerotate_reference` is
-that XLA path; `gather_rerotate` the Pallas kernel: scalar-prefetched slots and deltas drive the
-block index of the pool (one row per grid step, so only the rows used are read, once), the
-rotation happens on the row in VMEM and the rotated row is written once. Values (V) need no
-rotation: gather them with the same slots and `jnp.take`.
+that XLA path; `gather_rerotate` the Pallas TPU kernel (Mosaic): scalar-prefetched slots and deltas
+drive the block index of the pool (one row per grid step, so only the rows used are read, once),
+the rotation happens on the row in VMEM and the rotated row is written once.
+`gather_rerotate_gpu` the GPU kernel (Pallas' Triton backend, no scalar prefetch): grid (layer, kv
+head, tile of 16 tokens); a program reads its tile's slots and deltas from refs, gathers the 16
+rows of one KV head by those slots and writes them rotated, as two RoPE halves (Triton tiles are
+powers of two in size and cannot be concatenated in registers). Values (V) need no rotation:
+gather them with the same slots and `jnp.take`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 
 def rotate_by(x, ang):
@@ -73,3 +78,42 @@ def gather_rerotate(pool, slots, delta, inv, *, interpret: bool = False):
     )
     return pl.pallas_call(_kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct((n_layers, t, kh, h), pool.dtype),
                           interpret=interpret)(slots.astype(jnp.int32), delta.astype(jnp.int32), inv, pool)
+
+
+def _gpu_kernel(slots_ref, delta_ref, inv_ref, pool_ref, o_ref):
+    # slots, delta [bt]; inv [H/2]; pool [P, H] (one layer's one KV head); o [bt, H]
+    half = o_ref.shape[1] // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    slots = slots_ref[...]
+    ang = delta_ref[...].astype(jnp.float32)[:, None] * inv_ref[...][None, :]  # [bt, H/2]
+    c, sn = jnp.cos(ang), jnp.sin(ang)
+    x1, x2 = pool_ref[slots, lo].astype(jnp.float32), pool_ref[slots, hi].astype(jnp.float32)
+    o_ref[:, lo] = (x1 * c - x2 * sn).astype(o_ref.dtype)
+    o_ref[:, hi] = (x2 * c + x1 * sn).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_t", "interpret"))
+def gather_rerotate_gpu(pool, slots, delta, inv, *, block_t: int = 16, interpret: bool = False):
+    """Pallas GPU (Triton) kernel; same contract as `gather_rerotate_reference` (head dim a power
+    of two of at least 2; `block_t` tokens per program, a power of two)."""
+    n_layers, n_slots, kh, h = pool.shape
+    if h < 2 or h & (h - 1) or block_t & (block_t - 1):
+        raise ValueError(f"the GPU gather kernel needs a head dim and block_t that are powers of two "
+                         f"(got head dim {h}, block_t {block_t})")
+    t = slots.shape[0]
+    t_p = pl.cdiv(t, block_t) * block_t
+    pad = lambda a: jnp.pad(a.astype(jnp.int32), (0, t_p - t))  # noqa: E731  (padding rows read slot 0, dropped)
+    inv = jnp.asarray(inv, jnp.float32).reshape(-1, h // 2)  # [1 or L, H/2]
+    per_layer = int(inv.shape[0] > 1)
+    tok = pl.BlockSpec((block_t,), lambda l, j, i: (i,))
+    out = pl.pallas_call(
+        _gpu_kernel,
+        grid=(n_layers, kh, t_p // block_t),
+        in_specs=[tok, tok, pl.BlockSpec((None, h // 2), lambda l, j, i: (l * per_layer, 0)),
+                  pl.BlockSpec((None, n_slots, None, h), lambda l, j, i: (l, 0, j, 0))],
+        out_specs=pl.BlockSpec((None, block_t, None, h), lambda l, j, i: (l, i, j, 0)),
+        out_shape=jax.ShapeDtypeStruct((n_layers, t_p, kh, h), pool.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+    )(pad(slots), pad(delta), inv, pool)
+    return out[:, :t]

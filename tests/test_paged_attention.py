@@ -2,19 +2,23 @@
 reference against an independent definition: the spans gathered into a stitched buffer, keys
 re-rotated by `rope.rerotate`, the decoder's dense attention. Seeded random page stores whose
 unused pages and rows outside every span hold NaN; spans unaligned to pages; GQA 1, 3, 7; head
-dims 64 and 128; f32 and bf16."""
+dims 64 and 128; f32 and bf16. Each kernel test runs the TPU (Mosaic) and the GPU (Triton)
+variant (`kernel_variants`: interpreted here, compiled by launch/device_check.py on a device)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import merge_attention, paged_attention, paged_attention_reference
+from kernel_variants import run, variants
+from pallas_kernels.paged_attention import (merge_attention, paged_attention, paged_attention_gpu,
+                                            paged_attention_reference)
 from rcllm_jax.model import ModelConfig
 from rcllm_jax.model.decoder import SEG_SHARED, attend, attention_mask
 from rcllm_jax.model.rope import inv_freq, rerotate
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 PAGE = 16
+KERNELS = variants(tpu=paged_attention, gpu=paged_attention_gpu)
 
 
 def _cfg(kh, g, h, window=None):
@@ -88,14 +92,15 @@ def _stitched(k, v, table, start, length, pos, delta, cfg):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("h", [64, 128])
 @pytest.mark.parametrize("g", [1, 3, 7])
-def test_paged_attention_matches_reference_and_stitched_dense(g, h, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_paged_attention_matches_reference_and_stitched_dense(kernel, g, h, dtype):
     seed = 31 * g + h
     b, t, m, kh = 2, 1 + seed % 7, 5, 2
     q, k, v, q_pos, table, start, length, pos, delta = _case(seed, b, t, m, kh, g, h, dtype)
     cfg = _cfg(kh, g, h)
     inv = inv_freq(cfg)
     ref, ref_lse = paged_attention_reference(q, k, v, q_pos, table, start, length, pos, delta, inv)
-    got, lse = paged_attention(q, k, v, q_pos, table, start, length, pos, delta, inv, block_q=8, interpret=True)
+    got, lse = run(kernel, q, k, v, q_pos, table, start, length, pos, delta, inv, block_q=8)
     assert got.shape == q.shape and got.dtype == q.dtype and lse.shape == q.shape[:3]
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert _rel(got, ref) <= TOL[dtype]
@@ -113,37 +118,39 @@ def test_paged_attention_matches_reference_and_stitched_dense(g, h, dtype):
     assert np.all(np.asarray(got, np.float32)[~rows] == 0)  # a query that sees no key gets 0
 
 
-def test_merge_of_two_span_sets_is_attention_over_both():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_merge_of_two_span_sets_is_attention_over_both(kernel):
     """Attention over spans A and, separately, spans B, merged by log-sum-exp, equals attention
     over A and B at once (what a caller does with cached pages + fresh rows)."""
     q, k, v, q_pos, table, start, length, pos, delta = _case(3, 2, 6, 6, 1, 3, 64, jnp.float32)
     inv = inv_freq(_cfg(1, 3, 64))
-    run = lambda sl: paged_attention(q, k, v, q_pos, table[:, sl], start[:, sl], length[:, sl], pos[:, sl],  # noqa: E731
-                                     delta[:, sl], inv, block_q=16, interpret=True)
-    whole, whole_lse = run(slice(None))
-    (a, la), (b_, lb) = run(slice(0, 2)), run(slice(2, None))
+    part = lambda sl: run(kernel, q, k, v, q_pos, table[:, sl], start[:, sl], length[:, sl], pos[:, sl],  # noqa: E731
+                          delta[:, sl], inv, block_q=16)
+    whole, whole_lse = part(slice(None))
+    (a, la), (b_, lb) = part(slice(0, 2)), part(slice(2, None))
     merged, lse = merge_attention(a, la, b_, lb)
     assert _rel(merged, whole) <= 2e-5
     seen = np.isfinite(np.asarray(whole_lse))
     assert np.allclose(np.asarray(lse)[seen], np.asarray(whole_lse)[seen], atol=1e-4)
 
 
-def test_query_tiles_do_not_matter():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_query_tiles_do_not_matter(kernel):
     q, k, v, q_pos, table, start, length, pos, delta = _case(11, 1, 13, 4, 2, 2, 64, jnp.float32)
     inv = inv_freq(_cfg(2, 2, 64))
-    outs = [paged_attention(q, k, v, q_pos, table, start, length, pos, delta, inv, block_q=bq, interpret=True)[0]
+    outs = [run(kernel, q, k, v, q_pos, table, start, length, pos, delta, inv, block_q=bq)[0]
             for bq in (8, 16, 64)]
     for o in outs[1:]:
         assert _rel(o, outs[0]) <= 1e-6
 
 
 @pytest.mark.parametrize("window", [4, 19])
-def test_sliding_window_matches_stitched_dense(window):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sliding_window_matches_stitched_dense(kernel, window):
     q, k, v, q_pos, table, start, length, pos, delta = _case(window, 2, 9, 5, 2, 2, 64, jnp.float32)
     cfg = _cfg(2, 2, 64, window)
     inv = inv_freq(cfg)
-    got, _ = paged_attention(q, k, v, q_pos, table, start, length, pos, delta, inv, window=window, block_q=8,
-                             interpret=True)
+    got, _ = run(kernel, q, k, v, q_pos, table, start, length, pos, delta, inv, window=window, block_q=8)
     ref, _ = paged_attention_reference(q, k, v, q_pos, table, start, length, pos, delta, inv, window=window)
     assert _rel(got, ref) <= 2e-5
     sk, sv, kp, valid = _stitched(k, v, table, start, length, pos, delta, cfg)

@@ -175,7 +175,7 @@ def blended_prefill(params: Params, pool_k, pool_v, prefix_slots, prefix_valid, 
     key set of their own. The forced rows are then the recompute set (no deviation check) and no
     KV is returned.
     impl: a resolved `rcllm_jax.kernels` implementation of the recomputed tokens' attention
-    ("xla", "pallas", "interpret").
+    ("xla", "pallas", "interpret", "interpret:gpu").
     """
     if all_fresh:
         return _fresh_prefill(params, cfg, pool_k, pool_v, prefix_slots, prefix_valid, tokens, real_pos, valid,
