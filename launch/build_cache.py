@@ -65,7 +65,8 @@ def main(argv):
     except CatalogError as e:
         raise app.UsageError(str(e)) from None
     items = sorted(ds.items)[:catalog.max_items or None]
-    model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter)
+    model = load_model(model_cfg.model, dtype=model_cfg.dtype, adapter=model_cfg.adapter,
+                       random_weights=model_cfg.random_weights)
     builder = prompt_builder(model.tokenizer, ds, catalog, head=model_cfg.head, max_prompt_tokens=model.cfg.max_position)
     canon = {} if _CANON.value is None else {"canonical": _CANON.value}
     from rcllm_jax.engine.ranking_head import ranking_head

@@ -42,7 +42,8 @@ from rcllm_jax.settings import CatalogSettings, ModelSettings, TrainSettings, de
 
 _ROOT = Path(__file__).resolve().parents[1]
 define_flags(TrainSettings)
-define_flags(ModelSettings, exclude=("adapter", "dtype", "head", "ranking_head"))  # --model: the base
+define_flags(ModelSettings,  # --model: the base
+             exclude=("adapter", "dtype", "head", "ranking_head", "random_weights"))
 define_flags(CatalogSettings, exclude=("history_len", "max_items"))  # --catalog / --dataset, --prompt
 flags.FLAGS.set_default("config", str(_ROOT / "configs" / "train_cpu.toml"))
 

@@ -27,7 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from rcllm_jax.settings import CatalogSettings, FineTuneSettings, ModelSettings, define_flags, read  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
-define_flags(ModelSettings, exclude=("head", "ranking_head"))
+define_flags(ModelSettings, exclude=("head", "ranking_head", "random_weights"))
 define_flags(CatalogSettings, exclude=("history_len", "max_items"))  # the history length is the schedule's
 define_flags(FineTuneSettings)
 flags.FLAGS.set_default("config", str(_ROOT / "configs" / "label_cpu.toml"))

@@ -133,7 +133,7 @@ def open_served(model: ModelSettings | None = None, catalog: CatalogSettings | N
     e, lay = engine or EngineSettings(), layout or MeshSettings()
     ds = load_catalog(c)
     item_ids = sorted(ds.items)[:c.max_items or None]
-    lm = load_model(m.model, dtype=m.dtype, adapter=m.adapter)
+    lm = load_model(m.model, dtype=m.dtype, adapter=m.adapter, random_weights=m.random_weights)
     builder = prompt_builder(lm.tokenizer, ds, c, max_prompt_tokens=lm.cfg.max_position, head=m.head)
     from rcllm_jax.cache.pool import PAGE
     from rcllm_jax.model.config import kv_bytes_per_token

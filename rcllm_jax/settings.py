@@ -52,6 +52,8 @@ class ModelSettings:
                      "no head).", choices=("label", "slot"))
     ranking_head: str | None = _opt(None, "Slot-head directory (default with --head=slot: the shipped "
                                     "rcllm_jax/assets/slot_head, trained for the default model).")
+    random_weights: bool = _opt(False, "Timing only: --model's config and tokenizer with seeded random weights "
+                                "(a HF directory needs no safetensors; rankings mean nothing; use --head=label).")
 
 
 @dataclasses.dataclass(frozen=True)

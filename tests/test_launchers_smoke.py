@@ -1,7 +1,8 @@
 """Launchers no other test runs, each with its default flags on a small configuration (the run
 shortened, outputs in a temporary directory): they start, finish and write what they say.
 (bench.py, build_cache.py, serve.py, recommend.py, loadtest.py, train.py, train_label.py,
-bench_kv.py, bench_scaling.py and generate.py are run by their own tests.) The default model on
+bench_kv.py, bench_scaling.py and generate.py are run by their own tests.) device_check.py runs on
+exported assets (random weights). The default model on
 the first catalog items (--max_items), its item snapshot in the test's directory; bench_retrieval.py
 needs no model (ML-100k)."""
 
@@ -116,3 +117,22 @@ def test_benchmark_suite_jobs_follow_the_sizes(tmp_path):
     outputs = [a.split("=", 1)[1] for _, args in jobs.values() for a in args if a.startswith("--output_json=")]
     assert len(outputs) == len(set(outputs)) == len(jobs)
     assert all(Path(o).parent == tmp_path for o in outputs)
+
+
+@pytest.mark.slow
+def test_device_check_on_cpu_with_exported_assets(tmp_path):
+    """What a device call runs, here: the assets a machine without network needs (the default
+    model's config and tokenizer, no weights; ml-100k), then the check on them. On CPU the
+    lowering step runs, the compiled kernel step is skipped (no compiled variant), and the timing
+    step times every mode on the random-weight model; no verdict of verified kernels."""
+    assets, out = tmp_path / "assets", tmp_path / "check.json"
+    _run("device_check.py", f"--export_assets={assets}")
+    assert (assets / "model" / "config.json").exists() and not list((assets / "model").glob("*.safetensors"))
+    r = _run("device_check.py", f"--assets={assets}", "--history_len=4", "--num_candidates=4", "--num_users=2",
+             "--calibration_requests=2", f"--output_json={out}")
+    got = json.loads(out.read_text())
+    lower, kernels, timing = (got["steps"][k] for k in ("lower", "kernels", "timing"))
+    assert lower["rc"] == 0 and lower["tests"] == 4 and lower["failures"] == 0
+    assert kernels["rc"] == "skipped" and not got["kernels_verified"]
+    assert timing["rc"] == 0 and set(timing["ttft_p50_s"]) == {"full", "prefix_warm", "rcllm"}
+    assert timing["config"]["random_weights"] and "prefix_warm / rcllm" in r.stdout

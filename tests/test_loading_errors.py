@@ -39,6 +39,21 @@ def test_missing_weights_are_named(tmp_path):
         load_model(tmp_path)
 
 
+def test_random_weights_need_only_the_config(tmp_path):
+    """--random_weights: a directory with config.json alone loads the model's shapes (seeded, the
+    same each time); without the flag the missing weights are named; an adapter is refused."""
+    (tmp_path / "config.json").write_text(json.dumps(BASE))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path, with_tokenizer=False)
+    a, b = (load_model(tmp_path, with_tokenizer=False, random_weights=True) for _ in range(2))
+    assert a.cfg == ModelConfig.from_hf_config(BASE) and "random weights" in a.source
+    assert a.params["layers"]["wq"].shape == (1, 16, 16) and a.params["layers"]["wk"].shape == (1, 16, 8)
+    assert np.array_equal(np.asarray(a.params["embed"]), np.asarray(b.params["embed"]))
+    assert float(np.std(np.asarray(a.params["embed"]))) > 0
+    with pytest.raises(ValueError, match="adapter"):
+        load_model(tmp_path, random_weights=True, adapter=tmp_path)
+
+
 def test_not_a_model_path(tmp_path):
     f = tmp_path / "weights.txt"
     f.write_text("x")

@@ -723,7 +723,8 @@ def run_benchmark(run: RunSettings, mesh) -> dict:
     # graph and, without --test_positions, a head's collaborative features
     cut = max(w.positions) if w.positions else 2
     train_retriever = (w.retrievers[cut] if w.retrievers else w.retriever) or fit_before(w.split, 2)
-    model = load_model(run.model.model, dtype=run.model.dtype, adapter=run.model.adapter)
+    model = load_model(run.model.model, dtype=run.model.dtype, adapter=run.model.adapter,
+                       random_weights=run.model.random_weights)
     builder = prompt_builder(model.tokenizer, w.ds, run.catalog, head=run.model.head,
                              max_prompt_tokens=model.cfg.max_position)
     prompts = [builder.build(r.history, r.candidates) for r in w.requests]

@@ -71,6 +71,20 @@ def _gemma_config(cfg: ModelConfig, theta: float, scaling: dict | None) -> dict:
             "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
+def save_hf_meta(path: str | Path, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """config.json and the tokenizer files of a HF directory, without weights: what
+    `load_model(..., random_weights=True)` needs to run a model's shapes elsewhere."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    if tokenizer is not None:
+        tokenizer.tok.save(str(path / "tokenizer.json"))
+        tc = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+              "chat_template": tokenizer.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        (path / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
+    return path
+
+
 def save_hf_dir(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: Tokenizer | None = None,
                 extra_meta: dict | None = None):
     """Write atomically: into a temp dir beside `path`, renamed into place (an existing `path` is
@@ -93,12 +107,7 @@ def save_hf_dir(path: str | Path, params: Params, cfg: ModelConfig, tokenizer: T
                 w = arr[i].T if arr[i].ndim == 2 else arr[i]
                 t[f"model.layers.{i}.{names[name]}"] = np.ascontiguousarray(w)
         save_file(t, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
-        if tokenizer is not None:
-            tokenizer.tok.save(str(tmp / "tokenizer.json"))
-            tc = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                  "chat_template": tokenizer.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
+        save_hf_meta(tmp, cfg, tokenizer)
         if extra_meta:
             (tmp / "rcllm_meta.json").write_text(json.dumps(extra_meta, indent=1))
         if path.exists():

@@ -27,11 +27,13 @@ class LoadedModel:
 
 
 def load_model(path: str | Path | None = None, dtype: str = "float32", with_tokenizer: bool = True,
-               adapter: str | Path | None = None) -> LoadedModel:
+               adapter: str | Path | None = None, random_weights: bool = False) -> LoadedModel:
     """Load a GGUF file or a HF model directory; None means the default model (fetched on first use).
     adapter: a LoRA adapter directory merged into the weights: a Hugging Face PEFT adapter
     (`peft_adapter`), or one of launch/train.py's, refused unless it was trained on exactly these
-    weights."""
+    weights. random_weights: the model's config and tokenizer with seeded random weights (timing
+    on a machine that cannot fetch the weights: a HF directory needs only config.json and the
+    tokenizer files, `export.save_hf_meta`); its rankings mean nothing."""
     t0 = time.perf_counter()
     if path is None:
         from rcllm_jax.downloads import default_model_path
@@ -39,17 +41,29 @@ def load_model(path: str | Path | None = None, dtype: str = "float32", with_toke
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
-    if path.is_dir():
+    if random_weights and adapter is not None:
+        raise ValueError("an adapter cannot be merged into random weights")
+    if path.is_dir() and random_weights:
+        import jax
+        from rcllm_jax.model.decoder import init_params
+        cfg = _hf_dir_config(path, dtype)
+        params = init_params(cfg, jax.random.key(0))
+        tok = Tokenizer.from_hf_dir(path) if with_tokenizer else None
+    elif path.is_dir():
         cfg, params = load_hf_dir(path, dtype)
         tok = Tokenizer.from_hf_dir(path) if with_tokenizer else None
     elif path.suffix == ".gguf":
         import gguf
         reader = gguf.GGUFReader(str(path))
         cfg, params = load_gguf(reader, dtype)
+        if random_weights:
+            import jax
+            from rcllm_jax.model.decoder import init_params
+            params = init_params(cfg, jax.random.key(0))
         tok = Tokenizer.from_gguf(reader) if with_tokenizer else None
     else:
         raise ValueError(f"{path}: expected a .gguf file or a HF model directory")
-    source = str(path)
+    source = str(path) + (" (random weights)" if random_weights else "")
     if adapter is not None:
         from rcllm_jax.model.peft_adapter import is_peft_adapter, merge_peft_adapter
         if is_peft_adapter(adapter):  # a Hugging Face PEFT LoRA (adapter_model.safetensors)
@@ -208,15 +222,19 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_hf_dir(path: Path, dtype: str = "float32") -> tuple[ModelConfig, Params]:
-    from safetensors import safe_open
+def _hf_dir_config(path: Path, dtype: str) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json")
     hf = json.loads(cfg_file.read_text())
     if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal: its language model only
         hf = dict(hf["text_config"], model_type="gemma3_text")
-    cfg = ModelConfig.from_hf_config(hf, dtype=dtype)
+    return ModelConfig.from_hf_config(hf, dtype=dtype)
+
+
+def load_hf_dir(path: Path, dtype: str = "float32") -> tuple[ModelConfig, Params]:
+    from safetensors import safe_open
+    cfg = _hf_dir_config(path, dtype)
     layer_names = _HF_GEMMA_NAMES if cfg.arch == "gemma3" else _HF_LAYER_NAMES
     tensors: dict[str, np.ndarray] = {}
     for f in _safetensors_files(path):
