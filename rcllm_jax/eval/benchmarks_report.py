@@ -1071,6 +1071,7 @@ def render(out: Path, report: Path, top1: float = 0.99) -> str:
     lines += _reload_section(out / "reload.json")
     lines += _serving_section(out / "serving.json")
     lines += _scaling_model_section(out / "scaling_model.json")
+    lines += _memory_plan_section(out / "memory_plan.json")
     lines += ["## Appendix: earlier prompt formats and placements", "",
               "Runs kept for comparison; the figures above supersede them.", "",
               "## TTFT and fidelity per mode (label prompts, sampled candidates)", ""]
@@ -1374,6 +1375,37 @@ def _scaling_model_section(f: Path) -> list[str]:
     return lines + [""]
 
 
+def _memory_plan_section(f: Path) -> list[str]:
+    """launch/memory_plan.py: bytes per device of 8B-class models on items x model meshes."""
+    if not f.exists():
+        return []
+    d = json.loads(f.read_text())
+    c = d["config"]
+    lines = ["## Memory per device of 8B-class models (`launch/memory_plan.py`)", "",
+             f"On paper (`eval/scaling.py`), nothing allocated: {c['weight_dtype']} weights (query/output heads, MLP "
+             f"and vocabulary split over `model`, KV projections by KV head), the item cache of a "
+             f"x{c['catalog_scale']} ML-100k catalog ({c['catalog_tokens']} item tokens, +{c['replicate']:g} hot-item "
+             f"replication) over `items` and its KV heads over `model`, and the user store of {c['users']} users at "
+             f"history {c['history_len']} ({c['user_tokens_mean']:.0f} prefix tokens each) on every items-shard. "
+             f"Token counts by {c['tokenizer']} tokenizer. 'Fits': within {c['headroom']:g} of the device's memory "
+             "(activations and the runtime's reserve not counted). Tensor parallelism (`model` > 1) is planned here "
+             "but not yet served by the engine.", "",
+             "| model | KV dtype | mesh | weights GB | item cache GB | user store GB | total GB / device | fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in d["meshes"]:
+        lines.append(f"| {r['preset']} | {r['kv_dtype']} | {r['mesh']} | {r['weights_gb']:.1f} | "
+                     f"{r['item_cache_gb']:.1f} | {r['user_store_gb']:.1f} | {r['total_gb']:.1f} | "
+                     f"{', '.join(r['fits']) or '-'} |")
+    devices = list(c["device_gb"])
+    lines += ["", "Smallest mesh that fits (fewest devices, then the smallest `model`):", "",
+              "| model | KV dtype | " + " | ".join(f"{k} ({c['device_gb'][k]:g} GB)" for k in devices) + " |",
+              "|---|---|" + "---|" * len(devices)]
+    by = {(x["preset"], x["kv_dtype"], x["device"]): x["mesh"] or "none" for x in d["smallest_mesh"]}
+    for preset, kv in dict.fromkeys((x["preset"], x["kv_dtype"]) for x in d["smallest_mesh"]):
+        lines.append(f"| {preset} | {kv} | " + " | ".join(by[preset, kv, k] for k in devices) + " |")
+    return lines + [""]
+
+
 def suite_jobs(out: Path, sizes: SuiteSizes) -> dict[str, tuple[str, list[str]]]:
     """Every run of the suite: name -> (launcher script under launch/, its flags), in run order."""
     jobs = {name: ("bench.py", args) for name, args in _bench_runs(out, sizes).items()}
@@ -1391,4 +1423,5 @@ def suite_jobs(out: Path, sizes: SuiteSizes) -> dict[str, tuple[str, list[str]]]
     jobs["serving scaling model"] = ("scaling_model.py", [
         f"--runs={out / 'serving_items1.json'},{out / 'serving_items2.json'},{out / 'serving.json'}",
         f"--locality_json={out / 'scaling_retrieved.json'}", f"--output_json={out / 'scaling_model.json'}"])
+    jobs["memory plan"] = ("memory_plan.py", [f"--output_json={out / 'memory_plan.json'}"])
     return jobs

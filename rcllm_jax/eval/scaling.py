@@ -1,5 +1,6 @@
-"""Throughput per device count, on paper: what a serving loop would do on N real devices, from what
-one run measured (`launch/bench_serving.py`).
+"""Throughput and memory per device, on paper: what a serving loop would do on N real devices, from
+what one run measured (`launch/bench_serving.py`), and what each device of an items x model mesh
+holds (`memory_per_device`, `launch/memory_plan.py`).
 
 A request costs
   host_s     the engine loop's host work (validation, retrieval, prompt, layout, scheduling,
@@ -29,3 +30,60 @@ def requests_per_s(devices: int, host_s: float, compute_s: float, remote_bytes: 
     if shared_cores:
         return 1.0 / (host_s + device_s)
     return 1.0 / max(host_s, device_s / devices)
+
+
+# Memory per device as the vendors state it (GB = 1e9 bytes). What a program can use is less: XLA's
+# GPU client preallocates 75% by default (XLA_PYTHON_CLIENT_MEM_FRACTION) and every runtime keeps some.
+DEVICE_GB = {"H100 80GB": 80.0, "H200": 141.0, "TPU v5e": 16.0, "TPU v5p": 95.0}
+
+
+def kv_share(cfg, model: int) -> float:
+    """The fraction of a token's KV heads one device of a `model`-way tensor-parallel group holds:
+    1/model when model divides the KV heads, else one head (GQA with fewer KV heads than devices:
+    each head held by model/K of them)."""
+    k = cfg.num_kv_heads
+    if k % model == 0:
+        return 1.0 / model
+    if model % k == 0:
+        return 1.0 / k
+    raise ValueError(f"model:{model} neither divides nor is a multiple of the {k} KV heads")
+
+
+def memory_per_device(cfg, items: int, model: int, *, catalog_tokens: int, users: int, user_tokens: int,
+                      weight_dtype: str = "bfloat16", kv_dtype: str = "bfloat16", replicate: float = 0.0) -> dict:
+    """Bytes one device of an items:N,model:M mesh holds: the weights (query/output heads, the MLP
+    and the vocabulary split M ways, KV projections by `kv_share`, norms whole), its part of the item
+    cache (the catalog's item tokens, + the hot-item replication budget, over the N items-shards and
+    its KV heads) and of the user store (every user's history prefix on every items-shard, its KV
+    heads). Activations and the runtime's own reserve are not counted."""
+    import numpy as np
+    from rcllm_jax.model.config import kv_bytes_per_token, param_counts
+    if cfg.num_heads % model:
+        raise ValueError(f"model:{model} does not divide the {cfg.num_heads} query heads")
+    share = kv_share(cfg, model)
+    p = param_counts(cfg)
+    wb = np.dtype(weight_dtype).itemsize
+    weights = wb * ((p["heads"] + p["mlp"] + p["vocab"]) / model + p["kv_heads"] * share + p["replicated"])
+    bpt = kv_bytes_per_token(cfg, kv_dtype)
+    item_cache = catalog_tokens * (1 + replicate) * bpt * share / items
+    user_store = users * user_tokens * bpt * share
+    return {"weights": weights, "item_cache": item_cache, "user_store": user_store,
+            "total": weights + item_cache + user_store, "kv_bytes_per_token": bpt}
+
+
+def smallest_mesh(cfg, device_gb: float, *, headroom: float = 0.9, max_devices: int = 256, **kw) -> tuple | None:
+    """The items:N,model:M mesh of fewest devices (then the smallest M) whose every device holds
+    `memory_per_device(...)` within `headroom` of `device_gb`; M over the divisors of the query
+    heads that `kv_share` accepts; None if none within max_devices."""
+    best = None
+    for m in [m for m in range(1, cfg.num_heads + 1) if cfg.num_heads % m == 0]:
+        try:
+            kv_share(cfg, m)
+        except ValueError:
+            continue
+        for n in range(1, max_devices // m + 1):
+            if memory_per_device(cfg, n, m, **kw)["total"] <= headroom * device_gb * 1e9:
+                if best is None or (n * m, m) < (best[0] * best[1], best[1]):
+                    best = (n, m)
+                break
+    return best

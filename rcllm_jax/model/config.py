@@ -223,3 +223,40 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype="float32") -> int:
     import numpy as np
     scales = 2 * cfg.num_layers * cfg.num_kv_heads * 4 if np.dtype(dtype) == np.int8 else 0
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize + scales
+
+
+# Real dimensions of 8B-class models (HF config fields), for memory plans and shape tests with random
+# weights: `shape_preset(name, layers=...)`.
+SHAPE_PRESETS = {
+    "llama3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                  "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "qwen3-8b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                 "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960},
+}
+
+
+def shape_preset(name: str, layers: int | None = None, dtype: str = "float32") -> ModelConfig:
+    """A `SHAPE_PRESETS` model's config, optionally with fewer layers (every other dimension real)."""
+    if name not in SHAPE_PRESETS:
+        raise ValueError(f"unknown shape preset {name!r}; presets: {', '.join(SHAPE_PRESETS)}")
+    hf = dict(SHAPE_PRESETS[name])
+    if layers is not None:
+        hf["num_hidden_layers"] = layers
+    return ModelConfig.from_hf_config(hf, dtype=dtype)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by how tensor parallelism splits them: `heads` (query/output projections, split by
+    query head), `kv_heads` (key/value projections, split by KV head), `mlp` (split along the
+    intermediate dim), `vocab` (embedding and LM head, split along the vocabulary), `replicated`
+    (norms)."""
+    d, h, l = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    heads = l * 2 * d * cfg.num_heads * h + (l * cfg.num_heads * h if cfg.qkv_bias else 0)
+    kv = l * 2 * d * cfg.num_kv_heads * h + (l * 2 * cfg.num_kv_heads * h if cfg.qkv_bias else 0)
+    norms = l * (4 if cfg.sandwich_norm else 2) * d + d + (l * 2 * h if cfg.qk_norm else 0)
+    return {"heads": heads, "kv_heads": kv, "mlp": l * 3 * d * cfg.intermediate_size,
+            "vocab": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2), "replicated": norms}
