@@ -74,7 +74,8 @@ def _run(cmd: list[str], budget_s: float, env: dict | None = None) -> dict:
                            env={**os.environ, **(env or {})})
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        got = e.stdout or ""
+        rc, out = "timeout", got.decode(errors="replace") if isinstance(got, bytes) else got
     return {"rc": rc, "wall_s": time.perf_counter() - t0, "tail": out[-3000:]}
 
 
