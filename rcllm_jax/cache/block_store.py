@@ -35,6 +35,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.gather_rerotate import rotate_cs
 from rcllm_jax import kernels
@@ -42,7 +44,7 @@ from rcllm_jax.buckets import bucket, coarse_bucket
 from rcllm_jax.cache.keys import block_key
 from rcllm_jax.cache.quant import dequantize, quantize
 from rcllm_jax.parallel import placement as placement_lib
-from rcllm_jax.parallel.mesh import by_device, on_device, partition_specs, shardings
+from rcllm_jax.parallel.mesh import by_device, partition_specs, row_mesh, shard_view, shardings
 from rcllm_jax.model.config import ModelConfig, kv_bytes_per_token
 from rcllm_jax.model.decoder import forward
 from rcllm_jax.model.rope import inv_freq
@@ -389,9 +391,11 @@ class BlockStore:
         L, K, H = self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
         shape = (L, self.num_shards * shard_slots, K, H)
         held = {s: [e for e in entries.values() if e.shard in (s, REPLICATED)] for s in range(self.num_shards)}
-        pieces = []  # per addressable device: its shard's (k, v[, k_scale, v_scale]) on that device
+        by_row: dict[int, list] = {}  # items-shard -> its addressable devices and their KV-head slices
         for dev, idx in self.sharding.addressable_devices_indices_map(shape).items():
-            s = (idx[1].start or 0) // shard_slots
+            by_row.setdefault((idx[1].start or 0) // shard_slots, []).append((dev, idx[2]))
+        pieces = {}  # per addressable device: its part of its shard's (k, v[, k_scale, v_scale])
+        for s, devs in sorted(by_row.items()):
             bk = np.zeros((L, shard_slots, K, H), self.host_dtype)
             bv = np.zeros_like(bk)
             for e in held[s]:
@@ -403,11 +407,12 @@ class BlockStore:
             if self.quantized:
                 (qk, sk), (qv, sv) = quantize(bk), quantize(bv)
                 arrays = (qk, qv, sk, sv)
-            pieces.append(jax.device_put(arrays, dev))
+            for dev, heads in devs:  # the row's devices each hold their KV heads (all of them on model:1)
+                pieces[dev] = jax.device_put(tuple(a[:, :, heads] for a in arrays), dev)
             del bk, bv, arrays
         shapes = (shape, shape) + ((shape[:3], shape[:3]) if self.quantized else ())
         shardings = (self.sharding, self.sharding) + ((self.scale_sharding,) * 2 if self.quantized else ())
-        out = [jax.make_array_from_single_device_arrays(shp, sh, [p[i] for p in pieces])
+        out = [jax.make_array_from_single_device_arrays(shp, sh, [p[i] for p in pieces.values()])
                for i, (shp, sh) in enumerate(zip(shapes, shardings))]
         self.put_arrays(out[0], out[1], entries, shard_slots, scales=tuple(out[2:]) or None)
 
@@ -449,15 +454,14 @@ class BlockStore:
         fn = _fetch_program(self.mesh, self.num_shards, self.shard_slots, self.cfg, impl, self.quantized)
         ok, ov = fn(jnp.asarray(slots, jnp.int32), jnp.asarray(delta, jnp.int32), jnp.asarray(dest, jnp.int32),
                     *self.arrays)
-        dev = self.mesh.devices[dest, 0]
-        k, v = on_device(ok, dev), on_device(ov, dev)
+        k, v = shard_view(ok, self.mesh, dest), shard_view(ov, self.mesh, dest)
         return (None, None) if k is None else (k[0], v[0])
 
     def local_arrays(self, shard: int):
-        """(k, v) [L, shard_slots, K, H] of items-shard `shard`: its rows as stored, on its first
-        device (what attention over the store in place reads; None in a process without it)."""
-        dev = self.mesh.devices[shard, 0]
-        return on_device(self.k, dev), on_device(self.v, dev)
+        """(k, v) [L, shard_slots, K, H] of items-shard `shard`: its rows as stored, as its row holds
+        them (`shard_view`: its one device on model:1; else KV heads over the row's devices) (what
+        attention over the store in place reads; None in a process without it)."""
+        return shard_view(self.k, self.mesh, shard), shard_view(self.v, self.mesh, shard)
 
     def fetch_exact(self, slots: np.ndarray, delta: np.ndarray, dest: int, impl: str):
         """`fetch` moving only the rows the request needs: every shard holding some gathers them
@@ -468,24 +472,38 @@ class BlockStore:
         t, ss = len(slots), self.shard_slots
         self.fetched_lengths.add(t)
         owner = np.where(slots >= 0, slots // ss, -1)
-        dev = self.mesh.devices[dest, 0]
         local = tuple(by_device(a) for a in self.arrays)
         # the destination's own rows: one gather over all t rows (zero where not its own), so the
         # programs depend on t only, not on how many rows happen to be local
         own = owner == dest
-        idx = np.where(own, slots - dest * ss, 0).astype(np.int32)
-        out = _gather_own(tuple(a[dev] for a in local), jax.device_put(idx, dev), jax.device_put(own, dev))
-        moved = 0
+        own_idx = np.where(own, slots - dest * ss, 0).astype(np.int32)
+        remote = []
         for j in np.unique(owner[(owner >= 0) & ~own]).tolist():
             pos = np.flatnonzero(owner == j)
             b = coarse_bucket(len(pos))
             idx, tgt = np.zeros(b, np.int32), np.full(b, t, np.int32)  # padding rows land past the end: dropped
             idx[:len(pos)], tgt[:len(pos)] = slots[pos] - j * ss, pos
-            src = self.mesh.devices[j, 0]
-            rows = jax.device_put(_gather_rows(tuple(a[src] for a in local), jax.device_put(idx, src)), dev)
-            moved += sum(a.nbytes for a in rows)
-            out = _scatter_rows(out, rows, jax.device_put(tgt, dev))
-        delta = jax.device_put(np.asarray(delta, np.int32), dev)
+            remote.append((j, idx, tgt))
+        columns, moved = [], 0
+        for m in range(self.mesh.shape["model"]):  # column m of every row holds the same KV heads
+            dev = self.mesh.devices[dest, m]
+            out = _gather_own(tuple(a[dev] for a in local), jax.device_put(own_idx, dev), jax.device_put(own, dev))
+            for j, idx, tgt in remote:
+                src = self.mesh.devices[j, m]
+                rows = jax.device_put(_gather_rows(tuple(a[src] for a in local), jax.device_put(idx, src)), dev)
+                moved += sum(a.nbytes for a in rows)
+                out = _scatter_rows(out, rows, jax.device_put(tgt, dev))
+            columns.append(out)
+        if len(columns) == 1:
+            out, at = columns[0], self.mesh.devices[dest, 0]
+        else:  # the columns' heads as one array over the destination row (nothing moves)
+            row = row_mesh(self.mesh, dest)
+            out = tuple(jax.make_array_from_single_device_arrays(
+                a.shape[:2] + (a.shape[2] * len(columns),) + a.shape[3:],
+                NamedSharding(row, P(None, None, "model", *(None,) * (a.ndim - 3))), [c[i] for c in columns])
+                for i, a in enumerate(columns[0]))
+            at = NamedSharding(row, P())
+        delta = jax.device_put(np.asarray(delta, np.int32), at)
         table = _rope_table(delta, cfg=self.cfg) if impl == "xla" else None  # a kernel rotates by the deltas
         k, v = _arrive(out, delta, table, cfg=self.cfg, impl=impl)
         return k, v, moved
@@ -499,7 +517,8 @@ class BlockStore:
         if not self.exact_fetch or jax.process_count() > 1:
             return 0
         local = tuple(by_device(a) for a in self.arrays)
-        devs = [self.mesh.devices[j, 0] for j in range(self.num_shards)]
+        devs = [self.mesh.devices[j, m] for m in range(self.mesh.shape["model"]) for j in range(self.num_shards)]
+        column = {d: m for m in range(self.mesh.shape["model"]) for d in self.mesh.devices[:, m]}
         done = 0
         for t in sorted(self.fetched_lengths):
             for dest in range(self.num_shards):  # nothing remote: the own-row gather and the arrival
@@ -509,7 +528,7 @@ class BlockStore:
                 for src in devs:
                     rows = _gather_rows(tuple(a[src] for a in local), jax.device_put(np.zeros(b, np.int32), src))
                     for dest in devs:
-                        if dest == src:
+                        if dest == src or column[dest] != column[src]:
                             continue
                         out = tuple(jax.device_put(np.zeros((a.shape[0], t) + a.shape[2:], a.dtype), dest)
                                     for a in self.arrays)
@@ -586,7 +605,7 @@ def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str, 
         return kernels.gather_rerotate(rk, rows, delta, inv, impl=impl)[None], rv[None]
 
     spec = partition_specs()
-    store, rep, rows = spec["block_store"], spec["replicated"], spec["per_shard"]
+    store, rep, rows = spec["block_store"], spec["replicated"], spec["fetched"]
     specs = (store, store) + ((spec["block_scales"],) * 2 if quantized else ())
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep) + specs,
                                  out_specs=(rows, rows), check_vma=False))

@@ -32,8 +32,9 @@ class KVPool:
     """k, v: [L, S, K, H] device arrays; slot 0 is a scratch slot that never holds data."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, dtype=None, sharding=None):
-        """sharding: where the pool lives (e.g. replicated on every device of a mesh); every write
-        is placed there first, so KV computed on one device reaches every replica."""
+        """sharding: where the pool lives (e.g. on every items-shard of a mesh, its KV heads split
+        over `model`); every write is placed there first (its slot indices on every device of that
+        mesh), so KV computed on one device or row reaches every replica."""
         shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
         dt = jnp.dtype(dtype or cfg.dtype)
         self.sharding = sharding
@@ -42,6 +43,11 @@ class KVPool:
 
     def _place(self, a):
         return a if self.sharding is None else jax.device_put(a, self.sharding)
+
+    def _place_index(self, a):
+        if self.sharding is None:
+            return a
+        return jax.device_put(a, jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec()))
 
     @property
     def num_slots(self) -> int:
@@ -53,7 +59,7 @@ class KVPool:
         slots = np.asarray(slots, np.int32)
         if slots.min() < 0 or slots.max() >= self.num_slots:
             raise IndexError("slot outside the pool")
-        self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(slots)))
+        self.k, self.v = _scatter(self.k, self.v, self._place(k), self._place(v), self._place_index(jnp.asarray(slots)))
 
     def copy_rows(self, k, v, rows: np.ndarray, slots: np.ndarray):
         """Write rows `rows` of k, v ([L, R, K, H]) at the given slots, in one compiled program
@@ -61,8 +67,8 @@ class KVPool:
         rows, slots = np.asarray(rows, np.int32), np.asarray(slots, np.int32)
         if slots.min() < 0 or slots.max() >= self.num_slots or rows.min() < 0 or rows.max() >= k.shape[1]:
             raise IndexError("row or slot outside its array")
-        self.k, self.v = _copy_rows(self.k, self.v, self._place(k), self._place(v), self._place(jnp.asarray(rows)),
-                                    self._place(jnp.asarray(slots)))
+        self.k, self.v = _copy_rows(self.k, self.v, self._place(k), self._place(v),
+                                    self._place_index(jnp.asarray(rows)), self._place_index(jnp.asarray(slots)))
 
 
 class PageAllocator:

@@ -39,7 +39,8 @@ from rcllm_jax.engine.selective_recompute import BLOCK_MODES, Policy, PrefillInp
 from rcllm_jax.model.config import ModelConfig
 from rcllm_jax.model.decoder import Params
 from rcllm_jax.model.lora import AdapterMismatchError, check_fits
-from rcllm_jax.parallel.mesh import MeshSpec, make_mesh, on_device, shardings
+from rcllm_jax.parallel.mesh import (MeshSpec, check_model_axis, make_mesh, shard_view, shardings,
+                                    weight_shardings)
 
 # prefix_warm: prefix caching whose instruction + history pages are computed at event time
 # (`warm_prefix`, like the user store of the block modes), the strongest prefix baseline
@@ -116,9 +117,7 @@ class Engine:
         dtype). exact_fetch: remote rows move device to device in compact buffers (one process;
         else, or False: the whole-mesh collective, `BlockStore.fetch`)."""
         self.mesh = mesh if mesh is not None else make_mesh(MeshSpec(), devices=jax.devices()[:1])
-        if self.mesh.shape["model"] != 1:
-            raise ValueError(f"the block engine serves on model:1 meshes only (got model:{self.mesh.shape['model']}); "
-                             "tensor parallelism inside an items-shard is not implemented: use --mesh=items:N")
+        check_model_axis(cfg, self.mesh.shape["model"])
         self.cfg, self.builder = cfg, builder
         self.impl = kernels.resolve(attention_impl)  # kernels of the block modes, read on every request
         kernels.check_model(cfg, self.impl)
@@ -135,12 +134,11 @@ class Engine:
         # `engine/calibration.py`), which `calibration` then describes
         self.policies, self.calibration = dict(BLOCK_MODES), None
         self.replicated = shardings(self.mesh)["replicated"]
-        self.params = jax.device_put(params, self.replicated)
+        self.params = self._place_weights(params)
         # the weights of the rows computed per request: the base, or the base + the head's query adapter
         self.has_query_adapter = getattr(head, "adapter", None) is not None
-        self.query_params = (jax.device_put(_adapted(head, params, cfg), self.replicated) if self.has_query_adapter
-                             else self.params)
-        self._replicas = {}  # (device, query?) -> that device's copy of the weights
+        self.query_params = self._place_weights(_adapted(head, params, cfg)) if self.has_query_adapter else self.params
+        self._replicas = {}  # (shard, query?) -> the weights as that shard's row holds them
         # the Pallas paths read a request's cached rows in place when they all lie on its shard;
         # False: fetch them as a request with remote rows does (warm-up compiles both programs)
         self.read_in_place = True
@@ -157,7 +155,7 @@ class Engine:
             self.set_coaccess(coaccess)
         # page 0 is scratch (slot 0 takes padding rows): every page is PAGE-aligned, so attention can
         # read a prefix as whole pages of the pool
-        self.pool = KVPool(cfg, (1 + user_pages + prefix_pages) * PAGE, sharding=self.replicated)
+        self.pool = KVPool(cfg, (1 + user_pages + prefix_pages) * PAGE, sharding=shardings(self.mesh)["kv_pool"])
         self._pages = (user_pages, prefix_pages)
         self.reset_caches()
 
@@ -190,19 +188,25 @@ class Engine:
             raise ValueError(f"shard {shard} outside the mesh's {self.num_shards} items-shards")
         return self.mesh.devices[shard, 0]
 
+    def _place_weights(self, params):
+        """Weights on the mesh: whole on every items-shard, split over `model` (`weight_shardings`)."""
+        return jax.device_put(params, weight_shardings(params, self.mesh))
+
     def weights(self, shard: int, query: bool = False):
-        """The weights a request served on `shard` runs with, on that shard's device (query: those
-        that compute its rows: the base + the head's query adapter, if any): what
-        `PrefillInputs.run` takes. Leaves are None in a process that does not hold the device."""
-        dev = self.device(shard)
-        if (dev, query) not in self._replicas:
+        """The weights a request served on `shard` runs with, as that shard's row holds them (one
+        device on model:1, split over the row's devices otherwise: `shard_view`) (query: those that
+        compute its rows: the base + the head's query adapter, if any): what `PrefillInputs.run`
+        takes. Leaves are None in a process that does not hold the row."""
+        self.device(shard)
+        if (shard, query) not in self._replicas:
             tree = self.query_params if query else self.params
-            self._replicas[dev, query] = jax.tree.map(lambda a: on_device(a, dev), tree)
-        return self._replicas[dev, query]
+            self._replicas[shard, query] = jax.tree.map(lambda a: shard_view(a, self.mesh, shard), tree)
+        return self._replicas[shard, query]
 
     def pool_on(self, shard: int):
-        """(k, v) of the KV pool (user store and prefix cache pages) on `shard`'s device."""
-        return on_device(self.pool.k, self.device(shard)), on_device(self.pool.v, self.device(shard))
+        """(k, v) of the KV pool (user store and prefix cache pages) as `shard`'s row holds it."""
+        self.device(shard)
+        return shard_view(self.pool.k, self.mesh, shard), shard_view(self.pool.v, self.mesh, shard)
 
     def warm_fetch(self) -> int:
         """Compile the remote fetches of every suffix length served so far, for every pair of

@@ -14,7 +14,9 @@ request out as `Engine.rank` does (on its given shard, else the affinity choice)
     where every request reads its cached rows in place (`Engine._store_spans`: the Pallas paths),
     passes the block store itself and each request's spans in its shard's part;
   - runs `step_program`: a `shard_map` over the mesh in which each shard runs its B requests
-    through the blended prefill at once (`jax.vmap`), all shards in the same program.
+    through the blended prefill at once (`jax.vmap`), all shards in the same program. On a mesh
+    with model > 1 it is manual along `items` only: the weights, pool and cached rows keep their
+    split along `model` and XLA partitions each shard's batch over its row.
 
 One executable serves every shard (one request at a time compiles once per device it runs on);
 shapes are bucketed, so compiles are bounded by (batch buckets x shape buckets).
@@ -73,8 +75,11 @@ def step_program(mesh, cfg: ModelConfig, n_select: int, check_layer: int | None,
     spec = partition_specs()
     rep, rows, kv = spec["replicated"], spec["per_shard"], spec["step_rows"]
     extra = (kv, kv) + (rows,) * 5 if in_place else (kv, kv)
+    # manual over `items` only: along `model` the weights, pool and rows keep their split and XLA
+    # partitions each shard's batch over its row (the specs above name `items` alone)
+    manual = frozenset({"items"}) if mesh.shape["model"] > 1 else frozenset()  # frozenset(): every axis
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep) + (rows,) * 9 + extra,
-                                 out_specs=(rows, rows, rows), check_vma=False))
+                                 out_specs=(rows, rows, rows), axis_names=manual, check_vma=False))
 
 
 def stack_rows(mesh, host: np.ndarray):
@@ -83,9 +88,11 @@ def stack_rows(mesh, host: np.ndarray):
 
 
 def stack_device_rows(mesh, per_shard: list):
-    """Per items-shard arrays [L, B, ...] already on that shard's device -> one global
-    [L, N x B, ...] array sharded along `items` on its second axis (nothing moves)."""
+    """Per items-shard arrays [L, B, T, K, H] already on that shard's row (its one device on
+    model:1; else KV heads split over the row) -> one global [L, N x B, T, K, H] array sharded
+    along `items` on its second axis (and along `model` on the KV heads); nothing moves."""
     shape = per_shard[0].shape
-    sharding = shardings(mesh)["step_rows"]
+    sharding = shardings(mesh)["step_rows" if mesh.shape["model"] == 1 else "step_rows_split"]
+    pieces = [s.data for a in per_shard for s in a.addressable_shards]
     return jax.make_array_from_single_device_arrays((shape[0], len(per_shard) * shape[1]) + shape[2:], sharding,
-                                                    per_shard)
+                                                    pieces)

@@ -1388,8 +1388,9 @@ def _memory_plan_section(f: Path) -> list[str]:
              f"replication) over `items` and its KV heads over `model`, and the user store of {c['users']} users at "
              f"history {c['history_len']} ({c['user_tokens_mean']:.0f} prefix tokens each) on every items-shard. "
              f"Token counts by {c['tokenizer']} tokenizer. 'Fits': within {c['headroom']:g} of the device's memory "
-             "(activations and the runtime's reserve not counted). Tensor parallelism (`model` > 1) is planned here "
-             "but not yet served by the engine.", "",
+             "(activations and the runtime's reserve not counted). The engine serves such meshes "
+             "(`--mesh=items:N,model:M`; tested on CPU at Llama-3-8B's shapes), but none of these devices has run it "
+             "yet.", "",
              "| model | KV dtype | mesh | weights GB | item cache GB | user store GB | total GB / device | fits |",
              "|---|---|---|---|---|---|---|---|"]
     for r in d["meshes"]:

@@ -39,20 +39,16 @@ DEVICE_GB = {"H100 80GB": 80.0, "H200": 141.0, "TPU v5e": 16.0, "TPU v5p": 95.0}
 
 def kv_share(cfg, model: int) -> float:
     """The fraction of a token's KV heads one device of a `model`-way tensor-parallel group holds:
-    1/model when model divides the KV heads, else one head (GQA with fewer KV heads than devices:
-    each head held by model/K of them)."""
-    k = cfg.num_kv_heads
-    if k % model == 0:
-        return 1.0 / model
-    if model % k == 0:
-        return 1.0 / k
-    raise ValueError(f"model:{model} neither divides nor is a multiple of the {k} KV heads")
+    1/model; `model` must divide the KV heads, as the engine requires (`mesh.check_model_axis`)."""
+    if cfg.num_kv_heads % model:
+        raise ValueError(f"model:{model} does not divide the {cfg.num_kv_heads} KV heads")
+    return 1.0 / model
 
 
 def memory_per_device(cfg, items: int, model: int, *, catalog_tokens: int, users: int, user_tokens: int,
                       weight_dtype: str = "bfloat16", kv_dtype: str = "bfloat16", replicate: float = 0.0) -> dict:
-    """Bytes one device of an items:N,model:M mesh holds: the weights (query/output heads, the MLP
-    and the vocabulary split M ways, KV projections by `kv_share`, norms whole), its part of the item
+    """Bytes one device of an items:N,model:M mesh holds: the weights (query/output heads, the MLP,
+    the vocabulary and the KV projections split M ways, norms whole), its part of the item
     cache (the catalog's item tokens, + the hot-item replication budget, over the N items-shards and
     its KV heads) and of the user store (every user's history prefix on every items-shard, its KV
     heads). Activations and the runtime's own reserve are not counted."""
@@ -63,7 +59,7 @@ def memory_per_device(cfg, items: int, model: int, *, catalog_tokens: int, users
     share = kv_share(cfg, model)
     p = param_counts(cfg)
     wb = np.dtype(weight_dtype).itemsize
-    weights = wb * ((p["heads"] + p["mlp"] + p["vocab"]) / model + p["kv_heads"] * share + p["replicated"])
+    weights = wb * ((p["heads"] + p["mlp"] + p["vocab"] + p["kv_heads"]) / model + p["replicated"])
     bpt = kv_bytes_per_token(cfg, kv_dtype)
     item_cache = catalog_tokens * (1 + replicate) * bpt * share / items
     user_store = users * user_tokens * bpt * share
@@ -73,14 +69,10 @@ def memory_per_device(cfg, items: int, model: int, *, catalog_tokens: int, users
 
 def smallest_mesh(cfg, device_gb: float, *, headroom: float = 0.9, max_devices: int = 256, **kw) -> tuple | None:
     """The items:N,model:M mesh of fewest devices (then the smallest M) whose every device holds
-    `memory_per_device(...)` within `headroom` of `device_gb`; M over the divisors of the query
-    heads that `kv_share` accepts; None if none within max_devices."""
+    `memory_per_device(...)` within `headroom` of `device_gb`; M over the divisors of the KV heads;
+    None if none within max_devices."""
     best = None
-    for m in [m for m in range(1, cfg.num_heads + 1) if cfg.num_heads % m == 0]:
-        try:
-            kv_share(cfg, m)
-        except ValueError:
-            continue
+    for m in [m for m in range(1, cfg.num_kv_heads + 1) if cfg.num_kv_heads % m == 0]:
         for n in range(1, max_devices // m + 1):
             if memory_per_device(cfg, n, m, **kw)["total"] <= headroom * device_gb * 1e9:
                 if best is None or (n * m, m) < (best[0] * best[1], best[1]):

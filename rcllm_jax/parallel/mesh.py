@@ -1,8 +1,13 @@
 """`--mesh=items:N[,model:M]`: parsed here and nowhere else, plus the one table of named shardings.
 
-Axes: `items` shards the item KV store (each items-shard is one device row that can serve a
-request on its own: weights, the user store and glue are replicated along it); `model` is the
-tensor-parallel axis: parsed and carried by the table, refused by the engine (model:1 only today).
+Axes: `items` shards the item KV store (each items-shard is one row of the mesh that serves a
+request on its own: weights, the user store and glue are replicated along `items`); `model` is
+the tensor-parallel axis inside a row: query and KV heads and the MLP's intermediate dim of the
+weights (`weight_shardings`), and the KV heads of the block store and of the pool, are split over it.
+A request on items-shard s runs on row s (`row_view`: a global array's part held by the row, as an
+array over the row's own (1, M) mesh), its programs partitioned by XLA over the row's M devices
+(GSPMD: the partial sums of the output and down projections are all-reduced). model:1 keeps
+every per-shard array on the row's one device (`shard_view`), as before tensor parallelism.
 """
 
 from __future__ import annotations
@@ -93,11 +98,79 @@ def partition_specs():
     return {
         "block_store": P(None, "items", "model", None),  # slots along items, kv heads along model
         "block_scales": P(None, "items", "model"),  # an int8 store's scale per token and KV head
-        "replicated": P(),  # weights, the KV pool (user store, prefix cache): on every device
+        "replicated": P(),  # small arrays every device needs (tables, a step's scalars)
+        "kv_pool": P(None, None, "model", None),  # the KV pool [L, slots, K, H] (user store, prefix cache):
+        #                                           on every items-shard, its KV heads along model
         "per_shard": P("items"),  # one leading row block per items-shard: step inputs and outputs,
         #                           fetched rows, a build pass's rows
         "step_rows": P(None, "items"),  # a serving step's cached rows: the batch axis after the layers
+        "step_rows_split": P(None, "items", None, "model", None),  # the same on model > 1: KV heads split
+        "fetched": P("items", None, None, "model", None),  # a collective fetch's rows [N, L, T, K, H]: one
+        #                                                     per items-shard, its KV heads along model
     }
+
+
+# Weights split over `model` (Megatron-style): name -> the dim of the stacked array [L, ...] (or of
+# embed [V, D] / lm_head [D, V]) split; every other weight (norms) is whole on every device.
+_TP_DIMS = {"wq": 2, "wk": 2, "wv": 2, "bq": 1, "bk": 1, "bv": 1, "wo": 1, "w_gate": 2, "w_up": 2, "w_down": 1,
+            "embed": 0, "lm_head": 1}
+
+
+def check_model_axis(cfg, model: int) -> None:
+    """Refuse a `model` axis that does not split the heads whole: it must divide the KV heads (and
+    so the query heads, a multiple of them)."""
+    if cfg.num_kv_heads % model:
+        raise MeshError(f"model:{model} does not divide the model's {cfg.num_kv_heads} KV heads "
+                        f"({cfg.num_heads} query heads): use a model axis that divides {cfg.num_kv_heads}")
+
+
+def weight_shardings(params, mesh):
+    """NamedShardings of a parameter tree on `mesh`, tensor-parallel over `model`: query/KV heads,
+    the MLP's intermediate dim and the vocabulary split (a dim that `model` does not divide, e.g.
+    an odd vocabulary, stays whole); norms and any other leaf whole. Every leaf is whole along
+    `items`."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    model = mesh.shape["model"]
+
+    def spec(path, a):
+        name = getattr(path[-1], "key", None)
+        dim = _TP_DIMS.get(name)
+        if dim is None or model == 1 or a.shape[dim] % model:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*[("model" if i == dim else None) for i in range(a.ndim)]))
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def row_mesh(mesh, shard: int):
+    """Items-shard `shard`'s row of the mesh as a (1, model) mesh of its own (the same axis names)."""
+    import jax
+    return jax.sharding.Mesh(mesh.devices[shard:shard + 1], AXES)
+
+
+def row_view(a, mesh, shard: int):
+    """The part of global array `a` (NamedSharding on `mesh`) that items-shard `shard`'s row holds,
+    as an array over `row_mesh` with the same spec (a dim split along `items` shrinks to the row's
+    part); nothing moves. None where this process does not hold the row."""
+    import jax
+    pieces = {s.device: s.data for s in a.addressable_shards}
+    devs = list(mesh.devices[shard])
+    if any(d not in pieces for d in devs):
+        return None
+    spec = a.sharding.spec
+    split = [("items" in (e if isinstance(e, tuple) else (e,))) for e in tuple(spec) + (None,) * (a.ndim - len(spec))]
+    shape = tuple(n // mesh.shape["items"] if on else n for n, on in zip(a.shape, split))
+    return jax.make_array_from_single_device_arrays(shape, jax.sharding.NamedSharding(row_mesh(mesh, shard), spec),
+                                                    [pieces[d] for d in devs])
+
+
+def shard_view(a, mesh, shard: int):
+    """What a request on items-shard `shard` reads of global array `a`: on model:1 the part on the
+    row's one device (a single-device array), else `row_view`. None where this process lacks it."""
+    if mesh.shape["model"] == 1:
+        return on_device(a, mesh.devices[shard, 0])
+    return row_view(a, mesh, shard)
 
 
 def shardings(mesh):
