@@ -91,9 +91,10 @@ def make_mesh(spec: MeshSpec, devices=None):
 # The one table of named shardings: every array the engine places on a mesh.
 def partition_specs():
     """{name: PartitionSpec}. Shapes: the block store's KV [L, slots, K, H] and its int8 scales
-    [L, slots, K]; a serving step's per-request arrays [N x B, ...] (N items-shards of B requests)
-    and its cached rows [L, N x B, T, K, H]; a fetch's rows [N, ...] (one per items-shard); a build
-    pass's packed rows [N x rows, ...]."""
+    [L, slots, K]; the KV pool [L, slots, K, H]; a serving step's per-request arrays [N x B, ...]
+    (N items-shards of B requests) and its cached rows [L, N x B, T, K, H]; a collective fetch's
+    rows [N, L, T, K, H] (one per items-shard); a build pass's packed rows [N x rows, ...]. The
+    weights' specs: `weight_shardings`."""
     from jax.sharding import PartitionSpec as P
     return {
         "block_store": P(None, "items", "model", None),  # slots along items, kv heads along model
@@ -102,7 +103,7 @@ def partition_specs():
         "kv_pool": P(None, None, "model", None),  # the KV pool [L, slots, K, H] (user store, prefix cache):
         #                                           on every items-shard, its KV heads along model
         "per_shard": P("items"),  # one leading row block per items-shard: step inputs and outputs,
-        #                           fetched rows, a build pass's rows
+        #                           a build pass's rows
         "step_rows": P(None, "items"),  # a serving step's cached rows: the batch axis after the layers
         "step_rows_split": P(None, "items", None, "model", None),  # the same on model > 1: KV heads split
         "fetched": P("items", None, None, "model", None),  # a collective fetch's rows [N, L, T, K, H]: one
