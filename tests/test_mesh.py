@@ -5,6 +5,7 @@ items:2,model:4 equal items:1), Orbax snapshots (round trip, other meshes, refus
 References: the single-device engine (items:1) and the plain full prefill; snapshots are compared
 bit for bit with the arrays they were saved from."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -326,6 +327,29 @@ def test_bench_on_items2_model3_gives_the_ndcg_of_items1(tmp_path):
     assert set(ndcg["items:1"]) == {"full", "rcllm"}
     for mode, v in ndcg["items:1"].items():
         assert abs(ndcg["items:2,model:3"][mode] - v) <= 1e-9, mode
+
+
+def test_weight_shardings_split_heads_mlp_and_vocabulary():
+    """Megatron-style specs by parameter name on items:2,model:3: projections into heads / MLP
+    features split on their output dim, out of them on their input dim, biases with their
+    projection, the vocabulary of embed and lm_head; norms whole; an odd vocabulary (49153) whole;
+    model:1 everything whole."""
+    from jax.sharding import PartitionSpec as P
+
+    from rcllm_jax.parallel.mesh import weight_shardings
+    cfg = ModelConfig(arch="qwen2", vocab_size=49152, hidden_size=96, intermediate_size=192, num_layers=2,
+                      num_heads=6, num_kv_heads=3, head_dim=16, qkv_bias=True)
+    params = init_params(cfg, jax.random.key(0))
+    sh = weight_shardings(params, make_mesh(MeshSpec(2, 3)))
+    cols, rows, bias = P(None, None, "model"), P(None, "model", None), P(None, "model")
+    assert {k: v.spec for k, v in sh["layers"].items()} == {
+        "wq": cols, "wk": cols, "wv": cols, "w_gate": cols, "w_up": cols, "wo": rows, "w_down": rows,
+        "bq": bias, "bk": bias, "bv": bias, "attn_norm": P(), "mlp_norm": P()}
+    assert sh["embed"].spec == P("model", None) and sh["lm_head"].spec == P(None, "model")
+    assert sh["final_norm"].spec == P()
+    odd = init_params(dataclasses.replace(cfg, vocab_size=49153), jax.random.key(0))
+    assert weight_shardings(odd, make_mesh(MeshSpec(2, 3)))["embed"].spec == P()
+    assert all(s.spec == P() for s in jax.tree.leaves(weight_shardings(params, make_mesh(MeshSpec(2)))))
 
 
 def test_model_axis_must_split_the_kv_heads_whole(world):

@@ -108,13 +108,20 @@ def partition_specs():
         "step_rows_split": P(None, "items", None, "model", None),  # the same on model > 1: KV heads split
         "fetched": P("items", None, None, "model", None),  # a collective fetch's rows [N, L, T, K, H]: one
         #                                                     per items-shard, its KV heads along model
+        # the weights (`weight_shardings` picks by name), whole along items, split along model:
+        "weight_columns": P(None, None, "model"),  # wq, wk, wv, w_gate, w_up [L, D, out]: heads / MLP features
+        "weight_rows": P(None, "model", None),  # wo, w_down [L, in, D]: their partial sums all-reduced
+        "weight_bias": P(None, "model"),  # bq, bk, bv [L, out]
+        "embed": P("model", None),  # [V, D]: the vocabulary
+        "lm_head": P(None, "model"),  # [D, V]: the vocabulary
     }
 
 
-# Weights split over `model` (Megatron-style): name -> the dim of the stacked array [L, ...] (or of
-# embed [V, D] / lm_head [D, V]) split; every other weight (norms) is whole on every device.
-_TP_DIMS = {"wq": 2, "wk": 2, "wv": 2, "bq": 1, "bk": 1, "bv": 1, "wo": 1, "w_gate": 2, "w_up": 2, "w_down": 1,
-            "embed": 0, "lm_head": 1}
+# Weights split over `model` (Megatron-style): parameter name -> its entry of the table; every other
+# weight (norms) is whole on every device.
+_WEIGHT_SPECS = {"wq": "weight_columns", "wk": "weight_columns", "wv": "weight_columns", "w_gate": "weight_columns",
+                 "w_up": "weight_columns", "wo": "weight_rows", "w_down": "weight_rows", "bq": "weight_bias",
+                 "bk": "weight_bias", "bv": "weight_bias", "embed": "embed", "lm_head": "lm_head"}
 
 
 def check_model_axis(cfg, model: int) -> None:
@@ -132,15 +139,14 @@ def weight_shardings(params, mesh):
     `items`."""
     import jax
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    model = mesh.shape["model"]
+    table, model = partition_specs(), mesh.shape["model"]
 
     def spec(path, a):
-        name = getattr(path[-1], "key", None)
-        dim = _TP_DIMS.get(name)
-        if dim is None or model == 1 or a.shape[dim] % model:
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, P(*[("model" if i == dim else None) for i in range(a.ndim)]))
+        entry = _WEIGHT_SPECS.get(getattr(path[-1], "key", None))
+        p = table[entry] if entry is not None and model > 1 else table["replicated"]
+        if any(e == "model" and n % model for e, n in zip(p, a.shape)):
+            p = table["replicated"]
+        return NamedSharding(mesh, p)
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
