@@ -46,6 +46,7 @@ def main(argv):
     from rcllm_jax.engine.ranking_head import ranking_head
     from rcllm_jax.eval.fidelity import fidelity
     from rcllm_jax.eval.metrics import bootstrap_ci, per_request_metrics, target_rank
+    from rcllm_jax.eval.scaling import memory_per_device
     from rcllm_jax.model import load_model
     from rcllm_jax.recommender import check_side_features, final_scores
     from rcllm_jax.retrieval import fit_before
@@ -70,7 +71,7 @@ def main(argv):
     ref_engine = engine(_DTYPES.value[0])
     ref_engine.build_store()
     logging.info("%d item blocks encoded in %.1fs", len(items), time.perf_counter() - t0)
-    catalog_tokens = sum(len(builder.item_block(i).tokens) for i in split.dataset.items)
+    catalog_tokens = builder.catalog_tokens()
     per_dtype = {}
     for dtype in _DTYPES.value:
         eng = ref_engine if dtype == _DTYPES.value[0] else engine(dtype)
@@ -89,7 +90,9 @@ def main(argv):
     rows = []
     for dtype, d in per_dtype.items():
         diff = d["ndcg"] - ref["ndcg"]
-        shard_gb = catalog_tokens * _SCALE.value * d["bytes_per_token"] * (1 + _REPLICATE.value) / _SHARDS.value / 1e9
+        shard_gb = memory_per_device(model.cfg, _SHARDS.value, 1, catalog_tokens=catalog_tokens * _SCALE.value,
+                                     users=0, user_tokens=0, kv_dtype=dtype,
+                                     replicate=_REPLICATE.value)["item_cache"] / 1e9
         rows.append({"kv_dtype": dtype, "bytes_per_token": d["bytes_per_token"],
                      **{f"{k}_vs_{_DTYPES.value[0]}": v for k, v in fidelity(ref["scores"], d["scores"]).items()},
                      "ndcg@10_retrieved": float(np.mean(d["ndcg"])),

