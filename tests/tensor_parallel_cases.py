@@ -89,6 +89,30 @@ def test_tensor_parallel_rankings_equal_items1(world, tmp_path):
             assert rel_err(pk.rank(p, "stitch", user_id=r.user_id).scores, ref[i, "stitch"]) <= 1e-5, impl
 
 
+def test_warm_up_on_model3_leaves_rcllm_requests_nothing_to_compile(world):
+    """items:2,model:3 after `Engine.warm_up`: rcllm requests of new users (their remote rows
+    fetched per column device, each device's own KV head) compile nothing, and score as items:1."""
+    from conftest import CompileCounter
+    builder, reqs, prompts = world
+    items = sorted({i for r in reqs for i in r.candidates} | set(range(1, 41)))
+    params = init_params(CFG_TP, jax.random.key(1), scale=0.1)
+    e1, tp = (Engine(params, CFG_TP, builder, item_ids=items, mesh=make_mesh(MeshSpec(n, m)), user_pages=64,
+                     prefix_pages=16, max_candidates=8) for n, m in ((1, 1), (2, 3)))
+    for e in (e1, tp):
+        e.build_store()
+    assert tp.warm_up("rcllm", 8) > 0
+    tp.reset_caches()
+    got, remote = [], 0
+    with CompileCounter() as c:
+        for r, p in zip(reqs, prompts):
+            res = tp.rank(p, "rcllm", user_id=r.user_id)
+            got.append(res.scores)
+            remote += res.remote_item_blocks
+    assert remote > 0 and c.count == 0
+    for g, r, p in zip(got, reqs, prompts):
+        assert rel_err(g, e1.rank(p, "rcllm", user_id=r.user_id).scores) <= 1e-5
+
+
 def test_weight_shardings_split_heads_mlp_and_vocabulary():
     """Megatron-style specs by parameter name on items:2,model:3: projections into heads / MLP
     features split on their output dim, out of them on their input dim, biases with their

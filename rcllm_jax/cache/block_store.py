@@ -530,8 +530,8 @@ class BlockStore:
                     for dest in devs:
                         if dest == src or column[dest] != column[src]:
                             continue
-                        out = tuple(jax.device_put(np.zeros((a.shape[0], t) + a.shape[2:], a.dtype), dest)
-                                    for a in self.arrays)
+                        out = tuple(jax.device_put(np.zeros((a[dest].shape[0], t) + a[dest].shape[2:], a[dest].dtype), dest)
+                                    for a in local)  # a device's own KV heads (a part of them on model > 1)
                         tgt = jax.device_put(np.full(b, t, np.int32), dest)  # every row dropped
                         jax.block_until_ready(_scatter_rows(out, jax.device_put(rows, dest), tgt))
                         done += 1
