@@ -90,8 +90,9 @@ def test_tensor_parallel_rankings_equal_items1(world, tmp_path):
 
 
 def test_warm_up_on_model3_leaves_rcllm_requests_nothing_to_compile(world):
-    """items:2,model:3 after `Engine.warm_up`: rcllm requests of new users (their remote rows
-    fetched per column device, each device's own KV head) compile nothing, and score as items:1."""
+    """items:2,model:3 after `Engine.warm_up` (serving steps up to 2 per shard): rcllm requests of
+    new users (their remote rows fetched per column device, each device's own KV head), one at a
+    time and in serving steps, compile nothing, and score as items:1."""
     from conftest import CompileCounter
     builder, reqs, prompts = world
     items = sorted({i for r in reqs for i in r.candidates} | set(range(1, 41)))
@@ -100,7 +101,7 @@ def test_warm_up_on_model3_leaves_rcllm_requests_nothing_to_compile(world):
                      prefix_pages=16, max_candidates=8) for n, m in ((1, 1), (2, 3)))
     for e in (e1, tp):
         e.build_store()
-    assert tp.warm_up("rcllm", 8) > 0
+    assert tp.warm_up("rcllm", 8, max_batch=2) > 0
     tp.reset_caches()
     got, remote = [], 0
     with CompileCounter() as c:
@@ -109,8 +110,14 @@ def test_warm_up_on_model3_leaves_rcllm_requests_nothing_to_compile(world):
             got.append(res.scores)
             remote += res.remote_item_blocks
     assert remote > 0 and c.count == 0
-    for g, r, p in zip(got, reqs, prompts):
-        assert rel_err(g, e1.rank(p, "rcllm", user_id=r.user_id).scores) <= 1e-5
+    tp.reset_caches()
+    batch = [(p, r.user_id, None) for p, r in zip(prompts, reqs)]
+    with CompileCounter() as c:
+        stepped = [g.scores for i in range(0, len(batch), 2) for g in tp.rank_step(batch[i:i + 2], "rcllm")]
+    assert c.count == 0, f"{c.count} programs compiled by serving steps after the warm-up"
+    for g, s, r, p in zip(got, stepped, reqs, prompts):
+        ref = e1.rank(p, "rcllm", user_id=r.user_id).scores
+        assert rel_err(g, ref) <= 1e-5 and rel_err(s, ref) <= 1e-5
 
 
 def test_weight_shardings_split_heads_mlp_and_vocabulary():
