@@ -611,9 +611,54 @@ def _fetch_program(mesh, n: int, shard_slots: int, cfg: ModelConfig, impl: str, 
                                  out_specs=(rows, rows), check_vma=False))
 
 
+SLAB_BYTES = 1 << 26  # host bytes `host_slabs` assembles at a time
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _leading_rows(x, start, n):
+    return jax.lax.dynamic_slice_in_dim(x, start, n, 0)
+
+
+def host_slabs(a, slab_bytes: int | None = None):
+    """A fully addressable array's values on the host, one slab of its leading axis at a time
+    (about `slab_bytes`, default SLAB_BYTES; concatenated along axis 0 they are the array), each
+    assembled from the device shards that hold it (one copy of replicated ones). Nothing stays
+    behind: `np.asarray` of a jax.Array keeps its host copy cached on the array for as long as the
+    array lives (a store saved or checked that way held twice its size until dropped)."""
+    if not a.ndim:
+        yield np.asarray(jax.device_get(a.addressable_shards[0].data.copy()))
+        return
+    shards = {}
+    for sh in a.addressable_shards:  # distinct pieces: replicas hold the same index
+        shards.setdefault(tuple(sl.indices(n)[:2] for sl, n in zip(sh.index, a.shape)), sh.data)
+    per_row = max(1, a.nbytes // max(1, a.shape[0]))
+    step = max(1, (SLAB_BYTES if slab_bytes is None else slab_bytes) // per_row)
+    for g0 in range(0, a.shape[0], step):
+        g1 = min(a.shape[0], g0 + step)
+        buf = np.empty((g1 - g0,) + a.shape[1:], a.dtype)
+        for ((l0, l1), *rest), data in shards.items():
+            lo, hi = max(g0, l0), min(g1, l1)
+            if lo >= hi:
+                continue
+            n = min(step, l1 - l0)
+            start = min(lo - l0, l1 - l0 - n)  # a fixed slab length per piece: one program each
+            rows = np.asarray(jax.device_get(_leading_rows(data, start, n)))
+            buf[(slice(lo - g0, hi - g0),) + tuple(slice(b, e) for b, e in rest)] = \
+                rows[lo - l0 - start:hi - l0 - start]
+        yield buf
+
+
 def to_host(a) -> np.ndarray:
-    """A global array on the host, whole, in every process."""
+    """A global array on the host, whole, in every process (in one process assembled slab by slab
+    from the shards, `host_slabs`: no second host copy stays cached on `a`)."""
     if a.is_fully_addressable:
-        return np.asarray(jax.device_get(a))
+        if not a.ndim:
+            return next(host_slabs(a))
+        out = np.empty(a.shape, a.dtype)
+        g = 0
+        for slab in host_slabs(a):
+            out[g:g + len(slab)] = slab
+            g += len(slab)
+        return out
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))

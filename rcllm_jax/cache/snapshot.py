@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rcllm_jax.cache.block_store import BlockEntry, to_host
+from rcllm_jax.cache.block_store import BlockEntry, host_slabs, to_host
 from rcllm_jax.cache.quant import dequantize
 
 FORMAT_VERSION = 2
@@ -70,6 +70,13 @@ def _verify(meta: dict, prefix: str, tree: dict, where: str) -> None:
 
 
 def _digest(a) -> str:
+    """sha256 of an array's bytes in row-major order; a jax.Array of this process is read a slab at
+    a time (`host_slabs`: a store is never copied to the host whole, and no copy stays on it)."""
+    if isinstance(a, jax.Array) and a.is_fully_addressable:
+        h = hashlib.sha256()
+        for slab in host_slabs(a):
+            h.update(slab.reshape(-1).view(np.uint8).data)
+        return h.hexdigest()
     h = np.ascontiguousarray(to_host(a) if isinstance(a, jax.Array) else np.asarray(a))
     return hashlib.sha256(h.reshape(-1).view(np.uint8).data).hexdigest()  # read in place, no byte copy
 
