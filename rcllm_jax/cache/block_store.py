@@ -523,6 +523,7 @@ class BlockStore:
         for t in sorted(self.fetched_lengths):
             for dest in range(self.num_shards):  # nothing remote: the own-row gather and the arrival
                 jax.block_until_ready(self.fetch_exact(np.full(t, -1), np.zeros(t, np.int32), dest, impl)[:2])
+            no_row = {d: (jax.device_put(np.zeros(t, np.int32), d), jax.device_put(np.zeros(t, bool), d)) for d in devs}
             b = 16
             while b <= coarse_bucket(t):
                 for src in devs:
@@ -530,8 +531,8 @@ class BlockStore:
                     for dest in devs:
                         if dest == src or column[dest] != column[src]:
                             continue
-                        out = tuple(jax.device_put(np.zeros((a[dest].shape[0], t) + a[dest].shape[2:], a[dest].dtype), dest)
-                                    for a in local)  # a device's own KV heads (a part of them on model > 1)
+                        # the buffer fetch scatters into: its own-row gather (a device's own KV heads), no row own
+                        out = _gather_own(tuple(a[dest] for a in local), *no_row[dest])
                         tgt = jax.device_put(np.full(b, t, np.int32), dest)  # every row dropped
                         jax.block_until_ready(_scatter_rows(out, jax.device_put(rows, dest), tgt))
                         done += 1
@@ -619,10 +620,11 @@ def _leading_rows(x, start, n):
     return jax.lax.dynamic_slice_in_dim(x, start, n, 0)
 
 
-def host_slabs(a, slab_bytes: int | None = None):
+def host_slabs(a, slab_bytes: int | None = None, out: np.ndarray | None = None):
     """A fully addressable array's values on the host, one slab of its leading axis at a time
     (about `slab_bytes`, default SLAB_BYTES; concatenated along axis 0 they are the array), each
-    assembled from the device shards that hold it (one copy of replicated ones). Nothing stays
+    assembled from the device shards that hold it (one copy of replicated ones); with `out` (a
+    host array of a's shape and dtype) written into it, the slabs its views. Nothing stays
     behind: `np.asarray` of a jax.Array keeps its host copy cached on the array for as long as the
     array lives (a store saved or checked that way held twice its size until dropped)."""
     if not a.ndim:
@@ -635,7 +637,7 @@ def host_slabs(a, slab_bytes: int | None = None):
     step = max(1, (SLAB_BYTES if slab_bytes is None else slab_bytes) // per_row)
     for g0 in range(0, a.shape[0], step):
         g1 = min(a.shape[0], g0 + step)
-        buf = np.empty((g1 - g0,) + a.shape[1:], a.dtype)
+        buf = np.empty((g1 - g0,) + a.shape[1:], a.dtype) if out is None else out[g0:g1]
         for ((l0, l1), *rest), data in shards.items():
             lo, hi = max(g0, l0), min(g1, l1)
             if lo >= hi:
@@ -655,10 +657,8 @@ def to_host(a) -> np.ndarray:
         if not a.ndim:
             return next(host_slabs(a))
         out = np.empty(a.shape, a.dtype)
-        g = 0
-        for slab in host_slabs(a):
-            out[g:g + len(slab)] = slab
-            g += len(slab)
+        for _ in host_slabs(a, out=out):  # each slab assembled in place
+            pass
         return out
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
